@@ -1,0 +1,24 @@
+//! # coordinator_free — shoal's sans-IO core
+//!
+//! Every decision a shoal node makes about *who is in* lives here, as plain state machines
+//! with no tokio, no sockets, no tch and no clock. Time (`now`, in milliseconds since any
+//! fixed origin the caller picks) and randomness (`entropy: u64`) come in as arguments;
+//! messages come in through `handle_*` and go out through `poll_*`. The I/O shell in
+//! `node/` adapts these machines to libp2p, and the tests drive them through a
+//! deterministic simulated network instead.
+//!
+//! - [`membership`]: the membership table built from heartbeats (incarnations, suspicion,
+//!   failure) and the view it derives.
+//! - [`view`]: what a view is (epoch, sorted members, hash) and how it is hashed.
+//! - [`codec`]: the one size-limited decoder every untrusted byte goes through.
+
+pub mod codec;
+pub mod membership;
+pub mod view;
+
+pub use codec::{CodecError, ControlMessage};
+pub use membership::{
+    Capabilities, GpuInfo, Heartbeat, HeartbeatError, MemberInfo, MemberState, Membership,
+    MembershipConfig, MembershipEvent,
+};
+pub use view::{NodeId, NodeIdError, View, ViewHash, ViewMember};

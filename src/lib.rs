@@ -1,0 +1,1 @@
+//! shoal-suite: integration tests and benches live in tests/ and benches/.
