@@ -1,1 +1,17 @@
+//! shoal's I/O shell: adapts the sans-IO core in `coordinator_free` to the world.
+//!
+//! - [`identity`]: the node's persistent key, incarnation counter and swarm key on disk.
+//! - [`capabilities`]: what this machine offers (cores, RAM, GPUs).
+//! - [`control_plane`]: the libp2p swarm (transports, behaviours, limits).
+//! - [`node`]: the one event loop per node and its cloneable command handle.
+//! - [`api`]: the local HTTP JSON control API on 127.0.0.1.
+//! - [`status`]: the status report, its table form, and a tiny client for the local API.
+//! - [`local`]: local clusters of `shoal up` processes (`shoal local`, `shoal bench`).
 
+pub mod api;
+pub mod capabilities;
+pub mod control_plane;
+pub mod identity;
+pub mod local;
+pub mod node;
+pub mod status;

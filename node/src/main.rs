@@ -1,4 +1,504 @@
-fn main() {
-    let t = tch::Tensor::from_slice(&[1.0f32, 2.0, 3.0]);
-    println!("{}", t.sum(tch::Kind::Float).double_value(&[]));
+//! The `shoal` command line.
+//!
+//! Exit codes: 0 success; 1 a failure at run time (one line on stderr); 2 bad usage or bad
+//! input (a malformed address, key file or flag).
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use libp2p::Multiaddr;
+use shoal_node::control_plane::ControlPlaneConfig;
+use shoal_node::local::{agreed_view, LocalCluster};
+use shoal_node::node::{NodeConfig, NodeError};
+use shoal_node::{identity, status};
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+#[derive(Parser)]
+#[command(
+    name = "shoal",
+    version,
+    about = "A peer-to-peer cluster for training and serving neural networks"
+)]
+struct Cli {
+    /// Log format on stderr; the level comes from RUST_LOG (default: info).
+    #[arg(long, global = true, env = "SHOAL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a node: join the swarm and take part in the membership.
+    Up(UpArgs),
+    /// Show a node's members, view and capabilities.
+    Status(StatusArgs),
+    /// Run N local nodes on 127.0.0.1 (mDNS off, joined by bootstrap) and show them converge.
+    Local(LocalArgs),
+    /// Write a private-network swarm key, or create this node's identity and print its id.
+    Keygen(KeygenArgs),
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        what: BenchCmd,
+    },
+}
+
+#[derive(Args)]
+struct UpArgs {
+    /// Data dir: identity key (mode 0600), incarnation, address files.
+    /// Default: $XDG_DATA_HOME/shoal or ~/.local/share/shoal.
+    #[arg(long, env = "SHOAL_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Control-plane listen multiaddr (repeatable).
+    /// Default: /ip4/0.0.0.0/tcp/4411 and /ip4/0.0.0.0/udp/4411/quic-v1 (all interfaces).
+    #[arg(long, env = "SHOAL_LISTEN", value_delimiter = ',')]
+    listen: Vec<String>,
+    /// Bootstrap peer multiaddr, ideally ending in /p2p/<peer id> (repeatable).
+    #[arg(long, env = "SHOAL_BOOTSTRAP", value_delimiter = ',')]
+    bootstrap: Vec<String>,
+    /// Turn off mDNS discovery (on by default).
+    #[arg(long, env = "SHOAL_NO_MDNS")]
+    no_mdns: bool,
+    /// Private network: only peers holding this pnet swarm key can connect (QUIC is off).
+    #[arg(long, env = "SHOAL_SWARM_KEY")]
+    swarm_key: Option<PathBuf>,
+    /// Local HTTP JSON API address; loopback only. Default: 127.0.0.1:4412.
+    #[arg(long, env = "SHOAL_API", default_value = "127.0.0.1:4412")]
+    api: SocketAddr,
+    /// Most established connections. Default: 256.
+    #[arg(long, env = "SHOAL_MAX_CONNECTIONS", default_value_t = 256)]
+    max_connections: u32,
+    /// Heartbeat interval in ms. Default: 250.
+    #[arg(long, env = "SHOAL_HEARTBEAT_MS", default_value_t = 250)]
+    heartbeat_ms: u64,
+    /// Silence before a member is suspected, in ms. Default: 750.
+    #[arg(long, env = "SHOAL_SUSPECT_MS", default_value_t = 750)]
+    suspect_ms: u64,
+    /// Silence before a member is failed and leaves the view, in ms. Default: 1500.
+    #[arg(long, env = "SHOAL_FAIL_MS", default_value_t = 1500)]
+    fail_ms: u64,
+    /// Expose debug endpoints on the local API (for tests).
+    #[arg(long, env = "SHOAL_DEBUG_API", hide = true)]
+    debug_api: bool,
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    /// The node's local API. Default: 127.0.0.1:4412.
+    #[arg(long, env = "SHOAL_API", default_value = "127.0.0.1:4412")]
+    api: SocketAddr,
+    /// Print JSON instead of a table.
+    #[arg(long, env = "SHOAL_JSON")]
+    json: bool,
+}
+
+#[derive(Args)]
+struct LocalArgs {
+    /// Number of nodes. Default: 4.
+    #[arg(long, env = "SHOAL_NODES", default_value_t = 4)]
+    nodes: usize,
+    /// Exit 0 once all nodes share one view (instead of running until Ctrl-C).
+    #[arg(long, env = "SHOAL_EXIT_WHEN_CONVERGED")]
+    exit_when_converged: bool,
+    /// Where the nodes' data dirs go. Default: a fresh temporary dir, removed on success.
+    #[arg(long, env = "SHOAL_LOCAL_DIR")]
+    dir: Option<PathBuf>,
+    /// Give up (exit 1) if the nodes do not converge in this many seconds. Default: 60.
+    #[arg(long, env = "SHOAL_TIMEOUT_S", default_value_t = 60)]
+    timeout_s: u64,
+    /// Print one JSON line when converged instead of a table.
+    #[arg(long, env = "SHOAL_JSON")]
+    json: bool,
+}
+
+#[derive(Args)]
+struct KeygenArgs {
+    /// Write a new private-network swarm key here (refuses to overwrite).
+    #[arg(long, env = "SHOAL_SWARM_KEY")]
+    swarm_key: Option<PathBuf>,
+    /// Without --swarm-key: create (or load) the identity in this data dir and print its
+    /// peer id. Default: $XDG_DATA_HOME/shoal or ~/.local/share/shoal.
+    #[arg(long, env = "SHOAL_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Start N local nodes; time until all share one view, and until the survivors drop a
+    /// node killed with SIGKILL. Prints {"nodes","up_ms","converge_ms","detect_ms"}.
+    Membership {
+        /// Number of nodes. Default: 8.
+        #[arg(long, default_value_t = 8)]
+        nodes: usize,
+        /// Print one JSON line (the default output is also that line, plus a summary).
+        #[arg(long)]
+        json: bool,
+        /// Give up after this many seconds per phase. Default: 60.
+        #[arg(long, default_value_t = 60)]
+        timeout_s: u64,
+    },
+}
+
+/// An error with the exit code it maps to.
+struct Failure {
+    code: u8,
+    err: anyhow::Error,
+}
+
+fn usage(err: anyhow::Error) -> Failure {
+    Failure { code: 2, err }
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(err: anyhow::Error) -> Self {
+        Failure { code: 1, err }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(dispatch(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("error: {:#}", f.err);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => b.init(),
+        LogFormat::Json => b.json().init(),
+    }
+}
+
+async fn dispatch(cmd: Cmd) -> Result<(), Failure> {
+    match cmd {
+        Cmd::Up(a) => up(a).await,
+        Cmd::Status(a) => status_cmd(a).await,
+        Cmd::Local(a) => local(a).await,
+        Cmd::Keygen(a) => keygen(a),
+        Cmd::Bench {
+            what:
+                BenchCmd::Membership {
+                    nodes,
+                    json,
+                    timeout_s,
+                },
+        } => bench_membership(nodes, json, timeout_s).await,
+    }
+}
+
+fn default_data_dir() -> PathBuf {
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME") {
+        return PathBuf::from(x).join("shoal");
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| ".".into());
+    PathBuf::from(home).join(".local/share/shoal")
+}
+
+fn parse_addrs(flag: &str, values: &[String]) -> Result<Vec<Multiaddr>, Failure> {
+    values
+        .iter()
+        .map(|v| {
+            v.trim()
+                .parse::<Multiaddr>()
+                .map_err(|e| usage(anyhow!("invalid {flag} address '{v}': {e}")))
+        })
+        .collect()
+}
+
+async fn up(a: UpArgs) -> Result<(), Failure> {
+    let listen = if a.listen.is_empty() {
+        vec![
+            "/ip4/0.0.0.0/tcp/4411".parse().expect("valid"),
+            "/ip4/0.0.0.0/udp/4411/quic-v1".parse().expect("valid"),
+        ]
+    } else {
+        parse_addrs("--listen", &a.listen)?
+    };
+    let bootstrap = parse_addrs("--bootstrap", &a.bootstrap)?;
+    let swarm_key = match &a.swarm_key {
+        Some(p) => Some(identity::read_swarm_key(p).map_err(|e| usage(e.into()))?),
+        None => None,
+    };
+    let cfg = NodeConfig {
+        data_dir: a.data_dir.unwrap_or_else(default_data_dir),
+        listen,
+        bootstrap,
+        api: a.api,
+        control: ControlPlaneConfig {
+            mdns: !a.no_mdns,
+            swarm_key,
+            max_connections: a.max_connections,
+            ..Default::default()
+        },
+        membership: coordinator_free::MembershipConfig {
+            heartbeat_interval_ms: a.heartbeat_ms,
+            heartbeat_jitter_ms: (a.heartbeat_ms / 5).min(50),
+            suspect_after_ms: a.suspect_ms,
+            fail_after_ms: a.fail_ms,
+            ..Default::default()
+        },
+        debug_api: a.debug_api,
+    };
+    shoal_node::node::run(cfg).await.map_err(|e| match e {
+        NodeError::Identity(_) | NodeError::Timings(_) | NodeError::ApiNotLoopback(_) => {
+            usage(e.into())
+        }
+        other => Failure::from(anyhow::Error::from(other)),
+    })
+}
+
+async fn status_cmd(a: StatusArgs) -> Result<(), Failure> {
+    let r = status::fetch_status(a.api, Duration::from_secs(5))
+        .await
+        .map_err(anyhow::Error::from)?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string(&r).map_err(anyhow::Error::from)?
+        );
+    } else {
+        print!("{}", status::render_table(&r));
+    }
+    Ok(())
+}
+
+fn keygen(a: KeygenArgs) -> Result<(), Failure> {
+    match a.swarm_key {
+        Some(p) => {
+            let k = identity::write_new_swarm_key(&p).map_err(|e| usage(e.into()))?;
+            println!(
+                "wrote swarm key {} (fingerprint {})",
+                p.display(),
+                k.fingerprint()
+            );
+        }
+        None => {
+            let dir = a.data_dir.unwrap_or_else(default_data_dir);
+            let k = identity::load_or_create_identity(&dir).map_err(|e| usage(e.into()))?;
+            println!("{}", k.public().to_peer_id());
+        }
+    }
+    Ok(())
+}
+
+fn local_dir(dir: Option<PathBuf>) -> (PathBuf, bool) {
+    match dir {
+        Some(d) => (d, false),
+        None => (
+            std::env::temp_dir().join(format!("shoal-local-{}", std::process::id())),
+            true,
+        ),
+    }
+}
+
+fn start_cluster(dir: &Path, n: usize) -> Result<LocalCluster, Failure> {
+    if n == 0 {
+        return Err(usage(anyhow!("--nodes must be at least 1")));
+    }
+    let bin = std::env::current_exe().context("cannot find the shoal binary")?;
+    LocalCluster::start(&bin, dir, n, &[]).map_err(|e| anyhow::Error::from(e).into())
+}
+
+/// Polls the cluster every `every` until `done` holds, for at most `bound`.
+async fn poll_until<T>(
+    c: &mut LocalCluster,
+    bound: Duration,
+    every: Duration,
+    mut on_poll: impl FnMut(&[(usize, Option<status::StatusReport>)]),
+    done: impl Fn(&[(usize, Option<status::StatusReport>)]) -> Option<T>,
+) -> Result<Option<T>, Failure> {
+    let end = Instant::now() + bound;
+    loop {
+        c.check_alive().map_err(anyhow::Error::from)?;
+        let reports = c.statuses().await;
+        on_poll(&reports);
+        if let Some(v) = done(&reports) {
+            return Ok(Some(v));
+        }
+        if Instant::now() >= end {
+            return Ok(None);
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+fn cluster_table(reports: &[(usize, Option<status::StatusReport>)], n: usize) -> String {
+    let mut s = format!(
+        "{:<5} {:<54} {:>6} {:<17} {:>8}\n",
+        "NODE", "PEER", "EPOCH", "VIEW", "MEMBERS"
+    );
+    for (i, r) in reports {
+        match r {
+            Some(r) => {
+                s += &format!(
+                    "{:<5} {:<54} {:>6} {:<17} {:>5}/{n}\n",
+                    i,
+                    r.node.id,
+                    r.view.epoch,
+                    &r.view.hash[..16],
+                    r.view.members.len()
+                )
+            }
+            None => s += &format!("{i:<5} (not answering)\n"),
+        }
+    }
+    s
+}
+
+async fn local(a: LocalArgs) -> Result<(), Failure> {
+    let (dir, temp) = local_dir(a.dir);
+    let t0 = Instant::now();
+    let mut c = start_cluster(&dir, a.nodes)?;
+    let n = a.nodes;
+    let tty = std::io::stdout().is_terminal() && !a.json;
+    let mut last_line = String::new();
+    let result = poll_until(
+        &mut c,
+        Duration::from_secs(a.timeout_s),
+        Duration::from_millis(100),
+        |reports| {
+            if a.json {
+                return;
+            }
+            let table = cluster_table(reports, n);
+            if tty {
+                print!("\x1b[H\x1b[2J{table}");
+            } else if table != last_line {
+                print!("{table}\n");
+                last_line = table;
+            }
+        },
+        |reports| agreed_view(reports, n, None),
+    )
+    .await?;
+    let Some((epoch, hash)) = result else {
+        return Err(anyhow!(
+            "{n} nodes did not converge within {} s; logs under {}",
+            a.timeout_s,
+            dir.display()
+        )
+        .into());
+    };
+    let ms = t0.elapsed().as_millis();
+    if a.json {
+        let reports = c.statuses().await;
+        let members = reports
+            .first()
+            .and_then(|(_, r)| r.as_ref())
+            .map(|r| r.view.members.clone())
+            .unwrap_or_default();
+        println!(
+            "{}",
+            serde_json::json!({"nodes": n, "converged": true, "epoch": epoch, "hash": hash,
+                "members": members, "elapsed_ms": ms})
+        );
+    } else {
+        println!(
+            "converged: {n} nodes agree on view epoch {epoch} hash {} after {ms} ms",
+            &hash[..16]
+        );
+    }
+    if !a.exit_when_converged {
+        if !a.json {
+            println!("running; Ctrl-C to stop (logs under {})", dir.display());
+        }
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    c.shutdown();
+    if temp {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    Ok(())
+}
+
+async fn bench_membership(n: usize, json: bool, timeout_s: u64) -> Result<(), Failure> {
+    if n < 2 {
+        return Err(usage(anyhow!("--nodes must be at least 2")));
+    }
+    let (dir, _) = local_dir(None);
+    let bound = Duration::from_secs(timeout_s);
+    let every = Duration::from_millis(20);
+    let t0 = Instant::now();
+    let mut c = start_cluster(&dir, n)?;
+    let up_ms = t0.elapsed().as_millis() as u64;
+    let t1 = Instant::now();
+    let converged = poll_until(&mut c, bound, every, |_| {}, |r| agreed_view(r, n, None)).await?;
+    if converged.is_none() {
+        bail_failure(format!(
+            "{n} nodes did not converge within {timeout_s} s; logs under {}",
+            dir.display()
+        ))?;
+    }
+    let converge_ms = t1.elapsed().as_millis() as u64;
+    // Kill the last node with SIGKILL; the survivors must drop it.
+    let victim = n - 1;
+    let victim_id = c
+        .statuses()
+        .await
+        .into_iter()
+        .find(|(i, _)| *i == victim)
+        .and_then(|(_, r)| r)
+        .map(|r| r.node.id)
+        .ok_or_else(|| anyhow!("node {victim} stopped answering"))?;
+    let t2 = Instant::now();
+    c.kill(victim);
+    let detected = poll_until(
+        &mut c,
+        bound,
+        every,
+        |_| {},
+        |r| agreed_view(r, n - 1, Some(&victim_id)),
+    )
+    .await?;
+    if detected.is_none() {
+        bail_failure(format!(
+            "survivors did not drop the killed node within {timeout_s} s; logs under {}",
+            dir.display()
+        ))?;
+    }
+    let detect_ms = t2.elapsed().as_millis() as u64;
+    c.shutdown();
+    let _ = std::fs::remove_dir_all(&dir);
+    let line = serde_json::json!({"nodes": n, "up_ms": up_ms, "converge_ms": converge_ms, "detect_ms": detect_ms});
+    println!("{line}");
+    if !json {
+        eprintln!("{n} nodes: processes up in {up_ms} ms, one view {converge_ms} ms later; a SIGKILLed node left every view after {detect_ms} ms");
+    }
+    Ok(())
+}
+
+fn bail_failure(msg: String) -> Result<(), Failure> {
+    let r: Result<(), anyhow::Error> = (|| bail!(msg))();
+    r.map_err(Failure::from)
 }

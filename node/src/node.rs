@@ -1,0 +1,567 @@
+//! One event loop per node: the libp2p swarm, the membership core and a timer, driven by
+//! `tokio::select!`, with a cloneable [`NodeHandle`] for the API and the CLI.
+
+use crate::capabilities;
+use crate::control_plane::{self, Behaviour, BehaviourEvent, ControlPlaneConfig};
+use crate::identity;
+use crate::status::{Counters, MemberReport, NodeReport, StatusReport, ViewReport};
+use coordinator_free::{ControlMessage, Membership, MembershipConfig, MembershipEvent, NodeId};
+use futures::StreamExt;
+use libp2p::gossipsub::{self, MessageAcceptance};
+use libp2p::swarm::SwarmEvent;
+use libp2p::{identify, kad, mdns, Multiaddr, PeerId, Swarm};
+use rand::Rng;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+
+/// Everything `shoal up` needs.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// Data directory (identity, incarnation, address files).
+    pub data_dir: PathBuf,
+    /// Control-plane listen addresses.
+    pub listen: Vec<Multiaddr>,
+    /// Bootstrap peers to dial at start (and for Kademlia).
+    pub bootstrap: Vec<Multiaddr>,
+    /// Local API address; must be a loopback address.
+    pub api: SocketAddr,
+    /// Swarm settings.
+    pub control: ControlPlaneConfig,
+    /// Heartbeat and failure-detection timings.
+    pub membership: MembershipConfig,
+    /// Expose `POST /v1/debug/gossip` (publishes raw bytes; for tests).
+    pub debug_api: bool,
+}
+
+/// Why a node could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The data dir could not be used.
+    #[error(transparent)]
+    Identity(#[from] identity::IdentityError),
+    /// The swarm could not be built.
+    #[error(transparent)]
+    ControlPlane(#[from] control_plane::ControlPlaneError),
+    /// A listen address could not be bound.
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen {
+        /// The address.
+        addr: Multiaddr,
+        /// Why.
+        reason: String,
+    },
+    /// The local API could not be bound.
+    #[error("cannot bind the local API on {addr}: {source}")]
+    Api {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The API address is not a loopback address.
+    #[error("the local API must listen on a loopback address, not {0}")]
+    ApiNotLoopback(SocketAddr),
+    /// A bootstrap address could not be dialed.
+    #[error("cannot dial bootstrap peer {addr}: {reason}")]
+    Bootstrap {
+        /// The address.
+        addr: Multiaddr,
+        /// Why.
+        reason: String,
+    },
+    /// The node's event loop has stopped.
+    #[error("the node has stopped")]
+    Stopped,
+    /// The peer id is not a valid node id (cannot happen for libp2p peer ids).
+    #[error("invalid node id: {0}")]
+    NodeId(#[from] coordinator_free::NodeIdError),
+    /// The timings are inconsistent.
+    #[error("invalid membership timings: {0}")]
+    Timings(String),
+}
+
+/// Requests to the event loop.
+pub enum Command {
+    /// Report the node's status.
+    Status(oneshot::Sender<StatusReport>),
+    /// Publish raw bytes on the control topic (debug API only).
+    PublishRaw(Vec<u8>, oneshot::Sender<Result<(), String>>),
+    /// Stop the node.
+    Shutdown,
+}
+
+/// A cloneable handle to a running node.
+#[derive(Clone)]
+pub struct NodeHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+impl NodeHandle {
+    /// The node's status.
+    pub async fn status(&self) -> Result<StatusReport, NodeError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Status(tx))
+            .await
+            .map_err(|_| NodeError::Stopped)?;
+        rx.await.map_err(|_| NodeError::Stopped)
+    }
+
+    /// Publishes raw bytes on the control topic.
+    pub async fn publish_raw(&self, bytes: Vec<u8>) -> Result<Result<(), String>, NodeError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Command::PublishRaw(bytes, tx))
+            .await
+            .map_err(|_| NodeError::Stopped)?;
+        rx.await.map_err(|_| NodeError::Stopped)
+    }
+
+    /// Asks the node to stop.
+    pub async fn shutdown(&self) {
+        let _ = self.tx.send(Command::Shutdown).await;
+    }
+}
+
+/// Runs a node until it is shut down (Ctrl-C or SIGTERM or a [`Command::Shutdown`]).
+pub async fn run(cfg: NodeConfig) -> Result<(), NodeError> {
+    if !cfg.api.ip().is_loopback() {
+        return Err(NodeError::ApiNotLoopback(cfg.api));
+    }
+    cfg.membership.validate().map_err(NodeError::Timings)?;
+    let key = identity::load_or_create_identity(&cfg.data_dir)?;
+    let incarnation = identity::bump_incarnation(&cfg.data_dir)?;
+    let peer_id = key.public().to_peer_id();
+    let me = NodeId::new(peer_id.to_base58())?;
+    let mut swarm = control_plane::build_swarm(key, &cfg.control)?;
+    for addr in &cfg.listen {
+        if cfg.control.swarm_key.is_some() && control_plane::is_quic(addr) {
+            tracing::warn!(%addr, "QUIC is off with a swarm key (pnet covers TCP only); not listening there");
+            continue;
+        }
+        swarm
+            .listen_on(addr.clone())
+            .map_err(|e| NodeError::Listen {
+                addr: addr.clone(),
+                reason: error_chain(&e),
+            })?;
+    }
+    swarm
+        .behaviour_mut()
+        .gossipsub
+        .subscribe(&control_plane::control_topic())
+        .map_err(|e| control_plane::ControlPlaneError::Gossipsub(e.to_string()))?;
+
+    let api_listener = tokio::net::TcpListener::bind(cfg.api)
+        .await
+        .map_err(|source| NodeError::Api {
+            addr: cfg.api,
+            source,
+        })?;
+    let api_addr = api_listener.local_addr().map_err(|source| NodeError::Api {
+        addr: cfg.api,
+        source,
+    })?;
+    let (tx, rx) = mpsc::channel(64);
+    let handle = NodeHandle { tx };
+    let router = crate::api::router(handle.clone(), cfg.debug_api);
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(api_listener, router).await {
+            tracing::error!("local API stopped: {e}");
+        }
+    });
+    identity::write_atomic(
+        &cfg.data_dir.join(identity::API_ADDR_FILE),
+        format!("{api_addr}\n").as_bytes(),
+        0o644,
+    )?;
+
+    let caps = capabilities::detect().await;
+    let start = Instant::now();
+    let membership = Membership::new(
+        me.clone(),
+        incarnation,
+        caps,
+        vec![],
+        cfg.membership.clone(),
+        0,
+    );
+    tracing::info!(peer = %peer_id, incarnation, api = %api_addr, "node starting");
+
+    let mut node = EventLoop {
+        swarm,
+        membership,
+        start,
+        peer_id,
+        cfg,
+        rx,
+        listen_addrs: Vec::new(),
+        counters: Counters::default(),
+        last_dial: HashMap::new(),
+        api_addr,
+        bootstrapped: false,
+    };
+    for addr in node.cfg.bootstrap.clone() {
+        node.dial_bootstrap(&addr)?;
+    }
+    node.run().await;
+    tracing::info!("node stopped");
+    Ok(())
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        let t = inner.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        src = inner.source();
+    }
+    s
+}
+
+struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    membership: Membership,
+    start: Instant,
+    peer_id: PeerId,
+    cfg: NodeConfig,
+    rx: mpsc::Receiver<Command>,
+    listen_addrs: Vec<Multiaddr>,
+    counters: Counters,
+    /// When each peer was last dialed because membership named it (ms since start).
+    last_dial: HashMap<PeerId, u64>,
+    api_addr: SocketAddr,
+    bootstrapped: bool,
+}
+
+/// Minimum time between two membership-driven dials of the same peer.
+const REDIAL_MS: u64 = 2_000;
+
+impl EventLoop {
+    fn now_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    fn dial_bootstrap(&mut self, addr: &Multiaddr) -> Result<(), NodeError> {
+        let (_, peer) = control_plane::split_peer_id(addr);
+        if let Some(peer) = peer {
+            self.swarm
+                .behaviour_mut()
+                .kad
+                .add_address(&peer, addr.clone());
+        }
+        self.swarm
+            .dial(addr.clone())
+            .map_err(|e| NodeError::Bootstrap {
+                addr: addr.clone(),
+                reason: error_chain(&e),
+            })
+    }
+
+    async fn run(&mut self) {
+        let mut kad_tick = tokio::time::interval(Duration::from_secs(30));
+        let mut caps_tick = tokio::time::interval(Duration::from_secs(10));
+        caps_tick.tick().await;
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        loop {
+            let deadline = self.start + Duration::from_millis(self.membership.poll_timeout());
+            tokio::select! {
+                ev = self.swarm.select_next_some() => self.on_swarm_event(ev),
+                cmd = self.rx.recv() => match cmd {
+                    Some(Command::Status(reply)) => { let _ = reply.send(self.status()); }
+                    Some(Command::PublishRaw(bytes, reply)) => {
+                        let r = self.swarm.behaviour_mut().gossipsub
+                            .publish(control_plane::control_topic(), bytes)
+                            .map(|_| ()).map_err(|e| e.to_string());
+                        let _ = reply.send(r);
+                    }
+                    Some(Command::Shutdown) | None => return,
+                },
+                _ = tokio::time::sleep_until(deadline.into()) => {
+                    let now = self.now_ms();
+                    let entropy = rand::thread_rng().gen();
+                    self.membership.handle_timeout(now, entropy);
+                }
+                _ = kad_tick.tick() => {
+                    if self.swarm.connected_peers().next().is_some() {
+                        let _ = self.swarm.behaviour_mut().kad.bootstrap();
+                    }
+                }
+                _ = caps_tick.tick() => {
+                    let caps = capabilities::detect().await;
+                    let addrs = self.announced_addrs();
+                    self.membership.set_local(caps, addrs);
+                }
+                _ = tokio::signal::ctrl_c() => return,
+                _ = term.recv() => return,
+            }
+            self.flush();
+        }
+    }
+
+    fn announced_addrs(&self) -> Vec<String> {
+        self.listen_addrs
+            .iter()
+            .take(coordinator_free::membership::MAX_ADDRS)
+            .map(|a| {
+                a.clone()
+                    .with(libp2p::multiaddr::Protocol::P2p(self.peer_id))
+                    .to_string()
+            })
+            .filter(|s| s.len() <= coordinator_free::membership::MAX_ADDR_LEN)
+            .collect()
+    }
+
+    /// Sends queued heartbeats and acts on membership events.
+    fn flush(&mut self) {
+        while let Some(hb) = self.membership.poll_transmit() {
+            match ControlMessage::Heartbeat(hb).encode() {
+                Ok(bytes) => {
+                    if let Err(e) = self
+                        .swarm
+                        .behaviour_mut()
+                        .gossipsub
+                        .publish(control_plane::control_topic(), bytes)
+                    {
+                        tracing::debug!("heartbeat not published: {e}");
+                    } else {
+                        self.counters.heartbeats_sent += 1;
+                    }
+                }
+                Err(e) => tracing::error!("cannot encode heartbeat: {e}"),
+            }
+        }
+        while let Some(ev) = self.membership.poll_event() {
+            match ev {
+                MembershipEvent::ViewChanged(v) => {
+                    self.counters.view_changes += 1;
+                    tracing::info!(epoch = v.epoch, hash = %v.hash, members = v.len(), "view changed");
+                }
+                MembershipEvent::Joined(id) => tracing::info!(peer = %id, "member joined"),
+                MembershipEvent::Restarted(id, inc) => {
+                    tracing::info!(peer = %id, incarnation = inc, "member restarted")
+                }
+                MembershipEvent::Suspected(id) => tracing::warn!(peer = %id, "member suspected"),
+                MembershipEvent::Recovered(id) => tracing::info!(peer = %id, "member recovered"),
+                MembershipEvent::Failed(id) => tracing::warn!(peer = %id, "member failed"),
+            }
+        }
+    }
+
+    fn on_swarm_event(&mut self, ev: SwarmEvent<BehaviourEvent>) {
+        match ev {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                tracing::info!(%address, "listening");
+                self.listen_addrs.push(address);
+                self.write_listen_file();
+                let addrs = self.announced_addrs();
+                let caps = self.membership.local_capabilities().clone();
+                self.membership.set_local(caps, addrs);
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                self.listen_addrs.retain(|a| a != &address);
+                self.write_listen_file();
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id, endpoint, ..
+            } => {
+                tracing::debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), "connected");
+                if !self.bootstrapped {
+                    self.bootstrapped = true;
+                    let _ = self.swarm.behaviour_mut().kad.bootstrap();
+                }
+            }
+            SwarmEvent::ConnectionClosed { peer_id, cause, .. } => {
+                tracing::debug!(peer = %peer_id, ?cause, "connection closed");
+            }
+            SwarmEvent::IncomingConnectionError {
+                send_back_addr,
+                error,
+                ..
+            } => {
+                self.counters.handshakes_refused += 1;
+                tracing::warn!(from = %send_back_addr, "refused handshake: {}", error_chain(&error));
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                tracing::debug!(peer = ?peer_id, "dial failed: {}", error_chain(&error));
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(ev)) => self.on_gossip(ev),
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                ..
+            })) => {
+                if info.protocol_version != control_plane::PROTOCOL_VERSION {
+                    tracing::warn!(peer = %peer_id, version = %info.protocol_version, "not a shoal peer; disconnecting");
+                    let _ = self.swarm.disconnect_peer_id(peer_id);
+                    return;
+                }
+                for addr in info.listen_addrs {
+                    self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(list))) => {
+                for (peer, addr) in list {
+                    if peer == self.peer_id {
+                        continue;
+                    }
+                    tracing::debug!(%peer, %addr, "mdns discovered");
+                    self.swarm
+                        .behaviour_mut()
+                        .kad
+                        .add_address(&peer, addr.clone());
+                    if !self.swarm.is_connected(&peer) {
+                        let _ = self.swarm.dial(addr.with_p2p(peer).unwrap_or_else(|a| a));
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::RoutingUpdated {
+                peer, ..
+            })) => {
+                if !self.swarm.is_connected(&peer) {
+                    let _ = self.swarm.dial(peer);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn write_listen_file(&self) {
+        let text: String = self
+            .announced_addrs()
+            .into_iter()
+            .map(|a| a + "\n")
+            .collect();
+        if let Err(e) = identity::write_atomic(
+            &self.cfg.data_dir.join(identity::LISTEN_ADDRS_FILE),
+            text.as_bytes(),
+            0o644,
+        ) {
+            tracing::warn!("cannot write listen addresses: {e}");
+        }
+    }
+
+    fn on_gossip(&mut self, ev: gossipsub::Event) {
+        let gossipsub::Event::Message {
+            propagation_source,
+            message_id,
+            message,
+        } = ev
+        else {
+            return;
+        };
+        let now = self.now_ms();
+        let verdict = match ControlMessage::decode(&message.data) {
+            Err(e) => {
+                self.counters.gossip_rejected += 1;
+                tracing::warn!(from = %propagation_source, author = ?message.source, "rejected gossip message: {e}");
+                MessageAcceptance::Reject
+            }
+            Ok(ControlMessage::Heartbeat(hb)) => {
+                // Strict signing guarantees `source` is the signed author; the heartbeat
+                // must speak for that author only.
+                if message.source.map(|p| p.to_base58()) != Some(hb.id.as_str().to_string()) {
+                    self.counters.gossip_rejected += 1;
+                    tracing::warn!(from = %propagation_source, author = ?message.source, claimed = %hb.id, "rejected heartbeat for another peer");
+                    MessageAcceptance::Reject
+                } else {
+                    let addrs = hb.addrs.clone();
+                    let id = hb.id.clone();
+                    match self.membership.handle_heartbeat(hb, now) {
+                        Ok(()) => {
+                            self.counters.gossip_accepted += 1;
+                            self.maybe_dial(&id, &addrs, now);
+                            MessageAcceptance::Accept
+                        }
+                        Err(e) => {
+                            self.counters.gossip_ignored += 1;
+                            tracing::trace!(peer = %id, "ignored heartbeat: {e}");
+                            MessageAcceptance::Ignore
+                        }
+                    }
+                }
+            }
+        };
+        let _ = self
+            .swarm
+            .behaviour_mut()
+            .gossipsub
+            .report_message_validation_result(&message_id, &propagation_source, verdict);
+    }
+
+    /// Dials a member we heard of but are not connected to, so small clusters become a
+    /// full mesh and heartbeats do not depend on relays.
+    fn maybe_dial(&mut self, id: &NodeId, addrs: &[String], now: u64) {
+        let Ok(peer) = id.as_str().parse::<PeerId>() else {
+            return;
+        };
+        if self.swarm.is_connected(&peer) {
+            return;
+        }
+        if let Some(&t) = self.last_dial.get(&peer) {
+            if now.saturating_sub(t) < REDIAL_MS {
+                return;
+            }
+        }
+        self.last_dial.insert(peer, now);
+        let addrs: Vec<Multiaddr> = addrs
+            .iter()
+            .filter_map(|a| a.parse().ok())
+            .filter(|a| self.cfg.control.swarm_key.is_none() || !control_plane::is_quic(a))
+            .collect();
+        for a in &addrs {
+            self.swarm.behaviour_mut().kad.add_address(&peer, a.clone());
+        }
+        let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer)
+            .addresses(addrs)
+            .build();
+        let _ = self.swarm.dial(opts);
+    }
+
+    fn status(&self) -> StatusReport {
+        let now = self.now_ms();
+        let view = self.membership.view();
+        let members = self
+            .membership
+            .members()
+            .map(|m| MemberReport {
+                id: m.id.to_string(),
+                incarnation: m.incarnation,
+                state: m.state,
+                in_view: view.contains(&m.id),
+                last_heard_ms_ago: now.saturating_sub(m.last_heard_ms),
+                caps: m.caps.clone(),
+                addrs: m.addrs.clone(),
+                view_epoch: m.their_view.0,
+                view_hash: m.their_view.1.to_hex(),
+            })
+            .collect();
+        StatusReport {
+            node: NodeReport {
+                id: self.peer_id.to_base58(),
+                incarnation: self.membership.incarnation(),
+                api: self.api_addr.to_string(),
+                listen: self.announced_addrs(),
+                caps: self.membership.local_capabilities().clone(),
+                uptime_ms: now,
+                connected_peers: self.swarm.connected_peers().count(),
+                private_network: self.cfg.control.swarm_key.is_some(),
+            },
+            view: ViewReport {
+                epoch: view.epoch,
+                hash: view.hash.to_hex(),
+                members: view.ids().map(|i| i.to_string()).collect(),
+            },
+            members,
+            counters: self.counters.clone(),
+        }
+    }
+}
