@@ -94,15 +94,18 @@ pub fn load_or_create_identity(dir: &Path) -> Result<Keypair, IdentityError> {
     let path = dir.join(KEY_FILE);
     match fs::read(&path) {
         Ok(bytes) => {
+            let key = Keypair::from_protobuf_encoding(&bytes).map_err(|e| {
+                IdentityError::MalformedKey {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                }
+            })?;
             let meta = fs::metadata(&path).map_err(io(&path))?;
             if meta.permissions().mode() & 0o077 != 0 {
                 tracing::warn!(path = %path.display(), "key file was readable by others; setting mode 0600");
                 fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).map_err(io(&path))?;
             }
-            Keypair::from_protobuf_encoding(&bytes).map_err(|e| IdentityError::MalformedKey {
-                path,
-                reason: e.to_string(),
-            })
+            Ok(key)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let key = Keypair::generate_ed25519();

@@ -214,10 +214,13 @@ pub async fn run(cfg: NodeConfig) -> Result<(), NodeError> {
 
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
+    if s.is_empty() {
+        s = "error".into();
+    }
     let mut src = e.source();
     while let Some(inner) = src {
         let t = inner.to_string();
-        if !s.contains(&t) {
+        if !t.is_empty() && !s.contains(&t) {
             s.push_str(": ");
             s.push_str(&t);
         }

@@ -1,0 +1,156 @@
+//! Bad input gives one clear line on stderr and a non-zero exit, never a panic.
+
+mod common;
+use common::*;
+
+fn assert_one_line_error(out: &std::process::Output, code: i32, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "stderr: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(!err.contains("RUST_BACKTRACE"), "{err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "exactly one line on stderr: {err}");
+    assert!(lines[0].starts_with("error: "), "{err}");
+    assert!(lines[0].contains(needle), "{err} lacks {needle}");
+}
+
+#[test]
+fn bad_multiaddr() {
+    let d = TempDir::new("badaddr");
+    let out = run_shoal(&[
+        "up",
+        "--data-dir",
+        d.0.to_str().unwrap(),
+        "--no-mdns",
+        "--api",
+        "127.0.0.1:0",
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--bootstrap",
+        "not-a-multiaddr",
+    ]);
+    assert_one_line_error(&out, 2, "invalid --bootstrap address 'not-a-multiaddr'");
+}
+
+#[test]
+fn malformed_key_file() {
+    let d = TempDir::new("badkey");
+    std::fs::write(d.0.join("identity.key"), b"this is not a key").unwrap();
+    let out = run_shoal(&[
+        "up",
+        "--data-dir",
+        d.0.to_str().unwrap(),
+        "--no-mdns",
+        "--api",
+        "127.0.0.1:0",
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+    ]);
+    assert_one_line_error(&out, 2, "is malformed");
+}
+
+#[test]
+fn unreadable_or_malformed_swarm_key() {
+    let d = TempDir::new("badpsk");
+    let missing = d.0.join("missing.key");
+    let out = run_shoal(&[
+        "up",
+        "--data-dir",
+        d.0.to_str().unwrap(),
+        "--no-mdns",
+        "--api",
+        "127.0.0.1:0",
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--swarm-key",
+        missing.to_str().unwrap(),
+    ]);
+    assert_one_line_error(&out, 2, "missing.key");
+    let bad = d.0.join("bad.key");
+    std::fs::write(&bad, "/key/swarm/psk/1.0.0/\n/base16/\nnothex").unwrap();
+    let out = run_shoal(&[
+        "up",
+        "--data-dir",
+        d.0.to_str().unwrap(),
+        "--no-mdns",
+        "--api",
+        "127.0.0.1:0",
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--swarm-key",
+        bad.to_str().unwrap(),
+    ]);
+    assert_one_line_error(&out, 2, "swarm key");
+}
+
+#[test]
+fn port_already_in_use() {
+    let d = TempDir::new("port");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let listen = format!("/ip4/127.0.0.1/tcp/{port}");
+    let out = run_shoal(&[
+        "up",
+        "--data-dir",
+        d.0.to_str().unwrap(),
+        "--no-mdns",
+        "--api",
+        "127.0.0.1:0",
+        "--listen",
+        &listen,
+    ]);
+    assert_one_line_error(&out, 1, "cannot listen on");
+    let api = format!("127.0.0.1:{port}");
+    let out = run_shoal(&[
+        "up",
+        "--data-dir",
+        d.0.to_str().unwrap(),
+        "--no-mdns",
+        "--api",
+        &api,
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+    ]);
+    assert_one_line_error(&out, 1, "cannot bind the local API");
+}
+
+#[test]
+fn status_of_absent_node() {
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = free.local_addr().unwrap().to_string();
+    drop(free);
+    let out = run_shoal(&["status", "--api", &addr]);
+    assert_one_line_error(&out, 1, "cannot reach the node API");
+}
+
+#[test]
+fn local_cluster_command_converges_and_exits() {
+    let out = run_shoal(&["local", "--nodes", "3", "--exit-when-converged", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
+    assert_eq!(v["converged"], true);
+    assert_eq!(v["members"].as_array().unwrap().len(), 3);
+}
+
+#[test]
+fn bench_membership_prints_one_json_line() {
+    let out = run_shoal(&["bench", "membership", "--nodes", "3", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 1);
+    let v: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+    assert_eq!(v["nodes"], 3);
+    // Detection cannot beat the failure timeout (1500 ms by default).
+    assert!(v["detect_ms"].as_u64().unwrap() >= 1000, "{v}");
+    assert!(v["converge_ms"].as_u64().is_some());
+}

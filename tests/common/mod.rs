@@ -1,0 +1,305 @@
+//! Helpers for the multi-process integration tests: start real `shoal` processes, query
+//! their local API, wait on observed state (never on bare sleeps), clean up on drop.
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The `shoal` binary: `$SHOAL_BIN`, or the one cargo built next to this test.
+pub fn shoal_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("SHOAL_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("test exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = dir.join("shoal");
+    assert!(
+        bin.exists(),
+        "{} missing: build it first (cargo build --release --bins), or set SHOAL_BIN",
+        bin.display()
+    );
+    bin
+}
+
+/// A fresh directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!(
+            "shoal-test-{name}-{}-{}",
+            std::process::id(),
+            Instant::now().elapsed().as_nanos()
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        } else {
+            eprintln!("kept {} for inspection", self.0.display());
+        }
+    }
+}
+
+/// Runs `shoal` with `args` to completion (bounded by 60 s).
+pub fn run_shoal(args: &[&str]) -> Output {
+    let mut child = Command::new(shoal_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn shoal");
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return child.wait_with_output().unwrap();
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            panic!("shoal {args:?} did not finish in 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Polls `f` every 20 ms until it returns `Some`, panicking with `what` after `bound`.
+pub fn wait_until<T>(what: &str, bound: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + bound;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > end {
+            panic!("timed out after {bound:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// One `shoal up` process.
+pub struct Node {
+    pub dir: PathBuf,
+    pub child: Option<Child>,
+    pub api: Option<SocketAddr>,
+    pub args: Vec<String>,
+    /// Command prefix (e.g. `ip netns exec NS`), empty on the host.
+    pub prefix: Vec<String>,
+}
+
+impl Node {
+    /// Starts `shoal up --data-dir dir --api 127.0.0.1:0 <args>` and waits for its API.
+    pub fn start(dir: &Path, args: &[&str]) -> Node {
+        Node::start_with_prefix(dir, args, &[])
+    }
+
+    pub fn start_with_prefix(dir: &Path, args: &[&str], prefix: &[&str]) -> Node {
+        let mut n = Node {
+            dir: dir.to_path_buf(),
+            child: None,
+            api: None,
+            args: args.iter().map(|s| s.to_string()).collect(),
+            prefix: prefix.iter().map(|s| s.to_string()).collect(),
+        };
+        n.spawn();
+        n
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("node.log")).unwrap_or_default()
+    }
+
+    fn spawn(&mut self) {
+        std::fs::create_dir_all(&self.dir).unwrap();
+        let _ = std::fs::remove_file(self.dir.join("api.addr"));
+        let _ = std::fs::remove_file(self.dir.join("listen.addrs"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("node.log"))
+            .unwrap();
+        let bin = shoal_bin();
+        let mut cmd = if self.prefix.is_empty() {
+            Command::new(&bin)
+        } else {
+            let mut c = Command::new(&self.prefix[0]);
+            c.args(&self.prefix[1..]).arg(&bin);
+            c
+        };
+        cmd.arg("up")
+            .arg("--data-dir")
+            .arg(&self.dir)
+            .args(["--api", "127.0.0.1:0"])
+            .args(&self.args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        unsafe {
+            cmd.pre_exec(|| {
+                libc_prctl_pdeathsig();
+                Ok(())
+            });
+        }
+        self.child = Some(cmd.spawn().expect("spawn shoal up"));
+        let dir = self.dir.clone();
+        let child = self.child.as_mut().unwrap();
+        let api = wait_until("node API address", Duration::from_secs(60), || {
+            if let Ok(Some(st)) = child.try_wait() {
+                panic!(
+                    "node exited with {st}: {}",
+                    std::fs::read_to_string(dir.join("node.log")).unwrap_or_default()
+                );
+            }
+            let a = std::fs::read_to_string(dir.join("api.addr")).ok()?;
+            let l = std::fs::read_to_string(dir.join("listen.addrs")).ok()?;
+            if l.trim().is_empty() {
+                return None;
+            }
+            a.trim().parse().ok()
+        });
+        self.api = Some(api);
+    }
+
+    /// The first TCP listen address (with /p2p), for --bootstrap.
+    pub fn tcp_addr(&self) -> String {
+        std::fs::read_to_string(self.dir.join("listen.addrs"))
+            .unwrap()
+            .lines()
+            .find(|l| l.contains("/tcp/"))
+            .expect("a tcp listen address")
+            .to_string()
+    }
+
+    /// `GET /v1/status` as JSON (None if the node does not answer).
+    pub fn status(&self) -> Option<Value> {
+        if self.prefix.is_empty() {
+            let body = http(self.api?, "GET", "/v1/status", &[]).ok()?;
+            serde_json::from_slice(&body).ok()
+        } else {
+            // The API listens on the namespace's own loopback: ask from inside.
+            let out = Command::new(&self.prefix[0])
+                .args(&self.prefix[1..])
+                .arg(shoal_bin())
+                .args(["status", "--json", "--api", &self.api?.to_string()])
+                .output()
+                .ok()?;
+            serde_json::from_slice(&out.stdout).ok()
+        }
+    }
+
+    pub fn id(&self) -> String {
+        self.status().expect("status")["node"]["id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    /// `kill -9`.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn libc_prctl_pdeathsig() {
+    // PR_SET_PDEATHSIG = 1, SIGKILL = 9: the node dies with the test.
+    extern "C" {
+        fn prctl(option: i32, arg2: u64, arg3: u64, arg4: u64, arg5: u64) -> i32;
+    }
+    unsafe {
+        prctl(1, 9, 0, 0, 0);
+    }
+}
+
+/// A minimal blocking HTTP/1.1 request to a local API; returns the body of a 2xx.
+pub fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> Result<Vec<u8>, String> {
+    let mut s =
+        TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).map_err(|e| e.to_string())?;
+    s.write_all(body).map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).map_err(|e| e.to_string())?;
+    let split = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or("no header end")?;
+    let head = String::from_utf8_lossy(&buf[..split]).to_string();
+    let code: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or("no status")?;
+    let body = buf[split + 4..].to_vec();
+    if !(200..300).contains(&code) {
+        return Err(format!("{code}: {}", String::from_utf8_lossy(&body)));
+    }
+    Ok(body)
+}
+
+/// The view (epoch, hash, member ids) a status report holds.
+pub fn view_of(s: &Value) -> (u64, String, Vec<String>) {
+    let v = &s["view"];
+    (
+        v["epoch"].as_u64().unwrap(),
+        v["hash"].as_str().unwrap().to_string(),
+        v["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m.as_str().unwrap().to_string())
+            .collect(),
+    )
+}
+
+/// Some((epoch, hash, members)) once every node answers with the same view of `n` members.
+pub fn agreed(nodes: &[&Node], n: usize) -> Option<(u64, String, Vec<String>)> {
+    let mut first = None;
+    for node in nodes {
+        let v = view_of(&node.status()?);
+        match &first {
+            None => first = Some(v),
+            Some(f) if *f == v => {}
+            Some(_) => return None,
+        }
+    }
+    first.filter(|(_, _, m)| m.len() == n)
+}
+
+/// The host-side flags for a test node: loopback only, mDNS off.
+pub const LOOPBACK: [&str; 5] = [
+    "--listen",
+    "/ip4/127.0.0.1/tcp/0",
+    "--listen",
+    "/ip4/127.0.0.1/udp/0/quic-v1",
+    "--no-mdns",
+];
