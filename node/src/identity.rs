@@ -203,7 +203,10 @@ mod tests {
         let d = tmpdir("psk");
         let p = d.join("swarm.key");
         let k = write_new_swarm_key(&p).unwrap();
-        assert_eq!(read_swarm_key(&p).unwrap().fingerprint(), k.fingerprint());
+        assert_eq!(
+            read_swarm_key(&p).unwrap().fingerprint().to_string(),
+            k.fingerprint().to_string()
+        );
         assert!(matches!(
             write_new_swarm_key(&p),
             Err(IdentityError::Exists { .. })

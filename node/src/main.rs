@@ -3,7 +3,7 @@
 //! Exit codes: 0 success; 1 a failure at run time (one line on stderr); 2 bad usage or bad
 //! input (a malformed address, key file or flag).
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use libp2p::Multiaddr;
 use shoal_node::control_plane::ControlPlaneConfig;
@@ -399,7 +399,7 @@ async fn local(a: LocalArgs) -> Result<(), Failure> {
             if tty {
                 print!("\x1b[H\x1b[2J{table}");
             } else if table != last_line {
-                print!("{table}\n");
+                println!("{table}");
                 last_line = table;
             }
         },
@@ -459,10 +459,11 @@ async fn bench_membership(n: usize, json: bool, timeout_s: u64) -> Result<(), Fa
     let t1 = Instant::now();
     let converged = poll_until(&mut c, bound, every, |_| {}, |r| agreed_view(r, n, None)).await?;
     if converged.is_none() {
-        bail_failure(format!(
+        return Err(anyhow!(
             "{n} nodes did not converge within {timeout_s} s; logs under {}",
             dir.display()
-        ))?;
+        )
+        .into());
     }
     let converge_ms = t1.elapsed().as_millis() as u64;
     // Kill the last node with SIGKILL; the survivors must drop it.
@@ -486,10 +487,11 @@ async fn bench_membership(n: usize, json: bool, timeout_s: u64) -> Result<(), Fa
     )
     .await?;
     if detected.is_none() {
-        bail_failure(format!(
+        return Err(anyhow!(
             "survivors did not drop the killed node within {timeout_s} s; logs under {}",
             dir.display()
-        ))?;
+        )
+        .into());
     }
     let detect_ms = t2.elapsed().as_millis() as u64;
     c.shutdown();
@@ -500,9 +502,4 @@ async fn bench_membership(n: usize, json: bool, timeout_s: u64) -> Result<(), Fa
         eprintln!("{n} nodes: processes up in {up_ms} ms, one view {converge_ms} ms later; a SIGKILLed node left every view after {detect_ms} ms");
     }
     Ok(())
-}
-
-fn bail_failure(msg: String) -> Result<(), Failure> {
-    let r: Result<(), anyhow::Error> = (|| bail!(msg))();
-    r.map_err(Failure::from)
 }

@@ -416,7 +416,7 @@ impl EventLoop {
                     if peer == self.peer_id {
                         continue;
                     }
-                    tracing::debug!(%peer, %addr, "mdns discovered");
+                    tracing::info!(%peer, %addr, "discovered peer via mDNS");
                     self.swarm
                         .behaviour_mut()
                         .kad
@@ -428,10 +428,8 @@ impl EventLoop {
             }
             SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::RoutingUpdated {
                 peer, ..
-            })) => {
-                if !self.swarm.is_connected(&peer) {
-                    let _ = self.swarm.dial(peer);
-                }
+            })) if !self.swarm.is_connected(&peer) => {
+                let _ = self.swarm.dial(peer);
             }
             _ => {}
         }
