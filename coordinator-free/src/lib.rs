@@ -11,12 +11,15 @@
 //!   failure) and the view it derives.
 //! - [`view`]: what a view is (epoch, sorted members, hash) and how it is hashed.
 //! - [`codec`]: the one size-limited decoder every untrusted byte goes through.
+//! - [`collective`]: ring schedules for all-reduce, all-gather, broadcast and barrier.
 
 pub mod codec;
+pub mod collective;
 pub mod membership;
 pub mod view;
 
 pub use codec::{CodecError, ControlMessage};
+pub use collective::{CollectiveError, DType, Kind, ReduceOp, Ring, RingStep};
 pub use membership::{
     Capabilities, GpuInfo, Heartbeat, HeartbeatError, MemberInfo, MemberState, Membership,
     MembershipConfig, MembershipEvent,

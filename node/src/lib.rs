@@ -3,6 +3,7 @@
 //! - [`identity`]: the node's persistent key, incarnation counter and swarm key on disk.
 //! - [`capabilities`]: what this machine offers (cores, RAM, GPUs).
 //! - [`control_plane`]: the libp2p swarm (transports, behaviours, limits).
+//! - [`data_plane`]: member-to-member links (QUIC or TCP) and the collectives over them.
 //! - [`node`]: the one event loop per node and its cloneable command handle.
 //! - [`api`]: the local HTTP JSON control API on 127.0.0.1.
 //! - [`status`]: the status report, its table form, and a tiny client for the local API.
@@ -11,6 +12,7 @@
 pub mod api;
 pub mod capabilities;
 pub mod control_plane;
+pub mod data_plane;
 pub mod identity;
 pub mod local;
 pub mod node;

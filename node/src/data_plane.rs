@@ -1,0 +1,1271 @@
+//! The data plane: direct member-to-member links for bulk tensors, and the collectives that
+//! run over them (schedules come from `coordinator_free::collective`).
+//!
+//! Two transports, one protocol:
+//! - **QUIC** (quinn; default): TLS 1.3 with libp2p-tls certificates, so the peer id is
+//!   proven by the handshake itself; every byte encrypted. For untrusted and wide-area links.
+//! - **TCP** (`--data-plane tcp`): plain TCP, mutually authenticated at connect time by
+//!   signatures of the libp2p identity keys over fresh nonces; payloads unencrypted. For
+//!   trusted LANs, where it is several times faster (see the README's measurements).
+//!
+//! A connection is accepted only from a member of the current view. Every collective opens
+//! with a fixed-size [`OpHeader`] (view hash, tag, kind, dtype, length, ranks) that the
+//! receiver checks and acknowledges **before** any payload byte moves; payloads are raw
+//! little-endian elements whose sizes both sides derive from the header. Every wait on a
+//! peer is bounded: the first header by `start_timeout`, every segment by
+//! `max(timeout_floor, timeout_multiplier × its expected time at the observed rate)`.
+
+use coordinator_free::codec::data::{self as wire, OpHeader, OP_HEADER_LEN};
+use coordinator_free::collective::{segments, Kind, ReduceOp, Ring};
+use coordinator_free::{DType, NodeId, View};
+use libp2p::identity::{Keypair, PublicKey};
+use libp2p::PeerId;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::oneshot;
+
+#[cfg(not(target_endian = "little"))]
+compile_error!("the data plane sends tensors as raw little-endian bytes");
+
+/// Which transport carries the data plane.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataTransport {
+    /// QUIC with libp2p-tls (encrypted). The default.
+    #[default]
+    Quic,
+    /// Plain TCP, authenticated at connect time (unencrypted payloads).
+    Tcp,
+}
+
+impl std::str::FromStr for DataTransport {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "quic" => Ok(DataTransport::Quic),
+            "tcp" => Ok(DataTransport::Tcp),
+            other => Err(format!(
+                "unknown data-plane transport '{other}' (quic or tcp)"
+            )),
+        }
+    }
+}
+
+/// Data-plane settings.
+#[derive(Clone, Debug)]
+pub struct DataPlaneConfig {
+    /// Transport. Default: QUIC.
+    pub transport: DataTransport,
+    /// Pipelining unit, in bytes. Default: 1 MiB.
+    pub segment_bytes: usize,
+    /// Floor of every bound on a wait for a peer. Default: 2 s.
+    pub timeout_floor: Duration,
+    /// How long to wait for the left neighbour to start a collective. Default: 30 s.
+    pub start_timeout: Duration,
+    /// A segment may take this many times its expected time at the observed rate.
+    /// Default: 8.
+    pub timeout_multiplier: u32,
+    /// QUIC initial MTU. Default: 1200 (safe on any path; loopback benchmarks use 8192).
+    pub quic_initial_mtu: u16,
+    /// QUIC flow-control windows, in bytes. Default: 64 MiB.
+    pub quic_window: u32,
+    /// Most links that arrived for collectives not yet started here. Default: 256.
+    pub max_pending_links: usize,
+}
+
+impl Default for DataPlaneConfig {
+    fn default() -> Self {
+        DataPlaneConfig {
+            transport: DataTransport::Quic,
+            segment_bytes: 1 << 20,
+            timeout_floor: Duration::from_secs(2),
+            start_timeout: Duration::from_secs(30),
+            timeout_multiplier: 8,
+            quic_initial_mtu: 1200,
+            quic_window: 64 << 20,
+            max_pending_links: 256,
+        }
+    }
+}
+
+/// Why a collective or a link failed. Every variant is retryable once views converge.
+#[derive(Debug, thiserror::Error)]
+pub enum DataPlaneError {
+    /// This node is not in the view, or the schedule cannot be built.
+    #[error(transparent)]
+    Schedule(#[from] coordinator_free::CollectiveError),
+    /// The peer's first header names another view (or it told us ours differs).
+    #[error("view mismatch with {peer}: {detail}")]
+    ViewMismatch {
+        /// The peer.
+        peer: NodeId,
+        /// What differs.
+        detail: String,
+    },
+    /// The peer's header describes another operation.
+    #[error("operation mismatch with {peer}: {detail}")]
+    OpMismatch {
+        /// The peer.
+        peer: NodeId,
+        /// What differs.
+        detail: String,
+    },
+    /// No data-plane address is known for a member.
+    #[error("no data-plane address known for member {0}")]
+    NoAddress(NodeId),
+    /// A wait on a peer exceeded its bound.
+    #[error("{peer} did not {what} within {after:?}")]
+    Timeout {
+        /// The peer.
+        peer: NodeId,
+        /// What it did not do.
+        what: &'static str,
+        /// The bound.
+        after: Duration,
+    },
+    /// The link to a peer failed (closed, reset, refused).
+    #[error("link to {peer} failed: {source}")]
+    Io {
+        /// The peer.
+        peer: NodeId,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The peer could not prove its identity, or refused ours.
+    #[error("authentication with {peer} failed: {reason}")]
+    Auth {
+        /// The peer (as far as known).
+        peer: String,
+        /// Why.
+        reason: String,
+    },
+    /// Bytes from the peer did not decode.
+    #[error("bad frame from {peer}: {source}")]
+    Codec {
+        /// The peer.
+        peer: NodeId,
+        /// The decode error.
+        source: coordinator_free::CodecError,
+    },
+    /// Buffers have the wrong size for the collective.
+    #[error("bad buffer: {0}")]
+    Buffer(String),
+    /// The endpoint could not be created.
+    #[error("data-plane endpoint: {0}")]
+    Endpoint(String),
+}
+
+/// Element types: f32, f16 and bf16.
+pub trait Element: Copy + Send + Sync + Default + PartialEq + std::fmt::Debug + 'static {
+    /// Wire dtype.
+    const DTYPE: DType;
+    /// `dst[i] += src[i]`.
+    fn add_into(dst: &mut [Self], src: &[Self]);
+    /// `dst[i] /= n`.
+    fn div_by(dst: &mut [Self], n: usize);
+}
+
+impl Element for f32 {
+    const DTYPE: DType = DType::F32;
+    fn add_into(dst: &mut [f32], src: &[f32]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d += *s;
+        }
+    }
+    fn div_by(dst: &mut [f32], n: usize) {
+        let n = n as f32;
+        for d in dst {
+            *d /= n;
+        }
+    }
+}
+
+macro_rules! half_element {
+    ($t:ty, $d:expr) => {
+        impl Element for $t {
+            const DTYPE: DType = $d;
+            fn add_into(dst: &mut [$t], src: &[$t]) {
+                for (d, s) in dst.iter_mut().zip(src) {
+                    *d = <$t>::from_f32(d.to_f32() + s.to_f32());
+                }
+            }
+            fn div_by(dst: &mut [$t], n: usize) {
+                let n = n as f32;
+                for d in dst {
+                    *d = <$t>::from_f32(d.to_f32() / n);
+                }
+            }
+        }
+    };
+}
+half_element!(half::f16, DType::F16);
+half_element!(half::bf16, DType::BF16);
+
+fn bytes_of<T: Element>(s: &[T]) -> &[u8] {
+    // SAFETY: Element types are plain little-endian floats without padding.
+    unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<u8>(), std::mem::size_of_val(s)) }
+}
+
+fn bytes_of_mut<T: Element>(s: &mut [T]) -> &mut [u8] {
+    // SAFETY: as above; every bit pattern is a valid f32/f16/bf16.
+    unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(s)) }
+}
+
+/// Who is in, and where their data planes listen.
+#[derive(Clone, Debug)]
+pub struct Roster {
+    /// The current view.
+    pub view: View,
+    /// Data-plane addresses of members.
+    pub addrs: HashMap<NodeId, SocketAddr>,
+}
+
+type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
+type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// One authenticated, ordered byte stream to or from a member.
+struct Link {
+    peer: NodeId,
+    r: BoxRead,
+    w: BoxWrite,
+}
+
+#[derive(Default)]
+struct Inbox {
+    arrived: HashMap<(NodeId, u64), (Link, OpHeader, Instant)>,
+    waiting: HashMap<(NodeId, u64), oneshot::Sender<(Link, OpHeader)>>,
+}
+
+/// Acknowledgement codes sent back on a link after its header is checked.
+const ACK_OK: u8 = 1;
+const ACK_VIEW_MISMATCH: u8 = 2;
+const ACK_OP_MISMATCH: u8 = 3;
+
+/// Bytes and time counters.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct DataPlaneStats {
+    /// Payload bytes sent.
+    pub bytes_sent: u64,
+    /// Payload bytes received.
+    pub bytes_received: u64,
+    /// Collectives completed.
+    pub collectives_ok: u64,
+    /// Collectives failed.
+    pub collectives_failed: u64,
+    /// Inbound connections refused (not a member, failed authentication).
+    pub refused: u64,
+    /// Observed receive rate in bytes/s (EWMA), 0 until measured.
+    pub observed_rate: f64,
+}
+
+struct Inner {
+    key: Keypair,
+    me: NodeId,
+    cfg: DataPlaneConfig,
+    local_addr: SocketAddr,
+    roster: Mutex<Option<Arc<Roster>>>,
+    inbox: Mutex<Inbox>,
+    tcp_pool: Mutex<HashMap<NodeId, Vec<Link>>>,
+    quic: Option<quinn::Endpoint>,
+    quic_conns: tokio::sync::Mutex<HashMap<NodeId, quinn::Connection>>,
+    stats: Mutex<DataPlaneStats>,
+}
+
+/// A node's data plane. Cheap to clone.
+#[derive(Clone)]
+pub struct DataPlane {
+    inner: Arc<Inner>,
+}
+
+impl DataPlane {
+    /// Binds the data plane on `addr` (use port 0 for any) with the node's identity.
+    pub async fn bind(
+        key: Keypair,
+        addr: SocketAddr,
+        cfg: DataPlaneConfig,
+    ) -> Result<DataPlane, DataPlaneError> {
+        let me = NodeId::new(key.public().to_peer_id().to_base58())
+            .map_err(|e| DataPlaneError::Endpoint(e.to_string()))?;
+        let (local_addr, quic, tcp) = match cfg.transport {
+            DataTransport::Tcp => {
+                let l = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| DataPlaneError::Endpoint(format!("bind {addr}: {e}")))?;
+                (
+                    l.local_addr()
+                        .map_err(|e| DataPlaneError::Endpoint(e.to_string()))?,
+                    None,
+                    Some(l),
+                )
+            }
+            DataTransport::Quic => {
+                let ep = quic_endpoint(&key, addr, &cfg)?;
+                (
+                    ep.local_addr()
+                        .map_err(|e| DataPlaneError::Endpoint(e.to_string()))?,
+                    Some(ep),
+                    None,
+                )
+            }
+        };
+        let dp = DataPlane {
+            inner: Arc::new(Inner {
+                key,
+                me,
+                cfg,
+                local_addr,
+                roster: Mutex::new(None),
+                inbox: Mutex::new(Inbox::default()),
+                tcp_pool: Mutex::new(HashMap::new()),
+                quic,
+                quic_conns: tokio::sync::Mutex::new(HashMap::new()),
+                stats: Mutex::new(DataPlaneStats::default()),
+            }),
+        };
+        if let Some(l) = tcp {
+            let d = dp.clone();
+            tokio::spawn(async move { d.tcp_accept_loop(l).await });
+        }
+        if dp.inner.quic.is_some() {
+            let d = dp.clone();
+            tokio::spawn(async move { d.quic_accept_loop().await });
+        }
+        Ok(dp)
+    }
+
+    /// Where this data plane listens.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.inner.local_addr
+    }
+
+    /// This node's id.
+    pub fn me(&self) -> &NodeId {
+        &self.inner.me
+    }
+
+    /// The transport in use.
+    pub fn transport(&self) -> DataTransport {
+        self.inner.cfg.transport
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> DataPlaneStats {
+        self.inner.stats.lock().unwrap().clone()
+    }
+
+    /// Installs the current view and addresses. Links from non-members are refused from now
+    /// on, and pooled links to peers that left are closed.
+    pub fn set_roster(&self, roster: Roster) {
+        let members: Vec<NodeId> = roster.view.ids().cloned().collect();
+        *self.inner.roster.lock().unwrap() = Some(Arc::new(roster));
+        self.inner
+            .tcp_pool
+            .lock()
+            .unwrap()
+            .retain(|peer, _| members.contains(peer));
+        let mut inbox = self.inner.inbox.lock().unwrap();
+        inbox.arrived.retain(|(peer, _), _| members.contains(peer));
+    }
+
+    fn roster(&self) -> Option<Arc<Roster>> {
+        self.inner.roster.lock().unwrap().clone()
+    }
+
+    fn is_member(&self, peer: &PeerId) -> bool {
+        let Ok(id) = NodeId::new(peer.to_base58()) else {
+            return false;
+        };
+        self.roster().is_some_and(|r| r.view.contains(&id))
+    }
+
+    fn segment_bound(&self, bytes: usize) -> Duration {
+        let rate = self.inner.stats.lock().unwrap().observed_rate;
+        let floor = self.inner.cfg.timeout_floor;
+        if rate <= 0.0 {
+            return floor;
+        }
+        let expected = Duration::from_secs_f64(bytes as f64 / rate);
+        floor.max(expected * self.inner.cfg.timeout_multiplier)
+    }
+
+    fn observe(&self, bytes: usize, took: Duration) {
+        let secs = took.as_secs_f64().max(1e-6);
+        let rate = bytes as f64 / secs;
+        let mut s = self.inner.stats.lock().unwrap();
+        s.bytes_received += bytes as u64;
+        s.observed_rate = if s.observed_rate == 0.0 {
+            rate
+        } else {
+            0.8 * s.observed_rate + 0.2 * rate
+        };
+    }
+
+    // ---------------------------------------------------------------- inbound
+
+    async fn tcp_accept_loop(self, l: tokio::net::TcpListener) {
+        loop {
+            let (sock, from) = match l.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!("data plane accept: {e}");
+                    continue;
+                }
+            };
+            let d = self.clone();
+            tokio::spawn(async move {
+                let _ = sock.set_nodelay(true);
+                let bound = d.inner.cfg.timeout_floor * 2;
+                match tokio::time::timeout(bound, d.tcp_handshake_accept(sock)).await {
+                    Ok(Ok(link)) => d.read_headers(link).await,
+                    Ok(Err(e)) => {
+                        d.inner.stats.lock().unwrap().refused += 1;
+                        tracing::warn!(%from, "refused data-plane connection: {e}");
+                    }
+                    Err(_) => {
+                        d.inner.stats.lock().unwrap().refused += 1;
+                        tracing::warn!(%from, "refused data-plane connection: handshake timed out");
+                    }
+                }
+            });
+        }
+    }
+
+    async fn quic_accept_loop(self) {
+        let ep = self.inner.quic.clone().expect("quic endpoint");
+        while let Some(incoming) = ep.accept().await {
+            let d = self.clone();
+            tokio::spawn(async move {
+                let from = incoming.remote_address();
+                let conn = match incoming.await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        d.inner.stats.lock().unwrap().refused += 1;
+                        tracing::warn!(%from, "refused data-plane connection: {e}");
+                        return;
+                    }
+                };
+                let peer = match quic_peer_id(&conn) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        d.inner.stats.lock().unwrap().refused += 1;
+                        tracing::warn!(%from, "refused data-plane connection: {e}");
+                        conn.close(1u32.into(), b"unauthenticated");
+                        return;
+                    }
+                };
+                if !d.is_member(&peer) {
+                    d.inner.stats.lock().unwrap().refused += 1;
+                    tracing::warn!(%from, %peer, "refused data-plane connection from a non-member");
+                    conn.close(2u32.into(), b"not a member");
+                    return;
+                }
+                let Ok(id) = NodeId::new(peer.to_base58()) else {
+                    return;
+                };
+                while let Ok((w, r)) = conn.accept_bi().await {
+                    let link = Link {
+                        peer: id.clone(),
+                        r: Box::new(r),
+                        w: Box::new(w),
+                    };
+                    let d2 = d.clone();
+                    tokio::spawn(async move { d2.read_headers(link).await });
+                }
+            });
+        }
+    }
+
+    /// Reads operation headers from an idle inbound link and files it in the inbox. Runs
+    /// until the link closes; idle links close after 10 minutes.
+    async fn read_headers(&self, mut link: Link) {
+        let mut buf = [0u8; OP_HEADER_LEN];
+        match tokio::time::timeout(Duration::from_secs(600), link.r.read_exact(&mut buf)).await {
+            Ok(Ok(_)) => {}
+            _ => return,
+        }
+        match OpHeader::decode(&buf) {
+            Ok(h) => self.deliver(link, h),
+            Err(e) => tracing::warn!(peer = %link.peer, "bad data-plane header: {e}"),
+        }
+    }
+
+    fn deliver(&self, link: Link, h: OpHeader) {
+        let key = (link.peer.clone(), h.tag);
+        let mut inbox = self.inner.inbox.lock().unwrap();
+        if let Some(tx) = inbox.waiting.remove(&key) {
+            if let Err((link, h)) = tx.send((link, h)) {
+                // The waiter gave up in the meantime; keep the link for a retry.
+                inbox.arrived.insert(key, (link, h, Instant::now()));
+            }
+            return;
+        }
+        if inbox.arrived.len() >= self.inner.cfg.max_pending_links {
+            // Drop the oldest.
+            if let Some(oldest) = inbox
+                .arrived
+                .iter()
+                .min_by_key(|(_, (_, _, t))| *t)
+                .map(|(k, _)| k.clone())
+            {
+                inbox.arrived.remove(&oldest);
+            }
+        }
+        inbox.arrived.insert(key, (link, h, Instant::now()));
+    }
+
+    async fn wait_inbound(
+        &self,
+        peer: &NodeId,
+        tag: u64,
+    ) -> Result<(Link, OpHeader), DataPlaneError> {
+        let key = (peer.clone(), tag);
+        let rx = {
+            let mut inbox = self.inner.inbox.lock().unwrap();
+            if let Some((link, h, _)) = inbox.arrived.remove(&key) {
+                return Ok((link, h));
+            }
+            let (tx, rx) = oneshot::channel();
+            inbox.waiting.insert(key.clone(), tx);
+            rx
+        };
+        let bound = self.inner.cfg.start_timeout;
+        match tokio::time::timeout(bound, rx).await {
+            Ok(Ok(x)) => Ok(x),
+            _ => {
+                self.inner.inbox.lock().unwrap().waiting.remove(&key);
+                Err(DataPlaneError::Timeout {
+                    peer: peer.clone(),
+                    what: "start the collective",
+                    after: bound,
+                })
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- outbound
+
+    async fn open_link(&self, peer: &NodeId) -> Result<Link, DataPlaneError> {
+        if let Some(link) = self
+            .inner
+            .tcp_pool
+            .lock()
+            .unwrap()
+            .get_mut(peer)
+            .and_then(Vec::pop)
+        {
+            return Ok(link);
+        }
+        let addr = self
+            .roster()
+            .and_then(|r| r.addrs.get(peer).copied())
+            .ok_or_else(|| DataPlaneError::NoAddress(peer.clone()))?;
+        let expected: PeerId = peer.as_str().parse().map_err(|_| DataPlaneError::Auth {
+            peer: peer.to_string(),
+            reason: "not a peer id".into(),
+        })?;
+        let bound = self.inner.cfg.timeout_floor * 2;
+        let fut = async {
+            match self.inner.cfg.transport {
+                DataTransport::Tcp => {
+                    let sock = tokio::net::TcpStream::connect(addr)
+                        .await
+                        .map_err(|source| DataPlaneError::Io {
+                            peer: peer.clone(),
+                            source,
+                        })?;
+                    let _ = sock.set_nodelay(true);
+                    self.tcp_handshake_dial(sock, peer, expected).await
+                }
+                DataTransport::Quic => {
+                    let conn = self.quic_connection(peer, addr, expected).await?;
+                    let (w, r) = conn.open_bi().await.map_err(|e| DataPlaneError::Io {
+                        peer: peer.clone(),
+                        source: std::io::Error::other(e),
+                    })?;
+                    Ok(Link {
+                        peer: peer.clone(),
+                        r: Box::new(r),
+                        w: Box::new(w),
+                    })
+                }
+            }
+        };
+        tokio::time::timeout(bound, fut)
+            .await
+            .map_err(|_| DataPlaneError::Timeout {
+                peer: peer.clone(),
+                what: "accept a data-plane connection",
+                after: bound,
+            })?
+    }
+
+    async fn quic_connection(
+        &self,
+        peer: &NodeId,
+        addr: SocketAddr,
+        expected: PeerId,
+    ) -> Result<quinn::Connection, DataPlaneError> {
+        let mut conns = self.inner.quic_conns.lock().await;
+        if let Some(c) = conns.get(peer) {
+            if c.close_reason().is_none() {
+                return Ok(c.clone());
+            }
+        }
+        let ep = self.inner.quic.as_ref().expect("quic endpoint");
+        let client = quic_client_config(&self.inner.key, expected, &self.inner.cfg)?;
+        let conn = ep
+            .connect_with(client, addr, "shoal")
+            .map_err(|e| DataPlaneError::Endpoint(e.to_string()))?
+            .await
+            .map_err(|e| DataPlaneError::Auth {
+                peer: peer.to_string(),
+                reason: e.to_string(),
+            })?;
+        conns.insert(peer.clone(), conn.clone());
+        Ok(conn)
+    }
+
+    fn recycle_outbound(&self, link: Link) {
+        if self.inner.cfg.transport == DataTransport::Tcp {
+            self.inner
+                .tcp_pool
+                .lock()
+                .unwrap()
+                .entry(link.peer.clone())
+                .or_default()
+                .push(link);
+        }
+        // QUIC: dropping the stream finishes it; the connection stays cached.
+    }
+
+    fn recycle_inbound(&self, link: Link) {
+        if self.inner.cfg.transport == DataTransport::Tcp {
+            let d = self.clone();
+            tokio::spawn(async move { d.read_headers(link).await });
+        }
+    }
+
+    // ------------------------------------------------------------ handshakes
+
+    async fn tcp_handshake_dial(
+        &self,
+        mut sock: tokio::net::TcpStream,
+        peer: &NodeId,
+        expected: PeerId,
+    ) -> Result<Link, DataPlaneError> {
+        let io = |source| DataPlaneError::Io {
+            peer: peer.clone(),
+            source,
+        };
+        let auth = |reason: String| DataPlaneError::Auth {
+            peer: peer.to_string(),
+            reason,
+        };
+        let my_pk = self.inner.key.public().encode_protobuf();
+        let nonce_d: [u8; 32] = rand::random();
+        write_hello(&mut sock, &my_pk, &nonce_d).await.map_err(io)?;
+        let (their_pk, nonce_l) = read_hello(&mut sock)
+            .await
+            .map_err(|e| auth(e.to_string()))?;
+        let sig_l = read_sig(&mut sock).await.map_err(|e| auth(e.to_string()))?;
+        let their = PublicKey::try_decode_protobuf(&their_pk).map_err(|e| auth(e.to_string()))?;
+        if their.to_peer_id() != expected {
+            return Err(auth(format!("answered as {}", their.to_peer_id())));
+        }
+        if !their.verify(&transcript(b"listener", &nonce_d, &nonce_l, &my_pk), &sig_l) {
+            return Err(auth("bad signature".into()));
+        }
+        let sig_d = self
+            .inner
+            .key
+            .sign(&transcript(b"dialer", &nonce_l, &nonce_d, &their_pk))
+            .map_err(|e| auth(e.to_string()))?;
+        write_sig(&mut sock, &sig_d).await.map_err(io)?;
+        let mut verdict = [0u8; 1];
+        sock.read_exact(&mut verdict).await.map_err(io)?;
+        if verdict[0] != ACK_OK {
+            return Err(auth("the peer refused us: not a member of its view".into()));
+        }
+        let (r, w) = sock.into_split();
+        Ok(Link {
+            peer: peer.clone(),
+            r: Box::new(r),
+            w: Box::new(w),
+        })
+    }
+
+    async fn tcp_handshake_accept(
+        &self,
+        mut sock: tokio::net::TcpStream,
+    ) -> Result<Link, DataPlaneError> {
+        let auth = |reason: String| DataPlaneError::Auth {
+            peer: "unknown".into(),
+            reason,
+        };
+        let (their_pk, nonce_d) = read_hello(&mut sock)
+            .await
+            .map_err(|e| auth(e.to_string()))?;
+        let their = PublicKey::try_decode_protobuf(&their_pk).map_err(|e| auth(e.to_string()))?;
+        let peer = their.to_peer_id();
+        let my_pk = self.inner.key.public().encode_protobuf();
+        let nonce_l: [u8; 32] = rand::random();
+        let sig_l = self
+            .inner
+            .key
+            .sign(&transcript(b"listener", &nonce_d, &nonce_l, &their_pk))
+            .map_err(|e| auth(e.to_string()))?;
+        let io = |e: std::io::Error| auth(e.to_string());
+        write_hello(&mut sock, &my_pk, &nonce_l).await.map_err(io)?;
+        write_sig(&mut sock, &sig_l).await.map_err(io)?;
+        let sig_d = read_sig(&mut sock).await.map_err(|e| auth(e.to_string()))?;
+        if !their.verify(&transcript(b"dialer", &nonce_l, &nonce_d, &my_pk), &sig_d) {
+            return Err(DataPlaneError::Auth {
+                peer: peer.to_string(),
+                reason: "bad signature".into(),
+            });
+        }
+        if !self.is_member(&peer) {
+            let _ = sock.write_all(&[0]).await;
+            return Err(DataPlaneError::Auth {
+                peer: peer.to_string(),
+                reason: "not a member of the current view".into(),
+            });
+        }
+        sock.write_all(&[ACK_OK]).await.map_err(io)?;
+        let id = NodeId::new(peer.to_base58()).map_err(|e| auth(e.to_string()))?;
+        let (r, w) = sock.into_split();
+        Ok(Link {
+            peer: id,
+            r: Box::new(r),
+            w: Box::new(w),
+        })
+    }
+
+    // ------------------------------------------------------------ collectives
+
+    /// Opens the two links of a ring collective: to the right (header sent, acknowledged)
+    /// and from the left (header received, checked, acknowledged).
+    async fn open_ring(
+        &self,
+        view: &View,
+        ring: Ring,
+        header: OpHeader,
+    ) -> Result<(Link, Link), DataPlaneError> {
+        let right = view.members[ring.right()].id.clone();
+        let left = view.members[ring.left()].id.clone();
+        let out = async {
+            let mut link = self.open_link(&right).await?;
+            let io = |source| DataPlaneError::Io {
+                peer: right.clone(),
+                source,
+            };
+            link.w.write_all(&header.encode()).await.map_err(io)?;
+            link.w.flush().await.map_err(io)?;
+            let bound = self.inner.cfg.start_timeout;
+            let mut ack = [0u8; 1];
+            match tokio::time::timeout(bound, link.r.read_exact(&mut ack)).await {
+                Err(_) => {
+                    return Err(DataPlaneError::Timeout {
+                        peer: right.clone(),
+                        what: "acknowledge the collective",
+                        after: bound,
+                    })
+                }
+                Ok(r) => {
+                    r.map_err(io)?;
+                }
+            }
+            match ack[0] {
+                ACK_OK => Ok(link),
+                ACK_VIEW_MISMATCH => Err(DataPlaneError::ViewMismatch {
+                    peer: right.clone(),
+                    detail: format!("it is not in view {}", view.hash),
+                }),
+                _ => Err(DataPlaneError::OpMismatch {
+                    peer: right.clone(),
+                    detail: "it expected another operation".into(),
+                }),
+            }
+        };
+        let inn = async {
+            let (mut link, got) = self.wait_inbound(&left, header.tag).await?;
+            let expected = OpHeader {
+                rank: ring.left() as u32,
+                ..header
+            };
+            let verdict = if got.view_hash != expected.view_hash {
+                Err(DataPlaneError::ViewMismatch {
+                    peer: left.clone(),
+                    detail: format!(
+                        "we are in {}, it is in {}",
+                        expected.view_hash, got.view_hash
+                    ),
+                })
+            } else if got != expected {
+                Err(DataPlaneError::OpMismatch {
+                    peer: left.clone(),
+                    detail: format!("expected {expected:?}, got {got:?}"),
+                })
+            } else {
+                Ok(())
+            };
+            let code = match &verdict {
+                Ok(()) => ACK_OK,
+                Err(DataPlaneError::ViewMismatch { .. }) => ACK_VIEW_MISMATCH,
+                Err(_) => ACK_OP_MISMATCH,
+            };
+            let _ = link.w.write_all(&[code]).await;
+            let _ = link.w.flush().await;
+            verdict.map(|()| link)
+        };
+        tokio::try_join!(out, inn)
+    }
+
+    /// Sends `send` to the right while receiving `recv_len` elements from the left into
+    /// `scratch`, segment by segment; calls `land` for each received segment.
+    async fn exchange<T: Element>(
+        &self,
+        out: &mut Link,
+        inn: &mut Link,
+        send: &[T],
+        recv_len: usize,
+        scratch: &mut Vec<T>,
+        mut land: impl FnMut(usize, &[T]),
+    ) -> Result<(), DataPlaneError> {
+        let seg = (self.inner.cfg.segment_bytes / std::mem::size_of::<T>()).max(1);
+        let sends: Vec<_> = segments(0..send.len(), seg).collect();
+        let recvs: Vec<_> = segments(0..recv_len, seg).collect();
+        for i in 0..sends.len().max(recvs.len()) {
+            let s = sends.get(i).cloned();
+            let r = recvs.get(i).cloned();
+            let sbytes = s.as_ref().map(|s| bytes_of(&send[s.clone()]));
+            let rlen = r.as_ref().map_or(0, |r| r.len());
+            scratch.resize(rlen, T::default());
+            let bound = self.segment_bound(
+                rlen.max(s.as_ref().map_or(0, |s| s.len())) * std::mem::size_of::<T>(),
+            );
+            let started = Instant::now();
+            let write = async {
+                if let Some(b) = sbytes {
+                    out.w
+                        .write_all(b)
+                        .await
+                        .map_err(|source| DataPlaneError::Io {
+                            peer: out.peer.clone(),
+                            source,
+                        })?;
+                    out.w.flush().await.map_err(|source| DataPlaneError::Io {
+                        peer: out.peer.clone(),
+                        source,
+                    })?;
+                }
+                Ok::<(), DataPlaneError>(())
+            };
+            let read = async {
+                if rlen > 0 {
+                    inn.r
+                        .read_exact(bytes_of_mut(&mut scratch[..rlen]))
+                        .await
+                        .map_err(|source| DataPlaneError::Io {
+                            peer: inn.peer.clone(),
+                            source,
+                        })?;
+                }
+                Ok::<(), DataPlaneError>(())
+            };
+            match tokio::time::timeout(bound, async { tokio::try_join!(write, read) }).await {
+                Ok(r) => {
+                    r?;
+                }
+                Err(_) => {
+                    return Err(DataPlaneError::Timeout {
+                        peer: inn.peer.clone(),
+                        what: "exchange a segment",
+                        after: bound,
+                    })
+                }
+            }
+            if let Some(s) = &s {
+                self.inner.stats.lock().unwrap().bytes_sent +=
+                    (s.len() * std::mem::size_of::<T>()) as u64;
+            }
+            if let Some(r) = r {
+                self.observe(rlen * std::mem::size_of::<T>(), started.elapsed());
+                land(r.start, &scratch[..rlen]);
+            }
+        }
+        Ok(())
+    }
+
+    fn finish<R>(&self, r: &Result<R, DataPlaneError>) {
+        let mut s = self.inner.stats.lock().unwrap();
+        if r.is_ok() {
+            s.collectives_ok += 1;
+        } else {
+            s.collectives_failed += 1;
+        }
+    }
+
+    /// Ring all-reduce of `buf` across `view`, in place. On error the contents of `buf` are
+    /// unspecified (the caller redoes the step); an `Ok` always holds the full reduction.
+    pub async fn all_reduce<T: Element>(
+        &self,
+        view: &View,
+        tag: u64,
+        buf: &mut [T],
+        op: ReduceOp,
+    ) -> Result<(), DataPlaneError> {
+        let r = self.all_reduce_inner(view, tag, buf, op).await;
+        self.finish(&r);
+        r
+    }
+
+    async fn all_reduce_inner<T: Element>(
+        &self,
+        view: &View,
+        tag: u64,
+        buf: &mut [T],
+        op: ReduceOp,
+    ) -> Result<(), DataPlaneError> {
+        let ring = Ring::for_view(view, &self.inner.me)?;
+        if ring.n == 1 {
+            return Ok(());
+        }
+        let header = OpHeader {
+            view_hash: view.hash,
+            tag,
+            kind: Kind::AllReduce(op),
+            dtype: T::DTYPE,
+            len: buf.len() as u64,
+            n: ring.n as u32,
+            rank: ring.rank as u32,
+        };
+        let (mut out, mut inn) = self.open_ring(view, ring, header).await?;
+        let len = buf.len();
+        let mut scratch = Vec::new();
+        let steps = ring.all_reduce_steps();
+        for (i, step) in steps.iter().enumerate() {
+            let send_range = Ring::chunk(len, ring.n, step.send);
+            let recv_range = Ring::chunk(len, ring.n, step.recv);
+            let reduce = step.reduce;
+            // Send and receive chunks differ for n >= 2, so they can be borrowed apart.
+            let (send, target) = split_disjoint(buf, send_range, recv_range.clone());
+            self.exchange(
+                &mut out,
+                &mut inn,
+                send,
+                recv_range.len(),
+                &mut scratch,
+                |off, data| {
+                    let dst = &mut target[off..off + data.len()];
+                    if reduce {
+                        T::add_into(dst, data);
+                    } else {
+                        dst.copy_from_slice(data);
+                    }
+                },
+            )
+            .await?;
+            // After the last reduce-scatter step this rank owns the full sum of one chunk.
+            if op == ReduceOp::Avg && i == ring.n - 2 {
+                T::div_by(&mut buf[recv_range], ring.n);
+            }
+        }
+        self.recycle_outbound(out);
+        self.recycle_inbound(inn);
+        Ok(())
+    }
+
+    /// All-gather: every member contributes `input`; `output` (n × input.len(), rank order)
+    /// ends with every member's block.
+    pub async fn all_gather<T: Element>(
+        &self,
+        view: &View,
+        tag: u64,
+        input: &[T],
+        output: &mut [T],
+    ) -> Result<(), DataPlaneError> {
+        let r = self.all_gather_inner(view, tag, input, output).await;
+        self.finish(&r);
+        r
+    }
+
+    async fn all_gather_inner<T: Element>(
+        &self,
+        view: &View,
+        tag: u64,
+        input: &[T],
+        output: &mut [T],
+    ) -> Result<(), DataPlaneError> {
+        let ring = Ring::for_view(view, &self.inner.me)?;
+        let b = input.len();
+        if output.len() != b * ring.n {
+            return Err(DataPlaneError::Buffer(format!(
+                "all_gather output has {} elements, expected {} × {b}",
+                output.len(),
+                ring.n
+            )));
+        }
+        output[ring.rank * b..(ring.rank + 1) * b].copy_from_slice(input);
+        if ring.n == 1 {
+            return Ok(());
+        }
+        let header = OpHeader {
+            view_hash: view.hash,
+            tag,
+            kind: Kind::AllGather,
+            dtype: T::DTYPE,
+            len: b as u64,
+            n: ring.n as u32,
+            rank: ring.rank as u32,
+        };
+        let (mut out, mut inn) = self.open_ring(view, ring, header).await?;
+        let mut scratch = Vec::new();
+        for step in ring.all_gather_steps() {
+            let (send, target) = split_disjoint(
+                output,
+                step.send * b..(step.send + 1) * b,
+                step.recv * b..(step.recv + 1) * b,
+            );
+            self.exchange(&mut out, &mut inn, send, b, &mut scratch, |off, data| {
+                target[off..off + data.len()].copy_from_slice(data);
+            })
+            .await?;
+        }
+        self.recycle_outbound(out);
+        self.recycle_inbound(inn);
+        Ok(())
+    }
+
+    /// Broadcast of the root rank's `buf` to every member (a pipelined chain).
+    pub async fn broadcast<T: Element>(
+        &self,
+        view: &View,
+        tag: u64,
+        buf: &mut [T],
+        root: u32,
+    ) -> Result<(), DataPlaneError> {
+        let r = self.broadcast_inner(view, tag, buf, root).await;
+        self.finish(&r);
+        r
+    }
+
+    async fn broadcast_inner<T: Element>(
+        &self,
+        view: &View,
+        tag: u64,
+        buf: &mut [T],
+        root: u32,
+    ) -> Result<(), DataPlaneError> {
+        let ring = Ring::for_view(view, &self.inner.me)?;
+        let (recv, send) = ring.broadcast_roles(root)?;
+        if ring.n == 1 {
+            return Ok(());
+        }
+        let header = OpHeader {
+            view_hash: view.hash,
+            tag,
+            kind: Kind::Broadcast { root },
+            dtype: T::DTYPE,
+            len: buf.len() as u64,
+            n: ring.n as u32,
+            rank: ring.rank as u32,
+        };
+        // The chain uses the ring's links; the last member's link back to the root carries
+        // only the header, which keeps the protocol uniform.
+        let (mut out, mut inn) = self.open_ring(view, ring, header).await?;
+        let seg = (self.inner.cfg.segment_bytes / std::mem::size_of::<T>()).max(1);
+        for s in segments(0..buf.len(), seg) {
+            let bytes = s.len() * std::mem::size_of::<T>();
+            let bound = self.segment_bound(bytes);
+            if recv {
+                let started = Instant::now();
+                let peer = inn.peer.clone();
+                match tokio::time::timeout(
+                    bound,
+                    inn.r.read_exact(bytes_of_mut(&mut buf[s.clone()])),
+                )
+                .await
+                {
+                    Ok(r) => {
+                        r.map_err(|source| DataPlaneError::Io { peer, source })?;
+                    }
+                    Err(_) => {
+                        return Err(DataPlaneError::Timeout {
+                            peer,
+                            what: "send a broadcast segment",
+                            after: bound,
+                        })
+                    }
+                }
+                self.observe(bytes, started.elapsed());
+            }
+            if send {
+                let peer = out.peer.clone();
+                let w = async {
+                    out.w.write_all(bytes_of(&buf[s.clone()])).await?;
+                    out.w.flush().await
+                };
+                match tokio::time::timeout(bound, w).await {
+                    Ok(r) => r.map_err(|source| DataPlaneError::Io { peer, source })?,
+                    Err(_) => {
+                        return Err(DataPlaneError::Timeout {
+                            peer,
+                            what: "take a broadcast segment",
+                            after: bound,
+                        })
+                    }
+                }
+                self.inner.stats.lock().unwrap().bytes_sent += bytes as u64;
+            }
+        }
+        self.recycle_outbound(out);
+        self.recycle_inbound(inn);
+        Ok(())
+    }
+
+    /// Returns once every member of `view` has entered the barrier with the same tag.
+    pub async fn barrier(&self, view: &View, tag: u64) -> Result<(), DataPlaneError> {
+        let ring = Ring::for_view(view, &self.inner.me)?;
+        let mut token = [1.0f32];
+        self.all_reduce(view, tag, &mut token, ReduceOp::Sum)
+            .await?;
+        if token[0] != ring.n as f32 {
+            return Err(DataPlaneError::OpMismatch {
+                peer: self.inner.me.clone(),
+                detail: format!("barrier counted {} of {} members", token[0], ring.n),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Borrows `a` immutably and `b` mutably from `buf`; the ranges must not overlap.
+fn split_disjoint<T>(
+    buf: &mut [T],
+    a: std::ops::Range<usize>,
+    b: std::ops::Range<usize>,
+) -> (&[T], &mut [T]) {
+    assert!(a.end <= b.start || b.end <= a.start, "ranges overlap");
+    if a.start < b.start {
+        let (lo, hi) = buf.split_at_mut(b.start);
+        (&lo[a], &mut hi[..b.end - b.start])
+    } else {
+        let (lo, hi) = buf.split_at_mut(a.start);
+        (&hi[..a.end - a.start], &mut lo[b])
+    }
+}
+
+fn transcript(role: &[u8], nonce_a: &[u8; 32], nonce_b: &[u8; 32], pk: &[u8]) -> Vec<u8> {
+    let mut t = Vec::with_capacity(32 + 64 + pk.len());
+    t.extend_from_slice(b"shoal/data-plane/v1/");
+    t.extend_from_slice(role);
+    t.extend_from_slice(nonce_a);
+    t.extend_from_slice(nonce_b);
+    t.extend_from_slice(pk);
+    t
+}
+
+async fn write_hello<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    pk: &[u8],
+    nonce: &[u8; 32],
+) -> std::io::Result<()> {
+    let mut b = Vec::with_capacity(5 + 2 + pk.len() + 32);
+    b.extend_from_slice(&wire::HELLO_MAGIC);
+    b.push(wire::VERSION);
+    b.extend_from_slice(&(pk.len() as u16).to_le_bytes());
+    b.extend_from_slice(pk);
+    b.extend_from_slice(nonce);
+    w.write_all(&b).await?;
+    w.flush().await
+}
+
+async fn read_hello<R: AsyncRead + Unpin>(
+    r: &mut R,
+) -> Result<(Vec<u8>, [u8; 32]), coordinator_free::CodecError> {
+    let io = |e: std::io::Error| coordinator_free::CodecError::Malformed(e.to_string());
+    let mut prefix = [0u8; 5];
+    r.read_exact(&mut prefix).await.map_err(io)?;
+    wire::check_hello_prefix(&prefix)?;
+    let mut lenb = [0u8; 2];
+    r.read_exact(&mut lenb).await.map_err(io)?;
+    let len = wire::checked_len(lenb, wire::MAX_PUBLIC_KEY, "public key")?;
+    let mut pk = vec![0u8; len];
+    r.read_exact(&mut pk).await.map_err(io)?;
+    let mut nonce = [0u8; 32];
+    r.read_exact(&mut nonce).await.map_err(io)?;
+    Ok((pk, nonce))
+}
+
+async fn write_sig<W: AsyncWrite + Unpin>(w: &mut W, sig: &[u8]) -> std::io::Result<()> {
+    let mut b = Vec::with_capacity(2 + sig.len());
+    b.extend_from_slice(&(sig.len() as u16).to_le_bytes());
+    b.extend_from_slice(sig);
+    w.write_all(&b).await?;
+    w.flush().await
+}
+
+async fn read_sig<R: AsyncRead + Unpin>(
+    r: &mut R,
+) -> Result<Vec<u8>, coordinator_free::CodecError> {
+    let io = |e: std::io::Error| coordinator_free::CodecError::Malformed(e.to_string());
+    let mut lenb = [0u8; 2];
+    r.read_exact(&mut lenb).await.map_err(io)?;
+    let len = wire::checked_len(lenb, wire::MAX_SIGNATURE, "signature")?;
+    let mut sig = vec![0u8; len];
+    r.read_exact(&mut sig).await.map_err(io)?;
+    Ok(sig)
+}
+
+fn quic_transport(cfg: &DataPlaneConfig) -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.initial_mtu(cfg.quic_initial_mtu.max(1200));
+    t.stream_receive_window(quinn::VarInt::from_u32(cfg.quic_window));
+    t.receive_window(quinn::VarInt::from_u32(cfg.quic_window));
+    t.send_window(cfg.quic_window as u64);
+    t.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(
+        600_000,
+    ))));
+    t.keep_alive_interval(Some(Duration::from_secs(10)));
+    Arc::new(t)
+}
+
+fn quic_endpoint(
+    key: &Keypair,
+    addr: SocketAddr,
+    cfg: &DataPlaneConfig,
+) -> Result<quinn::Endpoint, DataPlaneError> {
+    let err = |e: &dyn std::fmt::Display| DataPlaneError::Endpoint(e.to_string());
+    let tls = libp2p_tls::make_server_config(key).map_err(|e| err(&e))?;
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| err(&e))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    server.transport_config(quic_transport(cfg));
+    quinn::Endpoint::server(server, addr).map_err(|e| err(&format!("bind {addr}: {e}")))
+}
+
+fn quic_client_config(
+    key: &Keypair,
+    peer: PeerId,
+    cfg: &DataPlaneConfig,
+) -> Result<quinn::ClientConfig, DataPlaneError> {
+    let err = |e: &dyn std::fmt::Display| DataPlaneError::Endpoint(e.to_string());
+    let tls = libp2p_tls::make_client_config(key, Some(peer)).map_err(|e| err(&e))?;
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| err(&e))?;
+    let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+    client.transport_config(quic_transport(cfg));
+    Ok(client)
+}
+
+fn quic_peer_id(conn: &quinn::Connection) -> Result<PeerId, String> {
+    let identity = conn.peer_identity().ok_or("no peer certificate")?;
+    let certs = identity
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .map_err(|_| "unexpected peer identity type")?;
+    let cert = certs.first().ok_or("empty certificate chain")?;
+    let parsed = libp2p_tls::certificate::parse(cert).map_err(|e| e.to_string())?;
+    Ok(parsed.peer_id())
+}

@@ -1,0 +1,335 @@
+//! Collectives over real loopback sockets, several members in one process: exact results
+//! against a reference, failure bounds, view mismatch, non-members.
+
+use coordinator_free::{NodeId, ReduceOp, View, ViewMember};
+use half::{bf16, f16};
+use libp2p::identity::Keypair;
+use shoal_node::data_plane::{
+    DataPlane, DataPlaneConfig, DataPlaneError, DataTransport, Element, Roster,
+};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+async fn members(
+    n: usize,
+    transport: DataTransport,
+    cfg: DataPlaneConfig,
+) -> (Vec<DataPlane>, View) {
+    let mut dps = Vec::new();
+    for _ in 0..n {
+        let cfg = DataPlaneConfig {
+            transport,
+            quic_initial_mtu: 8192,
+            ..cfg.clone()
+        };
+        dps.push(
+            DataPlane::bind(
+                Keypair::generate_ed25519(),
+                "127.0.0.1:0".parse().unwrap(),
+                cfg,
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    let view = View::new(
+        7,
+        dps.iter()
+            .map(|d| ViewMember {
+                id: d.me().clone(),
+                incarnation: 1,
+            })
+            .collect(),
+    );
+    // Ring order is sorted ids: put the data planes in that order.
+    dps.sort_by(|a, b| a.me().cmp(b.me()));
+    let addrs: HashMap<NodeId, _> = dps
+        .iter()
+        .map(|d| (d.me().clone(), d.local_addr()))
+        .collect();
+    for d in &dps {
+        d.set_roster(Roster {
+            view: view.clone(),
+            addrs: addrs.clone(),
+        });
+    }
+    (dps, view)
+}
+
+fn value(rank: usize, i: usize) -> f32 {
+    ((rank * 7 + i * 3) % 16) as f32
+}
+
+trait FromF32: Element {
+    fn from(x: f32) -> Self;
+}
+impl FromF32 for f32 {
+    fn from(x: f32) -> f32 {
+        x
+    }
+}
+impl FromF32 for f16 {
+    fn from(x: f32) -> f16 {
+        f16::from_f32(x)
+    }
+}
+impl FromF32 for bf16 {
+    fn from(x: f32) -> bf16 {
+        bf16::from_f32(x)
+    }
+}
+
+async fn check_all_reduce<T: FromF32>(
+    dps: &[DataPlane],
+    view: &View,
+    len: usize,
+    op: ReduceOp,
+    tag: u64,
+) {
+    let n = dps.len();
+    let futs = dps.iter().enumerate().map(|(r, d)| {
+        let view = view.clone();
+        let d = d.clone();
+        async move {
+            let mut buf: Vec<T> = (0..len).map(|i| T::from(value(r, i))).collect();
+            d.all_reduce(&view, tag, &mut buf, op).await.map(|()| buf)
+        }
+    });
+    let results = futures::future::join_all(futs).await;
+    let expected: Vec<T> = (0..len)
+        .map(|i| {
+            let sum: f32 = (0..n).map(|r| value(r, i)).sum();
+            match op {
+                ReduceOp::Sum => T::from(sum),
+                ReduceOp::Avg => T::from(sum / n as f32),
+            }
+        })
+        .collect();
+    for (r, res) in results.into_iter().enumerate() {
+        let got = res.unwrap_or_else(|e| panic!("rank {r} n={n} len={len}: {e}"));
+        assert!(
+            got == expected,
+            "rank {r} n={n} len={len} {:?} {op:?}: wrong result",
+            T::DTYPE
+        );
+    }
+}
+
+async fn exact_matrix(transport: DataTransport, ns: &[usize]) {
+    let mut tag = 0;
+    for &n in ns {
+        let (dps, view) = members(n, transport, DataPlaneConfig::default()).await;
+        for len in [1, 7, n - 1, 1_000_003] {
+            for op in [ReduceOp::Sum, ReduceOp::Avg] {
+                tag += 1;
+                check_all_reduce::<f32>(&dps, &view, len, op, tag).await;
+                tag += 1;
+                check_all_reduce::<f16>(&dps, &view, len, op, tag).await;
+                tag += 1;
+                check_all_reduce::<bf16>(&dps, &view, len, op, tag).await;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_reduce_exact_tcp_n2_to_5() {
+    exact_matrix(DataTransport::Tcp, &[2, 3, 4, 5]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_reduce_exact_quic_n2_to_5() {
+    exact_matrix(DataTransport::Quic, &[2, 3, 4, 5]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broadcast_all_gather_barrier_and_concurrent_tags() {
+    for transport in [DataTransport::Tcp, DataTransport::Quic] {
+        let (dps, view) = members(3, transport, DataPlaneConfig::default()).await;
+        let len = 300_001;
+        // Broadcast from rank 1.
+        let res = futures::future::join_all(dps.iter().enumerate().map(|(r, d)| {
+            let (d, view) = (d.clone(), view.clone());
+            async move {
+                let mut buf: Vec<f32> = (0..len)
+                    .map(|i| if r == 1 { value(1, i) } else { -1.0 })
+                    .collect();
+                d.broadcast(&view, 1, &mut buf, 1).await.map(|()| buf)
+            }
+        }))
+        .await;
+        let expected: Vec<f32> = (0..len).map(|i| value(1, i)).collect();
+        for r in res {
+            assert!(r.unwrap() == expected);
+        }
+        // All-gather.
+        let res = futures::future::join_all(dps.iter().enumerate().map(|(r, d)| {
+            let (d, view) = (d.clone(), view.clone());
+            async move {
+                let input: Vec<bf16> = (0..1000).map(|i| bf16::from_f32(value(r, i))).collect();
+                let mut out = vec![bf16::ZERO; 3000];
+                d.all_gather(&view, 2, &input, &mut out).await.map(|()| out)
+            }
+        }))
+        .await;
+        let expected: Vec<bf16> = (0..3)
+            .flat_map(|r| (0..1000).map(move |i| bf16::from_f32(value(r, i))))
+            .collect();
+        for r in res {
+            assert!(r.unwrap() == expected);
+        }
+        // Barrier.
+        let res = futures::future::join_all(dps.iter().map(|d| {
+            let (d, view) = (d.clone(), view.clone());
+            async move { d.barrier(&view, 3).await }
+        }))
+        .await;
+        assert!(res.iter().all(Result::is_ok));
+        // Two all-reduces at once with distinct tags (gradient buckets).
+        let res = futures::future::join_all(dps.iter().enumerate().map(|(r, d)| {
+            let (d, view) = (d.clone(), view.clone());
+            async move {
+                let mut a: Vec<f32> = (0..50_000).map(|i| value(r, i)).collect();
+                let mut b: Vec<f32> = (0..70_000).map(|i| value(r, i + 1)).collect();
+                let (x, y) = tokio::join!(
+                    d.all_reduce(&view, 10, &mut a, ReduceOp::Sum),
+                    d.all_reduce(&view, 11, &mut b, ReduceOp::Sum)
+                );
+                x.and(y).map(|()| (a, b))
+            }
+        }))
+        .await;
+        let ea: Vec<f32> = (0..50_000)
+            .map(|i| (0..3).map(|r| value(r, i)).sum())
+            .collect();
+        let eb: Vec<f32> = (0..70_000)
+            .map(|i| (0..3).map(|r| value(r, i + 1)).sum())
+            .collect();
+        for r in res {
+            let (a, b) = r.unwrap();
+            assert!(a == ea && b == eb);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn member_killed_mid_collective_errors_everywhere_within_bound() {
+    for transport in [DataTransport::Tcp, DataTransport::Quic] {
+        let cfg = DataPlaneConfig {
+            timeout_floor: Duration::from_secs(1),
+            start_timeout: Duration::from_secs(3),
+            ..Default::default()
+        };
+        let (dps, view) = members(3, transport, cfg).await;
+        let len = 32 << 20; // 128 MiB of f32: long enough to be killed midway
+        let mut tasks = Vec::new();
+        for (r, d) in dps.iter().enumerate() {
+            let (d, view) = (d.clone(), view.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut buf = vec![r as f32; len];
+                let t = Instant::now();
+                let res = d.all_reduce(&view, 99, &mut buf, ReduceOp::Sum).await;
+                (res, t.elapsed())
+            }));
+        }
+        // Kill rank 2 once bytes are flowing: its links drop as a crashed process's would.
+        let d2 = dps[2].clone();
+        while d2.stats().bytes_received == 0 {
+            tokio::task::yield_now().await;
+        }
+        let victim = tasks.pop().unwrap();
+        victim.abort();
+        let killed_at = Instant::now();
+        for t in tasks {
+            let (res, _) = t.await.unwrap();
+            let err = res.expect_err("a survivor must not succeed");
+            // Bound: a closed link is an immediate error; a stalled one waits at most the
+            // segment bound (floor 1 s here) or the start bound (3 s).
+            assert!(
+                killed_at.elapsed() < Duration::from_secs(5),
+                "{transport:?}: took {:?}",
+                killed_at.elapsed()
+            );
+            assert!(
+                matches!(
+                    err,
+                    DataPlaneError::Io { .. } | DataPlaneError::Timeout { .. }
+                ),
+                "{err}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn view_mismatch_is_refused_before_any_payload() {
+    for transport in [DataTransport::Tcp, DataTransport::Quic] {
+        let (dps, view) = members(2, transport, DataPlaneConfig::default()).await;
+        let other = View::new(view.epoch + 1, view.members.clone());
+        let (a, b) = tokio::join!(
+            async {
+                let mut buf = vec![1.0f32; 4096];
+                dps[0].all_reduce(&view, 5, &mut buf, ReduceOp::Sum).await
+            },
+            async {
+                let mut buf = vec![1.0f32; 4096];
+                dps[1].all_reduce(&other, 5, &mut buf, ReduceOp::Sum).await
+            }
+        );
+        assert!(
+            matches!(a, Err(DataPlaneError::ViewMismatch { .. })),
+            "{a:?}"
+        );
+        assert!(
+            matches!(b, Err(DataPlaneError::ViewMismatch { .. })),
+            "{b:?}"
+        );
+        for d in &dps {
+            assert_eq!(d.stats().bytes_sent, 0, "no payload moved");
+            assert_eq!(d.stats().bytes_received, 0, "no payload moved");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_member_connection_is_refused() {
+    for transport in [DataTransport::Tcp, DataTransport::Quic] {
+        let (dps, view) = members(2, transport, DataPlaneConfig::default()).await;
+        // An outsider that believes it is in a view with the members.
+        let outsider = DataPlane::bind(
+            Keypair::generate_ed25519(),
+            "127.0.0.1:0".parse().unwrap(),
+            DataPlaneConfig {
+                transport,
+                start_timeout: Duration::from_secs(2),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        let mut fake = view.members.clone();
+        fake.push(ViewMember {
+            id: outsider.me().clone(),
+            incarnation: 1,
+        });
+        let fake = View::new(view.epoch, fake);
+        let mut addrs: HashMap<NodeId, _> = dps
+            .iter()
+            .map(|d| (d.me().clone(), d.local_addr()))
+            .collect();
+        addrs.insert(outsider.me().clone(), outsider.local_addr());
+        outsider.set_roster(Roster {
+            view: fake.clone(),
+            addrs,
+        });
+        let refused_before: u64 = dps.iter().map(|d| d.stats().refused).sum();
+        let mut buf = vec![1.0f32; 1024];
+        let r = outsider.all_reduce(&fake, 1, &mut buf, ReduceOp::Sum).await;
+        assert!(r.is_err(), "{transport:?}");
+        let refused_after: u64 = dps.iter().map(|d| d.stats().refused).sum();
+        assert!(
+            refused_after > refused_before,
+            "{transport:?}: the member counted the refusal"
+        );
+    }
+}
