@@ -20,6 +20,7 @@ fn heartbeat(i: u64, seq: u64) -> Heartbeat {
             gpus: vec![],
         },
         addrs: vec![format!("/ip4/10.0.0.{i}/tcp/4411/p2p/12D3KooWnode{i:040}")],
+        data_addr: None,
     }
 }
 

@@ -26,6 +26,8 @@ fn bad_multiaddr() {
         "127.0.0.1:0",
         "--listen",
         "/ip4/127.0.0.1/tcp/0",
+        "--data-listen",
+        "127.0.0.1:0",
         "--bootstrap",
         "not-a-multiaddr",
     ]);
@@ -45,6 +47,8 @@ fn malformed_key_file() {
         "127.0.0.1:0",
         "--listen",
         "/ip4/127.0.0.1/tcp/0",
+        "--data-listen",
+        "127.0.0.1:0",
     ]);
     assert_one_line_error(&out, 2, "is malformed");
 }
@@ -62,6 +66,8 @@ fn unreadable_or_malformed_swarm_key() {
         "127.0.0.1:0",
         "--listen",
         "/ip4/127.0.0.1/tcp/0",
+        "--data-listen",
+        "127.0.0.1:0",
         "--swarm-key",
         missing.to_str().unwrap(),
     ]);
@@ -77,6 +83,8 @@ fn unreadable_or_malformed_swarm_key() {
         "127.0.0.1:0",
         "--listen",
         "/ip4/127.0.0.1/tcp/0",
+        "--data-listen",
+        "127.0.0.1:0",
         "--swarm-key",
         bad.to_str().unwrap(),
     ]);
@@ -98,6 +106,8 @@ fn port_already_in_use() {
         "127.0.0.1:0",
         "--listen",
         &listen,
+        "--data-listen",
+        "127.0.0.1:0",
     ]);
     assert_one_line_error(&out, 1, "cannot listen on");
     let api = format!("127.0.0.1:{port}");
@@ -110,6 +120,8 @@ fn port_already_in_use() {
         &api,
         "--listen",
         "/ip4/127.0.0.1/tcp/0",
+        "--data-listen",
+        "127.0.0.1:0",
     ]);
     assert_one_line_error(&out, 1, "cannot bind the local API");
 }

@@ -90,10 +90,11 @@ fn three_nodes_converge_by_mdns_alone_in_namespaces() {
         .enumerate()
         .map(|(i, ns)| {
             let listen = format!("/ip4/10.77.0.{}/tcp/0", i + 1);
+            let data = format!("10.77.0.{}:0", i + 1);
             // mDNS on (the default), no bootstrap peers.
             Node::start_with_prefix(
                 &dir.0.join(format!("node-{i}")),
-                &["--listen", &listen],
+                &["--listen", &listen, "--data-listen", &data],
                 &["ip", "netns", "exec", ns],
             )
         })

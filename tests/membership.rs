@@ -137,6 +137,7 @@ fn malformed_and_forged_gossip_is_rejected_and_counted() {
         view_hash: ViewHash::default(),
         caps: Capabilities::default(),
         addrs: vec![],
+        data_addr: None,
     })
     .encode()
     .unwrap();

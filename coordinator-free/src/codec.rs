@@ -121,6 +121,7 @@ mod tests {
                 }],
             },
             addrs: vec!["/ip4/127.0.0.1/tcp/4001".into()],
+            data_addr: None,
         }
     }
 

@@ -76,6 +76,8 @@ pub struct Heartbeat {
     pub caps: Capabilities,
     /// Where the sender's control plane listens (multiaddrs, opaque to the core).
     pub addrs: Vec<String>,
+    /// Where the sender's data plane listens (`<transport>/<ip>:<port>`, opaque to the core).
+    pub data_addr: Option<String>,
 }
 
 impl Heartbeat {
@@ -84,7 +86,12 @@ impl Heartbeat {
         if self.addrs.len() > MAX_ADDRS {
             return Err(format!("{} addresses, limit {MAX_ADDRS}", self.addrs.len()));
         }
-        if let Some(a) = self.addrs.iter().find(|a| a.len() > MAX_ADDR_LEN) {
+        if let Some(a) = self
+            .addrs
+            .iter()
+            .chain(self.data_addr.iter())
+            .find(|a| a.len() > MAX_ADDR_LEN)
+        {
             return Err(format!(
                 "address of {} bytes, limit {MAX_ADDR_LEN}",
                 a.len()
@@ -197,6 +204,8 @@ pub struct MemberInfo {
     pub caps: Capabilities,
     /// Control-plane addresses from the latest heartbeat.
     pub addrs: Vec<String>,
+    /// Data-plane address from the latest heartbeat.
+    pub data_addr: Option<String>,
     /// Epoch and hash of the member's own view, from its latest heartbeat.
     pub their_view: (u64, ViewHash),
 }
@@ -258,6 +267,7 @@ pub struct Membership {
     seq: u64,
     caps: Capabilities,
     addrs: Vec<String>,
+    data_addr: Option<String>,
     table: BTreeMap<NodeId, MemberInfo>,
     view: View,
     next_heartbeat_ms: u64,
@@ -290,6 +300,7 @@ impl Membership {
             seq: 0,
             caps,
             addrs,
+            data_addr: None,
             table: BTreeMap::new(),
             view: view.clone(),
             next_heartbeat_ms: now,
@@ -341,6 +352,11 @@ impl Membership {
         self.addrs = addrs;
     }
 
+    /// Sets where this node's data plane listens; it goes out with the next heartbeat.
+    pub fn set_data_addr(&mut self, addr: Option<String>) {
+        self.data_addr = addr;
+    }
+
     /// Takes in a heartbeat that arrived at `now`.
     pub fn handle_heartbeat(&mut self, hb: Heartbeat, now: u64) -> Result<(), HeartbeatError> {
         if hb.id == self.me {
@@ -379,6 +395,7 @@ impl Membership {
                 e.last_heard_ms = now;
                 e.caps = hb.caps;
                 e.addrs = hb.addrs;
+                e.data_addr = hb.data_addr;
                 e.their_view = (hb.view_epoch, hb.view_hash);
             }
             None => {
@@ -397,6 +414,7 @@ impl Membership {
                         last_heard_ms: now,
                         caps: hb.caps,
                         addrs: hb.addrs,
+                        data_addr: hb.data_addr,
                         their_view: (hb.view_epoch, hb.view_hash),
                     },
                 );
@@ -452,6 +470,7 @@ impl Membership {
                 view_hash: self.view.hash,
                 caps: self.caps.clone(),
                 addrs: self.addrs.clone(),
+                data_addr: self.data_addr.clone(),
             });
             let jitter = match self.config.heartbeat_jitter_ms {
                 0 => 0,

@@ -4,10 +4,13 @@
 //! - `GET /v1/status` — the [`crate::status::StatusReport`].
 //! - `POST /v1/debug/gossip` — publishes the raw body on the control topic; only with
 //!   `--debug-api` (tests use it to send malformed gossip). Body limit 128 KiB.
+//! - `POST /v1/debug/allreduce?bytes=B&iters=K&warmup=W&tag=T` — runs a barrier, W warm-up
+//!   and K timed f32 all-reduces (avg) of B bytes over the current view; only with
+//!   `--debug-api` (`shoal bench allreduce` calls every node at once). B ≤ 4 GiB.
 
 use crate::node::NodeHandle;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -22,7 +25,9 @@ pub fn router(handle: NodeHandle, debug: bool) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/v1/status", get(status));
     if debug {
-        r = r.route("/v1/debug/gossip", post(debug_gossip));
+        r = r
+            .route("/v1/debug/gossip", post(debug_gossip))
+            .route("/v1/debug/allreduce", post(debug_allreduce));
     }
     r.layer(DefaultBodyLimit::max(MAX_BODY)).with_state(handle)
 }
@@ -51,5 +56,74 @@ async fn debug_gossip(State(h): State<NodeHandle>, body: Bytes) -> Response {
         )
             .into_response(),
         Err(e) => unavailable(e),
+    }
+}
+
+/// Parameters of `POST /v1/debug/allreduce`.
+#[derive(serde::Deserialize)]
+pub struct AllReduceParams {
+    /// Bytes per member buffer (f32).
+    pub bytes: u64,
+    /// Timed iterations.
+    pub iters: u32,
+    /// Untimed iterations first.
+    #[serde(default)]
+    pub warmup: u32,
+    /// First tag; iterations use consecutive tags. Every member must use the same.
+    pub tag: u64,
+}
+
+/// Largest buffer the debug all-reduce accepts.
+const MAX_BENCH_BYTES: u64 = 4 << 30;
+
+async fn debug_allreduce(
+    State(h): State<NodeHandle>,
+    Query(p): Query<AllReduceParams>,
+) -> Response {
+    if p.bytes > MAX_BENCH_BYTES || p.iters == 0 || p.iters > 10_000 || p.warmup > 10_000 {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(serde_json::json!({"error": "bytes must be <= 4 GiB and 1 <= iters <= 10000"})),
+        )
+            .into_response();
+    }
+    let (dp, view) = match h.data_plane().await {
+        Ok(x) => x,
+        Err(e) => return unavailable(e),
+    };
+    let len = (p.bytes / 4) as usize;
+    let mut buf = vec![1.0f32; len];
+    let run = async {
+        dp.barrier(&view, p.tag).await?;
+        let mut tag = p.tag + 1;
+        for _ in 0..p.warmup {
+            dp.all_reduce(&view, tag, &mut buf, coordinator_free::ReduceOp::Avg)
+                .await?;
+            tag += 1;
+        }
+        let t = std::time::Instant::now();
+        for _ in 0..p.iters {
+            dp.all_reduce(&view, tag, &mut buf, coordinator_free::ReduceOp::Avg)
+                .await?;
+            tag += 1;
+        }
+        Ok::<_, crate::data_plane::DataPlaneError>(t.elapsed())
+    };
+    match run.await {
+        Ok(elapsed) => {
+            let correct = buf.iter().all(|&x| x == 1.0);
+            Json(serde_json::json!({
+                "n": view.len(),
+                "view_hash": view.hash.to_hex(),
+                "mean_ms": elapsed.as_secs_f64() * 1000.0 / p.iters as f64,
+                "correct": correct,
+            }))
+            .into_response()
+        }
+        Err(e) => (
+            StatusCode::CONFLICT,
+            Json(serde_json::json!({"error": e.to_string()})),
+        )
+            .into_response(),
     }
 }

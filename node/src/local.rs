@@ -148,7 +148,8 @@ impl LocalCluster {
             .arg(&dir)
             .args(["--listen", "/ip4/127.0.0.1/tcp/0"])
             .args(["--listen", "/ip4/127.0.0.1/udp/0/quic-v1"])
-            .args(["--api", "127.0.0.1:0", "--no-mdns"]);
+            .args(["--api", "127.0.0.1:0", "--no-mdns"])
+            .args(["--data-listen", "127.0.0.1:0"]);
         if let Some(b) = &self.bootstrap {
             if i != 0 {
                 cmd.args(["--bootstrap", b]);

@@ -87,9 +87,22 @@ struct UpArgs {
     /// Silence before a member is failed and leaves the view, in ms. Default: 1500.
     #[arg(long, env = "SHOAL_FAIL_MS", default_value_t = 1500)]
     fail_ms: u64,
-    /// Expose debug endpoints on the local API (for tests).
+    /// Expose debug endpoints on the local API (for tests and benchmarks).
     #[arg(long, env = "SHOAL_DEBUG_API", hide = true)]
     debug_api: bool,
+    /// Data-plane listen address. Default: 0.0.0.0:4413 (all interfaces).
+    #[arg(long, env = "SHOAL_DATA_LISTEN", default_value = "0.0.0.0:4413")]
+    data_listen: SocketAddr,
+    /// Data-plane transport: quic (encrypted; for untrusted networks) or tcp
+    /// (authenticated, unencrypted; for trusted LANs). Default: quic.
+    #[arg(long, env = "SHOAL_DATA_PLANE", default_value = "quic")]
+    data_plane: shoal_node::data_plane::DataTransport,
+    /// QUIC initial MTU in bytes. Default: 1200 (safe on any path).
+    #[arg(long, env = "SHOAL_QUIC_INITIAL_MTU", default_value_t = 1200)]
+    quic_initial_mtu: u16,
+    /// Data-plane pipelining segment in bytes. Default: 1048576.
+    #[arg(long, env = "SHOAL_SEGMENT_BYTES", default_value_t = 1 << 20)]
+    segment_bytes: usize,
 }
 
 #[derive(Args)]
@@ -146,6 +159,29 @@ enum BenchCmd {
         /// Give up after this many seconds per phase. Default: 60.
         #[arg(long, default_value_t = 60)]
         timeout_s: u64,
+    },
+    /// Start N local nodes and time f32 ring all-reduces over the data plane. Prints one
+    /// JSON line per size: {"nodes","bytes","time_ms","algbw_gbps","busbw_gbps",...}.
+    Allreduce {
+        /// Number of nodes. Default: 2.
+        #[arg(long, default_value_t = 2)]
+        nodes: usize,
+        /// Buffer size in bytes, with an optional K/M/G suffix (powers of 1024); repeatable
+        /// or comma-separated. Default: 1M,16M,64M.
+        #[arg(long, value_delimiter = ',', default_value = "1M,16M,64M")]
+        size: Vec<String>,
+        /// Timed iterations per size. Default: 10.
+        #[arg(long, default_value_t = 10)]
+        iters: u32,
+        /// Untimed warm-up iterations per size. Default: 2.
+        #[arg(long, default_value_t = 2)]
+        warmup: u32,
+        /// Data-plane transport. Default: quic.
+        #[arg(long, default_value = "quic")]
+        data_plane: shoal_node::data_plane::DataTransport,
+        /// Print JSON lines only.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -218,6 +254,17 @@ async fn dispatch(cmd: Cmd) -> Result<(), Failure> {
                     timeout_s,
                 },
         } => bench_membership(nodes, json, timeout_s).await,
+        Cmd::Bench {
+            what:
+                BenchCmd::Allreduce {
+                    nodes,
+                    size,
+                    iters,
+                    warmup,
+                    data_plane,
+                    json,
+                },
+        } => bench_allreduce(nodes, &size, iters, warmup, data_plane, json).await,
     }
 }
 
@@ -273,6 +320,13 @@ async fn up(a: UpArgs) -> Result<(), Failure> {
             ..Default::default()
         },
         debug_api: a.debug_api,
+        data_listen: a.data_listen,
+        data_plane: shoal_node::data_plane::DataPlaneConfig {
+            transport: a.data_plane,
+            quic_initial_mtu: a.quic_initial_mtu,
+            segment_bytes: a.segment_bytes.max(4096),
+            ..Default::default()
+        },
     };
     shoal_node::node::run(cfg).await.map_err(|e| match e {
         NodeError::Identity(_) | NodeError::Timings(_) | NodeError::ApiNotLoopback(_) => {
@@ -326,12 +380,109 @@ fn local_dir(dir: Option<PathBuf>) -> (PathBuf, bool) {
     }
 }
 
-fn start_cluster(dir: &Path, n: usize) -> Result<LocalCluster, Failure> {
+fn start_cluster(dir: &Path, n: usize, extra: &[String]) -> Result<LocalCluster, Failure> {
     if n == 0 {
         return Err(usage(anyhow!("--nodes must be at least 1")));
     }
     let bin = std::env::current_exe().context("cannot find the shoal binary")?;
-    LocalCluster::start(&bin, dir, n, &[]).map_err(|e| anyhow::Error::from(e).into())
+    LocalCluster::start(&bin, dir, n, extra).map_err(|e| anyhow::Error::from(e).into())
+}
+
+/// Parses `123`, `4K`, `16M`, `1G` (powers of 1024).
+fn parse_size(s: &str) -> Result<u64, Failure> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .filter(|&b| b >= 4)
+        .ok_or_else(|| {
+            usage(anyhow!(
+                "invalid --size '{s}' (bytes, optional K/M/G suffix, at least 4)"
+            ))
+        })
+}
+
+async fn bench_allreduce(
+    n: usize,
+    sizes: &[String],
+    iters: u32,
+    warmup: u32,
+    transport: shoal_node::data_plane::DataTransport,
+    json: bool,
+) -> Result<(), Failure> {
+    let sizes: Vec<u64> = sizes
+        .iter()
+        .map(|s| parse_size(s))
+        .collect::<Result<_, _>>()?;
+    let (dir, _) = local_dir(None);
+    let t = match transport {
+        shoal_node::data_plane::DataTransport::Quic => "quic",
+        shoal_node::data_plane::DataTransport::Tcp => "tcp",
+    };
+    let extra: Vec<String> = [
+        "--debug-api",
+        "--data-plane",
+        t,
+        "--quic-initial-mtu",
+        "8192",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut c = start_cluster(&dir, n, &extra)?;
+    let converged = poll_until(
+        &mut c,
+        Duration::from_secs(60),
+        Duration::from_millis(20),
+        |_| {},
+        |r| agreed_view(r, n, None),
+    )
+    .await?;
+    if converged.is_none() {
+        return Err(anyhow!("{n} nodes did not converge; logs under {}", dir.display()).into());
+    }
+    let mut tag = 1u64 << 40;
+    for bytes in sizes {
+        let path =
+            format!("/v1/debug/allreduce?bytes={bytes}&iters={iters}&warmup={warmup}&tag={tag}");
+        tag += 2 + u64::from(iters + warmup);
+        let apis: Vec<SocketAddr> = (0..n).filter_map(|i| c.api(i)).collect();
+        let results =
+            futures::future::join_all(apis.iter().map(|a| {
+                let path = path.clone();
+                async move {
+                    status::http_request(*a, "POST", &path, &[], Duration::from_secs(600)).await
+                }
+            }))
+            .await;
+        let mut worst = 0.0f64;
+        for r in results {
+            let body = r.map_err(anyhow::Error::from)?;
+            let v: serde_json::Value =
+                serde_json::from_slice(&body).map_err(anyhow::Error::from)?;
+            if v["correct"] != true {
+                return Err(anyhow!("all-reduce of {bytes} bytes returned a wrong result").into());
+            }
+            worst = worst.max(v["mean_ms"].as_f64().unwrap_or(f64::NAN));
+        }
+        let algbw = bytes as f64 / (worst / 1000.0) / 1e9;
+        let busbw = algbw * 2.0 * (n as f64 - 1.0) / n as f64;
+        let line = serde_json::json!({"nodes": n, "bytes": bytes, "time_ms": worst,
+            "algbw_gbps": algbw, "busbw_gbps": busbw, "transport": t, "iters": iters});
+        println!("{line}");
+        if !json {
+            eprintln!("{n} nodes, {bytes} bytes over {t}: {worst:.2} ms, busbw {busbw:.3} GB/s");
+        }
+    }
+    c.shutdown();
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
 }
 
 /// Polls the cluster every `every` until `done` holds, for at most `bound`.
@@ -383,7 +534,7 @@ fn cluster_table(reports: &[(usize, Option<status::StatusReport>)], n: usize) ->
 async fn local(a: LocalArgs) -> Result<(), Failure> {
     let (dir, temp) = local_dir(a.dir);
     let t0 = Instant::now();
-    let mut c = start_cluster(&dir, a.nodes)?;
+    let mut c = start_cluster(&dir, a.nodes, &[])?;
     let n = a.nodes;
     let tty = std::io::stdout().is_terminal() && !a.json;
     let mut last_line = String::new();
@@ -454,7 +605,7 @@ async fn bench_membership(n: usize, json: bool, timeout_s: u64) -> Result<(), Fa
     let bound = Duration::from_secs(timeout_s);
     let every = Duration::from_millis(20);
     let t0 = Instant::now();
-    let mut c = start_cluster(&dir, n)?;
+    let mut c = start_cluster(&dir, n, &[])?;
     let up_ms = t0.elapsed().as_millis() as u64;
     let t1 = Instant::now();
     let converged = poll_until(&mut c, bound, every, |_| {}, |r| agreed_view(r, n, None)).await?;

@@ -3,6 +3,7 @@
 
 use crate::capabilities;
 use crate::control_plane::{self, Behaviour, BehaviourEvent, ControlPlaneConfig};
+use crate::data_plane::{DataPlane, DataPlaneConfig, DataPlaneError, DataTransport, Roster};
 use crate::identity;
 use crate::status::{Counters, MemberReport, NodeReport, StatusReport, ViewReport};
 use coordinator_free::{ControlMessage, Membership, MembershipConfig, MembershipEvent, NodeId};
@@ -32,8 +33,12 @@ pub struct NodeConfig {
     pub control: ControlPlaneConfig,
     /// Heartbeat and failure-detection timings.
     pub membership: MembershipConfig,
-    /// Expose `POST /v1/debug/gossip` (publishes raw bytes; for tests).
+    /// Expose the debug endpoints (raw gossip, timed collectives; for tests and benches).
     pub debug_api: bool,
+    /// Where the data plane listens (port 0: any).
+    pub data_listen: SocketAddr,
+    /// Data-plane settings.
+    pub data_plane: DataPlaneConfig,
 }
 
 /// Why a node could not start or stopped.
@@ -72,6 +77,9 @@ pub enum NodeError {
         /// Why.
         reason: String,
     },
+    /// The data plane could not start.
+    #[error(transparent)]
+    DataPlane(#[from] DataPlaneError),
     /// The node's event loop has stopped.
     #[error("the node has stopped")]
     Stopped,
@@ -89,6 +97,8 @@ pub enum Command {
     Status(oneshot::Sender<StatusReport>),
     /// Publish raw bytes on the control topic (debug API only).
     PublishRaw(Vec<u8>, oneshot::Sender<Result<(), String>>),
+    /// The data plane and the view it is bound to.
+    DataPlane(oneshot::Sender<(DataPlane, coordinator_free::View)>),
     /// Stop the node.
     Shutdown,
 }
@@ -120,6 +130,16 @@ impl NodeHandle {
         rx.await.map_err(|_| NodeError::Stopped)
     }
 
+    /// The node's data plane and its current view.
+    pub async fn data_plane(&self) -> Result<(DataPlane, coordinator_free::View), NodeError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Command::DataPlane(tx))
+            .await
+            .map_err(|_| NodeError::Stopped)?;
+        rx.await.map_err(|_| NodeError::Stopped)
+    }
+
     /// Asks the node to stop.
     pub async fn shutdown(&self) {
         let _ = self.tx.send(Command::Shutdown).await;
@@ -136,6 +156,7 @@ pub async fn run(cfg: NodeConfig) -> Result<(), NodeError> {
     let incarnation = identity::bump_incarnation(&cfg.data_dir)?;
     let peer_id = key.public().to_peer_id();
     let me = NodeId::new(peer_id.to_base58())?;
+    let data_plane = DataPlane::bind(key.clone(), cfg.data_listen, cfg.data_plane.clone()).await?;
     let mut swarm = control_plane::build_swarm(key, &cfg.control)?;
     for addr in &cfg.listen {
         if cfg.control.swarm_key.is_some() && control_plane::is_quic(addr) {
@@ -181,7 +202,7 @@ pub async fn run(cfg: NodeConfig) -> Result<(), NodeError> {
 
     let caps = capabilities::detect().await;
     let start = Instant::now();
-    let membership = Membership::new(
+    let mut membership = Membership::new(
         me.clone(),
         incarnation,
         caps,
@@ -189,6 +210,12 @@ pub async fn run(cfg: NodeConfig) -> Result<(), NodeError> {
         cfg.membership.clone(),
         0,
     );
+    let transport = match data_plane.transport() {
+        DataTransport::Quic => "quic",
+        DataTransport::Tcp => "tcp",
+    };
+    membership.set_data_addr(Some(format!("{transport}/{}", data_plane.local_addr())));
+    tracing::info!(addr = %data_plane.local_addr(), transport, "data plane listening");
     tracing::info!(peer = %peer_id, incarnation, api = %api_addr, "node starting");
 
     let mut node = EventLoop {
@@ -203,6 +230,8 @@ pub async fn run(cfg: NodeConfig) -> Result<(), NodeError> {
         last_dial: HashMap::new(),
         api_addr,
         bootstrapped: false,
+        data_plane,
+        remote_ips: HashMap::new(),
     };
     for addr in node.cfg.bootstrap.clone() {
         node.dial_bootstrap(&addr)?;
@@ -242,6 +271,9 @@ struct EventLoop {
     last_dial: HashMap<PeerId, u64>,
     api_addr: SocketAddr,
     bootstrapped: bool,
+    data_plane: DataPlane,
+    /// The IP each connected peer is seen from, for data-plane addresses bound to 0.0.0.0.
+    remote_ips: HashMap<PeerId, std::net::IpAddr>,
 }
 
 /// Minimum time between two membership-driven dials of the same peer.
@@ -285,6 +317,9 @@ impl EventLoop {
                             .publish(control_plane::control_topic(), bytes)
                             .map(|_| ()).map_err(|e| e.to_string());
                         let _ = reply.send(r);
+                    }
+                    Some(Command::DataPlane(reply)) => {
+                        let _ = reply.send((self.data_plane.clone(), self.membership.view().clone()));
                     }
                     Some(Command::Shutdown) | None => return,
                 },
@@ -342,7 +377,14 @@ impl EventLoop {
                 Err(e) => tracing::error!("cannot encode heartbeat: {e}"),
             }
         }
+        let mut roster_stale = false;
         while let Some(ev) = self.membership.poll_event() {
+            roster_stale |= matches!(
+                ev,
+                MembershipEvent::ViewChanged(_)
+                    | MembershipEvent::Joined(_)
+                    | MembershipEvent::Restarted(..)
+            );
             match ev {
                 MembershipEvent::ViewChanged(v) => {
                     self.counters.view_changes += 1;
@@ -357,6 +399,46 @@ impl EventLoop {
                 MembershipEvent::Failed(id) => tracing::warn!(peer = %id, "member failed"),
             }
         }
+        if roster_stale {
+            self.update_roster();
+        }
+    }
+
+    /// Gives the data plane the current view and the members' data-plane addresses.
+    fn update_roster(&mut self) {
+        let view = self.membership.view().clone();
+        let mine = match self.data_plane.transport() {
+            DataTransport::Quic => "quic",
+            DataTransport::Tcp => "tcp",
+        };
+        let mut addrs = HashMap::new();
+        addrs.insert(self.membership.me().clone(), self.data_plane.local_addr());
+        for m in self.membership.members() {
+            let Some(text) = &m.data_addr else { continue };
+            let Some((transport, addr)) = text.split_once('/') else {
+                continue;
+            };
+            if transport != mine {
+                tracing::warn!(peer = %m.id, transport, "member runs another data-plane transport");
+                continue;
+            }
+            let Ok(mut addr) = addr.parse::<SocketAddr>() else {
+                continue;
+            };
+            if addr.ip().is_unspecified() {
+                let Some(ip) =
+                    m.id.as_str()
+                        .parse::<PeerId>()
+                        .ok()
+                        .and_then(|p| self.remote_ips.get(&p))
+                else {
+                    continue;
+                };
+                addr.set_ip(*ip);
+            }
+            addrs.insert(m.id.clone(), addr);
+        }
+        self.data_plane.set_roster(Roster { view, addrs });
     }
 
     fn on_swarm_event(&mut self, ev: SwarmEvent<BehaviourEvent>) {
@@ -555,6 +637,11 @@ impl EventLoop {
                 uptime_ms: now,
                 connected_peers: self.swarm.connected_peers().count(),
                 private_network: self.cfg.control.swarm_key.is_some(),
+                data_plane: Some(crate::status::DataPlaneReport {
+                    addr: self.data_plane.local_addr().to_string(),
+                    transport: self.data_plane.transport(),
+                    stats: self.data_plane.stats(),
+                }),
             },
             view: ViewReport {
                 epoch: view.epoch,

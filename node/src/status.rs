@@ -44,6 +44,19 @@ pub struct NodeReport {
     pub connected_peers: usize,
     /// Whether a swarm key is in force.
     pub private_network: bool,
+    /// The data plane.
+    pub data_plane: Option<DataPlaneReport>,
+}
+
+/// The data plane of a node.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DataPlaneReport {
+    /// Where it listens.
+    pub addr: String,
+    /// Its transport.
+    pub transport: crate::data_plane::DataTransport,
+    /// Its counters.
+    pub stats: crate::data_plane::DataPlaneStats,
 }
 
 /// The current view.

@@ -296,10 +296,12 @@ pub fn agreed(nodes: &[&Node], n: usize) -> Option<(u64, String, Vec<String>)> {
 }
 
 /// The host-side flags for a test node: loopback only, mDNS off.
-pub const LOOPBACK: [&str; 5] = [
+pub const LOOPBACK: [&str; 7] = [
     "--listen",
     "/ip4/127.0.0.1/tcp/0",
     "--listen",
     "/ip4/127.0.0.1/udp/0/quic-v1",
     "--no-mdns",
+    "--data-listen",
+    "127.0.0.1:0",
 ];
