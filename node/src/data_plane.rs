@@ -824,80 +824,109 @@ impl DataPlane {
         tokio::try_join!(out, inn)
     }
 
-    /// Sends `send` to the right while receiving `recv_len` elements from the left into
-    /// `scratch`, segment by segment; calls `land` for each received segment.
-    async fn exchange<T: Element>(
+    /// Runs ring `moves` over `buf`: at each move, sends `buf[send]` to the right while the
+    /// left's data for `buf[recv]` arrives, segment by segment. A reader task runs ahead on
+    /// the inbound link (up to [`READ_AHEAD`] segments), so receiving overlaps sending and
+    /// reducing. Returns the inbound link for reuse.
+    async fn run_ring<T: Element>(
         &self,
         out: &mut Link,
-        inn: &mut Link,
-        send: &[T],
-        recv_len: usize,
-        scratch: &mut Vec<T>,
-        mut land: impl FnMut(usize, &[T]),
-    ) -> Result<(), DataPlaneError> {
+        inn: Link,
+        buf: &mut [T],
+        moves: &[Move],
+        avg_after: Option<(usize, usize)>,
+    ) -> Result<Link, DataPlaneError> {
         let seg = (self.inner.cfg.segment_bytes / std::mem::size_of::<T>()).max(1);
-        let sends: Vec<_> = segments(0..send.len(), seg).collect();
-        let recvs: Vec<_> = segments(0..recv_len, seg).collect();
-        for i in 0..sends.len().max(recvs.len()) {
-            let s = sends.get(i).cloned();
-            let r = recvs.get(i).cloned();
-            let sbytes = s.as_ref().map(|s| bytes_of(&send[s.clone()]));
-            let rlen = r.as_ref().map_or(0, |r| r.len());
-            scratch.resize(rlen, T::default());
-            let bound = self.segment_bound(
-                rlen.max(s.as_ref().map_or(0, |s| s.len())) * std::mem::size_of::<T>(),
-            );
-            let started = Instant::now();
-            let write = async {
-                if let Some(b) = sbytes {
-                    out.w
-                        .write_all(b)
-                        .await
-                        .map_err(|source| DataPlaneError::Io {
-                            peer: out.peer.clone(),
-                            source,
-                        })?;
-                    out.w.flush().await.map_err(|source| DataPlaneError::Io {
-                        peer: out.peer.clone(),
-                        source,
-                    })?;
+        let lens: Vec<usize> = moves
+            .iter()
+            .flat_map(|m| segments(m.recv.clone(), seg).map(|r| r.len()))
+            .collect();
+        let Link { peer, r, w } = inn;
+        let (mut filled, free, reader) = spawn_reader::<T>(self.clone(), peer.clone(), r, lens);
+        let run = async {
+            for (i, m) in moves.iter().enumerate() {
+                let sends: Vec<_> = segments(m.send.clone(), seg).collect();
+                let recvs: Vec<_> = segments(m.recv.clone(), seg).collect();
+                for j in 0..sends.len().max(recvs.len()) {
+                    let (send, target) = split_disjoint(buf, m.send.clone(), m.recv.clone());
+                    let sseg = sends
+                        .get(j)
+                        .map(|s| &send[s.start - m.send.start..s.end - m.send.start]);
+                    let write = async {
+                        if let Some(data) = sseg {
+                            self.write_segment(out, bytes_of(data)).await?;
+                        }
+                        Ok::<(), DataPlaneError>(())
+                    };
+                    let read = async {
+                        if j >= recvs.len() {
+                            return Ok(None);
+                        }
+                        match filled.recv().await {
+                            Some(Ok(b)) => Ok(Some(b)),
+                            Some(Err(e)) => Err(e),
+                            None => Err(DataPlaneError::Io {
+                                peer: peer.clone(),
+                                source: std::io::Error::other("inbound reader stopped"),
+                            }),
+                        }
+                    };
+                    let ((), got) = tokio::try_join!(write, read)?;
+                    if let Some(data) = got {
+                        let off = recvs[j].start - m.recv.start;
+                        let dst = &mut target[off..off + data.len()];
+                        if m.reduce {
+                            T::add_into(dst, &data);
+                        } else {
+                            dst.copy_from_slice(&data);
+                        }
+                        let _ = free.try_send(data);
+                    }
                 }
-                Ok::<(), DataPlaneError>(())
-            };
-            let read = async {
-                if rlen > 0 {
-                    inn.r
-                        .read_exact(bytes_of_mut(&mut scratch[..rlen]))
-                        .await
-                        .map_err(|source| DataPlaneError::Io {
-                            peer: inn.peer.clone(),
-                            source,
-                        })?;
-                }
-                Ok::<(), DataPlaneError>(())
-            };
-            match tokio::time::timeout(bound, async { tokio::try_join!(write, read) }).await {
-                Ok(r) => {
-                    r?;
-                }
-                Err(_) => {
-                    return Err(DataPlaneError::Timeout {
-                        peer: inn.peer.clone(),
-                        what: "exchange a segment",
-                        after: bound,
-                    })
+                if let Some((step, n)) = avg_after {
+                    if i == step {
+                        T::div_by(&mut buf[m.recv.clone()], n);
+                    }
                 }
             }
-            if let Some(s) = &s {
-                self.inner.stats.lock().unwrap().bytes_sent +=
-                    (s.len() * std::mem::size_of::<T>()) as u64;
-            }
-            if let Some(r) = r {
-                self.observe(rlen * std::mem::size_of::<T>(), started.elapsed());
-                land(r.start, &scratch[..rlen]);
+            Ok::<(), DataPlaneError>(())
+        };
+        match run.await {
+            Ok(()) => match reader.await {
+                Ok(Some(r)) => Ok(Link { peer, r, w }),
+                _ => Err(DataPlaneError::Io {
+                    peer,
+                    source: std::io::Error::other("inbound reader failed"),
+                }),
+            },
+            Err(e) => {
+                reader.abort();
+                Err(e)
             }
         }
-        Ok(())
+    }
+
+    async fn write_segment(&self, out: &mut Link, data: &[u8]) -> Result<(), DataPlaneError> {
+        let bound = self.segment_bound(data.len());
+        let w = async {
+            out.w.write_all(data).await?;
+            out.w.flush().await
+        };
+        match tokio::time::timeout(bound, w).await {
+            Ok(Ok(())) => {
+                self.inner.stats.lock().unwrap().bytes_sent += data.len() as u64;
+                Ok(())
+            }
+            Ok(Err(source)) => Err(DataPlaneError::Io {
+                peer: out.peer.clone(),
+                source,
+            }),
+            Err(_) => Err(DataPlaneError::Timeout {
+                peer: out.peer.clone(),
+                what: "take a segment",
+                after: bound,
+            }),
+        }
     }
 
     fn finish<R>(&self, r: &Result<R, DataPlaneError>) {
@@ -943,37 +972,20 @@ impl DataPlane {
             n: ring.n as u32,
             rank: ring.rank as u32,
         };
-        let (mut out, mut inn) = self.open_ring(view, ring, header).await?;
+        let (mut out, inn) = self.open_ring(view, ring, header).await?;
         let len = buf.len();
-        let mut scratch = Vec::new();
-        let steps = ring.all_reduce_steps();
-        for (i, step) in steps.iter().enumerate() {
-            let send_range = Ring::chunk(len, ring.n, step.send);
-            let recv_range = Ring::chunk(len, ring.n, step.recv);
-            let reduce = step.reduce;
-            // Send and receive chunks differ for n >= 2, so they can be borrowed apart.
-            let (send, target) = split_disjoint(buf, send_range, recv_range.clone());
-            self.exchange(
-                &mut out,
-                &mut inn,
-                send,
-                recv_range.len(),
-                &mut scratch,
-                |off, data| {
-                    let dst = &mut target[off..off + data.len()];
-                    if reduce {
-                        T::add_into(dst, data);
-                    } else {
-                        dst.copy_from_slice(data);
-                    }
-                },
-            )
-            .await?;
-            // After the last reduce-scatter step this rank owns the full sum of one chunk.
-            if op == ReduceOp::Avg && i == ring.n - 2 {
-                T::div_by(&mut buf[recv_range], ring.n);
-            }
-        }
+        let moves: Vec<Move> = ring
+            .all_reduce_steps()
+            .iter()
+            .map(|st| Move {
+                send: Ring::chunk(len, ring.n, st.send),
+                recv: Ring::chunk(len, ring.n, st.recv),
+                reduce: st.reduce,
+            })
+            .collect();
+        // After the last reduce-scatter step this rank owns the full sum of one chunk.
+        let avg = (op == ReduceOp::Avg).then_some((ring.n - 2, ring.n));
+        let inn = self.run_ring(&mut out, inn, buf, &moves, avg).await?;
         self.recycle_outbound(out);
         self.recycle_inbound(inn);
         Ok(())
@@ -1022,19 +1034,17 @@ impl DataPlane {
             n: ring.n as u32,
             rank: ring.rank as u32,
         };
-        let (mut out, mut inn) = self.open_ring(view, ring, header).await?;
-        let mut scratch = Vec::new();
-        for step in ring.all_gather_steps() {
-            let (send, target) = split_disjoint(
-                output,
-                step.send * b..(step.send + 1) * b,
-                step.recv * b..(step.recv + 1) * b,
-            );
-            self.exchange(&mut out, &mut inn, send, b, &mut scratch, |off, data| {
-                target[off..off + data.len()].copy_from_slice(data);
+        let (mut out, inn) = self.open_ring(view, ring, header).await?;
+        let moves: Vec<Move> = ring
+            .all_gather_steps()
+            .iter()
+            .map(|st| Move {
+                send: st.send * b..(st.send + 1) * b,
+                recv: st.recv * b..(st.recv + 1) * b,
+                reduce: false,
             })
-            .await?;
-        }
+            .collect();
+        let inn = self.run_ring(&mut out, inn, output, &moves, None).await?;
         self.recycle_outbound(out);
         self.recycle_inbound(inn);
         Ok(())
@@ -1141,6 +1151,64 @@ impl DataPlane {
         }
         Ok(())
     }
+}
+
+/// Segments the inbound reader may run ahead of the ring.
+const READ_AHEAD: usize = 4;
+
+/// One ring step over a single buffer.
+struct Move {
+    send: std::ops::Range<usize>,
+    recv: std::ops::Range<usize>,
+    reduce: bool,
+}
+
+type Filled<T> = tokio::sync::mpsc::Receiver<Result<Vec<T>, DataPlaneError>>;
+
+/// Reads the segments of `lens` from `r` into pooled buffers, ahead of their use. Returns
+/// the filled-buffer channel, the free-buffer channel and the task (which yields `r` back).
+fn spawn_reader<T: Element>(
+    dp: DataPlane,
+    peer: NodeId,
+    mut r: BoxRead,
+    lens: Vec<usize>,
+) -> (
+    Filled<T>,
+    tokio::sync::mpsc::Sender<Vec<T>>,
+    tokio::task::JoinHandle<Option<BoxRead>>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(READ_AHEAD);
+    let (free_tx, mut free_rx) = tokio::sync::mpsc::channel::<Vec<T>>(READ_AHEAD + 2);
+    let handle = tokio::spawn(async move {
+        for len in lens {
+            let mut b = free_rx.try_recv().unwrap_or_default();
+            b.resize(len, T::default());
+            let bytes = len * std::mem::size_of::<T>();
+            let bound = dp.segment_bound(bytes);
+            let started = Instant::now();
+            let res = match tokio::time::timeout(bound, r.read_exact(bytes_of_mut(&mut b))).await {
+                Ok(Ok(_)) => {
+                    dp.observe(bytes, started.elapsed());
+                    Ok(b)
+                }
+                Ok(Err(source)) => Err(DataPlaneError::Io {
+                    peer: peer.clone(),
+                    source,
+                }),
+                Err(_) => Err(DataPlaneError::Timeout {
+                    peer: peer.clone(),
+                    what: "send a segment",
+                    after: bound,
+                }),
+            };
+            let failed = res.is_err();
+            if tx.send(res).await.is_err() || failed {
+                return None;
+            }
+        }
+        Some(r)
+    });
+    (rx, free_tx, handle)
 }
 
 /// Borrows `a` immutably and `b` mutably from `buf`; the ranges must not overlap.
