@@ -837,14 +837,33 @@ impl DataPlane {
         avg_after: Option<(usize, usize)>,
     ) -> Result<Link, DataPlaneError> {
         let seg = (self.inner.cfg.segment_bytes / std::mem::size_of::<T>()).max(1);
+        // Reducing moves read ahead into pooled buffers (the data must be added anyway);
+        // copying moves read straight into place once the reader has handed the link back.
         let lens: Vec<usize> = moves
             .iter()
+            .filter(|m| m.reduce)
             .flat_map(|m| segments(m.recv.clone(), seg).map(|r| r.len()))
             .collect();
         let Link { peer, r, w } = inn;
         let (mut filled, free, reader) = spawn_reader::<T>(self.clone(), peer.clone(), r, lens);
+        let mut reader = Some(reader);
+        let mut direct: Option<BoxRead> = None;
+        let reader_failed = |peer: &NodeId| DataPlaneError::Io {
+            peer: peer.clone(),
+            source: std::io::Error::other("inbound reader stopped"),
+        };
         let run = async {
             for (i, m) in moves.iter().enumerate() {
+                if !m.reduce && direct.is_none() {
+                    let handle = reader.take().expect("reader present until first copy move");
+                    direct = Some(
+                        handle
+                            .await
+                            .ok()
+                            .flatten()
+                            .ok_or_else(|| reader_failed(&peer))?,
+                    );
+                }
                 let sends: Vec<_> = segments(m.send.clone(), seg).collect();
                 let recvs: Vec<_> = segments(m.recv.clone(), seg).collect();
                 for j in 0..sends.len().max(recvs.len()) {
@@ -858,29 +877,55 @@ impl DataPlane {
                         }
                         Ok::<(), DataPlaneError>(())
                     };
-                    let read = async {
-                        if j >= recvs.len() {
-                            return Ok(None);
+                    let rseg = recvs
+                        .get(j)
+                        .map(|r| r.start - m.recv.start..r.end - m.recv.start);
+                    if m.reduce {
+                        let read = async {
+                            if rseg.is_none() {
+                                return Ok(None);
+                            }
+                            match filled.recv().await {
+                                Some(Ok(b)) => Ok(Some(b)),
+                                Some(Err(e)) => Err(e),
+                                None => Err(reader_failed(&peer)),
+                            }
+                        };
+                        let ((), got) = tokio::try_join!(write, read)?;
+                        if let (Some(data), Some(r)) = (got, rseg) {
+                            T::add_into(&mut target[r.start..r.start + data.len()], &data);
+                            let _ = free.try_send(data);
                         }
-                        match filled.recv().await {
-                            Some(Ok(b)) => Ok(Some(b)),
-                            Some(Err(e)) => Err(e),
-                            None => Err(DataPlaneError::Io {
-                                peer: peer.clone(),
-                                source: std::io::Error::other("inbound reader stopped"),
-                            }),
-                        }
-                    };
-                    let ((), got) = tokio::try_join!(write, read)?;
-                    if let Some(data) = got {
-                        let off = recvs[j].start - m.recv.start;
-                        let dst = &mut target[off..off + data.len()];
-                        if m.reduce {
-                            T::add_into(dst, &data);
-                        } else {
-                            dst.copy_from_slice(&data);
-                        }
-                        let _ = free.try_send(data);
+                    } else {
+                        let rd = direct.as_mut().expect("direct link");
+                        let read = async {
+                            if let Some(r) = rseg {
+                                let dst = &mut target[r];
+                                let bytes = std::mem::size_of_val(dst);
+                                let bound = self.segment_bound(bytes);
+                                let started = Instant::now();
+                                match tokio::time::timeout(bound, rd.read_exact(bytes_of_mut(dst)))
+                                    .await
+                                {
+                                    Ok(Ok(_)) => self.observe(bytes, started.elapsed()),
+                                    Ok(Err(source)) => {
+                                        return Err(DataPlaneError::Io {
+                                            peer: peer.clone(),
+                                            source,
+                                        })
+                                    }
+                                    Err(_) => {
+                                        return Err(DataPlaneError::Timeout {
+                                            peer: peer.clone(),
+                                            what: "send a segment",
+                                            after: bound,
+                                        })
+                                    }
+                                }
+                            }
+                            Ok::<(), DataPlaneError>(())
+                        };
+                        tokio::try_join!(write, read)?;
                     }
                 }
                 if let Some((step, n)) = avg_after {
@@ -891,19 +936,17 @@ impl DataPlane {
             }
             Ok::<(), DataPlaneError>(())
         };
-        match run.await {
-            Ok(()) => match reader.await {
-                Ok(Some(r)) => Ok(Link { peer, r, w }),
-                _ => Err(DataPlaneError::Io {
-                    peer,
-                    source: std::io::Error::other("inbound reader failed"),
-                }),
-            },
-            Err(e) => {
-                reader.abort();
-                Err(e)
+        let result = run.await;
+        if let Some(handle) = reader.take() {
+            if result.is_err() {
+                handle.abort();
+            } else {
+                direct = handle.await.ok().flatten();
             }
         }
+        result?;
+        let r = direct.ok_or_else(|| reader_failed(&peer))?;
+        Ok(Link { peer, r, w })
     }
 
     async fn write_segment(&self, out: &mut Link, data: &[u8]) -> Result<(), DataPlaneError> {
