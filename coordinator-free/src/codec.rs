@@ -17,7 +17,18 @@ pub const MAX_CONTROL_MESSAGE: usize = 64 * 1024;
 pub enum ControlMessage {
     /// A member's periodic liveness and capability announcement.
     Heartbeat(Heartbeat),
+    /// The NCCL unique id of a view, minted by its smallest member id
+    /// ([`crate::collective::nccl_root`]); receivers accept it only from that member.
+    NcclId {
+        /// The view the communicator is for.
+        view_hash: crate::view::ViewHash,
+        /// `ncclUniqueId` bytes ([`NCCL_ID_LEN`]).
+        id: Vec<u8>,
+    },
 }
+
+/// Length of an `ncclUniqueId`.
+pub const NCCL_ID_LEN: usize = 128;
 
 /// Why bytes could not be decoded.
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +104,14 @@ impl ControlMessage {
         let msg: ControlMessage = decode_limited::<_, MAX_CONTROL_MESSAGE>(bytes)?;
         match &msg {
             ControlMessage::Heartbeat(hb) => hb.validate().map_err(CodecError::Invalid)?,
+            ControlMessage::NcclId { id, .. } => {
+                if id.len() != NCCL_ID_LEN {
+                    return Err(CodecError::Invalid(format!(
+                        "NCCL id of {} bytes, expected {NCCL_ID_LEN}",
+                        id.len()
+                    )));
+                }
+            }
         }
         Ok(msg)
     }
@@ -171,6 +190,20 @@ mod tests {
                 .collect();
             let _ = ControlMessage::decode(&buf);
         }
+    }
+
+    #[test]
+    fn nccl_id_length_is_checked() {
+        let ok = ControlMessage::NcclId {
+            view_hash: ViewHash([1; 32]),
+            id: vec![7; NCCL_ID_LEN],
+        };
+        assert_eq!(ControlMessage::decode(&ok.encode().unwrap()).unwrap(), ok);
+        let bad = ControlMessage::NcclId {
+            view_hash: ViewHash([1; 32]),
+            id: vec![7; NCCL_ID_LEN + 1],
+        };
+        assert!(ControlMessage::decode(&bad.encode().unwrap()).is_err());
     }
 
     #[test]

@@ -230,6 +230,12 @@ impl Ring {
     }
 }
 
+/// Who mints a view's NCCL unique id: the smallest id of the view (no coordinator: every
+/// member computes the same answer from the same view).
+pub fn nccl_root(view: &View) -> Option<&NodeId> {
+    view.members.first().map(|m| &m.id)
+}
+
 /// Splits `range` into consecutive segments of at most `max` elements (pipelining unit).
 pub fn segments(range: Range<usize>, max: usize) -> impl Iterator<Item = Range<usize>> {
     let max = max.max(1);

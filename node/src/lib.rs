@@ -7,6 +7,7 @@
 //! - [`node`]: the one event loop per node and its cloneable command handle.
 //! - [`api`]: the local HTTP JSON control API on 127.0.0.1.
 //! - [`status`]: the status report, its table form, and a tiny client for the local API.
+//! - `nccl` (feature `nccl`): NCCL collectives on CUDA tensors.
 //! - [`local`]: local clusters of `shoal up` processes (`shoal local`, `shoal bench`).
 
 pub mod api;
@@ -15,5 +16,7 @@ pub mod control_plane;
 pub mod data_plane;
 pub mod identity;
 pub mod local;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod node;
 pub mod status;

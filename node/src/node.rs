@@ -99,6 +99,10 @@ pub enum Command {
     PublishRaw(Vec<u8>, oneshot::Sender<Result<(), String>>),
     /// The data plane and the view it is bound to.
     DataPlane(oneshot::Sender<(DataPlane, coordinator_free::View)>),
+    /// Publish an NCCL unique id for the current view (only its root may).
+    PublishNcclId(Vec<u8>, oneshot::Sender<Result<(), String>>),
+    /// The NCCL unique id received for a view, if any.
+    NcclId(coordinator_free::ViewHash, oneshot::Sender<Option<Vec<u8>>>),
     /// Stop the node.
     Shutdown,
 }
@@ -138,6 +142,39 @@ impl NodeHandle {
             .await
             .map_err(|_| NodeError::Stopped)?;
         rx.await.map_err(|_| NodeError::Stopped)
+    }
+
+    /// Publishes the NCCL unique id of the current view (this node must be its root).
+    pub async fn publish_nccl_id(&self, id: Vec<u8>) -> Result<Result<(), String>, NodeError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Command::PublishNcclId(id, tx))
+            .await
+            .map_err(|_| NodeError::Stopped)?;
+        rx.await.map_err(|_| NodeError::Stopped)
+    }
+
+    /// Waits, at most `bound`, for the NCCL unique id of `view` to arrive from its root.
+    pub async fn nccl_id(
+        &self,
+        view: coordinator_free::ViewHash,
+        bound: Duration,
+    ) -> Result<Option<Vec<u8>>, NodeError> {
+        let end = Instant::now() + bound;
+        loop {
+            let (tx, rx) = oneshot::channel();
+            self.tx
+                .send(Command::NcclId(view, tx))
+                .await
+                .map_err(|_| NodeError::Stopped)?;
+            if let Some(id) = rx.await.map_err(|_| NodeError::Stopped)? {
+                return Ok(Some(id));
+            }
+            if Instant::now() >= end {
+                return Ok(None);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Asks the node to stop.
@@ -231,6 +268,7 @@ pub async fn run(cfg: NodeConfig) -> Result<(), NodeError> {
         api_addr,
         bootstrapped: false,
         data_plane,
+        nccl_ids: std::collections::BTreeMap::new(),
         remote_ips: HashMap::new(),
     };
     for addr in node.cfg.bootstrap.clone() {
@@ -272,6 +310,8 @@ struct EventLoop {
     api_addr: SocketAddr,
     bootstrapped: bool,
     data_plane: DataPlane,
+    /// NCCL unique ids received for recent views.
+    nccl_ids: std::collections::BTreeMap<coordinator_free::ViewHash, Vec<u8>>,
     /// The IP each connected peer is seen from, for data-plane addresses bound to 0.0.0.0.
     remote_ips: HashMap<PeerId, std::net::IpAddr>,
 }
@@ -320,6 +360,12 @@ impl EventLoop {
                     }
                     Some(Command::DataPlane(reply)) => {
                         let _ = reply.send((self.data_plane.clone(), self.membership.view().clone()));
+                    }
+                    Some(Command::PublishNcclId(id, reply)) => {
+                        let _ = reply.send(self.publish_nccl_id(id));
+                    }
+                    Some(Command::NcclId(hash, reply)) => {
+                        let _ = reply.send(self.nccl_ids.get(&hash).cloned());
                     }
                     Some(Command::Shutdown) | None => return,
                 },
@@ -402,6 +448,25 @@ impl EventLoop {
         if roster_stale {
             self.update_roster();
         }
+    }
+
+    fn publish_nccl_id(&mut self, id: Vec<u8>) -> Result<(), String> {
+        let view = self.membership.view().clone();
+        if coordinator_free::collective::nccl_root(&view) != Some(self.membership.me()) {
+            return Err("only the view's smallest member id mints its NCCL id".into());
+        }
+        let msg = ControlMessage::NcclId {
+            view_hash: view.hash,
+            id: id.clone(),
+        };
+        let bytes = msg.encode().map_err(|e| e.to_string())?;
+        self.nccl_ids.insert(view.hash, id);
+        self.swarm
+            .behaviour_mut()
+            .gossipsub
+            .publish(control_plane::control_topic(), bytes)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     }
 
     /// Gives the data plane the current view and the members' data-plane addresses.
@@ -547,6 +612,30 @@ impl EventLoop {
                 self.counters.gossip_rejected += 1;
                 tracing::warn!(from = %propagation_source, author = ?message.source, "rejected gossip message: {e}");
                 MessageAcceptance::Reject
+            }
+            Ok(ControlMessage::NcclId { view_hash, id }) => {
+                let view = self.membership.view();
+                let root =
+                    coordinator_free::collective::nccl_root(view).map(|r| r.as_str().to_string());
+                let author = message.source.map(|p| p.to_base58());
+                if view_hash != view.hash {
+                    self.counters.gossip_ignored += 1;
+                    MessageAcceptance::Ignore
+                } else if author.is_none() || author != root {
+                    self.counters.gossip_rejected += 1;
+                    tracing::warn!(from = %propagation_source, author = ?message.source, "rejected NCCL id not minted by the view's root");
+                    MessageAcceptance::Reject
+                } else {
+                    self.counters.gossip_accepted += 1;
+                    self.nccl_ids.insert(view_hash, id);
+                    while self.nccl_ids.len() > 4 {
+                        let Some(k) = self.nccl_ids.keys().next().copied() else {
+                            break;
+                        };
+                        self.nccl_ids.remove(&k);
+                    }
+                    MessageAcceptance::Accept
+                }
             }
             Ok(ControlMessage::Heartbeat(hb)) => {
                 // Strict signing guarantees `source` is the signed author; the heartbeat
