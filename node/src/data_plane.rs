@@ -271,6 +271,8 @@ struct Inner {
     tcp_pool: Mutex<HashMap<NodeId, Vec<Link>>>,
     quic: Option<quinn::Endpoint>,
     quic_conns: tokio::sync::Mutex<HashMap<NodeId, quinn::Connection>>,
+    /// Inbound QUIC connections by peer, so they can be closed when the peer leaves.
+    quic_inbound: Mutex<HashMap<NodeId, quinn::Connection>>,
     stats: Mutex<DataPlaneStats>,
 }
 
@@ -322,6 +324,7 @@ impl DataPlane {
                 tcp_pool: Mutex::new(HashMap::new()),
                 quic,
                 quic_conns: tokio::sync::Mutex::new(HashMap::new()),
+                quic_inbound: Mutex::new(HashMap::new()),
                 stats: Mutex::new(DataPlaneStats::default()),
             }),
         };
@@ -366,8 +369,41 @@ impl DataPlane {
             .lock()
             .unwrap()
             .retain(|peer, _| members.contains(peer));
-        let mut inbox = self.inner.inbox.lock().unwrap();
-        inbox.arrived.retain(|(peer, _), _| members.contains(peer));
+        self.inner
+            .inbox
+            .lock()
+            .unwrap()
+            .arrived
+            .retain(|(peer, _), _| members.contains(peer));
+        // Close QUIC connections to members that left: collectives still waiting on them
+        // fail at once instead of at their timeout (TCP links of a dead process are reset
+        // by its kernel already).
+        if let Ok(mut conns) = self.inner.quic_conns.try_lock() {
+            conns.retain(|peer, conn| {
+                let keep = members.contains(peer);
+                if !keep {
+                    conn.close(3u32.into(), b"left the view");
+                }
+                keep
+            });
+        }
+        let left: Vec<NodeId> = {
+            let mut inbound = self.inner.quic_inbound.lock().unwrap();
+            let gone: Vec<NodeId> = inbound
+                .keys()
+                .filter(|p| !members.contains(p))
+                .cloned()
+                .collect();
+            for p in &gone {
+                if let Some(c) = inbound.remove(p) {
+                    c.close(3u32.into(), b"left the view");
+                }
+            }
+            gone
+        };
+        if !left.is_empty() {
+            tracing::debug!(?left, "closed data-plane connections of departed members");
+        }
     }
 
     fn roster(&self) -> Option<Arc<Roster>> {
@@ -391,16 +427,15 @@ impl DataPlane {
         floor.max(expected * self.inner.cfg.timeout_multiplier)
     }
 
+    /// Records a segment that took `took`. The rate estimate is a decaying maximum: a
+    /// segment that waited for a slow or stalled peer must not loosen the bound the next
+    /// one is held to, so the estimate tracks what the link has shown it can do.
     fn observe(&self, bytes: usize, took: Duration) {
         let secs = took.as_secs_f64().max(1e-6);
         let rate = bytes as f64 / secs;
         let mut s = self.inner.stats.lock().unwrap();
         s.bytes_received += bytes as u64;
-        s.observed_rate = if s.observed_rate == 0.0 {
-            rate
-        } else {
-            0.8 * s.observed_rate + 0.2 * rate
-        };
+        s.observed_rate = rate.max(0.9 * s.observed_rate);
     }
 
     // ---------------------------------------------------------------- inbound
@@ -465,6 +500,11 @@ impl DataPlane {
                 let Ok(id) = NodeId::new(peer.to_base58()) else {
                     return;
                 };
+                d.inner
+                    .quic_inbound
+                    .lock()
+                    .unwrap()
+                    .insert(id.clone(), conn.clone());
                 while let Ok((w, r)) = conn.accept_bi().await {
                     let link = Link {
                         peer: id.clone(),
@@ -762,8 +802,22 @@ impl DataPlane {
                 peer: right.clone(),
                 source,
             };
-            link.w.write_all(&header.encode()).await.map_err(io)?;
-            link.w.flush().await.map_err(io)?;
+            // A dead peer's flow-control window can be full: bound the header write too.
+            let floor = self.inner.cfg.timeout_floor;
+            let send_header = async {
+                link.w.write_all(&header.encode()).await?;
+                link.w.flush().await
+            };
+            match tokio::time::timeout(floor, send_header).await {
+                Ok(r) => r.map_err(io)?,
+                Err(_) => {
+                    return Err(DataPlaneError::Timeout {
+                        peer: right.clone(),
+                        what: "take the collective's header",
+                        after: floor,
+                    })
+                }
+            }
             let bound = self.inner.cfg.start_timeout;
             let mut ack = [0u8; 1];
             match tokio::time::timeout(bound, link.r.read_exact(&mut ack)).await {
@@ -817,9 +871,23 @@ impl DataPlane {
                 Err(DataPlaneError::ViewMismatch { .. }) => ACK_VIEW_MISMATCH,
                 Err(_) => ACK_OP_MISMATCH,
             };
-            let _ = link.w.write_all(&[code]).await;
-            let _ = link.w.flush().await;
-            verdict.map(|()| link)
+            let ack = async {
+                link.w.write_all(&[code]).await?;
+                link.w.flush().await
+            };
+            let floor = self.inner.cfg.timeout_floor;
+            match tokio::time::timeout(floor, ack).await {
+                Ok(Ok(())) => verdict.map(|()| link),
+                Ok(Err(source)) => verdict.and(Err(DataPlaneError::Io {
+                    peer: left.clone(),
+                    source,
+                })),
+                Err(_) => verdict.and(Err(DataPlaneError::Timeout {
+                    peer: left.clone(),
+                    what: "take our acknowledgement",
+                    after: floor,
+                })),
+            }
         };
         tokio::try_join!(out, inn)
     }
@@ -974,10 +1042,12 @@ impl DataPlane {
 
     fn finish<R>(&self, r: &Result<R, DataPlaneError>) {
         let mut s = self.inner.stats.lock().unwrap();
-        if r.is_ok() {
-            s.collectives_ok += 1;
-        } else {
-            s.collectives_failed += 1;
+        match r {
+            Ok(_) => s.collectives_ok += 1,
+            Err(e) => {
+                s.collectives_failed += 1;
+                tracing::warn!("collective failed: {e}");
+            }
         }
     }
 

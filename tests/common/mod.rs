@@ -238,9 +238,20 @@ fn libc_prctl_pdeathsig() {
 
 /// A minimal blocking HTTP/1.1 request to a local API; returns the body of a 2xx.
 pub fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> Result<Vec<u8>, String> {
+    http_timeout(addr, method, path, body, Duration::from_secs(5))
+}
+
+/// [`http`] with a read timeout of `timeout`.
+pub fn http_timeout(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &[u8],
+    timeout: Duration,
+) -> Result<Vec<u8>, String> {
     let mut s =
         TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.set_read_timeout(Some(timeout)).unwrap();
     let head = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
         body.len()
