@@ -100,6 +100,9 @@ struct UpArgs {
     /// QUIC initial MTU in bytes. Default: 1200 (safe on any path).
     #[arg(long, env = "SHOAL_QUIC_INITIAL_MTU", default_value_t = 1200)]
     quic_initial_mtu: u16,
+    /// Data-plane TCP socket buffers in bytes (0: kernel autotuning). Default: 0.
+    #[arg(long, env = "SHOAL_TCP_BUFFER", default_value_t = 0)]
+    tcp_buffer: u32,
     /// Data-plane pipelining segment in bytes. Default: 1048576.
     #[arg(long, env = "SHOAL_SEGMENT_BYTES", default_value_t = 1 << 20)]
     segment_bytes: usize,
@@ -183,6 +186,9 @@ enum BenchCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Loopback TCP ceiling: one stream, 1 MiB writes, 2 GiB, sender and receiver threads.
+    /// Prints {"tcp_ceiling_gbps": ...}.
+    TcpCeiling,
 }
 
 /// An error with the exit code it maps to.
@@ -271,6 +277,9 @@ async fn dispatch(cmd: Cmd) -> Result<(), Failure> {
                     json,
                 },
         } => bench_allreduce(nodes, &size, iters, warmup, data_plane, json).await,
+        Cmd::Bench {
+            what: BenchCmd::TcpCeiling,
+        } => tcp_ceiling(),
     }
 }
 
@@ -331,6 +340,7 @@ async fn up(a: UpArgs) -> Result<(), Failure> {
             transport: a.data_plane,
             quic_initial_mtu: a.quic_initial_mtu,
             segment_bytes: a.segment_bytes.max(4096),
+            tcp_buffer: a.tcp_buffer,
             ..Default::default()
         },
     };
@@ -658,5 +668,39 @@ async fn bench_membership(n: usize, json: bool, timeout_s: u64) -> Result<(), Fa
     if !json {
         eprintln!("{n} nodes: processes up in {up_ms} ms, one view {converge_ms} ms later; a SIGKILLed node left every view after {detect_ms} ms");
     }
+    Ok(())
+}
+
+fn tcp_ceiling() -> Result<(), Failure> {
+    use std::io::{Read, Write};
+    const TOTAL: usize = 2 << 30;
+    const CHUNK: usize = 1 << 20;
+    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(anyhow::Error::from)?;
+    let addr = l.local_addr().map_err(anyhow::Error::from)?;
+    let sender = std::thread::spawn(move || -> std::io::Result<()> {
+        let mut s = std::net::TcpStream::connect(addr)?;
+        s.set_nodelay(true)?;
+        let buf = vec![0u8; CHUNK];
+        for _ in 0..TOTAL / CHUNK {
+            s.write_all(&buf)?;
+        }
+        Ok(())
+    });
+    let (mut conn, _) = l.accept().map_err(anyhow::Error::from)?;
+    let mut buf = vec![0u8; CHUNK];
+    let mut got = 0usize;
+    let t = Instant::now();
+    while got < TOTAL {
+        match conn.read(&mut buf).map_err(anyhow::Error::from)? {
+            0 => break,
+            k => got += k,
+        }
+    }
+    let secs = t.elapsed().as_secs_f64();
+    sender
+        .join()
+        .map_err(|_| anyhow!("sender thread panicked"))?
+        .map_err(anyhow::Error::from)?;
+    println!("{}", serde_json::json!({"tcp_ceiling_gbps": got as f64 / secs / 1e9}));
     Ok(())
 }
