@@ -14,23 +14,27 @@ fn assert_one_line_error(out: &std::process::Output, code: i32, needle: &str) {
     assert!(lines[0].contains(needle), "{err} lacks {needle}");
 }
 
+/// `shoal up` in a fresh data dir, loopback only, mDNS off; `extra` may override
+/// `--api`, `--listen` and `--data-listen`.
+fn up(d: &TempDir, extra: &[&str]) -> std::process::Output {
+    let mut args = vec!["up", "--data-dir", d.0.to_str().unwrap(), "--no-mdns"];
+    for (flag, default) in [
+        ("--api", "127.0.0.1:0"),
+        ("--listen", "/ip4/127.0.0.1/tcp/0"),
+        ("--data-listen", "127.0.0.1:0"),
+    ] {
+        if !extra.contains(&flag) {
+            args.extend([flag, default]);
+        }
+    }
+    args.extend_from_slice(extra);
+    run_shoal(&args)
+}
+
 #[test]
 fn bad_multiaddr() {
     let d = TempDir::new("badaddr");
-    let out = run_shoal(&[
-        "up",
-        "--data-dir",
-        d.0.to_str().unwrap(),
-        "--no-mdns",
-        "--api",
-        "127.0.0.1:0",
-        "--listen",
-        "/ip4/127.0.0.1/tcp/0",
-        "--data-listen",
-        "127.0.0.1:0",
-        "--bootstrap",
-        "not-a-multiaddr",
-    ]);
+    let out = up(&d, &["--bootstrap", "not-a-multiaddr"]);
     assert_one_line_error(&out, 2, "invalid --bootstrap address 'not-a-multiaddr'");
 }
 
@@ -38,56 +42,18 @@ fn bad_multiaddr() {
 fn malformed_key_file() {
     let d = TempDir::new("badkey");
     std::fs::write(d.0.join("identity.key"), b"this is not a key").unwrap();
-    let out = run_shoal(&[
-        "up",
-        "--data-dir",
-        d.0.to_str().unwrap(),
-        "--no-mdns",
-        "--api",
-        "127.0.0.1:0",
-        "--listen",
-        "/ip4/127.0.0.1/tcp/0",
-        "--data-listen",
-        "127.0.0.1:0",
-    ]);
-    assert_one_line_error(&out, 2, "is malformed");
+    assert_one_line_error(&up(&d, &[]), 2, "is malformed");
 }
 
 #[test]
 fn unreadable_or_malformed_swarm_key() {
     let d = TempDir::new("badpsk");
     let missing = d.0.join("missing.key");
-    let out = run_shoal(&[
-        "up",
-        "--data-dir",
-        d.0.to_str().unwrap(),
-        "--no-mdns",
-        "--api",
-        "127.0.0.1:0",
-        "--listen",
-        "/ip4/127.0.0.1/tcp/0",
-        "--data-listen",
-        "127.0.0.1:0",
-        "--swarm-key",
-        missing.to_str().unwrap(),
-    ]);
+    let out = up(&d, &["--swarm-key", missing.to_str().unwrap()]);
     assert_one_line_error(&out, 2, "missing.key");
     let bad = d.0.join("bad.key");
     std::fs::write(&bad, "/key/swarm/psk/1.0.0/\n/base16/\nnothex").unwrap();
-    let out = run_shoal(&[
-        "up",
-        "--data-dir",
-        d.0.to_str().unwrap(),
-        "--no-mdns",
-        "--api",
-        "127.0.0.1:0",
-        "--listen",
-        "/ip4/127.0.0.1/tcp/0",
-        "--data-listen",
-        "127.0.0.1:0",
-        "--swarm-key",
-        bad.to_str().unwrap(),
-    ]);
+    let out = up(&d, &["--swarm-key", bad.to_str().unwrap()]);
     assert_one_line_error(&out, 2, "swarm key");
 }
 
@@ -97,33 +63,9 @@ fn port_already_in_use() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
     let listen = format!("/ip4/127.0.0.1/tcp/{port}");
-    let out = run_shoal(&[
-        "up",
-        "--data-dir",
-        d.0.to_str().unwrap(),
-        "--no-mdns",
-        "--api",
-        "127.0.0.1:0",
-        "--listen",
-        &listen,
-        "--data-listen",
-        "127.0.0.1:0",
-    ]);
-    assert_one_line_error(&out, 1, "cannot listen on");
+    assert_one_line_error(&up(&d, &["--listen", &listen]), 1, "cannot listen on");
     let api = format!("127.0.0.1:{port}");
-    let out = run_shoal(&[
-        "up",
-        "--data-dir",
-        d.0.to_str().unwrap(),
-        "--no-mdns",
-        "--api",
-        &api,
-        "--listen",
-        "/ip4/127.0.0.1/tcp/0",
-        "--data-listen",
-        "127.0.0.1:0",
-    ]);
-    assert_one_line_error(&out, 1, "cannot bind the local API");
+    assert_one_line_error(&up(&d, &["--api", &api]), 1, "cannot bind the local API");
 }
 
 #[test]

@@ -613,12 +613,13 @@ impl DataPlane {
         let fut = async {
             match self.inner.cfg.transport {
                 DataTransport::Tcp => {
-                    let sock = tcp_connect(addr, self.inner.cfg.tcp_buffer)
-                        .await
-                        .map_err(|source| DataPlaneError::Io {
-                            peer: peer.clone(),
-                            source,
-                        })?;
+                    let sock =
+                        tcp_connect(addr, self.inner.cfg.tcp_buffer)
+                            .await
+                            .map_err(|source| DataPlaneError::Io {
+                                peer: peer.clone(),
+                                source,
+                            })?;
                     let _ = sock.set_nodelay(true);
                     self.tcp_handshake_dial(sock, peer, expected).await
                 }
@@ -1043,15 +1044,21 @@ impl DataPlane {
         }
     }
 
-    fn finish<R>(&self, r: &Result<R, DataPlaneError>) {
+    /// Runs a collective, counting and logging its outcome.
+    async fn counted<R>(
+        &self,
+        op: impl std::future::Future<Output = Result<R, DataPlaneError>>,
+    ) -> Result<R, DataPlaneError> {
+        let r = op.await;
         let mut s = self.inner.stats.lock().unwrap();
-        match r {
+        match &r {
             Ok(_) => s.collectives_ok += 1,
             Err(e) => {
                 s.collectives_failed += 1;
                 tracing::warn!("collective failed: {e}");
             }
         }
+        r
     }
 
     /// Ring all-reduce of `buf` across `view`, in place. On error the contents of `buf` are
@@ -1063,9 +1070,8 @@ impl DataPlane {
         buf: &mut [T],
         op: ReduceOp,
     ) -> Result<(), DataPlaneError> {
-        let r = self.all_reduce_inner(view, tag, buf, op).await;
-        self.finish(&r);
-        r
+        self.counted(self.all_reduce_inner(view, tag, buf, op))
+            .await
     }
 
     async fn all_reduce_inner<T: Element>(
@@ -1079,15 +1085,7 @@ impl DataPlane {
         if ring.n == 1 {
             return Ok(());
         }
-        let header = OpHeader {
-            view_hash: view.hash,
-            tag,
-            kind: Kind::AllReduce(op),
-            dtype: T::DTYPE,
-            len: buf.len() as u64,
-            n: ring.n as u32,
-            rank: ring.rank as u32,
-        };
+        let header = op_header::<T>(view, ring, tag, Kind::AllReduce(op), buf.len() as u64);
         let (mut out, inn) = self.open_ring(view, ring, header).await?;
         let len = buf.len();
         let moves: Vec<Move> = ring
@@ -1116,9 +1114,8 @@ impl DataPlane {
         input: &[T],
         output: &mut [T],
     ) -> Result<(), DataPlaneError> {
-        let r = self.all_gather_inner(view, tag, input, output).await;
-        self.finish(&r);
-        r
+        self.counted(self.all_gather_inner(view, tag, input, output))
+            .await
     }
 
     async fn all_gather_inner<T: Element>(
@@ -1141,15 +1138,7 @@ impl DataPlane {
         if ring.n == 1 {
             return Ok(());
         }
-        let header = OpHeader {
-            view_hash: view.hash,
-            tag,
-            kind: Kind::AllGather,
-            dtype: T::DTYPE,
-            len: b as u64,
-            n: ring.n as u32,
-            rank: ring.rank as u32,
-        };
+        let header = op_header::<T>(view, ring, tag, Kind::AllGather, b as u64);
         let (mut out, inn) = self.open_ring(view, ring, header).await?;
         let moves: Vec<Move> = ring
             .all_gather_steps()
@@ -1174,9 +1163,8 @@ impl DataPlane {
         buf: &mut [T],
         root: u32,
     ) -> Result<(), DataPlaneError> {
-        let r = self.broadcast_inner(view, tag, buf, root).await;
-        self.finish(&r);
-        r
+        self.counted(self.broadcast_inner(view, tag, buf, root))
+            .await
     }
 
     async fn broadcast_inner<T: Element>(
@@ -1191,15 +1179,7 @@ impl DataPlane {
         if ring.n == 1 {
             return Ok(());
         }
-        let header = OpHeader {
-            view_hash: view.hash,
-            tag,
-            kind: Kind::Broadcast { root },
-            dtype: T::DTYPE,
-            len: buf.len() as u64,
-            n: ring.n as u32,
-            rank: ring.rank as u32,
-        };
+        let header = op_header::<T>(view, ring, tag, Kind::Broadcast { root }, buf.len() as u64);
         // The chain uses the ring's links; the last member's link back to the root carries
         // only the header, which keeps the protocol uniform.
         let (mut out, mut inn) = self.open_ring(view, ring, header).await?;
@@ -1266,6 +1246,19 @@ impl DataPlane {
             });
         }
         Ok(())
+    }
+}
+
+/// The header this rank sends to open a collective on `view`.
+fn op_header<T: Element>(view: &View, ring: Ring, tag: u64, kind: Kind, len: u64) -> OpHeader {
+    OpHeader {
+        view_hash: view.hash,
+        tag,
+        kind,
+        dtype: T::DTYPE,
+        len,
+        n: ring.n as u32,
+        rank: ring.rank as u32,
     }
 }
 

@@ -701,6 +701,9 @@ fn tcp_ceiling() -> Result<(), Failure> {
         .join()
         .map_err(|_| anyhow!("sender thread panicked"))?
         .map_err(anyhow::Error::from)?;
-    println!("{}", serde_json::json!({"tcp_ceiling_gbps": got as f64 / secs / 1e9}));
+    println!(
+        "{}",
+        serde_json::json!({"tcp_ceiling_gbps": got as f64 / secs / 1e9})
+    );
     Ok(())
 }

@@ -114,44 +114,37 @@ pub struct NodeHandle {
 }
 
 impl NodeHandle {
-    /// The node's status.
-    pub async fn status(&self) -> Result<StatusReport, NodeError> {
+    /// Sends a command built around a reply channel and waits for the reply.
+    async fn ask<T>(
+        &self,
+        command: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, NodeError> {
         let (tx, rx) = oneshot::channel();
         self.tx
-            .send(Command::Status(tx))
+            .send(command(tx))
             .await
             .map_err(|_| NodeError::Stopped)?;
         rx.await.map_err(|_| NodeError::Stopped)
+    }
+
+    /// The node's status.
+    pub async fn status(&self) -> Result<StatusReport, NodeError> {
+        self.ask(Command::Status).await
     }
 
     /// Publishes raw bytes on the control topic.
     pub async fn publish_raw(&self, bytes: Vec<u8>) -> Result<Result<(), String>, NodeError> {
-        let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(Command::PublishRaw(bytes, tx))
-            .await
-            .map_err(|_| NodeError::Stopped)?;
-        rx.await.map_err(|_| NodeError::Stopped)
+        self.ask(|tx| Command::PublishRaw(bytes, tx)).await
     }
 
     /// The node's data plane and its current view.
     pub async fn data_plane(&self) -> Result<(DataPlane, coordinator_free::View), NodeError> {
-        let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(Command::DataPlane(tx))
-            .await
-            .map_err(|_| NodeError::Stopped)?;
-        rx.await.map_err(|_| NodeError::Stopped)
+        self.ask(Command::DataPlane).await
     }
 
     /// Publishes the NCCL unique id of the current view (this node must be its root).
     pub async fn publish_nccl_id(&self, id: Vec<u8>) -> Result<Result<(), String>, NodeError> {
-        let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(Command::PublishNcclId(id, tx))
-            .await
-            .map_err(|_| NodeError::Stopped)?;
-        rx.await.map_err(|_| NodeError::Stopped)
+        self.ask(|tx| Command::PublishNcclId(id, tx)).await
     }
 
     /// Waits, at most `bound`, for the NCCL unique id of `view` to arrive from its root.
@@ -162,12 +155,7 @@ impl NodeHandle {
     ) -> Result<Option<Vec<u8>>, NodeError> {
         let end = Instant::now() + bound;
         loop {
-            let (tx, rx) = oneshot::channel();
-            self.tx
-                .send(Command::NcclId(view, tx))
-                .await
-                .map_err(|_| NodeError::Stopped)?;
-            if let Some(id) = rx.await.map_err(|_| NodeError::Stopped)? {
+            if let Some(id) = self.ask(|tx| Command::NcclId(view, tx)).await? {
                 return Ok(Some(id));
             }
             if Instant::now() >= end {
