@@ -1424,7 +1424,12 @@ async fn tcp_connect(addr: SocketAddr, buffer: u32) -> std::io::Result<tokio::ne
 
 fn quic_transport(cfg: &DataPlaneConfig) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
-    t.initial_mtu(cfg.quic_initial_mtu.max(1200));
+    let mtu = cfg.quic_initial_mtu.max(1200);
+    t.initial_mtu(mtu);
+    // Let MTU discovery climb to the configured initial MTU where the path allows it.
+    let mut discovery = quinn::MtuDiscoveryConfig::default();
+    discovery.upper_bound(mtu.max(1452));
+    t.mtu_discovery_config(Some(discovery));
     t.stream_receive_window(quinn::VarInt::from_u32(cfg.quic_window));
     t.receive_window(quinn::VarInt::from_u32(cfg.quic_window));
     t.send_window(cfg.quic_window as u64);
@@ -1445,7 +1450,43 @@ fn quic_endpoint(
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| err(&e))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     server.transport_config(quic_transport(cfg));
-    quinn::Endpoint::server(server, addr).map_err(|e| err(&format!("bind {addr}: {e}")))
+    let mut endpoint = quinn::EndpointConfig::default();
+    endpoint
+        .max_udp_payload_size(cfg.quic_initial_mtu.max(1472))
+        .map_err(|e| err(&e))?;
+    let socket = std::net::UdpSocket::bind(addr).map_err(|e| err(&format!("bind {addr}: {e}")))?;
+    // Bulk transfers burst faster than the default 208 KiB UDP buffers drain; drops would
+    // throttle the congestion controller. Linux caps these at net.core.{r,w}mem_max.
+    set_udp_buffers(&socket, 4 << 20);
+    quinn::Endpoint::new(
+        endpoint,
+        Some(server),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|e| err(&format!("bind {addr}: {e}")))
+}
+
+fn set_udp_buffers(socket: &std::net::UdpSocket, bytes: libc::c_int) {
+    use std::os::fd::AsRawFd;
+    for opt in [libc::SO_RCVBUF, libc::SO_SNDBUF] {
+        // SAFETY: a valid socket fd and a c_int option value of the right size.
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&bytes as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            tracing::debug!(
+                "cannot set UDP buffer option {opt}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
 }
 
 fn quic_client_config(
