@@ -2,6 +2,7 @@
 //!
 //! - `GET /healthz` — `ok`.
 //! - `GET /v1/status` — the [`crate::status::StatusReport`].
+//! - `GET /metrics` — Prometheus text format ([`crate::metrics`]).
 //! - `POST /v1/debug/gossip` — publishes the raw body on the control topic; only with
 //!   `--debug-api` (tests use it to send malformed gossip). Body limit 128 KiB.
 //! - `POST /v1/debug/allreduce?bytes=B&iters=K&warmup=W&tag=T` — runs a barrier, W warm-up
@@ -23,7 +24,8 @@ pub const MAX_BODY: usize = 128 * 1024;
 pub fn router(handle: NodeHandle, debug: bool) -> Router {
     let mut r = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
-        .route("/v1/status", get(status));
+        .route("/v1/status", get(status))
+        .route("/metrics", get(metrics));
     if debug {
         r = r
             .route("/v1/debug/gossip", post(debug_gossip))
@@ -43,6 +45,20 @@ fn unavailable(e: impl std::fmt::Display) -> Response {
 async fn status(State(h): State<NodeHandle>) -> Response {
     match h.status().await {
         Ok(r) => Json(r).into_response(),
+        Err(e) => unavailable(e),
+    }
+}
+
+async fn metrics(State(h): State<NodeHandle>) -> Response {
+    match h.status().await {
+        Ok(r) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            crate::metrics::render(&r),
+        )
+            .into_response(),
         Err(e) => unavailable(e),
     }
 }

@@ -261,9 +261,19 @@ pub struct DataPlaneStats {
     pub collectives_failed: u64,
     /// Inbound connections refused (not a member, failed authentication).
     pub refused: u64,
-    /// Observed receive rate in bytes/s (EWMA), 0 until measured.
+    /// Observed receive rate in bytes/s (decaying maximum), 0 until measured.
     pub observed_rate: f64,
+    /// Durations of successful collectives: counts per [`LATENCY_BUCKETS`] upper bound
+    /// (cumulative counts are formed when exported), plus one overflow bucket.
+    pub latency_counts: Vec<u64>,
+    /// Sum of those durations in seconds.
+    pub latency_sum_s: f64,
 }
+
+/// Upper bounds (seconds) of the collective latency histogram.
+pub const LATENCY_BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+];
 
 struct Inner {
     key: Keypair,
@@ -1049,10 +1059,23 @@ impl DataPlane {
         &self,
         op: impl std::future::Future<Output = Result<R, DataPlaneError>>,
     ) -> Result<R, DataPlaneError> {
+        let started = Instant::now();
         let r = op.await;
+        let took = started.elapsed().as_secs_f64();
         let mut s = self.inner.stats.lock().unwrap();
         match &r {
-            Ok(_) => s.collectives_ok += 1,
+            Ok(_) => {
+                s.collectives_ok += 1;
+                if s.latency_counts.len() != LATENCY_BUCKETS.len() + 1 {
+                    s.latency_counts = vec![0; LATENCY_BUCKETS.len() + 1];
+                }
+                let i = LATENCY_BUCKETS
+                    .iter()
+                    .position(|&b| took <= b)
+                    .unwrap_or(LATENCY_BUCKETS.len());
+                s.latency_counts[i] += 1;
+                s.latency_sum_s += took;
+            }
             Err(e) => {
                 s.collectives_failed += 1;
                 tracing::warn!("collective failed: {e}");

@@ -6,6 +6,7 @@
 //! - [`data_plane`]: member-to-member links (QUIC or TCP) and the collectives over them.
 //! - [`node`]: the one event loop per node and its cloneable command handle.
 //! - [`api`]: the local HTTP JSON control API on 127.0.0.1.
+//! - [`metrics`]: the Prometheus text rendering behind `GET /metrics`.
 //! - [`status`]: the status report, its table form, and a tiny client for the local API.
 //! - `nccl` (feature `nccl`): NCCL collectives on CUDA tensors.
 //! - [`local`]: local clusters of `shoal up` processes (`shoal local`, `shoal bench`).
@@ -16,6 +17,7 @@ pub mod control_plane;
 pub mod data_plane;
 pub mod identity;
 pub mod local;
+pub mod metrics;
 #[cfg(feature = "nccl")]
 pub mod nccl;
 pub mod node;

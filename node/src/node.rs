@@ -397,6 +397,7 @@ impl EventLoop {
         while let Some(hb) = self.membership.poll_transmit() {
             match ControlMessage::Heartbeat(hb).encode() {
                 Ok(bytes) => {
+                    let len = bytes.len() as u64;
                     if let Err(e) = self
                         .swarm
                         .behaviour_mut()
@@ -406,6 +407,7 @@ impl EventLoop {
                         tracing::debug!("heartbeat not published: {e}");
                     } else {
                         self.counters.heartbeats_sent += 1;
+                        self.counters.control_bytes_sent += len;
                     }
                 }
                 Err(e) => tracing::error!("cannot encode heartbeat: {e}"),
@@ -595,6 +597,7 @@ impl EventLoop {
             return;
         };
         let now = self.now_ms();
+        self.counters.control_bytes_received += message.data.len() as u64;
         let verdict = match ControlMessage::decode(&message.data) {
             Err(e) => {
                 self.counters.gossip_rejected += 1;

@@ -23,6 +23,10 @@ pub struct Counters {
     pub handshakes_refused: u64,
     /// Views this node went through.
     pub view_changes: u64,
+    /// Gossip payload bytes published.
+    pub control_bytes_sent: u64,
+    /// Gossip payload bytes received.
+    pub control_bytes_received: u64,
 }
 
 /// This node.

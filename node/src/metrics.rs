@@ -1,0 +1,237 @@
+//! `GET /metrics`: the node's state in the Prometheus text exposition format (0.0.4).
+//!
+//! Exported: members and view epoch, member liveness, heartbeats and gossip verdicts,
+//! refused handshakes, connected peers, control-plane gossip payload bytes, data-plane
+//! payload bytes per direction, collective outcomes and a collective latency histogram.
+//! Training and serving metrics join as those features land.
+
+use crate::data_plane::LATENCY_BUCKETS;
+use crate::status::StatusReport;
+use coordinator_free::MemberState;
+use std::fmt::Write as _;
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+fn sample(out: &mut String, name: &str, labels: &str, value: f64) {
+    if labels.is_empty() {
+        let _ = writeln!(out, "{name} {value}");
+    } else {
+        let _ = writeln!(out, "{name}{{{labels}}} {value}");
+    }
+}
+
+/// Renders a status report as Prometheus text.
+pub fn render(r: &StatusReport) -> String {
+    let mut o = String::new();
+    let c = &r.counters;
+    family(
+        &mut o,
+        "shoal_view_members",
+        "gauge",
+        "Members in this node's current view.",
+    );
+    sample(
+        &mut o,
+        "shoal_view_members",
+        "",
+        r.view.members.len() as f64,
+    );
+    family(
+        &mut o,
+        "shoal_view_epoch",
+        "gauge",
+        "Epoch of this node's current view.",
+    );
+    sample(&mut o, "shoal_view_epoch", "", r.view.epoch as f64);
+    family(
+        &mut o,
+        "shoal_view_changes_total",
+        "counter",
+        "Views this node went through.",
+    );
+    sample(
+        &mut o,
+        "shoal_view_changes_total",
+        "",
+        c.view_changes as f64,
+    );
+    family(
+        &mut o,
+        "shoal_members_known",
+        "gauge",
+        "Other members this node knows of, by liveness.",
+    );
+    for (state, label) in [
+        (MemberState::Alive, "alive"),
+        (MemberState::Suspect, "suspect"),
+        (MemberState::Failed, "failed"),
+    ] {
+        let n = r.members.iter().filter(|m| m.state == state).count();
+        sample(
+            &mut o,
+            "shoal_members_known",
+            &format!("state=\"{label}\""),
+            n as f64,
+        );
+    }
+    family(
+        &mut o,
+        "shoal_connected_peers",
+        "gauge",
+        "Connected libp2p peers.",
+    );
+    sample(
+        &mut o,
+        "shoal_connected_peers",
+        "",
+        r.node.connected_peers as f64,
+    );
+    family(
+        &mut o,
+        "shoal_heartbeats_sent_total",
+        "counter",
+        "Heartbeats published.",
+    );
+    sample(
+        &mut o,
+        "shoal_heartbeats_sent_total",
+        "",
+        c.heartbeats_sent as f64,
+    );
+    family(
+        &mut o,
+        "shoal_gossip_messages_total",
+        "counter",
+        "Gossip messages received, by verdict.",
+    );
+    for (v, n) in [
+        ("accepted", c.gossip_accepted),
+        ("rejected", c.gossip_rejected),
+        ("ignored", c.gossip_ignored),
+    ] {
+        sample(
+            &mut o,
+            "shoal_gossip_messages_total",
+            &format!("verdict=\"{v}\""),
+            n as f64,
+        );
+    }
+    family(
+        &mut o,
+        "shoal_handshakes_refused_total",
+        "counter",
+        "Inbound control-plane handshakes that failed.",
+    );
+    sample(
+        &mut o,
+        "shoal_handshakes_refused_total",
+        "",
+        c.handshakes_refused as f64,
+    );
+    family(
+        &mut o,
+        "shoal_plane_bytes_total",
+        "counter",
+        "Payload bytes by plane and direction (control: gossip payloads).",
+    );
+    sample(
+        &mut o,
+        "shoal_plane_bytes_total",
+        "plane=\"control\",direction=\"sent\"",
+        c.control_bytes_sent as f64,
+    );
+    sample(
+        &mut o,
+        "shoal_plane_bytes_total",
+        "plane=\"control\",direction=\"received\"",
+        c.control_bytes_received as f64,
+    );
+    if let Some(dp) = &r.node.data_plane {
+        let s = &dp.stats;
+        sample(
+            &mut o,
+            "shoal_plane_bytes_total",
+            "plane=\"data\",direction=\"sent\"",
+            s.bytes_sent as f64,
+        );
+        sample(
+            &mut o,
+            "shoal_plane_bytes_total",
+            "plane=\"data\",direction=\"received\"",
+            s.bytes_received as f64,
+        );
+        family(
+            &mut o,
+            "shoal_collectives_total",
+            "counter",
+            "Collectives run, by outcome.",
+        );
+        sample(
+            &mut o,
+            "shoal_collectives_total",
+            "outcome=\"ok\"",
+            s.collectives_ok as f64,
+        );
+        sample(
+            &mut o,
+            "shoal_collectives_total",
+            "outcome=\"failed\"",
+            s.collectives_failed as f64,
+        );
+        family(
+            &mut o,
+            "shoal_data_plane_refused_total",
+            "counter",
+            "Data-plane connections refused (non-members, failed authentication).",
+        );
+        sample(
+            &mut o,
+            "shoal_data_plane_refused_total",
+            "",
+            s.refused as f64,
+        );
+        family(
+            &mut o,
+            "shoal_collective_duration_seconds",
+            "histogram",
+            "Duration of successful collectives.",
+        );
+        let mut cumulative = 0u64;
+        for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
+            cumulative += s.latency_counts.get(i).copied().unwrap_or(0);
+            sample(
+                &mut o,
+                "shoal_collective_duration_seconds_bucket",
+                &format!("le=\"{bound}\""),
+                cumulative as f64,
+            );
+        }
+        cumulative += s
+            .latency_counts
+            .get(LATENCY_BUCKETS.len())
+            .copied()
+            .unwrap_or(0);
+        sample(
+            &mut o,
+            "shoal_collective_duration_seconds_bucket",
+            "le=\"+Inf\"",
+            cumulative as f64,
+        );
+        sample(
+            &mut o,
+            "shoal_collective_duration_seconds_sum",
+            "",
+            s.latency_sum_s,
+        );
+        sample(
+            &mut o,
+            "shoal_collective_duration_seconds_count",
+            "",
+            cumulative as f64,
+        );
+    }
+    o
+}
