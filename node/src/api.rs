@@ -1,5 +1,6 @@
 //! The local control API (HTTP JSON on 127.0.0.1).
 //!
+//! - `GET /` — the web dashboard (embedded, no external assets).
 //! - `GET /healthz` — `ok`.
 //! - `GET /v1/status` — the [`crate::status::StatusReport`].
 //! - `GET /metrics` — Prometheus text format ([`crate::metrics`]).
@@ -23,6 +24,7 @@ pub const MAX_BODY: usize = 128 * 1024;
 /// The API's routes.
 pub fn router(handle: NodeHandle, debug: bool) -> Router {
     let mut r = Router::new()
+        .route("/", get(dashboard))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/v1/status", get(status))
         .route("/metrics", get(metrics));
@@ -47,6 +49,18 @@ async fn status(State(h): State<NodeHandle>) -> Response {
         Ok(r) => Json(r).into_response(),
         Err(e) => unavailable(e),
     }
+}
+
+/// The web dashboard: one self-contained page (no CDN; works offline) that polls
+/// `/v1/status`.
+const DASHBOARD: &str = include_str!("../assets/dashboard.html");
+
+async fn dashboard() -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        DASHBOARD,
+    )
+        .into_response()
 }
 
 async fn metrics(State(h): State<NodeHandle>) -> Response {
