@@ -32,6 +32,18 @@ fn six_nodes_converge_via_bootstrap() {
         members, ids,
         "the view is exactly the six peer ids, in sorted order"
     );
+    // The human-readable `shoal status` lists every member (by the short form of its id).
+    let api = nodes[0].api.unwrap().to_string();
+    let out = run_shoal(&["status", "--api", &api]);
+    assert!(out.status.success());
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("with 6 members"), "{table}");
+    for id in &ids {
+        assert!(
+            table.contains(&id[id.len() - 8..]),
+            "{id} missing from\n{table}"
+        );
+    }
     // Capabilities travel with heartbeats.
     let s = nodes[0].status().unwrap();
     for m in s["members"].as_array().unwrap() {
