@@ -333,3 +333,40 @@ async fn non_member_connection_is_refused() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_answering_under_another_identity_is_refused() {
+    for transport in [DataTransport::Tcp, DataTransport::Quic] {
+        let (dps, view) = members(
+            3,
+            transport,
+            DataPlaneConfig {
+                start_timeout: Duration::from_secs(2),
+                ..Default::default()
+            },
+        )
+        .await;
+        // Rank 0 believes its right neighbour (rank 1) listens where rank 2 does: whoever
+        // answers there cannot prove rank 1's identity, so nothing may be sent.
+        let mut addrs: HashMap<NodeId, _> = dps
+            .iter()
+            .map(|d| (d.me().clone(), d.local_addr()))
+            .collect();
+        addrs.insert(dps[1].me().clone(), dps[2].local_addr());
+        dps[0].set_roster(Roster {
+            view: view.clone(),
+            addrs,
+        });
+        let mut buf = vec![1.0f32; 1024];
+        let r = dps[0].all_reduce(&view, 42, &mut buf, ReduceOp::Sum).await;
+        assert!(
+            matches!(r, Err(DataPlaneError::Auth { .. })),
+            "{transport:?}: {r:?}"
+        );
+        assert_eq!(
+            dps[0].stats().bytes_sent,
+            0,
+            "{transport:?}: no payload to an impostor"
+        );
+    }
+}
