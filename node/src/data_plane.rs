@@ -981,31 +981,13 @@ impl DataPlane {
                     } else {
                         let rd = direct.as_mut().expect("direct link");
                         let read = async {
-                            if let Some(r) = rseg {
-                                let dst = &mut target[r];
-                                let bytes = std::mem::size_of_val(dst);
-                                let bound = self.segment_bound(bytes);
-                                let started = Instant::now();
-                                match tokio::time::timeout(bound, rd.read_exact(bytes_of_mut(dst)))
-                                    .await
-                                {
-                                    Ok(Ok(_)) => self.observe(bytes, started.elapsed()),
-                                    Ok(Err(source)) => {
-                                        return Err(DataPlaneError::Io {
-                                            peer: peer.clone(),
-                                            source,
-                                        })
-                                    }
-                                    Err(_) => {
-                                        return Err(DataPlaneError::Timeout {
-                                            peer: peer.clone(),
-                                            what: "send a segment",
-                                            after: bound,
-                                        })
-                                    }
+                            match rseg {
+                                Some(r) => {
+                                    self.read_segment(rd, &peer, bytes_of_mut(&mut target[r]))
+                                        .await
                                 }
+                                None => Ok(()),
                             }
-                            Ok::<(), DataPlaneError>(())
                         };
                         tokio::try_join!(write, read)?;
                     }
@@ -1029,6 +1011,32 @@ impl DataPlane {
         result?;
         let r = direct.ok_or_else(|| reader_failed(&peer))?;
         Ok(Link { peer, r, w })
+    }
+
+    /// Reads one segment from `peer` into `dst`, within the segment bound; records the rate.
+    async fn read_segment(
+        &self,
+        r: &mut BoxRead,
+        peer: &NodeId,
+        dst: &mut [u8],
+    ) -> Result<(), DataPlaneError> {
+        let bound = self.segment_bound(dst.len());
+        let started = Instant::now();
+        match tokio::time::timeout(bound, r.read_exact(dst)).await {
+            Ok(Ok(_)) => {
+                self.observe(dst.len(), started.elapsed());
+                Ok(())
+            }
+            Ok(Err(source)) => Err(DataPlaneError::Io {
+                peer: peer.clone(),
+                source,
+            }),
+            Err(_) => Err(DataPlaneError::Timeout {
+                peer: peer.clone(),
+                what: "send a segment",
+                after: bound,
+            }),
+        }
     }
 
     async fn write_segment(&self, out: &mut Link, data: &[u8]) -> Result<(), DataPlaneError> {
@@ -1208,47 +1216,13 @@ impl DataPlane {
         let (mut out, mut inn) = self.open_ring(view, ring, header).await?;
         let seg = (self.inner.cfg.segment_bytes / std::mem::size_of::<T>()).max(1);
         for s in segments(0..buf.len(), seg) {
-            let bytes = s.len() * std::mem::size_of::<T>();
-            let bound = self.segment_bound(bytes);
             if recv {
-                let started = Instant::now();
                 let peer = inn.peer.clone();
-                match tokio::time::timeout(
-                    bound,
-                    inn.r.read_exact(bytes_of_mut(&mut buf[s.clone()])),
-                )
-                .await
-                {
-                    Ok(r) => {
-                        r.map_err(|source| DataPlaneError::Io { peer, source })?;
-                    }
-                    Err(_) => {
-                        return Err(DataPlaneError::Timeout {
-                            peer,
-                            what: "send a broadcast segment",
-                            after: bound,
-                        })
-                    }
-                }
-                self.observe(bytes, started.elapsed());
+                self.read_segment(&mut inn.r, &peer, bytes_of_mut(&mut buf[s.clone()]))
+                    .await?;
             }
             if send {
-                let peer = out.peer.clone();
-                let w = async {
-                    out.w.write_all(bytes_of(&buf[s.clone()])).await?;
-                    out.w.flush().await
-                };
-                match tokio::time::timeout(bound, w).await {
-                    Ok(r) => r.map_err(|source| DataPlaneError::Io { peer, source })?,
-                    Err(_) => {
-                        return Err(DataPlaneError::Timeout {
-                            peer,
-                            what: "take a broadcast segment",
-                            after: bound,
-                        })
-                    }
-                }
-                self.inner.stats.lock().unwrap().bytes_sent += bytes as u64;
+                self.write_segment(&mut out, bytes_of(&buf[s])).await?;
             }
         }
         self.recycle_outbound(out);
@@ -1315,24 +1289,10 @@ fn spawn_reader<T: Element>(
         for len in lens {
             let mut b = free_rx.try_recv().unwrap_or_default();
             b.resize(len, T::default());
-            let bytes = len * std::mem::size_of::<T>();
-            let bound = dp.segment_bound(bytes);
-            let started = Instant::now();
-            let res = match tokio::time::timeout(bound, r.read_exact(bytes_of_mut(&mut b))).await {
-                Ok(Ok(_)) => {
-                    dp.observe(bytes, started.elapsed());
-                    Ok(b)
-                }
-                Ok(Err(source)) => Err(DataPlaneError::Io {
-                    peer: peer.clone(),
-                    source,
-                }),
-                Err(_) => Err(DataPlaneError::Timeout {
-                    peer: peer.clone(),
-                    what: "send a segment",
-                    after: bound,
-                }),
-            };
+            let res = dp
+                .read_segment(&mut r, &peer, bytes_of_mut(&mut b))
+                .await
+                .map(|()| b);
             let failed = res.is_err();
             if tx.send(res).await.is_err() || failed {
                 return None;
