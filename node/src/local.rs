@@ -284,16 +284,6 @@ impl LocalCluster {
             }
         }
     }
-
-    /// The binary the nodes run.
-    pub fn bin(&self) -> &Path {
-        &self.bin
-    }
-
-    /// Extra arguments given to every node.
-    pub fn extra(&self) -> &[String] {
-        &self.extra
-    }
 }
 
 impl Drop for LocalCluster {

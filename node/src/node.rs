@@ -103,6 +103,8 @@ pub enum Command {
     PublishNcclId(Vec<u8>, oneshot::Sender<Result<(), String>>),
     /// The NCCL unique id received for a view, if any.
     NcclId(coordinator_free::ViewHash, oneshot::Sender<Option<Vec<u8>>>),
+    /// New local capabilities (from the periodic detection task).
+    SetCapabilities(coordinator_free::Capabilities),
     /// Stop the node.
     Shutdown,
 }
@@ -214,6 +216,25 @@ pub async fn run(cfg: NodeConfig) -> Result<(), NodeError> {
     let (tx, rx) = mpsc::channel(64);
     let handle = NodeHandle { tx };
     let router = crate::api::router(handle.clone(), cfg.debug_api);
+    // Capabilities (GPU free memory) are re-detected every 10 s off the event loop:
+    // `nvidia-smi` may take a while and must not delay heartbeats.
+    let caps_handle = handle.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(10));
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let caps = capabilities::detect().await;
+            if caps_handle
+                .tx
+                .send(Command::SetCapabilities(caps))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
     tokio::spawn(async move {
         if let Err(e) = axum::serve(api_listener, router).await {
             tracing::error!("local API stopped: {e}");
@@ -330,8 +351,6 @@ impl EventLoop {
 
     async fn run(&mut self) {
         let mut kad_tick = tokio::time::interval(Duration::from_secs(30));
-        let mut caps_tick = tokio::time::interval(Duration::from_secs(10));
-        caps_tick.tick().await;
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("SIGTERM handler");
         loop {
@@ -355,6 +374,10 @@ impl EventLoop {
                     Some(Command::NcclId(hash, reply)) => {
                         let _ = reply.send(self.nccl_ids.get(&hash).cloned());
                     }
+                    Some(Command::SetCapabilities(caps)) => {
+                        let addrs = self.announced_addrs();
+                        self.membership.set_local(caps, addrs);
+                    }
                     Some(Command::Shutdown) | None => return,
                 },
                 _ = tokio::time::sleep_until(deadline.into()) => {
@@ -366,11 +389,6 @@ impl EventLoop {
                     if self.swarm.connected_peers().next().is_some() {
                         let _ = self.swarm.behaviour_mut().kad.bootstrap();
                     }
-                }
-                _ = caps_tick.tick() => {
-                    let caps = capabilities::detect().await;
-                    let addrs = self.announced_addrs();
-                    self.membership.set_local(caps, addrs);
                 }
                 _ = tokio::signal::ctrl_c() => return,
                 _ = term.recv() => return,
