@@ -102,7 +102,8 @@ pub enum Command {
     /// Publish an NCCL unique id for the current view (only its root may).
     PublishNcclId(Vec<u8>, oneshot::Sender<Result<(), String>>),
     /// The NCCL unique id received for a view, if any.
-    NcclId(coordinator_free::ViewHash, oneshot::Sender<Option<Vec<u8>>>),
+    /// Replies once it has arrived; dropped (no reply) if the view changes first.
+    NcclId(coordinator_free::ViewHash, oneshot::Sender<Vec<u8>>),
     /// New local capabilities (from the periodic detection task).
     SetCapabilities(coordinator_free::Capabilities),
     /// Stop the node.
@@ -150,21 +151,21 @@ impl NodeHandle {
     }
 
     /// Waits, at most `bound`, for the NCCL unique id of `view` to arrive from its root.
+    /// `None` if it did not arrive in time or the view changed meanwhile.
     pub async fn nccl_id(
         &self,
         view: coordinator_free::ViewHash,
         bound: Duration,
     ) -> Result<Option<Vec<u8>>, NodeError> {
-        let end = Instant::now() + bound;
-        loop {
-            if let Some(id) = self.ask(|tx| Command::NcclId(view, tx)).await? {
-                return Ok(Some(id));
-            }
-            if Instant::now() >= end {
-                return Ok(None);
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Command::NcclId(view, tx))
+            .await
+            .map_err(|_| NodeError::Stopped)?;
+        Ok(tokio::time::timeout(bound, rx)
+            .await
+            .ok()
+            .and_then(Result::ok))
     }
 
     /// Asks the node to stop.
@@ -277,7 +278,8 @@ pub async fn run(cfg: NodeConfig) -> Result<(), NodeError> {
         api_addr,
         bootstrapped: false,
         data_plane,
-        nccl_ids: std::collections::BTreeMap::new(),
+        nccl_id: None,
+        nccl_waiters: Vec::new(),
         remote_ips: HashMap::new(),
     };
     for addr in node.cfg.bootstrap.clone() {
@@ -320,7 +322,9 @@ struct EventLoop {
     bootstrapped: bool,
     data_plane: DataPlane,
     /// NCCL unique ids received for recent views.
-    nccl_ids: std::collections::BTreeMap<coordinator_free::ViewHash, Vec<u8>>,
+    nccl_id: Option<(coordinator_free::ViewHash, Vec<u8>)>,
+    /// Callers waiting for the NCCL id of a view.
+    nccl_waiters: Vec<(coordinator_free::ViewHash, oneshot::Sender<Vec<u8>>)>,
     /// The IP each connected peer is seen from, for data-plane addresses bound to 0.0.0.0.
     remote_ips: HashMap<PeerId, std::net::IpAddr>,
 }
@@ -371,9 +375,11 @@ impl EventLoop {
                     Some(Command::PublishNcclId(id, reply)) => {
                         let _ = reply.send(self.publish_nccl_id(id));
                     }
-                    Some(Command::NcclId(hash, reply)) => {
-                        let _ = reply.send(self.nccl_ids.get(&hash).cloned());
-                    }
+                    Some(Command::NcclId(hash, reply)) => match &self.nccl_id {
+                        Some((h, id)) if *h == hash => { let _ = reply.send(id.clone()); }
+                        _ if hash == self.membership.view().hash => self.nccl_waiters.push((hash, reply)),
+                        _ => {} // not the current view: dropping the reply says so
+                    },
                     Some(Command::SetCapabilities(caps)) => {
                         let addrs = self.announced_addrs();
                         self.membership.set_local(caps, addrs);
@@ -454,6 +460,8 @@ impl EventLoop {
             }
         }
         if roster_stale {
+            let current = self.membership.view().hash;
+            self.nccl_waiters.retain(|(h, _)| *h == current);
             self.update_roster();
         }
     }
@@ -468,13 +476,21 @@ impl EventLoop {
             id: id.clone(),
         };
         let bytes = msg.encode().map_err(|e| e.to_string())?;
-        self.nccl_ids.insert(view.hash, id);
+        self.store_nccl_id(view.hash, id);
         self.swarm
             .behaviour_mut()
             .gossipsub
             .publish(control_plane::control_topic(), bytes)
             .map(|_| ())
             .map_err(|e| e.to_string())
+    }
+
+    /// Keeps the NCCL id of the current view and hands it to whoever waits for it.
+    fn store_nccl_id(&mut self, hash: coordinator_free::ViewHash, id: Vec<u8>) {
+        for (_, w) in self.nccl_waiters.drain(..).filter(|(h, _)| *h == hash) {
+            let _ = w.send(id.clone());
+        }
+        self.nccl_id = Some((hash, id));
     }
 
     /// Gives the data plane the current view and the members' data-plane addresses.
@@ -636,13 +652,7 @@ impl EventLoop {
                     MessageAcceptance::Reject
                 } else {
                     self.counters.gossip_accepted += 1;
-                    self.nccl_ids.insert(view_hash, id);
-                    while self.nccl_ids.len() > 4 {
-                        let Some(k) = self.nccl_ids.keys().next().copied() else {
-                            break;
-                        };
-                        self.nccl_ids.remove(&k);
-                    }
+                    self.store_nccl_id(view_hash, id);
                     MessageAcceptance::Accept
                 }
             }
