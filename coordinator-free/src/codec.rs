@@ -25,7 +25,20 @@ pub enum ControlMessage {
         /// `ncclUniqueId` bytes ([`NCCL_ID_LEN`]).
         id: Vec<u8>,
     },
+    /// A training job announced to the swarm; every member that can load it joins.
+    /// Re-announced while it runs, so members that missed it (or join later) learn it.
+    Job {
+        /// Submission id: runs of the same job file differ by it.
+        run: u64,
+        /// Continue from the run directory's checkpoint.
+        resume: bool,
+        /// The job file as TOML (at most [`MAX_JOB_SPEC`] bytes; the shell validates it).
+        spec: String,
+    },
 }
+
+/// Largest job spec carried by [`ControlMessage::Job`].
+pub const MAX_JOB_SPEC: usize = 32 * 1024;
 
 /// Length of an `ncclUniqueId`.
 pub const NCCL_ID_LEN: usize = 128;
@@ -109,6 +122,14 @@ impl ControlMessage {
                     return Err(CodecError::Invalid(format!(
                         "NCCL id of {} bytes, expected {NCCL_ID_LEN}",
                         id.len()
+                    )));
+                }
+            }
+            ControlMessage::Job { spec, .. } => {
+                if spec.len() > MAX_JOB_SPEC {
+                    return Err(CodecError::Invalid(format!(
+                        "job spec of {} bytes exceeds {MAX_JOB_SPEC}",
+                        spec.len()
                     )));
                 }
             }

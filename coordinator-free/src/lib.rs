@@ -12,10 +12,13 @@
 //! - [`view`]: what a view is (epoch, sorted members, hash) and how it is hashed.
 //! - [`codec`]: the one size-limited decoder every untrusted byte goes through.
 //! - [`collective`]: ring schedules for all-reduce, all-gather, broadcast and barrier.
+//! - [`sharding`]: which samples each member trains on at each step (exactly once per
+//!   data epoch).
 
 pub mod codec;
 pub mod collective;
 pub mod membership;
+pub mod sharding;
 pub mod view;
 
 pub use codec::{CodecError, ControlMessage};
@@ -24,4 +27,5 @@ pub use membership::{
     Capabilities, GpuInfo, Heartbeat, HeartbeatError, MemberInfo, MemberState, Membership,
     MembershipConfig, MembershipEvent,
 };
+pub use sharding::{Assignment, DataCursor, ShardingError, StepBatch};
 pub use view::{NodeId, NodeIdError, View, ViewHash, ViewMember};

@@ -4,6 +4,10 @@
 //! - `GET /healthz` — `ok`.
 //! - `GET /v1/status` — the [`crate::status::StatusReport`].
 //! - `GET /metrics` — Prometheus text format ([`crate::metrics`]).
+//! - `POST /v1/jobs` — body `{"spec": "<job TOML>", "resume": false}`: starts a training
+//!   job here and announces it to the swarm; answers the [`crate::train::JobReport`]
+//!   (400 with `{"error"}` naming the key for an invalid job).
+//! - `GET /v1/jobs` — the jobs this node takes part in.
 //! - `POST /v1/debug/gossip` — publishes the raw body on the control topic; only with
 //!   `--debug-api` (tests use it to send malformed gossip). Body limit 128 KiB.
 //! - `POST /v1/debug/allreduce?bytes=B&iters=K&warmup=W&tag=T` — runs a barrier, W warm-up
@@ -27,7 +31,8 @@ pub fn router(handle: NodeHandle, debug: bool) -> Router {
         .route("/", get(dashboard))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/v1/status", get(status))
-        .route("/metrics", get(metrics));
+        .route("/metrics", get(metrics))
+        .route("/v1/jobs", get(jobs).post(submit_job));
     if debug {
         r = r
             .route("/v1/debug/gossip", post(debug_gossip))
@@ -42,6 +47,46 @@ fn unavailable(e: impl std::fmt::Display) -> Response {
         Json(serde_json::json!({"error": e.to_string()})),
     )
         .into_response()
+}
+
+fn bad_request(e: impl std::fmt::Display) -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        Json(serde_json::json!({"error": e.to_string()})),
+    )
+        .into_response()
+}
+
+async fn jobs(State(h): State<NodeHandle>) -> Response {
+    match h.status().await {
+        Ok(r) => Json(r.jobs).into_response(),
+        Err(e) => unavailable(e),
+    }
+}
+
+/// The body of `POST /v1/jobs`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubmitJob {
+    spec: String,
+    #[serde(default)]
+    resume: bool,
+}
+
+async fn submit_job(State(h): State<NodeHandle>, body: Bytes) -> Response {
+    let req: SubmitJob = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return bad_request(format!("malformed request: {e}")),
+    };
+    let spec = match crate::train::job::JobSpec::parse(&req.spec) {
+        Ok(s) => s,
+        Err(e) => return bad_request(e),
+    };
+    match h.submit_job(spec, req.resume).await {
+        Ok(Ok(report)) => Json(report).into_response(),
+        Ok(Err(e)) => unavailable(e),
+        Err(e) => unavailable(e),
+    }
 }
 
 async fn status(State(h): State<NodeHandle>) -> Response {

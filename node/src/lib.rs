@@ -9,6 +9,7 @@
 //! - [`metrics`]: the Prometheus text rendering behind `GET /metrics`.
 //! - [`status`]: the status report, its table form, and a tiny client for the local API.
 //! - `nccl` (feature `nccl`): NCCL collectives on CUDA tensors.
+//! - [`train`]: data-parallel training jobs (job files, data, models, checkpoints).
 //! - [`local`]: local clusters of `shoal up` processes (`shoal local`, `shoal bench`).
 
 pub mod api;
@@ -22,3 +23,4 @@ pub mod metrics;
 pub mod nccl;
 pub mod node;
 pub mod status;
+pub mod train;

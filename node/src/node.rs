@@ -15,8 +15,9 @@ use rand::Rng;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 /// Everything `shoal up` needs.
 #[derive(Clone, Debug)]
@@ -106,14 +107,36 @@ pub enum Command {
     NcclId(coordinator_free::ViewHash, oneshot::Sender<Vec<u8>>),
     /// New local capabilities (from the periodic detection task).
     SetCapabilities(coordinator_free::Capabilities),
+    /// Start a training job here and announce it to the swarm.
+    SubmitJob {
+        /// The job (validated, paths resolved).
+        spec: Box<crate::train::job::JobSpec>,
+        /// Continue from the checkpoint.
+        resume: bool,
+        /// The reply: the job's report.
+        reply: oneshot::Sender<Result<crate::train::JobReport, String>>,
+    },
     /// Stop the node.
     Shutdown,
 }
+
+/// A job this node runs.
+struct JobEntry {
+    /// The announcement, re-published while the job runs.
+    announce: Vec<u8>,
+    report: Arc<Mutex<crate::train::JobReport>>,
+}
+
+/// Re-announce running jobs this often.
+const JOB_ANNOUNCE_EVERY: Duration = Duration::from_secs(2);
+/// Finished jobs kept in the status report.
+const MAX_FINISHED_JOBS: usize = 16;
 
 /// A cloneable handle to a running node.
 #[derive(Clone)]
 pub struct NodeHandle {
     tx: mpsc::Sender<Command>,
+    views: watch::Receiver<crate::train::ViewState>,
 }
 
 impl NodeHandle {
@@ -168,6 +191,25 @@ impl NodeHandle {
             .and_then(Result::ok))
     }
 
+    /// Starts a training job on this node and announces it to the swarm.
+    pub async fn submit_job(
+        &self,
+        spec: crate::train::job::JobSpec,
+        resume: bool,
+    ) -> Result<Result<crate::train::JobReport, String>, NodeError> {
+        self.ask(|reply| Command::SubmitJob {
+            spec: Box::new(spec),
+            resume,
+            reply,
+        })
+        .await
+    }
+
+    /// The current view and whether it is settled, as it changes.
+    pub fn views(&self) -> watch::Receiver<crate::train::ViewState> {
+        self.views.clone()
+    }
+
     /// Asks the node to stop.
     pub async fn shutdown(&self) {
         let _ = self.tx.send(Command::Shutdown).await;
@@ -215,7 +257,11 @@ pub async fn run(cfg: NodeConfig) -> Result<(), NodeError> {
         source,
     })?;
     let (tx, rx) = mpsc::channel(64);
-    let handle = NodeHandle { tx };
+    let (views_tx, views) = watch::channel(crate::train::ViewState {
+        view: coordinator_free::View::new(0, vec![]),
+        settled: false,
+    });
+    let handle = NodeHandle { tx, views };
     let router = crate::api::router(handle.clone(), cfg.debug_api);
     // Capabilities (GPU free memory) are re-detected every 10 s off the event loop:
     // `nvidia-smi` may take a while and must not delay heartbeats.
@@ -281,6 +327,8 @@ pub async fn run(cfg: NodeConfig) -> Result<(), NodeError> {
         nccl_id: None,
         nccl_waiters: Vec::new(),
         remote_ips: HashMap::new(),
+        views_tx,
+        jobs: Vec::new(),
     };
     for addr in node.cfg.bootstrap.clone() {
         node.dial_bootstrap(&addr)?;
@@ -327,6 +375,10 @@ struct EventLoop {
     nccl_waiters: Vec<(coordinator_free::ViewHash, oneshot::Sender<Vec<u8>>)>,
     /// The IP each connected peer is seen from, for data-plane addresses bound to 0.0.0.0.
     remote_ips: HashMap<PeerId, std::net::IpAddr>,
+    /// The view for trainers.
+    views_tx: watch::Sender<crate::train::ViewState>,
+    /// Jobs by run id, oldest first.
+    jobs: Vec<(u64, JobEntry)>,
 }
 
 /// Minimum time between two membership-driven dials of the same peer.
@@ -355,6 +407,7 @@ impl EventLoop {
 
     async fn run(&mut self) {
         let mut kad_tick = tokio::time::interval(Duration::from_secs(30));
+        let mut job_tick = tokio::time::interval(JOB_ANNOUNCE_EVERY);
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("SIGTERM handler");
         loop {
@@ -384,8 +437,13 @@ impl EventLoop {
                         let addrs = self.announced_addrs();
                         self.membership.set_local(caps, addrs);
                     }
+                    Some(Command::SubmitJob { spec, resume, reply }) => {
+                        let run = rand::thread_rng().gen();
+                        let _ = reply.send(self.start_job(*spec, run, resume));
+                    }
                     Some(Command::Shutdown) | None => return,
                 },
+                _ = job_tick.tick() => self.announce_jobs(),
                 _ = tokio::time::sleep_until(deadline.into()) => {
                     let now = self.now_ms();
                     let entropy = rand::thread_rng().gen();
@@ -463,6 +521,97 @@ impl EventLoop {
             let current = self.membership.view().hash;
             self.nccl_waiters.retain(|(h, _)| *h == current);
             self.update_roster();
+        }
+        self.publish_view_state();
+    }
+
+    /// Tells trainers the view and whether every member reports it.
+    fn publish_view_state(&mut self) {
+        let view = self.membership.view();
+        let me = self.membership.me();
+        let settled = view.ids().all(|id| {
+            id == me
+                || self
+                    .membership
+                    .members()
+                    .any(|m| &m.id == id && m.their_view.1 == view.hash)
+        });
+        self.views_tx.send_if_modified(|s| {
+            if s.view.hash != view.hash || s.settled != settled {
+                s.view = view.clone();
+                s.settled = settled;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// Starts a job on a trainer thread (once per run id) and announces it.
+    fn start_job(
+        &mut self,
+        spec: crate::train::job::JobSpec,
+        run: u64,
+        resume: bool,
+    ) -> Result<crate::train::JobReport, String> {
+        if let Some((_, e)) = self.jobs.iter().find(|(r, _)| *r == run) {
+            return Ok(e.report.lock().expect("report lock").clone());
+        }
+        let msg = ControlMessage::Job {
+            run,
+            resume,
+            spec: spec.to_toml(),
+        };
+        let announce = msg.encode().map_err(|e| e.to_string())?;
+        let report = Arc::new(Mutex::new(crate::train::JobReport::new(&spec, run)));
+        let ctx = crate::train::TrainContext {
+            job: spec,
+            run,
+            resume,
+            me: self.membership.me().clone(),
+            dp: self.data_plane.clone(),
+            views: self.views_tx.subscribe(),
+            rt: tokio::runtime::Handle::current(),
+            report: report.clone(),
+        };
+        let name = format!("train-{run:016x}");
+        std::thread::Builder::new()
+            .name(name)
+            .spawn(move || crate::train::run(ctx))
+            .map_err(|e| format!("cannot start the trainer thread: {e}"))?;
+        tracing::info!(job = %report.lock().expect("report lock").job, run = format!("{run:016x}"), resume, "job started");
+        let first = report.lock().expect("report lock").clone();
+        self.jobs.push((run, JobEntry { announce, report }));
+        // Forget the oldest finished jobs.
+        while self.jobs.len() > MAX_FINISHED_JOBS {
+            let Some(i) = self.jobs.iter().position(|(_, e)| {
+                matches!(
+                    e.report.lock().expect("report lock").state,
+                    crate::train::JobState::Done | crate::train::JobState::Failed
+                )
+            }) else {
+                break;
+            };
+            self.jobs.remove(i);
+        }
+        self.announce_jobs();
+        Ok(first)
+    }
+
+    /// Re-publishes the announcement of every job still waiting or running.
+    fn announce_jobs(&mut self) {
+        for (_, e) in &self.jobs {
+            let state = e.report.lock().expect("report lock").state;
+            if matches!(
+                state,
+                crate::train::JobState::Waiting | crate::train::JobState::Running
+            ) {
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .publish(control_plane::control_topic(), e.announce.clone());
+            }
         }
     }
 
@@ -656,6 +805,27 @@ impl EventLoop {
                     MessageAcceptance::Accept
                 }
             }
+            Ok(ControlMessage::Job { run, resume, spec }) => {
+                if self.jobs.iter().any(|(r, _)| *r == run) {
+                    self.counters.gossip_ignored += 1;
+                    MessageAcceptance::Accept
+                } else {
+                    match crate::train::job::JobSpec::parse(&spec) {
+                        Ok(job) => {
+                            self.counters.gossip_accepted += 1;
+                            if let Err(e) = self.start_job(job, run, resume) {
+                                tracing::error!("cannot start announced job: {e}");
+                            }
+                            MessageAcceptance::Accept
+                        }
+                        Err(e) => {
+                            self.counters.gossip_rejected += 1;
+                            tracing::warn!(from = %propagation_source, author = ?message.source, "rejected job announcement: {e}");
+                            MessageAcceptance::Reject
+                        }
+                    }
+                }
+            }
             Ok(ControlMessage::Heartbeat(hb)) => {
                 // Strict signing guarantees `source` is the signed author; the heartbeat
                 // must speak for that author only.
@@ -758,6 +928,11 @@ impl EventLoop {
             },
             members,
             counters: self.counters.clone(),
+            jobs: self
+                .jobs
+                .iter()
+                .map(|(_, e)| e.report.lock().expect("report lock").clone())
+                .collect(),
         }
     }
 }

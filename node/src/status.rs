@@ -108,6 +108,9 @@ pub struct StatusReport {
     pub members: Vec<MemberReport>,
     /// Counters.
     pub counters: Counters,
+    /// Training jobs this node takes part in (newest last).
+    #[serde(default)]
+    pub jobs: Vec<crate::train::JobReport>,
 }
 
 fn gib(b: u64) -> String {

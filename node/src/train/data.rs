@@ -1,0 +1,704 @@
+//! Datasets: loading, the held-out split, and turning sample ids into tensors.
+//!
+//! Every member loads the same data deterministically (same file, same seed), so a sample
+//! id means the same sample everywhere and only ids move between members (see
+//! `coordinator_free::sharding`). Two shapes of task:
+//! - **classification** (`csv`, `npy`): float features `[B, F]`, integer labels `[B]`;
+//! - **language modelling** (`text`, `arithmetic`): byte tokens, inputs `[B, T]`, targets
+//!   `[B, T]` shifted by one, and for `arithmetic` a mask so only the answer digits count.
+
+use super::job::{DataKind, DataSpec};
+use std::io::Read;
+use std::path::Path;
+use tch::{Kind, Tensor};
+
+/// Largest input file read (csv, npy, text), in bytes.
+pub const MAX_FILE_BYTES: u64 = 2 << 30;
+/// Most held-out samples evaluated (a deterministic prefix of the held-out split).
+pub const MAX_EVAL_SAMPLES: usize = 4096;
+/// Most arithmetic pairs enumerated; above it pairs are sampled.
+const MAX_PAIRS: u64 = 1_000_000;
+
+/// Why data could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    /// A file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A file is larger than [`MAX_FILE_BYTES`].
+    #[error("{path} is larger than {MAX_FILE_BYTES} bytes")]
+    TooLarge {
+        /// The file.
+        path: String,
+    },
+    /// The content does not have the expected form.
+    #[error("{path}: {problem}")]
+    Format {
+        /// The file (or the dataset kind).
+        path: String,
+        /// What is wrong, with the line where it applies.
+        problem: String,
+    },
+    /// The data is too small to split into training and held-out samples.
+    #[error("{0}")]
+    TooSmall(String),
+}
+
+fn format_err(path: &Path, problem: impl Into<String>) -> DataError {
+    DataError::Format {
+        path: path.display().to_string(),
+        problem: problem.into(),
+    }
+}
+
+/// What the model learns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Task {
+    /// Features to one of `classes` labels.
+    Classify {
+        /// Feature count.
+        features: usize,
+        /// Label count (largest label + 1).
+        classes: usize,
+    },
+    /// Next byte; inputs are `len` tokens.
+    Lm {
+        /// Input tokens per sample.
+        len: usize,
+        /// Only masked target positions count (arithmetic answers).
+        masked: bool,
+    },
+}
+
+/// One side of the split.
+struct Split {
+    /// Classification: `n × features` features; LM: `n × (len + 1)` tokens as f32-free u8.
+    x: Vec<f32>,
+    tokens: Vec<u8>,
+    y: Vec<i64>,
+    n: usize,
+}
+
+/// A batch ready for the model.
+pub struct Batch {
+    /// Features `[B, F]` (f32) or input tokens `[B, T]` (i64).
+    pub x: Tensor,
+    /// Labels `[B]` or target tokens `[B, T]` (i64).
+    pub y: Tensor,
+    /// LM loss mask `[B, T]` (f32), where only some targets count.
+    pub mask: Option<Tensor>,
+    /// Samples in the batch.
+    pub len: usize,
+}
+
+/// A loaded dataset.
+pub struct Dataset {
+    /// The task it defines.
+    pub task: Task,
+    train: Split,
+    eval: Split,
+    /// LM: answer mask over target positions (same for every sample).
+    mask: Option<Vec<f32>>,
+    /// Arithmetic: prompt length and answer digits, for exact-match evaluation.
+    pub arithmetic: Option<ArithmeticFormat>,
+}
+
+/// How an arithmetic sample is laid out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ArithmeticFormat {
+    /// Digits per operand.
+    pub digits: usize,
+    /// Tokens before the answer (`aa+bb=`).
+    pub prompt: usize,
+    /// Answer digits (`digits + 1`).
+    pub answer: usize,
+    /// Answer written least-significant digit first.
+    pub reversed: bool,
+}
+
+impl ArithmeticFormat {
+    /// The text of `a+b=` followed by the answer, as trained.
+    pub fn render(&self, a: u64, b: u64) -> String {
+        let d = self.digits;
+        let mut ans = format!("{:0w$}", a + b, w = self.answer);
+        if self.reversed {
+            ans = ans.chars().rev().collect();
+        }
+        format!("{a:0d$}+{b:0d$}={ans}")
+    }
+
+    /// Reads an answer as generated (undoing the reversal).
+    pub fn parse_answer(&self, generated: &[u8]) -> Option<u64> {
+        let mut s: Vec<u8> = generated.to_vec();
+        if self.reversed {
+            s.reverse();
+        }
+        std::str::from_utf8(&s).ok()?.parse().ok()
+    }
+}
+
+/// splitmix64: the deterministic generator behind splits and sampling.
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Whether item `i` is held out, decided by its own hash (so the split of an item never
+/// depends on the others).
+fn held_out(seed: u64, i: u64, fraction: f64) -> bool {
+    (mix(seed ^ mix(i)) >> 11) as f64 / (1u64 << 53) as f64 > 1.0 - fraction
+}
+
+fn read_file(path: &Path) -> Result<Vec<u8>, DataError> {
+    let f = std::fs::File::open(path).map_err(|source| DataError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let mut buf = Vec::new();
+    let gz = path.extension().is_some_and(|e| e == "gz");
+    let r: Box<dyn Read> = if gz {
+        Box::new(flate2::read::GzDecoder::new(f))
+    } else {
+        Box::new(f)
+    };
+    r.take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut buf)
+        .map_err(|source| DataError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+    if buf.len() as u64 > MAX_FILE_BYTES {
+        return Err(DataError::TooLarge {
+            path: path.display().to_string(),
+        });
+    }
+    Ok(buf)
+}
+
+impl Dataset {
+    /// Loads the dataset a job names. `context` is the gpt context (LM kinds).
+    pub fn load(
+        spec: &DataSpec,
+        seed: u64,
+        eval_fraction: f64,
+        context: usize,
+    ) -> Result<Dataset, DataError> {
+        match spec.kind {
+            DataKind::Csv => {
+                let path = spec.path.as_deref().expect("validated");
+                let (x, y, f) = parse_csv(path, &read_file(path)?)?;
+                Dataset::classification(x, y, f, seed, eval_fraction, spec.standardize, path)
+            }
+            DataKind::Npy => {
+                let fp = spec.features.as_deref().expect("validated");
+                let lp = spec.labels.as_deref().expect("validated");
+                let (shape, x) = parse_npy(fp, &read_file(fp)?)?;
+                if shape.len() != 2 {
+                    return Err(format_err(
+                        fp,
+                        format!("features must be 2-D, not {shape:?}"),
+                    ));
+                }
+                let (lshape, y) = parse_npy(lp, &read_file(lp)?)?;
+                if lshape.len() != 1 || lshape[0] != shape[0] {
+                    return Err(format_err(
+                        lp,
+                        format!(
+                            "labels must be 1-D with {} entries, not {lshape:?}",
+                            shape[0]
+                        ),
+                    ));
+                }
+                let mut labels = Vec::with_capacity(y.len());
+                for (i, v) in y.into_iter().enumerate() {
+                    if v < 0.0 || v.fract() != 0.0 || v > 1e6 {
+                        return Err(format_err(
+                            lp,
+                            format!("label {i} is {v}, not a class index"),
+                        ));
+                    }
+                    labels.push(v as i64);
+                }
+                Dataset::classification(
+                    x.into_iter().map(|v| v as f32).collect(),
+                    labels,
+                    shape[1],
+                    seed,
+                    eval_fraction,
+                    spec.standardize,
+                    fp,
+                )
+            }
+            DataKind::Text => {
+                let path = spec.path.as_deref().expect("validated");
+                Dataset::text(&read_file(path)?, context, eval_fraction, path)
+            }
+            DataKind::Arithmetic => Ok(Dataset::arithmetic(
+                spec.digits as usize,
+                spec.reverse_answer,
+                seed,
+                eval_fraction,
+            )),
+        }
+    }
+
+    fn classification(
+        mut x: Vec<f32>,
+        y: Vec<i64>,
+        features: usize,
+        seed: u64,
+        eval_fraction: f64,
+        standardize: bool,
+        path: &Path,
+    ) -> Result<Dataset, DataError> {
+        let classes = y.iter().copied().max().unwrap_or(0) as usize + 1;
+        let n = y.len();
+        let held: Vec<bool> = (0..n as u64)
+            .map(|i| held_out(seed, i, eval_fraction))
+            .collect();
+        let n_eval = held.iter().filter(|&&h| h).count();
+        if n_eval == 0 || n_eval == n {
+            return Err(DataError::TooSmall(format!(
+                "{}: {n} rows cannot be split into training and held-out rows",
+                path.display()
+            )));
+        }
+        if standardize {
+            for j in 0..features {
+                let (mut s, mut s2, mut c) = (0f64, 0f64, 0f64);
+                for i in (0..n).filter(|&i| !held[i]) {
+                    let v = x[i * features + j] as f64;
+                    s += v;
+                    s2 += v * v;
+                    c += 1.0;
+                }
+                let mean = s / c;
+                let std = (s2 / c - mean * mean).max(0.0).sqrt();
+                let scale = if std > 1e-8 { 1.0 / std } else { 1.0 };
+                for i in 0..n {
+                    let v = &mut x[i * features + j];
+                    *v = ((*v as f64 - mean) * scale) as f32;
+                }
+            }
+        }
+        let mut train = Split::empty();
+        let mut eval = Split::empty();
+        for i in 0..n {
+            let s = if held[i] { &mut eval } else { &mut train };
+            s.x.extend_from_slice(&x[i * features..(i + 1) * features]);
+            s.y.push(y[i]);
+            s.n += 1;
+        }
+        Ok(Dataset {
+            task: Task::Classify { features, classes },
+            train,
+            eval,
+            mask: None,
+            arithmetic: None,
+        })
+    }
+
+    /// Byte-level windows of `context + 1` bytes at stride `context`; the last
+    /// `eval_fraction` of the text is held out.
+    fn text(
+        bytes: &[u8],
+        context: usize,
+        eval_fraction: f64,
+        path: &Path,
+    ) -> Result<Dataset, DataError> {
+        let cut = ((bytes.len() as f64) * (1.0 - eval_fraction)) as usize;
+        let windows = |part: &[u8]| -> Split {
+            let mut s = Split::empty();
+            if part.len() > context {
+                let n = (part.len() - 1) / context;
+                for w in 0..n {
+                    s.tokens
+                        .extend_from_slice(&part[w * context..w * context + context + 1]);
+                }
+                s.n = n;
+            }
+            s
+        };
+        let train = windows(&bytes[..cut]);
+        let eval = windows(&bytes[cut..]);
+        if train.n == 0 || eval.n == 0 {
+            return Err(DataError::TooSmall(format!(
+                "{}: {} bytes are too few for windows of {} bytes on both sides of the split",
+                path.display(),
+                bytes.len(),
+                context + 1
+            )));
+        }
+        Ok(Dataset {
+            task: Task::Lm {
+                len: context,
+                masked: false,
+            },
+            train,
+            eval,
+            mask: None,
+            arithmetic: None,
+        })
+    }
+
+    /// All sums of two `digits`-digit numbers (sampled above [`MAX_PAIRS`]); a pair is held
+    /// out by its own hash, so held-out sums never appear in training.
+    fn arithmetic(digits: usize, reversed: bool, seed: u64, eval_fraction: f64) -> Dataset {
+        let fmt = ArithmeticFormat {
+            digits,
+            prompt: 2 * digits + 2,
+            answer: digits + 1,
+            reversed,
+        };
+        let base = 10u64.pow(digits as u32);
+        let total = base.saturating_mul(base);
+        let pairs: Box<dyn Iterator<Item = (u64, u64)>> = if total <= MAX_PAIRS {
+            Box::new((0..total).map(move |i| (i / base, i % base)))
+        } else {
+            Box::new((0..MAX_PAIRS).map(move |i| {
+                let r = mix(seed ^ mix(i ^ 0xa5a5));
+                ((r >> 32) % base, (r & 0xffff_ffff) % base)
+            }))
+        };
+        let mut train = Split::empty();
+        let mut eval = Split::empty();
+        for (a, b) in pairs {
+            let s = if held_out(seed, a * base + b, eval_fraction) {
+                &mut eval
+            } else {
+                &mut train
+            };
+            s.tokens.extend_from_slice(fmt.render(a, b).as_bytes());
+            s.n += 1;
+        }
+        let len = fmt.prompt + fmt.answer - 1;
+        // Target position t predicts token t+1; answer tokens are prompt..prompt+answer.
+        let mask = (0..len)
+            .map(|t| if t + 1 >= fmt.prompt { 1.0 } else { 0.0 })
+            .collect();
+        Dataset {
+            task: Task::Lm { len, masked: true },
+            train,
+            eval,
+            mask: Some(mask),
+            arithmetic: Some(fmt),
+        }
+    }
+
+    /// Training samples.
+    pub fn train_len(&self) -> u64 {
+        self.train.n as u64
+    }
+
+    /// Held-out samples evaluated (at most [`MAX_EVAL_SAMPLES`]).
+    pub fn eval_len(&self) -> usize {
+        self.eval.n.min(MAX_EVAL_SAMPLES)
+    }
+
+    /// The training samples `ids` as a batch.
+    pub fn train_batch(&self, ids: &[u64]) -> Batch {
+        self.batch(&self.train, ids.iter().map(|&i| i as usize))
+    }
+
+    /// Held-out samples `range` as a batch.
+    pub fn eval_batch(&self, range: std::ops::Range<usize>) -> Batch {
+        self.batch(&self.eval, range)
+    }
+
+    /// Held-out arithmetic samples `range`: prompts `[B, prompt]` and answers as numbers.
+    pub fn eval_prompts(&self, range: std::ops::Range<usize>) -> Option<(Tensor, Vec<u64>)> {
+        let fmt = self.arithmetic?;
+        let row = fmt.prompt + fmt.answer;
+        let mut prompts = Vec::with_capacity(range.len() * fmt.prompt);
+        let mut answers = Vec::with_capacity(range.len());
+        for i in range.clone() {
+            let s = &self.eval.tokens[i * row..(i + 1) * row];
+            prompts.extend(s[..fmt.prompt].iter().map(|&b| b as i64));
+            answers.push(fmt.parse_answer(&s[fmt.prompt..])?);
+        }
+        Some((
+            Tensor::from_slice(&prompts).view([range.len() as i64, fmt.prompt as i64]),
+            answers,
+        ))
+    }
+
+    fn batch(&self, split: &Split, ids: impl ExactSizeIterator<Item = usize>) -> Batch {
+        let b = ids.len();
+        match self.task {
+            Task::Classify { features, .. } => {
+                let mut x = Vec::with_capacity(b * features);
+                let mut y = Vec::with_capacity(b);
+                for i in ids {
+                    x.extend_from_slice(&split.x[i * features..(i + 1) * features]);
+                    y.push(split.y[i]);
+                }
+                Batch {
+                    x: Tensor::from_slice(&x).view([b as i64, features as i64]),
+                    y: Tensor::from_slice(&y),
+                    mask: None,
+                    len: b,
+                }
+            }
+            Task::Lm { len, .. } => {
+                let row = len + 1;
+                let mut x = Vec::with_capacity(b * len);
+                let mut y = Vec::with_capacity(b * len);
+                for i in ids {
+                    let s = &split.tokens[i * row..(i + 1) * row];
+                    x.extend(s[..len].iter().map(|&t| t as i64));
+                    y.extend(s[1..].iter().map(|&t| t as i64));
+                }
+                let mask = self.mask.as_ref().map(|m| {
+                    Tensor::from_slice(m)
+                        .view([1, len as i64])
+                        .expand([b as i64, len as i64], false)
+                        .to_kind(Kind::Float)
+                });
+                Batch {
+                    x: Tensor::from_slice(&x).view([b as i64, len as i64]),
+                    y: Tensor::from_slice(&y).view([b as i64, len as i64]),
+                    mask,
+                    len: b,
+                }
+            }
+        }
+    }
+}
+
+impl Split {
+    fn empty() -> Split {
+        Split {
+            x: Vec::new(),
+            tokens: Vec::new(),
+            y: Vec::new(),
+            n: 0,
+        }
+    }
+}
+
+/// CSV: numeric features then an integer label per line; a first line that does not parse
+/// is a header; blank lines are skipped.
+fn parse_csv(path: &Path, bytes: &[u8]) -> Result<(Vec<f32>, Vec<i64>, usize), DataError> {
+    let text =
+        std::str::from_utf8(bytes).map_err(|e| format_err(path, format!("not UTF-8: {e}")))?;
+    let mut x = Vec::new();
+    let mut y = Vec::new();
+    let mut width: Option<usize> = None;
+    for (ln, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        let fields: Vec<&str> = line.split(',').map(str::trim).collect();
+        let parsed: Result<Vec<f64>, _> = fields.iter().map(|f| f.parse::<f64>()).collect();
+        let Ok(vals) = parsed else {
+            if ln == 0 {
+                continue; // header
+            }
+            return Err(format_err(
+                path,
+                format!("line {}: a field is not a number", ln + 1),
+            ));
+        };
+        if vals.len() < 2 {
+            return Err(format_err(
+                path,
+                format!("line {}: needs at least one feature and a label", ln + 1),
+            ));
+        }
+        match width {
+            None => width = Some(vals.len()),
+            Some(w) if w != vals.len() => {
+                return Err(format_err(
+                    path,
+                    format!(
+                        "line {}: {} fields, earlier lines have {w}",
+                        ln + 1,
+                        vals.len()
+                    ),
+                ))
+            }
+            _ => {}
+        }
+        let label = vals[vals.len() - 1];
+        if label < 0.0 || label.fract() != 0.0 || label > 1e6 {
+            return Err(format_err(
+                path,
+                format!("line {}: label {label} is not a class index", ln + 1),
+            ));
+        }
+        if vals.iter().any(|v| !v.is_finite()) {
+            return Err(format_err(
+                path,
+                format!("line {}: a value is not finite", ln + 1),
+            ));
+        }
+        x.extend(vals[..vals.len() - 1].iter().map(|&v| v as f32));
+        y.push(label as i64);
+    }
+    let Some(w) = width else {
+        return Err(format_err(path, "no data rows"));
+    };
+    Ok((x, y, w - 1))
+}
+
+/// Parses an `.npy` file (format 1.0–3.0, C order, little-endian or byte-sized numbers)
+/// into its shape and values as f64.
+pub fn parse_npy(path: &Path, bytes: &[u8]) -> Result<(Vec<usize>, Vec<f64>), DataError> {
+    let bad = |p: &str| format_err(path, format!("not a supported .npy file: {p}"));
+    if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
+        return Err(bad("missing magic"));
+    }
+    let (hlen, start): (usize, usize) = match bytes[6] {
+        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
+        2 | 3 if bytes.len() >= 12 => (
+            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
+            12,
+        ),
+        _ => return Err(bad("unknown version")),
+    };
+    let header = bytes
+        .get(start..start.saturating_add(hlen))
+        .ok_or_else(|| bad("truncated header"))?;
+    let header = std::str::from_utf8(header).map_err(|_| bad("header not text"))?;
+    let field = |key: &str| -> Option<&str> {
+        let i = header.find(&format!("'{key}'"))?;
+        let rest = header[i + key.len() + 2..].trim_start().strip_prefix(':')?;
+        Some(rest.trim_start())
+    };
+    let descr = field("descr")
+        .and_then(|r| r.strip_prefix('\''))
+        .and_then(|r| r.split('\'').next())
+        .ok_or_else(|| bad("no descr"))?;
+    if field("fortran_order").is_some_and(|r| r.starts_with("True")) {
+        return Err(bad("Fortran order"));
+    }
+    let shape_text = field("shape")
+        .and_then(|r| r.strip_prefix('('))
+        .and_then(|r| r.split(')').next())
+        .ok_or_else(|| bad("no shape"))?;
+    let mut shape = Vec::new();
+    for d in shape_text
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+    {
+        shape.push(d.parse::<usize>().map_err(|_| bad("bad shape"))?);
+    }
+    let numel = shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| bad("shape overflows"))?;
+    let (size, read): (usize, fn(&[u8]) -> f64) = match descr {
+        "<f4" => (4, |b| f32::from_le_bytes(b.try_into().unwrap()) as f64),
+        "<f8" => (8, |b| f64::from_le_bytes(b.try_into().unwrap())),
+        "<i8" => (8, |b| i64::from_le_bytes(b.try_into().unwrap()) as f64),
+        "<i4" => (4, |b| i32::from_le_bytes(b.try_into().unwrap()) as f64),
+        "<i2" => (2, |b| i16::from_le_bytes(b.try_into().unwrap()) as f64),
+        "|u1" => (1, |b| b[0] as f64),
+        "|i1" => (1, |b| b[0] as i8 as f64),
+        other => return Err(bad(&format!("dtype {other}"))),
+    };
+    let data = &bytes[start + hlen..];
+    if Some(data.len()) != numel.checked_mul(size) {
+        return Err(bad(&format!(
+            "{} data bytes for shape {shape:?} of {descr}",
+            data.len()
+        )));
+    }
+    let vals: Vec<f64> = data.chunks_exact(size).map(read).collect();
+    if vals.iter().any(|v| !v.is_finite()) {
+        return Err(bad("a value is not finite"));
+    }
+    Ok((shape, vals))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arithmetic_layout_and_split() {
+        let d = Dataset::arithmetic(2, true, 1, 0.1);
+        assert_eq!(d.train_len() as usize + d.eval.n, 10_000);
+        let fmt = d.arithmetic.unwrap();
+        assert_eq!(fmt.render(37, 45), "37+45=280");
+        assert_eq!(fmt.parse_answer(b"280"), Some(82));
+        assert_eq!(
+            d.task,
+            Task::Lm {
+                len: 8,
+                masked: true
+            }
+        );
+        // Held-out sums never appear in training.
+        let row = 9;
+        let train: std::collections::HashSet<&[u8]> =
+            d.train.tokens.chunks(row).map(|c| &c[..6]).collect();
+        assert!(d.eval.tokens.chunks(row).all(|c| !train.contains(&c[..6])));
+        let b = d.train_batch(&[0, 1]);
+        assert_eq!(b.x.size(), vec![2, 8]);
+        let m: Vec<f32> = Vec::try_from(b.mask.unwrap().get(0)).unwrap();
+        assert_eq!(m, vec![0., 0., 0., 0., 0., 1., 1., 1.]);
+        let (p, a) = d.eval_prompts(0..3).unwrap();
+        assert_eq!(p.size(), vec![3, 6]);
+        assert_eq!(a.len(), 3);
+    }
+
+    #[test]
+    fn csv_with_header_and_errors() {
+        let p = Path::new("t.csv");
+        let (x, y, f) = parse_csv(p, b"a,b,label\n1,2,0\n3,4,1\n\n").unwrap();
+        assert_eq!((x, y, f), (vec![1., 2., 3., 4.], vec![0, 1], 2));
+        assert!(parse_csv(p, b"1,2,0\n3,x,1\n")
+            .unwrap_err()
+            .to_string()
+            .contains("line 2"));
+        assert!(parse_csv(p, b"1,2,0\n3,1\n")
+            .unwrap_err()
+            .to_string()
+            .contains("line 2"));
+        assert!(parse_csv(p, b"1,2,0.5\n")
+            .unwrap_err()
+            .to_string()
+            .contains("label"));
+        assert!(parse_csv(p, b"").is_err());
+    }
+
+    #[test]
+    fn npy_parses_and_refuses_garbage() {
+        let mut f = b"\x93NUMPY\x01\x00".to_vec();
+        let h = "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }";
+        let h = format!("{h:<width$}\n", width = 64 - 10 - 1);
+        f.extend((h.len() as u16).to_le_bytes());
+        f.extend(h.as_bytes());
+        for v in 0..6 {
+            f.extend((v as f32).to_le_bytes());
+        }
+        let (s, v) = parse_npy(Path::new("x.npy"), &f).unwrap();
+        assert_eq!(s, vec![2, 3]);
+        assert_eq!(v, vec![0., 1., 2., 3., 4., 5.]);
+        assert!(parse_npy(Path::new("x.npy"), &f[..f.len() - 1]).is_err());
+        assert!(parse_npy(Path::new("x.npy"), b"\x93NUMPY\x01\x00\xff\xff").is_err());
+        assert!(parse_npy(Path::new("x.npy"), b"garbage").is_err());
+    }
+
+    #[test]
+    fn text_windows() {
+        let text: Vec<u8> = (0..1000u32).map(|i| b'a' + (i % 26) as u8).collect();
+        let d = Dataset::text(&text, 16, 0.1, Path::new("t")).unwrap();
+        assert_eq!(d.train_len(), (900 - 1) / 16);
+        let b = d.train_batch(&[1]);
+        let x: Vec<i64> = Vec::try_from(b.x.view([-1])).unwrap();
+        let y: Vec<i64> = Vec::try_from(b.y.view([-1])).unwrap();
+        assert_eq!(x[1..], y[..15]);
+        assert!(Dataset::text(b"short", 16, 0.1, Path::new("t")).is_err());
+    }
+}

@@ -1,0 +1,663 @@
+//! Job files (TOML): what to train, on what, for how long, and where results go.
+//!
+//! A job file is parsed with unknown keys refused, then validated; every error names the
+//! key and the problem. The submitter resolves relative input paths against the job
+//! file's directory and the output dir against its working directory
+//! ([`JobSpec::resolve_paths`]) before the job is announced on the swarm, so every member
+//! reads the same absolute paths.
+//!
+//! ```toml
+//! name = "digits"
+//! steps = 300              # or: epochs = 5
+//! batch_size = 128         # global, split across members
+//! [model]
+//! kind = "mlp"             # mlp | gpt | torchscript (or: torchscript = "model.pt")
+//! hidden = [128]
+//! [data]
+//! kind = "csv"             # csv | text | npy | arithmetic
+//! path = "digits.csv.gz"
+//! [optimizer]
+//! kind = "adamw"           # adamw | sgd
+//! lr = 0.003
+//! ```
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+
+/// Largest job file accepted (it travels on the control plane).
+pub const MAX_JOB_BYTES: usize = 32 * 1024;
+
+/// Why a job file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// The file could not be read.
+    #[error("cannot read job file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The text is larger than [`MAX_JOB_BYTES`].
+    #[error("job file is {0} bytes; the limit is {MAX_JOB_BYTES}")]
+    TooLarge(usize),
+    /// The TOML is malformed, a key is unknown, or a value has the wrong type.
+    #[error("job file: {0}")]
+    Parse(String),
+    /// A key holds a value that is out of range or inconsistent with another.
+    #[error("job file: `{key}` {problem}")]
+    Invalid {
+        /// The key, dotted (`optimizer.lr`).
+        key: &'static str,
+        /// What is wrong with it.
+        problem: String,
+    },
+}
+
+fn invalid(key: &'static str, problem: impl Into<String>) -> JobError {
+    JobError::Invalid {
+        key,
+        problem: problem.into(),
+    }
+}
+
+/// A training job.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    /// Job name: letters, digits, `-`, `_`, `.`; names the output folder `runs/<name>/`.
+    pub name: String,
+    /// Seed for initialisation, data order and held-out split. Default: 1.
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// Optimizer steps to run (exactly one of `steps` and `epochs`).
+    #[serde(default)]
+    pub steps: Option<u64>,
+    /// Data epochs to run (exactly one of `steps` and `epochs`).
+    #[serde(default)]
+    pub epochs: Option<u64>,
+    /// Global batch size in samples, split across the members by share.
+    pub batch_size: u64,
+    /// Samples per data shard (the unit handed to members). Default: 8.
+    #[serde(default = "default_shard_size")]
+    pub shard_size: u64,
+    /// The job starts once this many members are in the view. Default: 1.
+    #[serde(default = "default_min_nodes")]
+    pub min_nodes: usize,
+    /// Torch intra-op threads per node. Default: 1.
+    #[serde(default = "default_threads")]
+    pub threads: usize,
+    /// Fraction of the data held out for evaluation. Default: 0.1.
+    #[serde(default = "default_eval_fraction")]
+    pub eval_fraction: f64,
+    /// Evaluate every this many steps (and after the last). 0: only after the last. Default: 0.
+    #[serde(default)]
+    pub eval_every: u64,
+    /// Write a checkpoint every this many steps (and after the last). 0: only after the
+    /// last. Default: 0.
+    #[serde(default)]
+    pub checkpoint_every: u64,
+    /// Where `<name>/` is written. Default: `runs`.
+    #[serde(default = "default_output_dir")]
+    pub output_dir: PathBuf,
+    /// Gradient bucket size in bytes; buckets are all-reduced concurrently. Default: 4 MiB.
+    #[serde(default = "default_bucket_bytes")]
+    pub bucket_bytes: u64,
+    /// Record which sample ids every member used at every step in
+    /// `runs/<name>/samples.<member>.jsonl` (for audits and tests). Default: false.
+    #[serde(default)]
+    pub log_samples: bool,
+    /// The model.
+    pub model: ModelSpec,
+    /// The data.
+    pub data: DataSpec,
+    /// The optimizer and learning-rate schedule.
+    #[serde(default)]
+    pub optimizer: OptimizerSpec,
+}
+
+fn default_seed() -> u64 {
+    1
+}
+fn default_shard_size() -> u64 {
+    8
+}
+fn default_min_nodes() -> usize {
+    1
+}
+fn default_threads() -> usize {
+    1
+}
+fn default_eval_fraction() -> f64 {
+    0.1
+}
+fn default_output_dir() -> PathBuf {
+    PathBuf::from("runs")
+}
+fn default_bucket_bytes() -> u64 {
+    4 << 20
+}
+
+/// Which model to train.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    /// `mlp`, `gpt` or `torchscript`. Default: `torchscript` when `torchscript` is set,
+    /// else required.
+    #[serde(default)]
+    pub kind: Option<ModelKind>,
+    /// A trainable TorchScript module file (`forward(x) -> logits`).
+    #[serde(default)]
+    pub torchscript: Option<PathBuf>,
+    /// mlp: hidden layer widths. Default: [128].
+    #[serde(default = "default_hidden")]
+    pub hidden: Vec<i64>,
+    /// gpt: transformer blocks. Default: 2.
+    #[serde(default = "default_layers")]
+    pub layers: i64,
+    /// gpt: attention heads. Default: 4.
+    #[serde(default = "default_heads")]
+    pub heads: i64,
+    /// gpt: model width. Default: 128.
+    #[serde(default = "default_width")]
+    pub width: i64,
+    /// gpt: context length in tokens (bytes). Default: 64; at least the arithmetic
+    /// sequence length for that corpus.
+    #[serde(default = "default_context")]
+    pub context: i64,
+}
+
+fn default_hidden() -> Vec<i64> {
+    vec![128]
+}
+fn default_layers() -> i64 {
+    2
+}
+fn default_heads() -> i64 {
+    4
+}
+fn default_width() -> i64 {
+    128
+}
+fn default_context() -> i64 {
+    64
+}
+
+/// Built-in model kinds.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelKind {
+    /// A ReLU multi-layer perceptron classifier.
+    Mlp,
+    /// A byte-level decoder-only transformer.
+    Gpt,
+    /// A TorchScript module from `model.torchscript`.
+    Torchscript,
+}
+
+/// Which data to train on.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DataSpec {
+    /// `csv`, `text`, `npy` or `arithmetic`.
+    pub kind: DataKind,
+    /// csv / text: the file (`.gz` accepted for csv).
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// npy: 2-D float32/float64 features.
+    #[serde(default)]
+    pub features: Option<PathBuf>,
+    /// npy: 1-D integer labels.
+    #[serde(default)]
+    pub labels: Option<PathBuf>,
+    /// csv: scale features to zero mean and unit variance (statistics of the training
+    /// split). Default: true.
+    #[serde(default = "default_true")]
+    pub standardize: bool,
+    /// arithmetic: digits per operand. Default: 2.
+    #[serde(default = "default_digits")]
+    pub digits: u32,
+    /// arithmetic: write the answer least-significant digit first (easier to learn).
+    /// Default: true.
+    #[serde(default = "default_true")]
+    pub reverse_answer: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_digits() -> u32 {
+    2
+}
+
+/// Dataset kinds.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DataKind {
+    /// Numeric features then an integer label per line.
+    Csv,
+    /// A text file for byte-level language modelling.
+    Text,
+    /// NumPy arrays: `features` and `labels`.
+    Npy,
+    /// Synthetic sums like `37+45=82`.
+    Arithmetic,
+}
+
+/// Optimizer settings.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OptimizerSpec {
+    /// `adamw` or `sgd`. Default: adamw.
+    #[serde(default = "default_optimizer")]
+    pub kind: OptimizerKind,
+    /// Peak learning rate. Default: 0.001.
+    #[serde(default = "default_lr")]
+    pub lr: f64,
+    /// Decoupled weight decay (AdamW) or L2 (SGD). Default: 0.01.
+    #[serde(default = "default_wd")]
+    pub weight_decay: f64,
+    /// AdamW betas. Default: [0.9, 0.999].
+    #[serde(default = "default_betas")]
+    pub betas: [f64; 2],
+    /// AdamW epsilon. Default: 1e-8.
+    #[serde(default = "default_eps")]
+    pub eps: f64,
+    /// SGD momentum. Default: 0.9.
+    #[serde(default = "default_momentum")]
+    pub momentum: f64,
+    /// `constant`, `linear` (decay to 0) or `cosine` (decay to 0). Default: cosine.
+    #[serde(default = "default_schedule")]
+    pub schedule: Schedule,
+    /// Linear warm-up steps. Default: 0.
+    #[serde(default)]
+    pub warmup_steps: u64,
+    /// Clip the global gradient norm to this (0: off). Default: 1.0.
+    #[serde(default = "default_clip")]
+    pub grad_clip: f64,
+}
+
+impl Default for OptimizerSpec {
+    fn default() -> Self {
+        OptimizerSpec {
+            kind: default_optimizer(),
+            lr: default_lr(),
+            weight_decay: default_wd(),
+            betas: default_betas(),
+            eps: default_eps(),
+            momentum: default_momentum(),
+            schedule: default_schedule(),
+            warmup_steps: 0,
+            grad_clip: default_clip(),
+        }
+    }
+}
+
+fn default_optimizer() -> OptimizerKind {
+    OptimizerKind::Adamw
+}
+fn default_lr() -> f64 {
+    1e-3
+}
+fn default_wd() -> f64 {
+    0.01
+}
+fn default_betas() -> [f64; 2] {
+    [0.9, 0.999]
+}
+fn default_eps() -> f64 {
+    1e-8
+}
+fn default_momentum() -> f64 {
+    0.9
+}
+fn default_schedule() -> Schedule {
+    Schedule::Cosine
+}
+fn default_clip() -> f64 {
+    1.0
+}
+
+/// Optimizers.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    /// Adam with decoupled weight decay.
+    Adamw,
+    /// Stochastic gradient descent with momentum.
+    Sgd,
+}
+
+/// Learning-rate schedules (after warm-up).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    /// The peak rate throughout.
+    Constant,
+    /// Linear decay to 0 at the last step.
+    Linear,
+    /// Cosine decay to 0 at the last step.
+    Cosine,
+}
+
+impl JobSpec {
+    /// Reads and validates a job file.
+    pub fn load(path: &Path) -> Result<JobSpec, JobError> {
+        let text = std::fs::read_to_string(path).map_err(|source| JobError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        JobSpec::parse(&text)
+    }
+
+    /// Parses and validates job text.
+    pub fn parse(text: &str) -> Result<JobSpec, JobError> {
+        if text.len() > MAX_JOB_BYTES {
+            return Err(JobError::TooLarge(text.len()));
+        }
+        let spec: JobSpec =
+            toml::from_str(text).map_err(|e| JobError::Parse(e.to_string().trim().to_string()))?;
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    /// The job as TOML (what is announced on the swarm).
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a job spec always serializes")
+    }
+
+    /// A hash naming this exact job (SHA-256 of its TOML form), in hex.
+    pub fn hash(&self) -> String {
+        hex::encode(Sha256::digest(self.to_toml().as_bytes()))
+    }
+
+    /// A 64-bit digest of [`JobSpec::hash`] used to tag the job's collectives.
+    pub fn tag_base(&self) -> u64 {
+        let d = Sha256::digest(self.to_toml().as_bytes());
+        u64::from_le_bytes(d[..8].try_into().expect("8 bytes"))
+    }
+
+    /// Makes every relative path absolute: inputs (data, model) against `job_dir` (the job
+    /// file's directory), `output_dir` against `cwd` (where `shoal train` was run).
+    pub fn resolve_paths(&mut self, job_dir: &Path, cwd: &Path) {
+        if self.output_dir.is_relative() {
+            self.output_dir = cwd.join(&self.output_dir);
+        }
+        let base = job_dir;
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        if let Some(p) = self.model.torchscript.as_mut() {
+            fix(p);
+        }
+        for p in [
+            self.data.path.as_mut(),
+            self.data.features.as_mut(),
+            self.data.labels.as_mut(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            fix(p);
+        }
+    }
+
+    /// The model kind, with the `torchscript = ...` shorthand applied.
+    pub fn model_kind(&self) -> ModelKind {
+        match (self.model.kind, &self.model.torchscript) {
+            (Some(k), _) => k,
+            (None, _) => ModelKind::Torchscript,
+        }
+    }
+
+    /// `runs/<name>/`.
+    pub fn run_dir(&self) -> PathBuf {
+        self.output_dir.join(&self.name)
+    }
+
+    /// Checks ranges and consistency; the error names the key.
+    pub fn validate(&self) -> Result<(), JobError> {
+        if self.name.is_empty()
+            || self.name.len() > 64
+            || !self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            || self.name.starts_with('.')
+        {
+            return Err(invalid(
+                "name",
+                "must be 1-64 characters of letters, digits, '-', '_', '.' (not starting with '.')",
+            ));
+        }
+        match (self.steps, self.epochs) {
+            (Some(0), _) => return Err(invalid("steps", "must be at least 1")),
+            (_, Some(0)) => return Err(invalid("epochs", "must be at least 1")),
+            (Some(_), Some(_)) => {
+                return Err(invalid("steps", "and `epochs` are both set; set one"))
+            }
+            (None, None) => return Err(invalid("steps", "is missing (or set `epochs`)")),
+            _ => {}
+        }
+        if self.batch_size == 0 || self.batch_size > 1 << 20 {
+            return Err(invalid("batch_size", "must be between 1 and 1048576"));
+        }
+        if self.shard_size == 0 {
+            return Err(invalid("shard_size", "must be at least 1"));
+        }
+        if self.min_nodes == 0 || self.min_nodes > 1024 {
+            return Err(invalid("min_nodes", "must be between 1 and 1024"));
+        }
+        if self.threads == 0 || self.threads > 256 {
+            return Err(invalid("threads", "must be between 1 and 256"));
+        }
+        if !(self.eval_fraction > 0.0 && self.eval_fraction < 1.0) {
+            return Err(invalid("eval_fraction", "must be in (0, 1)"));
+        }
+        if self.bucket_bytes < 4096 {
+            return Err(invalid("bucket_bytes", "must be at least 4096"));
+        }
+        let m = &self.model;
+        match self.model_kind() {
+            ModelKind::Torchscript if m.torchscript.is_none() => {
+                return Err(invalid(
+                    "model.torchscript",
+                    "is missing (the path of a TorchScript module)",
+                ))
+            }
+            ModelKind::Mlp | ModelKind::Gpt if m.torchscript.is_some() => {
+                return Err(invalid(
+                    "model.torchscript",
+                    "is set but `model.kind` is not \"torchscript\"",
+                ))
+            }
+            ModelKind::Mlp => {
+                if m.hidden.iter().any(|&h| !(1..=65536).contains(&h)) {
+                    return Err(invalid(
+                        "model.hidden",
+                        "widths must be between 1 and 65536",
+                    ));
+                }
+            }
+            ModelKind::Gpt => {
+                if !(1..=64).contains(&m.layers) {
+                    return Err(invalid("model.layers", "must be between 1 and 64"));
+                }
+                if !(1..=64).contains(&m.heads) {
+                    return Err(invalid("model.heads", "must be between 1 and 64"));
+                }
+                if !(1..=8192).contains(&m.width) || m.width % m.heads != 0 {
+                    return Err(invalid(
+                        "model.width",
+                        format!(
+                            "must be between 1 and 8192 and divisible by model.heads ({})",
+                            m.heads
+                        ),
+                    ));
+                }
+                if !(2..=8192).contains(&m.context) {
+                    return Err(invalid("model.context", "must be between 2 and 8192"));
+                }
+            }
+            ModelKind::Torchscript => {}
+        }
+        let d = &self.data;
+        match d.kind {
+            DataKind::Csv | DataKind::Text if d.path.is_none() => {
+                return Err(invalid("data.path", "is missing"))
+            }
+            DataKind::Npy if d.features.is_none() => {
+                return Err(invalid("data.features", "is missing (an .npy file)"))
+            }
+            DataKind::Npy if d.labels.is_none() => {
+                return Err(invalid("data.labels", "is missing (an .npy file)"))
+            }
+            DataKind::Arithmetic if !(1..=9).contains(&d.digits) => {
+                return Err(invalid("data.digits", "must be between 1 and 9"))
+            }
+            _ => {}
+        }
+        let lm = matches!(d.kind, DataKind::Text | DataKind::Arithmetic);
+        match (self.model_kind(), lm) {
+            (ModelKind::Gpt, false) => {
+                return Err(invalid(
+                    "model.kind",
+                    "gpt trains on `text` or `arithmetic` data",
+                ))
+            }
+            (ModelKind::Mlp, true) => {
+                return Err(invalid("model.kind", "mlp trains on `csv` or `npy` data"))
+            }
+            _ => {}
+        }
+        if d.kind == DataKind::Arithmetic && self.model_kind() == ModelKind::Gpt {
+            let need = 3 * d.digits as i64 + 3;
+            if m.context < need {
+                return Err(invalid(
+                    "model.context",
+                    format!("must be at least {need} for {}-digit sums", d.digits),
+                ));
+            }
+        }
+        let o = &self.optimizer;
+        if !(o.lr > 0.0 && o.lr < 10.0) {
+            return Err(invalid("optimizer.lr", "must be in (0, 10)"));
+        }
+        if !(0.0..1.0).contains(&o.weight_decay) {
+            return Err(invalid("optimizer.weight_decay", "must be in [0, 1)"));
+        }
+        if o.betas.iter().any(|b| !(0.0..1.0).contains(b)) {
+            return Err(invalid("optimizer.betas", "must both be in [0, 1)"));
+        }
+        if !(o.eps > 0.0) {
+            return Err(invalid("optimizer.eps", "must be > 0"));
+        }
+        if !(0.0..1.0).contains(&o.momentum) {
+            return Err(invalid("optimizer.momentum", "must be in [0, 1)"));
+        }
+        if !(o.grad_clip >= 0.0) {
+            return Err(invalid("optimizer.grad_clip", "must be >= 0"));
+        }
+        Ok(())
+    }
+
+    /// Learning rate at `step` (0-based) of `total`.
+    pub fn lr_at(&self, step: u64, total: u64) -> f64 {
+        let o = &self.optimizer;
+        if step < o.warmup_steps {
+            return o.lr * (step + 1) as f64 / o.warmup_steps as f64;
+        }
+        let span = total.saturating_sub(o.warmup_steps).max(1) as f64;
+        let t = ((step - o.warmup_steps) as f64 / span).min(1.0);
+        match o.schedule {
+            Schedule::Constant => o.lr,
+            Schedule::Linear => o.lr * (1.0 - t),
+            Schedule::Cosine => o.lr * 0.5 * (1.0 + (std::f64::consts::PI * t).cos()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = r#"
+name = "t"
+steps = 10
+batch_size = 8
+[model]
+kind = "mlp"
+[data]
+kind = "csv"
+path = "d.csv"
+"#;
+
+    #[test]
+    fn minimal_job_parses_with_defaults() {
+        let j = JobSpec::parse(MIN).unwrap();
+        assert_eq!(j.seed, 1);
+        assert_eq!(j.optimizer.kind, OptimizerKind::Adamw);
+        assert_eq!(j.model.hidden, vec![128]);
+        assert_eq!(j.run_dir(), PathBuf::from("runs/t"));
+        // Round trip through the announced form.
+        assert_eq!(JobSpec::parse(&j.to_toml()).unwrap(), j);
+    }
+
+    fn err(text: &str) -> String {
+        JobSpec::parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        assert!(err(&MIN.replace("steps = 10", "steps = 0")).contains("`steps`"));
+        assert!(err(&MIN.replace("steps = 10", "")).contains("`steps` is missing"));
+        assert!(err(&MIN.replace("batch_size = 8", "batch_size = 0")).contains("`batch_size`"));
+        assert!(err(&MIN.replace("path = \"d.csv\"", "")).contains("`data.path`"));
+        assert!(err(&MIN.replace("kind = \"mlp\"", "kind = \"gpt\"")).contains("`model.kind`"));
+        assert!(err(&format!("{MIN}[optimizer]\nlr = -1\n")).contains("`optimizer.lr`"));
+        let unknown = err(&MIN.replace("steps = 10", "steps = 10\nstepz = 3"));
+        assert!(unknown.contains("stepz"), "{unknown}");
+        let wrong_type = err(&MIN.replace("steps = 10", "steps = \"ten\""));
+        assert!(wrong_type.contains("steps"), "{wrong_type}");
+        assert!(err(&MIN.replace("name = \"t\"", "name = \"../x\"")).contains("`name`"));
+        assert!(err(&"#".repeat(MAX_JOB_BYTES + 1)).contains("limit"));
+    }
+
+    #[test]
+    fn gpt_context_must_hold_a_sum() {
+        let text = r#"
+name = "a"
+steps = 1
+batch_size = 4
+[model]
+kind = "gpt"
+context = 8
+[data]
+kind = "arithmetic"
+digits = 2
+"#;
+        assert!(err(text).contains("`model.context` must be at least 9"));
+    }
+
+    #[test]
+    fn schedules() {
+        let mut j = JobSpec::parse(MIN).unwrap();
+        j.optimizer.warmup_steps = 10;
+        assert!((j.lr_at(0, 110) - j.optimizer.lr / 10.0).abs() < 1e-12);
+        assert!((j.lr_at(10, 110) - j.optimizer.lr).abs() < 1e-12);
+        assert!(j.lr_at(109, 110) < j.optimizer.lr * 0.01);
+        j.optimizer.schedule = Schedule::Constant;
+        assert_eq!(j.lr_at(100, 110), j.optimizer.lr);
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_job_dir() {
+        let mut j = JobSpec::parse(MIN).unwrap();
+        j.resolve_paths(Path::new("/jobs"), Path::new("/work"));
+        assert_eq!(j.data.path.as_deref(), Some(Path::new("/jobs/d.csv")));
+        assert_eq!(j.output_dir, PathBuf::from("/work/runs"));
+    }
+}

@@ -1,0 +1,771 @@
+//! Data-parallel training on the members of the view.
+//!
+//! Every member runs the same loop on its own thread (tch is synchronous; collectives are
+//! driven on the node's tokio runtime):
+//! 1. wait until the view holds `min_nodes` members and every member reports that view;
+//! 2. take the state of the view's first member (a broadcast: fresh weights from the
+//!    seed, or the checkpoint when resuming), so every member starts identical;
+//! 3. per step: the global batch is the next `batch_size` samples of the data epoch's
+//!    order (`coordinator_free::sharding`); its shards go to members by rendezvous hashing;
+//!    each member computes the gradient of the **sum** of its samples' losses, and one ring
+//!    all-reduce (in buckets that run concurrently) sums gradients, loss and sample count,
+//!    so the update equals single-process training on the whole batch;
+//! 4. the view's first member writes `metrics.jsonl`, evaluations and checkpoints.
+//!
+//! A collective refused before any payload (the views differed for a moment) is retried in
+//! the settled view; any other collective failure fails the job (a fixed member set: the
+//! elastic variant is built on top of this loop).
+
+pub mod checkpoint;
+pub mod data;
+pub mod job;
+pub mod model;
+pub mod optim;
+pub mod report;
+
+use crate::data_plane::{DataPlane, DataPlaneError};
+use coordinator_free::sharding::{self, DataCursor};
+use coordinator_free::{NodeId, ReduceOp, View};
+use data::Dataset;
+use job::JobSpec;
+use model::Model;
+use optim::Optimizer;
+use report::{EvalRecord, RunLog, SamplesLog, StepRecord};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tch::Tensor;
+use tokio::sync::watch;
+
+/// How long a job waits for `min_nodes` members before it fails.
+pub const START_TIMEOUT: Duration = Duration::from_secs(600);
+/// Retries of one step refused before any payload moved (views differing for a moment).
+const MAX_VIEW_RETRIES: u32 = 20;
+/// Samples per forward pass during evaluation.
+const EVAL_BATCH: usize = 512;
+/// The checkpoint file in the run directory.
+pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
+/// Checkpoint format marker (metadata `format`).
+const CHECKPOINT_FORMAT: &str = "shoal-checkpoint-1";
+
+/// The view as the trainer needs it: the view, and whether every member reports it.
+#[derive(Clone, Debug)]
+pub struct ViewState {
+    /// The current view.
+    pub view: View,
+    /// Every member's latest heartbeat names this view.
+    pub settled: bool,
+}
+
+/// Why a job failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// The data could not be loaded.
+    #[error(transparent)]
+    Data(#[from] data::DataError),
+    /// The model could not be built or does not fit the data.
+    #[error(transparent)]
+    Model(#[from] model::ModelError),
+    /// A checkpoint could not be read or written.
+    #[error(transparent)]
+    Checkpoint(#[from] checkpoint::CheckpointError),
+    /// A checkpoint belongs to another job or is incomplete.
+    #[error("cannot resume from {path}: {problem}")]
+    Resume {
+        /// The checkpoint.
+        path: String,
+        /// Why not.
+        problem: String,
+    },
+    /// The data split assignment failed.
+    #[error(transparent)]
+    Sharding(#[from] coordinator_free::sharding::ShardingError),
+    /// A collective failed.
+    #[error("step {step}: {source}")]
+    Collective {
+        /// The step.
+        step: u64,
+        /// Why.
+        source: DataPlaneError,
+    },
+    /// Not enough members joined in time.
+    #[error("only {have} of min_nodes = {need} members after {after:?}")]
+    NotEnoughMembers {
+        /// Members present.
+        have: usize,
+        /// Members needed.
+        need: usize,
+        /// How long it waited.
+        after: Duration,
+    },
+    /// The loss became NaN or infinite.
+    #[error("step {0}: the loss is not finite")]
+    Diverged(u64),
+    /// The run directory could not be written.
+    #[error("cannot write the run directory: {0}")]
+    Output(#[from] std::io::Error),
+    /// The node stopped.
+    #[error("the node stopped")]
+    Stopped,
+}
+
+/// Job states.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    /// Waiting for `min_nodes` members.
+    Waiting,
+    /// Training.
+    Running,
+    /// Finished all steps.
+    Done,
+    /// Stopped with an error.
+    Failed,
+}
+
+/// A job as `GET /v1/jobs` reports it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JobReport {
+    /// Run id (hex), unique per submission.
+    pub run: String,
+    /// Job name.
+    pub job: String,
+    /// Job hash (hex SHA-256 of its TOML form).
+    pub hash: String,
+    /// State.
+    pub state: JobState,
+    /// Steps committed.
+    pub step: u64,
+    /// Steps in the job.
+    pub total_steps: u64,
+    /// Latest mean loss.
+    pub loss: Option<f64>,
+    /// Latest global samples per second.
+    pub samples_per_s: Option<f64>,
+    /// Training samples consumed.
+    pub samples: u64,
+    /// Members in the latest step's view.
+    pub members: usize,
+    /// Latest evaluation.
+    pub eval: Option<EvalRecord>,
+    /// Seconds since the job started training.
+    pub wall_s: f64,
+    /// Run directory.
+    pub run_dir: String,
+    /// Recent losses (step, loss), at most 200, for the dashboard.
+    pub recent: Vec<(u64, f64)>,
+    /// The error, when failed.
+    pub error: Option<String>,
+}
+
+impl JobReport {
+    /// A fresh report for `job`.
+    pub fn new(job: &JobSpec, run: u64) -> JobReport {
+        JobReport {
+            run: format!("{run:016x}"),
+            job: job.name.clone(),
+            hash: job.hash(),
+            state: JobState::Waiting,
+            step: 0,
+            total_steps: 0,
+            loss: None,
+            samples_per_s: None,
+            samples: 0,
+            members: 0,
+            eval: None,
+            wall_s: 0.0,
+            run_dir: job.run_dir().display().to_string(),
+            recent: Vec::new(),
+            error: None,
+        }
+    }
+
+    /// The one-line summary `shoal train --json` prints.
+    pub fn summary(&self) -> serde_json::Value {
+        serde_json::json!({
+            "job": self.job,
+            "run": self.run,
+            "state": self.state,
+            "steps": self.step,
+            "final_loss": self.loss,
+            "eval": self.eval,
+            "samples": self.samples,
+            "wall_s": self.wall_s,
+            "members": self.members,
+            "run_dir": self.run_dir,
+            "error": self.error,
+        })
+    }
+}
+
+/// Everything a trainer needs from its node.
+pub struct TrainContext {
+    /// The job.
+    pub job: JobSpec,
+    /// Submission id (distinguishes runs of the same job).
+    pub run: u64,
+    /// Continue from the run directory's checkpoint.
+    pub resume: bool,
+    /// This node.
+    pub me: NodeId,
+    /// The data plane.
+    pub dp: DataPlane,
+    /// The view, as it changes.
+    pub views: watch::Receiver<ViewState>,
+    /// The node's runtime (collectives run there).
+    pub rt: tokio::runtime::Handle,
+    /// Where progress is published.
+    pub report: Arc<Mutex<JobReport>>,
+}
+
+/// Runs a job to its end on this member; the report holds the outcome either way.
+pub fn run(ctx: TrainContext) {
+    let report = ctx.report.clone();
+    let r = Trainer::new(ctx).and_then(|mut t| t.run());
+    let mut rep = report.lock().expect("report lock");
+    match r {
+        Ok(()) => rep.state = JobState::Done,
+        Err(e) => {
+            tracing::error!(job = %rep.job, "training failed: {e}");
+            rep.state = JobState::Failed;
+            rep.error = Some(e.to_string());
+        }
+    }
+}
+
+struct Trainer {
+    ctx: TrainContext,
+    data: Dataset,
+    model: Model,
+    params: Vec<(String, Tensor)>,
+    opt: Optimizer,
+    step: u64,
+    cursor: DataCursor,
+    total_steps: u64,
+    order: Option<(u64, Vec<u64>)>,
+    log: Option<RunLog>,
+    started: Instant,
+    tag_base: u64,
+}
+
+/// A collective tag: distinct per run, purpose, step and bucket.
+fn tag(base: u64, purpose: u64, step: u64, index: u64) -> u64 {
+    let mut z = base ^ purpose.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z ^= step.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z ^= index.wrapping_mul(0x94d0_49bb_1331_11eb);
+    z
+}
+
+const TAG_SYNC: u64 = 1;
+const TAG_GRAD: u64 = 2;
+const TAG_EVAL: u64 = 3;
+
+impl Trainer {
+    fn new(ctx: TrainContext) -> Result<Trainer, TrainError> {
+        let job = &ctx.job;
+        tch::set_num_threads(job.threads as i32);
+        let context = job.model.context as usize;
+        let data = Dataset::load(&job.data, job.seed, job.eval_fraction, context)?;
+        let model = Model::build(job, data.task, job.seed)?;
+        let params = model.params();
+        let opt = Optimizer::new(&job.optimizer, &params);
+        let total_steps = match (job.steps, job.epochs) {
+            (Some(s), _) => s,
+            (None, Some(e)) => e * sharding::steps_per_epoch(data.train_len(), job.batch_size),
+            (None, None) => unreachable!("validated"),
+        };
+        tracing::info!(job = %job.name, params = model.numel(), train = data.train_len(),
+            held_out = data.eval_len(), total_steps, "job loaded");
+        let tag_base = job.tag_base() ^ ctx.run;
+        {
+            let mut r = ctx.report.lock().expect("report lock");
+            r.total_steps = total_steps;
+        }
+        Ok(Trainer {
+            ctx,
+            data,
+            model,
+            params,
+            opt,
+            step: 0,
+            cursor: DataCursor::default(),
+            total_steps,
+            order: None,
+            log: None,
+            started: Instant::now(),
+            tag_base,
+        })
+    }
+
+    fn job(&self) -> &JobSpec {
+        &self.ctx.job
+    }
+
+    /// Waits until the view is settled with at least `min_nodes` members, or `bound`.
+    fn settled_view(&mut self, min: usize, bound: Duration) -> Result<View, TrainError> {
+        let views = &mut self.ctx.views;
+        let r = self.ctx.rt.block_on(async {
+            tokio::time::timeout(bound, views.wait_for(|s| s.settled && s.view.len() >= min))
+                .await
+                .map(|r| r.map(|s| s.view.clone()))
+        });
+        match r {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(_)) => Err(TrainError::Stopped),
+            Err(_) => Err(TrainError::NotEnoughMembers {
+                have: self.ctx.views.borrow().view.len(),
+                need: min,
+                after: bound,
+            }),
+        }
+    }
+
+    fn am_first(&self, view: &View) -> bool {
+        view.ids().next() == Some(&self.ctx.me)
+    }
+
+    fn run(&mut self) -> Result<(), TrainError> {
+        let min = self.job().min_nodes;
+        let view = self.settled_view(min, START_TIMEOUT)?;
+        self.started = Instant::now();
+        self.set_report(|r| {
+            r.state = JobState::Running;
+            r.members = view.len();
+        });
+        self.sync_state(&view)?;
+        if self.am_first(&view) {
+            self.log = Some(RunLog::open(&self.job().run_dir(), self.step > 0)?);
+        }
+        let mut samples_log = if self.job().log_samples {
+            Some(SamplesLog::open(
+                &self.job().run_dir(),
+                self.ctx.me.as_str(),
+                self.step > 0,
+            )?)
+        } else {
+            None
+        };
+        let eval_every = self.job().eval_every;
+        let ckpt_every = self.job().checkpoint_every;
+        while self.step < self.total_steps {
+            let epoch = self.cursor.epoch;
+            let (record, ids) = self.train_step()?;
+            if let Some(f) = samples_log.as_mut() {
+                f.append(record.step, epoch, &ids)?;
+            }
+            let view = self.ctx.views.borrow().view.clone();
+            let first = self.am_first(&view);
+            if first {
+                if let Some(log) = self.log.as_mut() {
+                    log.step(&record)?;
+                }
+            }
+            let last = self.step == self.total_steps;
+            if last || (eval_every > 0 && self.step % eval_every == 0) {
+                let ev = self.evaluate()?;
+                if first {
+                    if let Some(log) = self.log.as_mut() {
+                        log.eval(&ev)?;
+                    }
+                }
+                tracing::info!(
+                    step = self.step,
+                    loss = ev.loss,
+                    accuracy = ev.accuracy,
+                    "evaluated"
+                );
+                self.set_report(|r| r.eval = Some(ev));
+            }
+            if first && (last || (ckpt_every > 0 && self.step % ckpt_every == 0)) {
+                self.save_checkpoint()?;
+            }
+        }
+        if let Some(log) = self.log.as_mut() {
+            log.finish(&format!("{} — loss", self.ctx.job.name))?;
+        }
+        Ok(())
+    }
+
+    fn set_report(&self, f: impl FnOnce(&mut JobReport)) {
+        let mut r = self.ctx.report.lock().expect("report lock");
+        f(&mut r);
+        r.wall_s = self.started.elapsed().as_secs_f64();
+    }
+
+    /// The state every member must share: parameters, optimizer state, and counters.
+    fn state_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut v: Vec<(String, Tensor)> = self
+            .params
+            .iter()
+            .map(|(n, t)| (format!("model.{n}"), t.shallow_clone()))
+            .collect();
+        v.extend(
+            self.opt
+                .named_state(&self.params)
+                .into_iter()
+                .map(|(n, t)| (format!("optim.{n}"), t)),
+        );
+        v
+    }
+
+    fn counters(&self) -> [u64; 4] {
+        [self.step, self.cursor.epoch, self.cursor.offset, self.opt.t]
+    }
+
+    fn set_counters(&mut self, c: [u64; 4]) {
+        self.step = c[0];
+        self.cursor = DataCursor {
+            epoch: c[1],
+            offset: c[2],
+        };
+        self.opt.t = c[3];
+    }
+
+    /// Loads the run directory's checkpoint into this member's state.
+    fn load_checkpoint(&mut self) -> Result<(), TrainError> {
+        let path = self.job().run_dir().join(CHECKPOINT_FILE);
+        let c = checkpoint::read(&path)?;
+        let bad = |p: String| TrainError::Resume {
+            path: path.display().to_string(),
+            problem: p,
+        };
+        let meta = |k: &str| -> Result<u64, TrainError> {
+            c.metadata
+                .get(k)
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| bad(format!("metadata `{k}` is missing")))
+        };
+        if c.metadata.get("format").map(String::as_str) != Some(CHECKPOINT_FORMAT) {
+            return Err(bad("not a shoal checkpoint".into()));
+        }
+        if c.metadata.get("job_hash") != Some(&self.job().hash()) {
+            return Err(bad(
+                "it belongs to another job (the job file changed)".into()
+            ));
+        }
+        let counters = [
+            meta("step")?,
+            meta("data_epoch")?,
+            meta("data_offset")?,
+            meta("optimizer_t")?,
+        ];
+        let _guard = tch::no_grad_guard();
+        for (name, mut t) in self.state_tensors() {
+            let src = c
+                .get(&name)
+                .ok_or_else(|| bad(format!("tensor `{name}` is missing")))?;
+            if src.size() != t.size() {
+                return Err(bad(format!(
+                    "tensor `{name}` is {:?}, the model has {:?}",
+                    src.size(),
+                    t.size()
+                )));
+            }
+            t.copy_(src);
+        }
+        self.set_counters(counters);
+        tracing::info!(step = self.step, "resumed from {}", path.display());
+        Ok(())
+    }
+
+    fn save_checkpoint(&self) -> Result<(), TrainError> {
+        let path = self.job().run_dir().join(CHECKPOINT_FILE);
+        let c = self.counters();
+        let meta = BTreeMap::from([
+            ("format".to_string(), CHECKPOINT_FORMAT.to_string()),
+            ("job".to_string(), self.job().name.clone()),
+            ("job_hash".to_string(), self.job().hash()),
+            ("step".to_string(), c[0].to_string()),
+            ("data_epoch".to_string(), c[1].to_string()),
+            ("data_offset".to_string(), c[2].to_string()),
+            ("optimizer_t".to_string(), c[3].to_string()),
+            ("total_steps".to_string(), self.total_steps.to_string()),
+        ]);
+        checkpoint::write(&path, &self.state_tensors(), &meta)?;
+        tracing::info!(step = self.step, "checkpoint written to {}", path.display());
+        Ok(())
+    }
+
+    /// Makes every member's state the view's first member's (which loads the checkpoint
+    /// first when resuming): one broadcast of all state tensors and the counters.
+    fn sync_state(&mut self, view: &View) -> Result<(), TrainError> {
+        if self.am_first(view) && self.ctx.resume {
+            let path = self.job().run_dir().join(CHECKPOINT_FILE);
+            if path.exists() {
+                self.load_checkpoint()?;
+            } else {
+                tracing::warn!("no checkpoint at {}; starting from step 0", path.display());
+            }
+        }
+        if view.len() == 1 {
+            return Ok(());
+        }
+        let tensors = self.state_tensors();
+        let numel: usize = tensors.iter().map(|(_, t)| t.numel()).sum();
+        let mut flat = vec![0f32; numel + 8];
+        let mut off = 0;
+        for (_, t) in &tensors {
+            let n = t.numel();
+            t.contiguous()
+                .view([-1])
+                .copy_data(&mut flat[off..off + n], n);
+            off += n;
+        }
+        // Counters travel as raw bits (a broadcast copies bytes, it never adds).
+        for (i, c) in self.counters().iter().enumerate() {
+            flat[numel + 2 * i] = f32::from_bits(*c as u32);
+            flat[numel + 2 * i + 1] = f32::from_bits((*c >> 32) as u32);
+        }
+        let t = tag(self.tag_base, TAG_SYNC, 0, 0);
+        let dp = self.ctx.dp.clone();
+        self.ctx
+            .rt
+            .block_on(dp.broadcast(view, t, &mut flat, 0))
+            .map_err(|source| TrainError::Collective { step: 0, source })?;
+        let _guard = tch::no_grad_guard();
+        let mut off = 0;
+        for (_, mut t) in tensors {
+            let n = t.numel();
+            let src = Tensor::from_slice(&flat[off..off + n]).view(t.size().as_slice());
+            t.copy_(&src);
+            off += n;
+        }
+        let mut c = [0u64; 4];
+        for (i, v) in c.iter_mut().enumerate() {
+            *v = flat[numel + 2 * i].to_bits() as u64
+                | ((flat[numel + 2 * i + 1].to_bits() as u64) << 32);
+        }
+        self.set_counters(c);
+        Ok(())
+    }
+
+    /// The epoch order for the cursor's epoch (cached).
+    fn order(&mut self) -> &[u64] {
+        let epoch = self.cursor.epoch;
+        if self.order.as_ref().map(|o| o.0) != Some(epoch) {
+            let o = sharding::epoch_order(self.job().seed, epoch, self.data.train_len());
+            self.order = Some((epoch, o));
+        }
+        &self.order.as_ref().expect("just set").1
+    }
+
+    /// One step: local gradients, all-reduce, update. Returns the record and the sample
+    /// ids this member used.
+    fn train_step(&mut self) -> Result<(StepRecord, Vec<u64>), TrainError> {
+        let t0 = Instant::now();
+        let n = self.data.train_len();
+        let batch = sharding::next_batch(self.cursor, self.job().batch_size, n)?;
+        let stats0 = self.ctx.dp.stats();
+        let mut retries = 0;
+        loop {
+            let view = self.settled_view(1, START_TIMEOUT)?;
+            let members: Vec<(NodeId, u32)> = view.ids().map(|id| (id.clone(), 1)).collect();
+            let assignment = sharding::assign(&members, &batch, self.job().shard_size)?;
+            let ranges = assignment.ranges(&self.ctx.me).to_vec();
+            let order = self.order();
+            let ids: Vec<u64> = ranges
+                .iter()
+                .flat_map(|r| r.clone().map(|p| order[p as usize]))
+                .collect();
+            let mut flat = self.local_gradients(&ids)?;
+            let dp = self.ctx.dp.clone();
+            let bucket = (self.job().bucket_bytes as usize / 4).max(1);
+            let base = self.tag_base;
+            let step = self.step;
+            let r = self.ctx.rt.block_on(async {
+                let futs = flat.chunks_mut(bucket).enumerate().map(|(i, chunk)| {
+                    dp.all_reduce(
+                        &view,
+                        tag(base, TAG_GRAD, step, i as u64),
+                        chunk,
+                        ReduceOp::Sum,
+                    )
+                });
+                futures::future::try_join_all(futs).await
+            });
+            match r {
+                Ok(_) => {
+                    let rec = self.apply(flat, &batch, &view, t0, stats0)?;
+                    return Ok((rec, ids));
+                }
+                Err(e @ DataPlaneError::ViewMismatch { .. }) if retries < MAX_VIEW_RETRIES => {
+                    retries += 1;
+                    tracing::info!(
+                        step,
+                        "step refused before any payload ({e}); retrying in the settled view"
+                    );
+                    let epoch = view.epoch;
+                    let views = &mut self.ctx.views;
+                    let _ = self.ctx.rt.block_on(tokio::time::timeout(
+                        Duration::from_secs(2),
+                        views.wait_for(|s| s.view.epoch != epoch),
+                    ));
+                }
+                Err(source) => return Err(TrainError::Collective { step, source }),
+            }
+        }
+    }
+
+    /// Gradients of the sum of losses over `ids`, flattened in parameter order, followed
+    /// by `[loss_sum, samples, correct]`.
+    fn local_gradients(&mut self, ids: &[u64]) -> Result<Vec<f32>, TrainError> {
+        for (_, p) in &self.params {
+            let mut g = p.grad();
+            if g.defined() {
+                let _ = g.zero_();
+            }
+        }
+        let numel: usize = self.params.iter().map(|(_, t)| t.numel()).sum();
+        let mut flat = vec![0f32; numel + 3];
+        if ids.is_empty() {
+            return Ok(flat);
+        }
+        self.model.set_train(true);
+        let batch = self.data.train_batch(ids);
+        let (loss, correct) = self.model.loss_sum(&batch)?;
+        loss.backward();
+        let mut off = 0;
+        for (_, p) in &self.params {
+            let n = p.numel();
+            let g = p.grad();
+            if g.defined() {
+                g.contiguous()
+                    .view([-1])
+                    .copy_data(&mut flat[off..off + n], n);
+            }
+            off += n;
+        }
+        flat[numel] = loss.double_value(&[]) as f32;
+        flat[numel + 1] = ids.len() as f32;
+        flat[numel + 2] = correct as f32;
+        Ok(flat)
+    }
+
+    /// Applies the summed gradients and commits the step.
+    fn apply(
+        &mut self,
+        flat: Vec<f32>,
+        batch: &sharding::StepBatch,
+        view: &View,
+        t0: Instant,
+        stats0: crate::data_plane::DataPlaneStats,
+    ) -> Result<StepRecord, TrainError> {
+        let numel = flat.len() - 3;
+        let total = flat[numel + 1] as f64;
+        if total as u64 != batch.len {
+            return Err(TrainError::Collective {
+                step: self.step,
+                source: DataPlaneError::Buffer(format!(
+                    "members contributed {total} samples, the batch has {}",
+                    batch.len
+                )),
+            });
+        }
+        let loss = flat[numel] as f64 / total;
+        if !loss.is_finite() {
+            return Err(TrainError::Diverged(self.step));
+        }
+        let mut grad = Tensor::from_slice(&flat[..numel]) / total;
+        let clip = self.job().optimizer.grad_clip;
+        if clip > 0.0 {
+            let norm = grad.norm().double_value(&[]);
+            if norm > clip {
+                grad *= clip / norm;
+            }
+        }
+        let mut grads = Vec::with_capacity(self.params.len());
+        let mut off = 0i64;
+        for (_, p) in &self.params {
+            let n = p.numel() as i64;
+            grads.push(grad.narrow(0, off, n).view(p.size().as_slice()));
+            off += n;
+        }
+        let lr = self.job().lr_at(self.step, self.total_steps);
+        self.opt.step(&self.params, &grads, lr);
+        self.step += 1;
+        self.cursor = sharding::advance(batch, self.data.train_len());
+        let stats = self.ctx.dp.stats();
+        let secs = t0.elapsed().as_secs_f64();
+        let rec = StepRecord {
+            step: self.step,
+            loss,
+            lr,
+            samples: batch.len,
+            samples_per_s: batch.len as f64 / secs.max(1e-9),
+            step_ms: secs * 1e3,
+            bytes_sent: stats.bytes_sent - stats0.bytes_sent,
+            bytes_received: stats.bytes_received - stats0.bytes_received,
+            members: view.len(),
+            view_epoch: view.epoch,
+            data_epoch: self.cursor.epoch,
+            data_offset: self.cursor.offset,
+        };
+        self.set_report(|r| {
+            r.step = rec.step;
+            r.loss = Some(loss);
+            r.samples_per_s = Some(rec.samples_per_s);
+            r.samples += batch.len;
+            r.members = rec.members;
+            r.recent.push((rec.step, loss));
+            if r.recent.len() > 200 {
+                r.recent.remove(0);
+            }
+        });
+        Ok(rec)
+    }
+
+    /// Loss and accuracy on the held-out split, each member evaluating a contiguous share.
+    fn evaluate(&mut self) -> Result<EvalRecord, TrainError> {
+        let view = self.settled_view(1, START_TIMEOUT)?;
+        let rank = view.position(&self.ctx.me).unwrap_or(0);
+        let total = self.data.eval_len();
+        let k = view.len();
+        let (lo, hi) = (total * rank / k, total * (rank + 1) / k);
+        let mut sums = [0f32; 3];
+        self.model.set_train(false);
+        {
+            let _guard = tch::no_grad_guard();
+            let mut i = lo;
+            while i < hi {
+                let j = (i + EVAL_BATCH).min(hi);
+                let b = self.data.eval_batch(i..j);
+                let (loss, mut correct) = self.model.loss_sum(&b)?;
+                if let Some((prompts, answers)) = self.data.eval_prompts(i..j) {
+                    let fmt = self.data.arithmetic.expect("arithmetic");
+                    let gen = self.model.generate(&prompts, fmt.answer)?;
+                    let gen: Vec<i64> = Vec::try_from(gen.view([-1])).unwrap_or_default();
+                    correct = gen
+                        .chunks(fmt.answer)
+                        .zip(&answers)
+                        .filter(|(g, &a)| {
+                            let bytes: Vec<u8> = g.iter().map(|&t| t as u8).collect();
+                            fmt.parse_answer(&bytes) == Some(a)
+                        })
+                        .count() as i64;
+                }
+                sums[0] += loss.double_value(&[]) as f32;
+                sums[1] += correct as f32;
+                sums[2] += (j - i) as f32;
+                i = j;
+            }
+        }
+        self.model.set_train(true);
+        let dp = self.ctx.dp.clone();
+        let t = tag(self.tag_base, TAG_EVAL, self.step, 0);
+        self.ctx
+            .rt
+            .block_on(dp.all_reduce(&view, t, &mut sums, ReduceOp::Sum))
+            .map_err(|source| TrainError::Collective {
+                step: self.step,
+                source,
+            })?;
+        let n = sums[2].max(1.0) as f64;
+        Ok(EvalRecord {
+            step: self.step,
+            loss: sums[0] as f64 / n,
+            accuracy: sums[1] as f64 / n,
+            samples: sums[2] as u64,
+        })
+    }
+}

@@ -1,0 +1,242 @@
+//! What a run leaves in `runs/<job>/`: `metrics.jsonl` (one line per step and per
+//! evaluation), `samples.<member>.jsonl` when the job asks for it, and `loss.svg` at the
+//! end.
+
+use serde::Serialize;
+use std::fmt::Write as _;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// One committed step.
+#[derive(Clone, Debug, Serialize)]
+pub struct StepRecord {
+    /// Step number (1-based: steps committed so far).
+    pub step: u64,
+    /// Mean loss over the global batch.
+    pub loss: f64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Samples in the global batch.
+    pub samples: u64,
+    /// Global samples per second over this step.
+    pub samples_per_s: f64,
+    /// Wall time of the step, ms.
+    pub step_ms: f64,
+    /// Data-plane bytes this node sent during the step.
+    pub bytes_sent: u64,
+    /// Data-plane bytes this node received during the step.
+    pub bytes_received: u64,
+    /// Members in the view that ran the step.
+    pub members: usize,
+    /// That view's epoch.
+    pub view_epoch: u64,
+    /// Data epoch and cursor after the step.
+    pub data_epoch: u64,
+    /// Samples of the data epoch consumed after the step.
+    pub data_offset: u64,
+}
+
+/// One evaluation on the held-out split.
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq)]
+pub struct EvalRecord {
+    /// After this many steps.
+    pub step: u64,
+    /// Mean loss.
+    pub loss: f64,
+    /// Fraction correct (classification: label; arithmetic: exact answer; text: whole
+    /// window predicted).
+    pub accuracy: f64,
+    /// Held-out samples evaluated.
+    pub samples: u64,
+}
+
+/// Writes a run's files.
+pub struct RunLog {
+    dir: PathBuf,
+    metrics: std::fs::File,
+    losses: Vec<(u64, f64)>,
+    evals: Vec<(u64, f64)>,
+}
+
+impl RunLog {
+    /// Opens `dir` (created if absent); appends when `resume`, else starts anew.
+    pub fn open(dir: &Path, resume: bool) -> std::io::Result<RunLog> {
+        Ok(RunLog {
+            dir: dir.to_path_buf(),
+            metrics: open_log(dir, "metrics.jsonl", resume)?,
+            losses: Vec::new(),
+            evals: Vec::new(),
+        })
+    }
+
+    /// Appends a step line.
+    pub fn step(&mut self, r: &StepRecord) -> std::io::Result<()> {
+        self.losses.push((r.step, r.loss));
+        writeln!(self.metrics, "{}", serde_json::to_string(r).expect("json"))
+    }
+
+    /// Appends an evaluation line (`{"eval": {...}}`).
+    pub fn eval(&mut self, r: &EvalRecord) -> std::io::Result<()> {
+        self.evals.push((r.step, r.loss));
+        writeln!(
+            self.metrics,
+            "{}",
+            serde_json::json!({ "step": r.step, "eval": r })
+        )
+    }
+
+    /// Writes `loss.svg` from the lines written so far.
+    pub fn finish(&mut self, title: &str) -> std::io::Result<()> {
+        self.metrics.flush()?;
+        std::fs::write(
+            self.dir.join("loss.svg"),
+            loss_svg(title, &self.losses, &self.evals),
+        )
+    }
+}
+
+fn open_log(dir: &Path, name: &str, resume: bool) -> std::io::Result<std::fs::File> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(resume)
+        .write(true)
+        .truncate(!resume)
+        .open(dir.join(name))
+}
+
+/// One member's record of the sample ids it used: `samples.<member>.jsonl`, a line
+/// `{"step":..,"data_epoch":..,"member":..,"ids":[..]}` per committed step.
+pub struct SamplesLog {
+    file: std::fs::File,
+    member: String,
+}
+
+impl SamplesLog {
+    /// Opens this member's file in `dir`; appends when `resume`.
+    pub fn open(dir: &Path, member: &str, resume: bool) -> std::io::Result<SamplesLog> {
+        Ok(SamplesLog {
+            file: open_log(dir, &format!("samples.{member}.jsonl"), resume)?,
+            member: member.to_string(),
+        })
+    }
+
+    /// Appends the ids used at `step` (from data epoch `epoch`).
+    pub fn append(&mut self, step: u64, epoch: u64, ids: &[u64]) -> std::io::Result<()> {
+        writeln!(
+            self.file,
+            "{}",
+            serde_json::json!({"step": step, "data_epoch": epoch, "member": self.member, "ids": ids})
+        )
+    }
+}
+
+/// A self-contained SVG line chart of training loss (and held-out loss as points).
+pub fn loss_svg(title: &str, train: &[(u64, f64)], eval: &[(u64, f64)]) -> String {
+    let (w, h, l, r, t, b) = (720.0, 400.0, 64.0, 16.0, 32.0, 40.0);
+    let finite = |v: &&(u64, f64)| v.1.is_finite();
+    let all: Vec<&(u64, f64)> = train.iter().chain(eval).filter(finite).collect();
+    let xmax = all.iter().map(|p| p.0).max().unwrap_or(1).max(1) as f64;
+    let ymax = all.iter().map(|p| p.1).fold(f64::MIN, f64::max).max(1e-9);
+    let ymin = all.iter().map(|p| p.1).fold(0.0f64, f64::min);
+    let sx = |x: f64| l + (w - l - r) * x / xmax;
+    let sy = |y: f64| t + (h - t - b) * (1.0 - (y - ymin) / (ymax - ymin).max(1e-12));
+    let mut s = String::new();
+    let _ = write!(
+        s,
+        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12"><rect width="100%" height="100%" fill="#fff"/><text x="{l}" y="20" font-size="14">{}</text>"##,
+        escape(title)
+    );
+    let _ = write!(
+        s,
+        r##"<line x1="{l}" y1="{}" x2="{}" y2="{}" stroke="#333"/><line x1="{l}" y1="{t}" x2="{l}" y2="{}" stroke="#333"/>"##,
+        h - b,
+        w - r,
+        h - b,
+        h - b
+    );
+    for i in 0..=4 {
+        let y = ymin + (ymax - ymin) * i as f64 / 4.0;
+        let _ = write!(
+            s,
+            r##"<text x="{}" y="{}" text-anchor="end">{y:.3}</text><line x1="{l}" y1="{}" x2="{}" y2="{}" stroke="#eee"/>"##,
+            l - 6.0,
+            sy(y) + 4.0,
+            sy(y),
+            w - r,
+            sy(y)
+        );
+        let x = xmax * i as f64 / 4.0;
+        let _ = write!(
+            s,
+            r##"<text x="{}" y="{}" text-anchor="middle">{}</text>"##,
+            sx(x),
+            h - b + 16.0,
+            x.round()
+        );
+    }
+    let _ = write!(
+        s,
+        r##"<text x="{}" y="{}" text-anchor="middle">step</text>"##,
+        (l + w - r) / 2.0,
+        h - 6.0
+    );
+    let pts: Vec<String> = train
+        .iter()
+        .filter(finite)
+        .map(|&(x, y)| format!("{:.1},{:.1}", sx(x as f64), sy(y)))
+        .collect();
+    let _ = write!(
+        s,
+        r##"<polyline fill="none" stroke="#1f77b4" stroke-width="1.5" points="{}"/>"##,
+        pts.join(" ")
+    );
+    for &(x, y) in eval.iter().filter(finite) {
+        let _ = write!(
+            s,
+            r##"<circle cx="{:.1}" cy="{:.1}" r="3.5" fill="#d62728"/>"##,
+            sx(x as f64),
+            sy(y)
+        );
+    }
+    let _ = write!(
+        s,
+        r##"<text x="{}" y="{}" fill="#1f77b4">train loss</text><text x="{}" y="{}" fill="#d62728">held-out loss</text></svg>"##,
+        w - r - 180.0,
+        t + 4.0,
+        w - r - 90.0,
+        t + 4.0
+    );
+    s.push('\n');
+    s
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn svg_has_one_point_per_step_and_eval() {
+        let train: Vec<(u64, f64)> = (1..=50).map(|i| (i, 3.0 / i as f64)).collect();
+        let svg = loss_svg("a<b", &train, &[(25, 0.2), (50, 0.1)]);
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        let poly = svg
+            .split("points=\"")
+            .nth(1)
+            .unwrap()
+            .split('"')
+            .next()
+            .unwrap();
+        assert_eq!(poly.split(' ').count(), 50);
+        assert_eq!(svg.matches("<circle").count(), 2);
+        assert!(svg.contains("a&lt;b"));
+        // Empty and non-finite input still yields a valid chart.
+        assert!(loss_svg("x", &[(1, f64::NAN)], &[]).contains("</svg>"));
+    }
+}
