@@ -247,8 +247,9 @@ fn one_and_three_nodes_agree_and_samples_are_used_once() {
             assert_eq!(ids, (0..n_train).collect::<Vec<_>>(), "epoch {epoch}");
         }
     }
-    assert_eq!(total, 60 * 48);
-    assert_eq!(s3["samples"], 60 * 48);
+    // Batches are 48 except the shorter last one of each epoch.
+    assert_eq!(Some(total), s3["samples"].as_u64());
+    assert_eq!(s1["samples"], s3["samples"]);
 
     // The checkpoint: Python's safetensors reads it.
     let out = Command::new(python())

@@ -85,7 +85,7 @@ pub fn write(
     }
     let mut h = serde_json::to_vec(&serde_json::Value::Object(header)).expect("json");
     // Pad the header with spaces to an 8-byte boundary (what the reference writer does).
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let dir = path.parent().unwrap_or(Path::new("."));

@@ -552,13 +552,13 @@ impl JobSpec {
         if o.betas.iter().any(|b| !(0.0..1.0).contains(b)) {
             return Err(invalid("optimizer.betas", "must both be in [0, 1)"));
         }
-        if !(o.eps > 0.0) {
+        if o.eps.is_nan() || o.eps <= 0.0 {
             return Err(invalid("optimizer.eps", "must be > 0"));
         }
         if !(0.0..1.0).contains(&o.momentum) {
             return Err(invalid("optimizer.momentum", "must be in [0, 1)"));
         }
-        if !(o.grad_clip >= 0.0) {
+        if o.grad_clip.is_nan() || o.grad_clip < 0.0 {
             return Err(invalid("optimizer.grad_clip", "must be >= 0"));
         }
         Ok(())

@@ -108,6 +108,9 @@ pub enum TrainError {
     /// The node stopped.
     #[error("the node stopped")]
     Stopped,
+    /// libtorch raised an error (a bug or a model that does not fit; the message says).
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 /// Job states.
@@ -222,8 +225,22 @@ pub struct TrainContext {
 /// Runs a job to its end on this member; the report holds the outcome either way.
 pub fn run(ctx: TrainContext) {
     let report = ctx.report.clone();
-    let r = Trainer::new(ctx).and_then(|mut t| t.run());
-    let mut rep = report.lock().expect("report lock");
+    // A libtorch error surfaces as a panic in tch; it fails the job, never the node, and
+    // never leaves the job looking alive.
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        Trainer::new(ctx).and_then(|mut t| t.run())
+    }))
+    .unwrap_or_else(|p| {
+        let msg = p
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| p.downcast_ref::<&str>().copied())
+            .unwrap_or("unknown panic");
+        Err(TrainError::Internal(
+            msg.lines().next().unwrap_or("").to_string(),
+        ))
+    });
+    let mut rep = report.lock().unwrap_or_else(|e| e.into_inner());
     match r {
         Ok(()) => rep.state = JobState::Done,
         Err(e) => {
@@ -362,7 +379,7 @@ impl Trainer {
                 }
             }
             let last = self.step == self.total_steps;
-            if last || (eval_every > 0 && self.step % eval_every == 0) {
+            if last || (eval_every > 0 && self.step.is_multiple_of(eval_every)) {
                 let ev = self.evaluate()?;
                 if first {
                     if let Some(log) = self.log.as_mut() {
@@ -377,7 +394,7 @@ impl Trainer {
                 );
                 self.set_report(|r| r.eval = Some(ev));
             }
-            if first && (last || (ckpt_every > 0 && self.step % ckpt_every == 0)) {
+            if first && (last || (ckpt_every > 0 && self.step.is_multiple_of(ckpt_every))) {
                 self.save_checkpoint()?;
             }
         }
@@ -734,7 +751,7 @@ impl Trainer {
                 if let Some((prompts, answers)) = self.data.eval_prompts(i..j) {
                     let fmt = self.data.arithmetic.expect("arithmetic");
                     let gen = self.model.generate(&prompts, fmt.answer)?;
-                    let gen: Vec<i64> = Vec::try_from(gen.view([-1])).unwrap_or_default();
+                    let gen: Vec<i64> = Vec::try_from(gen.reshape([-1])).unwrap_or_default();
                     correct = gen
                         .chunks(fmt.answer)
                         .zip(&answers)

@@ -54,7 +54,7 @@ struct Gpt {
 
 enum Net {
     Mlp(Vec<nn::Linear>),
-    Gpt(Gpt),
+    Gpt(Box<Gpt>),
     Script(tch::TrainableCModule),
 }
 
@@ -135,9 +135,9 @@ impl Gpt {
                 false,
             );
             let a = a.transpose(1, 2).contiguous().view([b, t, d]);
-            x = x + blk.proj.forward(&a);
+            x += blk.proj.forward(&a);
             let h = blk.fc.forward(&blk.ln2.forward(&x)).gelu("none");
-            x = x + blk.fc2.forward(&h);
+            x += blk.fc2.forward(&h);
         }
         self.head.forward(&self.ln_f.forward(&x))
     }
@@ -177,7 +177,9 @@ impl Model {
                         m.context
                     )));
                 }
-                Net::Gpt(Gpt::new(&root, m.layers, m.heads, m.width, m.context))
+                Net::Gpt(Box::new(Gpt::new(
+                    &root, m.layers, m.heads, m.width, m.context,
+                )))
             }
             ModelKind::Torchscript => {
                 let path = m.torchscript.as_deref().expect("validated");
