@@ -216,6 +216,44 @@ enum BenchCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Start N local nodes and train the built-in gpt on synthetic bytes; prints one JSON
+    /// line {"impl":"shoal","nodes","threads","model","batch","steps","step_ms",
+    /// "samples_per_s"} over the timed steps (after the warm-up).
+    Train {
+        /// Number of nodes. Default: 1.
+        #[arg(long, default_value_t = 1)]
+        nodes: usize,
+        /// Global batch size. Default: 64.
+        #[arg(long, default_value_t = 64)]
+        batch: u64,
+        /// Timed steps. Default: 20.
+        #[arg(long, default_value_t = 20)]
+        steps: u64,
+        /// Untimed warm-up steps. Default: 3.
+        #[arg(long, default_value_t = 3)]
+        warmup: u64,
+        /// Torch threads per node. Default: 1.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        /// gpt blocks. Default: 2.
+        #[arg(long, default_value_t = 2)]
+        layers: i64,
+        /// gpt heads. Default: 4.
+        #[arg(long, default_value_t = 4)]
+        heads: i64,
+        /// gpt width. Default: 128.
+        #[arg(long, default_value_t = 128)]
+        width: i64,
+        /// gpt context. Default: 64.
+        #[arg(long, default_value_t = 64)]
+        context: i64,
+        /// Data-plane transport. Default: tcp.
+        #[arg(long, default_value = "tcp")]
+        data_plane: shoal_node::data_plane::DataTransport,
+        /// Print the JSON line only.
+        #[arg(long)]
+        json: bool,
+    },
     /// Loopback TCP ceiling: one stream, 1 MiB writes, 2 GiB, sender and receiver threads.
     /// Prints {"tcp_ceiling_gbps": ...}.
     TcpCeiling,
@@ -311,6 +349,28 @@ async fn dispatch(cmd: Cmd) -> Result<(), Failure> {
         Cmd::Bench {
             what: BenchCmd::TcpCeiling,
         } => tcp_ceiling(),
+        Cmd::Bench {
+            what:
+                BenchCmd::Train {
+                    nodes,
+                    batch,
+                    steps,
+                    warmup,
+                    threads,
+                    layers,
+                    heads,
+                    width,
+                    context,
+                    data_plane,
+                    json,
+                },
+        } => {
+            let shape = [layers, heads, width, context];
+            bench_train(
+                nodes, batch, steps, warmup, threads, shape, data_plane, json,
+            )
+            .await
+        }
     }
 }
 
@@ -742,7 +802,7 @@ fn tcp_ceiling() -> Result<(), Failure> {
 /// `shoal train`: validates the job here, submits it to a node (or to a local cluster it
 /// starts), follows its progress and reports the outcome.
 async fn train(a: TrainArgs) -> Result<(), Failure> {
-    use shoal_node::train::{job::JobSpec, JobReport, JobState};
+    use shoal_node::train::{job::JobSpec, JobState};
     let mut spec = JobSpec::load(&a.job).map_err(|e| usage(e.into()))?;
     let job_dir = a
         .job
@@ -753,6 +813,53 @@ async fn train(a: TrainArgs) -> Result<(), Failure> {
         std::fs::canonicalize(job_dir).context("cannot resolve the job file's directory")?;
     let cwd = std::env::current_dir().context("cannot read the working directory")?;
     spec.resolve_paths(&job_dir, &cwd);
+    let report = run_job(&spec, &a).await?;
+    if a.json {
+        println!("{}", report.summary());
+    } else {
+        println!(
+            "job {} {}: {} steps, {} samples, {:.1} s on {} members; final loss {}",
+            report.job,
+            if report.state == JobState::Done {
+                "done"
+            } else {
+                "failed"
+            },
+            report.step,
+            report.samples,
+            report.wall_s,
+            report.members,
+            report
+                .loss
+                .map(|l| format!("{l:.4}"))
+                .unwrap_or_else(|| "-".into()),
+        );
+        if let Some(e) = &report.eval {
+            println!(
+                "held-out: loss={:.4} accuracy={:.4} ({} samples)",
+                e.loss, e.accuracy, e.samples
+            );
+        }
+        println!("run dir: {}", report.run_dir);
+    }
+    match report.state {
+        JobState::Done => Ok(()),
+        _ => Err(anyhow!(
+            "job {} failed: {}",
+            report.job,
+            report.error.unwrap_or_else(|| "unknown error".into())
+        )
+        .into()),
+    }
+}
+
+/// Submits `spec` (to `a.api`, or to a local cluster of `a.local` nodes started here) and
+/// follows it to its end.
+async fn run_job(
+    spec: &shoal_node::train::job::JobSpec,
+    a: &TrainArgs,
+) -> Result<shoal_node::train::JobReport, Failure> {
+    use shoal_node::train::{JobReport, JobState};
     let bound = Duration::from_secs(a.timeout_s);
     let (dir, temp) = local_dir(a.dir.clone());
     let mut cluster = None;
@@ -838,43 +945,7 @@ async fn train(a: TrainArgs) -> Result<(), Failure> {
             let _ = std::fs::remove_dir_all(&dir);
         }
     }
-    if a.json {
-        println!("{}", report.summary());
-    } else {
-        println!(
-            "job {} {}: {} steps, {} samples, {:.1} s on {} members; final loss {}",
-            report.job,
-            if report.state == JobState::Done {
-                "done"
-            } else {
-                "failed"
-            },
-            report.step,
-            report.samples,
-            report.wall_s,
-            report.members,
-            report
-                .loss
-                .map(|l| format!("{l:.4}"))
-                .unwrap_or_else(|| "-".into()),
-        );
-        if let Some(e) = &report.eval {
-            println!(
-                "held-out: loss={:.4} accuracy={:.4} ({} samples)",
-                e.loss, e.accuracy, e.samples
-            );
-        }
-        println!("run dir: {}", report.run_dir);
-    }
-    match report.state {
-        JobState::Done => Ok(()),
-        _ => Err(anyhow!(
-            "job {} failed: {}",
-            report.job,
-            report.error.unwrap_or_else(|| "unknown error".into())
-        )
-        .into()),
-    }
+    Ok(report)
 }
 
 fn progress_line(r: &shoal_node::train::JobReport) -> String {
@@ -899,4 +970,109 @@ fn progress_line(r: &shoal_node::train::JobReport) -> String {
             .unwrap_or_else(|| "-".into()),
         r.members
     )
+}
+
+/// `shoal bench train`: the built-in gpt on 2 MiB of synthetic bytes, N local nodes.
+#[allow(clippy::too_many_arguments)]
+async fn bench_train(
+    n: usize,
+    batch: u64,
+    steps: u64,
+    warmup: u64,
+    threads: usize,
+    [layers, heads, width, context]: [i64; 4],
+    transport: shoal_node::data_plane::DataTransport,
+    json: bool,
+) -> Result<(), Failure> {
+    use shoal_node::train::job::JobSpec;
+    let (dir, _) = local_dir(None);
+    std::fs::create_dir_all(&dir).context("cannot create the bench dir")?;
+    // Bytes from a fixed LCG: the content does not matter, only the shapes.
+    let mut z: u64 = 1;
+    let text: Vec<u8> = (0..2u64 << 20)
+        .map(|_| {
+            z = z.wrapping_mul(6364136223846793005).wrapping_add(1);
+            b' ' + ((z >> 33) % 95) as u8
+        })
+        .collect();
+    std::fs::write(dir.join("data.txt"), text).context("cannot write the bench data")?;
+    let toml = format!(
+        r#"
+name = "bench-train"
+steps = {total}
+batch_size = {batch}
+threads = {threads}
+min_nodes = {n}
+eval_fraction = 0.01
+output_dir = "{out}"
+[model]
+kind = "gpt"
+layers = {layers}
+heads = {heads}
+width = {width}
+context = {context}
+[data]
+kind = "text"
+path = "{data}"
+[optimizer]
+kind = "adamw"
+lr = 0.001
+weight_decay = 0.01
+schedule = "constant"
+grad_clip = 0.0
+"#,
+        total = warmup + steps,
+        out = dir.join("runs").display(),
+        data = dir.join("data.txt").display(),
+    );
+    let spec = JobSpec::parse(&toml).map_err(|e| usage(e.into()))?;
+    let args = TrainArgs {
+        job: dir.join("job.toml"),
+        local: Some(n),
+        resume: false,
+        json: true,
+        api: "127.0.0.1:0".parse().expect("valid"),
+        data_plane: transport,
+        dir: Some(dir.join("nodes")),
+        timeout_s: 3600,
+    };
+    let report = run_job(&spec, &args).await?;
+    if report.state != shoal_node::train::JobState::Done {
+        return Err(anyhow!(
+            "bench job failed: {}; logs under {}",
+            report.error.unwrap_or_default(),
+            dir.display()
+        )
+        .into());
+    }
+    let metrics = std::fs::read_to_string(spec.run_dir().join("metrics.jsonl"))
+        .context("cannot read the bench metrics")?;
+    let rows: Vec<serde_json::Value> = metrics
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|v: &serde_json::Value| v["loss"].is_number())
+        .collect();
+    let at = |step: u64| {
+        rows.iter()
+            .find(|r| r["step"] == step)
+            .and_then(|r| r["elapsed_s"].as_f64())
+    };
+    let (Some(t0), Some(t1)) = (at(warmup.max(1)), at(warmup + steps)) else {
+        return Err(anyhow!("bench metrics lack the timed steps").into());
+    };
+    let timed = if warmup == 0 { steps - 1 } else { steps };
+    let secs = (t1 - t0).max(1e-9);
+    let line = serde_json::json!({"impl": "shoal", "nodes": n, "threads": threads, "model": "gpt",
+        "batch": batch, "steps": timed, "step_ms": secs * 1e3 / timed as f64,
+        "samples_per_s": (batch * timed) as f64 / secs});
+    println!("{line}");
+    if !json {
+        eprintln!(
+            "{n} nodes: {:.1} samples/s ({:.1} ms per step)",
+            (batch * timed) as f64 / secs,
+            secs * 1e3 / timed as f64
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
 }

@@ -2,8 +2,9 @@
 //!
 //! Exported: members and view epoch, member liveness, heartbeats and gossip verdicts,
 //! refused handshakes, connected peers, control-plane gossip payload bytes, data-plane
-//! payload bytes per direction, collective outcomes and a collective latency histogram.
-//! Training and serving metrics join as those features land.
+//! payload bytes per direction, collective outcomes and a collective latency histogram;
+//! per training run (labels `job`, `run`): step, loss, samples/s, step time, samples
+//! consumed, held-out loss and accuracy, and the number of runs per state.
 
 use crate::data_plane::LATENCY_BUCKETS;
 use crate::status::StatusReport;
@@ -233,5 +234,123 @@ pub fn render(r: &StatusReport) -> String {
             cumulative as f64,
         );
     }
+    render_jobs(&mut o, &r.jobs);
     o
+}
+
+fn render_jobs(o: &mut String, jobs: &[crate::train::JobReport]) {
+    use crate::train::JobState;
+    family(
+        o,
+        "shoal_train_runs",
+        "gauge",
+        "Training runs this node takes part in, by state.",
+    );
+    for (state, name) in [
+        (JobState::Waiting, "waiting"),
+        (JobState::Running, "running"),
+        (JobState::Done, "done"),
+        (JobState::Failed, "failed"),
+    ] {
+        let n = jobs.iter().filter(|j| j.state == state).count();
+        sample(
+            o,
+            "shoal_train_runs",
+            &format!("state=\"{name}\""),
+            n as f64,
+        );
+    }
+    type Get = fn(&crate::train::JobReport) -> Option<f64>;
+    let families: [(&str, &str, &str, Get); 7] = [
+        ("shoal_train_step", "gauge", "Steps committed.", |j| {
+            Some(j.step as f64)
+        }),
+        (
+            "shoal_train_loss",
+            "gauge",
+            "Mean loss of the latest step's global batch.",
+            |j| j.loss,
+        ),
+        (
+            "shoal_train_samples_per_second",
+            "gauge",
+            "Global samples per second of the latest step.",
+            |j| j.samples_per_s,
+        ),
+        (
+            "shoal_train_step_seconds",
+            "gauge",
+            "Wall time of the latest step.",
+            |j| j.step_ms.map(|m| m / 1e3),
+        ),
+        (
+            "shoal_train_samples_total",
+            "counter",
+            "Training samples consumed.",
+            |j| Some(j.samples as f64),
+        ),
+        (
+            "shoal_train_eval_loss",
+            "gauge",
+            "Mean held-out loss at the latest evaluation.",
+            |j| j.eval.as_ref().map(|e| e.loss),
+        ),
+        (
+            "shoal_train_eval_accuracy",
+            "gauge",
+            "Held-out accuracy at the latest evaluation.",
+            |j| j.eval.as_ref().map(|e| e.accuracy),
+        ),
+    ];
+    for (name, kind, help, get) in families {
+        family(o, name, kind, help);
+        for j in jobs {
+            if let Some(v) = get(j) {
+                // Job names are [A-Za-z0-9._-] and runs hex: nothing to escape.
+                sample(o, name, &format!("job=\"{}\",run=\"{}\"", j.job, j.run), v);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::{JobReport, JobState};
+
+    #[test]
+    fn training_runs_are_exported_per_job() {
+        let spec = crate::train::job::JobSpec::parse(
+            "name = \"digits\"\nsteps = 9\nbatch_size = 4\n[model]\nkind = \"mlp\"\n[data]\nkind = \"csv\"\npath = \"a\"\n",
+        )
+        .unwrap();
+        let mut j = JobReport::new(&spec, 0xab);
+        j.state = JobState::Running;
+        j.step = 7;
+        j.loss = Some(0.25);
+        j.samples = 28;
+        j.step_ms = Some(12.0);
+        let mut o = String::new();
+        render_jobs(&mut o, &[j]);
+        let labels = "job=\"digits\",run=\"00000000000000ab\"";
+        assert!(o.contains("shoal_train_runs{state=\"running\"} 1\n"), "{o}");
+        assert!(
+            o.contains(&format!("shoal_train_step{{{labels}}} 7\n")),
+            "{o}"
+        );
+        assert!(
+            o.contains(&format!("shoal_train_loss{{{labels}}} 0.25\n")),
+            "{o}"
+        );
+        assert!(
+            o.contains(&format!("shoal_train_step_seconds{{{labels}}} 0.012\n")),
+            "{o}"
+        );
+        assert!(
+            o.contains(&format!("shoal_train_samples_total{{{labels}}} 28\n")),
+            "{o}"
+        );
+        // No evaluation yet: the family is declared but has no sample.
+        assert!(!o.contains("shoal_train_eval_loss{"), "{o}");
+    }
 }

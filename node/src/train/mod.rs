@@ -146,6 +146,8 @@ pub struct JobReport {
     pub loss: Option<f64>,
     /// Latest global samples per second.
     pub samples_per_s: Option<f64>,
+    /// Wall time of the latest step, ms.
+    pub step_ms: Option<f64>,
     /// Training samples consumed.
     pub samples: u64,
     /// Members in the latest step's view.
@@ -174,6 +176,7 @@ impl JobReport {
             total_steps: 0,
             loss: None,
             samples_per_s: None,
+            step_ms: None,
             samples: 0,
             members: 0,
             eval: None,
@@ -236,9 +239,10 @@ pub fn run(ctx: TrainContext) {
             .map(String::as_str)
             .or_else(|| p.downcast_ref::<&str>().copied())
             .unwrap_or("unknown panic");
-        Err(TrainError::Internal(
-            msg.lines().next().unwrap_or("").to_string(),
-        ))
+        // libtorch's messages carry a C++ backtrace after the first sentence.
+        let msg = msg.split("\\nException raised").next().unwrap_or(msg);
+        let msg: String = msg.lines().next().unwrap_or("").chars().take(400).collect();
+        Err(TrainError::Internal(msg))
     });
     let mut rep = report.lock().unwrap_or_else(|e| e.into_inner());
     match r {
@@ -585,7 +589,9 @@ impl Trainer {
                 .iter()
                 .flat_map(|r| r.clone().map(|p| order[p as usize]))
                 .collect();
+            let tc = Instant::now();
             let mut flat = self.local_gradients(&ids)?;
+            let compute = tc.elapsed();
             let dp = self.ctx.dp.clone();
             let bucket = (self.job().bucket_bytes as usize / 4).max(1);
             let base = self.tag_base;
@@ -603,7 +609,10 @@ impl Trainer {
             });
             match r {
                 Ok(_) => {
-                    let rec = self.apply(flat, &batch, &view, t0, stats0)?;
+                    let comm = tc.elapsed() - compute;
+                    let mut rec = self.apply(flat, &batch, &view, t0, stats0)?;
+                    rec.compute_ms = compute.as_secs_f64() * 1e3;
+                    rec.allreduce_ms = comm.as_secs_f64() * 1e3;
                     return Ok((rec, ids));
                 }
                 Err(e @ DataPlaneError::ViewMismatch { .. }) if retries < MAX_VIEW_RETRIES => {
@@ -711,6 +720,9 @@ impl Trainer {
             samples: batch.len,
             samples_per_s: batch.len as f64 / secs.max(1e-9),
             step_ms: secs * 1e3,
+            elapsed_s: self.started.elapsed().as_secs_f64(),
+            compute_ms: 0.0,
+            allreduce_ms: 0.0,
             bytes_sent: stats.bytes_sent - stats0.bytes_sent,
             bytes_received: stats.bytes_received - stats0.bytes_received,
             members: view.len(),
@@ -722,6 +734,7 @@ impl Trainer {
             r.step = rec.step;
             r.loss = Some(loss);
             r.samples_per_s = Some(rec.samples_per_s);
+            r.step_ms = Some(rec.step_ms);
             r.samples += batch.len;
             r.members = rec.members;
             r.recent.push((rec.step, loss));

@@ -135,9 +135,12 @@ impl Gpt {
                 false,
             );
             let a = a.transpose(1, 2).contiguous().view([b, t, d]);
-            x += blk.proj.forward(&a);
+            // Not `+=`: that is an in-place add, and autograd needs the old `x`.
+            let h = &x + blk.proj.forward(&a);
+            x = h;
             let h = blk.fc.forward(&blk.ln2.forward(&x)).gelu("none");
-            x += blk.fc2.forward(&h);
+            let y = &x + blk.fc2.forward(&h);
+            x = y;
         }
         self.head.forward(&self.ln_f.forward(&x))
     }

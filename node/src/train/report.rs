@@ -22,6 +22,12 @@ pub struct StepRecord {
     pub samples_per_s: f64,
     /// Wall time of the step, ms.
     pub step_ms: f64,
+    /// Of the step: forward and backward on this member's share, ms.
+    pub compute_ms: f64,
+    /// Of the step: the gradient all-reduce (including waiting for the slowest member), ms.
+    pub allreduce_ms: f64,
+    /// Seconds since training started (after the members gathered), at the commit.
+    pub elapsed_s: f64,
     /// Data-plane bytes this node sent during the step.
     pub bytes_sent: u64,
     /// Data-plane bytes this node received during the step.
