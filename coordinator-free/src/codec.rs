@@ -228,6 +228,28 @@ mod tests {
     }
 
     #[test]
+    fn job_spec_size_is_checked() {
+        let ok = ControlMessage::Job {
+            run: 9,
+            resume: true,
+            spec: "name = \"x\"\n".into(),
+        };
+        assert_eq!(ControlMessage::decode(&ok.encode().unwrap()).unwrap(), ok);
+        let big = ControlMessage::Job {
+            run: 9,
+            resume: false,
+            spec: "#".repeat(MAX_JOB_SPEC + 1),
+        };
+        assert!(matches!(
+            ControlMessage::decode(&big.encode().unwrap()),
+            Err(CodecError::Invalid(_))
+        ));
+        let mut truncated = ok.encode().unwrap();
+        truncated.pop();
+        assert!(ControlMessage::decode(&truncated).is_err());
+    }
+
+    #[test]
     fn semantic_validation() {
         let mut h = hb();
         h.addrs = vec!["x".into(); 100];

@@ -12,6 +12,8 @@
 //! - [`view`]: what a view is (epoch, sorted members, hash) and how it is hashed.
 //! - [`codec`]: the one size-limited decoder every untrusted byte goes through.
 //! - [`collective`]: ring schedules for all-reduce, all-gather, broadcast and barrier.
+//! - [`training`]: the training-round state machine (wait, exchange progress, sync, step,
+//!   commit or redo).
 //! - [`sharding`]: which samples each member trains on at each step (exactly once per
 //!   data epoch).
 
@@ -19,6 +21,7 @@ pub mod codec;
 pub mod collective;
 pub mod membership;
 pub mod sharding;
+pub mod training;
 pub mod view;
 
 pub use codec::{CodecError, ControlMessage};

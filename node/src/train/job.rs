@@ -101,6 +101,10 @@ pub struct JobSpec {
     /// Where `<name>/` is written. Default: `runs`.
     #[serde(default = "default_output_dir")]
     pub output_dir: PathBuf,
+    /// Compare a hash of every member's weights every this many steps (0: never); a
+    /// mismatch stops the job naming the members. Default: 50.
+    #[serde(default = "default_consistency_every")]
+    pub consistency_every: u64,
     /// Gradient bucket size in bytes; buckets are all-reduced concurrently. Default: 4 MiB.
     #[serde(default = "default_bucket_bytes")]
     pub bucket_bytes: u64,
@@ -134,6 +138,9 @@ fn default_eval_fraction() -> f64 {
 }
 fn default_output_dir() -> PathBuf {
     PathBuf::from("runs")
+}
+fn default_consistency_every() -> u64 {
+    50
 }
 fn default_bucket_bytes() -> u64 {
     4 << 20

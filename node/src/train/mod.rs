@@ -25,7 +25,7 @@ pub mod report;
 
 use crate::data_plane::{DataPlane, DataPlaneError};
 use coordinator_free::sharding::{self, DataCursor};
-use coordinator_free::{NodeId, ReduceOp, View};
+use coordinator_free::{NodeId, ReduceOp, View, ViewHash};
 use data::Dataset;
 use job::JobSpec;
 use model::Model;
@@ -40,8 +40,14 @@ use tokio::sync::watch;
 
 /// How long a job waits for `min_nodes` members before it fails.
 pub const START_TIMEOUT: Duration = Duration::from_secs(600);
-/// Retries of one step refused before any payload moved (views differing for a moment).
+/// Retries of the final evaluation in later views.
 const MAX_VIEW_RETRIES: u32 = 20;
+/// After the job started, how long members wait for a usable view again (e.g. while too
+/// few are left) before the job fails.
+pub const REJOIN_TIMEOUT: Duration = Duration::from_secs(300);
+/// After a failed collective, how long to wait for the view to change before retrying in
+/// the same view (a transient failure).
+const CHANGE_WAIT: Duration = Duration::from_secs(5);
 /// Samples per forward pass during evaluation.
 const EVAL_BATCH: usize = 512;
 /// The checkpoint file in the run directory.
@@ -81,6 +87,17 @@ pub enum TrainError {
     /// The data split assignment failed.
     #[error(transparent)]
     Sharding(#[from] coordinator_free::sharding::ShardingError),
+    /// The training protocol refused an input (a member reported impossible progress).
+    #[error(transparent)]
+    Protocol(#[from] coordinator_free::training::TrainingError),
+    /// Members hold different weights (found by the periodic hash comparison).
+    #[error("step {step}: weights differ between members: {detail}")]
+    Inconsistent {
+        /// The step.
+        step: u64,
+        /// Which members hold which hash.
+        detail: String,
+    },
     /// A collective failed.
     #[error("step {step}: {source}")]
     Collective {
@@ -154,6 +171,10 @@ pub struct JobReport {
     pub members: usize,
     /// Latest evaluation.
     pub eval: Option<EvalRecord>,
+    /// Steps this member redid after a failure (a member died, the view changed).
+    pub redone: u64,
+    /// Digest of this member's weights at the latest comparison (hex).
+    pub weights_hash: Option<String>,
     /// Seconds since the job started training.
     pub wall_s: f64,
     /// Run directory.
@@ -180,6 +201,8 @@ impl JobReport {
             samples: 0,
             members: 0,
             eval: None,
+            redone: 0,
+            weights_hash: None,
             wall_s: 0.0,
             run_dir: job.run_dir().display().to_string(),
             recent: Vec::new(),
@@ -281,6 +304,28 @@ fn tag(base: u64, purpose: u64, step: u64, index: u64) -> u64 {
 const TAG_SYNC: u64 = 1;
 const TAG_GRAD: u64 = 2;
 const TAG_EVAL: u64 = 3;
+const TAG_EXCHANGE: u64 = 4;
+const TAG_HASH: u64 = 5;
+
+/// Why a collective of the loop did not complete.
+#[derive(Debug, thiserror::Error)]
+enum StepFailure {
+    /// The collective failed (a member died, a link broke, a bound passed).
+    #[error(transparent)]
+    Collective(DataPlaneError),
+    /// The view changed while it ran; it was abandoned.
+    #[error("the view changed")]
+    ViewChanged,
+}
+
+/// A step's outcome other than success.
+#[derive(Debug)]
+enum StepError {
+    /// Redo the step in the next view.
+    Failed(StepFailure),
+    /// The job cannot go on.
+    Fatal(TrainError),
+}
 
 impl Trainer {
     fn new(ctx: TrainContext) -> Result<Trainer, TrainError> {
@@ -347,65 +392,376 @@ impl Trainer {
     }
 
     fn run(&mut self) -> Result<(), TrainError> {
-        let min = self.job().min_nodes;
-        let view = self.settled_view(min, START_TIMEOUT)?;
-        self.started = Instant::now();
-        self.set_report(|r| {
-            r.state = JobState::Running;
-            r.members = view.len();
-        });
-        self.sync_state(&view)?;
-        if self.am_first(&view) {
-            self.log = Some(RunLog::open(&self.job().run_dir(), self.step > 0)?);
+        use coordinator_free::training::{Action, Progress, Training, TrainingPlan};
+        if self.ctx.resume {
+            // Any member holding the checkpoint resumes from it; the sync hands its state
+            // to the others (the member with the most steps is the root).
+            let path = self.job().run_dir().join(CHECKPOINT_FILE);
+            if path.exists() {
+                self.load_checkpoint()?;
+            }
         }
+        let plan = TrainingPlan {
+            min_nodes: self.job().min_nodes,
+            total_steps: self.total_steps,
+            batch_size: self.job().batch_size,
+            n_samples: self.data.train_len(),
+            shard_size: self.job().shard_size,
+        };
+        let mut machine = Training::new(
+            self.ctx.me.clone(),
+            plan,
+            Progress {
+                step: self.step,
+                cursor: self.cursor,
+            },
+        );
         let mut samples_log = if self.job().log_samples {
             Some(SamplesLog::open(
                 &self.job().run_dir(),
                 self.ctx.me.as_str(),
-                self.step > 0,
+                self.ctx.resume,
             )?)
         } else {
             None
         };
         let eval_every = self.job().eval_every;
         let ckpt_every = self.job().checkpoint_every;
-        while self.step < self.total_steps {
-            let epoch = self.cursor.epoch;
-            let (record, ids) = self.train_step()?;
-            if let Some(f) = samples_log.as_mut() {
-                f.append(record.step, epoch, &ids)?;
-            }
-            let view = self.ctx.views.borrow().view.clone();
-            let first = self.am_first(&view);
-            if first {
-                if let Some(log) = self.log.as_mut() {
-                    log.step(&record)?;
+        let mut first_view = true;
+        let mut failed_view: Option<ViewHash> = None;
+        loop {
+            // A settled view other than the one we hold restarts the exchange.
+            {
+                let s = self.ctx.views.borrow();
+                if s.settled {
+                    machine.handle_view(&s.view);
                 }
             }
-            let last = self.step == self.total_steps;
-            if last || (eval_every > 0 && self.step.is_multiple_of(eval_every)) {
-                let ev = self.evaluate()?;
-                if first {
-                    if let Some(log) = self.log.as_mut() {
-                        log.eval(&ev)?;
+            match machine.poll_action()? {
+                Action::Finished => break,
+                Action::WaitForView => {
+                    let min = self.job().min_nodes;
+                    let bound = if first_view {
+                        START_TIMEOUT
+                    } else {
+                        REJOIN_TIMEOUT
+                    };
+                    let view = self.next_view(min, failed_view.take(), bound)?;
+                    machine.handle_view(&view);
+                }
+                Action::ExchangeProgress { view } => {
+                    if first_view {
+                        first_view = false;
+                        self.started = Instant::now();
+                        self.set_report(|r| r.state = JobState::Running);
+                    }
+                    match self.exchange_progress(&view, machine.progress()) {
+                        Ok(all) => machine.handle_progress(view.hash, &all)?,
+                        Err(e) => {
+                            tracing::info!(
+                                epoch = view.epoch,
+                                "progress exchange failed ({e}); waiting for the next view"
+                            );
+                            failed_view = Some(view.hash);
+                            machine.handle_failure();
+                        }
                     }
                 }
-                tracing::info!(
-                    step = self.step,
-                    loss = ev.loss,
-                    accuracy = ev.accuracy,
-                    "evaluated"
-                );
-                self.set_report(|r| r.eval = Some(ev));
-            }
-            if first && (last || (ckpt_every > 0 && self.step.is_multiple_of(ckpt_every))) {
-                self.save_checkpoint()?;
+                Action::Sync {
+                    view,
+                    root,
+                    root_rank,
+                    progress,
+                } => {
+                    let t = Instant::now();
+                    match self.sync_state(&view, root_rank) {
+                        Ok(bytes) => {
+                            self.step = progress.step;
+                            self.cursor = progress.cursor;
+                            self.opt.t = progress.step;
+                            machine.handle_synced(view.hash);
+                            let ms = t.elapsed().as_secs_f64() * 1e3;
+                            tracing::info!(epoch = view.epoch, members = view.len(), root = %root, step = progress.step, bytes, ms, "state synced");
+                            let samples = self.samples_through(progress.step);
+                            self.set_report(|r| {
+                                r.members = view.len();
+                                r.step = progress.step;
+                                r.samples = samples;
+                            });
+                            self.event(
+                                &view,
+                                serde_json::json!({"event": "sync", "step": progress.step,
+                                    "view_epoch": view.epoch, "members": view.len(),
+                                    "root": root.as_str(), "bytes": bytes, "ms": ms}),
+                            )?;
+                        }
+                        Err(e) => {
+                            tracing::info!(
+                                epoch = view.epoch,
+                                "state sync failed ({e}); waiting for the next view"
+                            );
+                            failed_view = Some(view.hash);
+                            machine.handle_failure();
+                        }
+                    }
+                }
+                Action::Step {
+                    view,
+                    step,
+                    batch,
+                    ranges,
+                } => match self.train_step(&view, &batch, &ranges) {
+                    Ok((record, ids)) => {
+                        machine.handle_step(view.hash, step, true);
+                        debug_assert_eq!(machine.progress().step, self.step);
+                        if let Some(f) = samples_log.as_mut() {
+                            f.append(record.step, batch.cursor.epoch, &ids)?;
+                        }
+                        let first = self.am_first(&view);
+                        if first {
+                            self.run_log()?.step(&record)?;
+                        }
+                        let last = self.step == self.total_steps;
+                        if last || (eval_every > 0 && self.step.is_multiple_of(eval_every)) {
+                            self.evaluate_logged(&view, first, last)?;
+                        }
+                        if first
+                            && (last || (ckpt_every > 0 && self.step.is_multiple_of(ckpt_every)))
+                        {
+                            self.save_checkpoint()?;
+                        }
+                        let every = self.job().consistency_every;
+                        if last || (every > 0 && self.step.is_multiple_of(every)) {
+                            self.check_consistency(&view)?;
+                        }
+                    }
+                    Err(StepError::Fatal(e)) => return Err(e),
+                    Err(StepError::Failed(e)) => {
+                        tracing::warn!(
+                            step,
+                            epoch = view.epoch,
+                            "step failed ({e}); it is redone in the next view"
+                        );
+                        machine.handle_step(view.hash, step, false);
+                        failed_view = Some(view.hash);
+                        self.set_report(|r| r.redone += 1);
+                        self.event(
+                            &view,
+                            serde_json::json!({"event": "redo", "step": step,
+                                "view_epoch": view.epoch, "error": e.to_string()}),
+                        )?;
+                    }
+                },
             }
         }
         if let Some(log) = self.log.as_mut() {
             log.finish(&format!("{} — loss", self.ctx.job.name))?;
         }
         Ok(())
+    }
+
+    /// The run's log, opened on first use (appending after step 0: a resumed run or a
+    /// member that became the view's first member mid-run).
+    fn run_log(&mut self) -> Result<&mut RunLog, TrainError> {
+        if self.log.is_none() {
+            self.log = Some(RunLog::open(&self.job().run_dir(), self.step > 0)?);
+        }
+        Ok(self.log.as_mut().expect("just opened"))
+    }
+
+    /// Writes an event line (sync, redo) when this member is the view's first.
+    fn event(&mut self, view: &View, line: serde_json::Value) -> Result<(), TrainError> {
+        if self.am_first(view) {
+            self.run_log()?.event(&line)?;
+        }
+        Ok(())
+    }
+
+    /// Evaluates; the last evaluation must succeed (it is retried in later views), others
+    /// are skipped when the view changes under them.
+    fn evaluate_logged(&mut self, view: &View, first: bool, last: bool) -> Result<(), TrainError> {
+        let mut view = view.clone();
+        let mut tries = 0;
+        loop {
+            match self.evaluate(&view) {
+                Err(StepError::Fatal(e)) => return Err(e),
+                Ok(ev) => {
+                    if first {
+                        self.run_log()?.eval(&ev)?;
+                    }
+                    tracing::info!(
+                        step = self.step,
+                        loss = ev.loss,
+                        accuracy = ev.accuracy,
+                        "evaluated"
+                    );
+                    self.set_report(|r| r.eval = Some(ev));
+                    return Ok(());
+                }
+                Err(StepError::Failed(e)) if last && tries < MAX_VIEW_RETRIES => {
+                    tries += 1;
+                    tracing::info!("final evaluation failed ({e}); retrying in the next view");
+                    view = self.next_view(1, Some(view.hash), REJOIN_TIMEOUT)?;
+                }
+                Err(StepError::Failed(e)) => {
+                    tracing::warn!("evaluation at step {} skipped: {e}", self.step);
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Training samples the first `steps` steps consume (batches are shorter at the end of
+    /// each data epoch).
+    fn samples_through(&self, steps: u64) -> u64 {
+        let n = self.data.train_len();
+        let mut cursor = DataCursor::default();
+        let mut total = 0;
+        for _ in 0..steps {
+            let Ok(b) = sharding::next_batch(cursor, self.job().batch_size, n) else {
+                break;
+            };
+            total += b.len;
+            cursor = sharding::advance(&b, n);
+        }
+        total
+    }
+
+    /// A digest of this member's parameters (SHA-256 of their bytes, first 8 bytes, hex).
+    fn weights_hash(&self) -> u64 {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for (name, t) in &self.params {
+            let n = t.numel();
+            let mut v = vec![0f32; n];
+            t.contiguous().view([-1]).copy_data(&mut v, n);
+            h.update(name.as_bytes());
+            for x in v {
+                h.update(x.to_le_bytes());
+            }
+        }
+        u64::from_le_bytes(h.finalize()[..8].try_into().expect("8 bytes"))
+    }
+
+    /// Compares every member's weights hash on `view`; a mismatch fails the job naming
+    /// the members. A view change during the comparison skips it.
+    fn check_consistency(&mut self, view: &View) -> Result<(), TrainError> {
+        let mine = self.weights_hash();
+        self.set_report(|r| r.weights_hash = Some(format!("{mine:016x}")));
+        if view.len() == 1 {
+            return Ok(());
+        }
+        let input = [
+            f32::from_bits(mine as u32),
+            f32::from_bits((mine >> 32) as u32),
+        ];
+        let mut out = vec![0f32; 2 * view.len()];
+        let dp = self.ctx.dp.clone();
+        let t = tag(
+            self.tag_base ^ view.epoch.rotate_left(40),
+            TAG_HASH,
+            self.step,
+            0,
+        );
+        match self.collective(view, dp.all_gather(view, t, &input, &mut out)) {
+            Ok(()) => {
+                let hashes: Vec<u64> = out
+                    .chunks(2)
+                    .map(|c| c[0].to_bits() as u64 | ((c[1].to_bits() as u64) << 32))
+                    .collect();
+                if hashes.iter().any(|&h| h != mine) {
+                    let detail = view
+                        .ids()
+                        .zip(&hashes)
+                        .map(|(id, h)| format!("{id}={h:016x}"))
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    return Err(TrainError::Inconsistent {
+                        step: self.step,
+                        detail,
+                    });
+                }
+                Ok(())
+            }
+            Err(e) => {
+                tracing::info!(step = self.step, "weights comparison skipped: {e}");
+                Ok(())
+            }
+        }
+    }
+
+    /// Waits for a settled view with at least `min` members, other than `not` when given
+    /// (falling back to the same view after `bound`, so a transient failure is retried).
+    fn next_view(
+        &mut self,
+        min: usize,
+        not: Option<ViewHash>,
+        bound: Duration,
+    ) -> Result<View, TrainError> {
+        if let Some(old) = not {
+            let views = &mut self.ctx.views;
+            let r = self.ctx.rt.block_on(tokio::time::timeout(
+                CHANGE_WAIT,
+                views.wait_for(|s| s.settled && s.view.hash != old && s.view.len() >= min),
+            ));
+            if let Ok(Ok(s)) = r {
+                return Ok(s.view.clone());
+            }
+        }
+        self.settled_view(min, bound)
+    }
+
+    /// Runs `fut` (a collective on `view`), abandoning it as soon as the view changes.
+    fn collective<T>(
+        &mut self,
+        view: &View,
+        fut: impl std::future::Future<Output = Result<T, DataPlaneError>>,
+    ) -> Result<T, StepFailure> {
+        let views = &mut self.ctx.views;
+        let hash = view.hash;
+        self.ctx.rt.block_on(async {
+            tokio::select! {
+                r = fut => r.map_err(StepFailure::Collective),
+                _ = views.wait_for(|s| s.view.hash != hash) => Err(StepFailure::ViewChanged),
+            }
+        })
+    }
+
+    /// All-gathers every member's progress on `view`.
+    fn exchange_progress(
+        &mut self,
+        view: &View,
+        mine: coordinator_free::training::Progress,
+    ) -> Result<Vec<(NodeId, coordinator_free::training::Progress)>, StepFailure> {
+        let words = [mine.step, mine.cursor.epoch, mine.cursor.offset];
+        let mut input = [0f32; 6];
+        for (i, w) in words.iter().enumerate() {
+            input[2 * i] = f32::from_bits(*w as u32);
+            input[2 * i + 1] = f32::from_bits((*w >> 32) as u32);
+        }
+        let mut out = vec![0f32; 6 * view.len()];
+        let dp = self.ctx.dp.clone();
+        let t = tag(self.tag_base, TAG_EXCHANGE, view.epoch, 0);
+        self.collective(view, dp.all_gather(view, t, &input, &mut out))?;
+        let word = |b: &[f32], i: usize| {
+            b[2 * i].to_bits() as u64 | ((b[2 * i + 1].to_bits() as u64) << 32)
+        };
+        Ok(view
+            .ids()
+            .zip(out.chunks(6))
+            .map(|(id, b)| {
+                (
+                    id.clone(),
+                    coordinator_free::training::Progress {
+                        step: word(b, 0),
+                        cursor: DataCursor {
+                            epoch: word(b, 1),
+                            offset: word(b, 2),
+                        },
+                    },
+                )
+            })
+            .collect())
     }
 
     fn set_report(&self, f: impl FnOnce(&mut JobReport)) {
@@ -508,23 +864,15 @@ impl Trainer {
         Ok(())
     }
 
-    /// Makes every member's state the view's first member's (which loads the checkpoint
-    /// first when resuming): one broadcast of all state tensors and the counters.
-    fn sync_state(&mut self, view: &View) -> Result<(), TrainError> {
-        if self.am_first(view) && self.ctx.resume {
-            let path = self.job().run_dir().join(CHECKPOINT_FILE);
-            if path.exists() {
-                self.load_checkpoint()?;
-            } else {
-                tracing::warn!("no checkpoint at {}; starting from step 0", path.display());
-            }
-        }
-        if view.len() == 1 {
-            return Ok(());
-        }
+    /// Makes every member's parameters and optimizer state those of rank `root` (one
+    /// broadcast). Returns the bytes moved.
+    fn sync_state(&mut self, view: &View, root: u32) -> Result<u64, StepFailure> {
         let tensors = self.state_tensors();
         let numel: usize = tensors.iter().map(|(_, t)| t.numel()).sum();
-        let mut flat = vec![0f32; numel + 8];
+        if view.len() == 1 {
+            return Ok(0);
+        }
+        let mut flat = vec![0f32; numel];
         let mut off = 0;
         for (_, t) in &tensors {
             let n = t.numel();
@@ -533,17 +881,9 @@ impl Trainer {
                 .copy_data(&mut flat[off..off + n], n);
             off += n;
         }
-        // Counters travel as raw bits (a broadcast copies bytes, it never adds).
-        for (i, c) in self.counters().iter().enumerate() {
-            flat[numel + 2 * i] = f32::from_bits(*c as u32);
-            flat[numel + 2 * i + 1] = f32::from_bits((*c >> 32) as u32);
-        }
-        let t = tag(self.tag_base, TAG_SYNC, 0, 0);
+        let t = tag(self.tag_base, TAG_SYNC, view.epoch, 0);
         let dp = self.ctx.dp.clone();
-        self.ctx
-            .rt
-            .block_on(dp.broadcast(view, t, &mut flat, 0))
-            .map_err(|source| TrainError::Collective { step: 0, source })?;
+        self.collective(view, dp.broadcast(view, t, &mut flat, root))?;
         let _guard = tch::no_grad_guard();
         let mut off = 0;
         for (_, mut t) in tensors {
@@ -552,18 +892,11 @@ impl Trainer {
             t.copy_(&src);
             off += n;
         }
-        let mut c = [0u64; 4];
-        for (i, v) in c.iter_mut().enumerate() {
-            *v = flat[numel + 2 * i].to_bits() as u64
-                | ((flat[numel + 2 * i + 1].to_bits() as u64) << 32);
-        }
-        self.set_counters(c);
-        Ok(())
+        Ok(numel as u64 * 4)
     }
 
-    /// The epoch order for the cursor's epoch (cached).
-    fn order(&mut self) -> &[u64] {
-        let epoch = self.cursor.epoch;
+    /// The epoch order for `epoch` (cached).
+    fn order(&mut self, epoch: u64) -> &[u64] {
         if self.order.as_ref().map(|o| o.0) != Some(epoch) {
             let o = sharding::epoch_order(self.job().seed, epoch, self.data.train_len());
             self.order = Some((epoch, o));
@@ -571,66 +904,48 @@ impl Trainer {
         &self.order.as_ref().expect("just set").1
     }
 
-    /// One step: local gradients, all-reduce, update. Returns the record and the sample
-    /// ids this member used.
-    fn train_step(&mut self) -> Result<(StepRecord, Vec<u64>), TrainError> {
+    /// One step on `view`: local gradients over this member's `ranges` of `batch`, the
+    /// all-reduce, the update. Returns the record and the sample ids this member used.
+    fn train_step(
+        &mut self,
+        view: &View,
+        batch: &sharding::StepBatch,
+        ranges: &[std::ops::Range<u64>],
+    ) -> Result<(StepRecord, Vec<u64>), StepError> {
         let t0 = Instant::now();
-        let n = self.data.train_len();
-        let batch = sharding::next_batch(self.cursor, self.job().batch_size, n)?;
         let stats0 = self.ctx.dp.stats();
-        let mut retries = 0;
-        loop {
-            let view = self.settled_view(1, START_TIMEOUT)?;
-            let members: Vec<(NodeId, u32)> = view.ids().map(|id| (id.clone(), 1)).collect();
-            let assignment = sharding::assign(&members, &batch, self.job().shard_size)?;
-            let ranges = assignment.ranges(&self.ctx.me).to_vec();
-            let order = self.order();
-            let ids: Vec<u64> = ranges
-                .iter()
-                .flat_map(|r| r.clone().map(|p| order[p as usize]))
-                .collect();
-            let tc = Instant::now();
-            let mut flat = self.local_gradients(&ids)?;
-            let compute = tc.elapsed();
-            let dp = self.ctx.dp.clone();
-            let bucket = (self.job().bucket_bytes as usize / 4).max(1);
-            let base = self.tag_base;
-            let step = self.step;
-            let r = self.ctx.rt.block_on(async {
-                let futs = flat.chunks_mut(bucket).enumerate().map(|(i, chunk)| {
-                    dp.all_reduce(
-                        &view,
-                        tag(base, TAG_GRAD, step, i as u64),
-                        chunk,
-                        ReduceOp::Sum,
-                    )
-                });
-                futures::future::try_join_all(futs).await
+        let order = self.order(batch.cursor.epoch);
+        let ids: Vec<u64> = ranges
+            .iter()
+            .flat_map(|r| r.clone().map(|p| order[p as usize]))
+            .collect();
+        let tc = Instant::now();
+        let mut flat = self.local_gradients(&ids).map_err(StepError::Fatal)?;
+        let compute = tc.elapsed();
+        let dp = self.ctx.dp.clone();
+        let bucket = (self.job().bucket_bytes as usize / 4).max(1);
+        let base = self.tag_base ^ view.epoch.rotate_left(40);
+        let step = self.step;
+        let v = view.clone();
+        let fut = async {
+            let futs = flat.chunks_mut(bucket).enumerate().map(|(i, chunk)| {
+                dp.all_reduce(
+                    &v,
+                    tag(base, TAG_GRAD, step, i as u64),
+                    chunk,
+                    ReduceOp::Sum,
+                )
             });
-            match r {
-                Ok(_) => {
-                    let comm = tc.elapsed() - compute;
-                    let mut rec = self.apply(flat, &batch, &view, t0, stats0)?;
-                    rec.compute_ms = compute.as_secs_f64() * 1e3;
-                    rec.allreduce_ms = comm.as_secs_f64() * 1e3;
-                    return Ok((rec, ids));
-                }
-                Err(e @ DataPlaneError::ViewMismatch { .. }) if retries < MAX_VIEW_RETRIES => {
-                    retries += 1;
-                    tracing::info!(
-                        step,
-                        "step refused before any payload ({e}); retrying in the settled view"
-                    );
-                    let epoch = view.epoch;
-                    let views = &mut self.ctx.views;
-                    let _ = self.ctx.rt.block_on(tokio::time::timeout(
-                        Duration::from_secs(2),
-                        views.wait_for(|s| s.view.epoch != epoch),
-                    ));
-                }
-                Err(source) => return Err(TrainError::Collective { step, source }),
-            }
-        }
+            futures::future::try_join_all(futs).await.map(|_| ())
+        };
+        self.collective(view, fut).map_err(StepError::Failed)?;
+        let comm = tc.elapsed() - compute;
+        let mut rec = self
+            .apply(flat, batch, view, t0, stats0)
+            .map_err(StepError::Fatal)?;
+        rec.compute_ms = compute.as_secs_f64() * 1e3;
+        rec.allreduce_ms = comm.as_secs_f64() * 1e3;
+        Ok((rec, ids))
     }
 
     /// Gradients of the sum of losses over `ids`, flattened in parameter order, followed
@@ -746,8 +1061,7 @@ impl Trainer {
     }
 
     /// Loss and accuracy on the held-out split, each member evaluating a contiguous share.
-    fn evaluate(&mut self) -> Result<EvalRecord, TrainError> {
-        let view = self.settled_view(1, START_TIMEOUT)?;
+    fn evaluate(&mut self, view: &View) -> Result<EvalRecord, StepError> {
         let rank = view.position(&self.ctx.me).unwrap_or(0);
         let total = self.data.eval_len();
         let k = view.len();
@@ -760,10 +1074,16 @@ impl Trainer {
             while i < hi {
                 let j = (i + EVAL_BATCH).min(hi);
                 let b = self.data.eval_batch(i..j);
-                let (loss, mut correct) = self.model.loss_sum(&b)?;
+                let (loss, mut correct) = self
+                    .model
+                    .loss_sum(&b)
+                    .map_err(|e| StepError::Fatal(e.into()))?;
                 if let Some((prompts, answers)) = self.data.eval_prompts(i..j) {
                     let fmt = self.data.arithmetic.expect("arithmetic");
-                    let gen = self.model.generate(&prompts, fmt.answer)?;
+                    let gen = self
+                        .model
+                        .generate(&prompts, fmt.answer)
+                        .map_err(|e| StepError::Fatal(e.into()))?;
                     let gen: Vec<i64> = Vec::try_from(gen.reshape([-1])).unwrap_or_default();
                     correct = gen
                         .chunks(fmt.answer)
@@ -782,14 +1102,14 @@ impl Trainer {
         }
         self.model.set_train(true);
         let dp = self.ctx.dp.clone();
-        let t = tag(self.tag_base, TAG_EVAL, self.step, 0);
-        self.ctx
-            .rt
-            .block_on(dp.all_reduce(&view, t, &mut sums, ReduceOp::Sum))
-            .map_err(|source| TrainError::Collective {
-                step: self.step,
-                source,
-            })?;
+        let t = tag(
+            self.tag_base ^ view.epoch.rotate_left(40),
+            TAG_EVAL,
+            self.step,
+            0,
+        );
+        self.collective(view, dp.all_reduce(view, t, &mut sums, ReduceOp::Sum))
+            .map_err(StepError::Failed)?;
         let n = sums[2].max(1.0) as f64;
         Ok(EvalRecord {
             step: self.step,

@@ -81,6 +81,11 @@ impl RunLog {
         writeln!(self.metrics, "{}", serde_json::to_string(r).expect("json"))
     }
 
+    /// Appends an event line (`{"event": "sync" | "redo", ...}`).
+    pub fn event(&mut self, line: &serde_json::Value) -> std::io::Result<()> {
+        writeln!(self.metrics, "{line}")
+    }
+
     /// Appends an evaluation line (`{"eval": {...}}`).
     pub fn eval(&mut self, r: &EvalRecord) -> std::io::Result<()> {
         self.evals.push((r.step, r.loss));

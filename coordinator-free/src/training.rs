@@ -1,0 +1,282 @@
+//! The training-round state machine of one member: when to wait, when to re-sync state,
+//! which step to run on which view, and what a step's outcome commits.
+//!
+//! The protocol, per member:
+//! 1. **Wait** for a settled view with at least `min_nodes` members.
+//! 2. In every new view, **exchange progress** (each member's committed step and data
+//!    cursor, an all-gather) and **sync**: every member takes the state of the member with
+//!    the most committed steps (ties: the smallest id), by a broadcast. A joiner thus pulls
+//!    weights, optimizer state, step and cursor; a member that missed a commit catches up.
+//! 3. **Step** on that view: the batch at the cursor, this member's shards of it. A step
+//!    commits on a member only when its all-reduce completed there, which needs every
+//!    member's contribution, so a committed step always holds the whole batch.
+//! 4. A failed step (a member died, the view changed) commits nothing here; the member
+//!    waits for the next view and goes back to 2. Whoever did commit it is ahead and becomes
+//!    the sync root, so the step is neither lost nor applied twice, and its samples are
+//!    consumed exactly once.
+//!
+//! Every collective is bound to its view by the data plane, so no step commits with a view
+//! that differs between members. `tests/training_sim.rs` checks the protocol under random
+//! crashes, joins and partial commits over many seeds.
+
+use crate::sharding::{self, DataCursor, ShardingError, StepBatch};
+use crate::view::{NodeId, View, ViewHash};
+use serde::{Deserialize, Serialize};
+use std::ops::Range;
+
+/// What a member has committed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Progress {
+    /// Steps committed.
+    pub step: u64,
+    /// Data cursor after them.
+    pub cursor: DataCursor,
+}
+
+/// The job's shape, as the state machine needs it.
+#[derive(Clone, Debug)]
+pub struct TrainingPlan {
+    /// Members needed before the first step.
+    pub min_nodes: usize,
+    /// Steps in the job.
+    pub total_steps: u64,
+    /// Global batch size.
+    pub batch_size: u64,
+    /// Training samples per data epoch.
+    pub n_samples: u64,
+    /// Samples per shard.
+    pub shard_size: u64,
+}
+
+/// What the shell should do next.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Wait for a settled view with enough members (then call [`Training::handle_view`]).
+    WaitForView,
+    /// All-gather every member's [`Progress`] on `view`, then call
+    /// [`Training::handle_progress`].
+    ExchangeProgress {
+        /// The view.
+        view: View,
+    },
+    /// Broadcast the state of `root` (rank `root_rank` in `view`) to every member, then call
+    /// [`Training::handle_synced`] with the root's progress.
+    Sync {
+        /// The view.
+        view: View,
+        /// The member with the most progress.
+        root: NodeId,
+        /// Its rank in `view`.
+        root_rank: u32,
+        /// Its progress (what every member holds after the sync).
+        progress: Progress,
+    },
+    /// Run step `step` on `view` over this member's `ranges` of the epoch order (positions
+    /// of `batch`), then call [`Training::handle_step`].
+    Step {
+        /// The view.
+        view: View,
+        /// The step (0-based; the number of steps committed before it).
+        step: u64,
+        /// The whole batch.
+        batch: StepBatch,
+        /// This member's positions in the epoch order.
+        ranges: Vec<Range<u64>>,
+    },
+    /// Every step is committed.
+    Finished,
+}
+
+/// Why the state machine refused an input.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TrainingError {
+    /// A member reported progress beyond the job's end or an impossible cursor.
+    #[error("member {member} reports impossible progress {progress:?}")]
+    BadProgress {
+        /// The member.
+        member: NodeId,
+        /// What it reported.
+        progress: Progress,
+    },
+    /// The progress exchange did not cover exactly the view's members.
+    #[error("progress exchange does not match the view's members")]
+    IncompleteExchange,
+    /// The batch could not be split.
+    #[error(transparent)]
+    Sharding(#[from] ShardingError),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Phase {
+    /// No usable view yet.
+    Waiting,
+    /// In `view`, progress not yet exchanged.
+    Exchange(View),
+    /// In `view`, syncing from `root`.
+    Sync(View, NodeId, u32, Progress),
+    /// Synced in `view`: stepping.
+    Ready(View),
+}
+
+/// One member's training state machine.
+#[derive(Clone, Debug)]
+pub struct Training {
+    me: NodeId,
+    plan: TrainingPlan,
+    progress: Progress,
+    phase: Phase,
+    /// Steps this member redid after a failure (for metrics).
+    pub redone: u64,
+    /// Syncs this member took part in (for metrics).
+    pub syncs: u64,
+}
+
+impl Training {
+    /// A member starting from `progress` (zero, or a checkpoint's).
+    pub fn new(me: NodeId, plan: TrainingPlan, progress: Progress) -> Training {
+        Training {
+            me,
+            plan,
+            progress,
+            phase: Phase::Waiting,
+            redone: 0,
+            syncs: 0,
+        }
+    }
+
+    /// What this member has committed.
+    pub fn progress(&self) -> Progress {
+        self.progress
+    }
+
+    /// A settled view (every member reports it). A view without this member, or with too
+    /// few members, means waiting.
+    pub fn handle_view(&mut self, view: &View) {
+        let current = match &self.phase {
+            Phase::Waiting => None,
+            Phase::Exchange(v) | Phase::Sync(v, ..) | Phase::Ready(v) => Some(v.hash),
+        };
+        if current == Some(view.hash) {
+            return;
+        }
+        self.phase = if view.contains(&self.me) && view.len() >= self.plan.min_nodes {
+            Phase::Exchange(view.clone())
+        } else {
+            Phase::Waiting
+        };
+    }
+
+    /// The result of [`Action::ExchangeProgress`]: every member's progress, in any order.
+    pub fn handle_progress(
+        &mut self,
+        view: ViewHash,
+        all: &[(NodeId, Progress)],
+    ) -> Result<(), TrainingError> {
+        let Phase::Exchange(v) = &self.phase else {
+            return Ok(()); // stale
+        };
+        if v.hash != view {
+            return Ok(());
+        }
+        if all.len() != v.len() || !v.ids().all(|id| all.iter().any(|(m, _)| m == id)) {
+            return Err(TrainingError::IncompleteExchange);
+        }
+        for (m, p) in all {
+            if p.step > self.plan.total_steps || p.cursor.offset >= self.plan.n_samples.max(1) {
+                return Err(TrainingError::BadProgress {
+                    member: m.clone(),
+                    progress: *p,
+                });
+            }
+        }
+        // Most steps first; ties go to the smallest id (views sort ids).
+        let (root, progress) = v
+            .ids()
+            .filter_map(|id| all.iter().find(|(m, _)| m == id))
+            .fold(None::<&(NodeId, Progress)>, |best, x| match best {
+                Some(b) if b.1.step >= x.1.step => Some(b),
+                _ => Some(x),
+            })
+            .map(|(m, p)| (m.clone(), *p))
+            .ok_or(TrainingError::IncompleteExchange)?;
+        let rank = v.position(&root).ok_or(TrainingError::IncompleteExchange)? as u32;
+        self.phase = Phase::Sync(v.clone(), root, rank, progress);
+        Ok(())
+    }
+
+    /// The sync of [`Action::Sync`] completed: this member now holds the root's state.
+    pub fn handle_synced(&mut self, view: ViewHash) {
+        if let Phase::Sync(v, _, _, p) = &self.phase {
+            if v.hash == view {
+                self.progress = *p;
+                self.syncs += 1;
+                self.phase = Phase::Ready(v.clone());
+            }
+        }
+    }
+
+    /// The outcome of [`Action::Step`] for `step` on `view`: `true` commits it.
+    pub fn handle_step(&mut self, view: ViewHash, step: u64, ok: bool) {
+        let Phase::Ready(v) = &self.phase else {
+            return;
+        };
+        if v.hash != view || step != self.progress.step {
+            return;
+        }
+        if ok {
+            if let Ok(b) = self.batch() {
+                self.progress = Progress {
+                    step: self.progress.step + 1,
+                    cursor: sharding::advance(&b, self.plan.n_samples),
+                };
+            }
+        } else {
+            // Nothing committed here; in the next view, whoever did commit is the root.
+            self.redone += 1;
+            self.phase = Phase::Waiting;
+        }
+    }
+
+    /// A collective of the exchange or the sync failed: wait for the next view.
+    pub fn handle_failure(&mut self) {
+        self.phase = Phase::Waiting;
+    }
+
+    fn batch(&self) -> Result<StepBatch, ShardingError> {
+        sharding::next_batch(
+            self.progress.cursor,
+            self.plan.batch_size,
+            self.plan.n_samples,
+        )
+    }
+
+    /// The next thing to do.
+    ///
+    /// A member that has committed every step still takes part in a view's exchange and
+    /// sync, so a member that joins at the very end catches up instead of waiting.
+    pub fn poll_action(&self) -> Result<Action, TrainingError> {
+        let finished = self.progress.step >= self.plan.total_steps;
+        Ok(match &self.phase {
+            Phase::Waiting | Phase::Ready(_) if finished => Action::Finished,
+            Phase::Waiting => Action::WaitForView,
+            Phase::Exchange(v) => Action::ExchangeProgress { view: v.clone() },
+            Phase::Sync(v, root, rank, p) => Action::Sync {
+                view: v.clone(),
+                root: root.clone(),
+                root_rank: *rank,
+                progress: *p,
+            },
+            Phase::Ready(v) => {
+                let batch = self.batch()?;
+                let members: Vec<(NodeId, u32)> = v.ids().map(|id| (id.clone(), 1)).collect();
+                let a = sharding::assign(&members, &batch, self.plan.shard_size)?;
+                Action::Step {
+                    view: v.clone(),
+                    step: self.progress.step,
+                    batch,
+                    ranges: a.ranges(&self.me).to_vec(),
+                }
+            }
+        })
+    }
+}

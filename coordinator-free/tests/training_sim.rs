@@ -1,0 +1,228 @@
+//! The training-round protocol under churn, over many seeds: members crash (also in the
+//! middle of a step, after some survivors committed it), new members join, and views change
+//! between any two collectives. Checked: the live members' committed steps form one
+//! sequence (a commit lost with its member is redone by the survivors); the batches tile
+//! each data epoch exactly once; every member's state is that sequence's prefix; once churn stops,
+//! every member finishes with the same state.
+
+use coordinator_free::sharding::StepBatch;
+use coordinator_free::training::{Action, Progress, Training, TrainingPlan};
+use coordinator_free::{NodeId, View, ViewHash, ViewMember};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+struct Member {
+    id: NodeId,
+    machine: Training,
+    /// The "weights": the steps applied, in order (what a state transfer copies).
+    applied: Vec<(u64, ViewHash, StepBatch)>,
+}
+
+fn id(i: usize) -> NodeId {
+    NodeId::new(format!("12D3KooWsim{i:03}")).unwrap()
+}
+
+#[test]
+fn committed_steps_form_one_sequence_under_churn() {
+    for seed in 0..400u64 {
+        run(seed);
+    }
+}
+
+fn run(seed: u64) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let plan = TrainingPlan {
+        min_nodes: rng.gen_range(1..3),
+        total_steps: rng.gen_range(5..40),
+        batch_size: rng.gen_range(1..50),
+        n_samples: rng.gen_range(1..300),
+        shard_size: rng.gen_range(1..8),
+    };
+    let mut next = 0;
+    let mut members: Vec<Member> = Vec::new();
+    for _ in 0..rng.gen_range(1..5) {
+        members.push(Member {
+            id: id(next),
+            machine: Training::new(id(next), plan.clone(), Progress::default()),
+            applied: Vec::new(),
+        });
+        next += 1;
+    }
+    let mut epoch = 0u64;
+    let mut last_ids: Vec<NodeId> = Vec::new();
+    let mut view = View::new(0, vec![]);
+    let churn_rounds = 150;
+    for round in 0..2000 {
+        let churn = round < churn_rounds;
+        // Joins and crashes between collectives.
+        // Joins (after the churn, enough joiners arrive for min_nodes).
+        if (churn && rng.gen_bool(0.08) && members.len() < 6)
+            || (!churn && members.len() < plan.min_nodes)
+        {
+            members.push(Member {
+                id: id(next),
+                machine: Training::new(id(next), plan.clone(), Progress::default()),
+                applied: Vec::new(),
+            });
+            next += 1;
+        }
+        if churn && rng.gen_bool(0.05) && members.len() > 1 {
+            let i = rng.gen_range(0..members.len());
+            members.remove(i);
+        }
+        let ids: Vec<NodeId> = members.iter().map(|m| m.id.clone()).collect();
+        if ids != last_ids {
+            epoch += 1;
+            view = View::new(
+                epoch,
+                ids.iter()
+                    .map(|i| ViewMember {
+                        id: i.clone(),
+                        incarnation: 1,
+                    })
+                    .collect(),
+            );
+            last_ids = ids;
+        }
+        for m in members.iter_mut() {
+            m.machine.handle_view(&view);
+        }
+        let actions: Vec<Action> = members
+            .iter()
+            .map(|m| m.machine.poll_action().unwrap())
+            .collect();
+        if actions.iter().all(|a| *a == Action::Finished) {
+            break;
+        }
+        // A collective runs only when every member of the view is in the same one.
+        let same = |f: &dyn Fn(&Action) -> bool| actions.iter().all(f);
+        match &actions[0] {
+            Action::ExchangeProgress { view: v }
+                if same(
+                    &|a| matches!(a, Action::ExchangeProgress { view: w } if w.hash == v.hash),
+                ) =>
+            {
+                let all: Vec<(NodeId, Progress)> = members
+                    .iter()
+                    .map(|m| (m.id.clone(), m.machine.progress()))
+                    .collect();
+                for m in members.iter_mut() {
+                    m.machine.handle_progress(v.hash, &all).unwrap();
+                }
+            }
+            Action::Sync { view: v, root, .. }
+                if same(
+                    &|a| matches!(a, Action::Sync { view: w, root: r, .. } if w.hash == v.hash && r == root),
+                ) =>
+            {
+                // No live member's committed work is thrown away: the root is the furthest.
+                let furthest = members.iter().map(|m| m.machine.progress().step).max();
+                let src = members.iter().find(|m| &m.id == root).unwrap();
+                assert_eq!(
+                    Some(src.machine.progress().step),
+                    furthest,
+                    "seed {seed}: sync root"
+                );
+                let state = src.applied.clone();
+                let p = src.machine.progress();
+                for m in members.iter_mut() {
+                    m.applied = state.clone();
+                    m.machine.handle_synced(v.hash);
+                    assert_eq!(m.machine.progress(), p, "seed {seed}: sync copies progress");
+                }
+            }
+            Action::Step {
+                view: v,
+                step,
+                batch,
+                ..
+            } if same(
+                &|a| matches!(a, Action::Step { view: w, step: s, .. } if w.hash == v.hash && s == step),
+            ) =>
+            {
+                // Every member's shards tile the batch.
+                let mut covered = 0;
+                for a in &actions {
+                    if let Action::Step {
+                        ranges, batch: b, ..
+                    } = a
+                    {
+                        assert_eq!(b, batch, "seed {seed}: one batch per step");
+                        covered += ranges.iter().map(|r| r.end - r.start).sum::<u64>();
+                    }
+                }
+                assert_eq!(covered, batch.len, "seed {seed}");
+                // A crash during the step: some members complete it, the rest fail.
+                let crash = churn && members.len() > 1 && rng.gen_bool(0.15);
+                let victim = crash.then(|| rng.gen_range(0..members.len()));
+                for (i, m) in members.iter_mut().enumerate() {
+                    let ok = !crash || rng.gen_bool(0.3);
+                    if Some(i) == victim {
+                        continue;
+                    }
+                    if ok {
+                        m.applied.push((*step, v.hash, *batch));
+                    }
+                    m.machine.handle_step(v.hash, *step, ok);
+                }
+                if let Some(i) = victim {
+                    members.remove(i);
+                }
+            }
+            _ => {
+                // Members disagree on the collective (the view changed under one of them):
+                // the collective fails everywhere.
+                for (m, a) in members.iter_mut().zip(&actions) {
+                    match a {
+                        Action::Step { view, step, .. } => {
+                            m.machine.handle_step(view.hash, *step, false)
+                        }
+                        Action::ExchangeProgress { .. } | Action::Sync { .. } => {
+                            m.machine.handle_failure()
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        // The live members' states are prefixes of one sequence (a commit that died with
+        // its member is redone by the survivors, who never saw it), matching progress.
+        for m in &members {
+            assert_eq!(
+                m.applied.len() as u64,
+                m.machine.progress().step,
+                "seed {seed}"
+            );
+            for (k, (s, _, _)) in m.applied.iter().enumerate() {
+                assert_eq!(*s, k as u64, "seed {seed}");
+            }
+        }
+        for a in &members {
+            for b in &members {
+                let k = a.applied.len().min(b.applied.len());
+                assert_eq!(
+                    a.applied[..k],
+                    b.applied[..k],
+                    "seed {seed}: live states diverge"
+                );
+            }
+        }
+    }
+    // Liveness: with churn over, everyone finished with the same state.
+    assert!(!members.is_empty());
+    let first = members[0].applied.clone();
+    assert_eq!(
+        first.len() as u64,
+        plan.total_steps,
+        "seed {seed}: finished"
+    );
+    for m in &members {
+        assert_eq!(m.applied, first, "seed {seed}: same state everywhere");
+    }
+    // The committed batches tile the data epochs: consecutive, no gap, no overlap.
+    let mut cursor = coordinator_free::DataCursor::default();
+    for (_, _, b) in &first {
+        assert_eq!(b.cursor, cursor, "seed {seed}: batches are consecutive");
+        cursor = coordinator_free::sharding::advance(b, plan.n_samples);
+    }
+}
