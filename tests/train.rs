@@ -96,30 +96,6 @@ fn losses(run_dir: &Path) -> HashMap<u64, f64> {
     m
 }
 
-/// A deterministic 3-class problem with 4 features, 300 rows.
-fn synthetic_csv(path: &Path) {
-    let mut s = String::from("f0,f1,f2,f3,label\n");
-    let mut z: u64 = 7;
-    let mut next = || {
-        z = z
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((z >> 33) as f64 / (1u64 << 31) as f64) * 2.0 - 1.0
-    };
-    for i in 0..300 {
-        let label = i % 3;
-        let c = label as f64;
-        s += &format!(
-            "{:.4},{:.4},{:.4},{:.4},{label}\n",
-            c + next() * 0.8,
-            -c + next() * 0.8,
-            next(),
-            c * 0.5 + next()
-        );
-    }
-    std::fs::write(path, s).unwrap();
-}
-
 fn mlp_job(dir: &Path, name: &str, extra: &str) -> PathBuf {
     synthetic_csv(&dir.join("data.csv"));
     let job = dir.join(format!("{name}.toml"));

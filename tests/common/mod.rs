@@ -316,3 +316,27 @@ pub const LOOPBACK: [&str; 7] = [
     "--data-listen",
     "127.0.0.1:0",
 ];
+
+/// A deterministic 3-class problem with 4 features, 300 rows.
+pub fn synthetic_csv(path: &Path) {
+    let mut s = String::from("f0,f1,f2,f3,label\n");
+    let mut z: u64 = 7;
+    let mut next = || {
+        z = z
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((z >> 33) as f64 / (1u64 << 31) as f64) * 2.0 - 1.0
+    };
+    for i in 0..300 {
+        let label = i % 3;
+        let c = label as f64;
+        s += &format!(
+            "{:.4},{:.4},{:.4},{:.4},{label}\n",
+            c + next() * 0.8,
+            -c + next() * 0.8,
+            next(),
+            c * 0.5 + next()
+        );
+    }
+    std::fs::write(path, s).unwrap();
+}

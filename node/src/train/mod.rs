@@ -700,12 +700,17 @@ impl Trainer {
     ) -> Result<View, TrainError> {
         if let Some(old) = not {
             let views = &mut self.ctx.views;
-            let r = self.ctx.rt.block_on(tokio::time::timeout(
-                CHANGE_WAIT,
-                views.wait_for(|s| s.settled && s.view.hash != old && s.view.len() >= min),
-            ));
+            // The timer must be created inside the runtime.
+            let r = self.ctx.rt.block_on(async {
+                tokio::time::timeout(
+                    CHANGE_WAIT,
+                    views.wait_for(|s| s.settled && s.view.hash != old && s.view.len() >= min),
+                )
+                .await
+                .map(|r| r.map(|s| s.clone()))
+            });
             if let Ok(Ok(s)) = r {
-                return Ok(s.view.clone());
+                return Ok(s.view);
             }
         }
         self.settled_view(min, bound)
