@@ -5,7 +5,8 @@
 //! 1. **Wait** for a settled view with at least `min_nodes` members.
 //! 2. In every new view, **exchange progress** (each member's committed step and data
 //!    cursor, an all-gather) and **sync**: every member takes the state of the member with
-//!    the most committed steps (ties: the smallest id), by a broadcast. A joiner thus pulls
+//!    the most committed steps (among equals, the one rendezvous hashing over the view
+//!    picks), by a broadcast. A joiner thus pulls
 //!    weights, optimizer state, step and cursor; a member that missed a commit catches up.
 //! 3. **Step** on that view: the batch at the cursor, this member's shards of it. A step
 //!    commits on a member only when its all-reduce completed there, which needs every
@@ -23,6 +24,9 @@ use crate::sharding::{self, DataCursor, ShardingError, StepBatch};
 use crate::view::{NodeId, View, ViewHash};
 use serde::{Deserialize, Serialize};
 use std::ops::Range;
+
+/// The rendezvous "shard" that names the sync root's role (distinct from data shards).
+const SYNC_SHARD: u64 = u64::MAX;
 
 /// What a member has committed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -189,14 +193,14 @@ impl Training {
                 });
             }
         }
-        // Most steps first; ties go to the smallest id (views sort ids).
-        let (root, progress) = v
-            .ids()
-            .filter_map(|id| all.iter().find(|(m, _)| m == id))
-            .fold(None::<&(NodeId, Progress)>, |best, x| match best {
-                Some(b) if b.1.step >= x.1.step => Some(b),
-                _ => Some(x),
-            })
+        // Most steps first; among those, rendezvous hashing over the view picks (so the
+        // load of serving joiners spreads over members from view to view).
+        let score = |id: &NodeId| {
+            sharding::rendezvous_score(v.epoch, SYNC_SHARD, sharding::member_digest(id))
+        };
+        let (root, progress) = all
+            .iter()
+            .max_by_key(|(m, p)| (p.step, score(m)))
             .map(|(m, p)| (m.clone(), *p))
             .ok_or(TrainingError::IncompleteExchange)?;
         let rank = v.position(&root).ok_or(TrainingError::IncompleteExchange)? as u32;
@@ -278,5 +282,98 @@ impl Training {
                 }
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::view::ViewMember;
+
+    fn view(epoch: u64, ids: &[&str]) -> View {
+        View::new(
+            epoch,
+            ids.iter()
+                .map(|i| ViewMember {
+                    id: NodeId::new(*i).unwrap(),
+                    incarnation: 1,
+                })
+                .collect(),
+        )
+    }
+
+    fn plan() -> TrainingPlan {
+        TrainingPlan {
+            min_nodes: 2,
+            total_steps: 10,
+            batch_size: 4,
+            n_samples: 10,
+            shard_size: 2,
+        }
+    }
+
+    #[test]
+    fn waits_for_enough_members_then_syncs_from_the_furthest() {
+        let a = NodeId::new("a").unwrap();
+        let mut t = Training::new(a.clone(), plan(), Progress::default());
+        assert_eq!(t.poll_action().unwrap(), Action::WaitForView);
+        t.handle_view(&view(1, &["a"]));
+        assert_eq!(
+            t.poll_action().unwrap(),
+            Action::WaitForView,
+            "min_nodes = 2"
+        );
+        let v = view(2, &["a", "b", "c"]);
+        t.handle_view(&v);
+        assert!(matches!(
+            t.poll_action().unwrap(),
+            Action::ExchangeProgress { .. }
+        ));
+        let ahead = Progress {
+            step: 3,
+            cursor: DataCursor {
+                epoch: 1,
+                offset: 2,
+            },
+        };
+        let all = [
+            (a.clone(), Progress::default()),
+            (NodeId::new("b").unwrap(), ahead),
+            (NodeId::new("c").unwrap(), Progress::default()),
+        ];
+        t.handle_progress(v.hash, &all).unwrap();
+        let Action::Sync {
+            root, root_rank, ..
+        } = t.poll_action().unwrap()
+        else {
+            panic!("sync expected")
+        };
+        assert_eq!((root.as_str(), root_rank), ("b", 1));
+        t.handle_synced(v.hash);
+        assert_eq!(t.progress(), ahead);
+        let Action::Step { step, batch, .. } = t.poll_action().unwrap() else {
+            panic!("step expected")
+        };
+        assert_eq!((step, batch.cursor), (3, ahead.cursor));
+        // A failure commits nothing and waits for the next view.
+        t.handle_step(v.hash, 3, false);
+        assert_eq!(t.progress(), ahead);
+        assert_eq!(t.redone, 1);
+        assert_eq!(t.poll_action().unwrap(), Action::WaitForView);
+        // Impossible progress is refused.
+        let v2 = view(3, &["a", "b"]);
+        t.handle_view(&v2);
+        let bad = [
+            (a, Progress::default()),
+            (NodeId::new("b").unwrap(), Progress { step: 99, ..ahead }),
+        ];
+        assert!(matches!(
+            t.handle_progress(v2.hash, &bad),
+            Err(TrainingError::BadProgress { .. })
+        ));
+        assert_eq!(
+            t.handle_progress(v2.hash, &bad[..1]),
+            Err(TrainingError::IncompleteExchange)
+        );
     }
 }

@@ -181,6 +181,8 @@ pub struct JobReport {
     pub run_dir: String,
     /// Recent losses (step, loss), at most 200, for the dashboard.
     pub recent: Vec<(u64, f64)>,
+    /// Recent throughput (step, samples/s), at most 200, for the dashboard.
+    pub recent_samples_per_s: Vec<(u64, f64)>,
     /// The error, when failed.
     pub error: Option<String>,
 }
@@ -206,6 +208,7 @@ impl JobReport {
             wall_s: 0.0,
             run_dir: job.run_dir().display().to_string(),
             recent: Vec::new(),
+            recent_samples_per_s: Vec::new(),
             error: None,
         }
     }
@@ -1058,8 +1061,10 @@ impl Trainer {
             r.samples += batch.len;
             r.members = rec.members;
             r.recent.push((rec.step, loss));
+            r.recent_samples_per_s.push((rec.step, rec.samples_per_s));
             if r.recent.len() > 200 {
                 r.recent.remove(0);
+                r.recent_samples_per_s.remove(0);
             }
         });
         Ok(rec)
