@@ -96,6 +96,15 @@ fn losses(run_dir: &Path) -> HashMap<u64, f64> {
     m
 }
 
+/// Fresh sub-folders of `dir`.
+fn subdirs<const N: usize>(dir: &Path, names: [&str; N]) -> [PathBuf; N] {
+    names.map(|n| {
+        let p = dir.join(n);
+        std::fs::create_dir_all(&p).unwrap();
+        p
+    })
+}
+
 fn mlp_job(dir: &Path, name: &str, extra: &str) -> PathBuf {
     synthetic_csv(&dir.join("data.csv"));
     let job = dir.join(format!("{name}.toml"));
@@ -136,10 +145,7 @@ schedule = "constant"
 fn one_and_three_nodes_agree_and_samples_are_used_once() {
     let d = TempDir::new("train-agree");
     let job = mlp_job(&d.0, "agree", "");
-    let one = d.0.join("one");
-    let three = d.0.join("three");
-    std::fs::create_dir_all(&one).unwrap();
-    std::fs::create_dir_all(&three).unwrap();
+    let [one, three] = subdirs(&d.0, ["one", "three"]);
     let (code, s1, err) = train(&one, &job, &["--local", "1"]);
     assert_eq!(code, Some(0), "{err}");
     let (code, s3, err) = train(&three, &job, &["--local", "3"]);
@@ -257,10 +263,7 @@ fn one_and_three_nodes_agree_and_samples_are_used_once() {
 fn resume_reproduces_the_uninterrupted_run() {
     let d = TempDir::new("train-resume");
     let job = mlp_job(&d.0, "resume", "");
-    let full = d.0.join("full");
-    let cut = d.0.join("cut");
-    std::fs::create_dir_all(&full).unwrap();
-    std::fs::create_dir_all(&cut).unwrap();
+    let [full, cut] = subdirs(&d.0, ["full", "cut"]);
     let (code, _, err) = train(&full, &job, &["--local", "2"]);
     assert_eq!(code, Some(0), "{err}");
 
@@ -300,15 +303,28 @@ fn resume_reproduces_the_uninterrupted_run() {
     }
 }
 
+/// Runs the job `text` (its `{data}` replaced by the shared file `data`) on 2 local nodes
+/// in `dir`; returns the summary.
+fn run_on_shared_data(dir: &Path, name: &str, text: &str, data: &str) -> Value {
+    let job = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &job,
+        text.replace("{data}", shared_data(data).to_str().unwrap()),
+    )
+    .unwrap();
+    let (code, s, err) = train(dir, &job, &["--local", "2"]);
+    assert_eq!(code, Some(0), "{err}");
+    s
+}
+
 /// The MLP on the real 8×8 digits reaches ≥ 90 % held-out accuracy across 2 nodes.
 #[test]
 fn digits_mlp_two_nodes() {
     let d = TempDir::new("train-digits");
-    let job = d.0.join("digits.toml");
-    std::fs::write(
-        &job,
-        format!(
-            r#"
+    let s = run_on_shared_data(
+        &d.0,
+        "digits",
+        r#"
 name = "digits"
 epochs = 15
 batch_size = 64
@@ -317,16 +333,12 @@ kind = "mlp"
 hidden = [128]
 [data]
 kind = "csv"
-path = "{}"
+path = "{data}"
 [optimizer]
 lr = 0.002
 "#,
-            shared_data("digits.csv.gz").display()
-        ),
-    )
-    .unwrap();
-    let (code, s, err) = train(&d.0, &job, &["--local", "2"]);
-    assert_eq!(code, Some(0), "{err}");
+        "digits.csv.gz",
+    );
     let acc = s["eval"]["accuracy"].as_f64().unwrap();
     eprintln!("digits held-out accuracy {acc}");
     assert!(acc >= 0.9, "held-out accuracy {acc}");
@@ -336,11 +348,10 @@ lr = 0.002
 #[test]
 fn shakespeare_gpt_eval_loss_falls() {
     let d = TempDir::new("train-text");
-    let job = d.0.join("text.toml");
-    std::fs::write(
-        &job,
-        format!(
-            r#"
+    run_on_shared_data(
+        &d.0,
+        "text",
+        r#"
 name = "text"
 steps = 60
 batch_size = 16
@@ -353,16 +364,12 @@ width = 64
 context = 32
 [data]
 kind = "text"
-path = "{}"
+path = "{data}"
 [optimizer]
 lr = 0.003
 "#,
-            shared_data("tinyshakespeare.txt").display()
-        ),
-    )
-    .unwrap();
-    let (code, _, err) = train(&d.0, &job, &["--local", "2"]);
-    assert_eq!(code, Some(0), "{err}");
+        "tinyshakespeare.txt",
+    );
     let text = std::fs::read_to_string(d.0.join("runs/text/metrics.jsonl")).unwrap();
     let evals: Vec<f64> = text
         .lines()

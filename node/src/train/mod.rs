@@ -330,6 +330,21 @@ enum StepError {
     Fatal(TrainError),
 }
 
+/// A progress exchange or state sync failed: log it and wait for the next view.
+fn collective_failed(
+    machine: &mut coordinator_free::training::Training,
+    view: &View,
+    what: &str,
+    e: StepFailure,
+) -> ViewHash {
+    tracing::info!(
+        epoch = view.epoch,
+        "state {what} failed ({e}); waiting for the next view"
+    );
+    machine.handle_failure();
+    view.hash
+}
+
 impl Trainer {
     fn new(ctx: TrainContext) -> Result<Trainer, TrainError> {
         let job = &ctx.job;
@@ -461,12 +476,8 @@ impl Trainer {
                     match self.exchange_progress(&view, machine.progress()) {
                         Ok(all) => machine.handle_progress(view.hash, &all)?,
                         Err(e) => {
-                            tracing::info!(
-                                epoch = view.epoch,
-                                "progress exchange failed ({e}); waiting for the next view"
-                            );
-                            failed_view = Some(view.hash);
-                            machine.handle_failure();
+                            failed_view =
+                                Some(collective_failed(&mut machine, &view, "exchange", e))
                         }
                     }
                 }
@@ -499,12 +510,7 @@ impl Trainer {
                             )?;
                         }
                         Err(e) => {
-                            tracing::info!(
-                                epoch = view.epoch,
-                                "state sync failed ({e}); waiting for the next view"
-                            );
-                            failed_view = Some(view.hash);
-                            machine.handle_failure();
+                            failed_view = Some(collective_failed(&mut machine, &view, "sync", e))
                         }
                     }
                 }
