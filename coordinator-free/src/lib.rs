@@ -12,6 +12,7 @@
 //! - [`view`]: what a view is (epoch, sorted members, hash) and how it is hashed.
 //! - [`codec`]: the one size-limited decoder every untrusted byte goes through.
 //! - [`collective`]: ring schedules for all-reduce, all-gather, broadcast and barrier.
+//! - [`pipeline`]: serving plans: layers cut into stages by memory and speed, replicas.
 //! - [`training`]: the training-round state machine (wait, exchange progress, sync, step,
 //!   commit or redo).
 //! - [`sharding`]: which samples each member trains on at each step (exactly once per
@@ -20,6 +21,7 @@
 pub mod codec;
 pub mod collective;
 pub mod membership;
+pub mod pipeline;
 pub mod sharding;
 pub mod training;
 pub mod view;
