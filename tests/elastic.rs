@@ -1,7 +1,8 @@
 //! Elastic training with real processes: a member joining mid-run catches up and ends with
 //! the same weights; `kill -9` of a member at a random step (5 trials) never stops the
-//! job and loses or repeats no batch; a whole cluster killed and restarted resumes from its
-//! checkpoint. Prints the recovery times (the < 5 s goal is a benchmark figure, not an
+//! job and loses or repeats no batch; a member paused mid-run (SIGSTOP) falls out of the view
+//! and must re-sync before it steps again; a whole cluster killed and restarted resumes from
+//! its checkpoint. Prints the recovery times (the < 5 s goal is a benchmark figure, not an
 //! assertion: this machine is shared).
 
 mod common;
@@ -344,4 +345,56 @@ fn a_whole_cluster_killed_and_restarted_resumes() {
         resumed_at.iter().any(|&s| s >= 100 && s % 50 == 0),
         "the restarted run synced from a checkpoint: {resumed_at:?}"
     );
+}
+
+#[test]
+fn a_paused_member_resyncs_before_it_steps_again() {
+    let d = TempDir::new("elastic-pause");
+    let (nodes, _) = cluster(&d.0, 3);
+    let refs: Vec<&Node> = nodes.iter().collect();
+    wait_until("3 nodes in one view", Duration::from_secs(30), || {
+        agreed(&refs, 3)
+    });
+    let run = submit(&nodes[0], &job_toml(&d.0, 600, ""), false);
+    wait_until("step 30", Duration::from_secs(120), || {
+        (step_of(&nodes[0], &run)? >= 30).then_some(())
+    });
+    nodes[2].signal("STOP");
+    // The others drop it and go on without it.
+    let paused_at = wait_until(
+        "progress without the paused member",
+        Duration::from_secs(60),
+        || {
+            let j = job(&nodes[0], &run)?;
+            (j["members"] == 2).then(|| j["step"].as_u64())?
+        },
+    );
+    wait_until("steps beyond the pause", Duration::from_secs(60), || {
+        (step_of(&nodes[0], &run)? >= paused_at + 20).then_some(())
+    });
+    nodes[2].signal("CONT");
+    let done = wait_done(&refs, &run, Duration::from_secs(300));
+    assert!(done.iter().all(|j| j["step"] == 600));
+    let hashes: Vec<&Value> = done.iter().map(|j| &j["weights_hash"]).collect();
+    assert!(
+        hashes.iter().all(|h| *h == hashes[0]),
+        "weights differ: {hashes:?}"
+    );
+    // It came back behind and was synced (a 3-member sync after the 2-member steps).
+    let text = std::fs::read_to_string(d.0.join("runs/elastic/metrics.jsonl")).unwrap();
+    let lines: Vec<Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let first_two = lines
+        .iter()
+        .position(|v| v["members"] == 2 && v.get("step_ms").is_some())
+        .expect("steps with 2 members");
+    assert!(
+        lines[first_two..]
+            .iter()
+            .any(|v| v["event"] == "sync" && v["members"] == 3),
+        "the returning member re-synced"
+    );
+    check_cursor_walk(&d.0.join("runs/elastic"), 600, 48);
 }
