@@ -398,3 +398,43 @@ fn a_paused_member_resyncs_before_it_steps_again() {
     );
     check_cursor_walk(&d.0.join("runs/elastic"), 600, 48);
 }
+
+/// Members whose weights differ are found by the periodic hash comparison: the job stops on
+/// every member with an error naming them.
+#[test]
+fn diverged_weights_stop_the_job_naming_the_members() {
+    let d = TempDir::new("elastic-diverge");
+    let port = free_port();
+    let listen = format!("/ip4/127.0.0.1/tcp/{port}");
+    let a_args = node_args(&["--listen".into(), listen.clone(), "--debug-api".into()]);
+    let refs: Vec<&str> = a_args.iter().map(String::as_str).collect();
+    let a = Node::start(&d.0.join("node-0"), &refs);
+    let mut b_args = joiner_args(&format!("{listen}/p2p/{}", a.id()));
+    b_args.push("--debug-api".into());
+    let refs: Vec<&str> = b_args.iter().map(String::as_str).collect();
+    let b = Node::start(&d.0.join("node-1"), &refs);
+    wait_until("2 nodes in one view", Duration::from_secs(30), || {
+        agreed(&[&a, &b], 2)
+    });
+    let run = submit(&a, &job_toml(&d.0, 5000, ""), false);
+    wait_until("step 20", Duration::from_secs(120), || {
+        (step_of(&a, &run)? >= 20).then_some(())
+    });
+    http(
+        b.api.unwrap(),
+        "POST",
+        &format!("/v1/debug/perturb?run={run}"),
+        &[],
+    )
+    .unwrap();
+    let (ja, jb) = wait_until("the job to fail on both", Duration::from_secs(120), || {
+        let (ja, jb) = (job(&a, &run)?, job(&b, &run)?);
+        (ja["state"] == "failed" && jb["state"] == "failed").then_some((ja, jb))
+    });
+    for j in [&ja, &jb] {
+        let e = j["error"].as_str().unwrap();
+        assert!(e.contains("weights differ"), "{e}");
+        assert!(e.contains(&a.id()) && e.contains(&b.id()), "{e}");
+    }
+    assert!(ja["step"].as_u64().unwrap() < 5000);
+}

@@ -13,6 +13,8 @@
 //! - `POST /v1/debug/allreduce?bytes=B&iters=K&warmup=W&tag=T` — runs a barrier, W warm-up
 //!   and K timed f32 all-reduces (avg) of B bytes over the current view; only with
 //!   `--debug-api` (`shoal bench allreduce` calls every node at once). B ≤ 4 GiB.
+//! - `POST /v1/debug/perturb?run=R` — nudges this node's weights in training run R before
+//!   its next step (tests of the weights consistency check); only with `--debug-api`.
 
 use crate::node::NodeHandle;
 use axum::body::Bytes;
@@ -36,7 +38,8 @@ pub fn router(handle: NodeHandle, debug: bool) -> Router {
     if debug {
         r = r
             .route("/v1/debug/gossip", post(debug_gossip))
-            .route("/v1/debug/allreduce", post(debug_allreduce));
+            .route("/v1/debug/allreduce", post(debug_allreduce))
+            .route("/v1/debug/perturb", post(debug_perturb));
     }
     r.layer(DefaultBodyLimit::max(MAX_BODY)).with_state(handle)
 }
@@ -200,5 +203,23 @@ async fn debug_allreduce(
             Json(serde_json::json!({"error": e.to_string()})),
         )
             .into_response(),
+    }
+}
+
+/// Query of `POST /v1/debug/perturb`.
+#[derive(serde::Deserialize)]
+struct PerturbParams {
+    run: String,
+}
+
+async fn debug_perturb(State(h): State<NodeHandle>, Query(p): Query<PerturbParams>) -> Response {
+    match h.perturb_job(p.run).await {
+        Ok(true) => Json(serde_json::json!({"perturbed": true})).into_response(),
+        Ok(false) => (
+            StatusCode::NOT_FOUND,
+            Json(serde_json::json!({"error": "no such run"})),
+        )
+            .into_response(),
+        Err(e) => unavailable(e),
     }
 }

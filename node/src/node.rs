@@ -116,6 +116,8 @@ pub enum Command {
         /// The reply: the job's report.
         reply: oneshot::Sender<Result<crate::train::JobReport, String>>,
     },
+    /// Debug: nudge this node's weights in a run (to exercise the consistency check).
+    PerturbJob(String, oneshot::Sender<bool>),
     /// Stop the node.
     Shutdown,
 }
@@ -125,6 +127,7 @@ struct JobEntry {
     /// The announcement, re-published while the job runs.
     announce: Vec<u8>,
     report: Arc<Mutex<crate::train::JobReport>>,
+    perturb: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Re-announce running jobs this often.
@@ -208,6 +211,11 @@ impl NodeHandle {
     /// The current view and whether it is settled, as it changes.
     pub fn views(&self) -> watch::Receiver<crate::train::ViewState> {
         self.views.clone()
+    }
+
+    /// Debug: nudges this node's weights in run `run` (hex); false if the run is unknown.
+    pub async fn perturb_job(&self, run: String) -> Result<bool, NodeError> {
+        self.ask(|tx| Command::PerturbJob(run, tx)).await
     }
 
     /// Asks the node to stop.
@@ -441,6 +449,13 @@ impl EventLoop {
                         let run = rand::thread_rng().gen();
                         let _ = reply.send(self.start_job(*spec, run, resume));
                     }
+                    Some(Command::PerturbJob(run, reply)) => {
+                        let found = self.jobs.iter().find(|(r, _)| format!("{r:016x}") == run);
+                        if let Some((_, e)) = found {
+                            e.perturb.store(true, std::sync::atomic::Ordering::SeqCst);
+                        }
+                        let _ = reply.send(found.is_some());
+                    }
                     Some(Command::Shutdown) | None => return,
                 },
                 _ = job_tick.tick() => self.announce_jobs(),
@@ -564,6 +579,7 @@ impl EventLoop {
         };
         let announce = msg.encode().map_err(|e| e.to_string())?;
         let report = Arc::new(Mutex::new(crate::train::JobReport::new(&spec, run)));
+        let perturb = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let ctx = crate::train::TrainContext {
             job: spec,
             run,
@@ -573,6 +589,7 @@ impl EventLoop {
             views: self.views_tx.subscribe(),
             rt: tokio::runtime::Handle::current(),
             report: report.clone(),
+            perturb: perturb.clone(),
         };
         let name = format!("train-{run:016x}");
         std::thread::Builder::new()
@@ -581,7 +598,14 @@ impl EventLoop {
             .map_err(|e| format!("cannot start the trainer thread: {e}"))?;
         tracing::info!(job = %report.lock().expect("report lock").job, run = format!("{run:016x}"), resume, "job started");
         let first = report.lock().expect("report lock").clone();
-        self.jobs.push((run, JobEntry { announce, report }));
+        self.jobs.push((
+            run,
+            JobEntry {
+                announce,
+                report,
+                perturb,
+            },
+        ));
         // Forget the oldest finished jobs.
         while self.jobs.len() > MAX_FINISHED_JOBS {
             let Some(i) = self.jobs.iter().position(|(_, e)| {

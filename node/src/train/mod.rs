@@ -249,6 +249,9 @@ pub struct TrainContext {
     pub rt: tokio::runtime::Handle,
     /// Where progress is published.
     pub report: Arc<Mutex<JobReport>>,
+    /// Debug: when set, the next step first nudges this member's weights (tests of the
+    /// consistency check use it through `POST /v1/debug/perturb`).
+    pub perturb: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Runs a job to its end on this member; the report holds the outcome either way.
@@ -519,7 +522,20 @@ impl Trainer {
                     step,
                     batch,
                     ranges,
-                } => match self.train_step(&view, &batch, &ranges) {
+                } => match {
+                    if self
+                        .ctx
+                        .perturb
+                        .swap(false, std::sync::atomic::Ordering::SeqCst)
+                    {
+                        tracing::warn!(step, "debug: perturbing this member's weights");
+                        let _guard = tch::no_grad_guard();
+                        if let Some((_, p)) = self.params.first() {
+                            let _ = p.shallow_clone().g_add_scalar_(1e-3);
+                        }
+                    }
+                    self.train_step(&view, &batch, &ranges)
+                } {
                     Ok((record, ids)) => {
                         machine.handle_step(view.hash, step, true);
                         debug_assert_eq!(machine.progress().step, self.step);
