@@ -522,61 +522,52 @@ impl Trainer {
                     step,
                     batch,
                     ranges,
-                } => match {
-                    if self
-                        .ctx
-                        .perturb
-                        .swap(false, std::sync::atomic::Ordering::SeqCst)
-                    {
-                        tracing::warn!(step, "debug: perturbing this member's weights");
-                        let _guard = tch::no_grad_guard();
-                        if let Some((_, p)) = self.params.first() {
-                            let _ = p.shallow_clone().g_add_scalar_(1e-3);
+                } => {
+                    self.maybe_perturb(step);
+                    match self.train_step(&view, &batch, &ranges) {
+                        Ok((record, ids)) => {
+                            machine.handle_step(view.hash, step, true);
+                            debug_assert_eq!(machine.progress().step, self.step);
+                            if let Some(f) = samples_log.as_mut() {
+                                f.append(record.step, batch.cursor.epoch, &ids)?;
+                            }
+                            let first = self.am_first(&view);
+                            if first {
+                                self.run_log()?.step(&record)?;
+                            }
+                            let last = self.step == self.total_steps;
+                            if last || (eval_every > 0 && self.step.is_multiple_of(eval_every)) {
+                                self.evaluate_logged(&view, first, last)?;
+                            }
+                            if first
+                                && (last
+                                    || (ckpt_every > 0 && self.step.is_multiple_of(ckpt_every)))
+                            {
+                                self.save_checkpoint()?;
+                            }
+                            let every = self.job().consistency_every;
+                            if last || (every > 0 && self.step.is_multiple_of(every)) {
+                                self.check_consistency(&view)?;
+                            }
                         }
-                    }
-                    self.train_step(&view, &batch, &ranges)
-                } {
-                    Ok((record, ids)) => {
-                        machine.handle_step(view.hash, step, true);
-                        debug_assert_eq!(machine.progress().step, self.step);
-                        if let Some(f) = samples_log.as_mut() {
-                            f.append(record.step, batch.cursor.epoch, &ids)?;
-                        }
-                        let first = self.am_first(&view);
-                        if first {
-                            self.run_log()?.step(&record)?;
-                        }
-                        let last = self.step == self.total_steps;
-                        if last || (eval_every > 0 && self.step.is_multiple_of(eval_every)) {
-                            self.evaluate_logged(&view, first, last)?;
-                        }
-                        if first
-                            && (last || (ckpt_every > 0 && self.step.is_multiple_of(ckpt_every)))
-                        {
-                            self.save_checkpoint()?;
-                        }
-                        let every = self.job().consistency_every;
-                        if last || (every > 0 && self.step.is_multiple_of(every)) {
-                            self.check_consistency(&view)?;
-                        }
-                    }
-                    Err(StepError::Fatal(e)) => return Err(e),
-                    Err(StepError::Failed(e)) => {
-                        tracing::warn!(
-                            step,
-                            epoch = view.epoch,
-                            "step failed ({e}); it is redone in the next view"
-                        );
-                        machine.handle_step(view.hash, step, false);
-                        failed_view = Some(view.hash);
-                        self.set_report(|r| r.redone += 1);
-                        self.event(
-                            &view,
-                            serde_json::json!({"event": "redo", "step": step,
+                        Err(StepError::Fatal(e)) => return Err(e),
+                        Err(StepError::Failed(e)) => {
+                            tracing::warn!(
+                                step,
+                                epoch = view.epoch,
+                                "step failed ({e}); it is redone in the next view"
+                            );
+                            machine.handle_step(view.hash, step, false);
+                            failed_view = Some(view.hash);
+                            self.set_report(|r| r.redone += 1);
+                            self.event(
+                                &view,
+                                serde_json::json!({"event": "redo", "step": step,
                                 "view_epoch": view.epoch, "error": e.to_string()}),
-                        )?;
+                            )?;
+                        }
                     }
-                },
+                }
             }
         }
         if let Some(log) = self.log.as_mut() {
@@ -650,6 +641,21 @@ impl Trainer {
             cursor = sharding::advance(&b, n);
         }
         total
+    }
+
+    /// Debug: nudges the weights once when `POST /v1/debug/perturb` asked for it.
+    fn maybe_perturb(&self, step: u64) {
+        if self
+            .ctx
+            .perturb
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            tracing::warn!(step, "debug: perturbing this member's weights");
+            let _guard = tch::no_grad_guard();
+            if let Some((_, p)) = self.params.first() {
+                let _ = p.shallow_clone().g_add_scalar_(1e-3);
+            }
+        }
     }
 
     /// A digest of this member's parameters (SHA-256 of their bytes, first 8 bytes, hex).
