@@ -139,7 +139,6 @@ const MAX_FINISHED_JOBS: usize = 16;
 #[derive(Clone)]
 pub struct NodeHandle {
     tx: mpsc::Sender<Command>,
-    views: watch::Receiver<crate::train::ViewState>,
 }
 
 impl NodeHandle {
@@ -208,11 +207,6 @@ impl NodeHandle {
         .await
     }
 
-    /// The current view and whether it is settled, as it changes.
-    pub fn views(&self) -> watch::Receiver<crate::train::ViewState> {
-        self.views.clone()
-    }
-
     /// Debug: nudges this node's weights in run `run` (hex); false if the run is unknown.
     pub async fn perturb_job(&self, run: String) -> Result<bool, NodeError> {
         self.ask(|tx| Command::PerturbJob(run, tx)).await
@@ -265,11 +259,12 @@ pub async fn run(cfg: NodeConfig) -> Result<(), NodeError> {
         source,
     })?;
     let (tx, rx) = mpsc::channel(64);
-    let (views_tx, views) = watch::channel(crate::train::ViewState {
+    // Trainers subscribe to the sender; the channel keeps the value without receivers.
+    let (views_tx, _) = watch::channel(crate::train::ViewState {
         view: coordinator_free::View::new(0, vec![]),
         settled: false,
     });
-    let handle = NodeHandle { tx, views };
+    let handle = NodeHandle { tx };
     let router = crate::api::router(handle.clone(), cfg.debug_api);
     // Capabilities (GPU free memory) are re-detected every 10 s off the event loop:
     // `nvidia-smi` may take a while and must not delay heartbeats.

@@ -333,6 +333,22 @@ enum StepError {
     Fatal(TrainError),
 }
 
+/// u64 words as pairs of f32 bit patterns, for collectives that only copy (all-gather,
+/// broadcast never add, so the bits arrive intact).
+fn words_as_f32(words: &[u64]) -> Vec<f32> {
+    words
+        .iter()
+        .flat_map(|w| [f32::from_bits(*w as u32), f32::from_bits((*w >> 32) as u32)])
+        .collect()
+}
+
+/// The inverse of [`words_as_f32`].
+fn f32_as_words(v: &[f32]) -> Vec<u64> {
+    v.chunks_exact(2)
+        .map(|c| c[0].to_bits() as u64 | ((c[1].to_bits() as u64) << 32))
+        .collect()
+}
+
 /// A progress exchange or state sync failed: log it and wait for the next view.
 fn collective_failed(
     machine: &mut coordinator_free::training::Training,
@@ -493,9 +509,7 @@ impl Trainer {
                     let t = Instant::now();
                     match self.sync_state(&view, root_rank) {
                         Ok(bytes) => {
-                            self.step = progress.step;
-                            self.cursor = progress.cursor;
-                            self.opt.t = progress.step;
+                            self.set_progress(progress);
                             machine.handle_synced(view.hash);
                             let ms = t.elapsed().as_secs_f64() * 1e3;
                             tracing::info!(epoch = view.epoch, members = view.len(), root = %root, step = progress.step, bytes, ms, "state synced");
@@ -682,10 +696,7 @@ impl Trainer {
         if view.len() == 1 {
             return Ok(());
         }
-        let input = [
-            f32::from_bits(mine as u32),
-            f32::from_bits((mine >> 32) as u32),
-        ];
+        let input = words_as_f32(&[mine]);
         let mut out = vec![0f32; 2 * view.len()];
         let dp = self.ctx.dp.clone();
         let t = tag(
@@ -696,10 +707,7 @@ impl Trainer {
         );
         match self.collective(view, dp.all_gather(view, t, &input, &mut out)) {
             Ok(()) => {
-                let hashes: Vec<u64> = out
-                    .chunks(2)
-                    .map(|c| c[0].to_bits() as u64 | ((c[1].to_bits() as u64) << 32))
-                    .collect();
+                let hashes = f32_as_words(&out);
                 if hashes.iter().any(|&h| h != mine) {
                     let detail = view
                         .ids()
@@ -769,30 +777,23 @@ impl Trainer {
         view: &View,
         mine: coordinator_free::training::Progress,
     ) -> Result<Vec<(NodeId, coordinator_free::training::Progress)>, StepFailure> {
-        let words = [mine.step, mine.cursor.epoch, mine.cursor.offset];
-        let mut input = [0f32; 6];
-        for (i, w) in words.iter().enumerate() {
-            input[2 * i] = f32::from_bits(*w as u32);
-            input[2 * i + 1] = f32::from_bits((*w >> 32) as u32);
-        }
+        let input = words_as_f32(&[mine.step, mine.cursor.epoch, mine.cursor.offset]);
         let mut out = vec![0f32; 6 * view.len()];
         let dp = self.ctx.dp.clone();
         let t = tag(self.tag_base, TAG_EXCHANGE, view.epoch, 0);
         self.collective(view, dp.all_gather(view, t, &input, &mut out))?;
-        let word = |b: &[f32], i: usize| {
-            b[2 * i].to_bits() as u64 | ((b[2 * i + 1].to_bits() as u64) << 32)
-        };
+        let words = f32_as_words(&out);
         Ok(view
             .ids()
-            .zip(out.chunks(6))
-            .map(|(id, b)| {
+            .zip(words.chunks(3))
+            .map(|(id, w)| {
                 (
                     id.clone(),
                     coordinator_free::training::Progress {
-                        step: word(b, 0),
+                        step: w[0],
                         cursor: DataCursor {
-                            epoch: word(b, 1),
-                            offset: word(b, 2),
+                            epoch: w[1],
+                            offset: w[2],
                         },
                     },
                 )
@@ -822,17 +823,12 @@ impl Trainer {
         v
     }
 
-    fn counters(&self) -> [u64; 4] {
-        [self.step, self.cursor.epoch, self.cursor.offset, self.opt.t]
-    }
-
-    fn set_counters(&mut self, c: [u64; 4]) {
-        self.step = c[0];
-        self.cursor = DataCursor {
-            epoch: c[1],
-            offset: c[2],
-        };
-        self.opt.t = c[3];
+    /// Takes `p` as this member's committed progress (the optimizer has applied one
+    /// update per committed step).
+    fn set_progress(&mut self, p: coordinator_free::training::Progress) {
+        self.step = p.step;
+        self.cursor = p.cursor;
+        self.opt.t = p.step;
     }
 
     /// Loads the run directory's checkpoint into this member's state.
@@ -857,12 +853,13 @@ impl Trainer {
                 "it belongs to another job (the job file changed)".into()
             ));
         }
-        let counters = [
-            meta("step")?,
-            meta("data_epoch")?,
-            meta("data_offset")?,
-            meta("optimizer_t")?,
-        ];
+        let progress = coordinator_free::training::Progress {
+            step: meta("step")?,
+            cursor: DataCursor {
+                epoch: meta("data_epoch")?,
+                offset: meta("data_offset")?,
+            },
+        };
         let _guard = tch::no_grad_guard();
         for (name, mut t) in self.state_tensors() {
             let src = c
@@ -877,22 +874,20 @@ impl Trainer {
             }
             t.copy_(src);
         }
-        self.set_counters(counters);
+        self.set_progress(progress);
         tracing::info!(step = self.step, "resumed from {}", path.display());
         Ok(())
     }
 
     fn save_checkpoint(&self) -> Result<(), TrainError> {
         let path = self.job().run_dir().join(CHECKPOINT_FILE);
-        let c = self.counters();
         let meta = BTreeMap::from([
             ("format".to_string(), CHECKPOINT_FORMAT.to_string()),
             ("job".to_string(), self.job().name.clone()),
             ("job_hash".to_string(), self.job().hash()),
-            ("step".to_string(), c[0].to_string()),
-            ("data_epoch".to_string(), c[1].to_string()),
-            ("data_offset".to_string(), c[2].to_string()),
-            ("optimizer_t".to_string(), c[3].to_string()),
+            ("step".to_string(), self.step.to_string()),
+            ("data_epoch".to_string(), self.cursor.epoch.to_string()),
+            ("data_offset".to_string(), self.cursor.offset.to_string()),
             ("total_steps".to_string(), self.total_steps.to_string()),
         ]);
         checkpoint::write(&path, &self.state_tensors(), &meta)?;
