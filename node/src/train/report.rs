@@ -106,14 +106,19 @@ impl RunLog {
     }
 }
 
+/// Opens a log for appending (emptied first unless `resume`). Always `O_APPEND`: the
+/// view's first member writes `metrics.jsonl`, and when that role moves to another process
+/// and back, each write must land at the end, never at a stale offset over the other's lines.
 fn open_log(dir: &Path, name: &str, resume: bool) -> std::io::Result<std::fs::File> {
     std::fs::create_dir_all(dir)?;
+    let path = dir.join(name);
+    if !resume {
+        std::fs::File::create(&path)?;
+    }
     std::fs::OpenOptions::new()
         .create(true)
-        .append(resume)
-        .write(true)
-        .truncate(!resume)
-        .open(dir.join(name))
+        .append(true)
+        .open(path)
 }
 
 /// One member's record of the sample ids it used: `samples.<member>.jsonl`, a line
