@@ -18,6 +18,7 @@ fn heartbeat(i: u64, seq: u64) -> Heartbeat {
             cores: 16,
             ram_bytes: 128 << 30,
             gpus: vec![],
+            speed_mflops: 0,
         },
         addrs: vec![format!("/ip4/10.0.0.{i}/tcp/4411/p2p/12D3KooWnode{i:040}")],
         data_addr: None,

@@ -35,7 +35,37 @@ pub enum ControlMessage {
         /// The job file as TOML (at most [`MAX_JOB_SPEC`] bytes; the shell validates it).
         spec: String,
     },
+    /// A model offered for serving. Every member that can fetch it (over the data plane,
+    /// from `origin` or any member that already has it) serves the stages the plan gives
+    /// it. Re-announced while it is served.
+    Serve(ServeAnnounce),
 }
+
+/// A model offered for serving ([`ControlMessage::Serve`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ServeAnnounce {
+    /// The name clients use (`model` in the OpenAI API; at most [`MAX_MODEL_NAME`] bytes).
+    pub name: String,
+    /// SHA-256 of the model file: what members fetch and verify.
+    pub sha256: [u8; 32],
+    /// Size of the model file in bytes (at most [`stage::MAX_STAGE_PAYLOAD`]).
+    pub bytes: u64,
+    /// The member that offered it (holds the file).
+    pub origin: crate::view::NodeId,
+    /// The model's description as JSON (at most [`MAX_MODEL_CONFIG`] bytes; the shell
+    /// validates it).
+    pub config: String,
+    /// Fewest stages per replica pipeline (1..=[`MAX_STAGES`]).
+    pub stages: u32,
+}
+
+/// Deepest pipeline a [`ServeAnnounce`] may ask for.
+pub const MAX_STAGES: u32 = 64;
+
+/// Longest model name.
+pub const MAX_MODEL_NAME: usize = 64;
+/// Largest model description in a [`ServeAnnounce`].
+pub const MAX_MODEL_CONFIG: usize = 4096;
 
 /// Largest job spec carried by [`ControlMessage::Job`].
 pub const MAX_JOB_SPEC: usize = 32 * 1024;
@@ -133,8 +163,221 @@ impl ControlMessage {
                     )));
                 }
             }
+            ControlMessage::Serve(a) => {
+                let name_ok = !a.name.is_empty()
+                    && a.name.len() <= MAX_MODEL_NAME
+                    && a.name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
+                if !name_ok {
+                    return Err(CodecError::Invalid(format!(
+                        "model name must be 1-{MAX_MODEL_NAME} of [A-Za-z0-9-_.:]"
+                    )));
+                }
+                if a.config.len() > MAX_MODEL_CONFIG {
+                    return Err(CodecError::Invalid(format!(
+                        "model config of {} bytes exceeds {MAX_MODEL_CONFIG}",
+                        a.config.len()
+                    )));
+                }
+                if a.stages == 0 || a.stages > MAX_STAGES {
+                    return Err(CodecError::Invalid(format!(
+                        "{} stages (1..={MAX_STAGES})",
+                        a.stages
+                    )));
+                }
+                if a.bytes == 0 || a.bytes > stage::MAX_STAGE_PAYLOAD {
+                    return Err(CodecError::Invalid(format!(
+                        "model file of {} bytes (1..={})",
+                        a.bytes,
+                        stage::MAX_STAGE_PAYLOAD
+                    )));
+                }
+            }
         }
         Ok(msg)
+    }
+}
+
+/// Serving: the request/response frames that flow between an entry node and the members
+/// holding pipeline stages, over a data-plane stream.
+///
+/// A frame is `[u32 LE meta length][meta: bincode, at most MAX_STAGE_META][u64 LE payload
+/// length][payload]`. The payload length is checked against [`MAX_STAGE_PAYLOAD`] (and, by
+/// the shell, against what the meta says it holds) before anything is allocated for it.
+pub mod stage {
+    use super::{decode_limited, encode_limited, CodecError};
+    use serde::{Deserialize, Serialize};
+
+    /// Largest encoded meta.
+    pub const MAX_STAGE_META: usize = 16 * 1024;
+    /// Largest payload (activations, logits or a model file chunk), in bytes. 1 GiB.
+    pub const MAX_STAGE_PAYLOAD: u64 = 1 << 30;
+    /// Largest batch in one forward.
+    pub const MAX_BATCH: u32 = 4096;
+
+    /// What a forward's payload holds.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    pub enum Payload {
+        /// Token ids, i64 little-endian, `[batch, len]`.
+        Tokens,
+        /// Hidden states, f32 little-endian, `[batch, len, width]`.
+        Hidden,
+        /// Logits of every position, f32, `[batch, len, vocab]`.
+        Logits,
+        /// Logits of the last position only, f32, `[batch, vocab]`.
+        LastLogits,
+        /// Raw bytes (a model file chunk).
+        Bytes,
+    }
+
+    /// An entry node's request to a stage.
+    #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+    pub enum StageRequest {
+        /// Run layers `start..end` of the model over the payload, extending the KV cache
+        /// of `session` (created when `pos` is 0).
+        Forward {
+            /// The model (SHA-256 of its file).
+            model: [u8; 32],
+            /// Generation session (KV caches are per session).
+            session: u64,
+            /// First layer.
+            start: u32,
+            /// One past the last layer.
+            end: u32,
+            /// Rows.
+            batch: u32,
+            /// Positions per row in this call.
+            len: u32,
+            /// Index (in the padded sequence) of this call's first position.
+            pos: u32,
+            /// Left padding of each row (`batch` entries): keys before it are masked out.
+            pad: Vec<u32>,
+            /// What the payload holds.
+            input: Payload,
+            /// What to answer with (`Hidden` unless `end` is the last layer).
+            output: Payload,
+        },
+        /// Forget a session's KV caches.
+        Drop {
+            /// The session.
+            session: u64,
+        },
+        /// Send `len` bytes of the model file from `offset`.
+        Fetch {
+            /// The model.
+            model: [u8; 32],
+            /// Offset in the file.
+            offset: u64,
+            /// Bytes wanted.
+            len: u64,
+        },
+    }
+
+    /// A stage's answer.
+    #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+    pub enum StageReply {
+        /// Done; the payload holds `output` with this shape.
+        Ok {
+            /// What the payload holds.
+            payload: Payload,
+            /// Its shape.
+            shape: Vec<u32>,
+        },
+        /// Failed (unknown model, layers out of range, bad shapes, out of memory...).
+        Err(String),
+    }
+
+    impl StageRequest {
+        /// Encodes the meta.
+        pub fn encode(&self) -> Result<Vec<u8>, CodecError> {
+            encode_limited::<_, MAX_STAGE_META>(self)
+        }
+        /// Decodes and validates a meta.
+        pub fn decode(bytes: &[u8]) -> Result<StageRequest, CodecError> {
+            let r: StageRequest = decode_limited::<_, MAX_STAGE_META>(bytes)?;
+            if let StageRequest::Forward {
+                start,
+                end,
+                batch,
+                pad,
+                len,
+                ..
+            } = &r
+            {
+                if start >= end || *batch == 0 || *batch > MAX_BATCH || *len == 0 {
+                    return Err(CodecError::Invalid(format!(
+                        "forward of layers {start}..{end}, batch {batch}, len {len}"
+                    )));
+                }
+                if pad.len() != *batch as usize {
+                    return Err(CodecError::Invalid(format!(
+                        "{} paddings for {batch} rows",
+                        pad.len()
+                    )));
+                }
+            }
+            if let StageRequest::Fetch { len, .. } = &r {
+                if *len > MAX_STAGE_PAYLOAD {
+                    return Err(CodecError::Invalid(format!("fetch of {len} bytes")));
+                }
+            }
+            Ok(r)
+        }
+    }
+
+    impl StageReply {
+        /// Encodes the meta.
+        pub fn encode(&self) -> Result<Vec<u8>, CodecError> {
+            encode_limited::<_, MAX_STAGE_META>(self)
+        }
+        /// Decodes a meta.
+        pub fn decode(bytes: &[u8]) -> Result<StageReply, CodecError> {
+            let r: StageReply = decode_limited::<_, MAX_STAGE_META>(bytes)?;
+            if let StageReply::Ok { shape, .. } = &r {
+                if shape.len() > 4 {
+                    return Err(CodecError::Invalid(format!("{}-d payload", shape.len())));
+                }
+            }
+            Ok(r)
+        }
+    }
+
+    /// Checks a frame's meta length prefix.
+    pub fn meta_len(prefix: [u8; 4]) -> Result<usize, CodecError> {
+        let n = u32::from_le_bytes(prefix) as usize;
+        if n > MAX_STAGE_META {
+            return Err(CodecError::TooLarge {
+                len: n,
+                limit: MAX_STAGE_META,
+            });
+        }
+        Ok(n)
+    }
+
+    /// Checks a frame's payload length prefix.
+    pub fn payload_len(prefix: [u8; 8]) -> Result<u64, CodecError> {
+        let n = u64::from_le_bytes(prefix);
+        if n > MAX_STAGE_PAYLOAD {
+            return Err(CodecError::TooLarge {
+                len: usize::try_from(n).unwrap_or(usize::MAX),
+                limit: MAX_STAGE_PAYLOAD as usize,
+            });
+        }
+        Ok(n)
+    }
+
+    /// Bytes a payload of `kind` with `shape` must hold (`width` for hidden states).
+    pub fn expected_bytes(kind: Payload, shape: &[u32]) -> Option<u64> {
+        let elems = shape
+            .iter()
+            .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))?;
+        let size = match kind {
+            Payload::Tokens => 8,
+            Payload::Bytes => 1,
+            _ => 4,
+        };
+        elems.checked_mul(size)
     }
 }
 
@@ -159,6 +402,7 @@ mod tests {
                     total_bytes: 141 << 30,
                     free_bytes: 140 << 30,
                 }],
+                speed_mflops: 9000,
             },
             addrs: vec!["/ip4/127.0.0.1/tcp/4001".into()],
             data_addr: None,

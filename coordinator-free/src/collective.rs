@@ -72,6 +72,9 @@ pub enum Kind {
     AllGather,
     /// No data; returns once every member has entered.
     Barrier,
+    /// Not a collective: the link carries request/response frames for a service
+    /// (argument: the service id), e.g. serving stages.
+    Stream(u32),
 }
 
 impl Kind {
@@ -83,6 +86,7 @@ impl Kind {
             Kind::Broadcast { root } => (3, root),
             Kind::AllGather => (4, 0),
             Kind::Barrier => (5, 0),
+            Kind::Stream(service) => (6, service),
         }
     }
 
@@ -94,6 +98,7 @@ impl Kind {
             3 => Some(Kind::Broadcast { root: arg }),
             4 => Some(Kind::AllGather),
             5 => Some(Kind::Barrier),
+            6 => Some(Kind::Stream(arg)),
             _ => None,
         }
     }

@@ -13,6 +13,8 @@
 //! - [`codec`]: the one size-limited decoder every untrusted byte goes through.
 //! - [`collective`]: ring schedules for all-reduce, all-gather, broadcast and barrier.
 //! - [`pipeline`]: serving plans: layers cut into stages by memory and speed, replicas.
+//! - [`serving`]: serving decisions at the entry node: dynamic batching, replica choice, the
+//!   response cache, and token sampling.
 //! - [`training`]: the training-round state machine (wait, exchange progress, sync, step,
 //!   commit or redo).
 //! - [`sharding`]: which samples each member trains on at each step (exactly once per
@@ -22,6 +24,7 @@ pub mod codec;
 pub mod collective;
 pub mod membership;
 pub mod pipeline;
+pub mod serving;
 pub mod sharding;
 pub mod training;
 pub mod view;

@@ -57,6 +57,9 @@ pub struct Capabilities {
     pub ram_bytes: u64,
     /// GPUs with their free memory.
     pub gpus: Vec<GpuInfo>,
+    /// Measured compute speed in MFLOP/s (f32 matrix products at start-up;
+    /// 0 if unmeasured). The serving planner cuts stages in proportion to it.
+    pub speed_mflops: u32,
 }
 
 /// A member's periodic announcement on the control plane.

@@ -62,6 +62,9 @@ pub struct PlanConfig {
     pub headroom: f64,
     /// Most replicas to build. Default: 8.
     pub max_replicas: usize,
+    /// Fewest stages per replica (pipeline depth), even when fewer members would hold
+    /// the model; capped at the number of layers. Default: 1.
+    pub min_stages: usize,
 }
 
 impl Default for PlanConfig {
@@ -69,6 +72,7 @@ impl Default for PlanConfig {
         PlanConfig {
             headroom: 0.1,
             max_replicas: 8,
+            min_stages: 1,
         }
     }
 }
@@ -114,9 +118,10 @@ pub fn plan(layers: &[LayerCost], workers: &[Worker], cfg: PlanConfig) -> Result
         // be cut into stages that fit.
         let mut found = None;
         let mut have = 0u64;
+        let depth = cfg.min_stages.clamp(1, layers.len());
         for k in 1..=rest.len() {
             have = have.saturating_add(rest[k - 1].free_bytes);
-            if have >= need {
+            if have >= need && k >= depth {
                 if let Some(stages) = cut(layers, &rest[..k]) {
                     found = Some((k, stages));
                     break;
@@ -224,6 +229,36 @@ mod tests {
                 assert!(bytes <= free, "{s:?} holds {bytes} > {free}");
             }
         }
+    }
+
+    #[test]
+    fn min_stages_sets_the_pipeline_depth() {
+        let ls = layers(4, 1);
+        let ws = vec![
+            w("a", 64, 1.0),
+            w("b", 64, 1.0),
+            w("c", 64, 1.0),
+            w("d", 64, 1.0),
+        ];
+        let cfg = PlanConfig {
+            min_stages: 2,
+            ..PlanConfig::default()
+        };
+        let p = plan(&ls, &ws, cfg).unwrap();
+        assert_eq!(p.replicas.len(), 2);
+        for r in &p.replicas {
+            assert_eq!(r.len(), 2);
+            assert_eq!(r[0].layers, 0..2);
+        }
+        check(&p, &ls, &ws);
+        // Deeper than the layers: one layer per stage.
+        let deep = PlanConfig {
+            min_stages: 9,
+            ..PlanConfig::default()
+        };
+        let p = plan(&layers(2, 1), &ws, deep).unwrap();
+        assert_eq!(p.replicas.len(), 2);
+        assert!(p.replicas.iter().all(|r| r.len() == 2));
     }
 
     #[test]

@@ -93,6 +93,7 @@ impl Sim {
                 cores: 2,
                 ram_bytes: 1 << 30,
                 gpus: vec![],
+                speed_mflops: 0,
             },
             vec![format!("/sim/{i}")],
             self.config.clone(),

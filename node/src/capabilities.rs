@@ -13,7 +13,37 @@ pub async fn detect() -> Capabilities {
         cores,
         ram_bytes: ram_bytes().unwrap_or(0),
         gpus: gpus().await,
+        speed_mflops: speed_mflops(),
     }
+}
+
+/// f32 matrix-product (128×128) speed in MFLOP/s, measured once per process (about
+/// 30 ms) and rounded to two significant digits so small jitter does not change plans.
+pub fn speed_mflops() -> u32 {
+    static SPEED: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *SPEED.get_or_init(|| {
+        let _guard = tch::no_grad_guard();
+        let n = 128i64;
+        let a = tch::Tensor::ones([n, n], (tch::Kind::Float, tch::Device::Cpu));
+        let _ = a.matmul(&a); // warm-up
+        let started = std::time::Instant::now();
+        let mut reps = 0u64;
+        while started.elapsed() < Duration::from_millis(30) {
+            let _ = a.matmul(&a);
+            reps += 1;
+        }
+        let flops = 2.0 * (n * n * n) as f64 * reps as f64;
+        let mflops = flops / started.elapsed().as_secs_f64() / 1e6;
+        round2(mflops)
+    })
+}
+
+fn round2(x: f64) -> u32 {
+    if !(x.is_finite() && x >= 1.0) {
+        return 0;
+    }
+    let scale = 10f64.powi(x.log10().floor() as i32 - 1);
+    ((x / scale).round() * scale) as u32
 }
 
 fn ram_bytes() -> Option<u64> {
@@ -59,6 +89,13 @@ pub fn parse_nvidia_smi(text: &str) -> Vec<GpuInfo> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn rounds_to_two_digits() {
+        assert_eq!(super::round2(12345.0), 12000);
+        assert_eq!(super::round2(987.0), 990);
+        assert_eq!(super::round2(0.5), 0);
+    }
+
     #[test]
     fn parses_nvidia_smi() {
         let g = super::parse_nvidia_smi("NVIDIA H200, 143771, 143000\nbad line\n");

@@ -10,6 +10,7 @@
 //! - [`status`]: the status report, its table form, and a tiny client for the local API.
 //! - `nccl` (feature `nccl`): NCCL collectives on CUDA tensors.
 //! - [`train`]: data-parallel training jobs (job files, data, models, checkpoints).
+//! - [`serve`]: serving models: pipeline stages, batching, caching, the OpenAI API.
 //! - [`local`]: local clusters of `shoal up` processes (`shoal local`, `shoal bench`).
 
 pub mod api;
@@ -22,5 +23,6 @@ pub mod metrics;
 #[cfg(feature = "nccl")]
 pub mod nccl;
 pub mod node;
+pub mod serve;
 pub mod status;
 pub mod train;

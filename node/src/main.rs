@@ -48,6 +48,9 @@ enum Cmd {
     Keygen(KeygenArgs),
     /// Train a job file on the swarm (or on N local nodes with --local N).
     Train(TrainArgs),
+    /// Serve a model (a shoal checkpoint or a TorchScript file) on the swarm (or on N local
+    /// nodes with --local N) behind the OpenAI-compatible API of every node.
+    Serve(ServeArgs),
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -92,6 +95,19 @@ struct UpArgs {
     /// Expose debug endpoints on the local API (for tests and benchmarks).
     #[arg(long, env = "SHOAL_DEBUG_API", hide = true)]
     debug_api: bool,
+    /// Bearer token the serving API (/v1/completions, /v1/models, /v1/infer, /v1/serve)
+    /// requires. Default: none.
+    #[arg(long, env = "SHOAL_API_TOKEN")]
+    api_token: Option<String>,
+    /// Serving: most requests batched together. Default: 8.
+    #[arg(long, env = "SHOAL_SERVE_MAX_BATCH", default_value_t = 8)]
+    serve_max_batch: usize,
+    /// Serving: longest a request waits to be batched, in ms. Default: 5.
+    #[arg(long, env = "SHOAL_SERVE_MAX_WAIT_MS", default_value_t = 5)]
+    serve_max_wait_ms: u64,
+    /// Serving: responses kept for repeated deterministic requests. Default: 1024.
+    #[arg(long, env = "SHOAL_SERVE_CACHE", default_value_t = 1024)]
+    serve_cache: usize,
     /// Data-plane listen address. Default: 0.0.0.0:4413 (all interfaces).
     #[arg(long, env = "SHOAL_DATA_LISTEN", default_value = "0.0.0.0:4413")]
     data_listen: SocketAddr,
@@ -164,6 +180,50 @@ struct TrainArgs {
     dir: Option<PathBuf>,
     /// Give up (exit 1) after this many seconds. Default: 3600.
     #[arg(long, env = "SHOAL_TIMEOUT_S", default_value_t = 3600)]
+    timeout_s: u64,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// The model: a shoal checkpoint (`runs/<job>/checkpoint.safetensors`) or a
+    /// TorchScript file.
+    model: PathBuf,
+    /// The name clients ask for. Default: the run directory's name for a checkpoint,
+    /// else the file stem.
+    #[arg(long)]
+    name: Option<String>,
+    /// Fewest pipeline stages per replica. Default: 1 (as few as memory allows).
+    #[arg(long, default_value_t = 1)]
+    stages: u32,
+    /// Start this many local nodes on 127.0.0.1 and serve on them.
+    #[arg(long)]
+    local: Option<usize>,
+    /// Ask this prompt (greedy) once the model is served, print the question and the
+    /// answer (repeatable); with --local, exit afterwards.
+    #[arg(long = "prompt")]
+    prompts: Vec<String>,
+    /// Tokens to generate per --prompt. Default: 16.
+    #[arg(long, default_value_t = 16)]
+    max_tokens: u32,
+    /// Print JSON lines (the offer, then one per prompt).
+    #[arg(long, env = "SHOAL_JSON")]
+    json: bool,
+    /// The local API of the node to offer the model to (without --local).
+    /// Default: 127.0.0.1:4412.
+    #[arg(long, env = "SHOAL_API", default_value = "127.0.0.1:4412")]
+    api: SocketAddr,
+    /// Bearer token of the serving API (also given to --local nodes). Default: none.
+    #[arg(long, env = "SHOAL_API_TOKEN")]
+    api_token: Option<String>,
+    /// Data-plane transport of --local nodes: tcp (loopback is trusted) or quic.
+    /// Default: tcp.
+    #[arg(long, default_value = "tcp")]
+    data_plane: shoal_node::data_plane::DataTransport,
+    /// Where --local nodes keep their data dirs and logs. Default: a temporary dir.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Give up (exit 1) if the model is not served within this many seconds. Default: 120.
+    #[arg(long, env = "SHOAL_TIMEOUT_S", default_value_t = 120)]
     timeout_s: u64,
 }
 
@@ -327,6 +387,7 @@ async fn dispatch(cmd: Cmd) -> Result<(), Failure> {
         Cmd::Local(a) => local(a).await,
         Cmd::Keygen(a) => keygen(a),
         Cmd::Train(a) => train(a).await,
+        Cmd::Serve(a) => serve(a).await,
         Cmd::Bench {
             what:
                 BenchCmd::Membership {
@@ -407,8 +468,14 @@ async fn up(a: UpArgs) -> Result<(), Failure> {
         Some(p) => Some(identity::read_swarm_key(p).map_err(|e| usage(e.into()))?),
         None => None,
     };
+    let data_dir = a.data_dir.unwrap_or_else(default_data_dir);
+    let mut serve = shoal_node::serve::ServeConfig::new(&data_dir);
+    serve.api_token = a.api_token.filter(|t| !t.is_empty());
+    serve.max_batch = a.serve_max_batch.max(1);
+    serve.max_wait_ms = a.serve_max_wait_ms;
+    serve.cache_entries = a.serve_cache;
     let cfg = NodeConfig {
-        data_dir: a.data_dir.unwrap_or_else(default_data_dir),
+        data_dir,
         listen,
         bootstrap,
         api: a.api,
@@ -434,6 +501,7 @@ async fn up(a: UpArgs) -> Result<(), Failure> {
             tcp_buffer: a.tcp_buffer,
             ..Default::default()
         },
+        serve,
     };
     shoal_node::node::run(cfg).await.map_err(|e| match e {
         NodeError::Identity(_) | NodeError::Timings(_) | NodeError::ApiNotLoopback(_) => {
@@ -589,6 +657,196 @@ async fn bench_allreduce(
     }
     c.shutdown();
     let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+fn default_model_name(path: &Path) -> String {
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+    let name = if stem == "checkpoint" {
+        path.canonicalize()
+            .ok()
+            .and_then(|p| {
+                p.parent()
+                    .and_then(|d| d.file_name())
+                    .map(|n| n.to_string_lossy().into_owned())
+            })
+            .unwrap_or(stem)
+    } else {
+        stem
+    };
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.:".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(64)
+        .collect()
+}
+
+async fn serve(a: ServeArgs) -> Result<(), Failure> {
+    let path = a
+        .model
+        .canonicalize()
+        .map_err(|e| usage(anyhow!("cannot read {}: {e}", a.model.display())))?;
+    let name = a.name.clone().unwrap_or_else(|| default_model_name(&path));
+    let token = a.api_token.clone().filter(|t| !t.is_empty());
+    let offer = serde_json::json!({"path": path, "name": name, "stages": a.stages}).to_string();
+    let call = |api: SocketAddr, method: &'static str, route: &'static str, body: String| {
+        let token = token.clone();
+        async move {
+            status::http_request_with(
+                api,
+                method,
+                route,
+                token.as_deref(),
+                body.as_bytes(),
+                Duration::from_secs(120),
+            )
+            .await
+        }
+    };
+    let Some(n) = a.local else {
+        let reply = call(a.api, "POST", "/v1/serve", offer)
+            .await
+            .map_err(|e| match e {
+                status::ClientError::Status { status: 400, body } => usage(anyhow!("{body}")),
+                e => anyhow::Error::from(e).into(),
+            })?;
+        println!("{}", String::from_utf8_lossy(&reply).trim());
+        for p in &a.prompts {
+            ask(a.api, token.as_deref(), &name, p, a.max_tokens, a.json).await?;
+        }
+        return Ok(());
+    };
+    let (dir, temp) = local_dir(a.dir.clone());
+    let t = match a.data_plane {
+        shoal_node::data_plane::DataTransport::Quic => "quic",
+        shoal_node::data_plane::DataTransport::Tcp => "tcp",
+    };
+    let mut extra = vec!["--data-plane".to_string(), t.to_string()];
+    if let Some(tok) = &token {
+        extra.extend(["--api-token".to_string(), tok.clone()]);
+    }
+    let mut c = start_cluster(&dir, n, &extra)?;
+    let bound = Duration::from_secs(a.timeout_s);
+    let converged = poll_until(
+        &mut c,
+        bound,
+        Duration::from_millis(50),
+        |_| {},
+        |r| agreed_view(r, n, None),
+    )
+    .await?;
+    if converged.is_none() {
+        return Err(anyhow!("{n} nodes did not converge; logs under {}", dir.display()).into());
+    }
+    let api0 = c
+        .api(0)
+        .ok_or_else(|| anyhow!("node 0 has no API address"))?;
+    let reply = call(api0, "POST", "/v1/serve", offer)
+        .await
+        .map_err(|e| match e {
+            status::ClientError::Status { status: 400, body } => usage(anyhow!("{body}")),
+            e => anyhow::Error::from(e).into(),
+        })?;
+    // Served once every node holds the model and node 0 has a plan over them.
+    let depth = (a.stages as usize).max(1);
+    let ready = poll_until(
+        &mut c,
+        bound,
+        Duration::from_millis(100),
+        |_| {},
+        |reports| {
+            let r = reports.first()?.1.as_ref()?;
+            let m = r.serving.iter().find(|m| m.name == name)?;
+            (m.holders.len() >= n && !m.replicas.is_empty() && m.replicas[0].len() >= depth.min(n))
+                .then(|| m.clone())
+        },
+    )
+    .await?;
+    let Some(model) = ready else {
+        return Err(anyhow!(
+            "the model was not served within {} s; logs under {}",
+            a.timeout_s,
+            dir.display()
+        )
+        .into());
+    };
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"served": name, "offer": serde_json::from_slice::<serde_json::Value>(&reply).unwrap_or_default(), "replicas": model.replicas})
+        );
+    } else {
+        println!("serving `{name}` on {n} local nodes; replicas:");
+        for (i, r) in model.replicas.iter().enumerate() {
+            println!("  {i}: {}", r.join(" -> "));
+        }
+        for i in 0..n {
+            if let Some(api) = c.api(i) {
+                println!("  node {i}: http://{api}/v1/completions");
+            }
+        }
+    }
+    let result = async {
+        for p in &a.prompts {
+            ask(api0, token.as_deref(), &name, p, a.max_tokens, a.json).await?;
+        }
+        Ok::<(), Failure>(())
+    }
+    .await;
+    if result.is_ok() && a.prompts.is_empty() {
+        if !a.json {
+            println!("running; Ctrl-C to stop (logs under {})", dir.display());
+        }
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    c.shutdown();
+    if temp {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    result
+}
+
+/// Asks one greedy completion and prints the question and the answer.
+async fn ask(
+    api: SocketAddr,
+    token: Option<&str>,
+    model: &str,
+    prompt: &str,
+    max_tokens: u32,
+    json: bool,
+) -> Result<(), Failure> {
+    let body = serde_json::json!({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+        .to_string();
+    let t0 = Instant::now();
+    let reply = status::http_request_with(
+        api,
+        "POST",
+        "/v1/completions",
+        token,
+        body.as_bytes(),
+        Duration::from_secs(120),
+    )
+    .await
+    .map_err(anyhow::Error::from)?;
+    let ms = t0.elapsed().as_secs_f64() * 1000.0;
+    let v: serde_json::Value = serde_json::from_slice(&reply).map_err(anyhow::Error::from)?;
+    let text = v["choices"][0]["text"].as_str().unwrap_or_default();
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"prompt": prompt, "completion": text, "finish_reason": v["choices"][0]["finish_reason"], "ms": ms})
+        );
+    } else {
+        println!("{prompt:?} -> {text:?} ({ms:.1} ms)");
+    }
     Ok(())
 }
 

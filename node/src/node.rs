@@ -40,6 +40,8 @@ pub struct NodeConfig {
     pub data_listen: SocketAddr,
     /// Data-plane settings.
     pub data_plane: DataPlaneConfig,
+    /// Serving settings (batching, cache, API token).
+    pub serve: crate::serve::ServeConfig,
 }
 
 /// Why a node could not start or stopped.
@@ -265,7 +267,9 @@ pub async fn run(cfg: NodeConfig) -> Result<(), NodeError> {
         settled: false,
     });
     let handle = NodeHandle { tx };
-    let router = crate::api::router(handle.clone(), cfg.debug_api);
+    let server = crate::serve::Server::start(me.clone(), data_plane.clone(), cfg.serve.clone());
+    let router = crate::api::router(handle.clone(), cfg.debug_api)
+        .merge(crate::serve::http::router(server.clone(), handle.clone()));
     // Capabilities (GPU free memory) are re-detected every 10 s off the event loop:
     // `nvidia-smi` may take a while and must not delay heartbeats.
     let caps_handle = handle.clone();
@@ -332,6 +336,7 @@ pub async fn run(cfg: NodeConfig) -> Result<(), NodeError> {
         remote_ips: HashMap::new(),
         views_tx,
         jobs: Vec::new(),
+        server,
     };
     for addr in node.cfg.bootstrap.clone() {
         node.dial_bootstrap(&addr)?;
@@ -382,6 +387,7 @@ struct EventLoop {
     views_tx: watch::Sender<crate::train::ViewState>,
     /// Jobs by run id, oldest first.
     jobs: Vec<(u64, JobEntry)>,
+    server: crate::serve::Server,
 }
 
 /// Minimum time between two membership-driven dials of the same peer.
@@ -453,7 +459,10 @@ impl EventLoop {
                     }
                     Some(Command::Shutdown) | None => return,
                 },
-                _ = job_tick.tick() => self.announce_jobs(),
+                _ = job_tick.tick() => {
+                    self.announce_jobs();
+                    self.announce_models();
+                }
                 _ = tokio::time::sleep_until(deadline.into()) => {
                     let now = self.now_ms();
                     let entropy = rand::thread_rng().gen();
@@ -531,6 +540,7 @@ impl EventLoop {
             let current = self.membership.view().hash;
             self.nccl_waiters.retain(|(h, _)| *h == current);
             self.update_roster();
+            self.update_serving_members();
         }
         self.publish_view_state();
     }
@@ -615,6 +625,35 @@ impl EventLoop {
         }
         self.announce_jobs();
         Ok(first)
+    }
+
+    /// Tells the server the view and the members' capabilities.
+    fn update_serving_members(&self) {
+        let mut caps: HashMap<NodeId, coordinator_free::Capabilities> = self
+            .membership
+            .members()
+            .map(|m| (m.id.clone(), m.caps.clone()))
+            .collect();
+        caps.insert(
+            self.membership.me().clone(),
+            self.membership.local_capabilities().clone(),
+        );
+        self.server
+            .set_members(self.membership.view().clone(), caps);
+    }
+
+    /// Announces the models this node holds (an announcement means "I hold it").
+    fn announce_models(&mut self) {
+        self.update_serving_members();
+        for a in self.server.announcements() {
+            if let Ok(bytes) = ControlMessage::Serve(a).encode() {
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .publish(control_plane::control_topic(), bytes);
+            }
+        }
     }
 
     /// Re-publishes the announcement of every job still waiting or running.
@@ -845,6 +884,19 @@ impl EventLoop {
                     }
                 }
             }
+            Ok(ControlMessage::Serve(a)) => {
+                // An announcement speaks for its signed author only.
+                if message.source.map(|p| p.to_base58()) != Some(a.origin.as_str().to_string()) {
+                    self.counters.gossip_rejected += 1;
+                    tracing::warn!(from = %propagation_source, author = ?message.source, claimed = %a.origin, "rejected model announcement for another peer");
+                    MessageAcceptance::Reject
+                } else {
+                    self.counters.gossip_accepted += 1;
+                    let from = a.origin.clone();
+                    self.server.on_announce(a, from);
+                    MessageAcceptance::Accept
+                }
+            }
             Ok(ControlMessage::Heartbeat(hb)) => {
                 // Strict signing guarantees `source` is the signed author; the heartbeat
                 // must speak for that author only.
@@ -952,6 +1004,8 @@ impl EventLoop {
                 .iter()
                 .map(|(_, e)| e.report.lock().expect("report lock").clone())
                 .collect(),
+            serving: self.server.report(),
+            serve_stats: Some(self.server.stats()),
         }
     }
 }

@@ -111,6 +111,12 @@ pub struct StatusReport {
     /// Training jobs this node takes part in (newest last).
     #[serde(default)]
     pub jobs: Vec<crate::train::JobReport>,
+    /// Served models with their plans.
+    #[serde(default)]
+    pub serving: Vec<crate::serve::ModelReport>,
+    /// Serving counters.
+    #[serde(default)]
+    pub serve_stats: Option<crate::serve::ServeStats>,
 }
 
 fn gib(b: u64) -> String {
@@ -221,12 +227,27 @@ pub async fn http_request(
     body: &[u8],
     timeout: Duration,
 ) -> Result<Vec<u8>, ClientError> {
+    http_request_with(addr, method, path, None, body, timeout).await
+}
+
+/// [`http_request`] with an optional bearer token.
+pub async fn http_request_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &[u8],
+    timeout: Duration,
+) -> Result<Vec<u8>, ClientError> {
     let fut = async {
         let mut stream = tokio::net::TcpStream::connect(addr)
             .await
             .map_err(|source| ClientError::Connect { addr, source })?;
+        let auth = token
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
         let head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\nContent-Type: application/octet-stream\r\n\r\n",
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{auth}Content-Length: {}\r\nContent-Type: application/json\r\n\r\n",
             body.len()
         );
         let io_err = |e: std::io::Error| ClientError::BadResponse(e.to_string());

@@ -420,6 +420,26 @@ impl JobSpec {
         }
     }
 
+    /// The model's architecture as JSON (checkpoint metadata `model`; what `shoal serve`
+    /// rebuilds the model from).
+    pub fn model_json(&self) -> String {
+        let kind = match self.model_kind() {
+            ModelKind::Mlp => "mlp",
+            ModelKind::Gpt => "gpt",
+            ModelKind::Torchscript => "torchscript",
+        };
+        let m = &self.model;
+        serde_json::json!({
+            "kind": kind,
+            "layers": m.layers,
+            "heads": m.heads,
+            "width": m.width,
+            "context": m.context,
+            "hidden": m.hidden,
+        })
+        .to_string()
+    }
+
     /// `runs/<name>/`.
     pub fn run_dir(&self) -> PathBuf {
         self.output_dir.join(&self.name)

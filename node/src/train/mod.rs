@@ -889,6 +889,7 @@ impl Trainer {
             ("data_epoch".to_string(), self.cursor.epoch.to_string()),
             ("data_offset".to_string(), self.cursor.offset.to_string()),
             ("total_steps".to_string(), self.total_steps.to_string()),
+            ("model".to_string(), self.job().model_json()),
         ]);
         checkpoint::write(&path, &self.state_tensors(), &meta)?;
         tracing::info!(step = self.step, "checkpoint written to {}", path.display());

@@ -1,0 +1,599 @@
+//! The serving HTTP API, OpenAI-compatible where OpenAI has an equivalent.
+//!
+//! - `POST /v1/completions` — `model`, `prompt` (a string, or a list of one), `max_tokens`
+//!   (default 16), `temperature` (default 1), `top_p` (default 1), `seed`, `stop` (a
+//!   string or up to 4), `stream` (server-sent events ending in `data: [DONE]`),
+//!   `timeout` (seconds, shoal's own); other OpenAI fields are accepted when they ask for
+//!   nothing we do not do (`n` 1, no `echo`, no `logprobs`, no `best_of` > 1).
+//! - `GET /v1/models` — the served models.
+//! - `POST /v1/infer` — `{"model", "inputs": nested arrays}` → `{"model", "shape",
+//!   "outputs"}`: a forward of f32 inputs (`mlp`, TorchScript) or token ids (`gpt`: logits
+//!   of every position).
+//! - `POST /v1/serve` — `{"path", "name", "stages"}`: offer a model file on this node
+//!   (what `shoal serve` calls); `GET /v1/serve` — models, holders and plans.
+//!
+//! With `--api-token`, every route here asks for `Authorization: Bearer <token>`. Errors
+//! are OpenAI-style bodies `{"error": {"message", "type", "param", "code"}}` with a 4xx
+//! for the client's mistakes (400 invalid, 401 token, 404 unknown model, 413 body too
+//! large) and 503/504 when the cluster cannot answer (no plan yet, deadline).
+
+// Handlers return a ready `Response` as their error: built once per request, never moved
+// around in hot loops.
+#![allow(clippy::result_large_err)]
+
+use super::{Sampling, ServeError, Server, StreamEvent};
+use crate::node::NodeHandle;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::time::Duration;
+
+/// Most values in one `/v1/infer` input.
+pub const MAX_INFER_VALUES: usize = 1 << 20;
+
+#[derive(Clone)]
+struct Api {
+    server: Server,
+    node: NodeHandle,
+}
+
+/// The serving routes.
+pub fn router(server: Server, node: NodeHandle) -> Router {
+    let limit = server.config().max_body;
+    Router::new()
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(models))
+        .route("/v1/infer", post(infer))
+        .route("/v1/serve", get(serve_report).post(serve_offer))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(Api { server, node })
+}
+
+/// An OpenAI-style error response.
+pub fn error(
+    status: StatusCode,
+    message: impl ToString,
+    kind: &str,
+    param: Option<&str>,
+) -> Response {
+    let code = match status {
+        StatusCode::NOT_FOUND => Some("model_not_found"),
+        StatusCode::UNAUTHORIZED => Some("invalid_api_key"),
+        _ => None,
+    };
+    (
+        status,
+        Json(json!({"error": {
+            "message": message.to_string(),
+            "type": kind,
+            "param": param,
+            "code": code,
+        }})),
+    )
+        .into_response()
+}
+
+fn invalid(message: impl ToString, param: Option<&str>) -> Response {
+    error(
+        StatusCode::BAD_REQUEST,
+        message,
+        "invalid_request_error",
+        param,
+    )
+}
+
+fn serve_error(e: ServeError) -> Response {
+    match &e {
+        ServeError::UnknownModel(_) => error(
+            StatusCode::NOT_FOUND,
+            e,
+            "invalid_request_error",
+            Some("model"),
+        ),
+        ServeError::Invalid(_) | ServeError::Offer { .. } => invalid(e, None),
+        ServeError::NoPlan { .. } | ServeError::Stage { .. } => {
+            error(StatusCode::SERVICE_UNAVAILABLE, e, "server_error", None)
+        }
+        ServeError::Deadline(_) => error(StatusCode::GATEWAY_TIMEOUT, e, "server_error", None),
+    }
+}
+
+/// Checks the bearer token. `Err` is the 401 to answer.
+fn authorize(server: &Server, headers: &HeaderMap) -> Result<(), Response> {
+    let Some(token) = &server.config().api_token else {
+        return Ok(());
+    };
+    let given = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    // Constant-time comparison of equal-length strings.
+    let ok = given.is_some_and(|g| {
+        g.len() == token.len()
+            && g.bytes()
+                .zip(token.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(error(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token",
+            "invalid_request_error",
+            None,
+        ))
+    }
+}
+
+fn body(b: Result<Bytes, BytesRejection>) -> Result<Bytes, Response> {
+    b.map_err(|e| {
+        let status = e.status();
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            error(
+                status,
+                "the request body is too large",
+                "invalid_request_error",
+                None,
+            )
+        } else {
+            invalid(e.body_text(), None)
+        }
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+struct CompletionRequest {
+    model: String,
+    prompt: OneOrMany,
+    #[serde(default)]
+    max_tokens: Option<u32>,
+    #[serde(default)]
+    temperature: Option<f32>,
+    #[serde(default)]
+    top_p: Option<f32>,
+    #[serde(default)]
+    seed: Option<i64>,
+    #[serde(default)]
+    stop: Option<OneOrMany>,
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(default)]
+    n: Option<u32>,
+    #[serde(default)]
+    best_of: Option<u32>,
+    #[serde(default)]
+    echo: Option<bool>,
+    #[serde(default)]
+    logprobs: Option<Value>,
+    #[serde(default)]
+    timeout: Option<f64>,
+}
+
+/// A checked completion request.
+struct Checked {
+    model: String,
+    prompt: String,
+    sampling: Sampling,
+    stream: bool,
+    timeout: Option<Duration>,
+}
+
+fn check(req: CompletionRequest) -> Result<Checked, Response> {
+    let prompt = match req.prompt {
+        OneOrMany::One(p) => p,
+        OneOrMany::Many(mut v) if v.len() == 1 => v.remove(0),
+        OneOrMany::Many(_) => {
+            return Err(invalid("send one prompt per request", Some("prompt")));
+        }
+    };
+    if req.n.unwrap_or(1) != 1 || req.best_of.unwrap_or(1) != 1 {
+        return Err(invalid(
+            "only n = 1 and best_of = 1 are supported",
+            Some("n"),
+        ));
+    }
+    if req.echo.unwrap_or(false) {
+        return Err(invalid("echo is not supported", Some("echo")));
+    }
+    if req.logprobs.as_ref().is_some_and(|v| !v.is_null()) {
+        return Err(invalid("logprobs are not supported", Some("logprobs")));
+    }
+    let max_tokens = req.max_tokens.unwrap_or(16);
+    if max_tokens == 0 {
+        return Err(invalid("max_tokens must be at least 1", Some("max_tokens")));
+    }
+    let temperature = req.temperature.unwrap_or(1.0);
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(invalid(
+            "temperature must be in [0, 2]",
+            Some("temperature"),
+        ));
+    }
+    let top_p = req.top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(invalid("top_p must be in (0, 1]", Some("top_p")));
+    }
+    let stop = match req.stop {
+        None => vec![],
+        Some(OneOrMany::One(s)) => vec![s],
+        Some(OneOrMany::Many(v)) => v,
+    };
+    if stop.len() > 4 || stop.iter().any(|s| s.len() > 64) {
+        return Err(invalid(
+            "at most 4 stop sequences of at most 64 bytes",
+            Some("stop"),
+        ));
+    }
+    let timeout = match req.timeout {
+        None => None,
+        Some(t) if t.is_finite() && t > 0.0 && t <= 3600.0 => Some(Duration::from_secs_f64(t)),
+        Some(_) => {
+            return Err(invalid(
+                "timeout must be in (0, 3600] seconds",
+                Some("timeout"),
+            ))
+        }
+    };
+    Ok(Checked {
+        model: req.model,
+        prompt,
+        sampling: Sampling {
+            max_tokens,
+            temperature,
+            top_p,
+            seed: req.seed.map(|s| s as u64).unwrap_or(0),
+            seeded: req.seed.is_some(),
+            stop,
+        },
+        stream: req.stream.unwrap_or(false),
+        timeout,
+    })
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+async fn completions(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    b: Result<Bytes, BytesRejection>,
+) -> Response {
+    if let Err(r) = authorize(&api.server, &headers) {
+        return r;
+    }
+    let b = match body(b) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let req: CompletionRequest = match serde_json::from_slice(&b) {
+        Ok(r) => r,
+        Err(e) => return invalid(format!("malformed request: {e}"), None),
+    };
+    let c = match check(req) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let id = format!("cmpl-{:016x}", rand::random::<u64>());
+    let created = unix_now();
+    if !c.stream {
+        return match api
+            .server
+            .complete(&c.model, &c.prompt, c.sampling, c.timeout)
+            .await
+        {
+            Ok(done) => Json(json!({
+                "id": id,
+                "object": "text_completion",
+                "created": created,
+                "model": c.model,
+                "choices": [{
+                    "text": done.text,
+                    "index": 0,
+                    "logprobs": null,
+                    "finish_reason": done.finish_reason,
+                }],
+                "usage": {
+                    "prompt_tokens": done.prompt_tokens,
+                    "completion_tokens": done.completion_tokens,
+                    "total_tokens": done.prompt_tokens + done.completion_tokens,
+                },
+                "system_fingerprint": if done.cached { "shoal-cache" } else { "shoal" },
+            }))
+            .into_response(),
+            Err(e) => serve_error(e),
+        };
+    }
+    let rx = match api
+        .server
+        .complete_stream(&c.model, &c.prompt, c.sampling, c.timeout)
+    {
+        Ok(rx) => rx,
+        Err(e) => return serve_error(e),
+    };
+    let model = c.model.clone();
+    let chunk = move |text: &str, finish: Option<&str>| {
+        json!({
+            "id": id,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "choices": [{"text": text, "index": 0, "logprobs": null, "finish_reason": finish}],
+        })
+        .to_string()
+    };
+    let events = futures::stream::unfold((rx, false), move |(mut rx, ended)| {
+        let chunk = chunk.clone();
+        async move {
+            if ended {
+                return None;
+            }
+            let (data, ended) = match rx.recv().await {
+                Some(StreamEvent::Text(t)) => (chunk(&t, None), false),
+                Some(StreamEvent::Done(c)) => (chunk("", Some(&c.finish_reason)), true),
+                Some(StreamEvent::Failed(e)) => (
+                    json!({"error": {"message": e.to_string(), "type": "server_error", "param": null, "code": null}})
+                        .to_string(),
+                    true,
+                ),
+                None => return None,
+            };
+            let mut out = vec![Ok::<Event, std::convert::Infallible>(
+                Event::default().data(data),
+            )];
+            if ended {
+                out.push(Ok(Event::default().data("[DONE]")));
+            }
+            Some((futures::stream::iter(out), (rx, ended)))
+        }
+    });
+    use futures::StreamExt;
+    Sse::new(events.flatten()).into_response()
+}
+
+async fn models(State(api): State<Api>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorize(&api.server, &headers) {
+        return r;
+    }
+    let data: Vec<Value> = api
+        .server
+        .models()
+        .into_iter()
+        .map(|(name, cfg)| {
+            json!({
+                "id": name,
+                "object": "model",
+                "created": 0,
+                "owned_by": "shoal",
+                "kind": cfg.kind,
+                "layers": cfg.layers,
+                "context": cfg.context,
+                "params": cfg.params,
+            })
+        })
+        .collect();
+    Json(json!({"object": "list", "data": data})).into_response()
+}
+
+/// Flattens rectangular nested arrays of numbers (rank 1 to 4).
+fn flatten(v: &Value) -> Result<(Vec<u32>, Vec<f32>), String> {
+    fn shape_of(v: &Value, depth: usize, shape: &mut Vec<u32>) -> Result<(), String> {
+        if let Value::Array(a) = v {
+            if depth >= 4 {
+                return Err("inputs deeper than 4 dimensions".into());
+            }
+            if a.is_empty() {
+                return Err("an empty dimension".into());
+            }
+            shape.push(a.len() as u32);
+            shape_of(&a[0], depth + 1, shape)
+        } else {
+            Ok(())
+        }
+    }
+    fn walk(v: &Value, depth: usize, shape: &[u32], out: &mut Vec<f32>) -> Result<(), String> {
+        if depth == shape.len() {
+            let x = v.as_f64().ok_or("inputs must be numbers")?;
+            out.push(x as f32);
+            return Ok(());
+        }
+        let a = v.as_array().ok_or("inputs are not rectangular")?;
+        if a.len() as u32 != shape[depth] {
+            return Err("inputs are not rectangular".into());
+        }
+        if out.len() + a.len() > MAX_INFER_VALUES {
+            return Err(format!("more than {MAX_INFER_VALUES} values"));
+        }
+        for x in a {
+            walk(x, depth + 1, shape, out)?;
+        }
+        Ok(())
+    }
+    let mut shape = Vec::new();
+    shape_of(v, 0, &mut shape)?;
+    if shape.is_empty() {
+        return Err("inputs must be an array".into());
+    }
+    let mut out = Vec::new();
+    walk(v, 0, &shape, &mut out)?;
+    Ok((shape, out))
+}
+
+fn nest(shape: &[u32], data: &[f32]) -> Value {
+    match shape {
+        [] => json!(data.first().copied().unwrap_or(0.0)),
+        [_] => json!(data),
+        [n, rest @ ..] => {
+            let step = rest.iter().map(|&d| d as usize).product::<usize>();
+            Value::Array(
+                (0..*n as usize)
+                    .map(|i| nest(rest, &data[i * step..(i + 1) * step]))
+                    .collect(),
+            )
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InferRequest {
+    model: String,
+    inputs: Value,
+}
+
+async fn infer(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    b: Result<Bytes, BytesRejection>,
+) -> Response {
+    if let Err(r) = authorize(&api.server, &headers) {
+        return r;
+    }
+    let b = match body(b) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let req: InferRequest = match serde_json::from_slice(&b) {
+        Ok(r) => r,
+        Err(e) => return invalid(format!("malformed request: {e}"), None),
+    };
+    let (shape, data) = match flatten(&req.inputs) {
+        Ok(x) => x,
+        Err(e) => return invalid(e, Some("inputs")),
+    };
+    match api.server.infer(&req.model, shape, data).await {
+        Ok((shape, out)) => Json(json!({
+            "model": req.model,
+            "shape": shape,
+            "outputs": nest(&shape, &out),
+        }))
+        .into_response(),
+        Err(e) => serve_error(e),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OfferRequest {
+    path: String,
+    name: String,
+    #[serde(default = "one")]
+    stages: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+async fn serve_offer(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    b: Result<Bytes, BytesRejection>,
+) -> Response {
+    if let Err(r) = authorize(&api.server, &headers) {
+        return r;
+    }
+    let b = match body(b) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let req: OfferRequest = match serde_json::from_slice(&b) {
+        Ok(r) => r,
+        Err(e) => return invalid(format!("malformed request: {e}"), None),
+    };
+    match api
+        .server
+        .offer(std::path::Path::new(&req.path), &req.name, req.stages)
+    {
+        Ok(a) => {
+            // Announce at once (the node re-announces every 2 s).
+            if let Ok(bytes) = coordinator_free::ControlMessage::Serve(a.clone()).encode() {
+                let _ = api.node.publish_raw(bytes).await;
+            }
+            Json(json!({
+                "name": a.name,
+                "sha256": hex::encode(a.sha256),
+                "bytes": a.bytes,
+                "stages": a.stages,
+                "config": serde_json::from_str::<Value>(&a.config).unwrap_or(Value::Null),
+            }))
+            .into_response()
+        }
+        Err(e) => serve_error(e),
+    }
+}
+
+async fn serve_report(State(api): State<Api>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorize(&api.server, &headers) {
+        return r;
+    }
+    Json(api.server.report()).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nested_inputs_round_trip() {
+        let v = json!([[1, 2, 3], [4, 5, 6]]);
+        let (shape, data) = flatten(&v).unwrap();
+        assert_eq!(shape, vec![2, 3]);
+        assert_eq!(data, vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        assert_eq!(
+            nest(&shape, &data),
+            json!([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+        );
+        assert!(flatten(&json!([[1, 2], [3]])).is_err());
+        assert!(flatten(&json!([[[[[1]]]]])).is_err());
+        assert!(flatten(&json!(3)).is_err());
+        assert!(flatten(&json!([])).is_err());
+        assert!(flatten(&json!([["a"]])).is_err());
+    }
+
+    #[test]
+    fn completion_parameters_are_checked() {
+        let parse = |v: Value| check(serde_json::from_value(v).unwrap());
+        assert!(parse(json!({"model": "m", "prompt": "1+1="})).is_ok());
+        assert!(parse(json!({"model": "m", "prompt": ["a", "b"]})).is_err());
+        assert!(parse(json!({"model": "m", "prompt": "a", "temperature": 3})).is_err());
+        assert!(parse(json!({"model": "m", "prompt": "a", "top_p": 0})).is_err());
+        assert!(parse(json!({"model": "m", "prompt": "a", "n": 2})).is_err());
+        assert!(parse(json!({"model": "m", "prompt": "a", "max_tokens": 0})).is_err());
+        let c = parse(json!({"model": "m", "prompt": ["a"], "stop": "\n", "seed": 7}))
+            .ok()
+            .unwrap();
+        assert_eq!(c.sampling.stop, vec!["\n".to_string()]);
+        assert!(c.sampling.seeded);
+    }
+
+    #[test]
+    fn stream_helpers() {
+        assert_eq!(super::super::partial_suffix(b"abc=", b"=\n"), 1);
+        assert_eq!(super::super::partial_suffix(b"abc", b"=\n"), 0);
+        assert_eq!(
+            super::super::utf8_safe("é".as_bytes()[..1].as_ref(), false),
+            0
+        );
+        assert_eq!(super::super::utf8_safe(b"ab", false), 2);
+    }
+}

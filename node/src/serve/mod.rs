@@ -1,0 +1,1781 @@
+//! Serving: models offered to the swarm, cut into pipeline stages across members, and
+//! answered through an OpenAI-compatible HTTP API on every node.
+//!
+//! - **Offer.** `shoal serve MODEL` hands a model file to a node ([`Server::offer`]); the
+//!   node announces it ([`ControlMessage::Serve`]) every 2 s. Every member that hears of a
+//!   model fetches the file over the data plane (from any member that announced it),
+//!   checks its SHA-256 and from then on announces it too: an announcement means "I hold
+//!   this model".
+//! - **Plan.** Any node that receives a request plans on its own, from the view, the
+//!   members that hold the model and their announced memory and speed
+//!   (`coordinator_free::pipeline`): no coordinator, and every node derives the same plan
+//!   from the same view. Members a stage call just failed on are left out until the view
+//!   changes (or 10 s pass).
+//! - **Execute** ([`model::Stage`]). The entry node (the one the request reached) batches
+//!   concurrent requests (`coordinator_free::serving::Batcher`), picks the replica with the
+//!   fewest outstanding requests, splits the batch into micro-batches (one per stage, so
+//!   stages work on different micro-batches at once) and drives each through the stages
+//!   over data-plane streams: prefill, then one call per generated token; each stage keeps
+//!   the KV cache of its layers per session.
+//! - **Failover.** Every request gets a seed on arrival, so a retry reproduces its tokens:
+//!   when a stage call fails, the entry re-plans without that member and retries the
+//!   micro-batch until the request's deadline, skipping tokens it already streamed.
+//! - **Cache.** Deterministic requests (temperature 0, or a seed given) are answered from
+//!   an LRU cache of complete responses.
+
+pub mod http;
+pub mod model;
+
+use crate::data_plane::{DataPlane, Stream};
+use coordinator_free::codec::stage::{self as wire, Payload, StageReply, StageRequest};
+use coordinator_free::codec::ServeAnnounce;
+use coordinator_free::pipeline::{self, LayerCost, Plan, PlanConfig, Worker};
+use coordinator_free::serving::{Balancer, BatchConfig, Batcher, LruCache, SplitMix64};
+use coordinator_free::{Capabilities, NodeId, View};
+use model::{ModelConfig, Stage};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot};
+
+/// Data-plane service id of stage calls.
+pub const STAGE_SERVICE: u32 = 1;
+/// Model files are fetched in chunks of this many bytes. 8 MiB.
+pub const FETCH_CHUNK: u64 = 8 << 20;
+/// A member a stage call failed on is left out of plans this long (or until the view
+/// changes). 10 s.
+pub const SUSPECT_FOR: Duration = Duration::from_secs(10);
+/// An idle stage stream is closed after this long. 10 min.
+pub const STREAM_IDLE: Duration = Duration::from_secs(600);
+
+/// Serving settings.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    /// Most requests in one batch. Default: 8.
+    pub max_batch: usize,
+    /// Longest a request waits for others to batch with, in ms. Default: 5.
+    pub max_wait_ms: u64,
+    /// Complete responses kept for repeated deterministic requests. Default: 1024.
+    pub cache_entries: usize,
+    /// A request's deadline (a request carrying a smaller `timeout` uses that). Default: 60 s.
+    pub request_timeout: Duration,
+    /// Bearer token the OpenAI API requires (`--api-token`). Default: none.
+    pub api_token: Option<String>,
+    /// Where fetched model files are kept. Default: `<data dir>/models`.
+    pub models_dir: PathBuf,
+    /// Floor of the bound on a stage call; the bound is `max(floor, 10 × the slowest call
+    /// seen lately)`. Default: 3 s.
+    pub call_floor: Duration,
+    /// Largest HTTP request body on the serving routes. Default: 8 MiB.
+    pub max_body: usize,
+}
+
+impl ServeConfig {
+    /// Defaults, with model files under `data_dir/models`.
+    pub fn new(data_dir: &Path) -> ServeConfig {
+        ServeConfig {
+            max_batch: 8,
+            max_wait_ms: 5,
+            cache_entries: 1024,
+            request_timeout: Duration::from_secs(60),
+            api_token: None,
+            models_dir: data_dir.join("models"),
+            call_floor: Duration::from_secs(3),
+            max_body: 8 << 20,
+        }
+    }
+}
+
+/// Why serving failed. The HTTP layer maps each to a status code.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// No model by that name is served.
+    #[error("the model `{0}` does not exist")]
+    UnknownModel(String),
+    /// The request is invalid (prompt too long, bad parameters, bad tensor).
+    #[error("{0}")]
+    Invalid(String),
+    /// No plan can be made now (no member holds the model yet, or too little memory).
+    #[error("no pipeline for `{model}`: {reason}")]
+    NoPlan {
+        /// The model.
+        model: String,
+        /// Why.
+        reason: String,
+    },
+    /// A stage call failed.
+    #[error("stage on {member} failed: {reason}")]
+    Stage {
+        /// The member.
+        member: NodeId,
+        /// Why.
+        reason: String,
+        /// Whether the stage rejected the request itself (not retryable elsewhere).
+        rejected: bool,
+    },
+    /// The request's deadline passed.
+    #[error("the request did not complete within {0:?}")]
+    Deadline(Duration),
+    /// The model file cannot be offered.
+    #[error("cannot serve {path}: {reason}")]
+    Offer {
+        /// The file.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Sampling parameters of one completion.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sampling {
+    /// Most tokens to generate.
+    pub max_tokens: u32,
+    /// 0 = greedy.
+    pub temperature: f32,
+    /// Nucleus mass.
+    pub top_p: f32,
+    /// Seed (drawn at arrival when the client gave none).
+    pub seed: u64,
+    /// Whether the client fixed the seed.
+    pub seeded: bool,
+    /// Stop sequences.
+    pub stop: Vec<String>,
+}
+
+/// A finished completion.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Completion {
+    /// Generated text (lossy UTF-8 of the generated bytes).
+    pub text: String,
+    /// `stop` or `length`.
+    pub finish_reason: String,
+    /// Prompt tokens.
+    pub prompt_tokens: u32,
+    /// Generated tokens.
+    pub completion_tokens: u32,
+    /// Whether it came from the cache.
+    pub cached: bool,
+}
+
+/// What a streaming request receives.
+#[derive(Debug)]
+pub enum StreamEvent {
+    /// More text.
+    Text(String),
+    /// The end.
+    Done(Completion),
+    /// A failure (the stream ends).
+    Failed(ServeError),
+}
+
+enum Sink {
+    Once(oneshot::Sender<Result<Completion, ServeError>>),
+    Stream(mpsc::Sender<StreamEvent>),
+    /// Answered already.
+    Closed,
+}
+
+struct Pending {
+    prompt: Vec<u8>,
+    sampling: Sampling,
+    deadline: Instant,
+    started: Instant,
+    sink: Sink,
+    cache_key: Option<String>,
+}
+
+/// A model this node knows of.
+struct ModelEntry {
+    announce: ServeAnnounce,
+    cfg: ModelConfig,
+    /// The local file once held (fetched and verified, or offered here).
+    path: Option<PathBuf>,
+    /// Members that announced holding it, when last heard.
+    holders: HashMap<NodeId, Instant>,
+    fetching: bool,
+    batcher: Option<mpsc::Sender<Pending>>,
+}
+
+/// A model's current plan as the entry sees it.
+struct PlanState {
+    key: String,
+    plan: Plan,
+    balancer: Balancer,
+}
+
+/// Counters for `/metrics` and status.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct ServeStats {
+    /// Completed requests.
+    pub requests_ok: u64,
+    /// Failed requests (any error after admission).
+    pub requests_failed: u64,
+    /// Requests refused before running (invalid, unknown model, unauthorised).
+    pub requests_rejected: u64,
+    /// Cache hits.
+    pub cache_hits: u64,
+    /// Cache misses (deterministic requests only).
+    pub cache_misses: u64,
+    /// Tokens generated.
+    pub tokens_generated: u64,
+    /// Batches run.
+    pub batches: u64,
+    /// Requests in those batches.
+    pub batched_requests: u64,
+    /// Micro-batches retried after a stage failed.
+    pub retries: u64,
+    /// Stage calls served here.
+    pub stage_calls: u64,
+    /// Request latencies: counts per [`LATENCY_BUCKETS`] bound plus an overflow bucket.
+    pub latency_counts: Vec<u64>,
+    /// Sum of request latencies in seconds.
+    pub latency_sum_s: f64,
+}
+
+/// Upper bounds (seconds) of the request latency histogram.
+pub const LATENCY_BUCKETS: [f64; 12] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// One served model as reported by status.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct ModelReport {
+    /// Name.
+    pub name: String,
+    /// `gpt`, `mlp` or `torchscript`.
+    pub kind: String,
+    /// SHA-256 of the file (hex).
+    pub sha256: String,
+    /// Whether this node holds the file.
+    pub held: bool,
+    /// Members that announced holding it.
+    pub holders: Vec<String>,
+    /// Replica pipelines: each stage as `member[start..end]`.
+    pub replicas: Vec<Vec<String>>,
+    /// Planning problem, if no plan exists now.
+    pub plan_error: Option<String>,
+}
+
+struct Inner {
+    me: NodeId,
+    dp: DataPlane,
+    cfg: ServeConfig,
+    models: Mutex<BTreeMap<String, ModelEntry>>,
+    /// Stages run here, by model hash.
+    stages: Mutex<HashMap<[u8; 32], Arc<Mutex<Stage>>>>,
+    members: Mutex<(View, HashMap<NodeId, Capabilities>)>,
+    plans: Mutex<HashMap<String, PlanState>>,
+    suspects: Mutex<HashMap<NodeId, (Instant, coordinator_free::ViewHash)>>,
+    cache: Mutex<LruCache<String, Completion>>,
+    pool: Mutex<HashMap<NodeId, Vec<Stream>>>,
+    /// Slowest recent stage call per member (decaying maximum), seconds.
+    call_time: Mutex<HashMap<NodeId, f64>>,
+    stats: Mutex<ServeStats>,
+    clock: Instant,
+}
+
+/// This node's serving side. Cheap to clone.
+#[derive(Clone)]
+pub struct Server {
+    inner: Arc<Inner>,
+}
+
+fn hex32(h: &[u8; 32]) -> String {
+    hex::encode(h)
+}
+
+fn sha256_file(path: &Path) -> std::io::Result<([u8; 32], u64)> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n = 0u64;
+    loop {
+        let k = f.read(&mut buf)?;
+        if k == 0 {
+            break;
+        }
+        h.update(&buf[..k]);
+        n += k as u64;
+    }
+    Ok((h.finalize().into(), n))
+}
+
+impl Server {
+    /// A server for node `me` over its data plane; starts answering stage calls.
+    pub fn start(me: NodeId, dp: DataPlane, cfg: ServeConfig) -> Server {
+        let cache = LruCache::new(cfg.cache_entries);
+        let s = Server {
+            inner: Arc::new(Inner {
+                me,
+                dp: dp.clone(),
+                cfg,
+                models: Mutex::new(BTreeMap::new()),
+                stages: Mutex::new(HashMap::new()),
+                members: Mutex::new((View::new(0, vec![]), HashMap::new())),
+                plans: Mutex::new(HashMap::new()),
+                suspects: Mutex::new(HashMap::new()),
+                cache: Mutex::new(cache),
+                pool: Mutex::new(HashMap::new()),
+                call_time: Mutex::new(HashMap::new()),
+                stats: Mutex::new(ServeStats::default()),
+                clock: Instant::now(),
+            }),
+        };
+        let mut rx = dp.accept_streams();
+        let srv = s.clone();
+        tokio::spawn(async move {
+            while let Some(stream) = rx.recv().await {
+                if stream.service != STAGE_SERVICE {
+                    continue;
+                }
+                let srv = srv.clone();
+                tokio::spawn(async move { srv.serve_stream(stream).await });
+            }
+        });
+        s
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &ServeConfig {
+        &self.inner.cfg
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> ServeStats {
+        let mut s = self.inner.stats.lock().unwrap().clone();
+        let c = self.inner.cache.lock().unwrap();
+        s.cache_hits = c.hits();
+        s.cache_misses = c.misses();
+        s
+    }
+
+    // ------------------------------------------------------------------ models
+
+    /// Offers the model file at `path` under `name`, served with at least `stages`
+    /// stages per replica. Returns the announcement to publish.
+    pub fn offer(&self, path: &Path, name: &str, stages: u32) -> Result<ServeAnnounce, ServeError> {
+        let offer_err = |reason: String| ServeError::Offer {
+            path: path.display().to_string(),
+            reason,
+        };
+        let cfg = model::describe(path).map_err(|e| offer_err(e.to_string()))?;
+        let (sha256, bytes) = sha256_file(path).map_err(|e| offer_err(e.to_string()))?;
+        let config = serde_json::to_string(&cfg).map_err(|e| offer_err(e.to_string()))?;
+        let a = ServeAnnounce {
+            name: name.to_string(),
+            sha256,
+            bytes,
+            origin: self.inner.me.clone(),
+            config,
+            stages,
+        };
+        // The codec's checks (name, sizes) before anything is kept.
+        coordinator_free::ControlMessage::Serve(a.clone())
+            .encode()
+            .and_then(|b| coordinator_free::ControlMessage::decode(&b))
+            .map_err(|e| offer_err(e.to_string()))?;
+        let mut models = self.inner.models.lock().unwrap();
+        if let Some(old) = models.get(name) {
+            if old.announce.sha256 != sha256 {
+                return Err(offer_err(format!(
+                    "another model is already served as `{name}`"
+                )));
+            }
+        }
+        let entry = models
+            .entry(name.to_string())
+            .or_insert_with(|| ModelEntry {
+                announce: a.clone(),
+                cfg: cfg.clone(),
+                path: None,
+                holders: HashMap::new(),
+                fetching: false,
+                batcher: None,
+            });
+        entry.path = Some(path.to_path_buf());
+        entry.holders.insert(self.inner.me.clone(), Instant::now());
+        tracing::info!(model = name, kind = %cfg.kind, layers = cfg.layers, sha256 = %hex32(&sha256), "serving model");
+        Ok(a)
+    }
+
+    /// A member announced that it holds a model. Starts fetching it if this node does not
+    /// hold it yet.
+    pub fn on_announce(&self, a: ServeAnnounce, from: NodeId) {
+        let cfg: ModelConfig = match serde_json::from_str(&a.config) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(peer = %from, "ignored model announcement: bad config: {e}");
+                return;
+            }
+        };
+        if let Err(e) = cfg.validate() {
+            tracing::warn!(peer = %from, "ignored model announcement: {e}");
+            return;
+        }
+        let start_fetch = {
+            let mut models = self.inner.models.lock().unwrap();
+            let entry = models.entry(a.name.clone()).or_insert_with(|| ModelEntry {
+                announce: a.clone(),
+                cfg,
+                path: None,
+                holders: HashMap::new(),
+                fetching: false,
+                batcher: None,
+            });
+            if entry.announce.sha256 != a.sha256 {
+                tracing::warn!(peer = %from, model = %a.name, "ignored announcement of another model under a served name");
+                return;
+            }
+            entry.holders.insert(from, Instant::now());
+            let start = entry.path.is_none() && !entry.fetching;
+            if start {
+                entry.fetching = true;
+            }
+            start
+        };
+        if start_fetch {
+            let s = self.clone();
+            tokio::spawn(async move { s.fetch(a).await });
+        }
+    }
+
+    /// Announcements of the models this node holds (re-published every 2 s).
+    pub fn announcements(&self) -> Vec<ServeAnnounce> {
+        self.inner
+            .models
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|e| e.path.is_some())
+            .map(|e| ServeAnnounce {
+                origin: self.inner.me.clone(),
+                ..e.announce.clone()
+            })
+            .collect()
+    }
+
+    /// The current view and the members' capabilities (from the event loop).
+    pub fn set_members(&self, view: View, caps: HashMap<NodeId, Capabilities>) {
+        let mut m = self.inner.members.lock().unwrap();
+        if m.0.hash != view.hash {
+            // Suspicions hold until the view changes.
+            self.inner
+                .suspects
+                .lock()
+                .unwrap()
+                .retain(|_, (_, h)| *h == view.hash);
+        }
+        *m = (view, caps);
+    }
+
+    /// Fetches a model file from its holders, verifies it and starts holding it.
+    async fn fetch(&self, a: ServeAnnounce) {
+        let dir = self.inner.cfg.models_dir.clone();
+        let dst = dir.join(hex32(&a.sha256));
+        let mut attempt = 0u32;
+        loop {
+            if let Ok((h, _)) = sha256_file(&dst) {
+                if h == a.sha256 {
+                    break;
+                }
+            }
+            let holders: Vec<NodeId> = {
+                let models = self.inner.models.lock().unwrap();
+                let Some(e) = models.get(&a.name) else { return };
+                let mut v: Vec<NodeId> = e
+                    .holders
+                    .keys()
+                    .filter(|h| **h != self.inner.me)
+                    .cloned()
+                    .collect();
+                v.sort_by_key(|h| *h != a.origin);
+                v
+            };
+            let mut ok = false;
+            for h in holders {
+                match self.fetch_from(&h, &a, &dir, &dst).await {
+                    Ok(()) => {
+                        ok = true;
+                        break;
+                    }
+                    Err(e) => tracing::warn!(peer = %h, model = %a.name, "fetch failed: {e}"),
+                }
+            }
+            if ok {
+                break;
+            }
+            attempt += 1;
+            let wait = Duration::from_millis(200 * u64::from(attempt.min(10)));
+            tokio::time::sleep(wait).await;
+        }
+        let mut models = self.inner.models.lock().unwrap();
+        if let Some(e) = models.get_mut(&a.name) {
+            e.path = Some(dst);
+            e.fetching = false;
+            e.holders.insert(self.inner.me.clone(), Instant::now());
+            tracing::info!(model = %a.name, bytes = a.bytes, "model fetched and verified");
+        }
+    }
+
+    async fn fetch_from(
+        &self,
+        peer: &NodeId,
+        a: &ServeAnnounce,
+        dir: &Path,
+        dst: &Path,
+    ) -> Result<(), String> {
+        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+        let tmp = dst.with_extension("part");
+        let mut file = tokio::fs::File::create(&tmp)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut h = Sha256::new();
+        let mut offset = 0u64;
+        while offset < a.bytes {
+            let len = FETCH_CHUNK.min(a.bytes - offset);
+            let req = StageRequest::Fetch {
+                model: a.sha256,
+                offset,
+                len,
+            };
+            let (reply, bytes) = self
+                .call_remote(peer, &req, &[])
+                .await
+                .map_err(|e| e.to_string())?;
+            match reply {
+                StageReply::Ok { .. } if bytes.len() as u64 == len => {}
+                StageReply::Ok { .. } => return Err(format!("short chunk at {offset}")),
+                StageReply::Err(e) => return Err(e),
+            }
+            h.update(&bytes);
+            file.write_all(&bytes).await.map_err(|e| e.to_string())?;
+            offset += len;
+        }
+        file.sync_all().await.map_err(|e| e.to_string())?;
+        let got: [u8; 32] = h.finalize().into();
+        if got != a.sha256 {
+            let _ = std::fs::remove_file(&tmp);
+            return Err("SHA-256 mismatch".into());
+        }
+        std::fs::rename(&tmp, dst).map_err(|e| e.to_string())
+    }
+
+    /// Models as status reports them.
+    pub fn report(&self) -> Vec<ModelReport> {
+        let names: Vec<String> = self.inner.models.lock().unwrap().keys().cloned().collect();
+        names
+            .into_iter()
+            .filter_map(|name| {
+                let plan = self.plan(&name);
+                let models = self.inner.models.lock().unwrap();
+                let e = models.get(&name)?;
+                let mut holders: Vec<String> = e.holders.keys().map(|h| h.to_string()).collect();
+                holders.sort();
+                let (replicas, plan_error) = match plan {
+                    Ok(p) => (
+                        p.replicas
+                            .iter()
+                            .map(|r| {
+                                r.iter()
+                                    .map(|s| {
+                                        format!(
+                                            "{}[{}..{}]",
+                                            s.member, s.layers.start, s.layers.end
+                                        )
+                                    })
+                                    .collect()
+                            })
+                            .collect(),
+                        None,
+                    ),
+                    Err(e) => (vec![], Some(e.to_string())),
+                };
+                Some(ModelReport {
+                    name: name.clone(),
+                    kind: e.cfg.kind.clone(),
+                    sha256: hex32(&e.announce.sha256),
+                    held: e.path.is_some(),
+                    holders,
+                    replicas,
+                    plan_error,
+                })
+            })
+            .collect()
+    }
+
+    /// Served models: (name, config).
+    pub fn models(&self) -> Vec<(String, ModelConfig)> {
+        self.inner
+            .models
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(n, e)| (n.clone(), e.cfg.clone()))
+            .collect()
+    }
+
+    // -------------------------------------------------------------------- plan
+
+    /// The plan for `name` now: members of the view that hold the model and are not
+    /// suspected, by announced memory and speed.
+    fn plan(&self, name: &str) -> Result<Plan, ServeError> {
+        let no_plan = |reason: String| ServeError::NoPlan {
+            model: name.to_string(),
+            reason,
+        };
+        let (cfg, holders, stages) = {
+            let models = self.inner.models.lock().unwrap();
+            let e = models
+                .get(name)
+                .ok_or_else(|| ServeError::UnknownModel(name.to_string()))?;
+            let holders: Vec<NodeId> = e
+                .holders
+                .iter()
+                .filter(|(id, t)| **id == self.inner.me || t.elapsed() < Duration::from_secs(10))
+                .map(|(id, _)| id.clone())
+                .collect();
+            (e.cfg.clone(), holders, e.announce.stages)
+        };
+        let (view, caps) = self.inner.members.lock().unwrap().clone();
+        let suspects = self.inner.suspects.lock().unwrap().clone();
+        let mut workers: Vec<Worker> = view
+            .ids()
+            .filter(|id| holders.contains(id))
+            .filter(|id| {
+                suspects
+                    .get(*id)
+                    .is_none_or(|(t, _)| t.elapsed() >= SUSPECT_FOR)
+            })
+            .map(|id| {
+                let c = caps.get(id).cloned().unwrap_or_default();
+                Worker {
+                    id: id.clone(),
+                    // Half the memory is for serving; the rest for everything else.
+                    free_bytes: c.ram_bytes / 2,
+                    speed: f64::from(c.speed_mflops.max(1)),
+                }
+            })
+            .collect();
+        workers.sort_by(|a, b| a.id.cmp(&b.id));
+        if workers.is_empty() {
+            return Err(no_plan("no member in the view holds it yet".into()));
+        }
+        let layers: Vec<LayerCost> = cfg
+            .layer_bytes
+            .iter()
+            .map(|&bytes| LayerCost { bytes, work: 1 })
+            .collect();
+        let pcfg = PlanConfig {
+            min_stages: stages as usize,
+            ..PlanConfig::default()
+        };
+        let plan = pipeline::plan(&layers, &workers, pcfg).map_err(|e| no_plan(e.to_string()))?;
+        // Keep the balancer while the plan is unchanged.
+        let key = format!("{:?}", plan.replicas);
+        let mut plans = self.inner.plans.lock().unwrap();
+        let st = plans.entry(name.to_string()).or_insert_with(|| PlanState {
+            key: String::new(),
+            plan: plan.clone(),
+            balancer: Balancer::new(0),
+        });
+        if st.key != key {
+            st.key = key;
+            st.plan = plan.clone();
+            st.balancer.reset(plan.replicas.len());
+        }
+        Ok(plan)
+    }
+
+    fn suspect(&self, member: &NodeId) {
+        if *member == self.inner.me {
+            return;
+        }
+        let view = self.inner.members.lock().unwrap().0.hash;
+        self.inner
+            .suspects
+            .lock()
+            .unwrap()
+            .insert(member.clone(), (Instant::now(), view));
+    }
+
+    // ------------------------------------------------------------ stage calls
+
+    fn call_bound(&self, peer: &NodeId) -> Duration {
+        let slowest = self
+            .inner
+            .call_time
+            .lock()
+            .unwrap()
+            .get(peer)
+            .copied()
+            .unwrap_or(0.0);
+        self.inner
+            .cfg
+            .call_floor
+            .max(Duration::from_secs_f64(slowest * 10.0))
+    }
+
+    fn observe_call(&self, peer: &NodeId, took: Duration) {
+        let mut m = self.inner.call_time.lock().unwrap();
+        let e = m.entry(peer.clone()).or_insert(0.0);
+        *e = took.as_secs_f64().max(0.95 * *e);
+    }
+
+    /// One request/response on a pooled stream to `peer`.
+    async fn call_remote(
+        &self,
+        peer: &NodeId,
+        req: &StageRequest,
+        payload: &[u8],
+    ) -> Result<(StageReply, Vec<u8>), ServeError> {
+        let fail = |reason: String| ServeError::Stage {
+            member: peer.clone(),
+            reason,
+            rejected: false,
+        };
+        let meta = req.encode().map_err(|e| fail(e.to_string()))?;
+        let pooled = self
+            .inner
+            .pool
+            .lock()
+            .unwrap()
+            .get_mut(peer)
+            .and_then(Vec::pop);
+        let mut stream = match pooled {
+            Some(s) => s,
+            None => self
+                .inner
+                .dp
+                .open_stream(peer, STAGE_SERVICE)
+                .await
+                .map_err(|e| fail(e.to_string()))?,
+        };
+        let bound = self.call_bound(peer);
+        let started = Instant::now();
+        let exchange = async {
+            write_frame(&mut stream, &meta, payload).await?;
+            read_frame(&mut stream).await
+        };
+        let (meta, bytes) = match tokio::time::timeout(bound, exchange).await {
+            Ok(Ok(x)) => x,
+            Ok(Err(e)) => return Err(fail(e)),
+            Err(_) => return Err(fail(format!("no answer within {bound:?}"))),
+        };
+        self.observe_call(peer, started.elapsed());
+        self.inner
+            .dp
+            .count_bytes((meta.len() + payload.len()) as u64, bytes.len() as u64);
+        let reply = StageReply::decode(&meta).map_err(|e| fail(e.to_string()))?;
+        self.inner
+            .pool
+            .lock()
+            .unwrap()
+            .entry(peer.clone())
+            .or_default()
+            .push(stream);
+        Ok((reply, bytes))
+    }
+
+    /// Answers stage calls on one inbound stream until it closes or idles.
+    async fn serve_stream(&self, mut stream: Stream) {
+        loop {
+            let frame = match tokio::time::timeout(STREAM_IDLE, read_frame(&mut stream)).await {
+                Ok(Ok(f)) => f,
+                Ok(Err(e)) => {
+                    if !e.contains("closed") {
+                        tracing::debug!(peer = %stream.peer, "stage stream: {e}");
+                    }
+                    return;
+                }
+                Err(_) => return,
+            };
+            let (reply, payload) = match StageRequest::decode(&frame.0) {
+                Ok(req) => self.handle_call(req, frame.1).await,
+                Err(e) => {
+                    tracing::warn!(peer = %stream.peer, "bad stage request: {e}");
+                    (StageReply::Err(format!("bad request: {e}")), Vec::new())
+                }
+            };
+            let meta = match reply.encode() {
+                Ok(m) => m,
+                Err(e) => StageReply::Err(e.to_string()).encode().unwrap_or_default(),
+            };
+            if write_frame(&mut stream, &meta, &payload).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn stage_for(&self, model: &[u8; 32]) -> Result<Arc<Mutex<Stage>>, String> {
+        if let Some(s) = self.inner.stages.lock().unwrap().get(model) {
+            return Ok(s.clone());
+        }
+        let (path, cfg) = {
+            let models = self.inner.models.lock().unwrap();
+            let e = models
+                .values()
+                .find(|e| &e.announce.sha256 == model)
+                .ok_or("unknown model")?;
+            (
+                e.path.clone().ok_or("model not held here yet")?,
+                e.cfg.clone(),
+            )
+        };
+        let stage = Stage::open(&path, cfg).map_err(|e| e.to_string())?;
+        let stage = Arc::new(Mutex::new(stage));
+        self.inner
+            .stages
+            .lock()
+            .unwrap()
+            .insert(*model, stage.clone());
+        Ok(stage)
+    }
+
+    fn model_path(&self, model: &[u8; 32]) -> Option<PathBuf> {
+        self.inner
+            .models
+            .lock()
+            .unwrap()
+            .values()
+            .find(|e| &e.announce.sha256 == model)
+            .and_then(|e| e.path.clone())
+    }
+
+    /// Runs one stage request here.
+    async fn handle_call(&self, req: StageRequest, payload: Vec<u8>) -> (StageReply, Vec<u8>) {
+        self.inner.stats.lock().unwrap().stage_calls += 1;
+        match req {
+            StageRequest::Drop { session } => {
+                for s in self.inner.stages.lock().unwrap().values() {
+                    s.lock().unwrap().drop_session(session);
+                }
+                (
+                    StageReply::Ok {
+                        payload: Payload::Bytes,
+                        shape: vec![0],
+                    },
+                    vec![],
+                )
+            }
+            StageRequest::Fetch { model, offset, len } => {
+                let Some(path) = self.model_path(&model) else {
+                    return (StageReply::Err("model not held here".into()), vec![]);
+                };
+                let read = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
+                    use std::io::{Read, Seek};
+                    let mut f = std::fs::File::open(path)?;
+                    f.seek(std::io::SeekFrom::Start(offset))?;
+                    let mut buf = Vec::new();
+                    f.take(len).read_to_end(&mut buf)?;
+                    Ok(buf)
+                })
+                .await;
+                match read {
+                    Ok(Ok(b)) => (
+                        StageReply::Ok {
+                            payload: Payload::Bytes,
+                            shape: vec![b.len() as u32],
+                        },
+                        b,
+                    ),
+                    Ok(Err(e)) => (StageReply::Err(e.to_string()), vec![]),
+                    Err(e) => (StageReply::Err(e.to_string()), vec![]),
+                }
+            }
+            StageRequest::Forward {
+                model,
+                session,
+                start,
+                end,
+                batch,
+                len,
+                pos,
+                pad,
+                input,
+                output,
+            } => {
+                let stage = match self.stage_for(&model) {
+                    Ok(s) => s,
+                    Err(e) => return (StageReply::Err(e), vec![]),
+                };
+                let mut shape = input_shape(input, batch, len, &stage);
+                let mut payload = payload;
+                if shape.is_empty() {
+                    match split_shape(&payload) {
+                        Ok((s, at)) => {
+                            shape = s;
+                            payload.drain(..at);
+                        }
+                        Err(e) => return (StageReply::Err(e), vec![]),
+                    }
+                }
+                let run = tokio::task::spawn_blocking(move || {
+                    let mut st = stage.lock().unwrap();
+                    st.forward(
+                        session,
+                        start as usize..end as usize,
+                        pos,
+                        &pad,
+                        input,
+                        &shape,
+                        &payload,
+                        output,
+                    )
+                })
+                .await;
+                match run {
+                    Ok(Ok((payload, shape, bytes))) => (StageReply::Ok { payload, shape }, bytes),
+                    Ok(Err(e)) => (StageReply::Err(e.to_string()), vec![]),
+                    Err(e) => (StageReply::Err(format!("stage panicked: {e}")), vec![]),
+                }
+            }
+        }
+    }
+
+    /// One stage call, here or on a member. Returns the output and its shape.
+    async fn call_stage(
+        &self,
+        member: &NodeId,
+        req: StageRequest,
+        payload: Vec<u8>,
+    ) -> Result<(Vec<u32>, Vec<u8>), ServeError> {
+        let (reply, bytes) = if *member == self.inner.me {
+            self.handle_call(req, payload).await
+        } else {
+            self.call_remote(member, &req, &payload).await?
+        };
+        match reply {
+            StageReply::Ok { payload, shape } => {
+                if wire::expected_bytes(payload, &shape) != Some(bytes.len() as u64) {
+                    return Err(ServeError::Stage {
+                        member: member.clone(),
+                        reason: format!(
+                            "answer of {} bytes for {payload:?} {shape:?}",
+                            bytes.len()
+                        ),
+                        rejected: false,
+                    });
+                }
+                Ok((shape, bytes))
+            }
+            StageReply::Err(reason) => Err(ServeError::Stage {
+                member: member.clone(),
+                rejected: is_rejection(&reason),
+                reason,
+            }),
+        }
+    }
+
+    /// Runs `x` through every stage of `replica`.
+    #[allow(clippy::too_many_arguments)]
+    async fn through(
+        &self,
+        model: [u8; 32],
+        replica: &[pipeline::Stage],
+        session: u64,
+        pos: u32,
+        pad: &[u32],
+        mut input: (Payload, Vec<u8>),
+        batch: u32,
+        len: u32,
+        last: Payload,
+    ) -> Result<(Vec<u32>, Vec<u8>), ServeError> {
+        let n = replica.len();
+        let mut out = (vec![], vec![]);
+        for (i, s) in replica.iter().enumerate() {
+            let output = if i + 1 == n { last } else { Payload::Hidden };
+            let req = StageRequest::Forward {
+                model,
+                session,
+                start: s.layers.start as u32,
+                end: s.layers.end as u32,
+                batch,
+                len,
+                pos,
+                pad: pad.to_vec(),
+                input: input.0,
+                output,
+            };
+            out = self
+                .call_stage(&s.member, req, std::mem::take(&mut input.1))
+                .await?;
+            input = (output, std::mem::take(&mut out.1));
+            out.1 = Vec::new();
+        }
+        Ok((out.0, input.1))
+    }
+
+    fn drop_session(&self, replica: &[pipeline::Stage], session: u64) {
+        for s in replica {
+            let srv = self.clone();
+            let member = s.member.clone();
+            tokio::spawn(async move {
+                let _ = srv
+                    .call_stage(&member, StageRequest::Drop { session }, vec![])
+                    .await;
+            });
+        }
+    }
+
+    // -------------------------------------------------------------- completions
+
+    fn model_for_request(&self, name: &str) -> Result<(ServeAnnounce, ModelConfig), ServeError> {
+        let models = self.inner.models.lock().unwrap();
+        let e = models
+            .get(name)
+            .ok_or_else(|| ServeError::UnknownModel(name.to_string()))?;
+        Ok((e.announce.clone(), e.cfg.clone()))
+    }
+
+    /// Checks a completion request and queues it. The result arrives on `sink`.
+    fn admit(
+        &self,
+        model: &str,
+        prompt: &str,
+        mut sampling: Sampling,
+        timeout: Option<Duration>,
+        sink: Sink,
+    ) -> Result<(), (ServeError, Sink)> {
+        let checked = (|| {
+            let (_, cfg) = self.model_for_request(model)?;
+            if !cfg.is_lm() {
+                return Err(ServeError::Invalid(format!(
+                    "`{model}` is a `{}` model: use /v1/infer",
+                    cfg.kind
+                )));
+            }
+            let p = prompt.as_bytes();
+            if p.is_empty() {
+                return Err(ServeError::Invalid("the prompt is empty".into()));
+            }
+            if p.len() >= cfg.context as usize {
+                return Err(ServeError::Invalid(format!(
+                    "the prompt is {} tokens; this model's context is {} tokens (the prompt must leave room for at least one more)",
+                    p.len(),
+                    cfg.context
+                )));
+            }
+            Ok(())
+        })();
+        if let Err(e) = checked {
+            self.inner.stats.lock().unwrap().requests_rejected += 1;
+            return Err((e, sink));
+        }
+        if !sampling.seeded {
+            sampling.seed = rand::random();
+        }
+        let deterministic = sampling.temperature <= 0.0 || sampling.seeded;
+        let cache_key = deterministic.then(|| {
+            format!(
+                "{model}\u{0}{prompt}\u{0}{}\u{0}{}\u{0}{}\u{0}{}\u{0}{:?}",
+                sampling.max_tokens,
+                if sampling.temperature <= 0.0 {
+                    0
+                } else {
+                    sampling.temperature.to_bits()
+                },
+                if sampling.temperature <= 0.0 {
+                    0
+                } else {
+                    sampling.top_p.to_bits()
+                },
+                if sampling.temperature <= 0.0 {
+                    0
+                } else {
+                    sampling.seed
+                },
+                sampling.stop
+            )
+        });
+        if let Some(k) = &cache_key {
+            let hit = self.inner.cache.lock().unwrap().get(k);
+            if let Some(mut c) = hit {
+                c.cached = true;
+                let mut st = self.inner.stats.lock().unwrap();
+                st.requests_ok += 1;
+                record_latency(&mut st, 0.0);
+                drop(st);
+                match sink {
+                    Sink::Once(tx) => {
+                        let _ = tx.send(Ok(c));
+                    }
+                    Sink::Stream(tx) => {
+                        let _ = tx.try_send(StreamEvent::Text(c.text.clone()));
+                        let _ = tx.try_send(StreamEvent::Done(c));
+                    }
+                    Sink::Closed => {}
+                }
+                return Ok(());
+            }
+        }
+        let now = Instant::now();
+        let limit = timeout
+            .unwrap_or(self.inner.cfg.request_timeout)
+            .min(self.inner.cfg.request_timeout);
+        let pending = Pending {
+            prompt: prompt.as_bytes().to_vec(),
+            sampling,
+            deadline: now + limit,
+            started: now,
+            sink,
+            cache_key,
+        };
+        let tx = self.batcher_for(model);
+        if let Err(mpsc::error::TrySendError::Full(p) | mpsc::error::TrySendError::Closed(p)) =
+            tx.try_send(pending)
+        {
+            self.inner.stats.lock().unwrap().requests_rejected += 1;
+            return Err((
+                ServeError::NoPlan {
+                    model: model.to_string(),
+                    reason: "too many requests queued".into(),
+                },
+                p.sink,
+            ));
+        }
+        Ok(())
+    }
+
+    /// Completes `prompt` (not streamed).
+    pub async fn complete(
+        &self,
+        model: &str,
+        prompt: &str,
+        sampling: Sampling,
+        timeout: Option<Duration>,
+    ) -> Result<Completion, ServeError> {
+        let (tx, rx) = oneshot::channel();
+        if let Err((e, _)) = self.admit(model, prompt, sampling, timeout, Sink::Once(tx)) {
+            return Err(e);
+        }
+        rx.await
+            .unwrap_or_else(|_| Err(ServeError::Invalid("the request was dropped".into())))
+    }
+
+    /// Completes `prompt`, streaming text as it is generated.
+    pub fn complete_stream(
+        &self,
+        model: &str,
+        prompt: &str,
+        sampling: Sampling,
+        timeout: Option<Duration>,
+    ) -> Result<mpsc::Receiver<StreamEvent>, ServeError> {
+        let (tx, rx) = mpsc::channel(1024);
+        self.admit(model, prompt, sampling, timeout, Sink::Stream(tx))
+            .map_err(|(e, _)| e)?;
+        Ok(rx)
+    }
+
+    /// The queue of `model`'s batcher (started on first use).
+    fn batcher_for(&self, model: &str) -> mpsc::Sender<Pending> {
+        let mut models = self.inner.models.lock().unwrap();
+        let e = models.get_mut(model).expect("checked by admit");
+        if let Some(tx) = &e.batcher {
+            if !tx.is_closed() {
+                return tx.clone();
+            }
+        }
+        let (tx, rx) = mpsc::channel(4096);
+        e.batcher = Some(tx.clone());
+        let srv = self.clone();
+        let name = model.to_string();
+        tokio::spawn(async move { srv.batch_loop(name, rx).await });
+        tx
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.inner.clock.elapsed().as_millis() as u64
+    }
+
+    async fn batch_loop(self, model: String, mut rx: mpsc::Receiver<Pending>) {
+        let mut batcher = Batcher::new(BatchConfig {
+            max_batch: self.inner.cfg.max_batch,
+            max_wait_ms: self.inner.cfg.max_wait_ms,
+        });
+        loop {
+            let due = batcher
+                .poll_timeout()
+                .map(|t| self.inner.clock + Duration::from_millis(t));
+            tokio::select! {
+                p = rx.recv() => match p {
+                    Some(p) => batcher.handle_request(p, self.now_ms()),
+                    None => return,
+                },
+                _ = async { tokio::time::sleep_until(due.expect("due").into()).await }, if due.is_some() => {}
+            }
+            while let Some(batch) = batcher.poll_batch(self.now_ms()) {
+                let srv = self.clone();
+                let model = model.clone();
+                tokio::spawn(async move { srv.run_batch(model, batch).await });
+            }
+        }
+    }
+
+    /// Runs a batch: micro-batches through a replica, retried on failures until each
+    /// request's deadline.
+    async fn run_batch(self, model: String, batch: Vec<Pending>) {
+        {
+            let mut st = self.inner.stats.lock().unwrap();
+            st.batches += 1;
+            st.batched_requests += batch.len() as u64;
+        }
+        let groups = {
+            // One micro-batch per stage of the (current) replica, so stages overlap.
+            let depth = self
+                .plan(&model)
+                .ok()
+                .and_then(|p| p.replicas.first().map(Vec::len))
+                .unwrap_or(1)
+                .max(1);
+            let per = batch.len().div_ceil(depth).max(1);
+            let mut groups: Vec<Vec<Row>> = Vec::new();
+            for p in batch {
+                if groups.last().is_none_or(|g| g.len() >= per) {
+                    groups.push(Vec::new());
+                }
+                groups.last_mut().expect("pushed").push(Row::new(p));
+            }
+            groups
+        };
+        let tasks = groups.into_iter().map(|g| {
+            let srv = self.clone();
+            let model = model.clone();
+            async move { srv.run_group(&model, g).await }
+        });
+        futures::future::join_all(tasks).await;
+    }
+
+    async fn run_group(&self, model: &str, mut rows: Vec<Row>) {
+        let deadline = rows.iter().map(|r| r.p.deadline).max().expect("rows");
+        let mut last_err: Option<ServeError> = None;
+        loop {
+            rows.retain_mut(|r| {
+                if Instant::now() >= r.p.deadline {
+                    r.fail(ServeError::Deadline(r.p.deadline - r.p.started), self);
+                    false
+                } else {
+                    !r.done
+                }
+            });
+            if rows.is_empty() {
+                break;
+            }
+            let attempt = self.generate(model, &mut rows).await;
+            match attempt {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::warn!(model, "generation failed, retrying: {e}");
+                    let rejected = matches!(e, ServeError::Stage { rejected: true, .. })
+                        || matches!(e, ServeError::Invalid(_) | ServeError::UnknownModel(_));
+                    if let ServeError::Stage { member, .. } = &e {
+                        if !rejected {
+                            self.suspect(member);
+                        }
+                    }
+                    if rejected {
+                        for r in rows.iter_mut() {
+                            r.fail(ServeError::Invalid(e.to_string()), self);
+                        }
+                        return;
+                    }
+                    self.inner.stats.lock().unwrap().retries += 1;
+                    last_err = Some(e);
+                    let pause = Duration::from_millis(50);
+                    if Instant::now() + pause >= deadline {
+                        tokio::time::sleep_until(deadline.into()).await;
+                    } else {
+                        tokio::time::sleep(pause).await;
+                    }
+                }
+            }
+        }
+        if let Some(e) = last_err {
+            tracing::debug!(model, "group finished after a failure: {e}");
+        }
+        for r in rows.iter_mut().filter(|r| !r.done) {
+            r.fail(ServeError::Deadline(r.p.deadline - r.p.started), self);
+        }
+    }
+
+    /// One generation attempt for `rows` (from scratch; tokens already streamed are
+    /// not sent again). Finishes the rows it completes.
+    async fn generate(&self, model: &str, rows: &mut [Row]) -> Result<(), ServeError> {
+        let (a, cfg) = self.model_for_request(model)?;
+        let plan = self.plan(model)?;
+        let replica_ix = {
+            let mut plans = self.inner.plans.lock().unwrap();
+            let st = plans.get_mut(model).expect("planned");
+            st.balancer.pick(&[]).ok_or_else(|| ServeError::NoPlan {
+                model: model.to_string(),
+                reason: "no replica".into(),
+            })?
+        };
+        let replica = plan.replicas[replica_ix].clone();
+        let result = self.generate_on(&a, &cfg, &replica, rows).await;
+        if let Some(st) = self.inner.plans.lock().unwrap().get_mut(model) {
+            st.balancer.done(replica_ix);
+        }
+        result
+    }
+
+    async fn generate_on(
+        &self,
+        a: &ServeAnnounce,
+        cfg: &ModelConfig,
+        replica: &[pipeline::Stage],
+        rows: &mut [Row],
+    ) -> Result<(), ServeError> {
+        let session: u64 = rand::random();
+        for r in rows.iter_mut() {
+            r.restart();
+        }
+        let b = rows.len();
+        let l = rows.iter().map(|r| r.p.prompt.len()).max().expect("rows") as u32;
+        let pad: Vec<u32> = rows.iter().map(|r| l - r.p.prompt.len() as u32).collect();
+        let mut tokens = Vec::with_capacity(b * l as usize * 8);
+        for r in rows.iter() {
+            for _ in 0..(l as usize - r.p.prompt.len()) {
+                tokens.extend_from_slice(&0i64.to_le_bytes());
+            }
+            for &t in &r.p.prompt {
+                tokens.extend_from_slice(&i64::from(t).to_le_bytes());
+            }
+        }
+        // The batch can run until its longest prompt fills the context.
+        let room = cfg.context - l;
+        let mut pos = 0u32;
+        let mut len = l;
+        let mut input = tokens;
+        let result = async {
+            loop {
+                let (shape, logits) = self
+                    .through(
+                        a.sha256,
+                        replica,
+                        session,
+                        pos,
+                        &pad,
+                        (Payload::Tokens, input),
+                        b as u32,
+                        len,
+                        Payload::LastLogits,
+                    )
+                    .await?;
+                if shape != [b as u32, model::VOCAB] {
+                    return Err(ServeError::Stage {
+                        member: replica.last().expect("stages").member.clone(),
+                        reason: format!("logits of shape {shape:?}"),
+                        rejected: false,
+                    });
+                }
+                let logits: Vec<f32> = logits
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+                    .collect();
+                pos += len;
+                len = 1;
+                let generated = pos - l + 1;
+                let mut next = Vec::with_capacity(b * 8);
+                for (i, r) in rows.iter_mut().enumerate() {
+                    let row = &logits[i * model::VOCAB as usize..(i + 1) * model::VOCAB as usize];
+                    let t = r.step(row, generated >= room, self);
+                    next.extend_from_slice(&i64::from(t).to_le_bytes());
+                }
+                let now = Instant::now();
+                for r in rows.iter_mut().filter(|r| !r.done && now >= r.p.deadline) {
+                    r.fail(ServeError::Deadline(r.p.deadline - r.p.started), self);
+                }
+                if rows.iter().all(|r| r.done) {
+                    return Ok(());
+                }
+                input = next;
+            }
+        }
+        .await;
+        self.drop_session(replica, session);
+        result
+    }
+
+    /// Records a finished request.
+    fn finish(&self, p: &Pending, c: &Completion) {
+        if let Some(k) = &p.cache_key {
+            self.inner.cache.lock().unwrap().put(k.clone(), c.clone());
+        }
+        let mut st = self.inner.stats.lock().unwrap();
+        st.requests_ok += 1;
+        st.tokens_generated += u64::from(c.completion_tokens);
+        record_latency(&mut st, p.started.elapsed().as_secs_f64());
+    }
+
+    // ------------------------------------------------------------------- infer
+
+    /// Runs a generic forward through the model's pipeline: f32 inputs (`mlp`,
+    /// TorchScript) or token ids (`gpt`, answering logits of every position).
+    pub async fn infer(
+        &self,
+        model: &str,
+        shape: Vec<u32>,
+        data: Vec<f32>,
+    ) -> Result<(Vec<u32>, Vec<f32>), ServeError> {
+        let (a, cfg) = self.model_for_request(model)?;
+        let deadline = Instant::now() + self.inner.cfg.request_timeout;
+        if shape.is_empty() || shape.len() > 4 || shape.contains(&0) {
+            return Err(ServeError::Invalid(format!("input shape {shape:?}")));
+        }
+        let (input, bytes, batch, len, last) = if cfg.is_lm() {
+            if shape.len() != 2 || shape[1] > cfg.context {
+                return Err(ServeError::Invalid(format!(
+                    "a gpt takes token ids [batch, len ≤ {}]",
+                    cfg.context
+                )));
+            }
+            let mut b = Vec::with_capacity(data.len() * 8);
+            for &t in &data {
+                if !(0.0..256.0).contains(&t) || t.fract() != 0.0 {
+                    return Err(ServeError::Invalid(format!("token id {t} is not a byte")));
+                }
+                b.extend_from_slice(&(t as i64).to_le_bytes());
+            }
+            (Payload::Tokens, b, shape[0], shape[1], Payload::Logits)
+        } else {
+            let mut b = Vec::with_capacity(data.len() * 4);
+            for f in &data {
+                b.extend_from_slice(&f.to_le_bytes());
+            }
+            (
+                Payload::Hidden,
+                b,
+                shape[0],
+                shape.get(1).copied().unwrap_or(1),
+                Payload::Logits,
+            )
+        };
+        let want = wire::expected_bytes(input, &shape);
+        if want != Some(bytes.len() as u64) {
+            return Err(ServeError::Invalid(format!(
+                "{} values for shape {shape:?}",
+                data.len()
+            )));
+        }
+        loop {
+            let plan = self.plan(model)?;
+            let replica = plan.replicas[0].clone();
+            let session: u64 = rand::random();
+            let pad = vec![0; batch as usize];
+            let r = if cfg.is_lm() {
+                self.through(
+                    a.sha256,
+                    &replica,
+                    session,
+                    0,
+                    &pad,
+                    (input, bytes.clone()),
+                    batch,
+                    len,
+                    last,
+                )
+                .await
+            } else {
+                // Not a pipeline: the single stage takes the tensor as it is.
+                let s = &replica[0];
+                let req = StageRequest::Forward {
+                    model: a.sha256,
+                    session,
+                    start: 0,
+                    end: 1,
+                    batch,
+                    len,
+                    pos: 0,
+                    pad: pad.clone(),
+                    input,
+                    output: last,
+                };
+                self.call_stage_shaped(&s.member, req, bytes.clone(), &shape)
+                    .await
+            };
+            if cfg.is_lm() {
+                self.drop_session(&replica, session);
+            }
+            match r {
+                Ok((shape, out)) => {
+                    let v = out
+                        .chunks_exact(4)
+                        .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+                        .collect();
+                    return Ok((shape, v));
+                }
+                Err(ServeError::Stage {
+                    rejected: true,
+                    reason,
+                    ..
+                }) => return Err(ServeError::Invalid(reason)),
+                Err(e) => {
+                    if let ServeError::Stage { member, .. } = &e {
+                        self.suspect(member);
+                    }
+                    if Instant::now() >= deadline {
+                        return Err(e);
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    /// A stage call whose input shape is not `[batch, len]` (generic tensors).
+    async fn call_stage_shaped(
+        &self,
+        member: &NodeId,
+        req: StageRequest,
+        payload: Vec<u8>,
+        shape: &[u32],
+    ) -> Result<(Vec<u32>, Vec<u8>), ServeError> {
+        // The shape rides in front of the payload: [u8 rank][u32 LE dims…].
+        let mut framed = Vec::with_capacity(1 + 4 * shape.len() + payload.len());
+        framed.push(shape.len() as u8);
+        for d in shape {
+            framed.extend_from_slice(&d.to_le_bytes());
+        }
+        framed.extend_from_slice(&payload);
+        self.call_stage(member, req, framed).await
+    }
+}
+
+/// The input shape of a forward: `[batch, len]` tokens, `[batch, len, width]` hidden
+/// states of a gpt; for other models a rank-prefixed shape travels in the payload.
+fn input_shape(input: Payload, batch: u32, len: u32, stage: &Arc<Mutex<Stage>>) -> Vec<u32> {
+    let cfg = stage.lock().unwrap().config().clone();
+    match (cfg.is_lm(), input) {
+        (true, Payload::Tokens) => vec![batch, len],
+        (true, _) => vec![batch, len, cfg.width],
+        (false, _) => vec![],
+    }
+}
+
+/// Splits a rank-prefixed shape (`[u8 rank][u32 LE dims…]`) off a payload.
+fn split_shape(b: &[u8]) -> Result<(Vec<u32>, usize), String> {
+    let rank = *b.first().ok_or("empty payload")? as usize;
+    if rank == 0 || rank > 4 || b.len() < 1 + 4 * rank {
+        return Err(format!("bad shape prefix of rank {rank}"));
+    }
+    let dims = (0..rank)
+        .map(|i| u32::from_le_bytes(b[1 + 4 * i..5 + 4 * i].try_into().expect("4 bytes")))
+        .collect();
+    Ok((dims, 1 + 4 * rank))
+}
+
+fn is_rejection(reason: &str) -> bool {
+    // Errors a stage returns for requests that no replica could run.
+    reason.contains("context") || reason.contains("features") || reason.contains("takes")
+}
+
+fn record_latency(st: &mut ServeStats, took: f64) {
+    if st.latency_counts.len() != LATENCY_BUCKETS.len() + 1 {
+        st.latency_counts = vec![0; LATENCY_BUCKETS.len() + 1];
+    }
+    let i = LATENCY_BUCKETS
+        .iter()
+        .position(|&b| took <= b)
+        .unwrap_or(LATENCY_BUCKETS.len());
+    st.latency_counts[i] += 1;
+    st.latency_sum_s += took;
+}
+
+/// One request in a running micro-batch.
+struct Row {
+    p: Pending,
+    out: Vec<u8>,
+    /// Tokens already sent to a streaming client (a retry skips them).
+    streamed: usize,
+    /// Bytes of text already sent (UTF-8 boundaries).
+    sent_text: usize,
+    rng: SplitMix64,
+    done: bool,
+}
+
+impl Row {
+    fn new(p: Pending) -> Row {
+        let rng = SplitMix64::new(p.sampling.seed);
+        Row {
+            p,
+            out: Vec::new(),
+            streamed: 0,
+            sent_text: 0,
+            rng,
+            done: false,
+        }
+    }
+
+    /// A fresh attempt: the same seed, the same tokens.
+    fn restart(&mut self) {
+        self.out.clear();
+        self.rng = SplitMix64::new(self.p.sampling.seed);
+    }
+
+    /// Takes the next token from `logits` (a finished row takes a filler token and
+    /// stays finished). `full`: the batch has filled the context.
+    fn step(&mut self, logits: &[f32], full: bool, srv: &Server) -> u8 {
+        if self.done {
+            return 0;
+        }
+        let s = &self.p.sampling;
+        let u = if s.temperature > 0.0 {
+            self.rng.next_f64()
+        } else {
+            0.0
+        };
+        let t = coordinator_free::serving::sample_token(logits, s.temperature, s.top_p, u) as u8;
+        self.out.push(t);
+        // Stop sequences end the text before them.
+        let mut finish = None;
+        let text_len = self.out.len();
+        for stop in &s.stop {
+            if stop.is_empty() {
+                continue;
+            }
+            if let Some(i) = find(&self.out, stop.as_bytes()) {
+                self.out.truncate(i);
+                finish = Some("stop");
+                break;
+            }
+        }
+        if finish.is_none() && (text_len >= s.max_tokens as usize || full) {
+            finish = Some("length");
+        }
+        // Stream what is safe to send: never bytes that may start a stop sequence, and
+        // only whole UTF-8 characters; a retry skips what was sent.
+        if let Sink::Stream(tx) = &self.p.sink {
+            let hold = if finish.is_some() {
+                0
+            } else {
+                s.stop
+                    .iter()
+                    .map(|st| partial_suffix(&self.out, st.as_bytes()))
+                    .max()
+                    .unwrap_or(0)
+            };
+            let safe = utf8_safe(&self.out[..self.out.len() - hold], finish.is_some());
+            if safe > self.sent_text && self.out.len() > self.streamed {
+                let text = String::from_utf8_lossy(&self.out[self.sent_text..safe]).into_owned();
+                let _ = tx.try_send(StreamEvent::Text(text));
+                self.sent_text = safe;
+            }
+            self.streamed = self.streamed.max(self.out.len());
+        }
+        if let Some(reason) = finish {
+            let c = Completion {
+                text: String::from_utf8_lossy(&self.out).into_owned(),
+                finish_reason: reason.into(),
+                prompt_tokens: self.p.prompt.len() as u32,
+                completion_tokens: text_len as u32,
+                cached: false,
+            };
+            srv.finish(&self.p, &c);
+            self.done = true;
+            match &self.p.sink {
+                Sink::Once(_) => {
+                    if let Sink::Once(tx) = std::mem::replace(&mut self.p.sink, Sink::Closed) {
+                        let _ = tx.send(Ok(c));
+                    }
+                }
+                Sink::Stream(tx) => {
+                    let _ = tx.try_send(StreamEvent::Done(c));
+                }
+                Sink::Closed => {}
+            }
+        }
+        t
+    }
+
+    fn fail(&mut self, e: ServeError, srv: &Server) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        srv.inner.stats.lock().unwrap().requests_failed += 1;
+        match std::mem::replace(&mut self.p.sink, Sink::Closed) {
+            Sink::Once(tx) => {
+                let _ = tx.send(Err(e));
+            }
+            Sink::Stream(tx) => {
+                let _ = tx.try_send(StreamEvent::Failed(e));
+            }
+            Sink::Closed => {}
+        }
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Length of the longest suffix of `out` that is a proper prefix of `stop`.
+fn partial_suffix(out: &[u8], stop: &[u8]) -> usize {
+    (1..stop.len().min(out.len() + 1))
+        .rev()
+        .find(|&k| out[out.len() - k..] == stop[..k])
+        .unwrap_or(0)
+}
+
+/// How many leading bytes of `b` end on a UTF-8 character boundary (all of them when
+/// `finished`: the rest is sent lossily).
+fn utf8_safe(b: &[u8], finished: bool) -> usize {
+    if finished {
+        return b.len();
+    }
+    match std::str::from_utf8(b) {
+        Ok(_) => b.len(),
+        Err(e) if e.error_len().is_none() => e.valid_up_to(),
+        Err(_) => b.len(),
+    }
+}
+
+// --------------------------------------------------------------------- framing
+
+async fn write_frame(s: &mut Stream, meta: &[u8], payload: &[u8]) -> Result<(), String> {
+    let io = |e: std::io::Error| e.to_string();
+    s.w.write_all(&(meta.len() as u32).to_le_bytes())
+        .await
+        .map_err(io)?;
+    s.w.write_all(meta).await.map_err(io)?;
+    s.w.write_all(&(payload.len() as u64).to_le_bytes())
+        .await
+        .map_err(io)?;
+    s.w.write_all(payload).await.map_err(io)?;
+    s.w.flush().await.map_err(io)
+}
+
+/// Reads one frame: both lengths checked against their limits before anything is
+/// allocated, and the payload buffer grows only as bytes arrive.
+async fn read_frame(s: &mut Stream) -> Result<(Vec<u8>, Vec<u8>), String> {
+    let io = |e: std::io::Error| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            "stream closed".to_string()
+        } else {
+            e.to_string()
+        }
+    };
+    let mut p4 = [0u8; 4];
+    s.r.read_exact(&mut p4).await.map_err(io)?;
+    let n = wire::meta_len(p4).map_err(|e| e.to_string())?;
+    let mut meta = vec![0u8; n];
+    s.r.read_exact(&mut meta).await.map_err(io)?;
+    let mut p8 = [0u8; 8];
+    s.r.read_exact(&mut p8).await.map_err(io)?;
+    let n = wire::payload_len(p8).map_err(|e| e.to_string())?;
+    let mut payload = Vec::with_capacity((n as usize).min(1 << 20));
+    (&mut s.r)
+        .take(n)
+        .read_to_end(&mut payload)
+        .await
+        .map_err(io)?;
+    if payload.len() as u64 != n {
+        return Err("stream closed".into());
+    }
+    Ok((meta, payload))
+}

@@ -1,0 +1,650 @@
+//! Servable models and the stage executor.
+//!
+//! A model file is a shoal checkpoint (`gpt` or `mlp`, its architecture in the metadata
+//! key `model`) or a TorchScript module. [`describe`] reads what the planner needs
+//! ([`ModelConfig`]: how many layers can be cut into stages, and what each costs);
+//! [`Stage`] runs a contiguous range of layers and keeps, for the `gpt`, the KV cache of
+//! those layers per generation session.
+//!
+//! Batched generation uses left padding: row `b` of a batch starts with `pad[b]` filler
+//! positions that no real position attends to, so rows of different prompt lengths share
+//! one `[batch, len]` tensor. Position embeddings count from each row's first real token,
+//! so a padded row computes what it would alone.
+
+use crate::train::checkpoint;
+use coordinator_free::codec::stage::Payload;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tch::{Kind, Tensor};
+
+/// Vocabulary of the byte-level `gpt`.
+pub const VOCAB: u32 = 256;
+/// A generation session's KV caches are dropped after this long unused. 120 s.
+pub const SESSION_TTL: Duration = Duration::from_secs(120);
+/// Most sessions a stage keeps (the least recently used beyond it are dropped). 1024.
+pub const MAX_SESSIONS: usize = 1024;
+/// Largest batch a KV-cache budget is planned for. 8.
+pub const KV_BUDGET_BATCH: u64 = 8;
+
+/// What a model is, as far as serving needs to know (travels as JSON in the announcement).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// `gpt`, `mlp` or `torchscript`.
+    pub kind: String,
+    /// Layers that can be cut into stages (`gpt`: its blocks; otherwise 1).
+    pub layers: u32,
+    /// `gpt`: attention heads (0 otherwise).
+    pub heads: u32,
+    /// `gpt`: width (0 otherwise).
+    pub width: u32,
+    /// `gpt`: context length in tokens (0 otherwise).
+    pub context: u32,
+    /// Parameters (scalars).
+    pub params: u64,
+    /// Bytes each layer needs: weights, plus the KV cache for `KV_BUDGET_BATCH` full
+    /// contexts (`gpt`); embeddings are counted in the first layer, the head in the last.
+    pub layer_bytes: Vec<u64>,
+}
+
+impl ModelConfig {
+    /// Whether it generates text (`/v1/completions`).
+    pub fn is_lm(&self) -> bool {
+        self.kind == "gpt"
+    }
+
+    /// Checks an announced config before anything is sized from it.
+    pub fn validate(&self) -> Result<(), String> {
+        if !["gpt", "mlp", "torchscript"].contains(&self.kind.as_str()) {
+            return Err(format!("unknown model kind `{}`", self.kind));
+        }
+        if self.layers == 0 || self.layers > 4096 || self.layer_bytes.len() != self.layers as usize
+        {
+            return Err(format!(
+                "{} layers with {} costs",
+                self.layers,
+                self.layer_bytes.len()
+            ));
+        }
+        if self.is_lm()
+            && (self.heads == 0
+                || self.width == 0
+                || !self.width.is_multiple_of(self.heads)
+                || self.context == 0
+                || self.context > 1 << 20)
+        {
+            return Err("gpt heads, width and context must be positive, heads divide width".into());
+        }
+        Ok(())
+    }
+}
+
+/// Why a model could not be described, loaded or run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeModelError {
+    /// The file is neither a shoal checkpoint nor a TorchScript module.
+    #[error("{path}: not a shoal checkpoint or TorchScript module ({reason})")]
+    Unrecognised {
+        /// The file.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// A checkpoint lacks something the model needs.
+    #[error("{path}: {problem}")]
+    Checkpoint {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        problem: String,
+    },
+    /// A request does not fit the model (layers, shapes, positions, unknown session).
+    #[error("{0}")]
+    Request(String),
+}
+
+#[derive(Deserialize)]
+struct ArchMeta {
+    kind: String,
+    #[serde(default)]
+    layers: i64,
+    #[serde(default)]
+    heads: i64,
+    #[serde(default)]
+    width: i64,
+    #[serde(default)]
+    context: i64,
+}
+
+fn is_safetensors(path: &Path) -> bool {
+    use std::io::Read;
+    let mut head = [0u8; 9];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut head))
+        .is_ok()
+        && head[8] == b'{'
+}
+
+fn unrecognised(path: &Path, reason: impl ToString) -> ServeModelError {
+    ServeModelError::Unrecognised {
+        path: path.display().to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+/// Reads a model file's architecture.
+pub fn describe(path: &Path) -> Result<ModelConfig, ServeModelError> {
+    if !is_safetensors(path) {
+        let m = tch::CModule::load(path).map_err(|e| unrecognised(path, e))?;
+        let params: u64 = m
+            .named_parameters()
+            .map_err(|e| unrecognised(path, e))?
+            .iter()
+            .map(|(_, t)| t.numel() as u64)
+            .sum();
+        let bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        return Ok(ModelConfig {
+            kind: "torchscript".into(),
+            layers: 1,
+            heads: 0,
+            width: 0,
+            context: 0,
+            params,
+            layer_bytes: vec![bytes.max(params * 4)],
+        });
+    }
+    let c = checkpoint::read(path).map_err(|e| unrecognised(path, e))?;
+    let bad = |p: &str| ServeModelError::Checkpoint {
+        path: path.display().to_string(),
+        problem: p.to_string(),
+    };
+    let arch: ArchMeta = c
+        .metadata
+        .get("model")
+        .and_then(|m| serde_json::from_str(m).ok())
+        .ok_or_else(|| bad("metadata `model` is missing (written by an older shoal?)"))?;
+    let numel = |prefix: &str| -> u64 {
+        c.tensors
+            .iter()
+            .filter(|(n, _)| n.starts_with(prefix))
+            .map(|(_, t)| t.numel() as u64)
+            .sum()
+    };
+    let params = numel("model.");
+    match arch.kind.as_str() {
+        "gpt" => {
+            let (l, w, ctx) = (
+                arch.layers.max(0) as u64,
+                arch.width as u64,
+                arch.context as u64,
+            );
+            if l == 0 {
+                return Err(bad("a gpt without layers"));
+            }
+            let kv = 2 * KV_BUDGET_BATCH * ctx * w * 4;
+            let mut layer_bytes: Vec<u64> = (0..l)
+                .map(|i| numel(&format!("model.blocks.{i}.")) * 4 + kv)
+                .collect();
+            layer_bytes[0] += (numel("model.tok.") + numel("model.pos.")) * 4;
+            layer_bytes[l as usize - 1] += (numel("model.ln_f.") + numel("model.head.")) * 4;
+            let cfg = ModelConfig {
+                kind: "gpt".into(),
+                layers: l as u32,
+                heads: arch.heads as u32,
+                width: w as u32,
+                context: ctx as u32,
+                params,
+                layer_bytes,
+            };
+            cfg.validate().map_err(|e| bad(&e))?;
+            Ok(cfg)
+        }
+        "mlp" => Ok(ModelConfig {
+            kind: "mlp".into(),
+            layers: 1,
+            heads: 0,
+            width: 0,
+            context: 0,
+            params,
+            layer_bytes: vec![params * 4],
+        }),
+        other => Err(bad(&format!("cannot serve a `{other}` checkpoint"))),
+    }
+}
+
+struct BlockW {
+    ln1: (Tensor, Tensor),
+    qkv: (Tensor, Tensor),
+    proj: (Tensor, Tensor),
+    ln2: (Tensor, Tensor),
+    fc: (Tensor, Tensor),
+    fc2: (Tensor, Tensor),
+}
+
+#[derive(Default)]
+struct GptW {
+    tok: Option<Tensor>,
+    pos: Option<Tensor>,
+    blocks: BTreeMap<usize, BlockW>,
+    ln_f: Option<(Tensor, Tensor)>,
+    head: Option<Tensor>,
+}
+
+enum Weights {
+    Gpt(GptW),
+    Mlp(Vec<(Tensor, Tensor)>),
+    Script(tch::CModule),
+}
+
+struct Session {
+    /// Positions cached (the next call's `pos`).
+    len: u32,
+    kv: HashMap<usize, (Tensor, Tensor)>,
+    touched: Instant,
+}
+
+/// The part of a model this member runs, with its sessions' KV caches.
+pub struct Stage {
+    cfg: ModelConfig,
+    path: PathBuf,
+    weights: Weights,
+    sessions: HashMap<u64, Session>,
+}
+
+fn linear(x: &Tensor, w: &(Tensor, Tensor)) -> Tensor {
+    x.matmul(&w.0.tr()) + &w.1
+}
+
+fn norm(x: &Tensor, w: &(Tensor, Tensor)) -> Tensor {
+    let d = w.0.size()[0];
+    x.layer_norm([d], Some(&w.0), Some(&w.1), 1e-5, true)
+}
+
+fn req(msg: impl ToString) -> ServeModelError {
+    ServeModelError::Request(msg.to_string())
+}
+
+impl Stage {
+    /// Opens the model at `path` (weights are loaded per layer on first use).
+    pub fn open(path: &Path, cfg: ModelConfig) -> Result<Stage, ServeModelError> {
+        let weights = match cfg.kind.as_str() {
+            "gpt" => Weights::Gpt(GptW::default()),
+            "mlp" => Weights::Mlp(Vec::new()),
+            _ => {
+                let mut m = tch::CModule::load(path).map_err(|e| unrecognised(path, e))?;
+                m.set_eval();
+                Weights::Script(m)
+            }
+        };
+        Ok(Stage {
+            cfg,
+            path: path.to_path_buf(),
+            weights,
+            sessions: HashMap::new(),
+        })
+    }
+
+    /// The model's config.
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// Layers whose weights are loaded here.
+    pub fn loaded_layers(&self) -> Vec<usize> {
+        match &self.weights {
+            Weights::Gpt(g) => g.blocks.keys().copied().collect(),
+            Weights::Mlp(l) if !l.is_empty() => vec![0],
+            Weights::Script(_) => vec![0],
+            Weights::Mlp(_) => vec![],
+        }
+    }
+
+    /// Loads what layers `start..end` need and drops the layers outside it (a re-plan
+    /// moved them elsewhere).
+    fn ensure(&mut self, start: usize, end: usize) -> Result<(), ServeModelError> {
+        let layers = self.cfg.layers as usize;
+        let path = self.path.clone();
+        let bad = |p: String| ServeModelError::Checkpoint {
+            path: path.display().to_string(),
+            problem: p,
+        };
+        match &mut self.weights {
+            Weights::Gpt(g) => {
+                g.blocks.retain(|i, _| (start..end).contains(i));
+                if start > 0 {
+                    g.tok = None;
+                    g.pos = None;
+                }
+                if end < layers {
+                    g.ln_f = None;
+                    g.head = None;
+                }
+                let missing = (start..end).any(|i| !g.blocks.contains_key(&i))
+                    || (start == 0 && g.tok.is_none())
+                    || (end == layers && g.head.is_none());
+                if !missing {
+                    return Ok(());
+                }
+                let c = checkpoint::read(&path).map_err(|e| bad(e.to_string()))?;
+                let t = |n: &str| -> Result<Tensor, ServeModelError> {
+                    c.get(&format!("model.{n}"))
+                        .map(|t| t.shallow_clone())
+                        .ok_or_else(|| bad(format!("tensor `model.{n}` is missing")))
+                };
+                let wb = |n: String| -> Result<(Tensor, Tensor), ServeModelError> {
+                    Ok((t(&format!("{n}.weight"))?, t(&format!("{n}.bias"))?))
+                };
+                for i in start..end {
+                    if g.blocks.contains_key(&i) {
+                        continue;
+                    }
+                    let p = format!("blocks.{i}");
+                    g.blocks.insert(
+                        i,
+                        BlockW {
+                            ln1: wb(format!("{p}.ln1"))?,
+                            qkv: wb(format!("{p}.qkv"))?,
+                            proj: wb(format!("{p}.proj"))?,
+                            ln2: wb(format!("{p}.ln2"))?,
+                            fc: wb(format!("{p}.fc"))?,
+                            fc2: wb(format!("{p}.fc2"))?,
+                        },
+                    );
+                }
+                if start == 0 {
+                    g.tok = Some(t("tok.weight")?);
+                    g.pos = Some(t("pos.weight")?);
+                }
+                if end == layers {
+                    g.ln_f = Some(wb("ln_f".into())?);
+                    g.head = Some(t("head.weight")?);
+                }
+                Ok(())
+            }
+            Weights::Mlp(l) => {
+                if !l.is_empty() {
+                    return Ok(());
+                }
+                let c = checkpoint::read(&path).map_err(|e| bad(e.to_string()))?;
+                for i in 0.. {
+                    let (Some(w), Some(b)) = (
+                        c.get(&format!("model.fc{i}.weight")),
+                        c.get(&format!("model.fc{i}.bias")),
+                    ) else {
+                        break;
+                    };
+                    l.push((w.shallow_clone(), b.shallow_clone()));
+                }
+                if l.is_empty() {
+                    return Err(bad("no `model.fc0` layer".into()));
+                }
+                Ok(())
+            }
+            Weights::Script(_) => Ok(()),
+        }
+    }
+
+    /// Forgets a session's caches.
+    pub fn drop_session(&mut self, session: u64) {
+        self.sessions.remove(&session);
+    }
+
+    /// Sessions with caches here.
+    pub fn sessions(&self) -> usize {
+        self.sessions.len()
+    }
+
+    fn evict(&mut self) {
+        let now = Instant::now();
+        self.sessions
+            .retain(|_, s| now.duration_since(s.touched) < SESSION_TTL);
+        while self.sessions.len() >= MAX_SESSIONS {
+            let Some(oldest) = self
+                .sessions
+                .iter()
+                .min_by_key(|(_, s)| s.touched)
+                .map(|(k, _)| *k)
+            else {
+                break;
+            };
+            self.sessions.remove(&oldest);
+        }
+    }
+
+    /// Runs one forward. `input` holds `[batch, len]` tokens (first layer of a `gpt`) or
+    /// f32 activations; returns the output kind, its shape and its bytes.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        &mut self,
+        session: u64,
+        layers: std::ops::Range<usize>,
+        pos: u32,
+        pad: &[u32],
+        input: Payload,
+        shape: &[u32],
+        bytes: &[u8],
+        output: Payload,
+    ) -> Result<(Payload, Vec<u32>, Vec<u8>), ServeModelError> {
+        let _guard = tch::no_grad_guard();
+        if layers.start >= layers.end || layers.end > self.cfg.layers as usize {
+            return Err(req(format!(
+                "layers {layers:?} of a {}-layer model",
+                self.cfg.layers
+            )));
+        }
+        let expected = coordinator_free::codec::stage::expected_bytes(input, shape);
+        if expected != Some(bytes.len() as u64) {
+            return Err(req(format!(
+                "payload of {} bytes for {input:?} {shape:?}",
+                bytes.len()
+            )));
+        }
+        self.ensure(layers.start, layers.end)?;
+        let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+        let x = match input {
+            Payload::Tokens => {
+                let v: Vec<i64> = bytes
+                    .chunks_exact(8)
+                    .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
+                    .collect();
+                Tensor::from_slice(&v).view(dims.as_slice())
+            }
+            Payload::Hidden | Payload::Logits | Payload::LastLogits => {
+                let v: Vec<f32> = bytes
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+                    .collect();
+                Tensor::from_slice(&v).view(dims.as_slice())
+            }
+            Payload::Bytes => return Err(req("a forward of raw bytes")),
+        };
+        let out = match &self.weights {
+            Weights::Gpt(_) => self.gpt_forward(session, layers, pos, pad, input, x, output)?,
+            Weights::Mlp(l) => {
+                if input != Payload::Hidden || dims.len() != 2 {
+                    return Err(req("the mlp takes f32 features [batch, features]"));
+                }
+                let want = l[0].0.size()[1];
+                if dims[1] != want {
+                    return Err(req(format!(
+                        "the mlp takes {want} features, got {}",
+                        dims[1]
+                    )));
+                }
+                let mut h = x;
+                for (i, w) in l.iter().enumerate() {
+                    h = linear(&h, w);
+                    if i + 1 < l.len() {
+                        h = h.relu();
+                    }
+                }
+                h
+            }
+            Weights::Script(m) => {
+                let y = m
+                    .forward_ts(&[x.to_kind(Kind::Float)])
+                    .map_err(|e| req(format!("forward failed: {e}")))?;
+                if y.dim() > 4 {
+                    return Err(req(format!("the module returned a {}-d tensor", y.dim())));
+                }
+                y
+            }
+        };
+        let out = out.to_kind(Kind::Float).contiguous();
+        let shape: Vec<u32> = out.size().iter().map(|&d| d as u32).collect();
+        let n = out.numel();
+        let mut v = vec![0f32; n];
+        out.view([-1]).copy_data(&mut v, n);
+        let mut b = Vec::with_capacity(n * 4);
+        for f in v {
+            b.extend_from_slice(&f.to_le_bytes());
+        }
+        let kind = match &self.weights {
+            Weights::Gpt(_) => output,
+            _ => Payload::Logits,
+        };
+        Ok((kind, shape, b))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn gpt_forward(
+        &mut self,
+        session: u64,
+        layers: std::ops::Range<usize>,
+        pos: u32,
+        pad: &[u32],
+        input: Payload,
+        x: Tensor,
+        output: Payload,
+    ) -> Result<Tensor, ServeModelError> {
+        let cfg = self.cfg.clone();
+        let (heads, width, ctx) = (cfg.heads as i64, cfg.width as i64, cfg.context as i64);
+        let size = x.size();
+        let (b, l) = (size[0], size[1]);
+        if pad.len() != b as usize || pad.iter().any(|&p| p > pos + l as u32) {
+            return Err(req("one padding per row, within the sequence"));
+        }
+        let first = layers.start == 0;
+        if first != (input == Payload::Tokens) {
+            return Err(req(
+                "the first layer takes tokens, later layers hidden states",
+            ));
+        }
+        if !first && size != [b, l, width] {
+            return Err(req(format!(
+                "hidden states {size:?}, expected [{b}, {l}, {width}]"
+            )));
+        }
+        if first && size.len() != 2 {
+            return Err(req("tokens must be [batch, len]"));
+        }
+        let last = layers.end == cfg.layers as usize;
+        if !last && output != Payload::Hidden
+            || last && !matches!(output, Payload::Logits | Payload::LastLogits)
+        {
+            return Err(req(format!("layers {layers:?} cannot answer {output:?}")));
+        }
+        // Positions of each row's real tokens count from 0.
+        let mut positions = Vec::with_capacity((b * l) as usize);
+        for &p in pad {
+            for i in 0..l {
+                let abs = pos as i64 + i;
+                positions.push((abs - p as i64).max(0));
+            }
+        }
+        if positions.iter().any(|&p| p >= ctx) {
+            return Err(req(format!(
+                "the sequence exceeds the context of {ctx} tokens"
+            )));
+        }
+        // Session bookkeeping.
+        if pos == 0 {
+            self.evict();
+            self.sessions.insert(
+                session,
+                Session {
+                    len: 0,
+                    kv: HashMap::new(),
+                    touched: Instant::now(),
+                },
+            );
+        }
+        let Some(sess) = self.sessions.get_mut(&session) else {
+            return Err(req(format!("unknown session {session:016x}")));
+        };
+        if sess.len != pos {
+            return Err(req(format!(
+                "session {session:016x} holds {} positions, the call starts at {pos}",
+                sess.len
+            )));
+        }
+        sess.touched = Instant::now();
+        let total = pos as i64 + l;
+        // allowed[b, i, j]: key j takes part in query i's attention.
+        let mut allowed = Vec::with_capacity((b * l * total) as usize);
+        for &p in pad {
+            for i in 0..l {
+                let q = pos as i64 + i;
+                for j in 0..total {
+                    allowed.push(j <= q && (j >= p as i64 || j == q));
+                }
+            }
+        }
+        let mask = Tensor::from_slice(&allowed).view([b, 1, l, total]);
+        let Weights::Gpt(g) = &self.weights else {
+            unreachable!("gpt weights")
+        };
+        let mut x = if first {
+            let tok = g.tok.as_ref().expect("loaded");
+            let pe = g.pos.as_ref().expect("loaded");
+            let p = Tensor::from_slice(&positions).view([b, l]);
+            Tensor::embedding(tok, &x, -1, false, false)
+                + Tensor::embedding(pe, &p, -1, false, false)
+        } else {
+            x
+        };
+        let hd = width / heads;
+        for li in layers.clone() {
+            let blk = &g.blocks[&li];
+            let qkv = linear(&norm(&x, &blk.ln1), &blk.qkv);
+            let parts = qkv.split(width, 2);
+            let shape = |t: &Tensor| t.view([b, l, heads, hd]).transpose(1, 2);
+            let (q, k, v) = (shape(&parts[0]), shape(&parts[1]), shape(&parts[2]));
+            let (k, v) = match sess.kv.get(&li) {
+                Some((pk, pv)) if pos > 0 => (Tensor::cat(&[pk, &k], 2), Tensor::cat(&[pv, &v], 2)),
+                _ => (k, v),
+            };
+            let a = Tensor::scaled_dot_product_attention::<Tensor>(
+                &q,
+                &k,
+                &v,
+                Some(mask.shallow_clone()),
+                0.0,
+                false,
+                None,
+                false,
+            );
+            sess.kv.insert(li, (k, v));
+            let a = a.transpose(1, 2).contiguous().view([b, l, width]);
+            let h = &x + linear(&a, &blk.proj);
+            x = h;
+            let h = linear(&norm(&x, &blk.ln2), &blk.fc).gelu("none");
+            let y = &x + linear(&h, &blk.fc2);
+            x = y;
+        }
+        sess.len = total as u32;
+        if !last {
+            return Ok(x);
+        }
+        let x = if output == Payload::LastLogits {
+            x.select(1, -1)
+        } else {
+            x
+        };
+        let ln = g.ln_f.as_ref().expect("loaded");
+        let head = g.head.as_ref().expect("loaded");
+        Ok(norm(&x, ln).matmul(&head.tr()))
+    }
+}
