@@ -186,6 +186,48 @@ pub fn render_table(r: &StatusReport) -> String {
             m.addrs.first().map(String::as_str).unwrap_or("-")
         );
     }
+    for m in &r.serving {
+        let _ = writeln!(
+            s,
+            "model {} ({}, sha256 {}), held by {} member(s){}",
+            m.name,
+            m.kind,
+            &m.sha256[..12.min(m.sha256.len())],
+            m.holders.len(),
+            if m.held { ", here too" } else { "" }
+        );
+        match &m.plan_error {
+            Some(e) => {
+                let _ = writeln!(s, "  no plan: {e}");
+            }
+            None => {
+                for (i, rep) in m.replicas.iter().enumerate() {
+                    let stages: Vec<String> = rep
+                        .iter()
+                        .map(|st| {
+                            let (id, layers) = st.split_once('[').unwrap_or((st, ""));
+                            format!("{}[{layers}", short(id))
+                        })
+                        .collect();
+                    let _ = writeln!(s, "  replica {i}: {}", stages.join(" -> "));
+                }
+            }
+        }
+    }
+    if let Some(st) = &r.serve_stats {
+        if st.requests_ok + st.requests_failed + st.requests_rejected > 0 {
+            let _ = writeln!(
+                s,
+                "serving: {} ok, {} failed, {} rejected, cache {} hits / {} misses, {} tokens",
+                st.requests_ok,
+                st.requests_failed,
+                st.requests_rejected,
+                st.cache_hits,
+                st.cache_misses,
+                st.tokens_generated
+            );
+        }
+    }
     s
 }
 

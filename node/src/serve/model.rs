@@ -648,3 +648,217 @@ impl Stage {
         Ok(norm(&x, ln).matmul(&head.tr()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::data::Task;
+    use crate::train::job::JobSpec;
+    use crate::train::model::Model;
+
+    /// A random-init gpt written as a checkpoint, and the training model it came from.
+    fn gpt_checkpoint(dir: &Path) -> (PathBuf, Model) {
+        let job = JobSpec::parse(
+            r#"
+name = "t"
+steps = 1
+batch_size = 4
+[model]
+kind = "gpt"
+layers = 3
+heads = 2
+width = 16
+context = 24
+[data]
+kind = "arithmetic"
+digits = 2
+"#,
+        )
+        .unwrap();
+        let m = Model::build(
+            &job,
+            Task::Lm {
+                len: 8,
+                masked: true,
+            },
+            3,
+        )
+        .unwrap();
+        let tensors: Vec<(String, Tensor)> = m
+            .params()
+            .into_iter()
+            .map(|(n, t)| (format!("model.{n}"), t))
+            .collect();
+        let meta = BTreeMap::from([("model".to_string(), job.model_json())]);
+        let path = dir.join("ck.safetensors");
+        checkpoint::write(&path, &tensors, &meta).unwrap();
+        (path, m)
+    }
+
+    fn bytes_i64(v: &[i64]) -> Vec<u8> {
+        v.iter().flat_map(|t| t.to_le_bytes()).collect()
+    }
+
+    fn floats(b: &[u8]) -> Vec<f32> {
+        b.chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    }
+
+    fn argmax(v: &[f32]) -> i64 {
+        let mut best = 0;
+        for (i, x) in v.iter().enumerate() {
+            if *x > v[best] {
+                best = i;
+            }
+        }
+        best as i64
+    }
+
+    /// Greedy generation through stages `cuts` (layer boundaries), batched with left
+    /// padding; returns the tokens and the first step's logits per row.
+    fn generate(
+        path: &Path,
+        cfg: &ModelConfig,
+        cuts: &[usize],
+        prompts: &[Vec<i64>],
+        n: usize,
+    ) -> (Vec<Vec<i64>>, Vec<Vec<f32>>) {
+        let mut stages: Vec<Stage> = cuts
+            .windows(2)
+            .map(|_| Stage::open(path, cfg.clone()).unwrap())
+            .collect();
+        let b = prompts.len();
+        let l = prompts.iter().map(Vec::len).max().unwrap();
+        let pad: Vec<u32> = prompts.iter().map(|p| (l - p.len()) as u32).collect();
+        let mut tokens = Vec::new();
+        for p in prompts {
+            tokens.extend(std::iter::repeat_n(0, l - p.len()));
+            tokens.extend(p);
+        }
+        let (mut pos, mut len) = (0u32, l as u32);
+        let mut out = vec![vec![]; b];
+        let mut first = vec![];
+        for step in 0..n {
+            let mut payload = (Payload::Tokens, vec![b as u32, len], bytes_i64(&tokens));
+            for (i, st) in stages.iter_mut().enumerate() {
+                let last = i + 2 == cuts.len();
+                let output = if last {
+                    Payload::LastLogits
+                } else {
+                    Payload::Hidden
+                };
+                let (kind, shape, bytes) = st
+                    .forward(
+                        7,
+                        cuts[i]..cuts[i + 1],
+                        pos,
+                        &pad,
+                        payload.0,
+                        &payload.1,
+                        &payload.2,
+                        output,
+                    )
+                    .unwrap();
+                payload = (kind, shape, bytes);
+            }
+            assert_eq!(payload.1, vec![b as u32, VOCAB]);
+            let logits = floats(&payload.2);
+            tokens.clear();
+            for r in 0..b {
+                let row = &logits[r * 256..(r + 1) * 256];
+                if step == 0 {
+                    first.push(row.to_vec());
+                }
+                let t = argmax(row);
+                out[r].push(t);
+                tokens.push(t);
+            }
+            pos += len;
+            len = 1;
+        }
+        (out, first)
+    }
+
+    #[test]
+    fn kv_cached_stages_match_the_training_model() {
+        let dir = std::env::temp_dir().join(format!("shoal-serve-model-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (path, m) = gpt_checkpoint(&dir);
+        let cfg = describe(&path).unwrap();
+        assert_eq!((cfg.kind.as_str(), cfg.layers, cfg.context), ("gpt", 3, 24));
+        assert_eq!(cfg.params as usize, m.numel());
+        let prompts = vec![
+            b"12+34=".iter().map(|&b| b as i64).collect::<Vec<_>>(),
+            b"7+5=".iter().map(|&b| b as i64).collect(),
+            b"99+1=".iter().map(|&b| b as i64).collect(),
+        ];
+        // Reference: the training model's full-sequence greedy generation, one row at a time.
+        let reference: Vec<Vec<i64>> = prompts
+            .iter()
+            .map(|p| {
+                let t = Tensor::from_slice(p).view([1, p.len() as i64]);
+                let g = m.generate(&t, 6).unwrap();
+                Vec::<i64>::try_from(g.view([-1])).unwrap()
+            })
+            .collect();
+        let ref_logits: Vec<Vec<f32>> = prompts
+            .iter()
+            .map(|p| {
+                let _g = tch::no_grad_guard();
+                let t = Tensor::from_slice(p).view([1, p.len() as i64]);
+                let y = m.forward(&t).unwrap().select(1, -1).view([-1]);
+                Vec::<f32>::try_from(y).unwrap()
+            })
+            .collect();
+        for cuts in [vec![0, 3], vec![0, 1, 3], vec![0, 1, 2, 3]] {
+            // Batched with left padding, and each row alone.
+            let (batched, first) = generate(&path, &cfg, &cuts, &prompts, 6);
+            assert_eq!(batched, reference, "stages {cuts:?}");
+            for (r, p) in prompts.iter().enumerate() {
+                let (alone, _) = generate(&path, &cfg, &cuts, std::slice::from_ref(p), 6);
+                assert_eq!(alone[0], reference[r]);
+                for (a, b) in first[r].iter().zip(&ref_logits[r]) {
+                    assert!((a - b).abs() < 1e-4, "logits differ: {a} vs {b}");
+                }
+            }
+        }
+        // Requests that do not fit are errors, not panics.
+        let mut st = Stage::open(&path, cfg.clone()).unwrap();
+        let long: Vec<i64> = vec![1; 25];
+        let e = st.forward(
+            1,
+            0..3,
+            0,
+            &[0],
+            Payload::Tokens,
+            &[1, 25],
+            &bytes_i64(&long),
+            Payload::LastLogits,
+        );
+        assert!(e.is_err());
+        let e = st.forward(
+            1,
+            0..4,
+            0,
+            &[0],
+            Payload::Tokens,
+            &[1, 1],
+            &bytes_i64(&[1]),
+            Payload::LastLogits,
+        );
+        assert!(e.is_err());
+        let e = st.forward(
+            99,
+            0..3,
+            5,
+            &[0],
+            Payload::Tokens,
+            &[1, 1],
+            &bytes_i64(&[1]),
+            Payload::LastLogits,
+        );
+        assert!(e.unwrap_err().to_string().contains("unknown session"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

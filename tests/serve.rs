@@ -1,0 +1,394 @@
+//! Serving with real `shoal up` processes: a 2-stage pipeline answers exactly what a single
+//! node answers (greedy and seeded, alone and batched), the real `openai` Python client
+//! works against it (streaming and not), errors are OpenAI-style 4xx, repeated requests hit
+//! the cache; and under a bounded load (300 requests, concurrency 8) with a stage killed
+//! midway at least 99% succeed and none hang. Prints the success rate and latencies.
+
+mod common;
+use common::*;
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn base_args() -> Vec<String> {
+    [
+        "--no-mdns",
+        "--data-listen",
+        "127.0.0.1:0",
+        "--data-plane",
+        "tcp",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// `n` joined nodes (node 0 bootstraps the others).
+fn cluster(dir: &Path, n: usize) -> Vec<Node> {
+    let listen = format!("/ip4/127.0.0.1/tcp/{}", free_port());
+    let mut a = base_args();
+    a.extend(["--listen".into(), listen.clone()]);
+    let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+    let first = Node::start(&dir.join("node-0"), &refs);
+    let boot = format!("{listen}/p2p/{}", first.id());
+    let mut nodes = vec![first];
+    for i in 1..n {
+        let mut a = base_args();
+        a.extend([
+            "--listen".into(),
+            "/ip4/127.0.0.1/tcp/0".into(),
+            "--bootstrap".into(),
+            boot.clone(),
+        ]);
+        let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+        nodes.push(Node::start(&dir.join(format!("node-{i}")), &refs));
+    }
+    let refs: Vec<&Node> = nodes.iter().collect();
+    wait_until("the cluster converges", Duration::from_secs(60), || {
+        agreed(&refs, n)
+    });
+    nodes
+}
+
+/// Trains a small random-ish gpt for a few steps and returns its checkpoint.
+fn tiny_checkpoint(dir: &Path) -> PathBuf {
+    let job = dir.join("tiny.toml");
+    std::fs::write(
+        &job,
+        r#"
+name = "tiny"
+seed = 3
+steps = 20
+batch_size = 32
+threads = 1
+[model]
+kind = "gpt"
+layers = 4
+heads = 2
+width = 32
+context = 16
+[data]
+kind = "arithmetic"
+digits = 2
+[optimizer]
+kind = "adamw"
+lr = 0.003
+"#,
+    )
+    .unwrap();
+    let out = Command::new(shoal_bin())
+        .args(["train", "--local", "1", "--json", "--dir"])
+        .arg(dir.join("train-nodes"))
+        .arg(&job)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("shoal train");
+    assert!(
+        out.status.success(),
+        "training the test model failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ck = dir.join("runs/tiny/checkpoint.safetensors");
+    assert!(ck.exists());
+    ck
+}
+
+fn post(node: &Node, path: &str, body: &Value) -> Result<Value, String> {
+    http_timeout(
+        node.api.unwrap(),
+        "POST",
+        path,
+        body.to_string().as_bytes(),
+        Duration::from_secs(60),
+    )
+    .map(|b| serde_json::from_slice(&b).unwrap_or(Value::Null))
+}
+
+fn get(node: &Node, path: &str) -> Value {
+    serde_json::from_slice(&http(node.api.unwrap(), "GET", path, b"").unwrap()).unwrap()
+}
+
+/// Offers the model on `node` and waits until `node` plans `replicas` pipelines of
+/// `stages` stages over `holders` members.
+fn offer(node: &Node, ck: &Path, stages: u32, holders: usize, replicas: usize) -> Value {
+    post(
+        node,
+        "/v1/serve",
+        &json!({"path": ck, "name": "tiny", "stages": stages}),
+    )
+    .expect("offer");
+    wait_until("the model is planned", Duration::from_secs(60), || {
+        let v = get(node, "/v1/serve");
+        let m = &v[0];
+        let ok = m["holders"].as_array()?.len() >= holders
+            && m["replicas"].as_array()?.len() == replicas
+            && m["replicas"][0].as_array()?.len() == stages as usize;
+        ok.then_some(v)
+    })
+}
+
+fn complete(node: &Node, prompt: &str, extra: &Value) -> Result<Value, String> {
+    let mut body = json!({"model": "tiny", "prompt": prompt, "max_tokens": 6});
+    for (k, v) in extra.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    post(node, "/v1/completions", &body)
+}
+
+fn text_of(v: &Value) -> String {
+    v["choices"][0]["text"].as_str().unwrap().to_string()
+}
+
+const PROMPTS: [&str; 8] = [
+    "12+34=", "7+5=", "99+1=", "3+3=", "50+50=", "1+2=", "45+54=", "8+80=",
+];
+
+#[test]
+fn a_pipeline_answers_like_one_node_and_speaks_openai() {
+    let dir = TempDir::new("serve-pipeline");
+    let ck = tiny_checkpoint(&dir.0);
+    let pipeline = cluster(&dir.0.join("pipe"), 2);
+    let single = cluster(&dir.0.join("single"), 1);
+    let plan = offer(&pipeline[0], &ck, 2, 2, 1);
+    println!("plan: {}", plan[0]["replicas"]);
+    offer(&single[0], &ck, 1, 1, 1);
+
+    // Greedy and seeded sampling, one request at a time: same text on both.
+    let modes = [
+        json!({"temperature": 0}),
+        json!({"temperature": 0.9, "seed": 11, "top_p": 0.95}),
+    ];
+    let mut expected = Vec::new();
+    for mode in &modes {
+        for p in PROMPTS {
+            let one = complete(&single[0], p, mode).unwrap();
+            // Through the node that did not offer the model (it fetched it).
+            let two = complete(&pipeline[1], p, mode).unwrap();
+            assert_eq!(text_of(&one), text_of(&two), "prompt {p:?} {mode}");
+            assert_eq!(one["usage"]["prompt_tokens"], p.len());
+            expected.push((p, mode.clone(), text_of(&one)));
+        }
+    }
+    // Concurrent requests are batched (left-padded rows of different lengths) and still
+    // answer exactly what one node answers alone. A new seed avoids the cache.
+    let before = get(&pipeline[0], "/v1/status")["serve_stats"].clone();
+    let batched: Vec<(String, String)> = std::thread::scope(|s| {
+        let hs: Vec<_> = PROMPTS
+            .iter()
+            .map(|p| {
+                let node = &pipeline[0];
+                s.spawn(move || {
+                    let mode = json!({"temperature": 0.7, "seed": 99});
+                    (p.to_string(), text_of(&complete(node, p, &mode).unwrap()))
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (p, text) in &batched {
+        let alone = complete(&single[0], p, &json!({"temperature": 0.7, "seed": 99})).unwrap();
+        assert_eq!(&text_of(&alone), text, "batched {p:?}");
+    }
+    let after = get(&pipeline[0], "/v1/status")["serve_stats"].clone();
+    let batches = after["batches"].as_u64().unwrap() - before["batches"].as_u64().unwrap();
+    println!("8 concurrent requests ran in {batches} batches");
+    assert!(batches < 8, "concurrent requests were never batched");
+
+    // The cache answers a repeated deterministic request.
+    let hits = |n: &Node| {
+        get(n, "/v1/status")["serve_stats"]["cache_hits"]
+            .as_u64()
+            .unwrap()
+    };
+    let h0 = hits(&pipeline[1]);
+    let again = complete(&pipeline[1], PROMPTS[0], &modes[0]).unwrap();
+    assert_eq!(text_of(&again), expected[0].2);
+    assert_eq!(again["system_fingerprint"], "shoal-cache");
+    assert_eq!(hits(&pipeline[1]), h0 + 1);
+
+    // The real OpenAI client, streaming and not.
+    let py = std::env::var("SHOAL_PYTHON").expect("SHOAL_PYTHON (source scripts/env.sh)");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/openai_check.py");
+    let out = Command::new(py)
+        .arg(script)
+        .arg(format!("http://{}", pipeline[1].api.unwrap()))
+        .arg("tiny")
+        .output()
+        .expect("python");
+    assert!(
+        out.status.success(),
+        "openai client failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    println!("openai client: {r}");
+    assert_eq!(r["models"], json!(["tiny"]));
+    assert_eq!(r["streamed"], r["text"]);
+    let alone = complete(
+        &single[0],
+        "37+45=",
+        &json!({"temperature": 0, "max_tokens": 5}),
+    );
+    assert_eq!(r["text"].as_str().unwrap(), text_of(&alone.unwrap()));
+    assert!(r["stream_chunks"].as_u64().unwrap() >= 1);
+    assert!(r["stream_finish"].is_string());
+    assert_eq!(r["seeded"][0], r["seeded"][1]);
+    assert_eq!(r["errors"]["unknown_model"], 404);
+    assert_eq!(r["errors"]["too_long"], 400);
+
+    // Bad requests are OpenAI-style 4xx errors, never 500s or hangs.
+    let api = pipeline[1].api.unwrap();
+    for (body, code) in [
+        (&b"{not json"[..], "400"),
+        (br#"{"model":"tiny"}"#, "400"),
+        (
+            br#"{"model":"tiny","prompt":"1+1=","temperature":9}"#,
+            "400",
+        ),
+        (br#"{"model":"nope","prompt":"1+1="}"#, "404"),
+        (
+            br#"{"model":"tiny","prompt":"1111111111111111111111"}"#,
+            "400",
+        ),
+        (br#"{"model":"tiny","prompt":""}"#, "400"),
+    ] {
+        let e = http_timeout(
+            api,
+            "POST",
+            "/v1/completions",
+            body,
+            Duration::from_secs(10),
+        )
+        .unwrap_err();
+        assert!(
+            e.starts_with(code),
+            "{}: {e}",
+            String::from_utf8_lossy(body)
+        );
+        let err: Value = serde_json::from_str(e.split_once(": ").unwrap().1).unwrap();
+        assert!(err["error"]["message"].is_string(), "{e}");
+    }
+    let big = vec![b' '; 9 << 20];
+    let e = http_timeout(
+        api,
+        "POST",
+        "/v1/completions",
+        &big,
+        Duration::from_secs(10),
+    );
+    assert!(e.unwrap_err().starts_with("413"));
+
+    // Generic tensors: logits of every position for token ids.
+    let v = post(
+        &pipeline[1],
+        "/v1/infer",
+        &json!({"model": "tiny", "inputs": [[49, 43, 50]]}),
+    )
+    .unwrap();
+    assert_eq!(v["shape"], json!([1, 3, 256]));
+    let e = post(
+        &pipeline[1],
+        "/v1/infer",
+        &json!({"model": "tiny", "inputs": [[1.5]]}),
+    );
+    assert!(e.unwrap_err().starts_with("400"));
+
+    // `shoal status` shows the plan.
+    let st = run_shoal(&["status", "--api", &pipeline[0].api.unwrap().to_string()]);
+    let table = String::from_utf8_lossy(&st.stdout);
+    assert!(table.contains("tiny"), "{table}");
+}
+
+#[test]
+fn a_stage_killed_under_load_fails_over() {
+    let dir = TempDir::new("serve-failover");
+    let ck = tiny_checkpoint(&dir.0);
+    let mut nodes = cluster(&dir.0.join("c"), 4);
+    let plan = offer(&nodes[0], &ck, 2, 4, 2);
+    println!("plan: {}", plan[0]["replicas"]);
+    // The victim: a stage member other than the entry (node 0).
+    let ids: Vec<String> = nodes.iter().map(Node::id).collect();
+    let victim = (1..4)
+        .find(|&i| plan[0]["replicas"].to_string().contains(&ids[i]))
+        .unwrap();
+
+    let total = 300usize;
+    let next = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicUsize::new(0));
+    let results = Arc::new(Mutex::new(Vec::new()));
+    let api = nodes[0].api.unwrap();
+    let started = Instant::now();
+    let workers: Vec<_> = (0..8)
+        .map(|_| {
+            let (next, done, results) = (next.clone(), done.clone(), results.clone());
+            std::thread::spawn(move || loop {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                if i >= total {
+                    return;
+                }
+                // Distinct prompts: no cache hits.
+                let body = json!({"model": "tiny", "prompt": format!("{}+{}=", i % 97, i / 97 + 10),
+                    "max_tokens": 4, "temperature": 0, "timeout": 20});
+                let t0 = Instant::now();
+                let r = http_timeout(
+                    api,
+                    "POST",
+                    "/v1/completions",
+                    body.to_string().as_bytes(),
+                    Duration::from_secs(30),
+                );
+                results.lock().unwrap().push((
+                    r.map_err(|e| e.chars().take(200).collect::<String>()),
+                    t0.elapsed(),
+                ));
+                done.fetch_add(1, Ordering::SeqCst);
+            })
+        })
+        .collect();
+    wait_until("a third of the requests", Duration::from_secs(120), || {
+        (done.load(Ordering::SeqCst) >= total / 3).then_some(())
+    });
+    nodes[victim].kill();
+    let killed_at = started.elapsed();
+    for w in workers {
+        w.join().unwrap();
+    }
+    let results = results.lock().unwrap();
+    assert_eq!(results.len(), total, "every request returned");
+    let ok = results.iter().filter(|(r, _)| r.is_ok()).count();
+    let mut lat: Vec<f64> = results
+        .iter()
+        .map(|(_, t)| t.as_secs_f64() * 1000.0)
+        .collect();
+    lat.sort_by(f64::total_cmp);
+    let pct = |p: f64| lat[((lat.len() as f64 * p).ceil() as usize).min(lat.len()) - 1];
+    let failures: Vec<&String> = results
+        .iter()
+        .filter_map(|(r, _)| r.as_ref().err())
+        .collect();
+    println!(
+        "failover: {ok}/{total} succeeded ({:.1}%), stage {victim} killed at {:.2} s, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms, total {:.2} s; failures: {:?}",
+        100.0 * ok as f64 / total as f64,
+        killed_at.as_secs_f64(),
+        pct(0.5),
+        pct(0.99),
+        lat.last().unwrap(),
+        started.elapsed().as_secs_f64(),
+        failures.iter().take(3).collect::<Vec<_>>()
+    );
+    assert!(ok * 100 >= total * 99, "only {ok} of {total} succeeded");
+    let st = get(&nodes[0], "/v1/status")["serve_stats"].clone();
+    println!("entry stats: {st}");
+}
