@@ -105,6 +105,9 @@ struct UpArgs {
     /// Serving: longest a request waits to be batched, in ms. Default: 5.
     #[arg(long, env = "SHOAL_SERVE_MAX_WAIT_MS", default_value_t = 5)]
     serve_max_wait_ms: u64,
+    /// Serving: torch threads for stage compute (0: libtorch's default). Default: 0.
+    #[arg(long, env = "SHOAL_SERVE_THREADS", default_value_t = 0)]
+    serve_threads: usize,
     /// Serving: responses kept for repeated deterministic requests. Default: 1024.
     #[arg(long, env = "SHOAL_SERVE_CACHE", default_value_t = 1024)]
     serve_cache: usize,
@@ -279,6 +282,38 @@ enum BenchCmd {
     /// Start N local nodes and train the built-in gpt on synthetic bytes; prints one JSON
     /// line {"impl":"shoal","nodes","threads","model","batch","steps","step_ms",
     /// "samples_per_s"} over the timed steps (after the warm-up).
+    /// Serve a random-initialised gpt on N local nodes (or, with --raw, run the same
+    /// generation as a plain in-process tch loop) and time R greedy completions sent C at
+    /// a time. Prints {"mode","nodes","stages","requests","requests_per_s","p50_ms",...}.
+    Serve {
+        /// Number of nodes. Default: 1.
+        #[arg(long, default_value_t = 1)]
+        nodes: usize,
+        /// Pipeline stages per replica. Default: 1.
+        #[arg(long, default_value_t = 1)]
+        stages: u32,
+        /// Requests. Default: 200.
+        #[arg(long, default_value_t = 200)]
+        requests: usize,
+        /// Requests in flight (and the batch of the raw loop). Default: 8.
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+        /// Tokens generated per request. Default: 16.
+        #[arg(long, default_value_t = 16)]
+        max_tokens: u32,
+        /// gpt blocks. Default: 4.
+        #[arg(long, default_value_t = 4)]
+        layers: i64,
+        /// gpt width. Default: 256.
+        #[arg(long, default_value_t = 256)]
+        width: i64,
+        /// Run the raw single-process loop instead of a cluster.
+        #[arg(long)]
+        raw: bool,
+        /// Print only the JSON line.
+        #[arg(long)]
+        json: bool,
+    },
     Train {
         /// Number of nodes. Default: 1.
         #[arg(long, default_value_t = 1)]
@@ -412,6 +447,33 @@ async fn dispatch(cmd: Cmd) -> Result<(), Failure> {
         } => tcp_ceiling(),
         Cmd::Bench {
             what:
+                BenchCmd::Serve {
+                    nodes,
+                    stages,
+                    requests,
+                    concurrency,
+                    max_tokens,
+                    layers,
+                    width,
+                    raw,
+                    json,
+                },
+        } => {
+            bench_serve(BenchServe {
+                nodes,
+                stages,
+                requests,
+                concurrency: concurrency.max(1),
+                max_tokens: max_tokens.max(1),
+                layers,
+                width,
+                raw,
+                json,
+            })
+            .await
+        }
+        Cmd::Bench {
+            what:
                 BenchCmd::Train {
                     nodes,
                     batch,
@@ -474,6 +536,7 @@ async fn up(a: UpArgs) -> Result<(), Failure> {
     serve.max_batch = a.serve_max_batch.max(1);
     serve.max_wait_ms = a.serve_max_wait_ms;
     serve.cache_entries = a.serve_cache;
+    serve.threads = a.serve_threads;
     let cfg = NodeConfig {
         data_dir,
         listen,
@@ -657,6 +720,239 @@ async fn bench_allreduce(
     }
     c.shutdown();
     let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+struct BenchServe {
+    nodes: usize,
+    stages: u32,
+    requests: usize,
+    concurrency: usize,
+    max_tokens: u32,
+    layers: i64,
+    width: i64,
+    raw: bool,
+    json: bool,
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1]
+}
+
+/// Distinct 6-byte prompts (no cache hits, no padding).
+fn bench_prompt(i: usize) -> String {
+    format!("{:02}+{:02}=", i % 100, (i / 100 + 7 * i) % 100)
+}
+
+async fn bench_serve(b: BenchServe) -> Result<(), Failure> {
+    let (dir, _) = local_dir(None);
+    std::fs::create_dir_all(&dir).map_err(anyhow::Error::from)?;
+    // A random-initialised gpt: one training step writes its checkpoint.
+    let context = 64;
+    let job = dir.join("bench-serve.toml");
+    std::fs::write(
+        &job,
+        format!(
+            "name = \"bench-serve\"\nsteps = 1\nbatch_size = 8\nthreads = 1\n[model]\nkind = \"gpt\"\nlayers = {}\nheads = 4\nwidth = {}\ncontext = {context}\n[data]\nkind = \"arithmetic\"\ndigits = 2\n",
+            b.layers, b.width
+        ),
+    )
+    .map_err(anyhow::Error::from)?;
+    let bin = std::env::current_exe().context("cannot find the shoal binary")?;
+    let out = tokio::process::Command::new(&bin)
+        .args(["train", "--local", "1", "--json", "--dir"])
+        .arg(dir.join("train-nodes"))
+        .arg(&job)
+        .current_dir(&dir)
+        .output()
+        .await
+        .map_err(anyhow::Error::from)?;
+    if !out.status.success() {
+        return Err(anyhow!(
+            "could not make the benchmark model: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+        .into());
+    }
+    let ck = dir.join("runs/bench-serve/checkpoint.safetensors");
+    let mut lat: Vec<f64> = Vec::new();
+    let t0;
+    let elapsed;
+    let mode;
+    if b.raw {
+        mode = "raw";
+        tch::set_num_threads(1);
+        let cfg = shoal_node::serve::model::describe(&ck).map_err(anyhow::Error::from)?;
+        let mut stage =
+            shoal_node::serve::model::Stage::open(&ck, cfg.clone()).map_err(anyhow::Error::from)?;
+        let layers = 0..cfg.layers as usize;
+        use coordinator_free::codec::stage::Payload;
+        t0 = Instant::now();
+        let mut done = 0usize;
+        let mut session = 0u64;
+        while done < b.requests {
+            let n = b.concurrency.min(b.requests - done);
+            let started = Instant::now();
+            let mut tokens: Vec<u8> = Vec::new();
+            for i in done..done + n {
+                for &c in bench_prompt(i).as_bytes() {
+                    tokens.extend_from_slice(&i64::from(c).to_le_bytes());
+                }
+            }
+            let (mut pos, mut len) = (0u32, 6u32);
+            let pad = vec![0u32; n];
+            session += 1;
+            for _ in 0..b.max_tokens {
+                let (_, shape, logits) = stage
+                    .forward(
+                        session,
+                        layers.clone(),
+                        pos,
+                        &pad,
+                        Payload::Tokens,
+                        &[n as u32, len],
+                        &tokens,
+                        Payload::LastLogits,
+                    )
+                    .map_err(anyhow::Error::from)?;
+                let v = shape[1] as usize;
+                tokens.clear();
+                for r in 0..n {
+                    let row: Vec<f32> = logits[r * v * 4..(r + 1) * v * 4]
+                        .chunks_exact(4)
+                        .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+                        .collect();
+                    let t = coordinator_free::serving::sample_token(&row, 0.0, 1.0, 0.0) as i64;
+                    tokens.extend_from_slice(&t.to_le_bytes());
+                }
+                pos += len;
+                len = 1;
+            }
+            stage.drop_session(session);
+            let ms = started.elapsed().as_secs_f64() * 1000.0;
+            lat.extend(std::iter::repeat_n(ms, n));
+            done += n;
+        }
+        elapsed = t0.elapsed();
+    } else {
+        mode = "shoal";
+        let extra: Vec<String> = [
+            "--data-plane",
+            "tcp",
+            "--serve-threads",
+            "1",
+            "--serve-max-batch",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([b.concurrency.to_string()])
+        .collect();
+        let mut c = start_cluster(&dir.join("nodes"), b.nodes, &extra)?;
+        let n = b.nodes;
+        let bound = Duration::from_secs(120);
+        if poll_until(
+            &mut c,
+            bound,
+            Duration::from_millis(50),
+            |_| {},
+            |r| agreed_view(r, n, None),
+        )
+        .await?
+        .is_none()
+        {
+            return Err(anyhow!("{n} nodes did not converge").into());
+        }
+        let api = c.api(0).ok_or_else(|| anyhow!("node 0 has no API"))?;
+        let offer =
+            serde_json::json!({"path": ck, "name": "bench", "stages": b.stages}).to_string();
+        status::http_request(api, "POST", "/v1/serve", offer.as_bytes(), bound)
+            .await
+            .map_err(anyhow::Error::from)?;
+        let depth = (b.stages as usize).min(n).max(1);
+        let ready = poll_until(
+            &mut c,
+            bound,
+            Duration::from_millis(100),
+            |_| {},
+            |reports| {
+                let m = reports
+                    .first()?
+                    .1
+                    .as_ref()?
+                    .serving
+                    .iter()
+                    .find(|m| m.name == "bench")?
+                    .clone();
+                (m.holders.len() >= n && m.replicas.first().is_some_and(|r| r.len() >= depth))
+                    .then_some(())
+            },
+        )
+        .await?;
+        if ready.is_none() {
+            return Err(anyhow!("the model was not served; logs under {}", dir.display()).into());
+        }
+        let ask = |i: usize| {
+            let body = serde_json::json!({"model": "bench", "prompt": bench_prompt(i), "max_tokens": b.max_tokens, "temperature": 0}).to_string();
+            async move {
+                let t = Instant::now();
+                status::http_request(
+                    api,
+                    "POST",
+                    "/v1/completions",
+                    body.as_bytes(),
+                    Duration::from_secs(120),
+                )
+                .await
+                .map(|_| t.elapsed().as_secs_f64() * 1000.0)
+            }
+        };
+        // Warm-up (weights loaded on first use, connections opened).
+        for i in 0..b.concurrency {
+            ask(b.requests + i).await.map_err(anyhow::Error::from)?;
+        }
+        let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        t0 = Instant::now();
+        let workers = (0..b.concurrency).map(|_| {
+            let next = next.clone();
+            let ask = &ask;
+            async move {
+                let mut mine = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    if i >= b.requests {
+                        return Ok::<_, status::ClientError>(mine);
+                    }
+                    mine.push(ask(i).await?);
+                }
+            }
+        });
+        for r in futures::future::join_all(workers).await {
+            lat.extend(r.map_err(anyhow::Error::from)?);
+        }
+        elapsed = t0.elapsed();
+        c.shutdown();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    lat.sort_by(f64::total_cmp);
+    let rps = b.requests as f64 / elapsed.as_secs_f64();
+    let line = serde_json::json!({
+        "mode": mode, "nodes": if b.raw { 1 } else { b.nodes }, "stages": if b.raw { 1 } else { b.stages },
+        "requests": b.requests, "concurrency": b.concurrency, "max_tokens": b.max_tokens,
+        "layers": b.layers, "width": b.width,
+        "requests_per_s": rps, "tokens_per_s": rps * f64::from(b.max_tokens),
+        "p50_ms": percentile(&lat, 0.5), "p99_ms": percentile(&lat, 0.99),
+    });
+    println!("{line}");
+    if !b.json {
+        eprintln!(
+            "{mode}: {rps:.1} requests/s, p50 {:.1} ms, p99 {:.1} ms",
+            percentile(&lat, 0.5),
+            percentile(&lat, 0.99)
+        );
+    }
     Ok(())
 }
 

@@ -71,6 +71,9 @@ pub struct ServeConfig {
     pub call_floor: Duration,
     /// Largest HTTP request body on the serving routes. Default: 8 MiB.
     pub max_body: usize,
+    /// Torch threads for stage compute, set when the first stage opens (0: libtorch's
+    /// default). Default: 0.
+    pub threads: usize,
 }
 
 impl ServeConfig {
@@ -85,6 +88,7 @@ impl ServeConfig {
             models_dir: data_dir.join("models"),
             call_floor: Duration::from_secs(3),
             max_body: 8 << 20,
+            threads: 0,
         }
     }
 }
@@ -826,6 +830,9 @@ impl Server {
                 e.cfg.clone(),
             )
         };
+        if self.inner.cfg.threads > 0 {
+            tch::set_num_threads(self.inner.cfg.threads as i32);
+        }
         let stage = Stage::open(&path, cfg).map_err(|e| e.to_string())?;
         let stage = Arc::new(Mutex::new(stage));
         self.inner
