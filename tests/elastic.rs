@@ -438,3 +438,108 @@ fn diverged_weights_stop_the_job_naming_the_members() {
     }
     assert!(ja["step"].as_u64().unwrap() < 5000);
 }
+
+#[test]
+fn a_nan_gradient_is_left_out_and_the_step_redone_without_it() {
+    let d = TempDir::new("elastic-guard");
+    let port = free_port();
+    let listen = format!("/ip4/127.0.0.1/tcp/{port}");
+    let first = node_args(&["--listen".into(), listen.clone(), "--debug-api".into()]);
+    let refs: Vec<&str> = first.iter().map(String::as_str).collect();
+    let mut nodes = vec![Node::start(&d.0.join("node-0"), &refs)];
+    let boot = format!("{listen}/p2p/{}", nodes[0].id());
+    for i in 1..3 {
+        let mut a = joiner_args(&boot);
+        a.push("--debug-api".into());
+        let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+        nodes.push(Node::start(&d.0.join(format!("node-{i}")), &refs));
+    }
+    let all: Vec<&Node> = nodes.iter().collect();
+    wait_until("3 nodes in one view", Duration::from_secs(30), || {
+        agreed(&all, 3)
+    });
+    let steps = 400;
+    let run = submit(
+        &nodes[0],
+        &job_toml(&d.0, steps, "log_samples = true"),
+        false,
+    );
+    wait_until("step 10 with 3 members", Duration::from_secs(120), || {
+        let j = job(&nodes[0], &run)?;
+        (j["step"].as_u64()? >= 10 && j["members"] == 3).then_some(())
+    });
+    let bad = nodes[2].id();
+    http(
+        nodes[2].api.unwrap(),
+        "POST",
+        &format!("/v1/debug/perturb?run={run}&kind=nan"),
+        &[],
+    )
+    .unwrap();
+    let done = wait_done(&all, &run, Duration::from_secs(300));
+    // Every member left the NaN gradient out and logged whose it was.
+    for (n, j) in nodes.iter().zip(&done) {
+        assert!(j["rejected_gradients"].as_u64().unwrap() >= 1, "{j}");
+        let log = n.log();
+        assert!(
+            log.contains(&format!(
+                "rejected gradient from {bad}: non-finite gradient"
+            )),
+            "{}",
+            log.lines()
+                .filter(|l| l.contains("rejected"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        assert_eq!(j["weights_hash"], done[0]["weights_hash"]);
+        assert!(j["loss"].as_f64().unwrap().is_finite());
+    }
+    let run_dir = d.0.join("runs/elastic");
+    let metrics = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();
+    let guarded: Vec<Value> = metrics
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["event"] == "guard")
+        .collect();
+    assert!(!guarded.is_empty(), "no guard event in metrics.jsonl");
+    assert_eq!(guarded[0]["rejected"], bad.as_str());
+    let step = guarded[0]["step"].as_u64().unwrap() + 1;
+    // The step was redone by the other two over the whole batch: every sample exactly once.
+    let mut ids: Vec<u64> = Vec::new();
+    let mut by_member = std::collections::HashMap::new();
+    for entry in std::fs::read_dir(&run_dir).unwrap() {
+        let p = entry.unwrap().path();
+        if !p
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("samples.")
+        {
+            continue;
+        }
+        for l in std::fs::read_to_string(&p).unwrap().lines() {
+            let v: Value = serde_json::from_str(l).unwrap();
+            if v["step"] == step {
+                let mine: Vec<u64> = v["ids"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_u64().unwrap())
+                    .collect();
+                by_member.insert(v["member"].as_str().unwrap().to_string(), mine.len());
+                ids.extend(mine);
+            }
+        }
+    }
+    let n = ids.len();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), n, "a sample was used twice in the guarded step");
+    assert_eq!(n, 48, "the guarded step covered {n} samples: {by_member:?}");
+    assert_eq!(
+        by_member.get(&bad).copied().unwrap_or(0),
+        0,
+        "{by_member:?}"
+    );
+    println!("guarded step {step}: {by_member:?}");
+}

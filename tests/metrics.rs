@@ -36,28 +36,7 @@ fn metrics_parse_with_prometheus_parser_and_match_the_cluster() {
         c.join().unwrap().unwrap();
     }
     let text = String::from_utf8(http(a.api.unwrap(), "GET", "/metrics", &[]).unwrap()).unwrap();
-    let file = dir.0.join("metrics.txt");
-    std::fs::write(&file, &text).unwrap();
-    let script = r#"
-import json, sys
-from prometheus_client.parser import text_string_to_metric_families
-out = {}
-for fam in text_string_to_metric_families(open(sys.argv[1]).read()):
-    for s in fam.samples:
-        key = s.name + json.dumps(s.labels, sort_keys=True)
-        out[key] = s.value
-print(json.dumps(out))
-"#;
-    let out = std::process::Command::new(python)
-        .args(["-c", script, file.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "parser failed: {}\n{text}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let m: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let m = prometheus_parse(&python, &dir.0, &text);
     let get = |k: &str| {
         m[k].as_f64()
             .unwrap_or_else(|| panic!("{k} missing from\n{text}"))

@@ -305,6 +305,22 @@ fn a_pipeline_answers_like_one_node_and_speaks_openai() {
     );
     assert!(e.unwrap_err().starts_with("400"));
 
+    // Serving metrics parse with the reference Prometheus parser and count what happened.
+    let text = String::from_utf8(http(api, "GET", "/metrics", b"").unwrap()).unwrap();
+    let py = std::env::var_os("SHOAL_PYTHON").unwrap();
+    let m = prometheus_parse(&py, &dir.0, &text);
+    let get = |k: &str| {
+        m[k].as_f64()
+            .unwrap_or_else(|| panic!("{k} missing from\n{text}"))
+    };
+    // 2 modes x 8 prompts + the cache repeat + the client's 4 good requests.
+    assert!(get(r#"shoal_serve_requests_total{"outcome": "ok"}"#) >= 21.0);
+    assert!(get(r#"shoal_serve_requests_total{"outcome": "rejected"}"#) >= 4.0);
+    assert!(get(r#"shoal_serve_cache_total{"result": "hit"}"#) >= 2.0);
+    assert!(get("shoal_serve_request_duration_seconds_count{}") >= 21.0);
+    assert_eq!(get(r#"shoal_serve_replicas{"model": "tiny"}"#), 1.0);
+    assert_eq!(get(r#"shoal_serve_model_holders{"model": "tiny"}"#), 2.0);
+
     // `shoal status` shows the plan.
     let st = run_shoal(&["status", "--api", &pipeline[0].api.unwrap().to_string()]);
     let table = String::from_utf8_lossy(&st.stdout);

@@ -503,6 +503,121 @@ mod tests {
             Err(CodecError::Invalid(_))
         ));
     }
+
+    #[test]
+    fn hostile_stage_frames_are_errors() {
+        use super::stage::*;
+        let fwd = StageRequest::Forward {
+            model: [3; 32],
+            session: 9,
+            start: 0,
+            end: 2,
+            batch: 2,
+            len: 5,
+            pos: 0,
+            pad: vec![0, 1],
+            input: Payload::Tokens,
+            output: Payload::Hidden,
+        };
+        let bytes = fwd.encode().unwrap();
+        assert_eq!(StageRequest::decode(&bytes).unwrap(), fwd);
+        for cut in 0..bytes.len() {
+            assert!(StageRequest::decode(&bytes[..cut]).is_err(), "cut {cut}");
+        }
+        let mut long = bytes.clone();
+        long.push(0);
+        assert!(matches!(
+            StageRequest::decode(&long),
+            Err(CodecError::Trailing(1))
+        ));
+        // Length prefixes: one over the limit, and u64::MAX, are refused before any read.
+        assert!(meta_len(((MAX_STAGE_META + 1) as u32).to_le_bytes()).is_err());
+        assert!(meta_len(u32::MAX.to_le_bytes()).is_err());
+        assert_eq!(
+            meta_len((MAX_STAGE_META as u32).to_le_bytes()).unwrap(),
+            MAX_STAGE_META
+        );
+        assert!(payload_len((MAX_STAGE_PAYLOAD + 1).to_le_bytes()).is_err());
+        assert!(payload_len(u64::MAX.to_le_bytes()).is_err());
+        // Semantic checks: paddings per row, layer ranges, batch bounds, fetch sizes.
+        let bad = |r: StageRequest| StageRequest::decode(&r.encode().unwrap()).is_err();
+        let with = |f: &dyn Fn(&mut StageRequest)| {
+            let mut r = fwd.clone();
+            f(&mut r);
+            r
+        };
+        assert!(bad(with(
+            &|r| if let StageRequest::Forward { pad, .. } = r {
+                pad.push(0)
+            }
+        )));
+        assert!(bad(with(
+            &|r| if let StageRequest::Forward { start, end, .. } = r {
+                (*start, *end) = (2, 2)
+            }
+        )));
+        assert!(bad(with(
+            &|r| if let StageRequest::Forward { batch, pad, .. } = r {
+                *batch = MAX_BATCH + 1;
+                *pad = vec![0; MAX_BATCH as usize + 1];
+            }
+        )));
+        assert!(bad(StageRequest::Fetch {
+            model: [0; 32],
+            offset: 0,
+            len: MAX_STAGE_PAYLOAD + 1
+        }));
+        // A reply may not claim a 5-d payload; expected sizes never overflow.
+        let r = StageReply::Ok {
+            payload: Payload::Hidden,
+            shape: vec![1; 5],
+        };
+        assert!(StageReply::decode(&r.encode().unwrap()).is_err());
+        assert_eq!(expected_bytes(Payload::Hidden, &[u32::MAX; 4]), None);
+        assert_eq!(expected_bytes(Payload::Tokens, &[2, 5]), Some(80));
+        // Random garbage never panics.
+        let mut x: u64 = 0x2545F4914F6CDD1D;
+        for _ in 0..2000 {
+            let len = (x % 120) as usize;
+            let buf: Vec<u8> = (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            let _ = StageRequest::decode(&buf);
+            let _ = StageReply::decode(&buf);
+        }
+    }
+
+    #[test]
+    fn serve_announcements_are_checked() {
+        let ok = ServeAnnounce {
+            name: "arith-1".into(),
+            sha256: [1; 32],
+            bytes: 1000,
+            origin: NodeId::new("12D3KooWnode").unwrap(),
+            config: "{}".into(),
+            stages: 2,
+        };
+        let m = ControlMessage::Serve(ok.clone());
+        assert_eq!(ControlMessage::decode(&m.encode().unwrap()).unwrap(), m);
+        let bad = |f: &dyn Fn(&mut ServeAnnounce)| {
+            let mut a = ok.clone();
+            f(&mut a);
+            ControlMessage::decode(&ControlMessage::Serve(a).encode().unwrap()).is_err()
+        };
+        assert!(bad(&|a| a.name = String::new()));
+        assert!(bad(&|a| a.name = "a b".into()));
+        assert!(bad(&|a| a.name = "x".repeat(MAX_MODEL_NAME + 1)));
+        assert!(bad(&|a| a.config = " ".repeat(MAX_MODEL_CONFIG + 1)));
+        assert!(bad(&|a| a.stages = 0));
+        assert!(bad(&|a| a.stages = MAX_STAGES + 1));
+        assert!(bad(&|a| a.bytes = 0));
+        assert!(bad(&|a| a.bytes = stage::MAX_STAGE_PAYLOAD + 1));
+    }
 }
 
 /// Data plane: the fixed-size header that opens every collective on a link. Payloads that

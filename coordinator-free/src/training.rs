@@ -16,6 +16,12 @@
 //!    the sync root, so the step is neither lost nor applied twice, and its samples are
 //!    consumed exactly once.
 //!
+//! 5. **Guard** ([`screen_gradients`]): before the gradients are summed, the members share
+//!    each one's local gradient norm; a member whose gradient is NaN/Inf, or whose norm is far
+//!    above the others' median, is left out of the step, and the step is redone at once by
+//!    the others over its samples too ([`reassign_without`]), so the batch is still consumed
+//!    exactly once and the update equals the one without the bad contribution.
+//!
 //! Every collective is bound to its view by the data plane, so no step commits with a view
 //! that differs between members. `tests/training_sim.rs` checks the protocol under random
 //! crashes, joins and partial commits over many seeds.
@@ -285,6 +291,91 @@ impl Training {
     }
 }
 
+/// Why a member's gradient was left out of a step.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Rejection {
+    /// The gradient holds NaN or Inf.
+    NonFinite,
+    /// Its norm is more than `factor` times the median of the other members' norms.
+    TooLarge {
+        /// Its norm.
+        norm: f64,
+        /// The others' median.
+        median: f64,
+    },
+}
+
+impl std::fmt::Display for Rejection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Rejection::NonFinite => write!(f, "non-finite gradient"),
+            Rejection::TooLarge { norm, median } => write!(
+                f,
+                "gradient norm {norm:.3e} is {:.0}x the others' median {median:.3e}",
+                norm / median.max(f64::MIN_POSITIVE)
+            ),
+        }
+    }
+}
+
+/// Which members' gradients to leave out of a step, from every member's local gradient norm
+/// (in view order; NaN or Inf when its gradient holds one). A finite norm is rejected when
+/// it exceeds `factor` times the median of the other accepted members' finite norms and that
+/// median is positive (members with no samples report 0 and are never outliers). `factor`
+/// ≤ 0 turns the norm check off; non-finite gradients are always rejected. Every member
+/// computes this from the same all-gathered norms, so all leave out the same members.
+pub fn screen_gradients(norms: &[(NodeId, f64)], factor: f64) -> Vec<(NodeId, Rejection)> {
+    let mut out: Vec<(NodeId, Rejection)> = norms
+        .iter()
+        .filter(|(_, n)| !n.is_finite())
+        .map(|(id, _)| (id.clone(), Rejection::NonFinite))
+        .collect();
+    if factor <= 0.0 {
+        return out;
+    }
+    for (i, (id, n)) in norms.iter().enumerate() {
+        if !n.is_finite() || *n == 0.0 {
+            continue;
+        }
+        let mut others: Vec<f64> = norms
+            .iter()
+            .enumerate()
+            .filter(|(j, (_, m))| *j != i && m.is_finite() && *m > 0.0)
+            .map(|(_, (_, m))| *m)
+            .collect();
+        if others.is_empty() {
+            continue;
+        }
+        others.sort_by(f64::total_cmp);
+        let k = others.len();
+        let median = if k % 2 == 1 {
+            others[k / 2]
+        } else {
+            (others[k / 2 - 1] + others[k / 2]) / 2.0
+        };
+        if median > 0.0 && *n > factor * median {
+            out.push((id.clone(), Rejection::TooLarge { norm: *n, median }));
+        }
+    }
+    out
+}
+
+/// The shards of `batch` over `view` without the `rejected` members (each member's ranges;
+/// the rejected get none). Errors when no member is left.
+pub fn reassign_without(
+    view: &View,
+    batch: &StepBatch,
+    shard_size: u64,
+    rejected: &[NodeId],
+) -> Result<sharding::Assignment, TrainingError> {
+    let members: Vec<(NodeId, u32)> = view
+        .ids()
+        .filter(|id| !rejected.contains(id))
+        .map(|id| (id.clone(), 1))
+        .collect();
+    Ok(sharding::assign(&members, batch, shard_size)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -375,5 +466,70 @@ mod tests {
             t.handle_progress(v2.hash, &bad[..1]),
             Err(TrainingError::IncompleteExchange)
         );
+    }
+
+    #[test]
+    fn the_guard_leaves_out_non_finite_and_outlying_gradients() {
+        let id = |s: &str| NodeId::new(s).unwrap();
+        let norms = |v: &[f64]| -> Vec<(NodeId, f64)> {
+            v.iter()
+                .enumerate()
+                .map(|(i, n)| (id(&format!("m{i}")), *n))
+                .collect()
+        };
+        assert!(screen_gradients(&norms(&[1.0, 1.2, 0.9]), 10.0).is_empty());
+        let r = screen_gradients(&norms(&[1.0, f64::NAN, 0.9]), 10.0);
+        assert_eq!(r, vec![(id("m1"), Rejection::NonFinite)]);
+        let r = screen_gradients(&norms(&[1.0, f64::INFINITY, 0.9]), 0.0);
+        assert_eq!(
+            r.len(),
+            1,
+            "non-finite is rejected even with the norm check off"
+        );
+        let r = screen_gradients(&norms(&[1.0, 1.1, 50.0, 0.9]), 10.0);
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].0, id("m2"));
+        assert!(matches!(r[0].1, Rejection::TooLarge { .. }));
+        assert!(r[0].1.to_string().contains("median"));
+        // Two members: the other's norm is the median.
+        assert_eq!(screen_gradients(&norms(&[1.0, 20.0]), 10.0).len(), 1);
+        assert!(screen_gradients(&norms(&[1.0, 5.0]), 10.0).is_empty());
+        // A member without samples (norm 0) is never an outlier nor a reference.
+        assert!(screen_gradients(&norms(&[0.0, 1.0, 1.5]), 10.0).is_empty());
+        assert!(screen_gradients(&norms(&[3.0]), 10.0).is_empty());
+        assert!(screen_gradients(&norms(&[1.0, 50.0]), 0.0).is_empty());
+    }
+
+    #[test]
+    fn a_step_without_a_member_still_covers_the_batch_once() {
+        let ids: Vec<NodeId> = ["a", "b", "c"]
+            .iter()
+            .map(|s| NodeId::new(*s).unwrap())
+            .collect();
+        let view = View::new(
+            3,
+            ids.iter()
+                .map(|id| crate::view::ViewMember {
+                    id: id.clone(),
+                    incarnation: 1,
+                })
+                .collect(),
+        );
+        let batch = StepBatch {
+            cursor: DataCursor {
+                epoch: 0,
+                offset: 40,
+            },
+            len: 30,
+        };
+        let a = reassign_without(&view, &batch, 4, &ids[1..2]).unwrap();
+        assert!(a.ranges(&ids[1]).is_empty());
+        let mut covered: Vec<u64> = [&ids[0], &ids[2]]
+            .iter()
+            .flat_map(|id| a.ranges(id).iter().flat_map(|r| r.clone()))
+            .collect();
+        covered.sort();
+        assert_eq!(covered, (40..70).collect::<Vec<_>>());
+        assert!(reassign_without(&view, &batch, 4, &ids).is_err());
     }
 }

@@ -4,7 +4,9 @@
 //! refused handshakes, connected peers, control-plane gossip payload bytes, data-plane
 //! payload bytes per direction, collective outcomes and a collective latency histogram;
 //! per training run (labels `job`, `run`): step, loss, samples/s, step time, samples
-//! consumed, held-out loss and accuracy, and the number of runs per state.
+//! consumed, held-out loss and accuracy, and the number of runs per state; serving:
+//! requests by outcome, a request latency histogram, cache hits and misses, tokens,
+//! batches, retries, stage calls answered, and per model its replicas and holders.
 
 use crate::data_plane::LATENCY_BUCKETS;
 use crate::status::StatusReport;
@@ -200,42 +202,138 @@ pub fn render(r: &StatusReport) -> String {
             "histogram",
             "Duration of successful collectives.",
         );
-        let mut cumulative = 0u64;
-        for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
-            cumulative += s.latency_counts.get(i).copied().unwrap_or(0);
-            sample(
-                &mut o,
-                "shoal_collective_duration_seconds_bucket",
-                &format!("le=\"{bound}\""),
-                cumulative as f64,
-            );
-        }
-        cumulative += s
-            .latency_counts
-            .get(LATENCY_BUCKETS.len())
-            .copied()
-            .unwrap_or(0);
-        sample(
+        histogram(
             &mut o,
-            "shoal_collective_duration_seconds_bucket",
-            "le=\"+Inf\"",
-            cumulative as f64,
-        );
-        sample(
-            &mut o,
-            "shoal_collective_duration_seconds_sum",
-            "",
+            "shoal_collective_duration_seconds",
+            &LATENCY_BUCKETS,
+            &s.latency_counts,
             s.latency_sum_s,
-        );
-        sample(
-            &mut o,
-            "shoal_collective_duration_seconds_count",
-            "",
-            cumulative as f64,
         );
     }
     render_jobs(&mut o, &r.jobs);
+    render_serving(&mut o, r);
     o
+}
+
+/// Writes the samples of a histogram family (already declared) from per-bucket counts
+/// (one per bound, then an overflow bucket).
+fn histogram(o: &mut String, name: &str, bounds: &[f64], counts: &[u64], sum: f64) {
+    let mut cumulative = 0u64;
+    for (i, bound) in bounds.iter().enumerate() {
+        cumulative += counts.get(i).copied().unwrap_or(0);
+        sample(
+            o,
+            &format!("{name}_bucket"),
+            &format!("le=\"{bound}\""),
+            cumulative as f64,
+        );
+    }
+    cumulative += counts.get(bounds.len()).copied().unwrap_or(0);
+    sample(
+        o,
+        &format!("{name}_bucket"),
+        "le=\"+Inf\"",
+        cumulative as f64,
+    );
+    sample(o, &format!("{name}_sum"), "", sum);
+    sample(o, &format!("{name}_count"), "", cumulative as f64);
+}
+
+fn render_serving(o: &mut String, r: &StatusReport) {
+    let Some(s) = &r.serve_stats else { return };
+    family(
+        o,
+        "shoal_serve_requests_total",
+        "counter",
+        "Completion requests that entered here, by outcome (rejected: invalid before running).",
+    );
+    for (outcome, v) in [
+        ("ok", s.requests_ok),
+        ("failed", s.requests_failed),
+        ("rejected", s.requests_rejected),
+    ] {
+        sample(
+            o,
+            "shoal_serve_requests_total",
+            &format!("outcome=\"{outcome}\""),
+            v as f64,
+        );
+    }
+    family(
+        o,
+        "shoal_serve_request_duration_seconds",
+        "histogram",
+        "Latency of successful completion requests (cache hits count as 0).",
+    );
+    histogram(
+        o,
+        "shoal_serve_request_duration_seconds",
+        &crate::serve::LATENCY_BUCKETS,
+        &s.latency_counts,
+        s.latency_sum_s,
+    );
+    family(
+        o,
+        "shoal_serve_cache_total",
+        "counter",
+        "Response-cache lookups of deterministic requests, by result.",
+    );
+    sample(
+        o,
+        "shoal_serve_cache_total",
+        "result=\"hit\"",
+        s.cache_hits as f64,
+    );
+    sample(
+        o,
+        "shoal_serve_cache_total",
+        "result=\"miss\"",
+        s.cache_misses as f64,
+    );
+    for (name, help, v) in [
+        (
+            "shoal_serve_tokens_total",
+            "Tokens generated.",
+            s.tokens_generated,
+        ),
+        ("shoal_serve_batches_total", "Batches run.", s.batches),
+        (
+            "shoal_serve_batched_requests_total",
+            "Requests in those batches.",
+            s.batched_requests,
+        ),
+        (
+            "shoal_serve_retries_total",
+            "Micro-batches retried after a stage failed.",
+            s.retries,
+        ),
+        (
+            "shoal_serve_stage_calls_total",
+            "Pipeline-stage calls this node answered.",
+            s.stage_calls,
+        ),
+    ] {
+        family(o, name, "counter", help);
+        sample(o, name, "", v as f64);
+    }
+    family(
+        o,
+        "shoal_serve_replicas",
+        "gauge",
+        "Replica pipelines this node plans for each served model.",
+    );
+    family(
+        o,
+        "shoal_serve_model_holders",
+        "gauge",
+        "Members that hold each served model.",
+    );
+    for m in &r.serving {
+        // Model names are [A-Za-z0-9-_.:] (checked by the codec): nothing to escape.
+        let l = format!("model=\"{}\"", m.name);
+        sample(o, "shoal_serve_replicas", &l, m.replicas.len() as f64);
+        sample(o, "shoal_serve_model_holders", &l, m.holders.len() as f64);
+    }
 }
 
 fn render_jobs(o: &mut String, jobs: &[crate::train::JobReport]) {

@@ -119,7 +119,7 @@ pub enum Command {
         reply: oneshot::Sender<Result<crate::train::JobReport, String>>,
     },
     /// Debug: nudge this node's weights in a run (to exercise the consistency check).
-    PerturbJob(String, oneshot::Sender<bool>),
+    PerturbJob(String, u8, oneshot::Sender<bool>),
     /// Stop the node.
     Shutdown,
 }
@@ -129,7 +129,7 @@ struct JobEntry {
     /// The announcement, re-published while the job runs.
     announce: Vec<u8>,
     report: Arc<Mutex<crate::train::JobReport>>,
-    perturb: Arc<std::sync::atomic::AtomicBool>,
+    perturb: Arc<std::sync::atomic::AtomicU8>,
 }
 
 /// Re-announce running jobs this often.
@@ -210,8 +210,8 @@ impl NodeHandle {
     }
 
     /// Debug: nudges this node's weights in run `run` (hex); false if the run is unknown.
-    pub async fn perturb_job(&self, run: String) -> Result<bool, NodeError> {
-        self.ask(|tx| Command::PerturbJob(run, tx)).await
+    pub async fn perturb_job(&self, run: String, kind: u8) -> Result<bool, NodeError> {
+        self.ask(|tx| Command::PerturbJob(run, kind, tx)).await
     }
 
     /// Asks the node to stop.
@@ -450,10 +450,10 @@ impl EventLoop {
                         let run = rand::thread_rng().gen();
                         let _ = reply.send(self.start_job(*spec, run, resume));
                     }
-                    Some(Command::PerturbJob(run, reply)) => {
+                    Some(Command::PerturbJob(run, kind, reply)) => {
                         let found = self.jobs.iter().find(|(r, _)| format!("{r:016x}") == run);
                         if let Some((_, e)) = found {
-                            e.perturb.store(true, std::sync::atomic::Ordering::SeqCst);
+                            e.perturb.store(kind, std::sync::atomic::Ordering::SeqCst);
                         }
                         let _ = reply.send(found.is_some());
                     }
@@ -584,7 +584,7 @@ impl EventLoop {
         };
         let announce = msg.encode().map_err(|e| e.to_string())?;
         let report = Arc::new(Mutex::new(crate::train::JobReport::new(&spec, run)));
-        let perturb = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let perturb = Arc::new(std::sync::atomic::AtomicU8::new(0));
         let ctx = crate::train::TrainContext {
             job: spec,
             run,

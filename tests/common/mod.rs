@@ -351,3 +351,30 @@ pub fn synthetic_csv(path: &Path) {
     }
     std::fs::write(path, s).unwrap();
 }
+
+/// Parses Prometheus text with the reference parser (Python `prometheus_client`):
+/// `{"name{labels as sorted JSON}": value}`. Panics with the text if it does not parse.
+pub fn prometheus_parse(python: &std::ffi::OsStr, dir: &Path, text: &str) -> Value {
+    let file = dir.join("metrics.txt");
+    std::fs::write(&file, text).unwrap();
+    let script = r#"
+import json, sys
+from prometheus_client.parser import text_string_to_metric_families
+out = {}
+for fam in text_string_to_metric_families(open(sys.argv[1]).read()):
+    for s in fam.samples:
+        key = s.name + json.dumps(s.labels, sort_keys=True)
+        out[key] = s.value
+print(json.dumps(out))
+"#;
+    let out = std::process::Command::new(python)
+        .args(["-c", script, file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "parser failed: {}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}

@@ -1745,15 +1745,14 @@ fn utf8_safe(b: &[u8], finished: bool) -> usize {
 // --------------------------------------------------------------------- framing
 
 async fn write_frame(s: &mut Stream, meta: &[u8], payload: &[u8]) -> Result<(), String> {
+    // One buffer, one write: a frame is small next to a syscall per piece.
+    let mut buf = Vec::with_capacity(12 + meta.len() + payload.len());
+    buf.extend_from_slice(&(meta.len() as u32).to_le_bytes());
+    buf.extend_from_slice(meta);
+    buf.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    buf.extend_from_slice(payload);
     let io = |e: std::io::Error| e.to_string();
-    s.w.write_all(&(meta.len() as u32).to_le_bytes())
-        .await
-        .map_err(io)?;
-    s.w.write_all(meta).await.map_err(io)?;
-    s.w.write_all(&(payload.len() as u64).to_le_bytes())
-        .await
-        .map_err(io)?;
-    s.w.write_all(payload).await.map_err(io)?;
+    s.w.write_all(&buf).await.map_err(io)?;
     s.w.flush().await.map_err(io)
 }
 

@@ -105,6 +105,12 @@ pub struct JobSpec {
     /// mismatch stops the job naming the members. Default: 50.
     #[serde(default = "default_consistency_every")]
     pub consistency_every: u64,
+    /// Gradient guard: a member's gradient whose norm exceeds this many times the median of
+    /// the other members' norms is left out of the step (and the step redone by the others
+    /// over its samples); NaN/Inf gradients always are. 0: only the NaN/Inf check.
+    /// Default: 10.
+    #[serde(default = "default_grad_guard")]
+    pub grad_guard: f64,
     /// Gradient bucket size in bytes; buckets are all-reduced concurrently. Default: 4 MiB.
     #[serde(default = "default_bucket_bytes")]
     pub bucket_bytes: u64,
@@ -141,6 +147,9 @@ fn default_output_dir() -> PathBuf {
 }
 fn default_consistency_every() -> u64 {
     50
+}
+fn default_grad_guard() -> f64 {
+    10.0
 }
 fn default_bucket_bytes() -> u64 {
     4 << 20
@@ -483,6 +492,12 @@ impl JobSpec {
         }
         if !(self.eval_fraction > 0.0 && self.eval_fraction < 1.0) {
             return Err(invalid("eval_fraction", "must be in (0, 1)"));
+        }
+        if !(self.grad_guard.is_finite() && self.grad_guard >= 0.0) {
+            return Err(invalid(
+                "grad_guard",
+                "must be 0 (off) or a positive factor",
+            ));
         }
         if self.bucket_bytes < 4096 {
             return Err(invalid("bucket_bytes", "must be at least 4096"));

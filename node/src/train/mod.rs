@@ -173,6 +173,9 @@ pub struct JobReport {
     pub eval: Option<EvalRecord>,
     /// Steps this member redid after a failure (a member died, the view changed).
     pub redone: u64,
+    /// Gradients the guard left out of steps (NaN/Inf or far above the others' median).
+    #[serde(default)]
+    pub rejected_gradients: u64,
     /// Digest of this member's weights at the latest comparison (hex).
     pub weights_hash: Option<String>,
     /// Seconds since the job started training.
@@ -204,6 +207,7 @@ impl JobReport {
             members: 0,
             eval: None,
             redone: 0,
+            rejected_gradients: 0,
             weights_hash: None,
             wall_s: 0.0,
             run_dir: job.run_dir().display().to_string(),
@@ -249,9 +253,11 @@ pub struct TrainContext {
     pub rt: tokio::runtime::Handle,
     /// Where progress is published.
     pub report: Arc<Mutex<JobReport>>,
-    /// Debug: when set, the next step first nudges this member's weights (tests of the
-    /// consistency check use it through `POST /v1/debug/perturb`).
-    pub perturb: Arc<std::sync::atomic::AtomicBool>,
+    /// Debug: when set to [`PERTURB_WEIGHTS`], the next step first nudges this member's
+    /// weights (tests of the consistency check); to [`PERTURB_NAN_GRADIENT`], this member's
+    /// next gradient is NaN (tests of the gradient guard). Set through
+    /// `POST /v1/debug/perturb`.
+    pub perturb: Arc<std::sync::atomic::AtomicU8>,
 }
 
 /// Runs a job to its end on this member; the report holds the outcome either way.
@@ -312,6 +318,12 @@ const TAG_GRAD: u64 = 2;
 const TAG_EVAL: u64 = 3;
 const TAG_EXCHANGE: u64 = 4;
 const TAG_HASH: u64 = 5;
+const TAG_GUARD: u64 = 6;
+
+/// [`TrainContext::perturb`]: nudge the weights before the next step.
+pub const PERTURB_WEIGHTS: u8 = 1;
+/// [`TrainContext::perturb`]: make the next local gradient NaN.
+pub const PERTURB_NAN_GRADIENT: u8 = 2;
 
 /// Why a collective of the loop did not complete.
 #[derive(Debug, thiserror::Error)]
@@ -659,10 +671,12 @@ impl Trainer {
 
     /// Debug: nudges the weights once when `POST /v1/debug/perturb` asked for it.
     fn maybe_perturb(&self, step: u64) {
+        use std::sync::atomic::Ordering::SeqCst;
         if self
             .ctx
             .perturb
-            .swap(false, std::sync::atomic::Ordering::SeqCst)
+            .compare_exchange(PERTURB_WEIGHTS, 0, SeqCst, SeqCst)
+            .is_ok()
         {
             tracing::warn!(step, "debug: perturbing this member's weights");
             let _guard = tch::no_grad_guard();
@@ -953,6 +967,21 @@ impl Trainer {
             .collect();
         let tc = Instant::now();
         let mut flat = self.local_gradients(&ids).map_err(StepError::Fatal)?;
+        if self
+            .ctx
+            .perturb
+            .compare_exchange(
+                PERTURB_NAN_GRADIENT,
+                0,
+                std::sync::atomic::Ordering::SeqCst,
+                std::sync::atomic::Ordering::SeqCst,
+            )
+            .is_ok()
+        {
+            tracing::warn!(step = self.step, "debug: this member's gradient is NaN");
+            flat[0] = f32::NAN;
+        }
+        let (mut flat, ids) = self.guard(view, batch, flat, ids)?;
         let compute = tc.elapsed();
         let dp = self.ctx.dp.clone();
         let bucket = (self.job().bucket_bytes as usize / 4).max(1);
@@ -978,6 +1007,79 @@ impl Trainer {
         rec.compute_ms = compute.as_secs_f64() * 1e3;
         rec.allreduce_ms = comm.as_secs_f64() * 1e3;
         Ok((rec, ids))
+    }
+
+    /// The gradient guard: the members all-gather their local gradient norms; members whose
+    /// gradient is NaN/Inf or far above the others' median
+    /// (`coordinator_free::training::screen_gradients`) are left out, and the step's samples
+    /// are re-split over the others, who compute their gradients again (a member left out
+    /// contributes nothing). Returns the gradients and the sample ids to use.
+    fn guard(
+        &mut self,
+        view: &View,
+        batch: &sharding::StepBatch,
+        mut flat: Vec<f32>,
+        mut ids: Vec<u64>,
+    ) -> Result<(Vec<f32>, Vec<u64>), StepError> {
+        use coordinator_free::training::{reassign_without, screen_gradients};
+        if view.len() < 2 {
+            return Ok((flat, ids));
+        }
+        let numel = flat.len() - 3;
+        let me = self.ctx.me.clone();
+        let mut rejected: Vec<NodeId> = Vec::new();
+        for attempt in 0..view.len() as u64 {
+            let norm = if rejected.contains(&me) {
+                0.0
+            } else {
+                let sq: f64 = flat[..numel]
+                    .iter()
+                    .map(|&g| f64::from(g) * f64::from(g))
+                    .sum();
+                sq.sqrt()
+            };
+            let mut out = vec![0f32; view.len()];
+            let dp = self.ctx.dp.clone();
+            let t = tag(self.tag_base, TAG_GUARD, self.step, attempt);
+            let mine = [norm as f32];
+            self.collective(view, dp.all_gather(view, t, &mine, &mut out))
+                .map_err(StepError::Failed)?;
+            let norms: Vec<(NodeId, f64)> = view
+                .ids()
+                .cloned()
+                .zip(out.iter().map(|&n| f64::from(n)))
+                .filter(|(id, _)| !rejected.contains(id))
+                .collect();
+            let bad = screen_gradients(&norms, self.job().grad_guard);
+            if bad.is_empty() {
+                break;
+            }
+            for (peer, why) in &bad {
+                tracing::warn!(step = self.step, %peer, "rejected gradient from {peer}: {why}; the step is redone without it");
+                self.set_report(|r| r.rejected_gradients += 1);
+                if self.am_first(view) {
+                    let line = serde_json::json!({"event": "guard", "step": self.step,
+                        "rejected": peer.as_str(), "reason": why.to_string()});
+                    self.event(view, line).map_err(StepError::Fatal)?;
+                }
+                rejected.push(peer.clone());
+            }
+            let a = reassign_without(view, batch, self.job().shard_size, &rejected)
+                .map_err(|e| StepError::Fatal(e.into()))?;
+            let ranges = a.ranges(&me).to_vec();
+            let order = self.order(batch.cursor.epoch);
+            ids = ranges
+                .iter()
+                .flat_map(|r| r.clone().map(|p| order[p as usize]))
+                .collect();
+            flat = if rejected.contains(&me) {
+                ids.clear();
+                vec![0f32; numel + 3]
+            } else {
+                self.local_gradients(&ids).map_err(StepError::Fatal)?
+            };
+        }
+        Ok((flat, ids))
     }
 
     /// Gradients of the sum of losses over `ids`, flattened in parameter order, followed
