@@ -782,6 +782,7 @@ async fn bench_serve(b: BenchServe) -> Result<(), Failure> {
     let t0;
     let elapsed;
     let mode;
+    let mut busy: Vec<f64> = Vec::new();
     if b.raw {
         mode = "raw";
         tch::set_num_threads(1);
@@ -929,10 +930,34 @@ async fn bench_serve(b: BenchServe) -> Result<(), Failure> {
                 }
             }
         });
+        let before: Vec<f64> = c
+            .statuses()
+            .await
+            .iter()
+            .map(|(_, r)| {
+                r.as_ref()
+                    .and_then(|r| r.serve_stats.as_ref())
+                    .map_or(0.0, |s| s.forward_s)
+            })
+            .collect();
         for r in futures::future::join_all(workers).await {
             lat.extend(r.map_err(anyhow::Error::from)?);
         }
         elapsed = t0.elapsed();
+        // How busy each node's stage compute was during the timed run.
+        busy = c
+            .statuses()
+            .await
+            .iter()
+            .zip(&before)
+            .map(|((_, r), b)| {
+                let f = r
+                    .as_ref()
+                    .and_then(|r| r.serve_stats.as_ref())
+                    .map_or(0.0, |s| s.forward_s);
+                (f - b) / elapsed.as_secs_f64()
+            })
+            .collect();
         c.shutdown();
     }
     let _ = std::fs::remove_dir_all(&dir);
@@ -944,6 +969,7 @@ async fn bench_serve(b: BenchServe) -> Result<(), Failure> {
         "layers": b.layers, "width": b.width,
         "requests_per_s": rps, "tokens_per_s": rps * f64::from(b.max_tokens),
         "p50_ms": percentile(&lat, 0.5), "p99_ms": percentile(&lat, 0.99),
+        "stage_busy": busy,
     });
     println!("{line}");
     if !b.json {

@@ -71,8 +71,8 @@ pub struct ServeConfig {
     pub call_floor: Duration,
     /// Largest HTTP request body on the serving routes. Default: 8 MiB.
     pub max_body: usize,
-    /// Torch threads for stage compute, set when the first stage opens (0: libtorch's
-    /// default). Default: 0.
+    /// Torch threads for stage compute, set on the thread that runs each forward (0:
+    /// libtorch's default). Default: 0.
     pub threads: usize,
 }
 
@@ -234,6 +234,9 @@ pub struct ServeStats {
     pub retries: u64,
     /// Stage calls served here.
     pub stage_calls: u64,
+    /// Seconds spent computing stage forwards here.
+    #[serde(default)]
+    pub forward_s: f64,
     /// Request latencies: counts per [`LATENCY_BUCKETS`] bound plus an overflow bucket.
     pub latency_counts: Vec<u64>,
     /// Sum of request latencies in seconds.
@@ -830,9 +833,6 @@ impl Server {
                 e.cfg.clone(),
             )
         };
-        if self.inner.cfg.threads > 0 {
-            tch::set_num_threads(self.inner.cfg.threads as i32);
-        }
         let stage = Stage::open(&path, cfg).map_err(|e| e.to_string())?;
         let stage = Arc::new(Mutex::new(stage));
         self.inner
@@ -921,9 +921,17 @@ impl Server {
                         Err(e) => return (StageReply::Err(e), vec![]),
                     }
                 }
+                let stats = self.clone();
+                let threads = self.inner.cfg.threads;
                 let run = tokio::task::spawn_blocking(move || {
+                    // OpenMP's thread count is per calling thread: set it where the
+                    // forward runs.
+                    if threads > 0 {
+                        tch::set_num_threads(threads as i32);
+                    }
                     let mut st = stage.lock().unwrap();
-                    st.forward(
+                    let t = Instant::now();
+                    let r = st.forward(
                         session,
                         start as usize..end as usize,
                         pos,
@@ -932,7 +940,9 @@ impl Server {
                         &shape,
                         &payload,
                         output,
-                    )
+                    );
+                    stats.inner.stats.lock().unwrap().forward_s += t.elapsed().as_secs_f64();
+                    r
                 })
                 .await;
                 match run {
