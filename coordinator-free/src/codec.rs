@@ -234,34 +234,34 @@ pub mod stage {
     /// An entry node's request to a stage.
     #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
     pub enum StageRequest {
-        /// Run layers `start..end` of the model over the payload, extending the KV cache
-        /// of `session` (created when `pos` is 0).
+        /// Run layers `start..end` of the model over the payload: `prefill` starts the
+        /// rows (their KV caches), otherwise each row gets one more token.
         Forward {
             /// The model (SHA-256 of its file).
             model: [u8; 32],
-            /// Generation session (KV caches are per session).
-            session: u64,
+            /// The rows (generated sequences; KV caches are per row), `batch` of them.
+            rows: Vec<u64>,
             /// First layer.
             start: u32,
             /// One past the last layer.
             end: u32,
             /// Rows.
             batch: u32,
-            /// Positions per row in this call.
+            /// Positions per row in this call (1 unless `prefill`).
             len: u32,
-            /// Index (in the padded sequence) of this call's first position.
-            pos: u32,
-            /// Left padding of each row (`batch` entries): keys before it are masked out.
+            /// Whether this call starts the rows (prompts) or extends them (one token).
+            prefill: bool,
+            /// Left padding of each row in a prefill (`batch` entries; 0 when decoding).
             pad: Vec<u32>,
             /// What the payload holds.
             input: Payload,
             /// What to answer with (`Hidden` unless `end` is the last layer).
             output: Payload,
         },
-        /// Forget a session's KV caches.
+        /// Forget rows' KV caches.
         Drop {
-            /// The session.
-            session: u64,
+            /// The rows (at most [`MAX_BATCH`]).
+            rows: Vec<u64>,
         },
         /// Send `len` bytes of the model file from `offset`.
         Fetch {
@@ -296,15 +296,27 @@ pub mod stage {
         /// Decodes and validates a meta.
         pub fn decode(bytes: &[u8]) -> Result<StageRequest, CodecError> {
             let r: StageRequest = decode_limited::<_, MAX_STAGE_META>(bytes)?;
+            if let StageRequest::Drop { rows } = &r {
+                if rows.len() > MAX_BATCH as usize {
+                    return Err(CodecError::Invalid(format!("drop of {} rows", rows.len())));
+                }
+            }
             if let StageRequest::Forward {
                 start,
                 end,
                 batch,
                 pad,
+                rows,
                 len,
                 ..
             } = &r
             {
+                if rows.len() != *batch as usize {
+                    return Err(CodecError::Invalid(format!(
+                        "{} row ids for {batch} rows",
+                        rows.len()
+                    )));
+                }
                 if start >= end || *batch == 0 || *batch > MAX_BATCH || *len == 0 {
                     return Err(CodecError::Invalid(format!(
                         "forward of layers {start}..{end}, batch {batch}, len {len}"
@@ -509,12 +521,12 @@ mod tests {
         use super::stage::*;
         let fwd = StageRequest::Forward {
             model: [3; 32],
-            session: 9,
+            rows: vec![9, 10],
             start: 0,
             end: 2,
             batch: 2,
             len: 5,
-            pos: 0,
+            prefill: true,
             pad: vec![0, 1],
             input: Payload::Tokens,
             output: Payload::Hidden,
@@ -556,12 +568,14 @@ mod tests {
                 (*start, *end) = (2, 2)
             }
         )));
-        assert!(bad(with(
-            &|r| if let StageRequest::Forward { batch, pad, .. } = r {
-                *batch = MAX_BATCH + 1;
-                *pad = vec![0; MAX_BATCH as usize + 1];
-            }
-        )));
+        assert!(bad(with(&|r| if let StageRequest::Forward {
+            batch, pad, rows, ..
+        } = r
+        {
+            *batch = MAX_BATCH + 1;
+            *pad = vec![0; MAX_BATCH as usize + 1];
+            *rows = (0..u64::from(MAX_BATCH) + 1).collect();
+        })));
         assert!(bad(StageRequest::Fetch {
             model: [0; 32],
             offset: 0,

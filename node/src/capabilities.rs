@@ -17,8 +17,10 @@ pub async fn detect() -> Capabilities {
     }
 }
 
-/// f32 matrix-product (128×128) speed in MFLOP/s, measured once per process (about
-/// 30 ms) and rounded to two significant digits so small jitter does not change plans.
+/// f32 matrix-product (128×128) speed in MFLOP/s, measured once per process and rounded to
+/// two significant digits so small jitter does not change plans. The best of 16 short
+/// rounds (about 2 ms each) counts, so other processes starting at the same moment (a local
+/// cluster) do not make a node look slower than its hardware.
 pub fn speed_mflops() -> u32 {
     static SPEED: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
     *SPEED.get_or_init(|| {
@@ -26,15 +28,18 @@ pub fn speed_mflops() -> u32 {
         let n = 128i64;
         let a = tch::Tensor::ones([n, n], (tch::Kind::Float, tch::Device::Cpu));
         let _ = a.matmul(&a); // warm-up
-        let started = std::time::Instant::now();
-        let mut reps = 0u64;
-        while started.elapsed() < Duration::from_millis(30) {
-            let _ = a.matmul(&a);
-            reps += 1;
+        let mut best = 0f64;
+        for _ in 0..16 {
+            let started = std::time::Instant::now();
+            let mut reps = 0u64;
+            while started.elapsed() < Duration::from_millis(2) {
+                let _ = a.matmul(&a);
+                reps += 1;
+            }
+            let flops = 2.0 * (n * n * n) as f64 * reps as f64;
+            best = best.max(flops / started.elapsed().as_secs_f64() / 1e6);
         }
-        let flops = 2.0 * (n * n * n) as f64 * reps as f64;
-        let mflops = flops / started.elapsed().as_secs_f64() / 1e6;
-        round2(mflops)
+        round2(best)
     })
 }
 

@@ -793,7 +793,6 @@ async fn bench_serve(b: BenchServe) -> Result<(), Failure> {
         use coordinator_free::codec::stage::Payload;
         t0 = Instant::now();
         let mut done = 0usize;
-        let mut session = 0u64;
         while done < b.requests {
             let n = b.concurrency.min(b.requests - done);
             let started = Instant::now();
@@ -803,15 +802,15 @@ async fn bench_serve(b: BenchServe) -> Result<(), Failure> {
                     tokens.extend_from_slice(&i64::from(c).to_le_bytes());
                 }
             }
-            let (mut pos, mut len) = (0u32, 6u32);
+            let mut len = 6u32;
             let pad = vec![0u32; n];
-            session += 1;
-            for _ in 0..b.max_tokens {
+            let rows: Vec<u64> = (done as u64..(done + n) as u64).collect();
+            for step in 0..b.max_tokens {
                 let (_, shape, logits) = stage
                     .forward(
-                        session,
+                        &rows,
                         layers.clone(),
-                        pos,
+                        step == 0,
                         &pad,
                         Payload::Tokens,
                         &[n as u32, len],
@@ -829,10 +828,9 @@ async fn bench_serve(b: BenchServe) -> Result<(), Failure> {
                     let t = coordinator_free::serving::sample_token(&row, 0.0, 1.0, 0.0) as i64;
                     tokens.extend_from_slice(&t.to_le_bytes());
                 }
-                pos += len;
                 len = 1;
             }
-            stage.drop_session(session);
+            stage.drop_rows(&rows);
             let ms = started.elapsed().as_secs_f64() * 1000.0;
             lat.extend(std::iter::repeat_n(ms, n));
             done += n;

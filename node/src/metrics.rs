@@ -296,15 +296,19 @@ fn render_serving(o: &mut String, r: &StatusReport) {
             "Tokens generated.",
             s.tokens_generated,
         ),
-        ("shoal_serve_batches_total", "Batches run.", s.batches),
+        (
+            "shoal_serve_batches_total",
+            "Prefill calls (requests started together).",
+            s.batches,
+        ),
         (
             "shoal_serve_batched_requests_total",
-            "Requests in those batches.",
+            "Requests started by those calls.",
             s.batched_requests,
         ),
         (
             "shoal_serve_retries_total",
-            "Micro-batches retried after a stage failed.",
+            "Requests retried after a stage failed.",
             s.retries,
         ),
         (

@@ -11,15 +11,18 @@
 //!   (`coordinator_free::pipeline`): no coordinator, and every node derives the same plan
 //!   from the same view. Members a stage call just failed on are left out until the view
 //!   changes (or 10 s pass).
-//! - **Execute** ([`model::Stage`]). The entry node (the one the request reached) batches
-//!   concurrent requests (`coordinator_free::serving::Batcher`), picks the replica with the
-//!   fewest outstanding requests, splits the batch into micro-batches (one per stage, so
-//!   stages work on different micro-batches at once) and drives each through the stages
-//!   over data-plane streams: prefill, then one call per generated token; each stage keeps
-//!   the KV cache of its layers per session.
+//! - **Execute** ([`model::Stage`]). The entry node (the one the request reached) sends
+//!   each request to the replica with the fewest outstanding requests, into one of its
+//!   lanes (one per stage, so stages work on different lanes' rows at once). A lane batches
+//!   continuously: every iteration starts the requests that arrived (one prefill call,
+//!   prompts left-padded; an idle lane waits up to `max_wait_ms` for up to `max_batch`)
+//!   and adds one token to every running request (one decode call), over data-plane
+//!   streams, stage after stage; requests join and leave between iterations. Each stage
+//!   keeps the KV cache of its layers per request row.
 //! - **Failover.** Every request gets a seed on arrival, so a retry reproduces its tokens:
-//!   when a stage call fails, the entry re-plans without that member and retries the
-//!   micro-batch until the request's deadline, skipping tokens it already streamed.
+//!   when a stage call fails, the lane's requests go back to the dispatcher, which
+//!   re-plans without that member, until each request's deadline; tokens already
+//!   streamed are not sent again.
 //! - **Cache.** Deterministic requests (temperature 0, or a seed given) are answered from
 //!   an LRU cache of complete responses.
 
@@ -201,7 +204,13 @@ struct ModelEntry {
     /// Members that announced holding it, when last heard.
     holders: HashMap<NodeId, Instant>,
     fetching: bool,
-    batcher: Option<mpsc::Sender<Pending>>,
+    dispatcher: Option<mpsc::Sender<Row>>,
+}
+
+/// A lane of a replica: its queue and how many rows it holds.
+struct Lane {
+    tx: mpsc::Sender<Row>,
+    load: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// A model's current plan as the entry sees it.
@@ -226,11 +235,11 @@ pub struct ServeStats {
     pub cache_misses: u64,
     /// Tokens generated.
     pub tokens_generated: u64,
-    /// Batches run.
+    /// Prefill calls (requests started together).
     pub batches: u64,
-    /// Requests in those batches.
+    /// Requests started by those calls.
     pub batched_requests: u64,
-    /// Micro-batches retried after a stage failed.
+    /// Requests retried after a stage failed.
     pub retries: u64,
     /// Stage calls served here.
     pub stage_calls: u64,
@@ -402,7 +411,7 @@ impl Server {
                 path: None,
                 holders: HashMap::new(),
                 fetching: false,
-                batcher: None,
+                dispatcher: None,
             });
         entry.path = Some(path.to_path_buf());
         entry.holders.insert(self.inner.me.clone(), Instant::now());
@@ -432,7 +441,7 @@ impl Server {
                 path: None,
                 holders: HashMap::new(),
                 fetching: false,
-                batcher: None,
+                dispatcher: None,
             });
             if entry.announce.sha256 != a.sha256 {
                 tracing::warn!(peer = %from, model = %a.name, "ignored announcement of another model under a served name");
@@ -857,10 +866,22 @@ impl Server {
     async fn handle_call(&self, req: StageRequest, payload: Vec<u8>) -> (StageReply, Vec<u8>) {
         self.inner.stats.lock().unwrap().stage_calls += 1;
         match req {
-            StageRequest::Drop { session } => {
-                for s in self.inner.stages.lock().unwrap().values() {
-                    s.lock().unwrap().drop_session(session);
-                }
+            StageRequest::Drop { rows } => {
+                let stages: Vec<Arc<Mutex<Stage>>> = self
+                    .inner
+                    .stages
+                    .lock()
+                    .unwrap()
+                    .values()
+                    .cloned()
+                    .collect();
+                // Off the runtime: a forward may hold a stage's lock for a while.
+                let _ = tokio::task::spawn_blocking(move || {
+                    for s in stages {
+                        s.lock().unwrap().drop_rows(&rows);
+                    }
+                })
+                .await;
                 (
                     StageReply::Ok {
                         payload: Payload::Bytes,
@@ -896,12 +917,12 @@ impl Server {
             }
             StageRequest::Forward {
                 model,
-                session,
+                rows,
                 start,
                 end,
                 batch,
                 len,
-                pos,
+                prefill,
                 pad,
                 input,
                 output,
@@ -932,9 +953,9 @@ impl Server {
                     let mut st = stage.lock().unwrap();
                     let t = Instant::now();
                     let r = st.forward(
-                        session,
+                        &rows,
                         start as usize..end as usize,
-                        pos,
+                        prefill,
                         &pad,
                         input,
                         &shape,
@@ -988,52 +1009,57 @@ impl Server {
         }
     }
 
-    /// Runs `x` through every stage of `replica`.
+    /// Runs `input` through every stage of `replica` for `rows` (a prefill of `len`
+    /// left-padded positions, or one decode token each).
     #[allow(clippy::too_many_arguments)]
     async fn through(
         &self,
         model: [u8; 32],
         replica: &[pipeline::Stage],
-        session: u64,
-        pos: u32,
+        rows: &[u64],
+        prefill: bool,
         pad: &[u32],
         mut input: (Payload, Vec<u8>),
-        batch: u32,
         len: u32,
         last: Payload,
     ) -> Result<(Vec<u32>, Vec<u8>), ServeError> {
         let n = replica.len();
-        let mut out = (vec![], vec![]);
+        let mut shape = vec![];
         for (i, s) in replica.iter().enumerate() {
             let output = if i + 1 == n { last } else { Payload::Hidden };
             let req = StageRequest::Forward {
                 model,
-                session,
+                rows: rows.to_vec(),
                 start: s.layers.start as u32,
                 end: s.layers.end as u32,
-                batch,
+                batch: rows.len() as u32,
                 len,
-                pos,
+                prefill,
                 pad: pad.to_vec(),
                 input: input.0,
                 output,
             };
-            out = self
+            let (sh, out) = self
                 .call_stage(&s.member, req, std::mem::take(&mut input.1))
                 .await?;
-            input = (output, std::mem::take(&mut out.1));
-            out.1 = Vec::new();
+            shape = sh;
+            input = (output, out);
         }
-        Ok((out.0, input.1))
+        Ok((shape, input.1))
     }
 
-    fn drop_session(&self, replica: &[pipeline::Stage], session: u64) {
+    /// Forgets `rows`' caches on every stage of `replica` (in the background).
+    fn drop_rows(&self, replica: &[pipeline::Stage], rows: Vec<u64>) {
+        if rows.is_empty() {
+            return;
+        }
         for s in replica {
             let srv = self.clone();
             let member = s.member.clone();
+            let rows = rows.clone();
             tokio::spawn(async move {
                 let _ = srv
-                    .call_stage(&member, StageRequest::Drop { session }, vec![])
+                    .call_stage(&member, StageRequest::Drop { rows }, vec![])
                     .await;
             });
         }
@@ -1134,17 +1160,17 @@ impl Server {
         let limit = timeout
             .unwrap_or(self.inner.cfg.request_timeout)
             .min(self.inner.cfg.request_timeout);
-        let pending = Pending {
+        let row = Row::new(Pending {
             prompt: prompt.as_bytes().to_vec(),
             sampling,
             deadline: now + limit,
             started: now,
             sink,
             cache_key,
-        };
-        let tx = self.batcher_for(model);
-        if let Err(mpsc::error::TrySendError::Full(p) | mpsc::error::TrySendError::Closed(p)) =
-            tx.try_send(pending)
+        });
+        let tx = self.dispatcher_for(model);
+        if let Err(mpsc::error::TrySendError::Full(r) | mpsc::error::TrySendError::Closed(r)) =
+            tx.try_send(row)
         {
             self.inner.stats.lock().unwrap().requests_rejected += 1;
             return Err((
@@ -1152,7 +1178,7 @@ impl Server {
                     model: model.to_string(),
                     reason: "too many requests queued".into(),
                 },
-                p.sink,
+                r.p.sink,
             ));
         }
         Ok(())
@@ -1188,20 +1214,21 @@ impl Server {
         Ok(rx)
     }
 
-    /// The queue of `model`'s batcher (started on first use).
-    fn batcher_for(&self, model: &str) -> mpsc::Sender<Pending> {
+    /// The queue of `model`'s dispatcher (started on first use).
+    fn dispatcher_for(&self, model: &str) -> mpsc::Sender<Row> {
         let mut models = self.inner.models.lock().unwrap();
         let e = models.get_mut(model).expect("checked by admit");
-        if let Some(tx) = &e.batcher {
+        if let Some(tx) = &e.dispatcher {
             if !tx.is_closed() {
                 return tx.clone();
             }
         }
         let (tx, rx) = mpsc::channel(4096);
-        e.batcher = Some(tx.clone());
+        e.dispatcher = Some(tx.clone());
         let srv = self.clone();
         let name = model.to_string();
-        tokio::spawn(async move { srv.batch_loop(name, rx).await });
+        let requeue = tx.clone();
+        tokio::spawn(async move { srv.dispatch(name, rx, requeue).await });
         tx
     }
 
@@ -1209,213 +1236,307 @@ impl Server {
         self.inner.clock.elapsed().as_millis() as u64
     }
 
-    async fn batch_loop(self, model: String, mut rx: mpsc::Receiver<Pending>) {
-        let mut batcher = Batcher::new(BatchConfig {
-            max_batch: self.inner.cfg.max_batch,
-            max_wait_ms: self.inner.cfg.max_wait_ms,
-        });
-        loop {
-            let due = batcher
-                .poll_timeout()
-                .map(|t| self.inner.clock + Duration::from_millis(t));
-            tokio::select! {
-                p = rx.recv() => match p {
-                    Some(p) => batcher.handle_request(p, self.now_ms()),
-                    None => return,
-                },
-                _ = async { tokio::time::sleep_until(due.expect("due").into()).await }, if due.is_some() => {}
+    /// Sends each request (new, or back from a failed lane) to a lane of the replica with
+    /// the fewest outstanding requests: the lane (one per stage, so stages overlap) with
+    /// the fewest rows. Lanes of replicas that left the plan get no more work and stop.
+    async fn dispatch(
+        self,
+        model: String,
+        mut rx: mpsc::Receiver<Row>,
+        requeue: mpsc::Sender<Row>,
+    ) {
+        let mut lanes: HashMap<String, Vec<Lane>> = HashMap::new();
+        while let Some(mut row) = rx.recv().await {
+            if Instant::now() >= row.p.deadline {
+                row.fail(ServeError::Deadline(row.p.deadline - row.p.started), &self);
+                continue;
             }
-            while let Some(batch) = batcher.poll_batch(self.now_ms()) {
-                let srv = self.clone();
-                let model = model.clone();
-                tokio::spawn(async move { srv.run_batch(model, batch).await });
-            }
-        }
-    }
-
-    /// Runs a batch: micro-batches through a replica, retried on failures until each
-    /// request's deadline.
-    async fn run_batch(self, model: String, batch: Vec<Pending>) {
-        {
-            let mut st = self.inner.stats.lock().unwrap();
-            st.batches += 1;
-            st.batched_requests += batch.len() as u64;
-        }
-        let groups = {
-            // One micro-batch per stage of the (current) replica, so stages overlap.
-            let depth = self
-                .plan(&model)
-                .ok()
-                .and_then(|p| p.replicas.first().map(Vec::len))
-                .unwrap_or(1)
-                .max(1);
-            let per = batch.len().div_ceil(depth).max(1);
-            let mut groups: Vec<Vec<Row>> = Vec::new();
-            for p in batch {
-                if groups.last().is_none_or(|g| g.len() >= per) {
-                    groups.push(Vec::new());
+            let plan = match self.plan(&model) {
+                Ok(p) => p,
+                Err(e @ (ServeError::UnknownModel(_) | ServeError::Invalid(_))) => {
+                    row.fail(e, &self);
+                    continue;
                 }
-                groups.last_mut().expect("pushed").push(Row::new(p));
-            }
-            groups
-        };
-        let tasks = groups.into_iter().map(|g| {
-            let srv = self.clone();
-            let model = model.clone();
-            async move { srv.run_group(&model, g).await }
-        });
-        futures::future::join_all(tasks).await;
-    }
-
-    async fn run_group(&self, model: &str, mut rows: Vec<Row>) {
-        let deadline = rows.iter().map(|r| r.p.deadline).max().expect("rows");
-        let mut last_err: Option<ServeError> = None;
-        loop {
-            rows.retain_mut(|r| {
-                if Instant::now() >= r.p.deadline {
-                    r.fail(ServeError::Deadline(r.p.deadline - r.p.started), self);
-                    false
-                } else {
-                    !r.done
-                }
-            });
-            if rows.is_empty() {
-                break;
-            }
-            let attempt = self.generate(model, &mut rows).await;
-            match attempt {
-                Ok(()) => break,
                 Err(e) => {
-                    tracing::warn!(model, "generation failed, retrying: {e}");
-                    let rejected = matches!(e, ServeError::Stage { rejected: true, .. })
-                        || matches!(e, ServeError::Invalid(_) | ServeError::UnknownModel(_));
-                    if let ServeError::Stage { member, .. } = &e {
-                        if !rejected {
-                            self.suspect(member);
+                    // No plan yet (members still fetching, or all suspected): retry soon.
+                    tracing::debug!(model, "no plan, request waits: {e}");
+                    let tx = requeue.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        let _ = tx.send(row).await;
+                    });
+                    continue;
+                }
+            };
+            let ix = {
+                let mut plans = self.inner.plans.lock().unwrap();
+                plans
+                    .get_mut(&model)
+                    .and_then(|st| st.balancer.pick(&[]))
+                    .unwrap_or(0)
+            };
+            let replica = plan.replicas[ix].clone();
+            let key = format!("{replica:?}");
+            lanes.retain(|k, _| plan.replicas.iter().any(|r| format!("{r:?}") == *k));
+            let group = lanes.entry(key).or_insert_with(|| {
+                (0..replica.len().max(1))
+                    .map(|_| {
+                        let (tx, rx) = mpsc::channel(4096);
+                        let load = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+                        let srv = self.clone();
+                        let (m, r, l, q) = (
+                            model.clone(),
+                            replica.clone(),
+                            load.clone(),
+                            requeue.clone(),
+                        );
+                        tokio::spawn(async move { srv.lane(m, ix, r, rx, l, q).await });
+                        Lane { tx, load }
+                    })
+                    .collect()
+            });
+            let lane = group
+                .iter()
+                .min_by_key(|l| l.load.load(std::sync::atomic::Ordering::SeqCst))
+                .expect("a lane per stage");
+            lane.load.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if let Err(mpsc::error::SendError(mut row)) = lane.tx.send(row).await {
+                row.fail(
+                    ServeError::NoPlan {
+                        model: model.clone(),
+                        reason: "the replica's lane stopped".into(),
+                    },
+                    &self,
+                );
+            }
+        }
+    }
+
+    /// One lane of a replica: continuous batching. Each iteration starts the rows that
+    /// arrived (one prefill call, batched) and adds one token to every active row (one
+    /// decode call); rows join and leave between iterations. When a stage call fails,
+    /// the lane's rows go back to the dispatcher (a re-plan leaves the member out) and are
+    /// regenerated with the same seed. The lane stops when its replica left the plan.
+    async fn lane(
+        self,
+        model: String,
+        replica_ix: usize,
+        replica: Vec<pipeline::Stage>,
+        mut rx: mpsc::Receiver<Row>,
+        load: Arc<std::sync::atomic::AtomicUsize>,
+        requeue: mpsc::Sender<Row>,
+    ) {
+        let max_batch = self.inner.cfg.max_batch.max(1);
+        let Ok((a, cfg)) = self.model_for_request(&model) else {
+            return;
+        };
+        let mut active: Vec<Row> = Vec::new();
+        loop {
+            // Newcomers: wait for the first when idle (and a little for others to batch
+            // with), take whoever is queued otherwise.
+            let mut fresh: Vec<Row> = Vec::new();
+            if active.is_empty() {
+                let first = match tokio::time::timeout(Duration::from_secs(30), rx.recv()).await {
+                    Ok(Some(r)) => r,
+                    Ok(None) => return,
+                    Err(_) => {
+                        if rx.is_closed() || rx.is_empty() && self.replica_gone(&model, &replica) {
+                            return;
                         }
+                        continue;
+                    }
+                };
+                let mut batcher = Batcher::new(BatchConfig {
+                    max_batch,
+                    max_wait_ms: self.inner.cfg.max_wait_ms,
+                });
+                batcher.handle_request(first, self.now_ms());
+                loop {
+                    if let Some(b) = batcher.poll_batch(self.now_ms()) {
+                        fresh = b;
+                        break;
+                    }
+                    let due = batcher.poll_timeout().expect("not empty");
+                    let at = self.inner.clock + Duration::from_millis(due);
+                    tokio::select! {
+                        r = rx.recv() => match r {
+                            Some(r) => batcher.handle_request(r, self.now_ms()),
+                            None => {
+                                fresh = batcher.poll_batch(u64::MAX).unwrap_or_default();
+                                break;
+                            }
+                        },
+                        _ = tokio::time::sleep_until(at.into()) => {}
+                    }
+                }
+            } else {
+                while active.len() + fresh.len() < max_batch {
+                    match rx.try_recv() {
+                        Ok(r) => fresh.push(r),
+                        Err(_) => break,
+                    }
+                }
+            }
+            let result = self
+                .iterate(&a, &cfg, &replica, &mut active, &mut fresh)
+                .await;
+            // Finished rows leave; their caches are dropped.
+            let mut gone = Vec::new();
+            active.retain(|r| {
+                if r.done {
+                    gone.push(r.id);
+                }
+                !r.done
+            });
+            let n_gone = gone.len();
+            self.drop_rows(&replica, gone);
+            for _ in 0..n_gone {
+                load.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                if let Some(st) = self.inner.plans.lock().unwrap().get_mut(&model) {
+                    st.balancer.done(replica_ix);
+                }
+            }
+            if let Err(e) = result {
+                let rejected = matches!(e, ServeError::Stage { rejected: true, .. })
+                    || matches!(e, ServeError::Invalid(_) | ServeError::UnknownModel(_));
+                tracing::warn!(model, "lane failed ({e}); its requests are retried");
+                if let ServeError::Stage { member, .. } = &e {
+                    if !rejected {
+                        self.suspect(member);
+                    }
+                }
+                let rows: Vec<Row> = active.drain(..).chain(fresh.drain(..)).collect();
+                self.drop_rows(&replica, rows.iter().map(|r| r.id).collect());
+                for mut r in rows {
+                    load.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                    if let Some(st) = self.inner.plans.lock().unwrap().get_mut(&model) {
+                        st.balancer.done(replica_ix);
+                    }
+                    if r.done {
+                        continue;
                     }
                     if rejected {
-                        for r in rows.iter_mut() {
-                            r.fail(ServeError::Invalid(e.to_string()), self);
-                        }
-                        return;
+                        r.fail(ServeError::Invalid(e.to_string()), &self);
+                        continue;
                     }
                     self.inner.stats.lock().unwrap().retries += 1;
-                    last_err = Some(e);
-                    let pause = Duration::from_millis(50);
-                    if Instant::now() + pause >= deadline {
-                        tokio::time::sleep_until(deadline.into()).await;
-                    } else {
-                        tokio::time::sleep(pause).await;
-                    }
+                    r.restart();
+                    let _ = requeue.send(r).await;
+                }
+                if self.replica_gone(&model, &replica) {
+                    return;
                 }
             }
         }
-        if let Some(e) = last_err {
-            tracing::debug!(model, "group finished after a failure: {e}");
-        }
-        for r in rows.iter_mut().filter(|r| !r.done) {
-            r.fail(ServeError::Deadline(r.p.deadline - r.p.started), self);
+    }
+
+    /// Whether `replica` is no longer in the model's plan.
+    fn replica_gone(&self, model: &str, replica: &[pipeline::Stage]) -> bool {
+        match self.plan(model) {
+            Ok(p) => !p.replicas.iter().any(|r| r.as_slice() == replica),
+            Err(_) => true,
         }
     }
 
-    /// One generation attempt for `rows` (from scratch; tokens already streamed are
-    /// not sent again). Finishes the rows it completes.
-    async fn generate(&self, model: &str, rows: &mut [Row]) -> Result<(), ServeError> {
-        let (a, cfg) = self.model_for_request(model)?;
-        let plan = self.plan(model)?;
-        let replica_ix = {
-            let mut plans = self.inner.plans.lock().unwrap();
-            let st = plans.get_mut(model).expect("planned");
-            st.balancer.pick(&[]).ok_or_else(|| ServeError::NoPlan {
-                model: model.to_string(),
-                reason: "no replica".into(),
-            })?
-        };
-        let replica = plan.replicas[replica_ix].clone();
-        let result = self.generate_on(&a, &cfg, &replica, rows).await;
-        if let Some(st) = self.inner.plans.lock().unwrap().get_mut(model) {
-            st.balancer.done(replica_ix);
-        }
-        result
-    }
-
-    async fn generate_on(
+    /// One lane iteration: prefill `fresh` (they join `active` unless done at once), then
+    /// one decode token for every active row. On error the rows stay where they are.
+    async fn iterate(
         &self,
         a: &ServeAnnounce,
         cfg: &ModelConfig,
         replica: &[pipeline::Stage],
-        rows: &mut [Row],
+        active: &mut Vec<Row>,
+        fresh: &mut Vec<Row>,
     ) -> Result<(), ServeError> {
-        let session: u64 = rand::random();
-        for r in rows.iter_mut() {
-            r.restart();
-        }
-        let b = rows.len();
-        let l = rows.iter().map(|r| r.p.prompt.len()).max().expect("rows") as u32;
-        let pad: Vec<u32> = rows.iter().map(|r| l - r.p.prompt.len() as u32).collect();
-        let mut tokens = Vec::with_capacity(b * l as usize * 8);
-        for r in rows.iter() {
-            for _ in 0..(l as usize - r.p.prompt.len()) {
-                tokens.extend_from_slice(&0i64.to_le_bytes());
+        let vocab = model::VOCAB as usize;
+        let logits_of = |shape: &[u32], bytes: &[u8], b: usize| -> Result<Vec<f32>, ServeError> {
+            if shape != [b as u32, model::VOCAB] {
+                return Err(ServeError::Stage {
+                    member: replica.last().expect("stages").member.clone(),
+                    reason: format!("logits of shape {shape:?}"),
+                    rejected: false,
+                });
             }
-            for &t in &r.p.prompt {
-                tokens.extend_from_slice(&i64::from(t).to_le_bytes());
-            }
-        }
-        // The batch can run until its longest prompt fills the context.
-        let room = cfg.context - l;
-        let mut pos = 0u32;
-        let mut len = l;
-        let mut input = tokens;
-        let result = async {
-            loop {
-                let (shape, logits) = self
-                    .through(
-                        a.sha256,
-                        replica,
-                        session,
-                        pos,
-                        &pad,
-                        (Payload::Tokens, input),
-                        b as u32,
-                        len,
-                        Payload::LastLogits,
-                    )
-                    .await?;
-                if shape != [b as u32, model::VOCAB] {
-                    return Err(ServeError::Stage {
-                        member: replica.last().expect("stages").member.clone(),
-                        reason: format!("logits of shape {shape:?}"),
-                        rejected: false,
-                    });
-                }
-                let logits: Vec<f32> = logits
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
-                    .collect();
-                pos += len;
-                len = 1;
-                let generated = pos - l + 1;
-                let mut next = Vec::with_capacity(b * 8);
-                for (i, r) in rows.iter_mut().enumerate() {
-                    let row = &logits[i * model::VOCAB as usize..(i + 1) * model::VOCAB as usize];
-                    let t = r.step(row, generated >= room, self);
-                    next.extend_from_slice(&i64::from(t).to_le_bytes());
-                }
-                let now = Instant::now();
-                for r in rows.iter_mut().filter(|r| !r.done && now >= r.p.deadline) {
-                    r.fail(ServeError::Deadline(r.p.deadline - r.p.started), self);
-                }
-                if rows.iter().all(|r| r.done) {
-                    return Ok(());
-                }
-                input = next;
+            Ok(bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+                .collect())
+        };
+        let now = Instant::now();
+        for r in active.iter_mut().chain(fresh.iter_mut()) {
+            if now >= r.p.deadline {
+                r.fail(ServeError::Deadline(r.p.deadline - r.p.started), self);
             }
         }
-        .await;
-        self.drop_session(replica, session);
-        result
+        fresh.retain(|r| !r.done);
+        if !fresh.is_empty() {
+            {
+                let mut st = self.inner.stats.lock().unwrap();
+                st.batches += 1;
+                st.batched_requests += fresh.len() as u64;
+            }
+            let l = fresh.iter().map(|r| r.p.prompt.len()).max().expect("rows") as u32;
+            let pad: Vec<u32> = fresh.iter().map(|r| l - r.p.prompt.len() as u32).collect();
+            let mut tokens = Vec::with_capacity(fresh.len() * l as usize * 8);
+            for r in fresh.iter() {
+                for _ in 0..(l as usize - r.p.prompt.len()) {
+                    tokens.extend_from_slice(&0i64.to_le_bytes());
+                }
+                for &t in &r.p.prompt {
+                    tokens.extend_from_slice(&i64::from(t).to_le_bytes());
+                }
+            }
+            let ids: Vec<u64> = fresh.iter().map(|r| r.id).collect();
+            let (shape, bytes) = self
+                .through(
+                    a.sha256,
+                    replica,
+                    &ids,
+                    true,
+                    &pad,
+                    (Payload::Tokens, tokens),
+                    l,
+                    Payload::LastLogits,
+                )
+                .await?;
+            let logits = logits_of(&shape, &bytes, fresh.len())?;
+            for (i, mut r) in fresh.drain(..).enumerate() {
+                let full = r.p.prompt.len() as u32 + 1 >= cfg.context;
+                r.next = r.step(&logits[i * vocab..(i + 1) * vocab], full, self);
+                active.push(r);
+            }
+        }
+        // Rows that finished on their first token leave before decoding.
+        let live: Vec<usize> = (0..active.len()).filter(|&i| !active[i].done).collect();
+        if live.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<u64> = live.iter().map(|&i| active[i].id).collect();
+        let mut tokens = Vec::with_capacity(live.len() * 8);
+        for &i in &live {
+            tokens.extend_from_slice(&i64::from(active[i].next).to_le_bytes());
+        }
+        let pad = vec![0u32; live.len()];
+        let (shape, bytes) = self
+            .through(
+                a.sha256,
+                replica,
+                &ids,
+                false,
+                &pad,
+                (Payload::Tokens, tokens),
+                1,
+                Payload::LastLogits,
+            )
+            .await?;
+        let logits = logits_of(&shape, &bytes, live.len())?;
+        for (j, &i) in live.iter().enumerate() {
+            let r = &mut active[i];
+            // The row now holds prompt + generated tokens; the next one must still fit.
+            let full = (r.p.prompt.len() + r.out_len() + 1) as u32 >= cfg.context;
+            r.next = r.step(&logits[j * vocab..(j + 1) * vocab], full, self);
+        }
+        Ok(())
     }
 
     /// Records a finished request.
@@ -1482,17 +1603,16 @@ impl Server {
         loop {
             let plan = self.plan(model)?;
             let replica = plan.replicas[0].clone();
-            let session: u64 = rand::random();
+            let rows: Vec<u64> = (0..batch).map(|_| rand::random()).collect();
             let pad = vec![0; batch as usize];
             let r = if cfg.is_lm() {
                 self.through(
                     a.sha256,
                     &replica,
-                    session,
-                    0,
+                    &rows,
+                    true,
                     &pad,
                     (input, bytes.clone()),
-                    batch,
                     len,
                     last,
                 )
@@ -1502,12 +1622,12 @@ impl Server {
                 let s = &replica[0];
                 let req = StageRequest::Forward {
                     model: a.sha256,
-                    session,
+                    rows: rows.clone(),
                     start: 0,
                     end: 1,
                     batch,
                     len,
-                    pos: 0,
+                    prefill: true,
                     pad: pad.clone(),
                     input,
                     output: last,
@@ -1516,7 +1636,7 @@ impl Server {
                     .await
             };
             if cfg.is_lm() {
-                self.drop_session(&replica, session);
+                self.drop_rows(&replica, rows);
             }
             match r {
                 Ok((shape, out)) => {
@@ -1606,12 +1726,18 @@ fn record_latency(st: &mut ServeStats, took: f64) {
 /// One request in a running micro-batch.
 struct Row {
     p: Pending,
+    /// The row's id on the stages (KV caches); a new one for every attempt.
+    id: u64,
+    /// The token to feed at the next decode step.
+    next: u8,
     out: Vec<u8>,
     /// Tokens already sent to a streaming client (a retry skips them).
     streamed: usize,
     /// Bytes of text already sent (UTF-8 boundaries).
     sent_text: usize,
     rng: SplitMix64,
+    /// Tokens generated in this attempt.
+    generated: usize,
     done: bool,
 }
 
@@ -1620,6 +1746,9 @@ impl Row {
         let rng = SplitMix64::new(p.sampling.seed);
         Row {
             p,
+            id: rand::random(),
+            next: 0,
+            generated: 0,
             out: Vec::new(),
             streamed: 0,
             sent_text: 0,
@@ -1630,6 +1759,8 @@ impl Row {
 
     /// A fresh attempt: the same seed, the same tokens.
     fn restart(&mut self) {
+        self.id = rand::random();
+        self.generated = 0;
         self.out.clear();
         self.rng = SplitMix64::new(self.p.sampling.seed);
     }
@@ -1648,6 +1779,7 @@ impl Row {
         };
         let t = coordinator_free::serving::sample_token(logits, s.temperature, s.top_p, u) as u8;
         self.out.push(t);
+        self.generated += 1;
         // Stop sequences end the text before them.
         let mut finish = None;
         let text_len = self.out.len();
@@ -1707,6 +1839,11 @@ impl Row {
             }
         }
         t
+    }
+
+    /// Tokens generated in this attempt (before any stop sequence cut the text).
+    fn out_len(&self) -> usize {
+        self.generated
     }
 
     fn fail(&mut self, e: ServeError, srv: &Server) {

@@ -4,12 +4,18 @@
 //! key `model`) or a TorchScript module. [`describe`] reads what the planner needs
 //! ([`ModelConfig`]: how many layers can be cut into stages, and what each costs);
 //! [`Stage`] runs a contiguous range of layers and keeps, for the `gpt`, the KV cache of
-//! those layers per generation session.
+//! those layers per generated row (one request's sequence).
 //!
-//! Batched generation uses left padding: row `b` of a batch starts with `pad[b]` filler
-//! positions that no real position attends to, so rows of different prompt lengths share
-//! one `[batch, len]` tensor. Position embeddings count from each row's first real token,
-//! so a padded row computes what it would alone.
+//! Rows are batched per call, whatever their lengths (continuous batching):
+//! - a **prefill** call starts new rows; prompts of different lengths share one
+//!   `[batch, len]` tensor by left padding (row `b` starts with `pad[b]` filler positions
+//!   that no real position attends to);
+//! - a **decode** call adds one token to each of its rows, each at its own length: every
+//!   row's cache is a `[heads, context, head_dim]` buffer written in place, the batch
+//!   attends over the buffers' first `max length + 1` positions with a per-row mask.
+//!
+//! Position embeddings count from each row's first real token, so a row computes what it
+//! would alone.
 
 use crate::train::checkpoint;
 use coordinator_free::codec::stage::Payload;
@@ -21,10 +27,11 @@ use tch::{Kind, Tensor};
 
 /// Vocabulary of the byte-level `gpt`.
 pub const VOCAB: u32 = 256;
-/// A generation session's KV caches are dropped after this long unused. 120 s.
-pub const SESSION_TTL: Duration = Duration::from_secs(120);
-/// Most sessions a stage keeps (the least recently used beyond it are dropped). 1024.
-pub const MAX_SESSIONS: usize = 1024;
+/// A row's KV caches are dropped after this long unused. 120 s.
+pub const ROW_TTL: Duration = Duration::from_secs(120);
+/// Most rows a stage keeps caches for (the least recently used beyond it are dropped).
+/// 1024.
+pub const MAX_ROWS: usize = 1024;
 /// Largest batch a KV-cache budget is planned for. 8.
 pub const KV_BUDGET_BATCH: u64 = 8;
 
@@ -100,7 +107,7 @@ pub enum ServeModelError {
         /// What is wrong.
         problem: String,
     },
-    /// A request does not fit the model (layers, shapes, positions, unknown session).
+    /// A request does not fit the model (layers, shapes, positions, unknown row).
     #[error("{0}")]
     Request(String),
 }
@@ -238,19 +245,20 @@ enum Weights {
     Script(tch::CModule),
 }
 
-struct Session {
-    /// Positions cached (the next call's `pos`).
+struct RowCache {
+    /// Positions cached.
     len: u32,
+    /// Per layer: K and V buffers `[heads, context, head_dim]`, valid up to `len`.
     kv: HashMap<usize, (Tensor, Tensor)>,
     touched: Instant,
 }
 
-/// The part of a model this member runs, with its sessions' KV caches.
+/// The part of a model this member runs, with its rows' KV caches.
 pub struct Stage {
     cfg: ModelConfig,
     path: PathBuf,
     weights: Weights,
-    sessions: HashMap<u64, Session>,
+    rows: HashMap<u64, RowCache>,
 }
 
 fn linear(x: &Tensor, w: &(Tensor, Tensor)) -> Tensor {
@@ -282,7 +290,7 @@ impl Stage {
             cfg,
             path: path.to_path_buf(),
             weights,
-            sessions: HashMap::new(),
+            rows: HashMap::new(),
         })
     }
 
@@ -386,41 +394,44 @@ impl Stage {
         }
     }
 
-    /// Forgets a session's caches.
-    pub fn drop_session(&mut self, session: u64) {
-        self.sessions.remove(&session);
+    /// Forgets rows' caches.
+    pub fn drop_rows(&mut self, rows: &[u64]) {
+        for r in rows {
+            self.rows.remove(r);
+        }
     }
 
-    /// Sessions with caches here.
-    pub fn sessions(&self) -> usize {
-        self.sessions.len()
+    /// Rows with caches here.
+    pub fn cached_rows(&self) -> usize {
+        self.rows.len()
     }
 
-    fn evict(&mut self) {
+    fn evict(&mut self, room: usize) {
         let now = Instant::now();
-        self.sessions
-            .retain(|_, s| now.duration_since(s.touched) < SESSION_TTL);
-        while self.sessions.len() >= MAX_SESSIONS {
+        self.rows
+            .retain(|_, s| now.duration_since(s.touched) < ROW_TTL);
+        while self.rows.len() + room > MAX_ROWS {
             let Some(oldest) = self
-                .sessions
+                .rows
                 .iter()
                 .min_by_key(|(_, s)| s.touched)
                 .map(|(k, _)| *k)
             else {
                 break;
             };
-            self.sessions.remove(&oldest);
+            self.rows.remove(&oldest);
         }
     }
 
-    /// Runs one forward. `input` holds `[batch, len]` tokens (first layer of a `gpt`) or
-    /// f32 activations; returns the output kind, its shape and its bytes.
+    /// Runs one forward over `rows` (a `gpt`: `prefill` starts them, else each gets one
+    /// more token). `input` holds `[batch, len]` tokens (first layer of a `gpt`) or f32
+    /// activations; returns the output kind, its shape and its bytes.
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &mut self,
-        session: u64,
+        rows: &[u64],
         layers: std::ops::Range<usize>,
-        pos: u32,
+        prefill: bool,
         pad: &[u32],
         input: Payload,
         shape: &[u32],
@@ -461,7 +472,7 @@ impl Stage {
             Payload::Bytes => return Err(req("a forward of raw bytes")),
         };
         let out = match &self.weights {
-            Weights::Gpt(_) => self.gpt_forward(session, layers, pos, pad, input, x, output)?,
+            Weights::Gpt(_) => self.gpt_forward(rows, layers, prefill, pad, input, x, output)?,
             Weights::Mlp(l) => {
                 if input != Payload::Hidden || dims.len() != 2 {
                     return Err(req("the mlp takes f32 features [batch, features]"));
@@ -511,9 +522,9 @@ impl Stage {
     #[allow(clippy::too_many_arguments)]
     fn gpt_forward(
         &mut self,
-        session: u64,
+        rows: &[u64],
         layers: std::ops::Range<usize>,
-        pos: u32,
+        prefill: bool,
         pad: &[u32],
         input: Payload,
         x: Tensor,
@@ -523,8 +534,19 @@ impl Stage {
         let (heads, width, ctx) = (cfg.heads as i64, cfg.width as i64, cfg.context as i64);
         let size = x.size();
         let (b, l) = (size[0], size[1]);
-        if pad.len() != b as usize || pad.iter().any(|&p| p > pos + l as u32) {
-            return Err(req("one padding per row, within the sequence"));
+        if rows.len() != b as usize || pad.len() != b as usize {
+            return Err(req("one row id and one padding per row"));
+        }
+        let mut seen = std::collections::HashSet::new();
+        if !rows.iter().all(|r| seen.insert(*r)) {
+            return Err(req("a row appears twice in one call"));
+        }
+        if prefill && pad.iter().any(|&p| p as i64 >= l)
+            || !prefill && (l != 1 || pad.iter().any(|&p| p != 0))
+        {
+            return Err(req(
+                "paddings must leave each row a token (decode: one, unpadded)",
+            ));
         }
         let first = layers.start == 0;
         if first != (input == Payload::Tokens) {
@@ -546,12 +568,27 @@ impl Stage {
         {
             return Err(req(format!("layers {layers:?} cannot answer {output:?}")));
         }
-        // Positions of each row's real tokens count from 0.
+        // Each row's cached length (0 for new rows) and the positions of this call.
+        let lens: Vec<i64> = if prefill {
+            vec![0; b as usize]
+        } else {
+            rows.iter()
+                .map(|r| {
+                    self.rows
+                        .get(r)
+                        .map(|c| c.len as i64)
+                        .ok_or_else(|| req(format!("unknown row {r:016x}")))
+                })
+                .collect::<Result<_, _>>()?
+        };
         let mut positions = Vec::with_capacity((b * l) as usize);
-        for &p in pad {
-            for i in 0..l {
-                let abs = pos as i64 + i;
-                positions.push((abs - p as i64).max(0));
+        for (i, &p) in pad.iter().enumerate() {
+            for j in 0..l {
+                positions.push(if prefill {
+                    (j - p as i64).max(0)
+                } else {
+                    lens[i]
+                });
             }
         }
         if positions.iter().any(|&p| p >= ctx) {
@@ -559,40 +596,40 @@ impl Stage {
                 "the sequence exceeds the context of {ctx} tokens"
             )));
         }
-        // Session bookkeeping.
-        if pos == 0 {
-            self.evict();
-            self.sessions.insert(
-                session,
-                Session {
-                    len: 0,
-                    kv: HashMap::new(),
-                    touched: Instant::now(),
-                },
-            );
+        if prefill {
+            self.evict(rows.len());
+            for r in rows {
+                self.rows.insert(
+                    *r,
+                    RowCache {
+                        len: 0,
+                        kv: HashMap::new(),
+                        touched: Instant::now(),
+                    },
+                );
+            }
         }
-        let Some(sess) = self.sessions.get_mut(&session) else {
-            return Err(req(format!("unknown session {session:016x}")));
+        // Keys each query may attend to: prefill, causal within the call and not padding
+        // (a padding query attends to itself only, so no softmax row is empty); decode,
+        // the row's cached positions and the new one.
+        let keys = if prefill {
+            l
+        } else {
+            lens.iter().max().copied().unwrap_or(0) + 1
         };
-        if sess.len != pos {
-            return Err(req(format!(
-                "session {session:016x} holds {} positions, the call starts at {pos}",
-                sess.len
-            )));
-        }
-        sess.touched = Instant::now();
-        let total = pos as i64 + l;
-        // allowed[b, i, j]: key j takes part in query i's attention.
-        let mut allowed = Vec::with_capacity((b * l * total) as usize);
-        for &p in pad {
-            for i in 0..l {
-                let q = pos as i64 + i;
-                for j in 0..total {
-                    allowed.push(j <= q && (j >= p as i64 || j == q));
+        let mut allowed = Vec::with_capacity((b * l * keys) as usize);
+        for (i, &p) in pad.iter().enumerate() {
+            for q in 0..l {
+                for k in 0..keys {
+                    allowed.push(if prefill {
+                        k <= q && (k >= p as i64 || k == q)
+                    } else {
+                        k <= lens[i]
+                    });
                 }
             }
         }
-        let mask = Tensor::from_slice(&allowed).view([b, 1, l, total]);
+        let mask = Tensor::from_slice(&allowed).view([b, 1, l, keys]);
         let Weights::Gpt(g) = &self.weights else {
             unreachable!("gpt weights")
         };
@@ -606,27 +643,61 @@ impl Stage {
             x
         };
         let hd = width / heads;
+        let opts = (Kind::Float, tch::Device::Cpu);
         for li in layers.clone() {
             let blk = &g.blocks[&li];
             let qkv = linear(&norm(&x, &blk.ln1), &blk.qkv);
             let parts = qkv.split(width, 2);
             let shape = |t: &Tensor| t.view([b, l, heads, hd]).transpose(1, 2);
             let (q, k, v) = (shape(&parts[0]), shape(&parts[1]), shape(&parts[2]));
-            let (k, v) = match sess.kv.get(&li) {
-                Some((pk, pv)) if pos > 0 => (Tensor::cat(&[pk, &k], 2), Tensor::cat(&[pv, &v], 2)),
-                _ => (k, v),
+            let a = if prefill {
+                let a = Tensor::scaled_dot_product_attention::<Tensor>(
+                    &q,
+                    &k,
+                    &v,
+                    Some(mask.shallow_clone()),
+                    0.0,
+                    false,
+                    None,
+                    false,
+                );
+                // Keep each row's real positions in its cache buffers.
+                for (i, r) in rows.iter().enumerate() {
+                    let p = pad[i] as i64;
+                    let kb = Tensor::zeros([heads, ctx, hd], opts);
+                    let vb = Tensor::zeros([heads, ctx, hd], opts);
+                    kb.narrow(1, 0, l - p)
+                        .copy_(&k.get(i as i64).narrow(1, p, l - p));
+                    vb.narrow(1, 0, l - p)
+                        .copy_(&v.get(i as i64).narrow(1, p, l - p));
+                    let c = self.rows.get_mut(r).expect("inserted");
+                    c.kv.insert(li, (kb, vb));
+                }
+                a
+            } else {
+                let mut ks = Vec::with_capacity(b as usize);
+                let mut vs = Vec::with_capacity(b as usize);
+                for (i, r) in rows.iter().enumerate() {
+                    let c = self.rows.get_mut(r).expect("checked");
+                    let Some((kb, vb)) = c.kv.get(&li) else {
+                        return Err(req(format!("row {r:016x} has no cache for layer {li}")));
+                    };
+                    kb.narrow(1, lens[i], 1).copy_(&k.get(i as i64));
+                    vb.narrow(1, lens[i], 1).copy_(&v.get(i as i64));
+                    ks.push(kb.narrow(1, 0, keys));
+                    vs.push(vb.narrow(1, 0, keys));
+                }
+                Tensor::scaled_dot_product_attention::<Tensor>(
+                    &q,
+                    &Tensor::stack(&ks, 0),
+                    &Tensor::stack(&vs, 0),
+                    Some(mask.shallow_clone()),
+                    0.0,
+                    false,
+                    None,
+                    false,
+                )
             };
-            let a = Tensor::scaled_dot_product_attention::<Tensor>(
-                &q,
-                &k,
-                &v,
-                Some(mask.shallow_clone()),
-                0.0,
-                false,
-                None,
-                false,
-            );
-            sess.kv.insert(li, (k, v));
             let a = a.transpose(1, 2).contiguous().view([b, l, width]);
             let h = &x + linear(&a, &blk.proj);
             x = h;
@@ -634,7 +705,15 @@ impl Stage {
             let y = &x + linear(&h, &blk.fc2);
             x = y;
         }
-        sess.len = total as u32;
+        for (i, r) in rows.iter().enumerate() {
+            let c = self.rows.get_mut(r).expect("present");
+            c.len = if prefill {
+                (l - pad[i] as i64) as u32
+            } else {
+                lens[i] as u32 + 1
+            };
+            c.touched = Instant::now();
+        }
         if !last {
             return Ok(x);
         }
@@ -736,7 +815,9 @@ digits = 2
             tokens.extend(std::iter::repeat_n(0, l - p.len()));
             tokens.extend(p);
         }
-        let (mut pos, mut len) = (0u32, l as u32);
+        let mut len = l as u32;
+        let rows: Vec<u64> = (0..b as u64).collect();
+        let zeros = vec![0u32; b];
         let mut out = vec![vec![]; b];
         let mut first = vec![];
         for step in 0..n {
@@ -750,10 +831,10 @@ digits = 2
                 };
                 let (kind, shape, bytes) = st
                     .forward(
-                        7,
+                        &rows,
                         cuts[i]..cuts[i + 1],
-                        pos,
-                        &pad,
+                        step == 0,
+                        if step == 0 { &pad } else { &zeros },
                         payload.0,
                         &payload.1,
                         &payload.2,
@@ -774,7 +855,6 @@ digits = 2
                 out[r].push(t);
                 tokens.push(t);
             }
-            pos += len;
             len = 1;
         }
         (out, first)
@@ -827,9 +907,9 @@ digits = 2
         let mut st = Stage::open(&path, cfg.clone()).unwrap();
         let long: Vec<i64> = vec![1; 25];
         let e = st.forward(
-            1,
+            &[1],
             0..3,
-            0,
+            true,
             &[0],
             Payload::Tokens,
             &[1, 25],
@@ -838,9 +918,9 @@ digits = 2
         );
         assert!(e.is_err());
         let e = st.forward(
-            1,
+            &[1],
             0..4,
-            0,
+            true,
             &[0],
             Payload::Tokens,
             &[1, 1],
@@ -849,16 +929,56 @@ digits = 2
         );
         assert!(e.is_err());
         let e = st.forward(
-            99,
+            &[99],
             0..3,
-            5,
+            false,
             &[0],
             Payload::Tokens,
             &[1, 1],
             &bytes_i64(&[1]),
             Payload::LastLogits,
         );
-        assert!(e.unwrap_err().to_string().contains("unknown session"));
+        assert!(e.unwrap_err().to_string().contains("unknown row"));
+
+        // Continuous batching: a row that joins two tokens later, decoded together with
+        // the first, generates what it generates alone.
+        let mut st = Stage::open(&path, cfg.clone()).unwrap();
+        let greedy =
+            |st: &mut Stage, rows: &[u64], prefill: bool, pad: &[u32], toks: &[i64], len: u32| {
+                let (_, _, b) = st
+                    .forward(
+                        rows,
+                        0..3,
+                        prefill,
+                        pad,
+                        Payload::Tokens,
+                        &[rows.len() as u32, len],
+                        &bytes_i64(toks),
+                        Payload::LastLogits,
+                    )
+                    .unwrap();
+                let l = floats(&b);
+                (0..rows.len())
+                    .map(|r| argmax(&l[r * 256..(r + 1) * 256]))
+                    .collect::<Vec<i64>>()
+            };
+        let (pa, pb) = (&prompts[0], &prompts[1]);
+        let mut a_out = greedy(&mut st, &[10], true, &[0], pa, pa.len() as u32);
+        for _ in 0..2 {
+            let t = *a_out.last().unwrap();
+            a_out.push(greedy(&mut st, &[10], false, &[0], &[t], 1)[0]);
+        }
+        let mut b_out = greedy(&mut st, &[11], true, &[0], pb, pb.len() as u32);
+        for _ in 0..3 {
+            let toks = [*a_out.last().unwrap(), *b_out.last().unwrap()];
+            let next = greedy(&mut st, &[10, 11], false, &[0, 0], &toks, 1);
+            a_out.push(next[0]);
+            b_out.push(next[1]);
+        }
+        assert_eq!(a_out, reference[0]);
+        assert_eq!(b_out[..4], reference[1][..4]);
+        st.drop_rows(&[10, 11]);
+        assert_eq!(st.cached_rows(), 0);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
