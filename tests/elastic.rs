@@ -11,15 +11,6 @@ use serde_json::Value;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-/// A free loopback TCP port (for a node that must keep its address across restarts).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn node_args(extra: &[String]) -> Vec<String> {
     let mut a: Vec<String> = vec![
         "--no-mdns".into(),

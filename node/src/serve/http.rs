@@ -134,6 +134,17 @@ fn authorize(server: &Server, headers: &HeaderMap) -> Result<(), Response> {
     }
 }
 
+/// Checks the token, the body's size and its JSON: the request, or the error to answer.
+fn parse<T: serde::de::DeserializeOwned>(
+    api: &Api,
+    headers: &HeaderMap,
+    b: Result<Bytes, BytesRejection>,
+) -> Result<T, Response> {
+    authorize(&api.server, headers)?;
+    let b = body(b)?;
+    serde_json::from_slice(&b).map_err(|e| invalid(format!("malformed request: {e}"), None))
+}
+
 fn body(b: Result<Bytes, BytesRejection>) -> Result<Bytes, Response> {
     b.map_err(|e| {
         let status = e.status();
@@ -278,16 +289,9 @@ async fn completions(
     headers: HeaderMap,
     b: Result<Bytes, BytesRejection>,
 ) -> Response {
-    if let Err(r) = authorize(&api.server, &headers) {
-        return r;
-    }
-    let b = match body(b) {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
-    let req: CompletionRequest = match serde_json::from_slice(&b) {
+    let req: CompletionRequest = match parse(&api, &headers, b) {
         Ok(r) => r,
-        Err(e) => return invalid(format!("malformed request: {e}"), None),
+        Err(r) => return r,
     };
     let c = match check(req) {
         Ok(c) => c,
@@ -465,16 +469,9 @@ async fn infer(
     headers: HeaderMap,
     b: Result<Bytes, BytesRejection>,
 ) -> Response {
-    if let Err(r) = authorize(&api.server, &headers) {
-        return r;
-    }
-    let b = match body(b) {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
-    let req: InferRequest = match serde_json::from_slice(&b) {
+    let req: InferRequest = match parse(&api, &headers, b) {
         Ok(r) => r,
-        Err(e) => return invalid(format!("malformed request: {e}"), None),
+        Err(r) => return r,
     };
     let (shape, data) = match flatten(&req.inputs) {
         Ok(x) => x,
@@ -509,16 +506,9 @@ async fn serve_offer(
     headers: HeaderMap,
     b: Result<Bytes, BytesRejection>,
 ) -> Response {
-    if let Err(r) = authorize(&api.server, &headers) {
-        return r;
-    }
-    let b = match body(b) {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
-    let req: OfferRequest = match serde_json::from_slice(&b) {
+    let req: OfferRequest = match parse(&api, &headers, b) {
         Ok(r) => r,
-        Err(e) => return invalid(format!("malformed request: {e}"), None),
+        Err(r) => return r,
     };
     match api
         .server
