@@ -400,3 +400,76 @@ fn a_stage_killed_under_load_fails_over() {
     let st = get(&nodes[0], "/v1/status")["serve_stats"].clone();
     println!("entry stats: {st}");
 }
+
+#[test]
+fn a_torchscript_module_serves_generic_tensors() {
+    let dir = TempDir::new("serve-torchscript");
+    let py = std::env::var("SHOAL_PYTHON").expect("SHOAL_PYTHON (source scripts/env.sh)");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let model = dir.0.join("byo.pt");
+    let out = Command::new(&py)
+        .arg(root.join("examples/byo_model/export.py"))
+        .arg(&model)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let nodes = cluster(&dir.0.join("c"), 2);
+    post(
+        &nodes[0],
+        "/v1/serve",
+        &json!({"path": model, "name": "byo", "stages": 1}),
+    )
+    .expect("offer");
+    wait_until("the module is planned", Duration::from_secs(60), || {
+        let v = get(&nodes[1], "/v1/serve");
+        (v[0]["holders"].as_array()?.len() == 2 && !v[0]["replicas"].as_array()?.is_empty())
+            .then_some(())
+    });
+    let inputs: Vec<Vec<f64>> = (0..3)
+        .map(|r| (0..64).map(|i| ((i * 7 + r * 13) % 17) as f64).collect())
+        .collect();
+    let v = post(
+        &nodes[1],
+        "/v1/infer",
+        &json!({"model": "byo", "inputs": inputs}),
+    )
+    .unwrap();
+    assert_eq!(v["shape"], json!([3, 10]));
+    // The same module in PyTorch (eval mode) gives the same outputs.
+    let script = "import json, sys, torch\nm = torch.jit.load(sys.argv[1]).eval()\nx = torch.tensor(json.loads(sys.argv[2]), dtype=torch.float32)\nwith torch.no_grad(): print(json.dumps(m(x).tolist()))";
+    let out = Command::new(&py)
+        .args(["-c", script])
+        .arg(&model)
+        .arg(json!(inputs).to_string())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let want: Vec<Vec<f64>> = serde_json::from_slice(&out.stdout).unwrap();
+    let got = v["outputs"].as_array().unwrap();
+    for (g, w) in got.iter().zip(&want) {
+        for (a, b) in g.as_array().unwrap().iter().zip(w) {
+            assert!((a.as_f64().unwrap() - b).abs() < 1e-4, "{a} vs {b}");
+        }
+    }
+    // Inputs the module cannot take are a 400, at once (not retried until the deadline).
+    let t0 = std::time::Instant::now();
+    let e = post(
+        &nodes[1],
+        "/v1/infer",
+        &json!({"model": "byo", "inputs": [[1.0, 2.0]]}),
+    )
+    .unwrap_err();
+    assert!(e.starts_with("400"), "{e}");
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    // A TorchScript module does not complete text.
+    let e = complete(&nodes[0], "1+1=", &json!({"model": "byo"}));
+    assert!(e.unwrap_err().starts_with("400"));
+}

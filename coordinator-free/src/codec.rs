@@ -284,8 +284,11 @@ pub mod stage {
             /// Its shape.
             shape: Vec<u32>,
         },
-        /// Failed (unknown model, layers out of range, bad shapes, out of memory...).
+        /// Failed here (model not held yet, a panic, I/O): another member may succeed.
         Err(String),
+        /// The request itself does not fit the model (shapes, context length, unknown
+        /// row): no member would run it.
+        Rejected(String),
     }
 
     impl StageRequest {

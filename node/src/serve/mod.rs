@@ -566,7 +566,7 @@ impl Server {
             match reply {
                 StageReply::Ok { .. } if bytes.len() as u64 == len => {}
                 StageReply::Ok { .. } => return Err(format!("short chunk at {offset}")),
-                StageReply::Err(e) => return Err(e),
+                StageReply::Err(e) | StageReply::Rejected(e) => return Err(e),
             }
             h.update(&bytes);
             file.write_all(&bytes).await.map_err(|e| e.to_string())?;
@@ -968,6 +968,9 @@ impl Server {
                 .await;
                 match run {
                     Ok(Ok((payload, shape, bytes))) => (StageReply::Ok { payload, shape }, bytes),
+                    Ok(Err(e @ model::ServeModelError::Request(_))) => {
+                        (StageReply::Rejected(e.to_string()), vec![])
+                    }
                     Ok(Err(e)) => (StageReply::Err(e.to_string()), vec![]),
                     Err(e) => (StageReply::Err(format!("stage panicked: {e}")), vec![]),
                 }
@@ -1003,7 +1006,12 @@ impl Server {
             }
             StageReply::Err(reason) => Err(ServeError::Stage {
                 member: member.clone(),
-                rejected: is_rejection(&reason),
+                rejected: false,
+                reason,
+            }),
+            StageReply::Rejected(reason) => Err(ServeError::Stage {
+                member: member.clone(),
+                rejected: true,
                 reason,
             }),
         }
@@ -1704,11 +1712,6 @@ fn split_shape(b: &[u8]) -> Result<(Vec<u32>, usize), String> {
         .map(|i| u32::from_le_bytes(b[1 + 4 * i..5 + 4 * i].try_into().expect("4 bytes")))
         .collect();
     Ok((dims, 1 + 4 * rank))
-}
-
-fn is_rejection(reason: &str) -> bool {
-    // Errors a stage returns for requests that no replica could run.
-    reason.contains("context") || reason.contains("features") || reason.contains("takes")
 }
 
 fn record_latency(st: &mut ServeStats, took: f64) {

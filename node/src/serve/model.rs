@@ -107,9 +107,13 @@ pub enum ServeModelError {
         /// What is wrong.
         problem: String,
     },
-    /// A request does not fit the model (layers, shapes, positions, unknown row).
+    /// A request does not fit the model (layers, shapes, positions).
     #[error("{0}")]
     Request(String),
+    /// A decode names a row whose cache is not here (evicted, or this member restarted):
+    /// the row must start again, here or elsewhere.
+    #[error("unknown row {0:016x}")]
+    UnknownRow(u64),
 }
 
 #[derive(Deserialize)]
@@ -589,7 +593,7 @@ impl Stage {
                     self.rows
                         .get(r)
                         .map(|c| c.len as i64)
-                        .ok_or_else(|| req(format!("unknown row {r:016x}")))
+                        .ok_or(ServeModelError::UnknownRow(*r))
                 })
                 .collect::<Result<_, _>>()?
         };
@@ -692,7 +696,7 @@ impl Stage {
                 for (i, r) in rows.iter().enumerate() {
                     let c = self.rows.get_mut(r).expect("checked");
                     let Some((kb, vb)) = c.kv.get(&li) else {
-                        return Err(req(format!("row {r:016x} has no cache for layer {li}")));
+                        return Err(ServeModelError::UnknownRow(*r));
                     };
                     kb.narrow(1, lens[i], 1).copy_(&k.get(i as i64));
                     vb.narrow(1, lens[i], 1).copy_(&v.get(i as i64));
