@@ -439,12 +439,25 @@ fn a_torchscript_module_serves_generic_tensors() {
     )
     .unwrap();
     assert_eq!(v["shape"], json!([3, 10]));
-    // The same module in PyTorch (eval mode) gives the same outputs.
-    let script = "import json, sys, torch\nm = torch.jit.load(sys.argv[1]).eval()\nx = torch.tensor(json.loads(sys.argv[2]), dtype=torch.float32)\nwith torch.no_grad(): print(json.dumps(m(x).tolist()))";
+    // The same module in PyTorch (eval mode) gives the same outputs; so does a
+    // safetensors request (body built and answer read by Python's `safetensors`).
+    let script = r#"
+import json, sys, torch, urllib.request
+from safetensors.torch import save, load
+m = torch.jit.load(sys.argv[1]).eval()
+x = torch.tensor(json.loads(sys.argv[2]), dtype=torch.float32)
+with torch.no_grad():
+    ref = m(x)
+req = urllib.request.Request(sys.argv[3] + "/v1/infer?model=byo", data=save({"inputs": x}),
+    headers={"Content-Type": "application/octet-stream"}, method="POST")
+out = load(urllib.request.urlopen(req).read())["outputs"]
+print(json.dumps({"ref": ref.tolist(), "st": out.tolist()}))
+"#;
     let out = Command::new(&py)
         .args(["-c", script])
         .arg(&model)
         .arg(json!(inputs).to_string())
+        .arg(format!("http://{}", nodes[1].api.unwrap()))
         .output()
         .unwrap();
     assert!(
@@ -452,13 +465,17 @@ fn a_torchscript_module_serves_generic_tensors() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let want: Vec<Vec<f64>> = serde_json::from_slice(&out.stdout).unwrap();
-    let got = v["outputs"].as_array().unwrap();
-    for (g, w) in got.iter().zip(&want) {
-        for (a, b) in g.as_array().unwrap().iter().zip(w) {
-            assert!((a.as_f64().unwrap() - b).abs() < 1e-4, "{a} vs {b}");
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let close = |got: &Value, want: &Value| {
+        for (g, w) in got.as_array().unwrap().iter().zip(want.as_array().unwrap()) {
+            for (a, b) in g.as_array().unwrap().iter().zip(w.as_array().unwrap()) {
+                let (a, b) = (a.as_f64().unwrap(), b.as_f64().unwrap());
+                assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+            }
         }
-    }
+    };
+    close(&v["outputs"], &r["ref"]);
+    close(&r["st"], &r["ref"]);
     // Inputs the module cannot take are a 400, at once (not retried until the deadline).
     let t0 = std::time::Instant::now();
     let e = post(

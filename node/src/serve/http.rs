@@ -8,7 +8,9 @@
 //! - `GET /v1/models` — the served models.
 //! - `POST /v1/infer` — `{"model", "inputs": nested arrays}` → `{"model", "shape",
 //!   "outputs"}`: a forward of f32 inputs (`mlp`, TorchScript) or token ids (`gpt`: logits
-//!   of every position).
+//!   of every position). Or a safetensors body (`Content-Type: application/octet-stream`,
+//!   `?model=NAME`, one F32 tensor, ideally named `inputs`) answered with a safetensors body
+//!   holding `outputs`.
 //! - `POST /v1/serve` — `{"path", "name", "stages"}`: offer a model file on this node
 //!   (what `shoal serve` calls); `GET /v1/serve` — models, holders and plans.
 //!
@@ -464,11 +466,81 @@ struct InferRequest {
     inputs: Value,
 }
 
+/// Query of a safetensors `/v1/infer`.
+#[derive(Deserialize)]
+struct InferQuery {
+    #[serde(default)]
+    model: Option<String>,
+}
+
+/// A safetensors request body: the model (from the query) and its one F32 tensor.
+fn safetensors_input(
+    q: &InferQuery,
+    body: &[u8],
+) -> Result<(String, Vec<u32>, Vec<f32>), Response> {
+    let model = q
+        .model
+        .clone()
+        .ok_or_else(|| invalid("a safetensors body needs ?model=NAME", Some("model")))?;
+    let c = crate::train::checkpoint::parse(body, "request body")
+        .map_err(|e| invalid(e, Some("inputs")))?;
+    let t = match c.get("inputs") {
+        Some(t) => t.shallow_clone(),
+        None if c.tensors.len() == 1 => c.tensors[0].1.shallow_clone(),
+        None => return Err(invalid("name the input tensor `inputs`", Some("inputs"))),
+    };
+    let shape: Vec<u32> = t.size().iter().map(|&d| d as u32).collect();
+    let n = t.numel();
+    if n > MAX_INFER_VALUES {
+        return Err(invalid(
+            format!("more than {MAX_INFER_VALUES} values"),
+            Some("inputs"),
+        ));
+    }
+    let mut data = vec![0f32; n];
+    t.contiguous().view([-1]).copy_data(&mut data, n);
+    Ok((model, shape, data))
+}
+
 async fn infer(
     State(api): State<Api>,
+    axum::extract::Query(q): axum::extract::Query<InferQuery>,
     headers: HeaderMap,
     b: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let binary = |h: axum::http::header::HeaderName| {
+        headers
+            .get(h)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.contains("application/octet-stream"))
+    };
+    if binary(axum::http::header::CONTENT_TYPE) {
+        if let Err(r) = authorize(&api.server, &headers) {
+            return r;
+        }
+        let b = match body(b) {
+            Ok(b) => b,
+            Err(r) => return r,
+        };
+        let (model, shape, data) = match safetensors_input(&q, &b) {
+            Ok(x) => x,
+            Err(r) => return r,
+        };
+        return match api.server.infer(&model, shape, data).await {
+            Ok((shape, out)) => {
+                let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+                let t = tch::Tensor::from_slice(&out).view(dims.as_slice());
+                let meta = std::collections::BTreeMap::from([("model".to_string(), model)]);
+                let bytes = crate::train::checkpoint::encode(&[("outputs".into(), t)], &meta);
+                (
+                    [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
+                    bytes,
+                )
+                    .into_response()
+            }
+            Err(e) => serve_error(e),
+        };
+    }
     let req: InferRequest = match parse(&api, &headers, b) {
         Ok(r) => r,
         Err(r) => return r,

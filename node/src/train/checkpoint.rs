@@ -57,12 +57,8 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> CheckpointError + '_ {
     }
 }
 
-/// Writes `tensors` (f32) and `metadata` to `path` atomically.
-pub fn write(
-    path: &Path,
-    tensors: &[(String, Tensor)],
-    metadata: &BTreeMap<String, String>,
-) -> Result<(), CheckpointError> {
+/// Encodes `tensors` (as f32) and `metadata` in the safetensors format.
+pub fn encode(tensors: &[(String, Tensor)], metadata: &BTreeMap<String, String>) -> Vec<u8> {
     let mut header = serde_json::Map::new();
     header.insert(
         "__metadata__".into(),
@@ -88,20 +84,31 @@ pub fn write(
     while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
+    let mut out = Vec::with_capacity(8 + h.len() + offset);
+    out.extend_from_slice(&(h.len() as u64).to_le_bytes());
+    out.extend_from_slice(&h);
+    for v in &datas {
+        for x in v {
+            out.extend_from_slice(&x.to_le_bytes());
+        }
+    }
+    out
+}
+
+/// Writes `tensors` (f32) and `metadata` to `path` atomically.
+pub fn write(
+    path: &Path,
+    tensors: &[(String, Tensor)],
+    metadata: &BTreeMap<String, String>,
+) -> Result<(), CheckpointError> {
+    let bytes = encode(tensors, metadata);
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let tmp = path.with_extension("safetensors.tmp");
     {
         let f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
         let mut w = std::io::BufWriter::new(f);
-        w.write_all(&(h.len() as u64).to_le_bytes())
-            .map_err(io(&tmp))?;
-        w.write_all(&h).map_err(io(&tmp))?;
-        for v in &datas {
-            for x in v {
-                w.write_all(&x.to_le_bytes()).map_err(io(&tmp))?;
-            }
-        }
+        w.write_all(&bytes).map_err(io(&tmp))?;
         let f = w.into_inner().map_err(|e| io(&tmp)(e.into_error()))?;
         f.sync_all().map_err(io(&tmp))?;
     }
@@ -115,8 +122,14 @@ pub fn write(
 /// Reads a checkpoint written by [`write`] (f32 tensors only).
 pub fn read(path: &Path) -> Result<Checkpoint, CheckpointError> {
     let bytes = std::fs::read(path).map_err(io(path))?;
+    parse(&bytes, &path.display().to_string())
+}
+
+/// Parses safetensors bytes (f32 tensors only; `label` names them in errors). Every
+/// length and offset is checked against the input before anything is built.
+pub fn parse(bytes: &[u8], label: &str) -> Result<Checkpoint, CheckpointError> {
     let bad = |p: String| CheckpointError::Malformed {
-        path: path.display().to_string(),
+        path: label.to_string(),
         problem: p,
     };
     if bytes.len() < 8 {
