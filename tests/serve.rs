@@ -490,3 +490,51 @@ print(json.dumps({"ref": ref.tolist(), "st": out.tolist()}))
     let e = complete(&nodes[0], "1+1=", &json!({"model": "byo"}));
     assert!(e.unwrap_err().starts_with("400"));
 }
+
+/// A raw HTTP request with an optional bearer token: (status, body).
+fn request_with_token(api: std::net::SocketAddr, path: &str, token: Option<&str>) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(api).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}\r\n"
+    )
+    .unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).unwrap();
+    let code = buf.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_string())
+        .unwrap_or_default();
+    (code, body)
+}
+
+#[test]
+fn the_serving_api_asks_for_the_bearer_token() {
+    let dir = TempDir::new("serve-token");
+    let mut args = base_args();
+    args.extend(["--listen".into(), "/ip4/127.0.0.1/tcp/0".into()]);
+    args.extend(["--api-token".into(), "s3cret".into()]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let node = Node::start(&dir.0.join("n"), &refs);
+    let api = node.api.unwrap();
+    for token in [None, Some("wrong"), Some("s3cre"), Some("s3cret-")] {
+        let (code, body) = request_with_token(api, "/v1/models", token);
+        assert_eq!(code, 401, "{token:?}: {body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["error"]["code"], "invalid_api_key");
+    }
+    let (code, body) = request_with_token(api, "/v1/models", Some("s3cret"));
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["object"],
+        "list"
+    );
+    // Health and the node's own API stay open.
+    assert_eq!(request_with_token(api, "/healthz", None).0, 200);
+}
