@@ -1285,8 +1285,13 @@ impl Server {
             };
             let replica = plan.replicas[ix].clone();
             let key = format!("{replica:?}");
-            lanes.retain(|k, _| plan.replicas.iter().any(|r| format!("{r:?}") == *k));
-            let group = lanes.entry(key).or_insert_with(|| {
+            // Lanes of replicas no longer planned, or that stopped, are dropped (a fresh
+            // group starts when their replica is planned again).
+            lanes.retain(|k, g| {
+                plan.replicas.iter().any(|r| format!("{r:?}") == *k)
+                    && g.iter().all(|l| !l.tx.is_closed())
+            });
+            let group = lanes.entry(key.clone()).or_insert_with(|| {
                 (0..replica.len().max(1))
                     .map(|_| {
                         let (tx, rx) = mpsc::channel(4096);
@@ -1308,14 +1313,17 @@ impl Server {
                 .min_by_key(|l| l.load.load(std::sync::atomic::Ordering::SeqCst))
                 .expect("a lane per stage");
             lane.load.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            if let Err(mpsc::error::SendError(mut row)) = lane.tx.send(row).await {
-                row.fail(
-                    ServeError::NoPlan {
-                        model: model.clone(),
-                        reason: "the replica's lane stopped".into(),
-                    },
-                    &self,
-                );
+            if let Err(mpsc::error::SendError(row)) = lane.tx.send(row).await {
+                // The lane stopped in the meantime: forget its group, try again.
+                lanes.remove(&key);
+                if let Some(st) = self.inner.plans.lock().unwrap().get_mut(&model) {
+                    st.balancer.done(ix);
+                }
+                let tx = requeue.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    let _ = tx.send(row).await;
+                });
             }
         }
     }
