@@ -1734,7 +1734,7 @@ fn record_latency(st: &mut ServeStats, took: f64) {
     st.latency_sum_s += took;
 }
 
-/// One request in a running micro-batch.
+/// One request in a lane: its sampling state and how much of it was streamed.
 struct Row {
     p: Pending,
     /// The row's id on the stages (KV caches); a new one for every attempt.
