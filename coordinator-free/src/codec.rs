@@ -239,19 +239,18 @@ pub mod stage {
         Forward {
             /// The model (SHA-256 of its file).
             model: [u8; 32],
-            /// The rows (generated sequences; KV caches are per row), `batch` of them.
+            /// The rows (generated sequences; KV caches are per row), one per `shape[0]`.
             rows: Vec<u64>,
             /// First layer.
             start: u32,
             /// One past the last layer.
             end: u32,
-            /// Rows.
-            batch: u32,
-            /// Positions per row in this call (1 unless `prefill`).
-            len: u32,
+            /// The payload's shape, `[rows, ...]` (1 to 4 dimensions; a `gpt`'s
+            /// `[rows, positions]` tokens or `[rows, positions, width]` hidden states).
+            shape: Vec<u32>,
             /// Whether this call starts the rows (prompts) or extends them (one token).
             prefill: bool,
-            /// Left padding of each row in a prefill (`batch` entries; 0 when decoding).
+            /// Left padding of each row in a prefill (one per row; 0 when decoding).
             pad: Vec<u32>,
             /// What the payload holds.
             input: Payload,
@@ -307,27 +306,25 @@ pub mod stage {
             if let StageRequest::Forward {
                 start,
                 end,
-                batch,
+                shape,
                 pad,
                 rows,
-                len,
                 ..
             } = &r
             {
-                if rows.len() != *batch as usize {
+                if shape.is_empty() || shape.len() > 4 || shape.contains(&0) {
+                    return Err(CodecError::Invalid(format!("payload shape {shape:?}")));
+                }
+                let batch = shape[0];
+                if start >= end || batch > MAX_BATCH {
                     return Err(CodecError::Invalid(format!(
-                        "{} row ids for {batch} rows",
-                        rows.len()
+                        "forward of layers {start}..{end}, batch {batch}"
                     )));
                 }
-                if start >= end || *batch == 0 || *batch > MAX_BATCH || *len == 0 {
+                if rows.len() != batch as usize || pad.len() != batch as usize {
                     return Err(CodecError::Invalid(format!(
-                        "forward of layers {start}..{end}, batch {batch}, len {len}"
-                    )));
-                }
-                if pad.len() != *batch as usize {
-                    return Err(CodecError::Invalid(format!(
-                        "{} paddings for {batch} rows",
+                        "{} row ids and {} paddings for {batch} rows",
+                        rows.len(),
                         pad.len()
                     )));
                 }
@@ -527,8 +524,7 @@ mod tests {
             rows: vec![9, 10],
             start: 0,
             end: 2,
-            batch: 2,
-            len: 5,
+            shape: vec![2, 5],
             prefill: true,
             pad: vec![0, 1],
             input: Payload::Tokens,
@@ -572,10 +568,10 @@ mod tests {
             }
         )));
         assert!(bad(with(&|r| if let StageRequest::Forward {
-            batch, pad, rows, ..
+            shape, pad, rows, ..
         } = r
         {
-            *batch = MAX_BATCH + 1;
+            *shape = vec![MAX_BATCH + 1, 1];
             *pad = vec![0; MAX_BATCH as usize + 1];
             *rows = (0..u64::from(MAX_BATCH) + 1).collect();
         })));

@@ -38,7 +38,7 @@ pub struct Worker {
 }
 
 /// Contiguous layers on one member.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Stage {
     /// The member.
     pub member: NodeId,

@@ -215,7 +215,8 @@ struct Lane {
 
 /// A model's current plan as the entry sees it.
 struct PlanState {
-    key: String,
+    /// The workers it was made from.
+    inputs: Vec<Worker>,
     plan: Plan,
     balancer: Balancer,
 }
@@ -657,29 +658,38 @@ impl Server {
                 .collect();
             (e.cfg.clone(), holders, e.announce.stages)
         };
-        let (view, caps) = self.inner.members.lock().unwrap().clone();
-        let suspects = self.inner.suspects.lock().unwrap().clone();
-        let mut workers: Vec<Worker> = view
-            .ids()
-            .filter(|id| holders.contains(id))
-            .filter(|id| {
-                suspects
-                    .get(*id)
-                    .is_none_or(|(t, _)| t.elapsed() >= SUSPECT_FOR)
-            })
-            .map(|id| {
-                let c = caps.get(id).cloned().unwrap_or_default();
-                Worker {
-                    id: id.clone(),
-                    // Half the memory is for serving; the rest for everything else.
-                    free_bytes: c.ram_bytes / 2,
-                    speed: f64::from(c.speed_mflops.max(1)),
-                }
-            })
-            .collect();
+        let mut workers: Vec<Worker> = {
+            let members = self.inner.members.lock().unwrap();
+            let suspects = self.inner.suspects.lock().unwrap();
+            let (view, caps) = &*members;
+            view.ids()
+                .filter(|id| holders.contains(id))
+                .filter(|id| {
+                    suspects
+                        .get(*id)
+                        .is_none_or(|(t, _)| t.elapsed() >= SUSPECT_FOR)
+                })
+                .map(|id| {
+                    let c = caps.get(id);
+                    Worker {
+                        id: id.clone(),
+                        // Half the memory is for serving; the rest for everything else.
+                        free_bytes: c.map_or(0, |c| c.ram_bytes / 2),
+                        speed: f64::from(c.map_or(0, |c| c.speed_mflops).max(1)),
+                    }
+                })
+                .collect()
+        };
         workers.sort_by(|a, b| a.id.cmp(&b.id));
         if workers.is_empty() {
             return Err(no_plan("no member in the view holds it yet".into()));
+        }
+        // Plans change with their inputs only: answer from the last one while they hold
+        // (this runs for every request).
+        if let Some(st) = self.inner.plans.lock().unwrap().get(name) {
+            if st.inputs == workers {
+                return Ok(st.plan.clone());
+            }
         }
         let layers: Vec<LayerCost> = cfg
             .layer_bytes
@@ -691,16 +701,15 @@ impl Server {
             ..PlanConfig::default()
         };
         let plan = pipeline::plan(&layers, &workers, pcfg).map_err(|e| no_plan(e.to_string()))?;
-        // Keep the balancer while the plan is unchanged.
-        let key = format!("{:?}", plan.replicas);
         let mut plans = self.inner.plans.lock().unwrap();
         let st = plans.entry(name.to_string()).or_insert_with(|| PlanState {
-            key: String::new(),
+            inputs: Vec::new(),
             plan: plan.clone(),
-            balancer: Balancer::new(0),
+            balancer: Balancer::new(plan.replicas.len()),
         });
-        if st.key != key {
-            st.key = key;
+        st.inputs = workers;
+        // Keep the balancer while the plan is unchanged.
+        if st.plan != plan {
             st.plan = plan.clone();
             st.balancer.reset(plan.replicas.len());
         }
@@ -920,8 +929,7 @@ impl Server {
                 rows,
                 start,
                 end,
-                batch,
-                len,
+                shape,
                 prefill,
                 pad,
                 input,
@@ -931,17 +939,6 @@ impl Server {
                     Ok(s) => s,
                     Err(e) => return (StageReply::Err(e), vec![]),
                 };
-                let mut shape = input_shape(input, batch, len, &stage);
-                let mut payload = payload;
-                if shape.is_empty() {
-                    match split_shape(&payload) {
-                        Ok((s, at)) => {
-                            shape = s;
-                            payload.drain(..at);
-                        }
-                        Err(e) => return (StageReply::Err(e), vec![]),
-                    }
-                }
                 let stats = self.clone();
                 let threads = self.inner.cfg.threads;
                 let run = tokio::task::spawn_blocking(move || {
@@ -1017,8 +1014,9 @@ impl Server {
         }
     }
 
-    /// Runs `input` through every stage of `replica` for `rows` (a prefill of `len`
-    /// left-padded positions, or one decode token each).
+    /// Runs `input` (of `shape`, `[rows, ...]`) through every stage of `replica`: each
+    /// stage takes the previous one's answer. For a `gpt`, a prefill of left-padded
+    /// prompts or one decode token per row.
     #[allow(clippy::too_many_arguments)]
     async fn through(
         &self,
@@ -1028,11 +1026,10 @@ impl Server {
         prefill: bool,
         pad: &[u32],
         mut input: (Payload, Vec<u8>),
-        len: u32,
+        mut shape: Vec<u32>,
         last: Payload,
     ) -> Result<(Vec<u32>, Vec<u8>), ServeError> {
         let n = replica.len();
-        let mut shape = vec![];
         for (i, s) in replica.iter().enumerate() {
             let output = if i + 1 == n { last } else { Payload::Hidden };
             let req = StageRequest::Forward {
@@ -1040,8 +1037,7 @@ impl Server {
                 rows: rows.to_vec(),
                 start: s.layers.start as u32,
                 end: s.layers.end as u32,
-                batch: rows.len() as u32,
-                len,
+                shape: std::mem::take(&mut shape),
                 prefill,
                 pad: pad.to_vec(),
                 input: input.0,
@@ -1253,7 +1249,7 @@ impl Server {
         mut rx: mpsc::Receiver<Row>,
         requeue: mpsc::Sender<Row>,
     ) {
-        let mut lanes: HashMap<String, Vec<Lane>> = HashMap::new();
+        let mut lanes: HashMap<Vec<pipeline::Stage>, Vec<Lane>> = HashMap::new();
         while let Some(mut row) = rx.recv().await {
             if Instant::now() >= row.p.deadline {
                 row.fail(ServeError::Deadline(row.p.deadline - row.p.started), &self);
@@ -1284,14 +1280,10 @@ impl Server {
                     .unwrap_or(0)
             };
             let replica = plan.replicas[ix].clone();
-            let key = format!("{replica:?}");
             // Lanes of replicas no longer planned, or that stopped, are dropped (a fresh
             // group starts when their replica is planned again).
-            lanes.retain(|k, g| {
-                plan.replicas.iter().any(|r| format!("{r:?}") == *k)
-                    && g.iter().all(|l| !l.tx.is_closed())
-            });
-            let group = lanes.entry(key.clone()).or_insert_with(|| {
+            lanes.retain(|k, g| plan.replicas.contains(k) && g.iter().all(|l| !l.tx.is_closed()));
+            let group = lanes.entry(replica.clone()).or_insert_with(|| {
                 (0..replica.len().max(1))
                     .map(|_| {
                         let (tx, rx) = mpsc::channel(4096);
@@ -1315,7 +1307,7 @@ impl Server {
             lane.load.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             if let Err(mpsc::error::SendError(row)) = lane.tx.send(row).await {
                 // The lane stopped in the meantime: forget its group, try again.
-                lanes.remove(&key);
+                lanes.remove(&replica);
                 if let Some(st) = self.inner.plans.lock().unwrap().get_mut(&model) {
                     st.balancer.done(ix);
                 }
@@ -1511,7 +1503,7 @@ impl Server {
                     true,
                     &pad,
                     (Payload::Tokens, tokens),
-                    l,
+                    vec![ids.len() as u32, l],
                     Payload::LastLogits,
                 )
                 .await?;
@@ -1541,7 +1533,7 @@ impl Server {
                 false,
                 &pad,
                 (Payload::Tokens, tokens),
-                1,
+                vec![ids.len() as u32, 1],
                 Payload::LastLogits,
             )
             .await?;
@@ -1581,7 +1573,7 @@ impl Server {
         if shape.is_empty() || shape.len() > 4 || shape.contains(&0) {
             return Err(ServeError::Invalid(format!("input shape {shape:?}")));
         }
-        let (input, bytes, batch, len, last) = if cfg.is_lm() {
+        let input = if cfg.is_lm() {
             if shape.len() != 2 || shape[1] > cfg.context {
                 return Err(ServeError::Invalid(format!(
                     "a gpt takes token ids [batch, len ≤ {}]",
@@ -1595,62 +1587,34 @@ impl Server {
                 }
                 b.extend_from_slice(&(t as i64).to_le_bytes());
             }
-            (Payload::Tokens, b, shape[0], shape[1], Payload::Logits)
+            (Payload::Tokens, b)
         } else {
-            let mut b = Vec::with_capacity(data.len() * 4);
-            for f in &data {
-                b.extend_from_slice(&f.to_le_bytes());
-            }
-            (
-                Payload::Hidden,
-                b,
-                shape[0],
-                shape.get(1).copied().unwrap_or(1),
-                Payload::Logits,
-            )
+            let b = data.iter().flat_map(|f| f.to_le_bytes()).collect();
+            (Payload::Hidden, b)
         };
-        let want = wire::expected_bytes(input, &shape);
-        if want != Some(bytes.len() as u64) {
+        if wire::expected_bytes(input.0, &shape) != Some(input.1.len() as u64) {
             return Err(ServeError::Invalid(format!(
                 "{} values for shape {shape:?}",
                 data.len()
             )));
         }
+        let batch = shape[0] as usize;
         loop {
             let plan = self.plan(model)?;
             let replica = plan.replicas[0].clone();
             let rows: Vec<u64> = (0..batch).map(|_| rand::random()).collect();
-            let pad = vec![0; batch as usize];
-            let r = if cfg.is_lm() {
-                self.through(
+            let r = self
+                .through(
                     a.sha256,
                     &replica,
                     &rows,
                     true,
-                    &pad,
-                    (input, bytes.clone()),
-                    len,
-                    last,
+                    &vec![0; batch],
+                    input.clone(),
+                    shape.clone(),
+                    Payload::Logits,
                 )
-                .await
-            } else {
-                // Not a pipeline: the single stage takes the tensor as it is.
-                let s = &replica[0];
-                let req = StageRequest::Forward {
-                    model: a.sha256,
-                    rows: rows.clone(),
-                    start: 0,
-                    end: 1,
-                    batch,
-                    len,
-                    prefill: true,
-                    pad: pad.clone(),
-                    input,
-                    output: last,
-                };
-                self.call_stage_shaped(&s.member, req, bytes.clone(), &shape)
-                    .await
-            };
+                .await;
             if cfg.is_lm() {
                 self.drop_rows(&replica, rows);
             }
@@ -1679,47 +1643,6 @@ impl Server {
             }
         }
     }
-
-    /// A stage call whose input shape is not `[batch, len]` (generic tensors).
-    async fn call_stage_shaped(
-        &self,
-        member: &NodeId,
-        req: StageRequest,
-        payload: Vec<u8>,
-        shape: &[u32],
-    ) -> Result<(Vec<u32>, Vec<u8>), ServeError> {
-        // The shape rides in front of the payload: [u8 rank][u32 LE dims…].
-        let mut framed = Vec::with_capacity(1 + 4 * shape.len() + payload.len());
-        framed.push(shape.len() as u8);
-        for d in shape {
-            framed.extend_from_slice(&d.to_le_bytes());
-        }
-        framed.extend_from_slice(&payload);
-        self.call_stage(member, req, framed).await
-    }
-}
-
-/// The input shape of a forward: `[batch, len]` tokens, `[batch, len, width]` hidden
-/// states of a gpt; for other models a rank-prefixed shape travels in the payload.
-fn input_shape(input: Payload, batch: u32, len: u32, stage: &Arc<Mutex<Stage>>) -> Vec<u32> {
-    let cfg = stage.lock().unwrap().config().clone();
-    match (cfg.is_lm(), input) {
-        (true, Payload::Tokens) => vec![batch, len],
-        (true, _) => vec![batch, len, cfg.width],
-        (false, _) => vec![],
-    }
-}
-
-/// Splits a rank-prefixed shape (`[u8 rank][u32 LE dims…]`) off a payload.
-fn split_shape(b: &[u8]) -> Result<(Vec<u32>, usize), String> {
-    let rank = *b.first().ok_or("empty payload")? as usize;
-    if rank == 0 || rank > 4 || b.len() < 1 + 4 * rank {
-        return Err(format!("bad shape prefix of rank {rank}"));
-    }
-    let dims = (0..rank)
-        .map(|i| u32::from_le_bytes(b[1 + 4 * i..5 + 4 * i].try_into().expect("4 bytes")))
-        .collect();
-    Ok((dims, 1 + 4 * rank))
 }
 
 fn record_latency(st: &mut ServeStats, took: f64) {

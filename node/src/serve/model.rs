@@ -470,20 +470,12 @@ impl Stage {
         }
         self.ensure(layers.start, layers.end)?;
         let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+        // The payload's length was checked against its shape above; the wire is
+        // little-endian, like every host the data plane compiles for.
         let x = match input {
-            Payload::Tokens => {
-                let v: Vec<i64> = bytes
-                    .chunks_exact(8)
-                    .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
-                    .collect();
-                Tensor::from_slice(&v).view(dims.as_slice())
-            }
+            Payload::Tokens => Tensor::from_data_size(bytes, &dims, Kind::Int64),
             Payload::Hidden | Payload::Logits | Payload::LastLogits => {
-                let v: Vec<f32> = bytes
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
-                    .collect();
-                Tensor::from_slice(&v).view(dims.as_slice())
+                Tensor::from_data_size(bytes, &dims, Kind::Float)
             }
             Payload::Bytes => return Err(req("a forward of raw bytes")),
         };
@@ -522,12 +514,8 @@ impl Stage {
         let out = out.to_kind(Kind::Float).contiguous();
         let shape: Vec<u32> = out.size().iter().map(|&d| d as u32).collect();
         let n = out.numel();
-        let mut v = vec![0f32; n];
-        out.view([-1]).copy_data(&mut v, n);
-        let mut b = Vec::with_capacity(n * 4);
-        for f in v {
-            b.extend_from_slice(&f.to_le_bytes());
-        }
+        let mut b = vec![0u8; n * 4];
+        out.copy_data_u8(&mut b, n);
         let kind = match &self.weights {
             Weights::Gpt(_) => output,
             _ => Payload::Logits,
