@@ -405,18 +405,8 @@ fn a_stage_killed_under_load_fails_over() {
 fn a_torchscript_module_serves_generic_tensors() {
     let dir = TempDir::new("serve-torchscript");
     let py = std::env::var("SHOAL_PYTHON").expect("SHOAL_PYTHON (source scripts/env.sh)");
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let model = dir.0.join("byo.pt");
-    let out = Command::new(&py)
-        .arg(root.join("examples/byo_model/export.py"))
-        .arg(&model)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    export_byo_model(&model);
     let nodes = cluster(&dir.0.join("c"), 2);
     post(
         &nodes[0],

@@ -387,16 +387,7 @@ fn torchscript_model_trains() {
     let d = TempDir::new("train-byo");
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let model = d.0.join("model.pt");
-    let out = Command::new(python())
-        .arg(root.join("examples/byo_model/export.py"))
-        .arg(&model)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    export_byo_model(&model);
     // The example's job file, with the data path pointed at the shared digits.
     let text = std::fs::read_to_string(root.join("examples/byo_model/job.toml"))
         .unwrap()

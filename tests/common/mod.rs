@@ -387,3 +387,16 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// Exports `examples/byo_model/` (a TorchScript digits classifier) to `out` with the setup
+/// venv's Python.
+pub fn export_byo_model(out: &Path) {
+    let python = std::env::var("SHOAL_PYTHON").expect("SHOAL_PYTHON (source scripts/env.sh)");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let r = Command::new(python)
+        .arg(root.join("examples/byo_model/export.py"))
+        .arg(out)
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+}
