@@ -25,16 +25,23 @@ fn node_args(extra: &[String]) -> Vec<String> {
 
 /// `n` nodes: node 0 on a fixed port, the others bootstrapping from it.
 fn cluster(dir: &Path, n: usize) -> (Vec<Node>, Vec<Vec<String>>) {
+    cluster_with(dir, n, &[])
+}
+
+/// [`cluster`] with `extra` arguments for every node.
+fn cluster_with(dir: &Path, n: usize, extra: &[&str]) -> (Vec<Node>, Vec<Vec<String>>) {
     let port = free_port();
     let boot_listen = format!("/ip4/127.0.0.1/tcp/{port}");
-    let first_args = node_args(&["--listen".into(), boot_listen.clone()]);
+    let mut first_args = node_args(&["--listen".into(), boot_listen.clone()]);
+    first_args.extend(extra.iter().map(|s| s.to_string()));
     let refs: Vec<&str> = first_args.iter().map(String::as_str).collect();
     let first = Node::start(&dir.join("node-0"), &refs);
     let boot = format!("{boot_listen}/p2p/{}", first.id());
     let mut nodes = vec![first];
     let mut all_args = vec![first_args];
     for i in 1..n {
-        let args = joiner_args(&boot);
+        let mut args = joiner_args(&boot);
+        args.extend(extra.iter().map(|s| s.to_string()));
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
         nodes.push(Node::start(&dir.join(format!("node-{i}")), &refs));
         all_args.push(args);
@@ -433,18 +440,7 @@ fn diverged_weights_stop_the_job_naming_the_members() {
 #[test]
 fn a_nan_gradient_is_left_out_and_the_step_redone_without_it() {
     let d = TempDir::new("elastic-guard");
-    let port = free_port();
-    let listen = format!("/ip4/127.0.0.1/tcp/{port}");
-    let first = node_args(&["--listen".into(), listen.clone(), "--debug-api".into()]);
-    let refs: Vec<&str> = first.iter().map(String::as_str).collect();
-    let mut nodes = vec![Node::start(&d.0.join("node-0"), &refs)];
-    let boot = format!("{listen}/p2p/{}", nodes[0].id());
-    for i in 1..3 {
-        let mut a = joiner_args(&boot);
-        a.push("--debug-api".into());
-        let refs: Vec<&str> = a.iter().map(String::as_str).collect();
-        nodes.push(Node::start(&d.0.join(format!("node-{i}")), &refs));
-    }
+    let (nodes, _) = cluster_with(&d.0, 3, &["--debug-api"]);
     let all: Vec<&Node> = nodes.iter().collect();
     wait_until("3 nodes in one view", Duration::from_secs(30), || {
         agreed(&all, 3)
@@ -533,4 +529,66 @@ fn a_nan_gradient_is_left_out_and_the_step_redone_without_it() {
         "{by_member:?}"
     );
     println!("guarded step {step}: {by_member:?}");
+}
+
+/// A member whose collective breaks without any member change (here: it abandons one, as if
+/// its link broke) leaves the others waiting in that collective. The view is then replaced
+/// by its next epoch with the same members, so everyone starts over together: nobody waits
+/// out a collective's start bound, the step is redone by all three, and the job ends with
+/// equal weights.
+#[test]
+fn a_broken_collective_restarts_every_member_in_a_new_epoch() {
+    let d = TempDir::new("elastic-abandon");
+    let (nodes, _) = cluster_with(&d.0, 3, &["--debug-api"]);
+    let all: Vec<&Node> = nodes.iter().collect();
+    wait_until("3 nodes in one view", Duration::from_secs(30), || {
+        agreed(&all, 3)
+    });
+    let run = submit(&nodes[0], &job_toml(&d.0, 300, ""), false);
+    wait_until("step 10 with 3 members", Duration::from_secs(120), || {
+        let j = job(&nodes[0], &run)?;
+        (j["step"].as_u64()? >= 10 && j["members"] == 3).then_some(())
+    });
+    let epoch_before = agreed(&all, 3).map(|(e, _, _)| e);
+    http(
+        nodes[2].api.unwrap(),
+        "POST",
+        &format!("/v1/debug/perturb?run={run}&kind=abandon"),
+        &[],
+    )
+    .unwrap();
+    let done = wait_done(&all, &run, Duration::from_secs(300));
+    let hashes: Vec<&Value> = done.iter().map(|j| &j["weights_hash"]).collect();
+    assert!(hashes.iter().all(|h| *h == hashes[0]), "{hashes:?}");
+    assert!(nodes[2].log().contains("debug: abandoning this collective"));
+    for n in &nodes {
+        let log = n.log();
+        assert!(
+            !log.contains("the collective within"),
+            "a member waited out a collective's bound:\n{}",
+            log.lines()
+                .filter(|l| l.contains("WARN"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+    // The step was redone, and the next sync ran in a later epoch with all three members.
+    let text = std::fs::read_to_string(d.0.join("runs/elastic/metrics.jsonl")).unwrap();
+    let lines: Vec<Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let redo = lines
+        .iter()
+        .position(|v| v["event"] == "redo")
+        .expect("a redo event");
+    let sync = lines[redo..]
+        .iter()
+        .find(|v| v["event"] == "sync")
+        .expect("a sync after the redo");
+    assert_eq!(sync["members"], 3, "{sync}");
+    if let Some(e) = epoch_before {
+        assert!(sync["view_epoch"].as_u64().unwrap() > e, "{sync}");
+    }
+    check_cursor_walk(&d.0.join("runs/elastic"), 300, 48);
 }

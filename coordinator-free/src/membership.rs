@@ -483,6 +483,23 @@ impl Membership {
         }
     }
 
+    /// Work bound to the view `failed` broke although its members did not change (a link
+    /// failed, a bound passed, members were out of step): if it is still the current view,
+    /// move to the next epoch with the same members. Every member abandons what it ran in
+    /// the failed view and starts over in the new one; the others take the new epoch from
+    /// the heartbeat this queues at once (epoch adoption), so a failure report is a
+    /// coordinator-free "everyone restart together". Several members reporting the same
+    /// failure land on the same epoch. Returns whether the view changed; a report about any
+    /// other view is stale and ignored.
+    pub fn handle_view_failed(&mut self, failed: &ViewHash, now: u64) -> bool {
+        if *failed != self.view.hash {
+            return false;
+        }
+        let epoch = self.view.epoch + 1;
+        self.set_view(View::new(epoch, self.view.members.clone()), now);
+        true
+    }
+
     /// The next time [`Membership::handle_timeout`] has work to do.
     pub fn poll_timeout(&self) -> u64 {
         let mut t = self.next_heartbeat_ms;

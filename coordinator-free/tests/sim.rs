@@ -218,6 +218,16 @@ impl Sim {
         }
     }
 
+    /// Slot `i` reports its current view failed (as a trainer does when a collective
+    /// breaks without a member change).
+    fn report_view_failed(&mut self, i: usize) {
+        let now = self.now;
+        let m = self.slots[i].machine.as_mut().unwrap();
+        let hash = m.view().hash;
+        assert!(m.handle_view_failed(&hash, now));
+        self.drain(i);
+    }
+
     /// All live nodes hold one view whose members are exactly the live nodes at their
     /// current incarnations.
     fn assert_converged(&self, what: &str, seed: u64) {
@@ -262,7 +272,7 @@ fn scenario(seed: u64) -> u64 {
     while sim.now < chaos_end {
         let t = sim.now + rng.gen_range(100..1_200);
         sim.run_until(t.min(chaos_end));
-        match rng.gen_range(0..6) {
+        match rng.gen_range(0..7) {
             0 => {
                 let live = sim.live();
                 if live.len() > 1 {
@@ -283,6 +293,12 @@ fn scenario(seed: u64) -> u64 {
             }
             3 => sim.groups = vec![0; n],
             4 => sim.drop_prob = rng.gen_range(0.0..0.3),
+            5 => {
+                // A member's collective failed in its view: everyone should restart together.
+                let live = sim.live();
+                let i = live[rng.gen_range(0..live.len())];
+                sim.report_view_failed(i);
+            }
             _ => sim.drop_prob = 0.0,
         }
     }
@@ -388,4 +404,58 @@ fn replayed_heartbeats_do_not_resurrect_a_crashed_node() {
     sim.run_until(t);
     assert_eq!(sim.view(0).len(), 2);
     assert_eq!(sim.view(0), sim.view(1));
+}
+
+/// A failure report moves every member to one new view with the same members, however many
+/// members report it and whenever they do (before or after they adopted the new epoch), on
+/// a lossy network; stale reports change nothing, and the cluster is quiet afterwards.
+#[test]
+fn a_reported_view_failure_restarts_every_member_in_one_new_view() {
+    for seed in 0..300 {
+        let mut rng = StdRng::seed_from_u64(seed ^ 0xfa11);
+        let n = rng.gen_range(2..=7);
+        let mut sim = Sim::new(seed, n);
+        for i in 0..n {
+            sim.start(i);
+        }
+        let cfg = sim.config.clone();
+        let converge = cfg.convergence_bound_ms(MAX_DELAY);
+        sim.run_until(converge);
+        sim.assert_converged("start", seed);
+        let before = sim.view(0).clone();
+        sim.drop_prob = rng.gen_range(0.0..0.2);
+        let reporters = rng.gen_range(1..=n);
+        let mut at: Vec<(u64, usize)> = (0..reporters)
+            .map(|_| {
+                (
+                    sim.now + rng.gen_range(0..3 * MAX_DELAY),
+                    rng.gen_range(0..n),
+                )
+            })
+            .collect();
+        at.sort();
+        for (t, i) in at {
+            sim.run_until(t);
+            // A member reports the view it ran in: the old one, even if it moved on since.
+            let now = sim.now;
+            let m = sim.slots[i].machine.as_mut().unwrap();
+            let moved_on = m.view().hash != before.hash;
+            assert_eq!(
+                m.handle_view_failed(&before.hash, now),
+                !moved_on,
+                "seed {seed}"
+            );
+            sim.drain(i);
+        }
+        sim.drop_prob = 0.0;
+        let t = sim.now + converge;
+        sim.run_until(t);
+        sim.assert_converged("after failure reports", seed);
+        let after = sim.view(0).clone();
+        assert!(after.epoch > before.epoch, "seed {seed}: epoch moved on");
+        assert_eq!(after.members, before.members, "seed {seed}: same members");
+        let t = sim.now + 10 * cfg.heartbeat_interval_ms;
+        sim.run_until(t);
+        assert_eq!(sim.view(0), &after, "seed {seed}: quiet afterwards");
+    }
 }

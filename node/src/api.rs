@@ -13,9 +13,11 @@
 //! - `POST /v1/debug/allreduce?bytes=B&iters=K&warmup=W&tag=T` — runs a barrier, W warm-up
 //!   and K timed f32 all-reduces (avg) of B bytes over the current view; only with
 //!   `--debug-api` (`shoal bench allreduce` calls every node at once). B ≤ 4 GiB.
-//! - `POST /v1/debug/perturb?run=R[&kind=nan]` — nudges this node's weights in training run
-//!   R before its next step (tests of the weights consistency check), or (`kind=nan`) makes
-//!   its next gradient NaN (tests of the gradient guard); only with `--debug-api`.
+//! - `POST /v1/debug/perturb?run=R[&kind=nan|abandon]` — nudges this node's weights in
+//!   training run R before its next step (tests of the weights consistency check), or
+//!   (`kind=nan`) makes its next gradient NaN (tests of the gradient guard), or
+//!   (`kind=abandon`) makes it abandon its next collective as if a link broke (tests of the
+//!   restart-together rule); only with `--debug-api`.
 
 use crate::node::NodeHandle;
 use axum::body::Bytes;
@@ -219,7 +221,10 @@ async fn debug_perturb(State(h): State<NodeHandle>, Query(p): Query<PerturbParam
     let kind = match p.kind.as_deref() {
         None | Some("weights") => crate::train::PERTURB_WEIGHTS,
         Some("nan") => crate::train::PERTURB_NAN_GRADIENT,
-        Some(other) => return bad_request(format!("unknown kind `{other}` (weights or nan)")),
+        Some("abandon") => crate::train::PERTURB_ABANDON_COLLECTIVE,
+        Some(other) => {
+            return bad_request(format!("unknown kind `{other}` (weights, nan or abandon)"))
+        }
     };
     match h.perturb_job(p.run, kind).await {
         Ok(true) => Json(serde_json::json!({"perturbed": true})).into_response(),

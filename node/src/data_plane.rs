@@ -389,9 +389,11 @@ impl DataPlane {
     }
 
     /// Installs the current view and addresses. Links from non-members are refused from now
-    /// on, and pooled links to peers that left are closed.
+    /// on, pooled links to peers that left are closed, and links that arrived for
+    /// collectives of another view are dropped (their senders see the link close).
     pub fn set_roster(&self, roster: Roster) {
         let members: Vec<NodeId> = roster.view.ids().cloned().collect();
+        let hash = roster.view.hash;
         *self.inner.roster.lock().unwrap() = Some(Arc::new(roster));
         self.inner
             .tcp_pool
@@ -403,7 +405,7 @@ impl DataPlane {
             .lock()
             .unwrap()
             .arrived
-            .retain(|(peer, _), _| members.contains(peer));
+            .retain(|(peer, _), (_, h, _)| members.contains(peer) && h.view_hash == hash);
         // Close QUIC connections to members that left: collectives still waiting on them
         // fail at once instead of at their timeout (TCP links of a dead process are reset
         // by its kernel already).

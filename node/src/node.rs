@@ -267,6 +267,7 @@ pub async fn run(cfg: NodeConfig) -> Result<(), NodeError> {
         settled: false,
     });
     let handle = NodeHandle { tx };
+    let (view_failed_tx, view_failed_rx) = mpsc::unbounded_channel();
     let server = crate::serve::Server::start(me.clone(), data_plane.clone(), cfg.serve.clone());
     let router = crate::api::router(handle.clone(), cfg.debug_api)
         .merge(crate::serve::http::router(server.clone(), handle.clone()));
@@ -335,6 +336,8 @@ pub async fn run(cfg: NodeConfig) -> Result<(), NodeError> {
         nccl_waiters: Vec::new(),
         remote_ips: HashMap::new(),
         views_tx,
+        view_failed_tx,
+        view_failed_rx,
         jobs: Vec::new(),
         server,
     };
@@ -385,6 +388,9 @@ struct EventLoop {
     remote_ips: HashMap<PeerId, std::net::IpAddr>,
     /// The view for trainers.
     views_tx: watch::Sender<crate::train::ViewState>,
+    /// Trainers report views whose collectives broke here (cloned into each trainer).
+    view_failed_tx: mpsc::UnboundedSender<coordinator_free::ViewHash>,
+    view_failed_rx: mpsc::UnboundedReceiver<coordinator_free::ViewHash>,
     /// Jobs by run id, oldest first.
     jobs: Vec<(u64, JobEntry)>,
     server: crate::serve::Server,
@@ -459,6 +465,12 @@ impl EventLoop {
                     }
                     Some(Command::Shutdown) | None => return,
                 },
+                Some(hash) = self.view_failed_rx.recv() => {
+                    let now = self.now_ms();
+                    if self.membership.handle_view_failed(&hash, now) {
+                        tracing::info!(failed = %hash, "a collective failed in the view: moving every member to the next epoch");
+                    }
+                }
                 _ = job_tick.tick() => {
                     self.announce_jobs();
                     self.announce_models();
@@ -592,6 +604,7 @@ impl EventLoop {
             me: self.membership.me().clone(),
             dp: self.data_plane.clone(),
             views: self.views_tx.subscribe(),
+            view_failed: self.view_failed_tx.clone(),
             rt: tokio::runtime::Handle::current(),
             report: report.clone(),
             perturb: perturb.clone(),

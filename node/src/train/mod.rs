@@ -249,13 +249,17 @@ pub struct TrainContext {
     pub dp: DataPlane,
     /// The view, as it changes.
     pub views: watch::Receiver<ViewState>,
+    /// Where this trainer reports a view whose collective broke without a member change:
+    /// the node moves every member to the next epoch, so all restart together.
+    pub view_failed: tokio::sync::mpsc::UnboundedSender<ViewHash>,
     /// The node's runtime (collectives run there).
     pub rt: tokio::runtime::Handle,
     /// Where progress is published.
     pub report: Arc<Mutex<JobReport>>,
     /// Debug: when set to [`PERTURB_WEIGHTS`], the next step first nudges this member's
     /// weights (tests of the consistency check); to [`PERTURB_NAN_GRADIENT`], this member's
-    /// next gradient is NaN (tests of the gradient guard). Set through
+    /// next gradient is NaN (tests of the gradient guard); to
+    /// [`PERTURB_ABANDON_COLLECTIVE`], its next collective is abandoned. Set through
     /// `POST /v1/debug/perturb`.
     pub perturb: Arc<std::sync::atomic::AtomicU8>,
 }
@@ -305,9 +309,13 @@ struct Trainer {
     tag_base: u64,
 }
 
-/// A collective tag: distinct per run, purpose, step and bucket.
-fn tag(base: u64, purpose: u64, step: u64, index: u64) -> u64 {
-    let mut z = base ^ purpose.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+/// A collective tag: distinct per run (`base`), view, purpose, step and bucket. Binding it
+/// to the view means a link opened for an abandoned collective of an earlier view (or of an
+/// earlier attempt: a failed view is replaced by a new epoch) can never be taken for the
+/// same step's collective in the current one.
+fn tag(base: u64, view: &View, purpose: u64, step: u64, index: u64) -> u64 {
+    let v = u64::from_le_bytes(view.hash.0[..8].try_into().expect("8 bytes"));
+    let mut z = base ^ v.rotate_left(29) ^ purpose.wrapping_mul(0x9e37_79b9_7f4a_7c15);
     z ^= step.wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z ^= index.wrapping_mul(0x94d0_49bb_1331_11eb);
     z
@@ -324,6 +332,9 @@ const TAG_GUARD: u64 = 6;
 pub const PERTURB_WEIGHTS: u8 = 1;
 /// [`TrainContext::perturb`]: make the next local gradient NaN.
 pub const PERTURB_NAN_GRADIENT: u8 = 2;
+/// [`TrainContext::perturb`]: this member abandons its next collective as if its link had
+/// broken, leaving the others waiting in it (tests of the restart-together rule).
+pub const PERTURB_ABANDON_COLLECTIVE: u8 = 3;
 
 /// Why a collective of the loop did not complete.
 #[derive(Debug, thiserror::Error)]
@@ -713,12 +724,7 @@ impl Trainer {
         let input = words_as_f32(&[mine]);
         let mut out = vec![0f32; 2 * view.len()];
         let dp = self.ctx.dp.clone();
-        let t = tag(
-            self.tag_base ^ view.epoch.rotate_left(40),
-            TAG_HASH,
-            self.step,
-            0,
-        );
+        let t = tag(self.tag_base, view, TAG_HASH, self.step, 0);
         match self.collective(view, dp.all_gather(view, t, &input, &mut out)) {
             Ok(()) => {
                 let hashes = f32_as_words(&out);
@@ -769,20 +775,43 @@ impl Trainer {
         self.settled_view(min, bound)
     }
 
-    /// Runs `fut` (a collective on `view`), abandoning it as soon as the view changes.
+    /// Runs `fut` (a collective on `view`), abandoning it as soon as the view changes. A
+    /// failure of the collective itself is reported to the node, which moves every member
+    /// to the next epoch: members that failed at different moments, or are still waiting in
+    /// the broken collective, all start over together instead of each retrying on its own
+    /// in a view where the others are elsewhere.
     fn collective<T>(
         &mut self,
         view: &View,
         fut: impl std::future::Future<Output = Result<T, DataPlaneError>>,
     ) -> Result<T, StepFailure> {
+        use std::sync::atomic::Ordering::SeqCst;
         let views = &mut self.ctx.views;
         let hash = view.hash;
-        self.ctx.rt.block_on(async {
-            tokio::select! {
-                r = fut => r.map_err(StepFailure::Collective),
-                _ = views.wait_for(|s| s.view.hash != hash) => Err(StepFailure::ViewChanged),
-            }
-        })
+        let abandon = self
+            .ctx
+            .perturb
+            .compare_exchange(PERTURB_ABANDON_COLLECTIVE, 0, SeqCst, SeqCst)
+            .is_ok();
+        let r = if abandon {
+            tracing::warn!(step = self.step, "debug: abandoning this collective");
+            Err(StepFailure::Collective(DataPlaneError::Io {
+                peer: self.ctx.me.clone(),
+                source: std::io::Error::other("abandoned (debug)"),
+            }))
+        } else {
+            self.ctx.rt.block_on(async {
+                tokio::select! {
+                    r = fut => r.map_err(StepFailure::Collective),
+                    _ = views.wait_for(|s| s.view.hash != hash) => Err(StepFailure::ViewChanged),
+                }
+            })
+        };
+        if let Err(StepFailure::Collective(_)) = &r {
+            // The node is gone only when it is shutting down; then nothing restarts anyway.
+            let _ = self.ctx.view_failed.send(hash);
+        }
+        r
     }
 
     /// All-gathers every member's progress on `view`.
@@ -794,7 +823,7 @@ impl Trainer {
         let input = words_as_f32(&[mine.step, mine.cursor.epoch, mine.cursor.offset]);
         let mut out = vec![0f32; 6 * view.len()];
         let dp = self.ctx.dp.clone();
-        let t = tag(self.tag_base, TAG_EXCHANGE, view.epoch, 0);
+        let t = tag(self.tag_base, view, TAG_EXCHANGE, 0, 0);
         self.collective(view, dp.all_gather(view, t, &input, &mut out))?;
         let words = f32_as_words(&out);
         Ok(view
@@ -927,7 +956,7 @@ impl Trainer {
                 .copy_data(&mut flat[off..off + n], n);
             off += n;
         }
-        let t = tag(self.tag_base, TAG_SYNC, view.epoch, 0);
+        let t = tag(self.tag_base, view, TAG_SYNC, 0, 0);
         let dp = self.ctx.dp.clone();
         self.collective(view, dp.broadcast(view, t, &mut flat, root))?;
         let _guard = tch::no_grad_guard();
@@ -985,14 +1014,14 @@ impl Trainer {
         let compute = tc.elapsed();
         let dp = self.ctx.dp.clone();
         let bucket = (self.job().bucket_bytes as usize / 4).max(1);
-        let base = self.tag_base ^ view.epoch.rotate_left(40);
+        let base = self.tag_base;
         let step = self.step;
         let v = view.clone();
         let fut = async {
             let futs = flat.chunks_mut(bucket).enumerate().map(|(i, chunk)| {
                 dp.all_reduce(
                     &v,
-                    tag(base, TAG_GRAD, step, i as u64),
+                    tag(base, &v, TAG_GRAD, step, i as u64),
                     chunk,
                     ReduceOp::Sum,
                 )
@@ -1040,7 +1069,7 @@ impl Trainer {
             };
             let mut out = vec![0f32; view.len()];
             let dp = self.ctx.dp.clone();
-            let t = tag(self.tag_base, TAG_GUARD, self.step, attempt);
+            let t = tag(self.tag_base, view, TAG_GUARD, self.step, attempt);
             let mine = [norm as f32];
             self.collective(view, dp.all_gather(view, t, &mine, &mut out))
                 .map_err(StepError::Failed)?;
@@ -1238,12 +1267,7 @@ impl Trainer {
         }
         self.model.set_train(true);
         let dp = self.ctx.dp.clone();
-        let t = tag(
-            self.tag_base ^ view.epoch.rotate_left(40),
-            TAG_EVAL,
-            self.step,
-            0,
-        );
+        let t = tag(self.tag_base, view, TAG_EVAL, self.step, 0);
         self.collective(view, dp.all_reduce(view, t, &mut sums, ReduceOp::Sum))
             .map_err(StepError::Failed)?;
         let n = sums[2].max(1.0) as f64;
