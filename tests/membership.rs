@@ -128,6 +128,107 @@ fn node_with_another_swarm_key_never_joins() {
     }
     let (_, _, alone) = view_of(&intruder.status().unwrap());
     assert_eq!(alone, vec![intruder_id]);
+    // 100 dials with the wrong key and 100 with none, from one process: every one refused
+    // in the handshake, each with a log line naming where it came from.
+    let refusals = || {
+        nodes[0].status().unwrap()["counters"]["handshakes_refused"]
+            .as_u64()
+            .unwrap()
+    };
+    let before = refusals();
+    for key in [Some(key_b.to_str().unwrap()), None] {
+        let start = refusals();
+        let mut args = vec![
+            "bench",
+            "dial",
+            &boot,
+            "--count",
+            "100",
+            "--timeout-ms",
+            "1000",
+        ];
+        if let Some(k) = key {
+            args.extend_from_slice(&["--swarm-key", k]);
+        }
+        let out = run_shoal(&args);
+        assert!(out.status.success(), "{out:?}");
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        // The dialer may not hear the refusal (it waits out its bound); the node counts it.
+        assert_eq!(r["upgraded"], 0, "{r}");
+        let n = wait_until("node 0 to count 100 refusals", BOUND, || {
+            let n = refusals() - start;
+            (n >= 100).then_some(n)
+        });
+        eprintln!(
+            "dials with {}: {r}; node 0 refused {n}",
+            key.map_or("no key", |_| "a wrong key")
+        );
+    }
+    let refused = refusals() - before;
+    let lines = nodes[0]
+        .log()
+        .lines()
+        .filter(|l| l.contains("refused handshake") && l.contains("from=/ip4/127.0.0.1/tcp/"))
+        .count();
+    assert!(lines >= 200, "{lines} log lines");
+    eprintln!(
+        "wrong or missing swarm key: 200/200 dials refused ({refused} counted, {lines} log lines)"
+    );
+    for n in &nodes {
+        assert_eq!(view_of(&n.status().unwrap()).2.len(), 2);
+    }
+}
+
+/// A flood of dials from one process (300, 64 at a time, each held open) against a node
+/// limited to 8 connections (4 per peer): it never holds more than 8, keeps at most 4 of
+/// the flooder's, refuses the rest (counted and logged), and its cluster carries on.
+#[test]
+fn a_dial_flood_from_one_process_stays_within_the_connection_limit() {
+    let dir = TempDir::new("flood");
+    let nodes = start_cluster(&dir, 2, &["--max-connections", "8"]);
+    let refs: Vec<&Node> = nodes.iter().collect();
+    let (_, hash, _) = wait_until("2 nodes in one view", BOUND, || agreed(&refs, 2));
+    let boot = nodes[0].tcp_addr();
+    let mut flood = std::process::Command::new(shoal_bin())
+        .args([
+            "bench",
+            "dial",
+            &boot,
+            "--count",
+            "300",
+            "--concurrency",
+            "64",
+        ])
+        .args(["--timeout-ms", "1000"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut most = 0;
+    let mut samples = 0;
+    while flood.try_wait().unwrap().is_none() {
+        if let Some(s) = nodes[0].status() {
+            most = most.max(s["node"]["connections"].as_u64().unwrap());
+            samples += 1;
+        }
+    }
+    let out = flood.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let s = nodes[0].status().unwrap();
+    eprintln!(
+        "flood: {r}; node 0 held at most {most} connections over {samples} samples; refused {}",
+        s["counters"]["handshakes_refused"]
+    );
+    assert!(samples > 0);
+    assert!(most <= 8, "{most} connections");
+    // One process is one peer: at most 4 connections per peer (the default) stay up.
+    let n = |k: &str| r[k].as_u64().unwrap();
+    assert_eq!(n("upgraded") + n("refused") + n("timed_out"), 300, "{r}");
+    assert!(r["held"].as_u64().unwrap() <= 4, "{r}");
+    assert!(s["counters"]["handshakes_refused"].as_u64().unwrap() >= 300 - 4);
+    assert!(nodes[0].log().contains("refused handshake"));
+    let (_, hash_after, _) = wait_until("still one view", BOUND, || agreed(&refs, 2));
+    assert_eq!(hash, hash_after);
 }
 
 #[test]
@@ -161,6 +262,52 @@ fn malformed_and_forged_gossip_is_rejected_and_counted() {
         });
         assert!(n.log().contains("rejected gossip message"));
         assert!(n.log().contains("rejected heartbeat for another peer"));
+    }
+    // 100 forgeries (heartbeats claiming node 1 or 2, signed by node 0) and 100 replays
+    // (node 0's own heartbeats with seqs it already sent): all refused, each logged naming
+    // node 0.
+    let me = nodes[0].id();
+    let heartbeat = |id: &str, seq: u64| {
+        ControlMessage::Heartbeat(Heartbeat {
+            id: NodeId::new(id).unwrap(),
+            incarnation: 1,
+            seq,
+            view_epoch: 1,
+            view_hash: ViewHash::default(),
+            caps: Capabilities::default(),
+            addrs: vec![],
+            data_addr: None,
+        })
+        .encode()
+        .unwrap()
+    };
+    let others = [nodes[1].id(), nodes[2].id()];
+    for i in 0..100u64 {
+        http(
+            api,
+            "POST",
+            "/v1/debug/gossip",
+            &heartbeat(&others[i as usize % 2], 1000 + i),
+        )
+        .unwrap();
+        http(api, "POST", "/v1/debug/gossip", &heartbeat(&me, 1 + i % 3)).unwrap();
+    }
+    for n in &nodes[1..] {
+        let count = |what: &str| {
+            n.log()
+                .lines()
+                .filter(|l| l.contains(what) && l.contains(&me))
+                .count()
+        };
+        let (forged, replayed) = wait_until("200 more rejections", BOUND, || {
+            let (f, r) = (
+                count("rejected heartbeat for another peer"),
+                count("rejected replayed heartbeat"),
+            );
+            (f >= 101 && r >= 100).then_some((f - 1, r))
+        });
+        eprintln!("forged heartbeats refused {forged}/100, replayed {replayed}/100");
+        assert_eq!((forged, replayed), (100, 100));
     }
     // Nobody crashed and the view did not change: node 1 is still at incarnation 1.
     let (_, hash_after, _) = wait_until("still one view", BOUND, || agreed(&refs, 3));

@@ -5,6 +5,8 @@
 //! without QUIC rather than accept connections that skip the key.
 
 use coordinator_free::codec::MAX_CONTROL_MESSAGE;
+use libp2p::core::muxing::StreamMuxerBox;
+use libp2p::core::transport::Boxed;
 use libp2p::core::upgrade::Version;
 use libp2p::gossipsub::{self, IdentTopic, MessageAuthenticity, ValidationMode};
 use libp2p::identity::Keypair;
@@ -156,17 +158,7 @@ pub fn build_swarm(
             .build(),
         Some(psk) => libp2p::SwarmBuilder::with_existing_identity(key)
             .with_tokio()
-            .with_other_transport(|k| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
-                let noise = noise::Config::new(k)?;
-                Ok(
-                    tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
-                        .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
-                        .upgrade(Version::V1Lazy)
-                        .authenticate(noise)
-                        .multiplex(yamux::Config::default())
-                        .timeout(Duration::from_secs(20)),
-                )
-            })
+            .with_other_transport(|k| private_tcp(k, psk))
             .map_err(|e| transport_err(&e))?
             .with_behaviour(|k| {
                 behaviour(k).map_err(Box::<dyn std::error::Error + Send + Sync>::from)
@@ -176,6 +168,123 @@ pub fn build_swarm(
             .build(),
     };
     Ok(swarm)
+}
+
+/// TCP behind the swarm key: the pre-shared-key handshake first (a peer without the key
+/// never reaches noise), then noise (authenticated by the libp2p identity) and yamux.
+fn private_tcp(
+    key: &Keypair,
+    psk: PreSharedKey,
+) -> Result<Boxed<(PeerId, StreamMuxerBox)>, Box<dyn std::error::Error + Send + Sync>> {
+    let noise = noise::Config::new(key)?;
+    Ok(
+        tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
+            .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
+            .upgrade(Version::V1Lazy)
+            .authenticate(noise)
+            .multiplex(yamux::Config::default())
+            .timeout(Duration::from_secs(20))
+            .boxed(),
+    )
+}
+
+/// What [`dial_flood`] saw.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct DialReport {
+    /// Dials made.
+    pub dials: u32,
+    /// Dials whose handshake completed on this side.
+    pub upgraded: u32,
+    /// Upgraded connections the target closed while they were held (over its limits).
+    pub closed_by_target: u32,
+    /// Upgraded connections still open when the flood ended.
+    pub held: u32,
+    /// Dials refused during the handshake (wrong swarm key, connection reset, limits).
+    pub refused: u32,
+    /// Dials that did not finish within the bound.
+    pub timed_out: u32,
+}
+
+/// Dials `target` `count` times from this one process (a fresh identity; at most
+/// `concurrency` dials in flight), over TCP with `psk` (None: without a swarm key), each
+/// dial bounded by `bound`. Every upgraded connection is driven (so its handshake really
+/// completes) and held until all dials are done and `bound` more has passed, counting
+/// those the target closes meanwhile.
+/// `shoal bench dial` uses it to check a node's defenses: a wrong swarm key is refused
+/// every time, and a flood stays within the node's connection limits.
+pub async fn dial_flood(
+    target: &libp2p::Multiaddr,
+    psk: Option<PreSharedKey>,
+    count: u32,
+    concurrency: usize,
+    bound: Duration,
+) -> Result<DialReport, ControlPlaneError> {
+    use futures::StreamExt;
+    use libp2p::core::transport::{DialOpts, PortUse};
+    use libp2p::core::Endpoint;
+    let key = Keypair::generate_ed25519();
+    let err = |e: &dyn std::fmt::Display| ControlPlaneError::Transport(e.to_string());
+    let mut transport = match psk {
+        Some(psk) => private_tcp(&key, psk).map_err(|e| err(&e))?,
+        None => tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
+            .upgrade(Version::V1Lazy)
+            .authenticate(noise::Config::new(&key).map_err(|e| err(&e))?)
+            .multiplex(yamux::Config::default())
+            .boxed(),
+    };
+    let (addr, _) = split_peer_id(target);
+    let mut dials = Vec::new();
+    for _ in 0..count {
+        let opts = DialOpts {
+            role: Endpoint::Dialer,
+            port_use: PortUse::New,
+        };
+        dials.push(transport.dial(addr.clone(), opts).map_err(|e| err(&e))?);
+    }
+    let mut report = DialReport {
+        dials: count,
+        ..DialReport::default()
+    };
+    let (closed_tx, mut closed_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let mut drivers = Vec::new();
+    let mut outcomes = futures::stream::iter(dials)
+        .map(|d| tokio::time::timeout(bound, d))
+        .buffer_unordered(concurrency.max(1));
+    while let Some(r) = outcomes.next().await {
+        match r {
+            Ok(Ok((_, mut muxer))) => {
+                report.upgraded += 1;
+                let closed = closed_tx.clone();
+                drivers.push(tokio::spawn(async move {
+                    use libp2p::core::muxing::StreamMuxerExt;
+                    // Drive the connection until the target closes it.
+                    while futures::future::poll_fn(|cx| muxer.poll_unpin(cx))
+                        .await
+                        .is_ok()
+                    {}
+                    let _ = closed.send(());
+                }));
+            }
+            Ok(Err(_)) => report.refused += 1,
+            Err(_) => report.timed_out += 1,
+        }
+    }
+    drop(closed_tx);
+    // Give the target `bound` to close what it will not keep.
+    let _ = tokio::time::timeout(bound, async {
+        while report.closed_by_target < report.upgraded {
+            match closed_rx.recv().await {
+                Some(()) => report.closed_by_target += 1,
+                None => break,
+            }
+        }
+    })
+    .await;
+    report.held = report.upgraded - report.closed_by_target;
+    for d in drivers {
+        d.abort();
+    }
+    Ok(report)
 }
 
 /// The control topic.

@@ -1457,7 +1457,9 @@ async fn write_hello<W: AsyncWrite + Unpin>(
     w.flush().await
 }
 
-async fn read_hello<R: AsyncRead + Unpin>(
+/// Reads a handshake's hello (magic, version, length-checked public key, nonce) from an
+/// unauthenticated peer. One of the decoders of untrusted bytes the `fuzz/` targets drive.
+pub async fn read_hello<R: AsyncRead + Unpin>(
     r: &mut R,
 ) -> Result<(Vec<u8>, [u8; 32]), coordinator_free::CodecError> {
     let io = |e: std::io::Error| coordinator_free::CodecError::Malformed(e.to_string());
@@ -1482,7 +1484,8 @@ async fn write_sig<W: AsyncWrite + Unpin>(w: &mut W, sig: &[u8]) -> std::io::Res
     w.flush().await
 }
 
-async fn read_sig<R: AsyncRead + Unpin>(
+/// Reads a handshake's length-checked signature (fuzzed like [`read_hello`]).
+pub async fn read_sig<R: AsyncRead + Unpin>(
     r: &mut R,
 ) -> Result<Vec<u8>, coordinator_free::CodecError> {
     let io = |e: std::io::Error| coordinator_free::CodecError::Malformed(e.to_string());

@@ -352,6 +352,26 @@ enum BenchCmd {
     /// Loopback TCP ceiling: one stream, 1 MiB writes, 2 GiB, sender and receiver threads.
     /// Prints {"tcp_ceiling_gbps": ...}.
     TcpCeiling,
+    /// Dial a node's control plane COUNT times from this one process (a fresh identity,
+    /// CONCURRENCY dials in flight, upgraded connections held until all are done): checks
+    /// that a wrong swarm key is refused every time and that a flood stays within the
+    /// node's connection limits. Prints {"dials","upgraded","refused","timed_out"}.
+    Dial {
+        /// The node's TCP multiaddr (a trailing /p2p/ID is ignored).
+        target: String,
+        /// Dials. Default: 100.
+        #[arg(long, default_value_t = 100)]
+        count: u32,
+        /// Dials in flight at once. Default: 16.
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        /// Swarm key file to dial with (none: dial without one).
+        #[arg(long)]
+        swarm_key: Option<PathBuf>,
+        /// Bound on each dial in milliseconds. Default: 5000.
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+    },
 }
 
 /// An error with the exit code it maps to.
@@ -445,6 +465,35 @@ async fn dispatch(cmd: Cmd) -> Result<(), Failure> {
         Cmd::Bench {
             what: BenchCmd::TcpCeiling,
         } => tcp_ceiling(),
+        Cmd::Bench {
+            what:
+                BenchCmd::Dial {
+                    target,
+                    count,
+                    concurrency,
+                    swarm_key,
+                    timeout_ms,
+                },
+        } => {
+            let target: Multiaddr = target
+                .parse()
+                .map_err(|e| usage(anyhow!("bad target address: {e}")))?;
+            let psk = match swarm_key {
+                Some(p) => Some(identity::read_swarm_key(&p).map_err(|e| usage(e.into()))?),
+                None => None,
+            };
+            let r = shoal_node::control_plane::dial_flood(
+                &target,
+                psk,
+                count,
+                concurrency,
+                Duration::from_millis(timeout_ms),
+            )
+            .await
+            .map_err(anyhow::Error::from)?;
+            println!("{}", serde_json::json!(r));
+            Ok(())
+        }
         Cmd::Bench {
             what:
                 BenchCmd::Serve {

@@ -926,6 +926,18 @@ impl EventLoop {
                             self.maybe_dial(&id, &addrs, now);
                             MessageAcceptance::Accept
                         }
+                        Err(
+                            e @ (coordinator_free::membership::HeartbeatError::StaleSeq { .. }
+                            | coordinator_free::membership::HeartbeatError::StaleIncarnation {
+                                ..
+                            }),
+                        ) => {
+                            // Gossip drops exact duplicates itself: an older heartbeat of
+                            // the same author is a replay (or a rare reordering).
+                            self.counters.gossip_rejected += 1;
+                            tracing::warn!(from = %propagation_source, author = %id, "rejected replayed heartbeat: {e}");
+                            MessageAcceptance::Ignore
+                        }
                         Err(e) => {
                             self.counters.gossip_ignored += 1;
                             tracing::trace!(peer = %id, "ignored heartbeat: {e}");
@@ -998,6 +1010,11 @@ impl EventLoop {
                 caps: self.membership.local_capabilities().clone(),
                 uptime_ms: now,
                 connected_peers: self.swarm.connected_peers().count(),
+                connections: self
+                    .swarm
+                    .network_info()
+                    .connection_counters()
+                    .num_established(),
                 private_network: self.cfg.control.swarm_key.is_some(),
                 data_plane: Some(crate::status::DataPlaneReport {
                     addr: self.data_plane.local_addr().to_string(),

@@ -46,6 +46,9 @@ pub struct NodeReport {
     pub uptime_ms: u64,
     /// Connected libp2p peers.
     pub connected_peers: usize,
+    /// Established control-plane connections (at most `--max-connections`).
+    #[serde(default)]
+    pub connections: u32,
     /// Whether a swarm key is in force.
     pub private_network: bool,
     /// The data plane.

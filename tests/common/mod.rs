@@ -2,6 +2,8 @@
 //! their local API, wait on observed state (never on bare sleeps), clean up on drop.
 #![allow(dead_code)]
 
+pub mod netns;
+
 use serde_json::Value;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -399,4 +401,71 @@ pub fn export_byo_model(out: &Path) {
         .output()
         .unwrap();
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+}
+
+/// The committed steps recorded in metrics.jsonl (the last line per step wins) walk the
+/// data epochs batch after batch: no batch skipped, none repeated. A step the view's first
+/// member did not log itself must be one it received by a sync (another member committed
+/// it). Returns the samples the job must have consumed: every batch of `steps` steps over
+/// the training rows (derived from the log).
+pub fn check_cursor_walk(run_dir: &Path, steps: u64, batch: u64) -> u64 {
+    let text = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();
+    let mut by_step = std::collections::BTreeMap::new();
+    let mut synced = std::collections::BTreeSet::new();
+    for l in text.lines() {
+        let v: Value = serde_json::from_str(l).unwrap();
+        if v.get("step_ms").is_some() {
+            by_step.insert(v["step"].as_u64().unwrap(), v);
+        } else if v["event"] == "sync" {
+            synced.insert(v["step"].as_u64().unwrap());
+        }
+    }
+    let mut n_train = None;
+    let (mut epoch, mut offset, mut known) = (0u64, 0u64, true);
+    for step in 1..=steps {
+        let Some(v) = by_step.get(&step) else {
+            assert!(
+                synced.contains(&step),
+                "step {step} neither logged nor synced"
+            );
+            known = false;
+            continue;
+        };
+        let len = v["samples"].as_u64().unwrap();
+        let (e, o) = (
+            v["data_epoch"].as_u64().unwrap(),
+            v["data_offset"].as_u64().unwrap(),
+        );
+        if known {
+            if len < batch || o == 0 {
+                assert_eq!(
+                    (e, o),
+                    (epoch + 1, 0),
+                    "step {step}: a batch ends the epoch"
+                );
+                n_train = Some(offset + len);
+            } else {
+                assert_eq!(
+                    (e, o),
+                    (epoch, offset + batch),
+                    "step {step}: consecutive batches"
+                );
+            }
+        } else {
+            assert!(
+                e == epoch || e == epoch + 1,
+                "step {step}: after a synced step"
+            );
+        }
+        (epoch, offset, known) = (e, o, true);
+    }
+    let n = n_train.expect("the log covers an epoch end");
+    // Every batch of `steps` steps over n rows.
+    let (mut off, mut total) = (0u64, 0u64);
+    for _ in 0..steps {
+        let len = batch.min(n - off);
+        total += len;
+        off = if off + len == n { 0 } else { off + len };
+    }
+    total
 }

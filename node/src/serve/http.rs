@@ -279,6 +279,45 @@ fn check(req: CompletionRequest) -> Result<Checked, Response> {
     })
 }
 
+/// The request bodies the API decodes from untrusted clients.
+#[derive(Clone, Copy, Debug)]
+pub enum Body {
+    /// `POST /v1/completions` (JSON).
+    Completion,
+    /// `POST /v1/infer` with a JSON body.
+    InferJson,
+    /// `POST /v1/infer` with a safetensors body.
+    InferSafetensors,
+    /// `POST /v1/serve` (JSON).
+    Offer,
+}
+
+/// Runs the decoding and checks an endpoint applies to a request body before serving it
+/// (the same functions the handlers call), and says why it is refused if it is. The
+/// `fuzz/` targets drive it; it never serves anything.
+pub fn check_body(kind: Body, body: &[u8]) -> Result<(), String> {
+    let why = |r: Response| format!("refused with {}", r.status());
+    match kind {
+        Body::Completion => {
+            let req: CompletionRequest = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+            check(req).map(|_| ()).map_err(why)
+        }
+        Body::InferJson => {
+            let req: InferRequest = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+            flatten(&req.inputs).map(|_| ())
+        }
+        Body::InferSafetensors => {
+            let q = InferQuery {
+                model: Some("m".into()),
+            };
+            safetensors_input(&q, body).map(|_| ()).map_err(why)
+        }
+        Body::Offer => serde_json::from_slice::<OfferRequest>(body)
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+    }
+}
+
 fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -784,7 +784,7 @@ impl Server {
         let started = Instant::now();
         let exchange = async {
             write_frame(&mut stream, &meta, payload).await?;
-            read_frame(&mut stream).await
+            read_frame(&mut stream.r).await
         };
         let (meta, bytes) = match tokio::time::timeout(bound, exchange).await {
             Ok(Ok(x)) => x,
@@ -809,7 +809,7 @@ impl Server {
     /// Answers stage calls on one inbound stream until it closes or idles.
     async fn serve_stream(&self, mut stream: Stream) {
         loop {
-            let frame = match tokio::time::timeout(STREAM_IDLE, read_frame(&mut stream)).await {
+            let frame = match tokio::time::timeout(STREAM_IDLE, read_frame(&mut stream.r)).await {
                 Ok(Ok(f)) => f,
                 Ok(Err(e)) => {
                     if !e.contains("closed") {
@@ -1837,9 +1837,12 @@ async fn write_frame(s: &mut Stream, meta: &[u8], payload: &[u8]) -> Result<(), 
     s.w.flush().await.map_err(io)
 }
 
-/// Reads one frame: both lengths checked against their limits before anything is
-/// allocated, and the payload buffer grows only as bytes arrive.
-async fn read_frame(s: &mut Stream) -> Result<(Vec<u8>, Vec<u8>), String> {
+/// Reads one stage frame (`[meta len][meta][payload len][payload]`): both lengths checked
+/// against their limits before anything is allocated, and the payload buffer grows only
+/// as bytes arrive. Returns the meta and payload bytes. Fuzzed by `fuzz/`.
+pub async fn read_frame<R: tokio::io::AsyncRead + Unpin + ?Sized>(
+    r: &mut R,
+) -> Result<(Vec<u8>, Vec<u8>), String> {
     let io = |e: std::io::Error| {
         if e.kind() == std::io::ErrorKind::UnexpectedEof {
             "stream closed".to_string()
@@ -1848,19 +1851,15 @@ async fn read_frame(s: &mut Stream) -> Result<(Vec<u8>, Vec<u8>), String> {
         }
     };
     let mut p4 = [0u8; 4];
-    s.r.read_exact(&mut p4).await.map_err(io)?;
+    r.read_exact(&mut p4).await.map_err(io)?;
     let n = wire::meta_len(p4).map_err(|e| e.to_string())?;
     let mut meta = vec![0u8; n];
-    s.r.read_exact(&mut meta).await.map_err(io)?;
+    r.read_exact(&mut meta).await.map_err(io)?;
     let mut p8 = [0u8; 8];
-    s.r.read_exact(&mut p8).await.map_err(io)?;
+    r.read_exact(&mut p8).await.map_err(io)?;
     let n = wire::payload_len(p8).map_err(|e| e.to_string())?;
     let mut payload = Vec::with_capacity((n as usize).min(1 << 20));
-    (&mut s.r)
-        .take(n)
-        .read_to_end(&mut payload)
-        .await
-        .map_err(io)?;
+    r.take(n).read_to_end(&mut payload).await.map_err(io)?;
     if payload.len() as u64 != n {
         return Err("stream closed".into());
     }
