@@ -103,15 +103,8 @@ fn submit(ns: &str, node: &Node, job: &Path) -> Child {
         .expect("spawn shoal train")
 }
 
-/// The job `name`'s entry in a node's status.
 fn job(node: &Node, name: &str) -> Option<Value> {
-    let s = node.status()?;
-    s["jobs"]
-        .as_array()?
-        .iter()
-        .rev()
-        .find(|j| j["job"] == name)
-        .cloned()
+    job_where(node, "job", name)
 }
 
 fn step(node: &Node, name: &str) -> Option<u64> {
@@ -119,18 +112,7 @@ fn step(node: &Node, name: &str) -> Option<u64> {
 }
 
 fn done_everywhere(nodes: &[&Node], name: &str, bound: Duration) -> Vec<Value> {
-    wait_until("the job to finish everywhere", bound, || {
-        let mut out = Vec::new();
-        for n in nodes {
-            let j = job(n, name)?;
-            assert_ne!(j["state"], "failed", "job failed: {}", j["error"]);
-            if j["state"] != "done" {
-                return None;
-            }
-            out.push(j);
-        }
-        Some(out)
-    })
+    wait_jobs_done(nodes, "job", name, bound)
 }
 
 /// 6 nodes train (a job that needs 4: a majority, so neither half of a 3|3 split trains on
@@ -223,19 +205,23 @@ fn kill_9_at_random_steps_ten_trials() {
         z ^= z << 17;
         z % n
     };
-    let steps = 300;
+    let steps = 600;
     let mut completed = 0;
     let mut recoveries = Vec::new();
     for trial in 0..10 {
         let name = format!("kill{trial}");
         let file = job_file(&d.0, &name, steps, 2);
         let mut client = submit(&namespaces[0], &nodes[0], &file);
-        let at = 10 + rand(200);
+        let at = 10 + rand(300);
         let victim = 1 + rand(NODES as u64 - 1) as usize;
         wait_until("the kill step", Duration::from_secs(120), || {
             (step(&nodes[0], &name)? >= at).then_some(())
         });
         let before = step(&nodes[0], &name).unwrap();
+        assert!(
+            before < steps,
+            "trial {trial}: the job ended before the kill"
+        );
         nodes[victim].kill();
         let killed = Instant::now();
         let recovered = wait_until("a step after the kill", Duration::from_secs(60), || {

@@ -96,12 +96,7 @@ fn submit(node: &Node, spec: &str, resume: bool) -> String {
 }
 
 fn job(node: &Node, run: &str) -> Option<Value> {
-    let s = node.status()?;
-    s["jobs"]
-        .as_array()?
-        .iter()
-        .find(|j| j["run"] == run)
-        .cloned()
+    job_where(node, "run", run)
 }
 
 fn step_of(node: &Node, run: &str) -> Option<u64> {
@@ -109,18 +104,7 @@ fn step_of(node: &Node, run: &str) -> Option<u64> {
 }
 
 fn wait_done(nodes: &[&Node], run: &str, bound: Duration) -> Vec<Value> {
-    wait_until("the job to finish everywhere", bound, || {
-        let mut out = Vec::new();
-        for n in nodes {
-            let j = job(n, run)?;
-            assert_ne!(j["state"], "failed", "job failed: {}", j["error"]);
-            if j["state"] != "done" {
-                return None;
-            }
-            out.push(j);
-        }
-        Some(out)
-    })
+    wait_jobs_done(nodes, "run", run, bound)
 }
 
 #[test]

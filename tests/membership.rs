@@ -241,19 +241,22 @@ fn malformed_and_forged_gossip_is_rejected_and_counted() {
     let api = nodes[0].api.unwrap();
     // Garbage bytes.
     http(api, "POST", "/v1/debug/gossip", b"\xff\x00garbage").unwrap();
+    let heartbeat = |id: &str, incarnation: u64, seq: u64| {
+        ControlMessage::Heartbeat(Heartbeat {
+            id: NodeId::new(id).unwrap(),
+            incarnation,
+            seq,
+            view_epoch: 1,
+            view_hash: ViewHash::default(),
+            caps: Capabilities::default(),
+            addrs: vec![],
+            data_addr: None,
+        })
+        .encode()
+        .unwrap()
+    };
     // A well-formed heartbeat that claims to be node 1, signed by node 0.
-    let forged = ControlMessage::Heartbeat(Heartbeat {
-        id: NodeId::new(nodes[1].id()).unwrap(),
-        incarnation: 99,
-        seq: 1,
-        view_epoch: 1,
-        view_hash: ViewHash::default(),
-        caps: Capabilities::default(),
-        addrs: vec![],
-        data_addr: None,
-    })
-    .encode()
-    .unwrap();
+    let forged = heartbeat(&nodes[1].id(), 99, 1);
     http(api, "POST", "/v1/debug/gossip", &forged).unwrap();
     for n in &nodes[1..] {
         wait_until("both messages rejected", BOUND, || {
@@ -267,30 +270,22 @@ fn malformed_and_forged_gossip_is_rejected_and_counted() {
     // (node 0's own heartbeats with seqs it already sent): all refused, each logged naming
     // node 0.
     let me = nodes[0].id();
-    let heartbeat = |id: &str, seq: u64| {
-        ControlMessage::Heartbeat(Heartbeat {
-            id: NodeId::new(id).unwrap(),
-            incarnation: 1,
-            seq,
-            view_epoch: 1,
-            view_hash: ViewHash::default(),
-            caps: Capabilities::default(),
-            addrs: vec![],
-            data_addr: None,
-        })
-        .encode()
-        .unwrap()
-    };
     let others = [nodes[1].id(), nodes[2].id()];
     for i in 0..100u64 {
         http(
             api,
             "POST",
             "/v1/debug/gossip",
-            &heartbeat(&others[i as usize % 2], 1000 + i),
+            &heartbeat(&others[i as usize % 2], 1, 1000 + i),
         )
         .unwrap();
-        http(api, "POST", "/v1/debug/gossip", &heartbeat(&me, 1 + i % 3)).unwrap();
+        http(
+            api,
+            "POST",
+            "/v1/debug/gossip",
+            &heartbeat(&me, 1, 1 + i % 3),
+        )
+        .unwrap();
     }
     for n in &nodes[1..] {
         let count = |what: &str| {

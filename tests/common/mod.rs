@@ -469,3 +469,31 @@ pub fn check_cursor_walk(run_dir: &Path, steps: u64, batch: u64) -> u64 {
     }
     total
 }
+
+/// The newest training job in a node's status whose `key` (`run` or `job`) is `value`.
+pub fn job_where(node: &Node, key: &str, value: &str) -> Option<Value> {
+    let s = node.status()?;
+    s["jobs"]
+        .as_array()?
+        .iter()
+        .rev()
+        .find(|j| j[key] == value)
+        .cloned()
+}
+
+/// Waits until the job `key` = `value` is done on every node (a failure anywhere panics
+/// with its error); returns their reports.
+pub fn wait_jobs_done(nodes: &[&Node], key: &str, value: &str, bound: Duration) -> Vec<Value> {
+    wait_until("the job to finish everywhere", bound, || {
+        let mut out = Vec::new();
+        for n in nodes {
+            let j = job_where(n, key, value)?;
+            assert_ne!(j["state"], "failed", "job failed: {}", j["error"]);
+            if j["state"] != "done" {
+                return None;
+            }
+            out.push(j);
+        }
+        Some(out)
+    })
+}
