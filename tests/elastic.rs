@@ -403,9 +403,10 @@ fn a_nan_gradient_is_left_out_and_the_step_redone_without_it() {
     let guarded: Vec<Value> = metrics
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|v| v["event"] == "guard")
+        .filter(|v| v["event"] == "guard" && v["reason"] == "non-finite gradient")
         .collect();
-    assert!(!guarded.is_empty(), "no guard event in metrics.jsonl");
+    // (Honest members' norms can also stand out on small shards; those events say so.)
+    assert!(!guarded.is_empty(), "no NaN guard event in metrics.jsonl");
     assert_eq!(guarded[0]["rejected"], bad.as_str());
     let step = guarded[0]["step"].as_u64().unwrap() + 1;
     // The step was redone by the other two over the whole batch: every sample exactly once.

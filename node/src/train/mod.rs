@@ -1042,7 +1042,11 @@ impl Trainer {
     /// gradient is NaN/Inf or far above the others' median
     /// (`coordinator_free::training::screen_gradients`) are left out, and the step's samples
     /// are re-split over the others, who compute their gradients again (a member left out
-    /// contributes nothing). Returns the gradients and the sample ids to use.
+    /// contributes nothing). The norm check runs on the first round only: in a redo the
+    /// norms follow the re-split samples, and a large one there means the samples, not a
+    /// member, carry the large gradient (checking again would leave out honest members one
+    /// after another); NaN/Inf is refused in every round. Returns the gradients and the
+    /// sample ids to use.
     fn guard(
         &mut self,
         view: &View,
@@ -1079,7 +1083,12 @@ impl Trainer {
                 .zip(out.iter().map(|&n| f64::from(n)))
                 .filter(|(id, _)| !rejected.contains(id))
                 .collect();
-            let bad = screen_gradients(&norms, self.job().grad_guard);
+            let factor = if attempt == 0 {
+                self.job().grad_guard
+            } else {
+                0.0
+            };
+            let bad = screen_gradients(&norms, factor);
             if bad.is_empty() {
                 break;
             }
