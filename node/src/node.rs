@@ -474,6 +474,7 @@ impl EventLoop {
                 _ = job_tick.tick() => {
                     self.announce_jobs();
                     self.announce_models();
+                    self.redial_failed();
                 }
                 _ = tokio::time::sleep_until(deadline.into()) => {
                     let now = self.now_ms();
@@ -545,7 +546,16 @@ impl EventLoop {
                 }
                 MembershipEvent::Suspected(id) => tracing::warn!(peer = %id, "member suspected"),
                 MembershipEvent::Recovered(id) => tracing::info!(peer = %id, "member recovered"),
-                MembershipEvent::Failed(id) => tracing::warn!(peer = %id, "member failed"),
+                MembershipEvent::Failed(id) => {
+                    tracing::warn!(peer = %id, "member failed");
+                    // A connection that carried nothing for the failure timeout is not to be
+                    // trusted (a partition keeps TCP connections open, and after it heals
+                    // their retransmission backoff delays everything for seconds): close it;
+                    // `redial_failed` dials afresh.
+                    if let Ok(peer) = id.as_str().parse::<PeerId>() {
+                        let _ = self.swarm.disconnect_peer_id(peer);
+                    }
+                }
             }
         }
         if roster_stale {
@@ -956,6 +966,22 @@ impl EventLoop {
 
     /// Dials a member we heard of but are not connected to, so small clusters become a
     /// full mesh and heartbeats do not depend on relays.
+    /// Dials members that failed but are still remembered (tombstones keep their
+    /// addresses), so a partition heals as soon as the network does, not when some heartbeat
+    /// happens to cross.
+    fn redial_failed(&mut self) {
+        let now = self.now_ms();
+        let failed: Vec<(NodeId, Vec<String>)> = self
+            .membership
+            .members()
+            .filter(|m| m.state == coordinator_free::MemberState::Failed)
+            .map(|m| (m.id.clone(), m.addrs.clone()))
+            .collect();
+        for (id, addrs) in failed {
+            self.maybe_dial(&id, &addrs, now);
+        }
+    }
+
     fn maybe_dial(&mut self, id: &NodeId, addrs: &[String], now: u64) {
         let Ok(peer) = id.as_str().parse::<PeerId>() else {
             return;
