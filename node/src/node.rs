@@ -964,8 +964,6 @@ impl EventLoop {
             .report_message_validation_result(&message_id, &propagation_source, verdict);
     }
 
-    /// Dials a member we heard of but are not connected to, so small clusters become a
-    /// full mesh and heartbeats do not depend on relays.
     /// Dials members that failed but are still remembered (tombstones keep their
     /// addresses), so a partition heals as soon as the network does, not when some heartbeat
     /// happens to cross.
@@ -982,6 +980,8 @@ impl EventLoop {
         }
     }
 
+    /// Dials a member we heard of but are not connected to, so small clusters become a
+    /// full mesh and heartbeats do not depend on relays.
     fn maybe_dial(&mut self, id: &NodeId, addrs: &[String], now: u64) {
         let Ok(peer) = id.as_str().parse::<PeerId>() else {
             return;
