@@ -349,9 +349,16 @@ enum BenchCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Loopback TCP ceiling: one stream, 1 MiB writes, 2 GiB, sender and receiver threads.
-    /// Prints {"tcp_ceiling_gbps": ...}.
-    TcpCeiling,
+    /// Loopback TCP ceiling of a ring: RING members (threads), each streaming 1 GiB in
+    /// 1 MiB writes to the next while receiving from the previous, all at once. A ring
+    /// all-reduce sends and receives busbw bytes per second per member, so the slowest
+    /// member's rate here bounds any all-reduce's busbw over loopback TCP on this machine.
+    /// Prints {"ring":RING,"per_member_gbps":..,"aggregate_gbps":..}.
+    TcpCeiling {
+        /// Members of the ring (1: one stream). Default: 1.
+        #[arg(long, default_value_t = 1)]
+        ring: usize,
+    },
     /// Dial a node's control plane COUNT times from this one process (a fresh identity,
     /// CONCURRENCY dials in flight, upgraded connections held until all are done): checks
     /// that a wrong swarm key is refused every time and that a flood stays within the
@@ -463,8 +470,8 @@ async fn dispatch(cmd: Cmd) -> Result<(), Failure> {
                 },
         } => bench_allreduce(nodes, &size, iters, warmup, data_plane, json).await,
         Cmd::Bench {
-            what: BenchCmd::TcpCeiling,
-        } => tcp_ceiling(),
+            what: BenchCmd::TcpCeiling { ring },
+        } => tcp_ceiling(ring),
         Cmd::Bench {
             what:
                 BenchCmd::Dial {
@@ -1389,39 +1396,86 @@ async fn bench_membership(n: usize, json: bool, timeout_s: u64) -> Result<(), Fa
     Ok(())
 }
 
-fn tcp_ceiling() -> Result<(), Failure> {
+fn tcp_ceiling(ring: usize) -> Result<(), Failure> {
     use std::io::{Read, Write};
-    const TOTAL: usize = 2 << 30;
+    const TOTAL: usize = 1 << 30;
     const CHUNK: usize = 1 << 20;
-    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(anyhow::Error::from)?;
-    let addr = l.local_addr().map_err(anyhow::Error::from)?;
-    let sender = std::thread::spawn(move || -> std::io::Result<()> {
-        let mut s = std::net::TcpStream::connect(addr)?;
-        s.set_nodelay(true)?;
-        let buf = vec![0u8; CHUNK];
-        for _ in 0..TOTAL / CHUNK {
-            s.write_all(&buf)?;
-        }
-        Ok(())
-    });
-    let (mut conn, _) = l.accept().map_err(anyhow::Error::from)?;
-    let mut buf = vec![0u8; CHUNK];
-    let mut got = 0usize;
-    let t = Instant::now();
-    while got < TOTAL {
-        match conn.read(&mut buf).map_err(anyhow::Error::from)? {
-            0 => break,
-            k => got += k,
-        }
+    if !(1..=16).contains(&ring) {
+        return Err(usage(anyhow!("--ring must be 1..=16")));
     }
-    let secs = t.elapsed().as_secs_f64();
-    sender
-        .join()
-        .map_err(|_| anyhow!("sender thread panicked"))?
+    // Member i listens; member i-1 (mod ring) connects to it: every member has one
+    // outgoing and one incoming stream (a single member streams to itself).
+    let listeners = (0..ring)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<Vec<_>>>()
         .map_err(anyhow::Error::from)?;
+    let mut outgoing = Vec::with_capacity(ring);
+    let mut incoming = Vec::with_capacity(ring);
+    for i in 0..ring {
+        let next = &listeners[(i + 1) % ring];
+        let s = std::net::TcpStream::connect(next.local_addr().map_err(anyhow::Error::from)?)
+            .map_err(anyhow::Error::from)?;
+        s.set_nodelay(true).map_err(anyhow::Error::from)?;
+        outgoing.push(s);
+        incoming.push(next.accept().map_err(anyhow::Error::from)?.0);
+    }
+    // incoming[i] is the stream into member (i + 1) % ring.
+    let start = std::sync::Arc::new(std::sync::Barrier::new(2 * ring + 1));
+    let senders: Vec<_> = outgoing
+        .into_iter()
+        .map(|mut s| {
+            let start = start.clone();
+            std::thread::spawn(move || -> std::io::Result<()> {
+                let buf = vec![1u8; CHUNK];
+                start.wait();
+                for _ in 0..TOTAL / CHUNK {
+                    s.write_all(&buf)?;
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    let receivers: Vec<_> = incoming
+        .into_iter()
+        .map(|mut s| {
+            let start = start.clone();
+            std::thread::spawn(move || -> std::io::Result<f64> {
+                let mut buf = vec![0u8; CHUNK];
+                let mut got = 0usize;
+                start.wait();
+                let t = Instant::now();
+                while got < TOTAL {
+                    match s.read(&mut buf)? {
+                        0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                        k => got += k,
+                    }
+                }
+                Ok(got as f64 / t.elapsed().as_secs_f64())
+            })
+        })
+        .collect();
+    start.wait();
+    for s in senders {
+        s.join()
+            .map_err(|_| anyhow!("sender thread panicked"))?
+            .map_err(anyhow::Error::from)?;
+    }
+    let mut rates = Vec::with_capacity(ring);
+    for r in receivers {
+        rates.push(
+            r.join()
+                .map_err(|_| anyhow!("receiver thread panicked"))?
+                .map_err(anyhow::Error::from)?,
+        );
+    }
+    let slowest = rates.iter().copied().fold(f64::INFINITY, f64::min);
     println!(
         "{}",
-        serde_json::json!({"tcp_ceiling_gbps": got as f64 / secs / 1e9})
+        serde_json::json!({
+            "ring": ring,
+            "per_member_gbps": slowest / 1e9,
+            "aggregate_gbps": rates.iter().sum::<f64>() / 1e9,
+        })
     );
     Ok(())
 }
