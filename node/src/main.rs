@@ -279,9 +279,6 @@ enum BenchCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Start N local nodes and train the built-in gpt on synthetic bytes; prints one JSON
-    /// line {"impl":"shoal","nodes","threads","model","batch","steps","step_ms",
-    /// "samples_per_s"} over the timed steps (after the warm-up).
     /// Serve a random-initialised gpt on N local nodes (or, with --raw, run the same
     /// generation as a plain in-process tch loop) and time R greedy completions sent C at
     /// a time. Prints {"mode","nodes","stages","requests","requests_per_s","p50_ms",...}.
@@ -298,6 +295,11 @@ enum BenchCmd {
         /// Requests in flight (and the batch of the raw loop). Default: 8.
         #[arg(long, default_value_t = 8)]
         concurrency: usize,
+        /// Largest batch of one lane (`--serve-max-batch`): the micro-batch, since each
+        /// pipeline stage works on one lane's rows while the others are elsewhere in the
+        /// pipeline. Default: the concurrency over the stages, rounded up (every lane full).
+        #[arg(long)]
+        batch: Option<usize>,
         /// Tokens generated per request. Default: 16.
         #[arg(long, default_value_t = 16)]
         max_tokens: u32,
@@ -314,6 +316,9 @@ enum BenchCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Start N local nodes and train the built-in gpt on synthetic bytes; prints one JSON
+    /// line {"impl":"shoal","nodes","threads","model","batch","steps","step_ms",
+    /// "samples_per_s"} over the timed steps (after the warm-up).
     Train {
         /// Number of nodes. Default: 1.
         #[arg(long, default_value_t = 1)]
@@ -508,6 +513,7 @@ async fn dispatch(cmd: Cmd) -> Result<(), Failure> {
                     stages,
                     requests,
                     concurrency,
+                    batch,
                     max_tokens,
                     layers,
                     width,
@@ -515,11 +521,15 @@ async fn dispatch(cmd: Cmd) -> Result<(), Failure> {
                     json,
                 },
         } => {
+            let concurrency = concurrency.max(1);
             bench_serve(BenchServe {
                 nodes,
                 stages,
                 requests,
-                concurrency: concurrency.max(1),
+                concurrency,
+                batch: batch
+                    .unwrap_or_else(|| concurrency.div_ceil(stages.max(1) as usize))
+                    .max(1),
                 max_tokens: max_tokens.max(1),
                 layers,
                 width,
@@ -784,6 +794,7 @@ struct BenchServe {
     stages: u32,
     requests: usize,
     concurrency: usize,
+    batch: usize,
     max_tokens: u32,
     layers: i64,
     width: i64,
@@ -839,6 +850,7 @@ async fn bench_serve(b: BenchServe) -> Result<(), Failure> {
     let elapsed;
     let mode;
     let mut busy: Vec<f64> = Vec::new();
+    let mut calls: Option<(u64, u64)> = None;
     if b.raw {
         mode = "raw";
         tch::set_num_threads(1);
@@ -903,7 +915,7 @@ async fn bench_serve(b: BenchServe) -> Result<(), Failure> {
         ]
         .iter()
         .map(|s| s.to_string())
-        .chain([b.concurrency.to_string()])
+        .chain([b.batch.to_string()])
         .collect();
         let mut c = start_cluster(&dir.join("nodes"), b.nodes, &extra)?;
         let n = b.nodes;
@@ -984,34 +996,34 @@ async fn bench_serve(b: BenchServe) -> Result<(), Failure> {
                 }
             }
         });
-        let before: Vec<f64> = c
-            .statuses()
-            .await
-            .iter()
-            .map(|(_, r)| {
-                r.as_ref()
-                    .and_then(|r| r.serve_stats.as_ref())
-                    .map_or(0.0, |s| s.forward_s)
-            })
-            .collect();
+        let stats_now = |reports: &[(usize, Option<status::StatusReport>)]| -> Vec<shoal_node::serve::ServeStats> {
+            reports
+                .iter()
+                .map(|(_, r)| {
+                    r.as_ref()
+                        .and_then(|r| r.serve_stats.clone())
+                        .unwrap_or_default()
+                })
+                .collect()
+        };
+        let before = stats_now(&c.statuses().await);
         for r in futures::future::join_all(workers).await {
             lat.extend(r.map_err(anyhow::Error::from)?);
         }
         elapsed = t0.elapsed();
-        // How busy each node's stage compute was during the timed run.
-        busy = c
-            .statuses()
-            .await
+        // How busy each node's stage compute was during the timed run, and how many
+        // stage calls and prefill calls the requests took.
+        let after = stats_now(&c.statuses().await);
+        let secs = elapsed.as_secs_f64();
+        busy = after
             .iter()
             .zip(&before)
-            .map(|((_, r), b)| {
-                let f = r
-                    .as_ref()
-                    .and_then(|r| r.serve_stats.as_ref())
-                    .map_or(0.0, |s| s.forward_s);
-                (f - b) / elapsed.as_secs_f64()
-            })
+            .map(|(a, b)| (a.forward_s - b.forward_s) / secs)
             .collect();
+        let delta = |f: fn(&shoal_node::serve::ServeStats) -> u64| -> u64 {
+            after.iter().zip(&before).map(|(a, b)| f(a) - f(b)).sum()
+        };
+        calls = Some((delta(|s| s.stage_calls), delta(|s| s.batches)));
         c.shutdown();
     }
     let _ = std::fs::remove_dir_all(&dir);
@@ -1019,11 +1031,14 @@ async fn bench_serve(b: BenchServe) -> Result<(), Failure> {
     let rps = b.requests as f64 / elapsed.as_secs_f64();
     let line = serde_json::json!({
         "mode": mode, "nodes": if b.raw { 1 } else { b.nodes }, "stages": if b.raw { 1 } else { b.stages },
-        "requests": b.requests, "concurrency": b.concurrency, "max_tokens": b.max_tokens,
+        "requests": b.requests, "concurrency": b.concurrency,
+        "batch": if b.raw { b.concurrency } else { b.batch }, "max_tokens": b.max_tokens,
         "layers": b.layers, "width": b.width,
         "requests_per_s": rps, "tokens_per_s": rps * f64::from(b.max_tokens),
         "p50_ms": percentile(&lat, 0.5), "p99_ms": percentile(&lat, 0.99),
         "stage_busy": busy,
+        "stage_calls_per_request": calls.map(|c| c.0 as f64 / b.requests as f64),
+        "prefill_calls_per_request": calls.map(|c| c.1 as f64 / b.requests as f64),
     });
     println!("{line}");
     if !b.json {

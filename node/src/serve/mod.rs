@@ -277,13 +277,61 @@ pub struct ModelReport {
     pub plan_error: Option<String>,
 }
 
+/// A job for a stage's thread.
+type StageJob = Box<dyn FnOnce(&mut Stage) + Send>;
+
+/// A stage's own compute thread: its forwards and cache drops run there one after another,
+/// on one OS thread that keeps the stage's working set in its core's caches (instead of
+/// hopping between the runtime's blocking threads). The thread ends when the last handle
+/// is dropped; a panicking job fails only its own call.
+#[derive(Clone)]
+struct StageThread {
+    jobs: std::sync::mpsc::Sender<StageJob>,
+}
+
+impl StageThread {
+    fn start(mut stage: Stage, threads: usize) -> std::io::Result<StageThread> {
+        let (tx, rx) = std::sync::mpsc::channel::<StageJob>();
+        std::thread::Builder::new()
+            .name("serve-stage".into())
+            .spawn(move || {
+                // OpenMP's thread count is per calling thread: set it where forwards run.
+                if threads > 0 {
+                    tch::set_num_threads(threads as i32);
+                }
+                while let Ok(job) = rx.recv() {
+                    let run = std::panic::AssertUnwindSafe(|| job(&mut stage));
+                    if std::panic::catch_unwind(run).is_err() {
+                        tracing::error!("a stage job panicked");
+                    }
+                }
+            })?;
+        Ok(StageThread { jobs: tx })
+    }
+
+    /// Runs `f` on the stage's thread and waits for its result (without blocking the
+    /// runtime).
+    async fn run<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Stage) -> R + Send + 'static,
+    ) -> Result<R, String> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.jobs
+            .send(Box::new(move |s: &mut Stage| {
+                let _ = tx.send(f(s));
+            }))
+            .map_err(|_| "the stage's thread stopped".to_string())?;
+        rx.await.map_err(|_| "the stage panicked".to_string())
+    }
+}
+
 struct Inner {
     me: NodeId,
     dp: DataPlane,
     cfg: ServeConfig,
     models: Mutex<BTreeMap<String, ModelEntry>>,
     /// Stages run here, by model hash.
-    stages: Mutex<HashMap<[u8; 32], Arc<Mutex<Stage>>>>,
+    stages: Mutex<HashMap<[u8; 32], StageThread>>,
     members: Mutex<(View, HashMap<NodeId, Capabilities>)>,
     plans: Mutex<HashMap<String, PlanState>>,
     suspects: Mutex<HashMap<NodeId, (Instant, coordinator_free::ViewHash)>>,
@@ -836,7 +884,7 @@ impl Server {
         }
     }
 
-    fn stage_for(&self, model: &[u8; 32]) -> Result<Arc<Mutex<Stage>>, String> {
+    fn stage_for(&self, model: &[u8; 32]) -> Result<StageThread, String> {
         if let Some(s) = self.inner.stages.lock().unwrap().get(model) {
             return Ok(s.clone());
         }
@@ -852,7 +900,7 @@ impl Server {
             )
         };
         let stage = Stage::open(&path, cfg).map_err(|e| e.to_string())?;
-        let stage = Arc::new(Mutex::new(stage));
+        let stage = StageThread::start(stage, self.inner.cfg.threads).map_err(|e| e.to_string())?;
         self.inner
             .stages
             .lock()
@@ -876,7 +924,7 @@ impl Server {
         self.inner.stats.lock().unwrap().stage_calls += 1;
         match req {
             StageRequest::Drop { rows } => {
-                let stages: Vec<Arc<Mutex<Stage>>> = self
+                let stages: Vec<StageThread> = self
                     .inner
                     .stages
                     .lock()
@@ -884,13 +932,11 @@ impl Server {
                     .values()
                     .cloned()
                     .collect();
-                // Off the runtime: a forward may hold a stage's lock for a while.
-                let _ = tokio::task::spawn_blocking(move || {
-                    for s in stages {
-                        s.lock().unwrap().drop_rows(&rows);
-                    }
-                })
-                .await;
+                let rows = Arc::new(rows);
+                for s in stages {
+                    let rows = rows.clone();
+                    let _ = s.run(move |st| st.drop_rows(&rows)).await;
+                }
                 (
                     StageReply::Ok {
                         payload: Payload::Bytes,
@@ -940,36 +986,30 @@ impl Server {
                     Err(e) => return (StageReply::Err(e), vec![]),
                 };
                 let stats = self.clone();
-                let threads = self.inner.cfg.threads;
-                let run = tokio::task::spawn_blocking(move || {
-                    // OpenMP's thread count is per calling thread: set it where the
-                    // forward runs.
-                    if threads > 0 {
-                        tch::set_num_threads(threads as i32);
-                    }
-                    let mut st = stage.lock().unwrap();
-                    let t = Instant::now();
-                    let r = st.forward(
-                        &rows,
-                        start as usize..end as usize,
-                        prefill,
-                        &pad,
-                        input,
-                        &shape,
-                        &payload,
-                        output,
-                    );
-                    stats.inner.stats.lock().unwrap().forward_s += t.elapsed().as_secs_f64();
-                    r
-                })
-                .await;
+                let run = stage
+                    .run(move |st| {
+                        let t = Instant::now();
+                        let r = st.forward(
+                            &rows,
+                            start as usize..end as usize,
+                            prefill,
+                            &pad,
+                            input,
+                            &shape,
+                            &payload,
+                            output,
+                        );
+                        stats.inner.stats.lock().unwrap().forward_s += t.elapsed().as_secs_f64();
+                        r
+                    })
+                    .await;
                 match run {
                     Ok(Ok((payload, shape, bytes))) => (StageReply::Ok { payload, shape }, bytes),
                     Ok(Err(e @ model::ServeModelError::Request(_))) => {
                         (StageReply::Rejected(e.to_string()), vec![])
                     }
                     Ok(Err(e)) => (StageReply::Err(e.to_string()), vec![]),
-                    Err(e) => (StageReply::Err(format!("stage panicked: {e}")), vec![]),
+                    Err(e) => (StageReply::Err(e), vec![]),
                 }
             }
         }

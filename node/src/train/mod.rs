@@ -996,6 +996,7 @@ impl Trainer {
             .collect();
         let tc = Instant::now();
         let mut flat = self.local_gradients(&ids).map_err(StepError::Fatal)?;
+        let compute = tc.elapsed();
         if self
             .ctx
             .perturb
@@ -1011,7 +1012,7 @@ impl Trainer {
             flat[0] = f32::NAN;
         }
         let (mut flat, ids) = self.guard(view, batch, flat, ids)?;
-        let compute = tc.elapsed();
+        let guarded = tc.elapsed();
         let dp = self.ctx.dp.clone();
         let bucket = (self.job().bucket_bytes as usize / 4).max(1);
         let base = self.tag_base;
@@ -1029,11 +1030,12 @@ impl Trainer {
             futures::future::try_join_all(futs).await.map(|_| ())
         };
         self.collective(view, fut).map_err(StepError::Failed)?;
-        let comm = tc.elapsed() - compute;
+        let comm = tc.elapsed() - guarded;
         let mut rec = self
             .apply(flat, batch, view, t0, stats0)
             .map_err(StepError::Fatal)?;
         rec.compute_ms = compute.as_secs_f64() * 1e3;
+        rec.guard_ms = (guarded - compute).as_secs_f64() * 1e3;
         rec.allreduce_ms = comm.as_secs_f64() * 1e3;
         Ok((rec, ids))
     }
@@ -1209,6 +1211,7 @@ impl Trainer {
             step_ms: secs * 1e3,
             elapsed_s: self.started.elapsed().as_secs_f64(),
             compute_ms: 0.0,
+            guard_ms: 0.0,
             allreduce_ms: 0.0,
             bytes_sent: stats.bytes_sent - stats0.bytes_sent,
             bytes_received: stats.bytes_received - stats0.bytes_received,
