@@ -354,11 +354,13 @@ enum BenchCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Loopback TCP ceiling of a ring: RING members (threads), each streaming 1 GiB in
-    /// 1 MiB writes to the next while receiving from the previous, all at once. A ring
+    /// Plain loopback TCP rate of a ring: RING members (one thread each, non-blocking
+    /// sockets under poll), each streaming 1 GiB in 1 MiB writes to the next while
+    /// receiving from the previous, all at once, with no reduction and no framing. A ring
     /// all-reduce sends and receives busbw bytes per second per member, so the slowest
-    /// member's rate here bounds any all-reduce's busbw over loopback TCP on this machine.
-    /// Prints {"ring":RING,"per_member_gbps":..,"aggregate_gbps":..}.
+    /// member's rate here is the reference its busbw is held against (a measured
+    /// reference, not a proven bound). Prints {"ring":RING,"per_member_gbps":..,
+    /// "aggregate_gbps":..}.
     TcpCeiling {
         /// Members of the ring (1: one stream). Default: 1.
         #[arg(long, default_value_t = 1)]
@@ -1412,7 +1414,6 @@ async fn bench_membership(n: usize, json: bool, timeout_s: u64) -> Result<(), Fa
 }
 
 fn tcp_ceiling(ring: usize) -> Result<(), Failure> {
-    use std::io::{Read, Write};
     const TOTAL: usize = 1 << 30;
     const CHUNK: usize = 1 << 20;
     if !(1..=16).contains(&ring) {
@@ -1434,52 +1435,31 @@ fn tcp_ceiling(ring: usize) -> Result<(), Failure> {
         outgoing.push(s);
         incoming.push(next.accept().map_err(anyhow::Error::from)?.0);
     }
-    // incoming[i] is the stream into member (i + 1) % ring.
-    let start = std::sync::Arc::new(std::sync::Barrier::new(2 * ring + 1));
-    let senders: Vec<_> = outgoing
-        .into_iter()
-        .map(|mut s| {
+    // incoming[i] is the stream into member (i + 1) % ring. Each member is one thread
+    // that sends and receives at once through poll(2) on non-blocking sockets (the shape
+    // of gloo's and shoal's transports): no reduction, no framing, only the bytes.
+    let start = std::sync::Arc::new(std::sync::Barrier::new(ring + 1));
+    let members: Vec<_> = (0..ring)
+        .map(|i| {
+            let out = outgoing.remove(0);
+            let inp = incoming[(i + ring - 1) % ring]
+                .try_clone()
+                .map_err(anyhow::Error::from);
             let start = start.clone();
-            std::thread::spawn(move || -> std::io::Result<()> {
-                let buf = vec![1u8; CHUNK];
-                start.wait();
-                for _ in 0..TOTAL / CHUNK {
-                    s.write_all(&buf)?;
-                }
-                Ok(())
+            inp.map(|inp| {
+                std::thread::spawn(move || -> std::io::Result<f64> {
+                    ring_member(out, inp, TOTAL, CHUNK, &start)
+                })
             })
         })
-        .collect();
-    let receivers: Vec<_> = incoming
-        .into_iter()
-        .map(|mut s| {
-            let start = start.clone();
-            std::thread::spawn(move || -> std::io::Result<f64> {
-                let mut buf = vec![0u8; CHUNK];
-                let mut got = 0usize;
-                start.wait();
-                let t = Instant::now();
-                while got < TOTAL {
-                    match s.read(&mut buf)? {
-                        0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
-                        k => got += k,
-                    }
-                }
-                Ok(got as f64 / t.elapsed().as_secs_f64())
-            })
-        })
-        .collect();
+        .collect::<Result<_, _>>()?;
+    drop(incoming);
     start.wait();
-    for s in senders {
-        s.join()
-            .map_err(|_| anyhow!("sender thread panicked"))?
-            .map_err(anyhow::Error::from)?;
-    }
     let mut rates = Vec::with_capacity(ring);
-    for r in receivers {
+    for m in members {
         rates.push(
-            r.join()
-                .map_err(|_| anyhow!("receiver thread panicked"))?
+            m.join()
+                .map_err(|_| anyhow!("ring member thread panicked"))?
                 .map_err(anyhow::Error::from)?,
         );
     }
@@ -1493,6 +1473,60 @@ fn tcp_ceiling(ring: usize) -> Result<(), Failure> {
         })
     );
     Ok(())
+}
+
+/// One member of the loopback ring: streams `total` bytes out while reading `total` in,
+/// both non-blocking under poll(2). Returns the rate it received at, bytes/s.
+fn ring_member(
+    mut out: std::net::TcpStream,
+    mut inp: std::net::TcpStream,
+    total: usize,
+    chunk: usize,
+    start: &std::sync::Barrier,
+) -> std::io::Result<f64> {
+    use std::io::{ErrorKind, Read, Write};
+    use std::os::fd::AsRawFd;
+    out.set_nonblocking(true)?;
+    inp.set_nonblocking(true)?;
+    let tx = vec![1u8; chunk];
+    let mut rx = vec![0u8; chunk];
+    let (mut sent, mut got) = (0usize, 0usize);
+    start.wait();
+    let t = Instant::now();
+    while sent < total || got < total {
+        let mut fds = [
+            libc::pollfd {
+                fd: out.as_raw_fd(),
+                events: if sent < total { libc::POLLOUT } else { 0 },
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: inp.as_raw_fd(),
+                events: if got < total { libc::POLLIN } else { 0 },
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
+        if unsafe { libc::poll(fds.as_mut_ptr(), 2, 10_000) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if sent < total {
+            match out.write(&tx[..chunk.min(total - sent)]) {
+                Ok(k) => sent += k,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if got < total {
+            match inp.read(&mut rx) {
+                Ok(0) => return Err(ErrorKind::UnexpectedEof.into()),
+                Ok(k) => got += k,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(got as f64 / t.elapsed().as_secs_f64())
 }
 
 /// `shoal train`: validates the job here, submits it to a node (or to a local cluster it
