@@ -108,3 +108,28 @@ fn bench_membership_prints_one_json_line() {
     assert!(v["detect_ms"].as_u64().unwrap() >= 1000, "{v}");
     assert!(v["converge_ms"].as_u64().is_some());
 }
+
+#[test]
+fn bench_tcp_ceiling_streams_a_ring() {
+    let out = run_shoal(&["bench", "tcp-ceiling", "--ring", "3", "--mib", "32"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
+    assert_eq!(v["ring"], 3);
+    let (per, all) = (
+        v["per_member_gbps"].as_f64().unwrap(),
+        v["aggregate_gbps"].as_f64().unwrap(),
+    );
+    // Every member received all its bytes: the slowest rate is positive and at most a
+    // third of the sum.
+    assert!(per > 0.0 && per * 3.0 <= all * (1.0 + 1e-9), "{v}");
+    assert_one_line_error(
+        &run_shoal(&["bench", "tcp-ceiling", "--ring", "0"]),
+        2,
+        "--ring must be 1..=16",
+    );
+}

@@ -166,6 +166,25 @@ fn one_and_three_nodes_agree_and_samples_are_used_once() {
             "step {step}: 1 node {a}, 3 nodes {b}"
         );
     }
+    // Each step's time splits into compute, the guard's exchange and the all-reduce (the
+    // rest is the update and the commit), and a 3-member step moves bytes.
+    let text = std::fs::read_to_string(run3.join("metrics.jsonl")).unwrap();
+    let steps: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|v| v["loss"].is_number())
+        .collect();
+    assert_eq!(steps.len(), 60);
+    for v in &steps {
+        let part = |k: &str| v[k].as_f64().unwrap_or_else(|| panic!("{k} in {v}"));
+        let parts = part("compute_ms") + part("guard_ms") + part("allreduce_ms");
+        assert!(part("compute_ms") > 0.0 && part("guard_ms") > 0.0, "{v}");
+        assert!(
+            parts <= part("step_ms") + 1e-6,
+            "parts exceed the step: {v}"
+        );
+        assert!(v["bytes_sent"].as_u64().unwrap() > 0, "{v}");
+    }
     assert!(
         l1[&60] < l1[&1] * 0.5,
         "the loss fell: {} → {}",

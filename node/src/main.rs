@@ -355,7 +355,7 @@ enum BenchCmd {
         json: bool,
     },
     /// Plain loopback TCP rate of a ring: RING members (one thread each, non-blocking
-    /// sockets under poll), each streaming 1 GiB in 1 MiB writes to the next while
+    /// sockets under poll), each streaming MIB MiB in 1 MiB writes to the next while
     /// receiving from the previous, all at once, with no reduction and no framing. A ring
     /// all-reduce sends and receives busbw bytes per second per member, so the slowest
     /// member's rate here is the reference its busbw is held against (a measured
@@ -365,6 +365,9 @@ enum BenchCmd {
         /// Members of the ring (1: one stream). Default: 1.
         #[arg(long, default_value_t = 1)]
         ring: usize,
+        /// MiB each member streams. Default: 1024.
+        #[arg(long, default_value_t = 1024)]
+        mib: usize,
     },
     /// Dial a node's control plane COUNT times from this one process (a fresh identity,
     /// CONCURRENCY dials in flight, upgraded connections held until all are done): checks
@@ -477,8 +480,8 @@ async fn dispatch(cmd: Cmd) -> Result<(), Failure> {
                 },
         } => bench_allreduce(nodes, &size, iters, warmup, data_plane, json).await,
         Cmd::Bench {
-            what: BenchCmd::TcpCeiling { ring },
-        } => tcp_ceiling(ring),
+            what: BenchCmd::TcpCeiling { ring, mib },
+        } => tcp_ceiling(ring, mib),
         Cmd::Bench {
             what:
                 BenchCmd::Dial {
@@ -1413,12 +1416,15 @@ async fn bench_membership(n: usize, json: bool, timeout_s: u64) -> Result<(), Fa
     Ok(())
 }
 
-fn tcp_ceiling(ring: usize) -> Result<(), Failure> {
-    const TOTAL: usize = 1 << 30;
+fn tcp_ceiling(ring: usize, mib: usize) -> Result<(), Failure> {
     const CHUNK: usize = 1 << 20;
     if !(1..=16).contains(&ring) {
         return Err(usage(anyhow!("--ring must be 1..=16")));
     }
+    if !(1..=1 << 20).contains(&mib) {
+        return Err(usage(anyhow!("--mib must be 1..=1048576")));
+    }
+    let total = mib << 20;
     // Member i listens; member i-1 (mod ring) connects to it: every member has one
     // outgoing and one incoming stream (a single member streams to itself).
     let listeners = (0..ring)
@@ -1448,7 +1454,7 @@ fn tcp_ceiling(ring: usize) -> Result<(), Failure> {
             let start = start.clone();
             inp.map(|inp| {
                 std::thread::spawn(move || -> std::io::Result<f64> {
-                    ring_member(out, inp, TOTAL, CHUNK, &start)
+                    ring_member(out, inp, total, CHUNK, &start)
                 })
             })
         })

@@ -278,29 +278,38 @@ pub struct ModelReport {
 }
 
 /// A job for a stage's thread.
-type StageJob = Box<dyn FnOnce(&mut Stage) + Send>;
+type StageJob<S> = Box<dyn FnOnce(&mut S) + Send>;
 
 /// A stage's own compute thread: its forwards and cache drops run there one after another,
 /// on one OS thread that keeps the stage's working set in its core's caches (instead of
 /// hopping between the runtime's blocking threads). The thread ends when the last handle
-/// is dropped; a panicking job fails only its own call.
-#[derive(Clone)]
-struct StageThread {
-    jobs: std::sync::mpsc::Sender<StageJob>,
+/// is dropped; a panicking job fails only its own call. Generic over what it owns (a
+/// [`Stage`] when serving) so it can be tested alone.
+struct StageThread<S: Send + 'static = Stage> {
+    jobs: std::sync::mpsc::Sender<StageJob<S>>,
 }
 
-impl StageThread {
-    fn start(mut stage: Stage, threads: usize) -> std::io::Result<StageThread> {
-        let (tx, rx) = std::sync::mpsc::channel::<StageJob>();
+impl<S: Send + 'static> Clone for StageThread<S> {
+    fn clone(&self) -> Self {
+        StageThread {
+            jobs: self.jobs.clone(),
+        }
+    }
+}
+
+impl<S: Send + 'static> StageThread<S> {
+    /// Moves `state` to a new thread named `name`; `threads` > 0 sets libtorch's
+    /// intra-op thread count there (OpenMP's count is per calling thread).
+    fn start(mut state: S, name: &str, threads: usize) -> std::io::Result<StageThread<S>> {
+        let (tx, rx) = std::sync::mpsc::channel::<StageJob<S>>();
         std::thread::Builder::new()
-            .name("serve-stage".into())
+            .name(name.into())
             .spawn(move || {
-                // OpenMP's thread count is per calling thread: set it where forwards run.
                 if threads > 0 {
                     tch::set_num_threads(threads as i32);
                 }
                 while let Ok(job) = rx.recv() {
-                    let run = std::panic::AssertUnwindSafe(|| job(&mut stage));
+                    let run = std::panic::AssertUnwindSafe(|| job(&mut state));
                     if std::panic::catch_unwind(run).is_err() {
                         tracing::error!("a stage job panicked");
                     }
@@ -309,15 +318,14 @@ impl StageThread {
         Ok(StageThread { jobs: tx })
     }
 
-    /// Runs `f` on the stage's thread and waits for its result (without blocking the
-    /// runtime).
+    /// Runs `f` on the thread and waits for its result (without blocking the runtime).
     async fn run<R: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut Stage) -> R + Send + 'static,
+        f: impl FnOnce(&mut S) -> R + Send + 'static,
     ) -> Result<R, String> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.jobs
-            .send(Box::new(move |s: &mut Stage| {
+            .send(Box::new(move |s: &mut S| {
                 let _ = tx.send(f(s));
             }))
             .map_err(|_| "the stage's thread stopped".to_string())?;
@@ -900,7 +908,8 @@ impl Server {
             )
         };
         let stage = Stage::open(&path, cfg).map_err(|e| e.to_string())?;
-        let stage = StageThread::start(stage, self.inner.cfg.threads).map_err(|e| e.to_string())?;
+        let stage = StageThread::start(stage, "serve-stage", self.inner.cfg.threads)
+            .map_err(|e| e.to_string())?;
         self.inner
             .stages
             .lock()
@@ -1904,4 +1913,23 @@ pub async fn read_frame<R: tokio::io::AsyncRead + Unpin + ?Sized>(
         return Err("stream closed".into());
     }
     Ok((meta, payload))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StageThread;
+
+    #[tokio::test]
+    async fn a_stage_thread_runs_jobs_in_order_and_survives_a_panic() {
+        let t = StageThread::start(Vec::<u32>::new(), "test-stage", 0).unwrap();
+        for i in 0..5 {
+            assert_eq!(t.run(move |v| v.push(i)).await, Ok(()));
+        }
+        let err = t.run(|_| -> u32 { panic!("job fails") }).await;
+        assert_eq!(err, Err("the stage panicked".to_string()));
+        // The state and the thread outlive the failed job; jobs from clones share them.
+        let t2 = t.clone();
+        assert_eq!(t2.run(|v| v.clone()).await, Ok(vec![0, 1, 2, 3, 4]));
+        assert_eq!(t.run(|v| v.len()).await, Ok(5));
+    }
 }
