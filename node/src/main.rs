@@ -1441,25 +1441,20 @@ fn tcp_ceiling(ring: usize, mib: usize) -> Result<(), Failure> {
         outgoing.push(s);
         incoming.push(next.accept().map_err(anyhow::Error::from)?.0);
     }
-    // incoming[i] is the stream into member (i + 1) % ring. Each member is one thread
-    // that sends and receives at once through poll(2) on non-blocking sockets (the shape
-    // of gloo's and shoal's transports): no reduction, no framing, only the bytes.
+    // incoming[i] flows into member (i + 1) % ring; rotated, it flows into member i. Each
+    // member is one thread that sends and receives at once through poll(2) on
+    // non-blocking sockets (the shape of gloo's and shoal's transports): no reduction, no
+    // framing, only the bytes.
+    incoming.rotate_right(1);
     let start = std::sync::Arc::new(std::sync::Barrier::new(ring + 1));
-    let members: Vec<_> = (0..ring)
-        .map(|i| {
-            let out = outgoing.remove(0);
-            let inp = incoming[(i + ring - 1) % ring]
-                .try_clone()
-                .map_err(anyhow::Error::from);
+    let members: Vec<_> = outgoing
+        .into_iter()
+        .zip(incoming)
+        .map(|(out, inp)| {
             let start = start.clone();
-            inp.map(|inp| {
-                std::thread::spawn(move || -> std::io::Result<f64> {
-                    ring_member(out, inp, total, CHUNK, &start)
-                })
-            })
+            std::thread::spawn(move || ring_member(out, inp, total, CHUNK, &start))
         })
-        .collect::<Result<_, _>>()?;
-    drop(incoming);
+        .collect();
     start.wait();
     let mut rates = Vec::with_capacity(ring);
     for m in members {

@@ -284,9 +284,8 @@ type StageJob<S> = Box<dyn FnOnce(&mut S) + Send>;
 /// on one OS thread that keeps the stage's working set in its core's caches (instead of
 /// hopping between the runtime's blocking threads), scheduled as a batch thread (Linux
 /// `SCHED_BATCH`: the node's I/O threads preempt it when they wake). The thread ends when
-/// the last handle
-/// is dropped; a panicking job fails only its own call. Generic over what it owns (a
-/// [`Stage`] when serving) so it can be tested alone.
+/// the last handle is dropped; a panicking job fails only its own call. Generic over what
+/// it owns (a [`Stage`] when serving) so it can be tested alone.
 struct StageThread<S: Send + 'static = Stage> {
     jobs: std::sync::mpsc::Sender<StageJob<S>>,
 }
@@ -922,12 +921,16 @@ impl Server {
         let stage = Stage::open(&path, cfg).map_err(|e| e.to_string())?;
         let stage = StageThread::start(stage, "serve-stage", self.inner.cfg.threads)
             .map_err(|e| e.to_string())?;
-        self.inner
+        // Two first calls may race here: the one inserted first is the stage (with its
+        // rows' caches); the other thread ends when its handle is dropped.
+        Ok(self
+            .inner
             .stages
             .lock()
             .unwrap()
-            .insert(*model, stage.clone());
-        Ok(stage)
+            .entry(*model)
+            .or_insert(stage)
+            .clone())
     }
 
     fn model_path(&self, model: &[u8; 32]) -> Option<PathBuf> {
