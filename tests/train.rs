@@ -200,6 +200,7 @@ fn one_and_three_nodes_agree_and_samples_are_used_once() {
     let mut epoch_ids: HashMap<u64, Vec<u64>> = HashMap::new();
     let mut files = 0;
     let mut members_per_step: HashMap<u64, usize> = HashMap::new();
+    let mut with_samples: HashMap<String, usize> = HashMap::new();
     for e in std::fs::read_dir(&run3).unwrap() {
         let p = e.unwrap().path();
         let name = p.file_name().unwrap().to_str().unwrap().to_string();
@@ -217,7 +218,7 @@ fn one_and_three_nodes_agree_and_samples_are_used_once() {
                 .iter()
                 .map(|x| x.as_u64().unwrap())
                 .collect();
-            assert!(!ids.is_empty(), "every member gets a share at step {step}");
+            *with_samples.entry(name.clone()).or_default() += usize::from(!ids.is_empty());
             epoch_ids
                 .entry(v["data_epoch"].as_u64().unwrap())
                 .or_default()
@@ -227,6 +228,12 @@ fn one_and_three_nodes_agree_and_samples_are_used_once() {
     assert_eq!(files, 3, "one samples file per member");
     assert_eq!(members_per_step.len(), 60);
     assert!(members_per_step.values().all(|&m| m == 3));
+    // Shares follow measured speed (`balance`), so a member slowed down gets fewer samples
+    // for a while, but nobody is starved.
+    assert!(
+        with_samples.values().all(|&k| k >= 30),
+        "steps with samples per member: {with_samples:?}"
+    );
     let n_train = epoch_ids[&0].iter().max().unwrap() + 1;
     assert!(
         (240..=300).contains(&n_train),

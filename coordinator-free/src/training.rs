@@ -22,6 +22,14 @@
 //!    the others over its samples too ([`reassign_without`]), so the batch is still consumed
 //!    exactly once and the update equals the one without the bad contribution.
 //!
+//! 6. **Shares follow speed** ([`Training::handle_speeds`]): each member reports how fast it
+//!    computed its gradients (samples per second) with its step's contribution, so every
+//!    member that commits the step holds the same numbers; the next step's batch is split in
+//!    proportion to the smoothed speeds ([`share_weights`]), so a member slowed down (a
+//!    slower machine, a busy one) gets fewer samples instead of making everyone wait. The
+//!    speeds restart from equal shares at every sync, the one point every member passes
+//!    through with the same state.
+//!
 //! Every collective is bound to its view by the data plane, so no step commits with a view
 //! that differs between members. `tests/training_sim.rs` checks the protocol under random
 //! crashes, joins and partial commits over many seeds.
@@ -56,6 +64,53 @@ pub struct TrainingPlan {
     pub n_samples: u64,
     /// Samples per shard.
     pub shard_size: u64,
+    /// Split each batch by measured speed ([`share_weights`]) instead of equally.
+    pub balance: bool,
+}
+
+/// How far one step's measured speed moves a member's speed estimate (the rest is the
+/// previous estimate): 0.5, so a change of speed shows in the shares within a few steps
+/// while one noisy step moves them only half as far.
+pub const SPEED_SMOOTHING: f64 = 0.5;
+
+/// The smallest share weight relative to the fastest member's: 1/16, so a member that
+/// measured very slowly once still gets samples and measures again.
+pub const MIN_RELATIVE_WEIGHT: f64 = 1.0 / 16.0;
+
+/// The fastest member's share weight (the resolution of the others'): 4096.
+pub const WEIGHT_SCALE: f64 = 4096.0;
+
+/// Share weights for `members` from speed estimates (samples/s; members without a finite
+/// positive estimate count as the mean of the others', or everyone weighs 1 when nobody
+/// has one): proportional to speed, the fastest at [`WEIGHT_SCALE`], none below
+/// [`MIN_RELATIVE_WEIGHT`] of it. Deterministic: every member computing it from the same
+/// estimates gets the same weights.
+pub fn share_weights(members: &[NodeId], speeds: &[(NodeId, f64)]) -> Vec<(NodeId, u32)> {
+    let known: Vec<f64> = members
+        .iter()
+        .filter_map(|m| speeds.iter().find(|(id, _)| id == m).map(|(_, s)| *s))
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .collect();
+    if known.is_empty() {
+        return members.iter().map(|m| (m.clone(), 1)).collect();
+    }
+    let mean = known.iter().sum::<f64>() / known.len() as f64;
+    let speed = |m: &NodeId| {
+        speeds
+            .iter()
+            .find(|(id, _)| id == m)
+            .map(|(_, s)| *s)
+            .filter(|s| s.is_finite() && *s > 0.0)
+            .unwrap_or(mean)
+    };
+    let max = members.iter().map(speed).fold(0.0, f64::max);
+    members
+        .iter()
+        .map(|m| {
+            let rel = (speed(m) / max).max(MIN_RELATIVE_WEIGHT);
+            (m.clone(), (rel * WEIGHT_SCALE).round().max(1.0) as u32)
+        })
+        .collect()
 }
 
 /// What the shell should do next.
@@ -92,6 +147,8 @@ pub enum Action {
         batch: StepBatch,
         /// This member's positions in the epoch order.
         ranges: Vec<Range<u64>>,
+        /// Every member's share weight the batch was split by (for [`reassign_without`]).
+        weights: Vec<(NodeId, u32)>,
     },
     /// Every step is committed.
     Finished,
@@ -135,6 +192,8 @@ pub struct Training {
     plan: TrainingPlan,
     progress: Progress,
     phase: Phase,
+    /// Smoothed speed of each member (samples/s) in the current `Ready` phase.
+    speeds: Vec<(NodeId, f64)>,
     /// Steps this member redid after a failure (for metrics).
     pub redone: u64,
     /// Syncs this member took part in (for metrics).
@@ -149,6 +208,7 @@ impl Training {
             plan,
             progress,
             phase: Phase::Waiting,
+            speeds: Vec::new(),
             redone: 0,
             syncs: 0,
         }
@@ -220,7 +280,50 @@ impl Training {
             if v.hash == view {
                 self.progress = *p;
                 self.syncs += 1;
+                self.speeds.clear();
                 self.phase = Phase::Ready(v.clone());
+            }
+        }
+    }
+
+    /// The speeds (samples/s of gradient computation) every member measured in `step` on
+    /// `view`, as all-gathered with the step (so identical on every member); call before
+    /// committing the step with [`Training::handle_step`]. Each estimate moves
+    /// [`SPEED_SMOOTHING`] of the way to its new measurement; a member without one
+    /// (non-finite or non-positive: it had no samples) moves that far toward the measured
+    /// members' mean instead, so nobody stays without samples. Stale reports are ignored.
+    pub fn handle_speeds(&mut self, view: ViewHash, step: u64, measured: &[(NodeId, f64)]) {
+        let Phase::Ready(v) = &self.phase else {
+            return;
+        };
+        if v.hash != view || step != self.progress.step {
+            return;
+        }
+        let valid = |s: f64| s.is_finite() && s > 0.0;
+        for (id, s) in measured {
+            if !valid(*s) || !v.contains(id) {
+                continue;
+            }
+            match self.speeds.iter_mut().find(|(m, _)| m == id) {
+                Some((_, old)) => *old += SPEED_SMOOTHING * (s - *old),
+                None => self.speeds.push((id.clone(), *s)),
+            }
+        }
+        // A member that measured nothing (no samples this step) moves toward the others'
+        // mean, so one that was handed nothing gets samples again and measures anew.
+        let unmeasured = |id: &NodeId| !measured.iter().any(|(m, s)| m == id && valid(*s));
+        let others: Vec<f64> = self
+            .speeds
+            .iter()
+            .filter(|(id, _)| !unmeasured(id))
+            .map(|(_, s)| *s)
+            .collect();
+        if !others.is_empty() {
+            let mean = others.iter().sum::<f64>() / others.len() as f64;
+            for (id, s) in self.speeds.iter_mut() {
+                if unmeasured(id) {
+                    *s += SPEED_SMOOTHING * (mean - *s);
+                }
             }
         }
     }
@@ -278,13 +381,19 @@ impl Training {
             },
             Phase::Ready(v) => {
                 let batch = self.batch()?;
-                let members: Vec<(NodeId, u32)> = v.ids().map(|id| (id.clone(), 1)).collect();
-                let a = sharding::assign(&members, &batch, self.plan.shard_size)?;
+                let ids: Vec<NodeId> = v.ids().cloned().collect();
+                let weights = if self.plan.balance {
+                    share_weights(&ids, &self.speeds)
+                } else {
+                    ids.into_iter().map(|id| (id, 1)).collect()
+                };
+                let a = sharding::assign(&weights, &batch, self.plan.shard_size)?;
                 Action::Step {
                     view: v.clone(),
                     step: self.progress.step,
                     batch,
                     ranges: a.ranges(&self.me).to_vec(),
+                    weights,
                 }
             }
         })
@@ -360,18 +469,19 @@ pub fn screen_gradients(norms: &[(NodeId, f64)], factor: f64) -> Vec<(NodeId, Re
     out
 }
 
-/// The shards of `batch` over `view` without the `rejected` members (each member's ranges;
-/// the rejected get none). Errors when no member is left.
+/// The shards of `batch` over the members of `weights` (the step's, from [`Action::Step`])
+/// without the `rejected` ones (each member's ranges; the rejected get none). Errors when
+/// no member is left.
 pub fn reassign_without(
-    view: &View,
+    weights: &[(NodeId, u32)],
     batch: &StepBatch,
     shard_size: u64,
     rejected: &[NodeId],
 ) -> Result<sharding::Assignment, TrainingError> {
-    let members: Vec<(NodeId, u32)> = view
-        .ids()
-        .filter(|id| !rejected.contains(id))
-        .map(|id| (id.clone(), 1))
+    let members: Vec<(NodeId, u32)> = weights
+        .iter()
+        .filter(|(id, _)| !rejected.contains(id))
+        .cloned()
         .collect();
     Ok(sharding::assign(&members, batch, shard_size)?)
 }
@@ -400,6 +510,7 @@ mod tests {
             batch_size: 4,
             n_samples: 10,
             shard_size: 2,
+            balance: false,
         }
     }
 
@@ -522,7 +633,8 @@ mod tests {
             },
             len: 30,
         };
-        let a = reassign_without(&view, &batch, 4, &ids[1..2]).unwrap();
+        let weights: Vec<(NodeId, u32)> = ids.iter().map(|id| (id.clone(), 1)).collect();
+        let a = reassign_without(&weights, &batch, 4, &ids[1..2]).unwrap();
         assert!(a.ranges(&ids[1]).is_empty());
         let mut covered: Vec<u64> = [&ids[0], &ids[2]]
             .iter()
@@ -530,6 +642,76 @@ mod tests {
             .collect();
         covered.sort();
         assert_eq!(covered, (40..70).collect::<Vec<_>>());
-        assert!(reassign_without(&view, &batch, 4, &ids).is_err());
+        assert!(reassign_without(&weights, &batch, 4, &ids).is_err());
+        assert_eq!(view.len(), 3);
+    }
+
+    #[test]
+    fn share_weights_follow_speed_within_bounds() {
+        let ids: Vec<NodeId> = ["a", "b", "c"]
+            .iter()
+            .map(|s| NodeId::new(*s).unwrap())
+            .collect();
+        // Nobody measured: equal.
+        assert!(share_weights(&ids, &[]).iter().all(|(_, w)| *w == 1));
+        let speeds = vec![
+            (ids[0].clone(), 200.0),
+            (ids[1].clone(), 100.0),
+            (ids[2].clone(), 1.0),
+        ];
+        let w = share_weights(&ids, &speeds);
+        assert_eq!(w[0].1, WEIGHT_SCALE as u32);
+        assert_eq!(w[1].1, WEIGHT_SCALE as u32 / 2);
+        assert_eq!(
+            w[2].1,
+            (WEIGHT_SCALE * MIN_RELATIVE_WEIGHT) as u32,
+            "floored"
+        );
+        // An unmeasured member counts as the mean of the measured ones.
+        let w = share_weights(&ids, &speeds[..2]);
+        assert_eq!(w[2].1, (WEIGHT_SCALE * 0.75) as u32);
+    }
+
+    /// After a step in which b computed at half a's speed, the next batch splits about
+    /// 2 : 1; a sync (any new round) starts again from equal shares; stale and
+    /// non-finite reports change nothing.
+    #[test]
+    fn the_next_batch_follows_the_measured_speeds_until_the_next_sync() {
+        let (a, b) = (NodeId::new("a").unwrap(), NodeId::new("b").unwrap());
+        let plan = TrainingPlan {
+            min_nodes: 2,
+            total_steps: 10,
+            batch_size: 30,
+            n_samples: 300,
+            shard_size: 1,
+            balance: true,
+        };
+        let v = view(1, &["a", "b"]);
+        let mut t = Training::new(a.clone(), plan, Progress::default());
+        let ready = |t: &mut Training, v: &View| {
+            t.handle_view(v);
+            let p = Progress::default();
+            t.handle_progress(v.hash, &[(a.clone(), p), (b.clone(), p)])
+                .unwrap();
+            t.handle_synced(v.hash);
+        };
+        ready(&mut t, &v);
+        let mine = |t: &Training| match t.poll_action().unwrap() {
+            Action::Step { ranges, .. } => ranges.iter().map(|r| r.end - r.start).sum::<u64>(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(mine(&t), 15);
+        t.handle_speeds(v.hash, 5, &[(a.clone(), 1.0), (b.clone(), 9.0)]); // stale step
+        t.handle_speeds(v.hash, 0, &[(a.clone(), 200.0), (b.clone(), 100.0)]);
+        t.handle_step(v.hash, 0, true);
+        assert_eq!(mine(&t), 20);
+        // b's next measurement is missing (NaN): a's estimate moves halfway to 100, b's
+        // halfway toward the mean of the measured (a's 150).
+        t.handle_speeds(v.hash, 1, &[(a.clone(), 100.0), (b.clone(), f64::NAN)]);
+        t.handle_step(v.hash, 1, true);
+        assert_eq!(mine(&t), 16, "a at 150, b at 125");
+        let v2 = view(2, &["a", "b"]);
+        ready(&mut t, &v2);
+        assert_eq!(mine(&t), 15);
     }
 }

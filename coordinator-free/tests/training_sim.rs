@@ -37,6 +37,7 @@ fn run(seed: u64) {
         batch_size: rng.gen_range(1..50),
         n_samples: rng.gen_range(1..300),
         shard_size: rng.gen_range(1..8),
+        balance: rng.gen_bool(0.7),
     };
     let mut next = 0;
     let mut members: Vec<Member> = Vec::new();
@@ -140,18 +141,42 @@ fn run(seed: u64) {
                 &|a| matches!(a, Action::Step { view: w, step: s, .. } if w.hash == v.hash && s == step),
             ) =>
             {
-                // Every member's shards tile the batch.
-                let mut covered = 0;
+                // Every member's shards tile the batch (every member split it by the
+                // same weights, though speeds reach only the members that commit).
+                let mut covered = Vec::new();
+                let mut all_weights = Vec::new();
                 for a in &actions {
                     if let Action::Step {
-                        ranges, batch: b, ..
+                        ranges,
+                        batch: b,
+                        weights,
+                        ..
                     } = a
                     {
                         assert_eq!(b, batch, "seed {seed}: one batch per step");
-                        covered += ranges.iter().map(|r| r.end - r.start).sum::<u64>();
+                        covered.extend(ranges.iter().flat_map(|r| r.clone()));
+                        all_weights.push(weights.clone());
                     }
                 }
-                assert_eq!(covered, batch.len, "seed {seed}");
+                covered.sort();
+                assert_eq!(
+                    covered,
+                    batch.positions().collect::<Vec<_>>(),
+                    "seed {seed}"
+                );
+                assert!(all_weights.windows(2).all(|w| w[0] == w[1]), "seed {seed}");
+                // The speeds every member measured, all-gathered with the step.
+                let speeds: Vec<(NodeId, f64)> = members
+                    .iter()
+                    .map(|m| {
+                        let s = if rng.gen_bool(0.1) {
+                            f64::NAN
+                        } else {
+                            rng.gen_range(1.0..100.0)
+                        };
+                        (m.id.clone(), s)
+                    })
+                    .collect();
                 // A crash during the step: some members complete it, the rest fail.
                 let crash = churn && members.len() > 1 && rng.gen_bool(0.15);
                 let victim = crash.then(|| rng.gen_range(0..members.len()));
@@ -162,6 +187,7 @@ fn run(seed: u64) {
                     }
                     if ok {
                         m.applied.push((*step, v.hash, *batch));
+                        m.machine.handle_speeds(v.hash, *step, &speeds);
                     }
                     m.machine.handle_step(v.hash, *step, ok);
                 }

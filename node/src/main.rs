@@ -1793,9 +1793,22 @@ grad_clip = 0.0
     };
     let timed = if warmup == 0 { steps - 1 } else { steps };
     let secs = (t1 - t0).max(1e-9);
+    // The first member's mean of each phase over the timed steps (what the rest of a step
+    // is: the update, the step's bookkeeping).
+    let first = warmup.max(1);
+    let timed_rows: Vec<&serde_json::Value> = rows
+        .iter()
+        .filter(|r| r["step"].as_u64().is_some_and(|s| s > first))
+        .collect();
+    let mean = |key: &str| {
+        let v: Vec<f64> = timed_rows.iter().filter_map(|r| r[key].as_f64()).collect();
+        v.iter().sum::<f64>() / v.len().max(1) as f64
+    };
     let line = serde_json::json!({"impl": "shoal", "nodes": n, "threads": threads, "model": "gpt",
         "batch": batch, "steps": timed, "step_ms": secs * 1e3 / timed as f64,
-        "samples_per_s": (batch * timed) as f64 / secs});
+        "samples_per_s": (batch * timed) as f64 / secs,
+        "compute_ms": mean("compute_ms"), "guard_ms": mean("guard_ms"),
+        "allreduce_ms": mean("allreduce_ms"), "member_step_ms": mean("step_ms")});
     println!("{line}");
     if !json {
         eprintln!(

@@ -79,7 +79,8 @@ pub struct JobSpec {
     pub epochs: Option<u64>,
     /// Global batch size in samples, split across the members by share.
     pub batch_size: u64,
-    /// Samples per data shard (the unit handed to members). Default: 8.
+    /// Samples per data shard (the unit handed to members, and so the resolution at which
+    /// `balance` can move samples between them). Default: 1.
     #[serde(default = "default_shard_size")]
     pub shard_size: u64,
     /// The job starts once this many members are in the view. Default: 1.
@@ -111,6 +112,11 @@ pub struct JobSpec {
     /// Default: 10.
     #[serde(default = "default_grad_guard")]
     pub grad_guard: f64,
+    /// Split each step's batch in proportion to the members' measured speed (samples per
+    /// second of gradient computation, smoothed over steps) rather than equally, so a
+    /// slower or busier member does not hold the others up. Default: true.
+    #[serde(default = "default_true")]
+    pub balance: bool,
     /// Gradient bucket size in bytes; buckets are all-reduced concurrently. Default: 4 MiB.
     #[serde(default = "default_bucket_bytes")]
     pub bucket_bytes: u64,
@@ -131,7 +137,7 @@ fn default_seed() -> u64 {
     1
 }
 fn default_shard_size() -> u64 {
-    8
+    1
 }
 fn default_min_nodes() -> usize {
     1

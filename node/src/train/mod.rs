@@ -73,6 +73,9 @@ pub enum TrainError {
     /// The model could not be built or does not fit the data.
     #[error(transparent)]
     Model(#[from] model::ModelError),
+    /// The model's parameters cannot be optimised (tied or not f32).
+    #[error("optimizer: {0}")]
+    Optim(#[from] optim::OptimError),
     /// A checkpoint could not be read or written.
     #[error(transparent)]
     Checkpoint(#[from] checkpoint::CheckpointError),
@@ -326,7 +329,6 @@ const TAG_GRAD: u64 = 2;
 const TAG_EVAL: u64 = 3;
 const TAG_EXCHANGE: u64 = 4;
 const TAG_HASH: u64 = 5;
-const TAG_GUARD: u64 = 6;
 
 /// [`TrainContext::perturb`]: nudge the weights before the next step.
 pub const PERTURB_WEIGHTS: u8 = 1;
@@ -346,6 +348,10 @@ enum StepFailure {
     #[error("the view changed")]
     ViewChanged,
 }
+
+/// A committed step: its record, the sample ids this member used, and every member's
+/// measured speed (samples/s).
+type StepDone = (StepRecord, Vec<u64>, Vec<(NodeId, f64)>);
 
 /// A step's outcome other than success.
 #[derive(Debug)]
@@ -395,7 +401,7 @@ impl Trainer {
         let data = Dataset::load(&job.data, job.seed, job.eval_fraction, context)?;
         let model = Model::build(job, data.task, job.seed)?;
         let params = model.params();
-        let opt = Optimizer::new(&job.optimizer, &params);
+        let opt = Optimizer::new(&job.optimizer, &params)?;
         let total_steps = match (job.steps, job.epochs) {
             (Some(s), _) => s,
             (None, Some(e)) => e * sharding::steps_per_epoch(data.train_len(), job.batch_size),
@@ -467,6 +473,7 @@ impl Trainer {
             batch_size: self.job().batch_size,
             n_samples: self.data.train_len(),
             shard_size: self.job().shard_size,
+            balance: self.job().balance,
         };
         let mut machine = Training::new(
             self.ctx.me.clone(),
@@ -559,10 +566,12 @@ impl Trainer {
                     step,
                     batch,
                     ranges,
+                    weights,
                 } => {
                     self.maybe_perturb(step);
-                    match self.train_step(&view, &batch, &ranges) {
-                        Ok((record, ids)) => {
+                    match self.train_step(&view, &batch, &ranges, &weights) {
+                        Ok((record, ids, speeds)) => {
+                            machine.handle_speeds(view.hash, step, &speeds);
                             machine.handle_step(view.hash, step, true);
                             debug_assert_eq!(machine.progress().step, self.step);
                             if let Some(f) = samples_log.as_mut() {
@@ -980,23 +989,41 @@ impl Trainer {
     }
 
     /// One step on `view`: local gradients over this member's `ranges` of `batch`, the
-    /// all-reduce, the update. Returns the record and the sample ids this member used.
+    /// all-reduce, the guard, the update. Returns the record, the sample ids this member
+    /// used, and every member's measured speed (samples/s of gradient computation; 0 for a
+    /// member without samples), as the all-reduce delivered them to every member.
+    ///
+    /// The gradient guard rides on the all-reduce: besides its gradient (and loss, samples,
+    /// correct), each member contributes its gradient norm and speed in slots of its own,
+    /// zero elsewhere, so the sum hands every member every member's norm and speed (an
+    /// all-gather without a round of its own). Members whose gradient is NaN/Inf or whose
+    /// norm is far above the others' median (`coordinator_free::training::screen_gradients`)
+    /// are then left out: the sum is discarded, the step's samples are re-split over the
+    /// others (`reassign_without`, by the step's weights), who compute their gradients again
+    /// and all-reduce once more (a member left out contributes zeros). The norm check runs
+    /// on the first round only: in a redo the norms follow the re-split samples, and a large
+    /// one there means the samples, not a member, carry the large gradient (checking again
+    /// would leave out honest members one after another); NaN/Inf is refused in every
+    /// round. A view of one member has nothing to compare and skips the guard.
     fn train_step(
         &mut self,
         view: &View,
         batch: &sharding::StepBatch,
         ranges: &[std::ops::Range<u64>],
-    ) -> Result<(StepRecord, Vec<u64>), StepError> {
+        weights: &[(NodeId, u32)],
+    ) -> Result<StepDone, StepError> {
+        use coordinator_free::training::{reassign_without, screen_gradients};
         let t0 = Instant::now();
         let stats0 = self.ctx.dp.stats();
         let order = self.order(batch.cursor.epoch);
-        let ids: Vec<u64> = ranges
+        let mut ids: Vec<u64> = ranges
             .iter()
             .flat_map(|r| r.clone().map(|p| order[p as usize]))
             .collect();
         let tc = Instant::now();
         let mut flat = self.local_gradients(&ids).map_err(StepError::Fatal)?;
         let compute = tc.elapsed();
+        let speed = ids.len() as f64 / compute.as_secs_f64().max(1e-9);
         if self
             .ctx
             .perturb
@@ -1011,59 +1038,18 @@ impl Trainer {
             tracing::warn!(step = self.step, "debug: this member's gradient is NaN");
             flat[0] = f32::NAN;
         }
-        let (mut flat, ids) = self.guard(view, batch, flat, ids)?;
-        let guarded = tc.elapsed();
-        let dp = self.ctx.dp.clone();
-        let bucket = (self.job().bucket_bytes as usize / 4).max(1);
-        let base = self.tag_base;
-        let step = self.step;
-        let v = view.clone();
-        let fut = async {
-            let futs = flat.chunks_mut(bucket).enumerate().map(|(i, chunk)| {
-                dp.all_reduce(
-                    &v,
-                    tag(base, &v, TAG_GRAD, step, i as u64),
-                    chunk,
-                    ReduceOp::Sum,
-                )
-            });
-            futures::future::try_join_all(futs).await.map(|_| ())
-        };
-        self.collective(view, fut).map_err(StepError::Failed)?;
-        let comm = tc.elapsed() - guarded;
-        let mut rec = self
-            .apply(flat, batch, view, t0, stats0)
-            .map_err(StepError::Fatal)?;
-        rec.compute_ms = compute.as_secs_f64() * 1e3;
-        rec.guard_ms = (guarded - compute).as_secs_f64() * 1e3;
-        rec.allreduce_ms = comm.as_secs_f64() * 1e3;
-        Ok((rec, ids))
-    }
-
-    /// The gradient guard: the members all-gather their local gradient norms; members whose
-    /// gradient is NaN/Inf or far above the others' median
-    /// (`coordinator_free::training::screen_gradients`) are left out, and the step's samples
-    /// are re-split over the others, who compute their gradients again (a member left out
-    /// contributes nothing). The norm check runs on the first round only: in a redo the
-    /// norms follow the re-split samples, and a large one there means the samples, not a
-    /// member, carry the large gradient (checking again would leave out honest members one
-    /// after another); NaN/Inf is refused in every round. Returns the gradients and the
-    /// sample ids to use.
-    fn guard(
-        &mut self,
-        view: &View,
-        batch: &sharding::StepBatch,
-        mut flat: Vec<f32>,
-        mut ids: Vec<u64>,
-    ) -> Result<(Vec<f32>, Vec<u64>), StepError> {
-        use coordinator_free::training::{reassign_without, screen_gradients};
-        if view.len() < 2 {
-            return Ok((flat, ids));
-        }
         let numel = flat.len() - 3;
+        let n = view.len();
         let me = self.ctx.me.clone();
+        // The machine steps only in views holding this member.
+        let rank = view
+            .position(&me)
+            .ok_or(StepError::Failed(StepFailure::ViewChanged))?;
+        let (norms_at, speeds_at) = (numel + 3, numel + 3 + n);
         let mut rejected: Vec<NodeId> = Vec::new();
-        for attempt in 0..view.len() as u64 {
+        let mut first_round = Duration::ZERO;
+        for attempt in 0..n as u64 {
+            let ta = Instant::now();
             let norm = if rejected.contains(&me) {
                 0.0
             } else {
@@ -1073,16 +1059,35 @@ impl Trainer {
                     .sum();
                 sq.sqrt()
             };
-            let mut out = vec![0f32; view.len()];
+            flat.resize(numel + 3 + 2 * n, 0.0);
+            flat[norms_at + rank] = norm as f32;
+            flat[speeds_at + rank] = if ids.is_empty() { 0.0 } else { speed as f32 };
             let dp = self.ctx.dp.clone();
-            let t = tag(self.tag_base, view, TAG_GUARD, self.step, attempt);
-            let mine = [norm as f32];
-            self.collective(view, dp.all_gather(view, t, &mine, &mut out))
-                .map_err(StepError::Failed)?;
+            let bucket = (self.job().bucket_bytes as usize / 4).max(1);
+            let (base, step, v) = (self.tag_base, self.step, view.clone());
+            let fut = async {
+                let futs = flat.chunks_mut(bucket).enumerate().map(|(i, chunk)| {
+                    let index = (attempt << 32) | i as u64;
+                    dp.all_reduce(
+                        &v,
+                        tag(base, &v, TAG_GRAD, step, index),
+                        chunk,
+                        ReduceOp::Sum,
+                    )
+                });
+                futures::future::try_join_all(futs).await.map(|_| ())
+            };
+            self.collective(view, fut).map_err(StepError::Failed)?;
+            if attempt == 0 {
+                first_round = ta.elapsed();
+            }
+            if n < 2 {
+                break;
+            }
             let norms: Vec<(NodeId, f64)> = view
                 .ids()
                 .cloned()
-                .zip(out.iter().map(|&n| f64::from(n)))
+                .zip(flat[norms_at..speeds_at].iter().map(|&x| f64::from(x)))
                 .filter(|(id, _)| !rejected.contains(id))
                 .collect();
             let factor = if attempt == 0 {
@@ -1104,7 +1109,7 @@ impl Trainer {
                 }
                 rejected.push(peer.clone());
             }
-            let a = reassign_without(view, batch, self.job().shard_size, &rejected)
+            let a = reassign_without(weights, batch, self.job().shard_size, &rejected)
                 .map_err(|e| StepError::Fatal(e.into()))?;
             let ranges = a.ranges(&me).to_vec();
             let order = self.order(batch.cursor.epoch);
@@ -1119,7 +1124,29 @@ impl Trainer {
                 self.local_gradients(&ids).map_err(StepError::Fatal)?
             };
         }
-        Ok((flat, ids))
+        let speeds: Vec<(NodeId, f64)> = view
+            .ids()
+            .cloned()
+            .zip(flat[speeds_at..].iter().map(|&x| f64::from(x)))
+            .collect();
+        flat.truncate(numel + 3);
+        let redo = tc.elapsed() - compute - first_round;
+        let mut rec = self
+            .apply(flat, batch, view, t0, stats0)
+            .map_err(StepError::Fatal)?;
+        rec.compute_ms = compute.as_secs_f64() * 1e3;
+        rec.guard_ms = redo.as_secs_f64() * 1e3;
+        rec.allreduce_ms = first_round.as_secs_f64() * 1e3;
+        tracing::debug!(
+            step = rec.step,
+            samples = ids.len(),
+            compute_ms = rec.compute_ms,
+            allreduce_ms = rec.allreduce_ms,
+            guard_ms = rec.guard_ms,
+            step_ms = rec.step_ms,
+            "step"
+        );
+        Ok((rec, ids, speeds))
     }
 
     /// Gradients of the sum of losses over `ids`, flattened in parameter order, followed
@@ -1181,23 +1208,17 @@ impl Trainer {
         if !loss.is_finite() {
             return Err(TrainError::Diverged(self.step));
         }
-        let mut grad = Tensor::from_slice(&flat[..numel]) / total;
+        let mut grad = Tensor::from_slice(&flat[..numel]);
+        let _ = grad.g_div_scalar_(total);
         let clip = self.job().optimizer.grad_clip;
         if clip > 0.0 {
             let norm = grad.norm().double_value(&[]);
             if norm > clip {
-                grad *= clip / norm;
+                let _ = grad.g_mul_scalar_(clip / norm);
             }
         }
-        let mut grads = Vec::with_capacity(self.params.len());
-        let mut off = 0i64;
-        for (_, p) in &self.params {
-            let n = p.numel() as i64;
-            grads.push(grad.narrow(0, off, n).view(p.size().as_slice()));
-            off += n;
-        }
         let lr = self.job().lr_at(self.step, self.total_steps);
-        self.opt.step(&self.params, &grads, lr);
+        self.opt.step(&grad, lr);
         self.step += 1;
         self.cursor = sharding::advance(batch, self.data.train_len());
         let stats = self.ctx.dp.stats();

@@ -5,83 +5,139 @@
 //! applies to every parameter.
 
 use super::job::{OptimizerKind, OptimizerSpec};
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
-/// An optimizer and its per-parameter state.
+/// Why the parameters cannot be optimised.
+#[derive(Debug, thiserror::Error)]
+pub enum OptimError {
+    /// Two parameters share their storage (tied weights), which a flat update would untie.
+    #[error("parameters `{0}` and `{1}` share their storage (tied weights are not supported)")]
+    Tied(String, String),
+    /// A parameter is not 32-bit float on the CPU.
+    #[error("parameter `{0}` is not f32 on the CPU")]
+    NotF32(String),
+}
+
+/// An optimizer and its state.
+///
+/// The parameters are moved into one contiguous buffer (each parameter's data becomes a
+/// view of it, as FSDP's flat parameters do), and the state lives in buffers of the same
+/// layout, so an update is a dozen whole-buffer operations instead of a dozen per
+/// parameter: the update's cost is the memory traffic, not the per-operation overhead.
 pub struct Optimizer {
     spec: OptimizerSpec,
-    /// AdamW: first and second moments; SGD: the momentum buffer (second unused).
-    state: Vec<(Tensor, Tensor)>,
+    /// Every parameter, in the order given to [`Optimizer::new`] (that of the flat
+    /// gradient [`Optimizer::step`] takes).
+    flat: Tensor,
+    /// AdamW: first moments; SGD: the momentum buffer.
+    m: Tensor,
+    /// AdamW: second moments (SGD: empty).
+    v: Tensor,
+    /// Each parameter's offset, length and shape in the buffers.
+    layout: Vec<(i64, i64, Vec<i64>)>,
     /// Updates applied so far (AdamW bias correction).
     pub t: u64,
 }
 
 impl Optimizer {
-    /// Fresh state for `params`.
-    pub fn new(spec: &OptimizerSpec, params: &[(String, Tensor)]) -> Optimizer {
-        let state = params
-            .iter()
-            .map(|(_, p)| (p.zeros_like(), p.zeros_like()))
-            .collect();
-        Optimizer {
-            spec: spec.clone(),
-            state,
-            t: 0,
+    /// Fresh state for `params`, whose data moves into one flat buffer (their values are
+    /// kept).
+    pub fn new(spec: &OptimizerSpec, params: &[(String, Tensor)]) -> Result<Optimizer, OptimError> {
+        let _guard = tch::no_grad_guard();
+        let mut seen: Vec<(usize, &str)> = Vec::new();
+        for (name, p) in params {
+            if p.kind() != Kind::Float || p.device() != tch::Device::Cpu {
+                return Err(OptimError::NotF32(name.clone()));
+            }
+            let ptr = p.data_ptr() as usize;
+            if let Some((_, other)) = seen.iter().find(|(q, _)| *q == ptr) {
+                return Err(OptimError::Tied(other.to_string(), name.clone()));
+            }
+            seen.push((ptr, name));
         }
+        let numel: i64 = params.iter().map(|(_, p)| p.numel() as i64).sum();
+        let flat = Tensor::zeros([numel], (Kind::Float, tch::Device::Cpu));
+        let mut layout = Vec::with_capacity(params.len());
+        let mut off = 0i64;
+        for (_, p) in params {
+            let n = p.numel() as i64;
+            let shape = p.size();
+            let mut view = flat.narrow(0, off, n).view(shape.as_slice());
+            view.copy_(p);
+            p.shallow_clone().set_data(&view);
+            layout.push((off, n, shape));
+            off += n;
+        }
+        let m = flat.zeros_like();
+        let v = match spec.kind {
+            OptimizerKind::Adamw => flat.zeros_like(),
+            OptimizerKind::Sgd => Tensor::zeros([0], (Kind::Float, tch::Device::Cpu)),
+        };
+        Ok(Optimizer {
+            spec: spec.clone(),
+            flat,
+            m,
+            v,
+            layout,
+            t: 0,
+        })
     }
 
-    /// Applies one update with learning rate `lr`; `grads[i]` is the gradient of
-    /// `params[i]`.
-    pub fn step(&mut self, params: &[(String, Tensor)], grads: &[Tensor], lr: f64) {
+    /// Applies one update with learning rate `lr`; `grad` is the flat gradient (every
+    /// parameter's, in order).
+    pub fn step(&mut self, grad: &Tensor, lr: f64) {
         let _guard = tch::no_grad_guard();
         self.t += 1;
         let s = &self.spec;
-        for (((_, p), g), (m, v)) in params.iter().zip(grads).zip(self.state.iter_mut()) {
-            let mut p = p.shallow_clone();
-            match s.kind {
-                OptimizerKind::Adamw => {
-                    let (b1, b2) = (s.betas[0], s.betas[1]);
-                    if s.weight_decay > 0.0 {
-                        let _ = p.g_mul_scalar_(1.0 - lr * s.weight_decay);
-                    }
-                    let _ = m.g_mul_scalar_(b1);
-                    let _ = m.g_add_(&(g * (1.0 - b1)));
-                    let _ = v.g_mul_scalar_(b2);
-                    let _ = v.g_add_(&(g * g * (1.0 - b2)));
-                    let c1 = 1.0 - b1.powi(self.t as i32);
-                    let c2 = 1.0 - b2.powi(self.t as i32);
-                    let denom = (&*v / c2).sqrt() + s.eps;
-                    let _ = p.g_sub_(&((&*m / denom) * (lr / c1)));
+        match s.kind {
+            OptimizerKind::Adamw => {
+                // PyTorch's AdamW, on whole buffers.
+                let (b1, b2) = (s.betas[0], s.betas[1]);
+                if s.weight_decay > 0.0 {
+                    let _ = self.flat.g_mul_scalar_(1.0 - lr * s.weight_decay);
                 }
-                OptimizerKind::Sgd => {
-                    let g = if s.weight_decay > 0.0 {
-                        g + &p * s.weight_decay
-                    } else {
-                        g.shallow_clone()
-                    };
-                    if self.t == 1 {
-                        m.copy_(&g);
-                    } else {
-                        let _ = m.g_mul_scalar_(s.momentum);
-                        let _ = m.g_add_(&g);
-                    }
-                    let _ = p.g_sub_(&(&*m * lr));
+                let _ = self.m.lerp_(grad, 1.0 - b1);
+                let _ = self.v.g_mul_scalar_(b2);
+                let _ = self.v.addcmul_(grad, &(grad * (1.0 - b2)));
+                let c1 = 1.0 - b1.powi(self.t as i32);
+                let c2 = 1.0 - b2.powi(self.t as i32);
+                let mut denom = self.v.sqrt();
+                let _ = denom.g_div_scalar_(c2.sqrt());
+                let _ = denom.g_add_scalar_(s.eps);
+                let _ = self.flat.addcdiv_(&(&self.m * (-lr / c1)), &denom);
+            }
+            OptimizerKind::Sgd => {
+                let g = if s.weight_decay > 0.0 {
+                    grad + &self.flat * s.weight_decay
+                } else {
+                    grad.shallow_clone()
+                };
+                if self.t == 1 {
+                    self.m.copy_(&g);
+                } else {
+                    let _ = self.m.g_mul_scalar_(s.momentum);
+                    let _ = self.m.g_add_(&g);
                 }
+                let _ = self.flat.g_sub_(&(&self.m * lr));
             }
         }
     }
 
     /// The state tensors with names (`adam_m.<param>`, `adam_v.<param>` or
-    /// `momentum.<param>`), for checkpoints and state transfer.
+    /// `momentum.<param>`), for checkpoints and state transfer: views of the state, so
+    /// copying into them sets it. `params` are the names, in the order given to `new`.
     pub fn named_state(&self, params: &[(String, Tensor)]) -> Vec<(String, Tensor)> {
+        let view = |t: &Tensor, (off, n, shape): &(i64, i64, Vec<i64>)| {
+            t.narrow(0, *off, *n).view(shape.as_slice())
+        };
         let mut out = Vec::new();
-        for ((name, _), (m, v)) in params.iter().zip(&self.state) {
+        for ((name, _), l) in params.iter().zip(&self.layout) {
             match self.spec.kind {
                 OptimizerKind::Adamw => {
-                    out.push((format!("adam_m.{name}"), m.shallow_clone()));
-                    out.push((format!("adam_v.{name}"), v.shallow_clone()));
+                    out.push((format!("adam_m.{name}"), view(&self.m, l)));
+                    out.push((format!("adam_v.{name}"), view(&self.v, l)));
                 }
-                OptimizerKind::Sgd => out.push((format!("momentum.{name}"), m.shallow_clone())),
+                OptimizerKind::Sgd => out.push((format!("momentum.{name}"), view(&self.m, l))),
             }
         }
         out
@@ -101,9 +157,8 @@ mod tests {
         };
         let p = Tensor::from_slice(&[1.0f32]);
         let params = vec![("p".to_string(), p.shallow_clone())];
-        let mut o = Optimizer::new(&spec, &params);
-        let g = Tensor::from_slice(&[2.0f32]);
-        o.step(&params, &[g], 0.1);
+        let mut o = Optimizer::new(&spec, &params).unwrap();
+        o.step(&Tensor::from_slice(&[2.0f32]), 0.1);
         // decay: 1 - 0.1*0.1 = 0.99; m̂ = 2, v̂ = 4 → step = 0.1 * 2 / (2 + 1e-8)
         let want = 0.99 - 0.1 * 2.0 / (2.0 + 1e-8);
         assert!((p.double_value(&[]) - want).abs() < 1e-6);
@@ -119,10 +174,85 @@ mod tests {
         };
         let p = Tensor::from_slice(&[0.0f32]);
         let params = vec![("p".to_string(), p.shallow_clone())];
-        let mut o = Optimizer::new(&spec, &params);
-        o.step(&params, &[Tensor::from_slice(&[1.0f32])], 1.0);
-        o.step(&params, &[Tensor::from_slice(&[1.0f32])], 1.0);
+        let mut o = Optimizer::new(&spec, &params).unwrap();
+        o.step(&Tensor::from_slice(&[1.0f32]), 1.0);
+        o.step(&Tensor::from_slice(&[1.0f32]), 1.0);
         // buf: 1 then 1.5 → p = -2.5
         assert!((p.double_value(&[]) + 2.5).abs() < 1e-6);
+    }
+
+    /// Three AdamW steps on two parameters of different shapes, through the flat buffer,
+    /// equal the textbook per-parameter update written out in f64; a model holding the
+    /// parameters sees the updates (their data is the buffer); the named state is the
+    /// moments, and copying into it sets them.
+    #[test]
+    fn the_flat_update_equals_the_per_parameter_update() {
+        let spec = OptimizerSpec {
+            weight_decay: 0.01,
+            ..Default::default()
+        };
+        let a = Tensor::from_slice(&[0.5f32, -1.0, 2.0, 0.25]).view([2, 2]);
+        let b = Tensor::from_slice(&[3.0f32, -0.5, 1.5]);
+        let params = vec![
+            ("a".to_string(), a.shallow_clone()),
+            ("b".to_string(), b.shallow_clone()),
+        ];
+        let mut o = Optimizer::new(&spec, &params).unwrap();
+        let mut p = vec![0.5f64, -1.0, 2.0, 0.25, 3.0, -0.5, 1.5];
+        let (mut m, mut v) = (vec![0f64; 7], vec![0f64; 7]);
+        let (b1, b2, eps, lr, wd) = (spec.betas[0], spec.betas[1], spec.eps, 0.01, 0.01);
+        for t in 1..=3 {
+            let g: Vec<f64> = p
+                .iter()
+                .enumerate()
+                .map(|(i, x)| x * (i as f64 + 1.0) - 0.3)
+                .collect();
+            let g32: Vec<f32> = g.iter().map(|&x| x as f32).collect();
+            o.step(&Tensor::from_slice(&g32), lr);
+            for i in 0..7 {
+                p[i] *= 1.0 - lr * wd;
+                m[i] = b1 * m[i] + (1.0 - b1) * g[i];
+                v[i] = b2 * v[i] + (1.0 - b2) * g[i] * g[i];
+                let mh = m[i] / (1.0 - b1.powi(t));
+                let vh = v[i] / (1.0 - b2.powi(t));
+                p[i] -= lr * mh / (vh.sqrt() + eps);
+            }
+        }
+        let got: Vec<f64> = [a.view([-1]), b.shallow_clone()]
+            .iter()
+            .flat_map(|t| Vec::<f32>::try_from(t).unwrap())
+            .map(f64::from)
+            .collect();
+        for (x, y) in got.iter().zip(&p) {
+            assert!((x - y).abs() < 1e-5, "{got:?} vs {p:?}");
+        }
+        let state = o.named_state(&params);
+        let names: Vec<&str> = state.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["adam_m.a", "adam_v.a", "adam_m.b", "adam_v.b"]);
+        assert_eq!(state[0].1.size(), [2, 2]);
+        let m_b: Vec<f32> = Vec::try_from(&state[2].1).unwrap();
+        for (x, y) in m_b.iter().zip(&m[4..]) {
+            assert!((f64::from(*x) - y).abs() < 1e-5);
+        }
+        state[3]
+            .1
+            .shallow_clone()
+            .copy_(&Tensor::from_slice(&[7.0f32, 8.0, 9.0]));
+        let v_b: Vec<f32> = Vec::try_from(&o.named_state(&params)[3].1).unwrap();
+        assert_eq!(v_b, [7.0, 8.0, 9.0]);
+    }
+
+    /// Tied parameters are refused rather than silently untied.
+    #[test]
+    fn tied_parameters_are_refused() {
+        let w = Tensor::from_slice(&[1.0f32, 2.0]);
+        let params = vec![
+            ("x".to_string(), w.shallow_clone()),
+            ("y".to_string(), w.shallow_clone()),
+        ];
+        let e = Optimizer::new(&OptimizerSpec::default(), &params)
+            .err()
+            .expect("refused");
+        assert!(matches!(e, OptimError::Tied(..)), "{e}");
     }
 }

@@ -24,11 +24,12 @@ pub struct StepRecord {
     pub step_ms: f64,
     /// Of the step: forward and backward on this member's share, ms.
     pub compute_ms: f64,
-    /// Of the step: the gradient guard's exchange of gradient norms (including waiting
-    /// for the slowest member's gradients), ms.
+    /// Of the step: redoing it without gradients the guard rejected (their recomputation
+    /// and all-reduce; 0 when none was rejected), ms.
     #[serde(default)]
     pub guard_ms: f64,
-    /// Of the step: the gradient all-reduce (including waiting for the slowest member), ms.
+    /// Of the step: the gradient all-reduce, which carries the guard's norms (including
+    /// waiting for the slowest member), ms.
     pub allreduce_ms: f64,
     /// Seconds since training started (after the members gathered), at the commit.
     pub elapsed_s: f64,
