@@ -350,6 +350,10 @@ enum BenchCmd {
         /// Data-plane transport. Default: tcp.
         #[arg(long, default_value = "tcp")]
         data_plane: shoal_node::data_plane::DataTransport,
+        /// Split every batch equally (job key `balance = false`, as DDP does) instead of
+        /// by measured speed.
+        #[arg(long)]
+        no_balance: bool,
         /// Print the JSON line only.
         #[arg(long)]
         json: bool,
@@ -556,12 +560,21 @@ async fn dispatch(cmd: Cmd) -> Result<(), Failure> {
                     width,
                     context,
                     data_plane,
+                    no_balance,
                     json,
                 },
         } => {
             let shape = [layers, heads, width, context];
             bench_train(
-                nodes, batch, steps, warmup, threads, shape, data_plane, json,
+                nodes,
+                batch,
+                steps,
+                warmup,
+                threads,
+                shape,
+                data_plane,
+                !no_balance,
+                json,
             )
             .await
         }
@@ -1713,6 +1726,7 @@ async fn bench_train(
     threads: usize,
     [layers, heads, width, context]: [i64; 4],
     transport: shoal_node::data_plane::DataTransport,
+    balance: bool,
     json: bool,
 ) -> Result<(), Failure> {
     use shoal_node::train::job::JobSpec;
@@ -1734,6 +1748,7 @@ steps = {total}
 batch_size = {batch}
 threads = {threads}
 min_nodes = {n}
+balance = {balance}
 eval_fraction = 0.01
 output_dir = "{out}"
 [model]
@@ -1805,7 +1820,7 @@ grad_clip = 0.0
         v.iter().sum::<f64>() / v.len().max(1) as f64
     };
     let line = serde_json::json!({"impl": "shoal", "nodes": n, "threads": threads, "model": "gpt",
-        "batch": batch, "steps": timed, "step_ms": secs * 1e3 / timed as f64,
+        "balance": balance, "batch": batch, "steps": timed, "step_ms": secs * 1e3 / timed as f64,
         "samples_per_s": (batch * timed) as f64 / secs,
         "compute_ms": mean("compute_ms"), "guard_ms": mean("guard_ms"),
         "allreduce_ms": mean("allreduce_ms"), "member_step_ms": mean("step_ms")});
