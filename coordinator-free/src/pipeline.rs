@@ -189,8 +189,26 @@ fn cut(layers: &[LayerCost], group: &[&Worker]) -> Option<Vec<Stage>> {
     (start == layers.len()).then_some(stages)
 }
 
+/// How many micro-batches (lanes) an entry keeps in flight through a replica of `stages`
+/// stages: one for a single stage (a second would only halve each request's speed: a
+/// larger batch costs about the same call), `stages + 1` for a pipeline. With one
+/// micro-batch per stage, every stage idles while a micro-batch travels between stages and
+/// back through the entry (logits sampled, the next tokens sent); the extra one is already
+/// waiting at the stage that comes free.
+pub fn lanes(stages: usize) -> usize {
+    match stages {
+        0 | 1 => 1,
+        k => k + 1,
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_pipeline_keeps_one_micro_batch_more_than_its_stages() {
+        assert_eq!([0, 1, 2, 3].map(super::lanes), [1, 1, 3, 4]);
+    }
+
     use super::*;
 
     fn w(id: &str, gib: u64, speed: f64) -> Worker {

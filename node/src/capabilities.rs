@@ -22,7 +22,8 @@ pub async fn detect() -> Capabilities {
 
 /// f32 matrix-product (128×128) speed in MFLOP/s, rounded to two significant digits so
 /// small jitter does not change plans. The first call measures 16 short rounds (about 2 ms
-/// each); every later call (capabilities are re-detected every 10 s) measures 4 more, and
+/// each); every later call (each re-detection: 1, 2, 4 and 8 s after the start, then every
+/// 10 s) measures 4 more, and
 /// the best round ever seen counts: contention from other processes (a local cluster
 /// starting at once, a busy shared machine) only ever lowers a round, so the running best
 /// converges on the hardware's speed instead of keeping an unlucky first measurement (which

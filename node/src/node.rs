@@ -271,14 +271,18 @@ pub async fn run(cfg: NodeConfig) -> Result<(), NodeError> {
     let server = crate::serve::Server::start(me.clone(), data_plane.clone(), cfg.serve.clone());
     let router = crate::api::router(handle.clone(), cfg.debug_api)
         .merge(crate::serve::http::router(server.clone(), handle.clone()));
-    // Capabilities (GPU free memory) are re-detected every 10 s off the event loop:
-    // `nvidia-smi` may take a while and must not delay heartbeats.
+    // Capabilities (GPU free memory, matmul speed) are re-detected off the event loop
+    // (`nvidia-smi` may take a while and must not delay heartbeats): 1, 2, 4 and 8 s after
+    // the start, then every 10 s. The early ones matter for the speed, which keeps the best
+    // round measured: nodes of a local cluster start together and measure while the others
+    // load, and an unlucky start-up measurement would skew the serving plan until the
+    // next re-detection.
     let caps_handle = handle.clone();
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(10));
-        tick.tick().await;
+        let mut waits = [1u64, 1, 2, 4].into_iter();
         loop {
-            tick.tick().await;
+            let wait = waits.next().unwrap_or(10);
+            tokio::time::sleep(Duration::from_secs(wait)).await;
             let caps = capabilities::detect().await;
             if caps_handle
                 .tx

@@ -13,7 +13,8 @@
 //!   changes (or 10 s pass).
 //! - **Execute** ([`model::Stage`]). The entry node (the one the request reached) sends
 //!   each request to the replica with the fewest outstanding requests, into one of its
-//!   lanes (one per stage, so stages work on different lanes' rows at once). A lane batches
+//!   lanes (micro-batches: one more than its stages, `pipeline::lanes`, so stages work on
+//!   different lanes' rows at once and the next is waiting when one moves on). A lane batches
 //!   continuously: every iteration starts the requests that arrived (one prefill call,
 //!   prompts left-padded; an idle lane waits up to `max_wait_ms` for up to `max_batch`)
 //!   and adds one token to every running request (one decode call), over data-plane
@@ -211,6 +212,26 @@ struct ModelEntry {
 struct Lane {
     tx: mpsc::Sender<Row>,
     load: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// A row's place in its lane's load and its replica's outstanding count, given back exactly
+/// once, when dropped: as soon as the row's answer is sent (so that a client's next request
+/// already finds the lane free: lanes refill whole instead of by stragglers), or when the
+/// row leaves its lane any other way.
+struct LaneSlot {
+    srv: Server,
+    model: String,
+    replica: usize,
+    load: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Drop for LaneSlot {
+    fn drop(&mut self) {
+        self.load.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        if let Some(st) = self.srv.inner.plans.lock().unwrap().get_mut(&self.model) {
+            st.balancer.done(self.replica);
+        }
+    }
 }
 
 /// A model's current plan as the entry sees it.
@@ -1305,7 +1326,7 @@ impl Server {
     }
 
     /// Sends each request (new, or back from a failed lane) to a lane of the replica with
-    /// the fewest outstanding requests: the lane (one per stage, so stages overlap) with
+    /// the fewest outstanding requests: the lane (`pipeline::lanes`, so stages overlap) with
     /// the fewest rows. Lanes of replicas that left the plan get no more work and stop.
     async fn dispatch(
         self,
@@ -1348,18 +1369,13 @@ impl Server {
             // group starts when their replica is planned again).
             lanes.retain(|k, g| plan.replicas.contains(k) && g.iter().all(|l| !l.tx.is_closed()));
             let group = lanes.entry(replica.clone()).or_insert_with(|| {
-                (0..replica.len().max(1))
+                (0..pipeline::lanes(replica.len()))
                     .map(|_| {
                         let (tx, rx) = mpsc::channel(4096);
                         let load = Arc::new(std::sync::atomic::AtomicUsize::new(0));
                         let srv = self.clone();
-                        let (m, r, l, q) = (
-                            model.clone(),
-                            replica.clone(),
-                            load.clone(),
-                            requeue.clone(),
-                        );
-                        tokio::spawn(async move { srv.lane(m, ix, r, rx, l, q).await });
+                        let (m, r, q) = (model.clone(), replica.clone(), requeue.clone());
+                        tokio::spawn(async move { srv.lane(m, r, rx, q).await });
                         Lane { tx, load }
                     })
                     .collect()
@@ -1367,14 +1383,18 @@ impl Server {
             let lane = group
                 .iter()
                 .min_by_key(|l| l.load.load(std::sync::atomic::Ordering::SeqCst))
-                .expect("a lane per stage");
+                .expect("at least one lane");
             lane.load.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            if let Err(mpsc::error::SendError(row)) = lane.tx.send(row).await {
+            row.slot = Some(LaneSlot {
+                srv: self.clone(),
+                model: model.clone(),
+                replica: ix,
+                load: lane.load.clone(),
+            });
+            if let Err(mpsc::error::SendError(mut row)) = lane.tx.send(row).await {
                 // The lane stopped in the meantime: forget its group, try again.
                 lanes.remove(&replica);
-                if let Some(st) = self.inner.plans.lock().unwrap().get_mut(&model) {
-                    st.balancer.done(ix);
-                }
+                row.slot = None;
                 let tx = requeue.clone();
                 tokio::spawn(async move {
                     tokio::time::sleep(Duration::from_millis(10)).await;
@@ -1392,10 +1412,8 @@ impl Server {
     async fn lane(
         self,
         model: String,
-        replica_ix: usize,
         replica: Vec<pipeline::Stage>,
         mut rx: mpsc::Receiver<Row>,
-        load: Arc<std::sync::atomic::AtomicUsize>,
         requeue: mpsc::Sender<Row>,
     ) {
         let max_batch = self.inner.cfg.max_batch.max(1);
@@ -1460,14 +1478,7 @@ impl Server {
                 }
                 !r.done
             });
-            let n_gone = gone.len();
             self.drop_rows(&replica, gone);
-            for _ in 0..n_gone {
-                load.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-                if let Some(st) = self.inner.plans.lock().unwrap().get_mut(&model) {
-                    st.balancer.done(replica_ix);
-                }
-            }
             if let Err(e) = result {
                 let rejected = matches!(e, ServeError::Stage { rejected: true, .. })
                     || matches!(e, ServeError::Invalid(_) | ServeError::UnknownModel(_));
@@ -1480,10 +1491,7 @@ impl Server {
                 let rows: Vec<Row> = active.drain(..).chain(fresh.drain(..)).collect();
                 self.drop_rows(&replica, rows.iter().map(|r| r.id).collect());
                 for mut r in rows {
-                    load.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-                    if let Some(st) = self.inner.plans.lock().unwrap().get_mut(&model) {
-                        st.balancer.done(replica_ix);
-                    }
+                    r.slot = None;
                     if r.done {
                         continue;
                     }
@@ -1737,6 +1745,8 @@ struct Row {
     /// Tokens generated in this attempt.
     generated: usize,
     done: bool,
+    /// Its place in the lane it was dispatched to (released when answered).
+    slot: Option<LaneSlot>,
 }
 
 impl Row {
@@ -1752,6 +1762,7 @@ impl Row {
             sent_text: 0,
             rng,
             done: false,
+            slot: None,
         }
     }
 
@@ -1824,6 +1835,7 @@ impl Row {
             };
             srv.finish(&self.p, &c);
             self.done = true;
+            self.slot = None;
             match &self.p.sink {
                 Sink::Once(_) => {
                     if let Sink::Once(tx) = std::mem::replace(&mut self.p.sink, Sink::Closed) {
@@ -1849,6 +1861,7 @@ impl Row {
             return;
         }
         self.done = true;
+        self.slot = None;
         srv.inner.stats.lock().unwrap().requests_failed += 1;
         match std::mem::replace(&mut self.p.sink, Sink::Closed) {
             Sink::Once(tx) => {
