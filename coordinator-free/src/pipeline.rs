@@ -204,12 +204,12 @@ pub fn lanes(stages: usize) -> usize {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn a_pipeline_keeps_one_micro_batch_more_than_its_stages() {
-        assert_eq!([0, 1, 2, 3].map(super::lanes), [1, 1, 3, 4]);
+        assert_eq!([0, 1, 2, 3].map(lanes), [1, 1, 3, 4]);
     }
-
-    use super::*;
 
     fn w(id: &str, gib: u64, speed: f64) -> Worker {
         Worker {

@@ -86,31 +86,36 @@ pub const WEIGHT_SCALE: f64 = 4096.0;
 /// [`MIN_RELATIVE_WEIGHT`] of it. Deterministic: every member computing it from the same
 /// estimates gets the same weights.
 pub fn share_weights(members: &[NodeId], speeds: &[(NodeId, f64)]) -> Vec<(NodeId, u32)> {
-    let known: Vec<f64> = members
+    let estimates: Vec<Option<f64>> = members
         .iter()
-        .filter_map(|m| speeds.iter().find(|(id, _)| id == m).map(|(_, s)| *s))
-        .filter(|s| s.is_finite() && *s > 0.0)
+        .map(|m| {
+            speeds
+                .iter()
+                .find(|(id, _)| id == m)
+                .map(|(_, s)| *s)
+                .filter(|s| valid_speed(*s))
+        })
         .collect();
+    let known: Vec<f64> = estimates.iter().flatten().copied().collect();
     if known.is_empty() {
         return members.iter().map(|m| (m.clone(), 1)).collect();
     }
     let mean = known.iter().sum::<f64>() / known.len() as f64;
-    let speed = |m: &NodeId| {
-        speeds
-            .iter()
-            .find(|(id, _)| id == m)
-            .map(|(_, s)| *s)
-            .filter(|s| s.is_finite() && *s > 0.0)
-            .unwrap_or(mean)
-    };
-    let max = members.iter().map(speed).fold(0.0, f64::max);
+    let speed: Vec<f64> = estimates.iter().map(|s| s.unwrap_or(mean)).collect();
+    let max = speed.iter().copied().fold(0.0, f64::max);
     members
         .iter()
-        .map(|m| {
-            let rel = (speed(m) / max).max(MIN_RELATIVE_WEIGHT);
+        .zip(speed)
+        .map(|(m, s)| {
+            let rel = (s / max).max(MIN_RELATIVE_WEIGHT);
             (m.clone(), (rel * WEIGHT_SCALE).round().max(1.0) as u32)
         })
         .collect()
+}
+
+/// A measured speed that counts: finite and positive (a member without samples reports 0).
+fn valid_speed(s: f64) -> bool {
+    s.is_finite() && s > 0.0
 }
 
 /// What the shell should do next.
@@ -299,9 +304,8 @@ impl Training {
         if v.hash != view || step != self.progress.step {
             return;
         }
-        let valid = |s: f64| s.is_finite() && s > 0.0;
         for (id, s) in measured {
-            if !valid(*s) || !v.contains(id) {
+            if !valid_speed(*s) || !v.contains(id) {
                 continue;
             }
             match self.speeds.iter_mut().find(|(m, _)| m == id) {
@@ -311,7 +315,7 @@ impl Training {
         }
         // A member that measured nothing (no samples this step) moves toward the others'
         // mean, so one that was handed nothing gets samples again and measures anew.
-        let unmeasured = |id: &NodeId| !measured.iter().any(|(m, s)| m == id && valid(*s));
+        let unmeasured = |id: &NodeId| !measured.iter().any(|(m, s)| m == id && valid_speed(*s));
         let others: Vec<f64> = self
             .speeds
             .iter()

@@ -1050,7 +1050,8 @@ impl Trainer {
         let mut first_round = Duration::ZERO;
         for attempt in 0..n as u64 {
             let ta = Instant::now();
-            let norm = if rejected.contains(&me) {
+            // A view of one member has no guard: no norm to compute.
+            let norm = if n < 2 || rejected.contains(&me) {
                 0.0
             } else {
                 let sq: f64 = flat[..numel]
