@@ -130,6 +130,9 @@ pub enum DataPlaneError {
         /// The bound.
         after: Duration,
     },
+    /// The peer left the view while a collective waited on it.
+    #[error("{0} left the view")]
+    Left(NodeId),
     /// The link to a peer failed (closed, reset, refused).
     #[error("link to {peer} failed: {source}")]
     Io {
@@ -400,23 +403,35 @@ impl DataPlane {
             .lock()
             .unwrap()
             .retain(|peer, _| members.contains(peer));
-        self.inner
-            .inbox
-            .lock()
-            .unwrap()
-            .arrived
-            .retain(|(peer, _), (_, h, _)| members.contains(peer) && h.view_hash == hash);
+        {
+            let mut inbox = self.inner.inbox.lock().unwrap();
+            inbox
+                .arrived
+                .retain(|(peer, _), (_, h, _)| members.contains(peer) && h.view_hash == hash);
+            // A collective waiting for a departed member's first header fails now (its
+            // sender is dropped) instead of at the start bound.
+            inbox.waiting.retain(|(peer, _), _| members.contains(peer));
+        }
         // Close QUIC connections to members that left: collectives still waiting on them
         // fail at once instead of at their timeout (TCP links of a dead process are reset
-        // by its kernel already).
-        if let Ok(mut conns) = self.inner.quic_conns.try_lock() {
+        // by its kernel already). The map's lock is held across a dial; when it is busy,
+        // the closing waits for it in a task rather than being skipped.
+        let staying = members.clone();
+        let close_departed = move |conns: &mut HashMap<NodeId, quinn::Connection>| {
             conns.retain(|peer, conn| {
-                let keep = members.contains(peer);
+                let keep = staying.contains(peer);
                 if !keep {
                     conn.close(3u32.into(), b"left the view");
                 }
                 keep
             });
+        };
+        match self.inner.quic_conns.try_lock() {
+            Ok(mut conns) => close_departed(&mut conns),
+            Err(_) => {
+                let d = self.clone();
+                tokio::spawn(async move { close_departed(&mut *d.inner.quic_conns.lock().await) });
+            }
         }
         let left: Vec<NodeId> = {
             let mut inbound = self.inner.quic_inbound.lock().unwrap();
@@ -682,16 +697,28 @@ impl DataPlane {
         inbox.arrived.insert(key, (link, h, Instant::now()));
     }
 
+    /// Waits for `peer`'s first header of collective `tag` in a view of `epoch`. Fails at
+    /// once when this node has moved on to a view (of that epoch or later) without the peer,
+    /// or when a roster without it arrives while waiting; otherwise within the start bound.
     async fn wait_inbound(
         &self,
         peer: &NodeId,
         tag: u64,
+        epoch: u64,
     ) -> Result<(Link, OpHeader), DataPlaneError> {
         let key = (peer.clone(), tag);
         let rx = {
             let mut inbox = self.inner.inbox.lock().unwrap();
             if let Some((link, h, _)) = inbox.arrived.remove(&key) {
                 return Ok((link, h));
+            }
+            // Checked under the inbox lock: a roster installed after this check prunes the
+            // waiter inserted below (see `set_roster`).
+            if self
+                .roster()
+                .is_some_and(|r| r.view.epoch >= epoch && !r.view.contains(peer))
+            {
+                return Err(DataPlaneError::Left(peer.clone()));
             }
             let (tx, rx) = oneshot::channel();
             inbox.waiting.insert(key.clone(), tx);
@@ -700,7 +727,9 @@ impl DataPlane {
         let bound = self.inner.cfg.start_timeout;
         match tokio::time::timeout(bound, rx).await {
             Ok(Ok(x)) => Ok(x),
-            _ => {
+            // `set_roster` dropped the sender: the peer left the view.
+            Ok(Err(_)) => Err(DataPlaneError::Left(peer.clone())),
+            Err(_) => {
                 self.inner.inbox.lock().unwrap().waiting.remove(&key);
                 Err(DataPlaneError::Timeout {
                     peer: peer.clone(),
@@ -972,7 +1001,7 @@ impl DataPlane {
             }
         };
         let inn = async {
-            let (mut link, got) = self.wait_inbound(&left, header.tag).await?;
+            let (mut link, got) = self.wait_inbound(&left, header.tag, view.epoch).await?;
             let expected = OpHeader {
                 rank: ring.left() as u32,
                 ..header

@@ -261,6 +261,76 @@ async fn member_killed_mid_collective_errors_everywhere_within_bound() {
     }
 }
 
+/// A member that stops taking part between collectives, as a dead QUIC peer does (it sends
+/// nothing, not even a reset): once the roster drops it, survivors waiting for its first
+/// header or its acknowledgement fail at once instead of at the 30 s start bound, and a
+/// collective started on the old view afterwards fails without waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_dropped_from_the_roster_fails_waiting_collectives_at_once() {
+    let (dps, view) = members(3, DataTransport::Quic, DataPlaneConfig::default()).await;
+    let start = |tag: u64| {
+        dps[..2]
+            .iter()
+            .map(|d| {
+                let (d, view) = (d.clone(), view.clone());
+                tokio::spawn(async move {
+                    let mut buf = vec![1.0f32; 1024];
+                    d.all_reduce(&view, tag, &mut buf, ReduceOp::Sum).await
+                })
+            })
+            .collect::<Vec<_>>()
+    };
+    // Rank 2 never joins: rank 0 waits for its header, rank 1 for its acknowledgement.
+    let waiting = start(1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let gone = dps[2].me().clone();
+    let survivors = View::new(
+        view.epoch + 1,
+        view.members
+            .iter()
+            .filter(|m| m.id != gone)
+            .cloned()
+            .collect(),
+    );
+    let addrs: HashMap<NodeId, _> = dps[..2]
+        .iter()
+        .map(|d| (d.me().clone(), d.local_addr()))
+        .collect();
+    let dropped = Instant::now();
+    for d in &dps[..2] {
+        d.set_roster(Roster {
+            view: survivors.clone(),
+            addrs: addrs.clone(),
+        });
+    }
+    for (r, t) in waiting.into_iter().enumerate() {
+        let err = t.await.unwrap().expect_err("rank 2 never took part");
+        assert!(
+            matches!(err, DataPlaneError::Left(_) | DataPlaneError::Io { .. }),
+            "rank {r}: {err}"
+        );
+    }
+    assert!(
+        dropped.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        dropped.elapsed()
+    );
+    // A collective on the old view, started now: fails at once on both survivors.
+    let again = Instant::now();
+    for (r, t) in start(2).into_iter().enumerate() {
+        let err = t.await.unwrap().expect_err("the old view lost a member");
+        assert!(
+            matches!(err, DataPlaneError::Left(_) | DataPlaneError::NoAddress(_)),
+            "rank {r}: {err}"
+        );
+    }
+    assert!(
+        again.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        again.elapsed()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn view_mismatch_is_refused_before_any_payload() {
     for transport in [DataTransport::Tcp, DataTransport::Quic] {
