@@ -115,7 +115,10 @@ fn a_joiner_catches_up_and_ends_with_the_same_weights() {
     wait_until("3 nodes in one view", Duration::from_secs(30), || {
         agreed(&refs, 3)
     });
-    let run = submit(&nodes[0], &job_toml(&d.0, 400, ""), false);
+    // Long enough that the job is still running when the joiner has started and joined
+    // (~1.5 s here; 400 steps of this model can take as little as 1.2 s).
+    let steps = 2000;
+    let run = submit(&nodes[0], &job_toml(&d.0, steps, ""), false);
     wait_until("step 20", Duration::from_secs(120), || {
         (step_of(&nodes[0], &run)? >= 20).then_some(())
     });
@@ -145,8 +148,8 @@ fn a_joiner_catches_up_and_ends_with_the_same_weights() {
         hashes.iter().all(|h| *h == hashes[0]),
         "final weights differ: {hashes:?}"
     );
-    assert!(done.iter().all(|j| j["step"] == 400 && j["members"] == 4));
-    let samples = check_cursor_walk(&d.0.join("runs/elastic"), 400, 48);
+    assert!(done.iter().all(|j| j["step"] == steps && j["members"] == 4));
+    let samples = check_cursor_walk(&d.0.join("runs/elastic"), steps, 48);
     assert!(done.iter().all(|j| j["samples"] == samples));
     let syncs: Vec<Value> = std::fs::read_to_string(d.0.join("runs/elastic/metrics.jsonl"))
         .unwrap()

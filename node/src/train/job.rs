@@ -106,8 +106,9 @@ pub struct JobSpec {
     /// mismatch stops the job naming the members. Default: 50.
     #[serde(default = "default_consistency_every")]
     pub consistency_every: u64,
-    /// Gradient guard: a member's gradient whose norm exceeds this many times the median of
-    /// the other members' norms is left out of the step (and the step redone by the others
+    /// Gradient guard: a member's gradient whose norm (of its mean over the member's
+    /// samples) exceeds this many times the median of the other members' is left out of
+    /// the step (and the step redone by the others
     /// over its samples); NaN/Inf gradients always are. 0: only the NaN/Inf check.
     /// Default: 10.
     #[serde(default = "default_grad_guard")]

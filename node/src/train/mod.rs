@@ -997,7 +997,7 @@ impl Trainer {
     /// correct), each member contributes its gradient norm and speed in slots of its own,
     /// zero elsewhere, so the sum hands every member every member's norm and speed (an
     /// all-gather without a round of its own). Members whose gradient is NaN/Inf or whose
-    /// norm is far above the others' median (`coordinator_free::training::screen_gradients`)
+    /// mean gradient's norm is far above the others' median (`coordinator_free::training::screen_gradients`)
     /// are then left out: the sum is discarded, the step's samples are re-split over the
     /// others (`reassign_without`, by the step's weights), who compute their gradients again
     /// and all-reduce once more (a member left out contributes zeros). The norm check runs
@@ -1050,15 +1050,14 @@ impl Trainer {
         let mut first_round = Duration::ZERO;
         for attempt in 0..n as u64 {
             let ta = Instant::now();
-            // A view of one member has no guard: no norm to compute.
+            // A view of one member has no guard: no norm to compute. The norm is that of
+            // the member's mean gradient (its sum over its samples, divided by their count):
+            // shares differ, and a sum's norm grows with the samples in it, so comparing
+            // sums would single out whoever got the larger share.
             let norm = if n < 2 || rejected.contains(&me) {
                 0.0
             } else {
-                let sq: f64 = flat[..numel]
-                    .iter()
-                    .map(|&g| f64::from(g) * f64::from(g))
-                    .sum();
-                sq.sqrt()
+                optim::sum_squares(&flat[..numel]).sqrt() / ids.len().max(1) as f64
             };
             flat.resize(numel + 3 + 2 * n, 0.0);
             flat[norms_at + rank] = norm as f32;
@@ -1209,17 +1208,18 @@ impl Trainer {
         if !loss.is_finite() {
             return Err(TrainError::Diverged(self.step));
         }
-        let mut grad = Tensor::from_slice(&flat[..numel]);
-        let _ = grad.g_div_scalar_(total);
+        // The mean gradient is `flat / total`, clipped to norm `grad_clip`: one scale the
+        // fused update applies as it reads each element.
+        let mut scale = 1.0 / total;
         let clip = self.job().optimizer.grad_clip;
         if clip > 0.0 {
-            let norm = grad.norm().double_value(&[]);
+            let norm = optim::sum_squares(&flat[..numel]).sqrt() * scale;
             if norm > clip {
-                let _ = grad.g_mul_scalar_(clip / norm);
+                scale *= clip / norm;
             }
         }
         let lr = self.job().lr_at(self.step, self.total_steps);
-        self.opt.step(&grad, lr);
+        self.opt.step(&flat[..numel], scale as f32, lr);
         self.step += 1;
         self.cursor = sharding::advance(batch, self.data.train_len());
         let stats = self.ctx.dp.stats();

@@ -83,42 +83,44 @@ impl Optimizer {
         })
     }
 
-    /// Applies one update with learning rate `lr`; `grad` is the flat gradient (every
-    /// parameter's, in order).
-    pub fn step(&mut self, grad: &Tensor, lr: f64) {
-        let _guard = tch::no_grad_guard();
+    /// Applies one update with learning rate `lr` to the gradient `scale × grad`; `grad` is
+    /// the flat gradient (every parameter's, in order; the summed gradient, `scale` its
+    /// normalisation and clipping). One fused pass over the buffers, as PyTorch's fused
+    /// AdamW: each element of the parameters and state is read and written once.
+    pub fn step(&mut self, grad: &[f32], scale: f32, lr: f64) {
         self.t += 1;
         let s = &self.spec;
+        let p = f32s(&mut self.flat);
+        assert_eq!(grad.len(), p.len(), "the gradient covers every parameter");
+        let m = f32s(&mut self.m);
+        let decay = (1.0 - lr * s.weight_decay) as f32;
         match s.kind {
             OptimizerKind::Adamw => {
-                // PyTorch's AdamW, on whole buffers.
+                // PyTorch's AdamW, in its order of operations.
                 let (b1, b2) = (s.betas[0], s.betas[1]);
-                if s.weight_decay > 0.0 {
-                    let _ = self.flat.g_mul_scalar_(1.0 - lr * s.weight_decay);
-                }
-                let _ = self.m.lerp_(grad, 1.0 - b1);
-                let _ = self.v.g_mul_scalar_(b2);
-                let _ = self.v.addcmul_(grad, &(grad * (1.0 - b2)));
                 let c1 = 1.0 - b1.powi(self.t as i32);
                 let c2 = 1.0 - b2.powi(self.t as i32);
-                let mut denom = self.v.sqrt();
-                let _ = denom.g_div_scalar_(c2.sqrt());
-                let _ = denom.g_add_scalar_(s.eps);
-                let _ = self.flat.addcdiv_(&(&self.m * (-lr / c1)), &denom);
+                let (b1, b2) = (b1 as f32, b2 as f32);
+                let step = (lr / c1) as f32;
+                let inv_sqrt_c2 = (1.0 / c2.sqrt()) as f32;
+                let eps = s.eps as f32;
+                let v = f32s(&mut self.v);
+                for (((p, m), v), &g) in p.iter_mut().zip(m).zip(v).zip(grad) {
+                    let g = g * scale;
+                    *p *= decay;
+                    *m += (1.0 - b1) * (g - *m);
+                    *v = *v * b2 + (1.0 - b2) * g * g;
+                    *p -= step * *m / (v.sqrt() * inv_sqrt_c2 + eps);
+                }
             }
             OptimizerKind::Sgd => {
-                let g = if s.weight_decay > 0.0 {
-                    grad + &self.flat * s.weight_decay
-                } else {
-                    grad.shallow_clone()
-                };
-                if self.t == 1 {
-                    self.m.copy_(&g);
-                } else {
-                    let _ = self.m.g_mul_scalar_(s.momentum);
-                    let _ = self.m.g_add_(&g);
+                let (wd, momentum, lr) = (s.weight_decay as f32, s.momentum as f32, lr as f32);
+                let first = self.t == 1;
+                for ((p, m), &g) in p.iter_mut().zip(m).zip(grad) {
+                    let g = g * scale + wd * *p;
+                    *m = if first { g } else { momentum * *m + g };
+                    *p -= lr * *m;
                 }
-                let _ = self.flat.g_sub_(&(&self.m * lr));
             }
         }
     }
@@ -144,6 +146,39 @@ impl Optimizer {
     }
 }
 
+/// The elements of a contiguous f32 CPU tensor this module owns (the flat parameters or
+/// their state).
+fn f32s(t: &mut Tensor) -> &mut [f32] {
+    assert!(
+        t.kind() == Kind::Float && t.device() == tch::Device::Cpu && t.is_contiguous(),
+        "optimizer buffers are contiguous f32 on the CPU"
+    );
+    let n = t.numel();
+    if n == 0 {
+        return &mut [];
+    }
+    // SAFETY: the tensor is a contiguous f32 CPU buffer of `n` elements, allocated by
+    // `Optimizer::new` and owned by the optimizer; the trainer thread that calls `step` is
+    // the only one running libtorch operations on it, and the returned slice's lifetime is
+    // tied to the `&mut` borrow of the tensor handle, so no other Rust slice aliases it.
+    unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut f32, n) }
+}
+
+/// Σ x² in f64, in eight independent lanes (so it vectorises; the order of summation is
+/// fixed, so every member gets the same result from the same numbers).
+pub fn sum_squares(xs: &[f32]) -> f64 {
+    let mut lanes = [0f64; 8];
+    let chunks = xs.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (l, &x) in lanes.iter_mut().zip(c) {
+            *l += f64::from(x) * f64::from(x);
+        }
+    }
+    let tail: f64 = rest.iter().map(|&x| f64::from(x) * f64::from(x)).sum();
+    lanes.iter().sum::<f64>() + tail
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -158,27 +193,40 @@ mod tests {
         let p = Tensor::from_slice(&[1.0f32]);
         let params = vec![("p".to_string(), p.shallow_clone())];
         let mut o = Optimizer::new(&spec, &params).unwrap();
-        o.step(&Tensor::from_slice(&[2.0f32]), 0.1);
+        o.step(&[2.0f32], 1.0, 0.1);
         // decay: 1 - 0.1*0.1 = 0.99; m̂ = 2, v̂ = 4 → step = 0.1 * 2 / (2 + 1e-8)
         let want = 0.99 - 0.1 * 2.0 / (2.0 + 1e-8);
         assert!((p.double_value(&[]) - want).abs() < 1e-6);
     }
 
+    /// SGD with momentum and weight decay, on a gradient passed pre-scaled (×4, scale ¼):
+    /// PyTorch's rule `g += wd·p; buf = μ·buf + g; p -= lr·buf`, worked by hand.
     #[test]
     fn sgd_momentum_accumulates() {
         let spec = OptimizerSpec {
             kind: OptimizerKind::Sgd,
-            weight_decay: 0.0,
+            weight_decay: 0.1,
             momentum: 0.5,
             ..Default::default()
         };
-        let p = Tensor::from_slice(&[0.0f32]);
+        let p = Tensor::from_slice(&[1.0f32]);
         let params = vec![("p".to_string(), p.shallow_clone())];
         let mut o = Optimizer::new(&spec, &params).unwrap();
-        o.step(&Tensor::from_slice(&[1.0f32]), 1.0);
-        o.step(&Tensor::from_slice(&[1.0f32]), 1.0);
-        // buf: 1 then 1.5 → p = -2.5
-        assert!((p.double_value(&[]) + 2.5).abs() < 1e-6);
+        // g = 1 + 0.1·1 = 1.1; buf = 1.1; p = 1 − 1.1 = −0.1
+        o.step(&[4.0f32], 0.25, 1.0);
+        assert!((p.double_value(&[]) + 0.1).abs() < 1e-6);
+        // g = 1 + 0.1·(−0.1) = 0.99; buf = 0.55 + 0.99 = 1.54; p = −0.1 − 1.54 = −1.64
+        o.step(&[4.0f32], 0.25, 1.0);
+        assert!((p.double_value(&[]) + 1.64).abs() < 1e-6);
+    }
+
+    #[test]
+    fn sum_squares_matches_the_plain_sum() {
+        let xs: Vec<f32> = (0..1003).map(|i| (i as f32 * 0.37).sin()).collect();
+        let plain: f64 = xs.iter().map(|&x| f64::from(x).powi(2)).sum();
+        assert!((sum_squares(&xs) - plain).abs() < 1e-9 * plain);
+        assert_eq!(sum_squares(&[]), 0.0);
+        assert_eq!(sum_squares(&[3.0]), 9.0);
     }
 
     /// Three AdamW steps on two parameters of different shapes, through the flat buffer,
@@ -207,8 +255,9 @@ mod tests {
                 .enumerate()
                 .map(|(i, x)| x * (i as f64 + 1.0) - 0.3)
                 .collect();
-            let g32: Vec<f32> = g.iter().map(|&x| x as f32).collect();
-            o.step(&Tensor::from_slice(&g32), lr);
+            // Passed summed over 8 members, with the scale that makes it the mean.
+            let g32: Vec<f32> = g.iter().map(|&x| (8.0 * x) as f32).collect();
+            o.step(&g32, 0.125, lr);
             for i in 0..7 {
                 p[i] *= 1.0 - lr * wd;
                 m[i] = b1 * m[i] + (1.0 - b1) * g[i];
