@@ -255,8 +255,10 @@ pub struct Stream {
 
 #[derive(Default)]
 struct Inbox {
+    /// Links whose first header arrived before their collective asked for them.
     arrived: HashMap<(NodeId, u64), (Link, OpHeader, Instant)>,
-    waiting: HashMap<(NodeId, u64), oneshot::Sender<(Link, OpHeader)>>,
+    /// Collectives waiting for a peer's first header, with their view's epoch.
+    waiting: HashMap<(NodeId, u64), (oneshot::Sender<(Link, OpHeader)>, u64)>,
 }
 
 /// Acknowledgement codes sent back on a link after its header is checked.
@@ -397,6 +399,7 @@ impl DataPlane {
     pub fn set_roster(&self, roster: Roster) {
         let members: Vec<NodeId> = roster.view.ids().cloned().collect();
         let hash = roster.view.hash;
+        let roster_epoch = roster.view.epoch;
         *self.inner.roster.lock().unwrap() = Some(Arc::new(roster));
         self.inner
             .tcp_pool
@@ -408,9 +411,12 @@ impl DataPlane {
             inbox
                 .arrived
                 .retain(|(peer, _), (_, h, _)| members.contains(peer) && h.view_hash == hash);
-            // A collective waiting for a departed member's first header fails now (its
-            // sender is dropped) instead of at the start bound.
-            inbox.waiting.retain(|(peer, _), _| members.contains(peer));
+            // A collective (of this view's epoch or earlier) waiting for a departed member's
+            // first header fails now (its sender is dropped) instead of at the start bound.
+            let epoch = roster_epoch;
+            inbox
+                .waiting
+                .retain(|(peer, _), (_, e)| members.contains(peer) || *e > epoch);
         }
         // Close QUIC connections to members that left: collectives still waiting on them
         // fail at once instead of at their timeout (TCP links of a dead process are reset
@@ -676,7 +682,7 @@ impl DataPlane {
     fn deliver(&self, link: Link, h: OpHeader) {
         let key = (link.peer.clone(), h.tag);
         let mut inbox = self.inner.inbox.lock().unwrap();
-        if let Some(tx) = inbox.waiting.remove(&key) {
+        if let Some((tx, _)) = inbox.waiting.remove(&key) {
             if let Err((link, h)) = tx.send((link, h)) {
                 // The waiter gave up in the meantime; keep the link for a retry.
                 inbox.arrived.insert(key, (link, h, Instant::now()));
@@ -721,7 +727,7 @@ impl DataPlane {
                 return Err(DataPlaneError::Left(peer.clone()));
             }
             let (tx, rx) = oneshot::channel();
-            inbox.waiting.insert(key.clone(), tx);
+            inbox.waiting.insert(key.clone(), (tx, epoch));
             rx
         };
         let bound = self.inner.cfg.start_timeout;
