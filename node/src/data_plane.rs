@@ -258,8 +258,11 @@ struct Inbox {
     /// Links whose first header arrived before their collective asked for them.
     arrived: HashMap<(NodeId, u64), (Link, OpHeader, Instant)>,
     /// Collectives waiting for a peer's first header, with their view's epoch.
-    waiting: HashMap<(NodeId, u64), (oneshot::Sender<(Link, OpHeader)>, u64)>,
+    waiting: HashMap<(NodeId, u64), (Arrival, u64)>,
 }
+
+/// Where a waited-for link and its first header are handed over.
+type Arrival = oneshot::Sender<(Link, OpHeader)>;
 
 /// Acknowledgement codes sent back on a link after its header is checked.
 const ACK_OK: u8 = 1;
