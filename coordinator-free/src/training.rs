@@ -18,9 +18,9 @@
 //!
 //! 5. **Guard** ([`screen_gradients`]): before the gradients are summed, the members share
 //!    each one's local gradient norm; a member whose gradient is NaN/Inf, or whose norm is far
-//!    above the others' median, is left out of the step, and the step is redone at once by
-//!    the others over its samples too ([`reassign_without`]), so the batch is still consumed
-//!    exactly once and the update equals the one without the bad contribution.
+//!    above the others' median, is left out of the step, and the others compute its samples
+//!    at once on top of their own ([`redistribute`]), so the batch is still consumed exactly
+//!    once and the update equals the one without the bad contribution.
 //!
 //! 6. **Shares follow speed** ([`Training::handle_speeds`]): each member reports how fast it
 //!    computed its gradients (samples per second) with its step's contribution, so every
@@ -152,7 +152,7 @@ pub enum Action {
         batch: StepBatch,
         /// This member's positions in the epoch order.
         ranges: Vec<Range<u64>>,
-        /// Every member's share weight the batch was split by (for [`reassign_without`]).
+        /// Every member's share weight the batch was split by (for [`redistribute`]).
         weights: Vec<(NodeId, u32)>,
     },
     /// Every step is committed.
@@ -473,21 +473,75 @@ pub fn screen_gradients(norms: &[(NodeId, f64)], factor: f64) -> Vec<(NodeId, Re
     out
 }
 
-/// The shards of `batch` over the members of `weights` (the step's, from [`Action::Step`])
-/// without the `rejected` ones (each member's ranges; the rejected get none). Errors when
-/// no member is left.
-pub fn reassign_without(
+/// Members with the positions (of a step's batch) each computes.
+pub type Coverage = Vec<(NodeId, Vec<Range<u64>>)>;
+
+/// Who computes what after the guard left members out of a step. Every accepted member
+/// keeps the positions it has computed (its gradient over them stands) and takes a part of
+/// the positions the `rejected` members held, which are split in position order by the
+/// step's `weights` (the one from [`Action::Step`]; largest remainders, ties to the earlier
+/// member). `covered` is every member's positions so far (the step's assignment plus earlier
+/// redistributions; a rejected member whose positions were already handed on holds none).
+/// Returns each accepted member's new positions, in `weights` order. Deterministic: every
+/// member computes the same from the same inputs. Errors when no member is left.
+pub fn redistribute(
     weights: &[(NodeId, u32)],
-    batch: &StepBatch,
-    shard_size: u64,
+    covered: &Coverage,
     rejected: &[NodeId],
-) -> Result<sharding::Assignment, TrainingError> {
-    let members: Vec<(NodeId, u32)> = weights
+) -> Result<Coverage, TrainingError> {
+    let accepted: Vec<(NodeId, u128)> = weights
         .iter()
         .filter(|(id, _)| !rejected.contains(id))
-        .cloned()
+        .map(|(id, w)| (id.clone(), u128::from(*w)))
         .collect();
-    Ok(sharding::assign(&members, batch, shard_size)?)
+    let mut orphans: Vec<Range<u64>> = covered
+        .iter()
+        .filter(|(id, _)| rejected.contains(id))
+        .flat_map(|(_, rs)| rs.iter().filter(|r| !r.is_empty()).cloned())
+        .collect();
+    orphans.sort_by_key(|r| r.start);
+    let k: u128 = orphans.iter().map(|r| u128::from(r.end - r.start)).sum();
+    let total: u128 = accepted.iter().map(|(_, w)| w).sum();
+    if accepted.is_empty() || (total == 0 && k > 0) {
+        return Err(ShardingError::NoPositiveWeight.into());
+    }
+    // Quotas: floors of k·w/W, the rest one each by largest remainder.
+    let mut quota: Vec<u128> = accepted
+        .iter()
+        .map(|(_, w)| (k * w).checked_div(total).unwrap_or(0))
+        .collect();
+    let mut order: Vec<usize> = (0..accepted.len()).collect();
+    order.sort_by_key(|&i| {
+        let rem = if total == 0 {
+            0
+        } else {
+            k * accepted[i].1 % total
+        };
+        (std::cmp::Reverse(rem), i)
+    });
+    let short = k - quota.iter().sum::<u128>();
+    for &i in order.iter().take(short as usize) {
+        quota[i] += 1;
+    }
+    // Hand out the orphaned positions in order.
+    let mut out: Vec<(NodeId, Vec<Range<u64>>)> = accepted
+        .iter()
+        .map(|(id, _)| (id.clone(), Vec::new()))
+        .collect();
+    let mut member = 0;
+    for r in orphans {
+        let mut start = r.start;
+        while start < r.end {
+            while quota[member] == 0 {
+                member += 1;
+            }
+            let take = (u128::from(r.end - start)).min(quota[member]) as u64;
+            out[member].1.push(start..start + take);
+            quota[member] -= u128::from(take);
+            start += take;
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -619,8 +673,13 @@ mod tests {
         assert!(screen_gradients(&norms(&[1.0, 50.0]), 0.0).is_empty());
     }
 
+    /// Positions of a member's ranges, flattened.
+    fn positions(rs: &[Range<u64>]) -> Vec<u64> {
+        rs.iter().flat_map(|r| r.clone()).collect()
+    }
+
     #[test]
-    fn a_step_without_a_member_still_covers_the_batch_once() {
+    fn a_rejected_members_positions_go_to_the_others_once() {
         let ids = node_ids(&["a", "b", "c"]);
         let batch = StepBatch {
             cursor: DataCursor {
@@ -629,16 +688,107 @@ mod tests {
             },
             len: 30,
         };
-        let weights: Vec<(NodeId, u32)> = ids.iter().map(|id| (id.clone(), 1)).collect();
-        let a = reassign_without(&weights, &batch, 4, &ids[1..2]).unwrap();
-        assert!(a.ranges(&ids[1]).is_empty());
-        let mut covered: Vec<u64> = [&ids[0], &ids[2]]
+        let weights: Vec<(NodeId, u32)> = vec![
+            (ids[0].clone(), 3),
+            (ids[1].clone(), 2),
+            (ids[2].clone(), 1),
+        ];
+        let a = sharding::assign(&weights, &batch, 4).unwrap();
+        let mut covered: Vec<(NodeId, Vec<Range<u64>>)> = ids
             .iter()
-            .flat_map(|id| a.ranges(id).iter().flat_map(|r| r.clone()))
+            .map(|id| (id.clone(), a.ranges(id).to_vec()))
             .collect();
-        covered.sort();
-        assert_eq!(covered, (40..70).collect::<Vec<_>>());
-        assert!(reassign_without(&weights, &batch, 4, &ids).is_err());
+        // b is left out: a and c take its positions 3 : 1, nobody else's.
+        let b_had = positions(&covered[1].1);
+        let extra = redistribute(&weights, &covered, &ids[1..2]).unwrap();
+        assert_eq!(extra.len(), 2);
+        assert_eq!((&extra[0].0, &extra[1].0), (&ids[0], &ids[2]));
+        let (to_a, to_c) = (positions(&extra[0].1), positions(&extra[1].1));
+        let mut got = [to_a.clone(), to_c.clone()].concat();
+        got.sort();
+        assert_eq!(got, b_had);
+        let k = b_had.len();
+        assert_eq!(
+            to_a.len(),
+            (3 * k + 2) / 4,
+            "3 : 1, rounded to the larger remainder"
+        );
+        // Commit that round; then c is left out too: a ends with the whole batch.
+        covered[0].1.extend(extra[0].1.iter().cloned());
+        covered[2].1.extend(extra[1].1.iter().cloned());
+        covered[1].1.clear();
+        let rejected = [ids[1].clone(), ids[2].clone()];
+        let extra = redistribute(&weights, &covered, &rejected).unwrap();
+        assert_eq!(extra.len(), 1);
+        covered[0].1.extend(extra[0].1.iter().cloned());
+        let mut all = positions(&covered[0].1);
+        all.sort();
+        assert_eq!(all, (40..70).collect::<Vec<_>>());
+        // Nobody left.
+        assert!(redistribute(&weights, &covered, &ids).is_err());
+        // Nothing to hand on: nobody gets anything.
+        let none = redistribute(&weights, &covered, &ids[1..2]).unwrap();
+        assert!(none.iter().all(|(_, rs)| rs.is_empty()));
+    }
+
+    /// Over many random splits, weights and rejections, the orphaned positions are handed
+    /// out exactly once, only to accepted members, in shares within one of k·w/W.
+    #[test]
+    fn redistribution_is_exact_for_random_splits() {
+        let ids = node_ids(&["a", "b", "c", "d", "e"]);
+        let mut seed = 7u64;
+        let mut next = |m: u64| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 33) % m
+        };
+        for _ in 0..500 {
+            let n = 2 + next(4) as usize;
+            let weights: Vec<(NodeId, u32)> = ids[..n]
+                .iter()
+                .map(|id| (id.clone(), 1 + next(4096) as u32))
+                .collect();
+            let batch = StepBatch {
+                cursor: DataCursor {
+                    epoch: 0,
+                    offset: next(1000),
+                },
+                len: 1 + next(200),
+            };
+            let a = sharding::assign(&weights, &batch, 1 + next(8)).unwrap();
+            let covered: Vec<(NodeId, Vec<Range<u64>>)> = ids[..n]
+                .iter()
+                .map(|id| (id.clone(), a.ranges(id).to_vec()))
+                .collect();
+            let rejected: Vec<NodeId> = ids[..n]
+                .iter()
+                .filter(|_| next(3) == 0)
+                .take(n - 1)
+                .cloned()
+                .collect();
+            let extra = redistribute(&weights, &covered, &rejected).unwrap();
+            let orphaned: Vec<u64> = covered
+                .iter()
+                .filter(|(id, _)| rejected.contains(id))
+                .flat_map(|(_, rs)| positions(rs))
+                .collect();
+            let mut got: Vec<u64> = extra.iter().flat_map(|(_, rs)| positions(rs)).collect();
+            got.sort();
+            let mut want = orphaned.clone();
+            want.sort();
+            assert_eq!(got, want);
+            let w: u64 = extra
+                .iter()
+                .map(|(id, _)| u64::from(weights.iter().find(|(i, _)| i == id).unwrap().1))
+                .sum();
+            for (id, rs) in &extra {
+                assert!(!rejected.contains(id));
+                let wi = u64::from(weights.iter().find(|(i, _)| i == id).unwrap().1);
+                let fair = orphaned.len() as f64 * wi as f64 / w as f64;
+                assert!((positions(rs).len() as f64 - fair).abs() < 1.0 + 1e-9);
+            }
+        }
     }
 
     #[test]

@@ -998,13 +998,13 @@ impl Trainer {
     /// zero elsewhere, so the sum hands every member every member's norm and speed (an
     /// all-gather without a round of its own). Members whose gradient is NaN/Inf or whose
     /// mean gradient's norm is far above the others' median (`coordinator_free::training::screen_gradients`)
-    /// are then left out: the sum is discarded, the step's samples are re-split over the
-    /// others (`reassign_without`, by the step's weights), who compute their gradients again
-    /// and all-reduce once more (a member left out contributes zeros). The norm check runs
-    /// on the first round only: in a redo the norms follow the re-split samples, and a large
-    /// one there means the samples, not a member, carry the large gradient (checking again
-    /// would leave out honest members one after another); NaN/Inf is refused in every
-    /// round. A view of one member has nothing to compare and skips the guard.
+    /// are then left out: the sum is discarded, the left-out members' samples are split over
+    /// the others (`redistribute`, by the step's weights), who compute only those, add them to
+    /// their own kept contribution and all-reduce once more (a member left out contributes
+    /// zeros). The norm check runs on the first round only: in a redo a member's norm
+    /// includes the samples it took over, and a large one there means the samples, not a
+    /// member, carry the large gradient (checking again would leave out honest members one
+    /// after another); NaN/Inf is refused in every round. A view of one member has nothing to compare and skips the guard.
     fn train_step(
         &mut self,
         view: &View,
@@ -1012,7 +1012,7 @@ impl Trainer {
         ranges: &[std::ops::Range<u64>],
         weights: &[(NodeId, u32)],
     ) -> Result<StepDone, StepError> {
-        use coordinator_free::training::{reassign_without, screen_gradients};
+        use coordinator_free::training::{redistribute, screen_gradients};
         let t0 = Instant::now();
         let stats0 = self.ctx.dp.stats();
         let order = self.order(batch.cursor.epoch);
@@ -1048,8 +1048,18 @@ impl Trainer {
         let (norms_at, speeds_at) = (numel + 3, numel + 3 + n);
         let mut rejected: Vec<NodeId> = Vec::new();
         let mut first_round = Duration::ZERO;
+        // This member's own contribution of the round (gradient, loss, samples, correct over
+        // `ids`), kept across the all-reduce: if the guard leaves someone out, it stands and
+        // only the rejected members' samples are computed on top of it.
+        let mut mine: Vec<f32> = Vec::new();
+        // Every member's positions so far, from the first rejection on.
+        let mut covered: Option<coordinator_free::training::Coverage> = None;
         for attempt in 0..n as u64 {
             let ta = Instant::now();
+            if n >= 2 {
+                mine.clear();
+                mine.extend_from_slice(&flat[..numel + 3]);
+            }
             // A view of one member has no guard: no norm to compute. The norm is that of
             // the member's mean gradient (its sum over its samples, divided by their count):
             // shares differ, and a sum's norm grows with the samples in it, so comparing
@@ -1109,19 +1119,50 @@ impl Trainer {
                 }
                 rejected.push(peer.clone());
             }
-            let a = reassign_without(weights, batch, self.job().shard_size, &rejected)
+            let covered = match &mut covered {
+                Some(c) => c,
+                None => {
+                    let a =
+                        sharding::assign(weights, batch, self.job().shard_size).map_err(|e| {
+                            StepError::Fatal(
+                                coordinator_free::training::TrainingError::from(e).into(),
+                            )
+                        })?;
+                    debug_assert_eq!(a.ranges(&me), ranges, "the step's assignment");
+                    covered.insert(
+                        weights
+                            .iter()
+                            .map(|(id, _)| (id.clone(), a.ranges(id).to_vec()))
+                            .collect(),
+                    )
+                }
+            };
+            let extra = redistribute(weights, covered, &rejected)
                 .map_err(|e| StepError::Fatal(e.into()))?;
-            let ranges = a.ranges(&me).to_vec();
-            let order = self.order(batch.cursor.epoch);
-            ids = ranges
-                .iter()
-                .flat_map(|r| r.clone().map(|p| order[p as usize]))
-                .collect();
+            for (id, rs) in covered.iter_mut() {
+                if rejected.contains(id) {
+                    rs.clear();
+                } else if let Some((_, more)) = extra.iter().find(|(m, _)| m == id) {
+                    rs.extend(more.iter().cloned());
+                }
+            }
             flat = if rejected.contains(&me) {
                 ids.clear();
                 vec![0f32; numel + 3]
             } else {
-                self.local_gradients(&ids).map_err(StepError::Fatal)?
+                let order = self.order(batch.cursor.epoch);
+                let more: Vec<u64> = extra
+                    .iter()
+                    .find(|(m, _)| *m == me)
+                    .map(|(_, rs)| {
+                        rs.iter()
+                            .flat_map(|r| r.clone().map(|p| order[p as usize]))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let g = self.local_gradients(&more).map_err(StepError::Fatal)?;
+                ids.extend(more);
+                mine.iter().zip(&g).map(|(a, b)| a + b).collect()
             };
         }
         let speeds: Vec<(NodeId, f64)> = view
