@@ -154,6 +154,9 @@ pub enum Action {
         ranges: Vec<Range<u64>>,
         /// Every member's share weight the batch was split by (for [`redistribute`]).
         weights: Vec<(NodeId, u32)>,
+        /// Every member's positions, in `weights` order (`ranges` is this member's entry;
+        /// for [`redistribute`]).
+        coverage: Coverage,
     },
     /// Every step is committed.
     Finished,
@@ -392,12 +395,17 @@ impl Training {
                     ids.into_iter().map(|id| (id, 1)).collect()
                 };
                 let a = sharding::assign(&weights, &batch, self.plan.shard_size)?;
+                let coverage = weights
+                    .iter()
+                    .map(|(id, _)| (id.clone(), a.ranges(id).to_vec()))
+                    .collect();
                 Action::Step {
                     view: v.clone(),
                     step: self.progress.step,
                     batch,
                     ranges: a.ranges(&self.me).to_vec(),
                     weights,
+                    coverage,
                 }
             }
         })
@@ -512,11 +520,7 @@ pub fn redistribute(
         .collect();
     let mut order: Vec<usize> = (0..accepted.len()).collect();
     order.sort_by_key(|&i| {
-        let rem = if total == 0 {
-            0
-        } else {
-            k * accepted[i].1 % total
-        };
+        let rem = (k * accepted[i].1).checked_rem(total).unwrap_or(0);
         (std::cmp::Reverse(rem), i)
     });
     let short = k - quota.iter().sum::<u128>();
@@ -524,7 +528,7 @@ pub fn redistribute(
         quota[i] += 1;
     }
     // Hand out the orphaned positions in order.
-    let mut out: Vec<(NodeId, Vec<Range<u64>>)> = accepted
+    let mut out: Coverage = accepted
         .iter()
         .map(|(id, _)| (id.clone(), Vec::new()))
         .collect();

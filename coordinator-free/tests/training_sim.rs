@@ -145,19 +145,30 @@ fn run(seed: u64) {
                 // same weights, though speeds reach only the members that commit).
                 let mut covered = Vec::new();
                 let mut all_weights = Vec::new();
+                let mut all_coverage = Vec::new();
                 for a in &actions {
                     if let Action::Step {
                         ranges,
                         batch: b,
                         weights,
+                        coverage,
                         ..
                     } = a
                     {
                         assert_eq!(b, batch, "seed {seed}: one batch per step");
+                        assert!(
+                            coverage.iter().any(|(_, rs)| rs == ranges),
+                            "seed {seed}: a member's ranges are its entry in the coverage"
+                        );
                         covered.extend(ranges.iter().flat_map(|r| r.clone()));
                         all_weights.push(weights.clone());
+                        all_coverage.push(coverage.clone());
                     }
                 }
+                assert!(
+                    all_coverage.windows(2).all(|w| w[0] == w[1]),
+                    "seed {seed}: every member holds the same coverage"
+                );
                 covered.sort();
                 assert_eq!(
                     covered,

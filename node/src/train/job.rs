@@ -108,9 +108,8 @@ pub struct JobSpec {
     pub consistency_every: u64,
     /// Gradient guard: a member's gradient whose norm (of its mean over the member's
     /// samples) exceeds this many times the median of the other members' is left out of
-    /// the step (and the step redone by the others
-    /// over its samples); NaN/Inf gradients always are. 0: only the NaN/Inf check.
-    /// Default: 10.
+    /// the step (its samples are computed by the others on top of their own); NaN/Inf
+    /// gradients always are. 0: only the NaN/Inf check. Default: 10.
     #[serde(default = "default_grad_guard")]
     pub grad_guard: f64,
     /// Split each step's batch in proportion to the members' measured speed (samples per

@@ -567,9 +567,10 @@ impl Trainer {
                     batch,
                     ranges,
                     weights,
+                    coverage,
                 } => {
                     self.maybe_perturb(step);
-                    match self.train_step(&view, &batch, &ranges, &weights) {
+                    match self.train_step(&view, &batch, &ranges, &weights, &coverage) {
                         Ok((record, ids, speeds)) => {
                             machine.handle_speeds(view.hash, step, &speeds);
                             machine.handle_step(view.hash, step, true);
@@ -997,20 +998,23 @@ impl Trainer {
     /// correct), each member contributes its gradient norm and speed in slots of its own,
     /// zero elsewhere, so the sum hands every member every member's norm and speed (an
     /// all-gather without a round of its own). Members whose gradient is NaN/Inf or whose
-    /// mean gradient's norm is far above the others' median (`coordinator_free::training::screen_gradients`)
-    /// are then left out: the sum is discarded, the left-out members' samples are split over
-    /// the others (`redistribute`, by the step's weights), who compute only those, add them to
-    /// their own kept contribution and all-reduce once more (a member left out contributes
-    /// zeros). The norm check runs on the first round only: in a redo a member's norm
-    /// includes the samples it took over, and a large one there means the samples, not a
-    /// member, carry the large gradient (checking again would leave out honest members one
-    /// after another); NaN/Inf is refused in every round. A view of one member has nothing to compare and skips the guard.
+    /// mean gradient's norm is far above the others' median
+    /// (`coordinator_free::training::screen_gradients`) are then left out: the sum is
+    /// discarded, the left-out members' samples are split over the others (`redistribute`,
+    /// by the step's weights), who compute only those, add them to their own kept
+    /// contribution and all-reduce once more (a member left out contributes zeros). The norm
+    /// check runs on the first round only: in a redo a member's norm includes the samples it
+    /// took over, and a large one there means the samples, not a member, carry the large
+    /// gradient (checking again would leave out honest members one after another); NaN/Inf
+    /// is refused in every round. A view of one member has nothing to compare and skips the
+    /// guard.
     fn train_step(
         &mut self,
         view: &View,
         batch: &sharding::StepBatch,
         ranges: &[std::ops::Range<u64>],
         weights: &[(NodeId, u32)],
+        coverage: &coordinator_free::training::Coverage,
     ) -> Result<StepDone, StepError> {
         use coordinator_free::training::{redistribute, screen_gradients};
         let t0 = Instant::now();
@@ -1052,7 +1056,7 @@ impl Trainer {
         // `ids`), kept across the all-reduce: if the guard leaves someone out, it stands and
         // only the rejected members' samples are computed on top of it.
         let mut mine: Vec<f32> = Vec::new();
-        // Every member's positions so far, from the first rejection on.
+        // Every member's positions so far (the step's coverage, from the first rejection on).
         let mut covered: Option<coordinator_free::training::Coverage> = None;
         for attempt in 0..n as u64 {
             let ta = Instant::now();
@@ -1119,24 +1123,7 @@ impl Trainer {
                 }
                 rejected.push(peer.clone());
             }
-            let covered = match &mut covered {
-                Some(c) => c,
-                None => {
-                    let a =
-                        sharding::assign(weights, batch, self.job().shard_size).map_err(|e| {
-                            StepError::Fatal(
-                                coordinator_free::training::TrainingError::from(e).into(),
-                            )
-                        })?;
-                    debug_assert_eq!(a.ranges(&me), ranges, "the step's assignment");
-                    covered.insert(
-                        weights
-                            .iter()
-                            .map(|(id, _)| (id.clone(), a.ranges(id).to_vec()))
-                            .collect(),
-                    )
-                }
-            };
+            let covered = covered.get_or_insert_with(|| coverage.clone());
             let extra = redistribute(weights, covered, &rejected)
                 .map_err(|e| StepError::Fatal(e.into()))?;
             for (id, rs) in covered.iter_mut() {
