@@ -120,10 +120,23 @@ fn open_log(dir: &Path, name: &str, resume: bool) -> std::io::Result<std::fs::Fi
     if !resume {
         std::fs::File::create(&path)?;
     }
-    std::fs::OpenOptions::new()
+    let mut f = std::fs::OpenOptions::new()
         .create(true)
+        .read(true)
         .append(true)
-        .open(path)
+        .open(path)?;
+    // A process killed mid-write leaves a torn last line: end it, so the lines appended now
+    // stay whole (readers skip the torn one).
+    use std::io::{Read, Seek, SeekFrom, Write};
+    if f.seek(SeekFrom::End(0))? > 0 {
+        f.seek(SeekFrom::End(-1))?;
+        let mut last = [0u8; 1];
+        f.read_exact(&mut last)?;
+        if last[0] != b'\n' {
+            f.write_all(b"\n")?;
+        }
+    }
+    Ok(f)
 }
 
 /// One member's record of the sample ids it used: `samples.<member>.jsonl`, a line
@@ -241,6 +254,23 @@ fn escape(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A log whose last line a killed process tore is ended before new lines are appended.
+    #[test]
+    fn a_torn_last_line_is_ended_on_resume() {
+        use std::io::Write;
+        let dir = std::env::temp_dir().join(format!("shoal-torn-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("m.jsonl"), "{\"a\":1}\n{\"torn\"").unwrap();
+        let mut f = open_log(&dir, "m.jsonl", true).unwrap();
+        f.write_all(b"{\"b\":2}\n").unwrap();
+        let text = std::fs::read_to_string(dir.join("m.jsonl")).unwrap();
+        assert_eq!(text, "{\"a\":1}\n{\"torn\"\n{\"b\":2}\n");
+        // A whole last line gets nothing added.
+        drop(open_log(&dir, "m.jsonl", true).unwrap());
+        assert_eq!(std::fs::read_to_string(dir.join("m.jsonl")).unwrap(), text);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn svg_has_one_point_per_step_and_eval() {
