@@ -1,35 +1,63 @@
-//! The training-round protocol under churn, over many seeds: members crash (also in the
-//! middle of a step, after some survivors committed it), new members join, and views change
-//! between any two collectives. Checked: the live members' committed steps form one
-//! sequence (a commit lost with its member is redone by the survivors); the batches tile
-//! each data epoch exactly once; every member's state is that sequence's prefix; once churn stops,
-//! every member finishes with the same state.
+//! The training-round protocol under churn, over many seeds, on the simulated network
+//! (`harness`): every member's view is the one its own membership machine derives from
+//! heartbeats, so members see joins and crashes at different moments and may act in different
+//! views. Members crash (also in the middle of a step, after some survivors committed it), new
+//! members join, and a failed collective is reported as the shell does. A collective succeeds
+//! only when every live member takes part in the same view and that view holds exactly the
+//! live members. Checked: the live members' committed steps form one sequence (a commit lost
+//! with its member is redone by the survivors); the batches tile each data epoch exactly once;
+//! every member's state is that sequence's prefix; once churn stops, every member finishes
+//! with the same state.
+
+mod harness;
 
 use coordinator_free::sharding::StepBatch;
 use coordinator_free::training::{Action, Progress, Training, TrainingPlan};
-use coordinator_free::{NodeId, View, ViewHash, ViewMember};
+use coordinator_free::{NodeId, ViewHash};
+use harness::Sim;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+/// Slots of the simulated network: initial members plus every joiner of a run.
+const SLOTS: usize = 40;
+
 struct Member {
+    slot: usize,
     id: NodeId,
     machine: Training,
     /// The "weights": the steps applied, in order (what a state transfer copies).
     applied: Vec<(u64, ViewHash, StepBatch)>,
 }
 
-fn id(i: usize) -> NodeId {
-    NodeId::new(format!("12D3KooWsim{i:03}")).unwrap()
+/// Starts the next unused slot of `net` as a new member with no progress.
+fn join(net: &mut Sim, members: &mut Vec<Member>, next: &mut usize, plan: &TrainingPlan) {
+    if *next == SLOTS {
+        return;
+    }
+    net.start(*next);
+    let id = net.id(*next).clone();
+    members.push(Member {
+        slot: *next,
+        machine: Training::new(id.clone(), plan.clone(), Progress::default()),
+        id,
+        applied: Vec::new(),
+    });
+    *next += 1;
 }
 
 #[test]
 fn committed_steps_form_one_sequence_under_churn() {
+    let mut failed = 0;
     for seed in 0..400u64 {
-        run(seed);
+        failed += run(seed);
     }
+    // The members' own views must actually disagree at times (else the network is idle).
+    assert!(failed > 400, "only {failed} failed collectives in 400 runs");
 }
 
-fn run(seed: u64) {
+/// Runs one seed; returns how many collectives failed on some member.
+fn run(seed: u64) -> u64 {
+    let mut failed_collectives = 0;
     let mut rng = StdRng::seed_from_u64(seed);
     let plan = TrainingPlan {
         min_nodes: rng.gen_range(1..3),
@@ -39,55 +67,34 @@ fn run(seed: u64) {
         shard_size: rng.gen_range(1..8),
         balance: rng.gen_bool(0.7),
     };
+    let mut net = Sim::new(seed ^ 0x7ea1, SLOTS);
     let mut next = 0;
     let mut members: Vec<Member> = Vec::new();
     for _ in 0..rng.gen_range(1..5) {
-        members.push(Member {
-            id: id(next),
-            machine: Training::new(id(next), plan.clone(), Progress::default()),
-            applied: Vec::new(),
-        });
-        next += 1;
+        join(&mut net, &mut members, &mut next, &plan);
     }
-    let mut epoch = 0u64;
-    let mut last_ids: Vec<NodeId> = Vec::new();
-    let mut view = View::new(0, vec![]);
     let churn_rounds = 150;
-    for round in 0..2000 {
+    for round in 0..5000 {
         let churn = round < churn_rounds;
-        // Joins and crashes between collectives.
-        // Joins (after the churn, enough joiners arrive for min_nodes).
+        // Joins (after the churn, enough joiners arrive for min_nodes) and crashes between
+        // collectives.
         if (churn && rng.gen_bool(0.08) && members.len() < 6)
             || (!churn && members.len() < plan.min_nodes)
         {
-            members.push(Member {
-                id: id(next),
-                machine: Training::new(id(next), plan.clone(), Progress::default()),
-                applied: Vec::new(),
-            });
-            next += 1;
+            join(&mut net, &mut members, &mut next, &plan);
         }
         if churn && rng.gen_bool(0.05) && members.len() > 1 {
             let i = rng.gen_range(0..members.len());
-            members.remove(i);
+            net.crash(members.remove(i).slot);
         }
-        let ids: Vec<NodeId> = members.iter().map(|m| m.id.clone()).collect();
-        if ids != last_ids {
-            epoch += 1;
-            view = View::new(
-                epoch,
-                ids.iter()
-                    .map(|i| ViewMember {
-                        id: i.clone(),
-                        incarnation: 1,
-                    })
-                    .collect(),
-            );
-            last_ids = ids;
-        }
+        // Heartbeats flow for a while; each member acts in the view its machine holds.
+        let t = net.now + rng.gen_range(20..150);
+        net.run_until(t);
         for m in members.iter_mut() {
-            m.machine.handle_view(&view);
+            m.machine.handle_view(net.view(m.slot));
         }
+        let mut live: Vec<NodeId> = members.iter().map(|m| m.id.clone()).collect();
+        live.sort();
         let actions: Vec<Action> = members
             .iter()
             .map(|m| m.machine.poll_action().unwrap())
@@ -97,11 +104,13 @@ fn run(seed: u64) {
         }
         // A collective runs only when every member of the view is in the same one.
         let same = |f: &dyn Fn(&Action) -> bool| actions.iter().all(f);
+        let exact = |v: &coordinator_free::View| v.ids().eq(live.iter());
         match &actions[0] {
             Action::ExchangeProgress { view: v }
-                if same(
-                    &|a| matches!(a, Action::ExchangeProgress { view: w } if w.hash == v.hash),
-                ) =>
+                if exact(v)
+                    && same(
+                        &|a| matches!(a, Action::ExchangeProgress { view: w } if w.hash == v.hash),
+                    ) =>
             {
                 let all: Vec<(NodeId, Progress)> = members
                     .iter()
@@ -112,9 +121,10 @@ fn run(seed: u64) {
                 }
             }
             Action::Sync { view: v, root, .. }
-                if same(
-                    &|a| matches!(a, Action::Sync { view: w, root: r, .. } if w.hash == v.hash && r == root),
-                ) =>
+                if exact(v)
+                    && same(
+                        &|a| matches!(a, Action::Sync { view: w, root: r, .. } if w.hash == v.hash && r == root),
+                    ) =>
             {
                 // No live member's committed work is thrown away: the root is the furthest.
                 let furthest = members.iter().map(|m| m.machine.progress().step).max();
@@ -137,9 +147,10 @@ fn run(seed: u64) {
                 step,
                 batch,
                 ..
-            } if same(
-                &|a| matches!(a, Action::Step { view: w, step: s, .. } if w.hash == v.hash && s == step),
-            ) =>
+            } if exact(v)
+                && same(
+                    &|a| matches!(a, Action::Step { view: w, step: s, .. } if w.hash == v.hash && s == step),
+                ) =>
             {
                 // Every member's shards tile the batch (every member split it by the
                 // same weights, though speeds reach only the members that commit).
@@ -203,21 +214,28 @@ fn run(seed: u64) {
                     m.machine.handle_step(v.hash, *step, ok);
                 }
                 if let Some(i) = victim {
-                    members.remove(i);
+                    net.crash(members.remove(i).slot);
                 }
             }
             _ => {
-                // Members disagree on the collective (the view changed under one of them):
-                // the collective fails everywhere.
+                // Members disagree on the collective (the view changed under one of them) or
+                // its view holds a member that is gone: it fails everywhere, and each member
+                // that was in one reports its view failed, as the shell does.
                 for (m, a) in members.iter_mut().zip(&actions) {
-                    match a {
+                    let failed = match a {
                         Action::Step { view, step, .. } => {
-                            m.machine.handle_step(view.hash, *step, false)
+                            m.machine.handle_step(view.hash, *step, false);
+                            Some(view.hash)
                         }
-                        Action::ExchangeProgress { .. } | Action::Sync { .. } => {
-                            m.machine.handle_failure()
+                        Action::ExchangeProgress { view } | Action::Sync { view, .. } => {
+                            m.machine.handle_failure();
+                            Some(view.hash)
                         }
-                        _ => {}
+                        _ => None,
+                    };
+                    if let Some(hash) = failed {
+                        failed_collectives += 1;
+                        net.report_failed(m.slot, &hash);
                     }
                 }
             }
@@ -262,4 +280,5 @@ fn run(seed: u64) {
         assert_eq!(b.cursor, cursor, "seed {seed}: batches are consecutive");
         cursor = coordinator_free::sharding::advance(b, plan.n_samples);
     }
+    failed_collectives
 }

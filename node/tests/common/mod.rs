@@ -12,20 +12,17 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-/// The `shoal` binary: `$SHOAL_BIN`, or the one cargo built next to this test.
+/// The `shoal` binary cargo built for these tests.
 pub fn shoal_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("SHOAL_BIN") {
-        return PathBuf::from(p);
-    }
-    let exe = std::env::current_exe().expect("test exe");
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let bin = dir.join("shoal");
-    assert!(
-        bin.exists(),
-        "{} missing: build it first (cargo build --release --bins), or set SHOAL_BIN",
-        bin.display()
-    );
-    bin
+    PathBuf::from(env!("CARGO_BIN_EXE_shoal"))
+}
+
+/// The repository's root (scripts, examples and data live there).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("node/ sits in the repository")
+        .to_path_buf()
 }
 
 /// A fresh directory removed on drop.
@@ -394,7 +391,7 @@ pub fn free_port() -> u16 {
 /// venv's Python.
 pub fn export_byo_model(out: &Path) {
     let python = std::env::var("SHOAL_PYTHON").expect("SHOAL_PYTHON (source scripts/env.sh)");
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = repo_root();
     let r = Command::new(python)
         .arg(root.join("examples/byo_model/export.py"))
         .arg(out)

@@ -3,8 +3,7 @@
 //! checkpoints readable by Python and resumable, real data, a TorchScript model, and the
 //! validation of job files.
 //!
-//! Real data comes from `$SHOAL_SHARED_DATA` (default: `../shared/data` beside the
-//! checkout); the project itself never needs it.
+//! Real data (digits, tinyshakespeare) ships in the repository's `data/`.
 
 mod common;
 use common::*;
@@ -14,17 +13,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-fn shared_data(name: &str) -> PathBuf {
-    let dir = std::env::var_os("SHOAL_SHARED_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data"));
-    let p = dir.join(name);
-    assert!(
-        p.exists(),
-        "{} is missing: set SHOAL_SHARED_DATA to the folder holding the shared data",
-        p.display()
-    );
-    p
+/// A file of the repository's `data/` folder.
+fn repo_data(name: &str) -> PathBuf {
+    repo_root().join("data").join(name)
 }
 
 fn python() -> String {
@@ -261,7 +252,7 @@ fn one_and_three_nodes_agree_and_samples_are_used_once() {
 
     // The checkpoint: Python's safetensors reads it.
     let out = Command::new(python())
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/check_checkpoint.py"))
+        .arg(repo_root().join("scripts/check_checkpoint.py"))
         .arg(run3.join("checkpoint.safetensors"))
         .output()
         .unwrap();
@@ -329,13 +320,13 @@ fn resume_reproduces_the_uninterrupted_run() {
     }
 }
 
-/// Runs the job `text` (its `{data}` replaced by the shared file `data`) on 2 local nodes
+/// Runs the job `text` (its `{data}` replaced by the repository data file `data`) on 2 local nodes
 /// in `dir`; returns the summary.
-fn run_on_shared_data(dir: &Path, name: &str, text: &str, data: &str) -> Value {
+fn run_on_data(dir: &Path, name: &str, text: &str, data: &str) -> Value {
     let job = dir.join(format!("{name}.toml"));
     std::fs::write(
         &job,
-        text.replace("{data}", shared_data(data).to_str().unwrap()),
+        text.replace("{data}", repo_data(data).to_str().unwrap()),
     )
     .unwrap();
     let (code, s, err) = train(dir, &job, &["--local", "2"]);
@@ -347,7 +338,7 @@ fn run_on_shared_data(dir: &Path, name: &str, text: &str, data: &str) -> Value {
 #[test]
 fn digits_mlp_two_nodes() {
     let d = TempDir::new("train-digits");
-    let s = run_on_shared_data(
+    let s = run_on_data(
         &d.0,
         "digits",
         r#"
@@ -374,7 +365,7 @@ lr = 0.002
 #[test]
 fn shakespeare_gpt_eval_loss_falls() {
     let d = TempDir::new("train-text");
-    run_on_shared_data(
+    run_on_data(
         &d.0,
         "text",
         r#"
@@ -411,15 +402,15 @@ lr = 0.003
 #[test]
 fn torchscript_model_trains() {
     let d = TempDir::new("train-byo");
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = repo_root();
     let model = d.0.join("model.pt");
     export_byo_model(&model);
-    // The example's job file, with the data path pointed at the shared digits.
+    // The example's job file, with the data path pointed at the repository's digits.
     let text = std::fs::read_to_string(root.join("examples/byo_model/job.toml"))
         .unwrap()
         .replace(
-            "../../../shared/data/digits.csv.gz",
-            shared_data("digits.csv.gz").to_str().unwrap(),
+            "../../data/digits.csv.gz",
+            repo_data("digits.csv.gz").to_str().unwrap(),
         )
         .replace("epochs = 20", "epochs = 4");
     let job = d.0.join("job.toml");

@@ -212,7 +212,7 @@ fn a_pipeline_answers_like_one_node_and_speaks_openai() {
 
     // The real OpenAI client, streaming and not.
     let py = std::env::var("SHOAL_PYTHON").expect("SHOAL_PYTHON (source scripts/env.sh)");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/openai_check.py");
+    let script = repo_root().join("scripts/openai_check.py");
     let out = Command::new(py)
         .arg(script)
         .arg(format!("http://{}", pipeline[1].api.unwrap()))

@@ -1,1 +1,0 @@
-//! shoal-suite: integration tests and benches live in tests/ and benches/.
