@@ -7,11 +7,61 @@
 //! consumed, held-out loss and accuracy, and the number of runs per state; serving:
 //! requests by outcome, a request latency histogram, cache hits and misses, tokens,
 //! batches, retries, stage calls answered, and per model its replicas and holders.
+//!
+//! The latency histograms' layout and bucketing ([`LatencyHistogram`]) live here too, so
+//! the code that records durations and the code that exports them share one definition.
 
-use crate::data_plane::LATENCY_BUCKETS;
 use crate::status::StatusReport;
 use coordinator_free::MemberState;
 use std::fmt::Write as _;
+
+/// A latency histogram's layout: bucket upper bounds in seconds, ascending.
+///
+/// A duration counts in the first bucket whose bound it does not exceed (a duration equal
+/// to a bound counts in that bound's bucket), or in the overflow bucket after the last
+/// bound. Counts are kept per bucket, one per bound and then the overflow bucket; the
+/// exporter forms the cumulative `le` samples Prometheus expects.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LatencyHistogram {
+    /// Upper bounds in seconds, ascending.
+    pub bounds: &'static [f64],
+}
+
+/// Durations of successful data-plane collectives: 0.5 ms to 5 s.
+pub const COLLECTIVE_LATENCY: LatencyHistogram = LatencyHistogram {
+    bounds: &[
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+    ],
+};
+
+/// Latencies of successful completion requests: 5 ms to 30 s.
+pub const REQUEST_LATENCY: LatencyHistogram = LatencyHistogram {
+    bounds: &[
+        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    ],
+};
+
+impl LatencyHistogram {
+    /// The index of the bucket a duration of `took_s` seconds counts in: that of the first
+    /// bound `>= took_s`, or `bounds.len()` (the overflow bucket) past the last bound.
+    pub fn bucket(&self, took_s: f64) -> usize {
+        self.bounds
+            .iter()
+            .position(|&b| took_s <= b)
+            .unwrap_or(self.bounds.len())
+    }
+
+    /// Records a duration of `took_s` seconds: counts it in its bucket of `counts` and adds
+    /// it to `sum_s`. `counts` is first reset to one zero per bucket if it has another
+    /// length (as in freshly defaulted counters).
+    pub fn record(&self, counts: &mut Vec<u64>, sum_s: &mut f64, took_s: f64) {
+        if counts.len() != self.bounds.len() + 1 {
+            *counts = vec![0; self.bounds.len() + 1];
+        }
+        counts[self.bucket(took_s)] += 1;
+        *sum_s += took_s;
+    }
+}
 
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
@@ -205,7 +255,7 @@ pub fn render(r: &StatusReport) -> String {
         histogram(
             &mut o,
             "shoal_collective_duration_seconds",
-            &LATENCY_BUCKETS,
+            COLLECTIVE_LATENCY.bounds,
             &s.latency_counts,
             s.latency_sum_s,
         );
@@ -268,7 +318,7 @@ fn render_serving(o: &mut String, r: &StatusReport) {
     histogram(
         o,
         "shoal_serve_request_duration_seconds",
-        &crate::serve::LATENCY_BUCKETS,
+        REQUEST_LATENCY.bounds,
         &s.latency_counts,
         s.latency_sum_s,
     );
@@ -419,6 +469,71 @@ fn render_jobs(o: &mut String, jobs: &[crate::train::JobReport]) {
 mod tests {
     use super::*;
     use crate::train::{JobReport, JobState};
+
+    #[test]
+    fn a_duration_counts_in_the_first_bucket_whose_bound_it_does_not_exceed() {
+        let h = LatencyHistogram {
+            bounds: &[0.01, 0.1, 1.0],
+        };
+        // A bound is inclusive: a duration equal to it counts in its bucket.
+        assert_eq!(h.bucket(0.0), 0);
+        assert_eq!(h.bucket(0.01), 0);
+        assert_eq!(h.bucket(0.010_000_1), 1);
+        assert_eq!(h.bucket(0.1), 1);
+        assert_eq!(h.bucket(0.5), 2);
+        assert_eq!(h.bucket(1.0), 2);
+        // Past the last bound: the overflow bucket.
+        assert_eq!(h.bucket(1.000_001), 3);
+        assert_eq!(h.bucket(1e9), 3);
+        assert_eq!(h.bucket(f64::INFINITY), 3);
+    }
+
+    #[test]
+    fn recording_fills_per_bucket_counts_and_the_sum() {
+        let h = COLLECTIVE_LATENCY;
+        // Freshly defaulted counters hold no buckets yet.
+        let (mut counts, mut sum) = (Vec::new(), 0.0);
+        for took in [0.0005, 0.0006, 5.0, 7.0, 7.0] {
+            h.record(&mut counts, &mut sum, took);
+        }
+        let mut want = vec![0u64; h.bounds.len() + 1];
+        want[0] = 1; // 0.0005 s: the first bound, inclusive
+        want[1] = 1; // 0.0006 s: up to 1 ms
+        want[h.bounds.len() - 1] = 1; // 5 s: the last bound, inclusive
+        want[h.bounds.len()] = 2; // 7 s twice: overflow
+        assert_eq!(counts, want);
+        assert!((sum - 19.0011).abs() < 1e-9, "{sum}");
+        // Counts of another length (another layout) start over.
+        let mut counts = vec![9; 3];
+        h.record(&mut counts, &mut sum, 0.2);
+        assert_eq!(counts.iter().sum::<u64>(), 1);
+        assert_eq!(counts[h.bucket(0.2)], 1);
+        assert_eq!(counts.len(), h.bounds.len() + 1);
+    }
+
+    #[test]
+    fn exported_histograms_are_cumulative_with_an_inf_bucket() {
+        let h = LatencyHistogram {
+            bounds: &[0.01, 0.1],
+        };
+        let (mut counts, mut sum) = (Vec::new(), 0.0);
+        for took in [0.005, 0.01, 0.05, 3.0] {
+            h.record(&mut counts, &mut sum, took);
+        }
+        let mut o = String::new();
+        histogram(&mut o, "x", h.bounds, &counts, sum);
+        assert_eq!(
+            o,
+            "x_bucket{le=\"0.01\"} 2\nx_bucket{le=\"0.1\"} 3\nx_bucket{le=\"+Inf\"} 4\n\
+             x_sum 3.065\nx_count 4\n"
+        );
+    }
+
+    #[test]
+    fn serving_records_into_the_request_histogram_layout() {
+        // Serving still names its own bounds; they must stay the ones exported here.
+        assert_eq!(crate::serve::LATENCY_BUCKETS[..], *REQUEST_LATENCY.bounds);
+    }
 
     #[test]
     fn training_runs_are_exported_per_job() {

@@ -1,0 +1,196 @@
+//! The QUIC transport (quinn): endpoint and transport settings (initial MTU, flow-control
+//! windows, UDP buffers, 10-minute idle timeout, 10 s keep-alive), libp2p-tls certificates
+//! on both sides so the TLS handshake itself proves each peer's libp2p identity, the accept
+//! loop that refuses non-members, and the cache of outbound connections (one per member;
+//! every link is a new bidirectional stream on it).
+
+use super::Link;
+use crate::data_plane::{DataPlane, DataPlaneConfig, DataPlaneError};
+use coordinator_free::NodeId;
+use libp2p::identity::Keypair;
+use libp2p::PeerId;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+impl DataPlane {
+    /// Accepts inbound connections for as long as the endpoint lives. A connection whose
+    /// certificate names no peer, or a peer outside the current view, is refused and
+    /// counted; an accepted one is remembered (so it can be closed when the peer leaves)
+    /// and each of its streams reads headers.
+    pub(in crate::data_plane) async fn quic_accept_loop(self) {
+        let ep = self.inner.quic.clone().expect("quic endpoint");
+        while let Some(incoming) = ep.accept().await {
+            let d = self.clone();
+            tokio::spawn(async move {
+                let from = incoming.remote_address();
+                let conn = match incoming.await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        d.inner.stats.lock().unwrap().refused += 1;
+                        tracing::warn!(%from, "refused data-plane connection: {e}");
+                        return;
+                    }
+                };
+                let peer = match peer_id(&conn) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        d.inner.stats.lock().unwrap().refused += 1;
+                        tracing::warn!(%from, "refused data-plane connection: {e}");
+                        conn.close(1u32.into(), b"unauthenticated");
+                        return;
+                    }
+                };
+                if !d.is_member(&peer) {
+                    d.inner.stats.lock().unwrap().refused += 1;
+                    tracing::warn!(%from, %peer, "refused data-plane connection from a non-member");
+                    conn.close(2u32.into(), b"not a member");
+                    return;
+                }
+                let Ok(id) = NodeId::new(peer.to_base58()) else {
+                    return;
+                };
+                d.inner
+                    .quic_inbound
+                    .lock()
+                    .unwrap()
+                    .insert(id.clone(), conn.clone());
+                while let Ok((w, r)) = conn.accept_bi().await {
+                    let link = Link {
+                        peer: id.clone(),
+                        r: Box::new(r),
+                        w: Box::new(w),
+                    };
+                    let d2 = d.clone();
+                    tokio::spawn(async move { d2.read_headers(link).await });
+                }
+            });
+        }
+    }
+
+    /// The cached connection to `peer`, or a new one to `addr` that must prove to be
+    /// `expected`. The cache's lock is held across the dial, so concurrent links to one
+    /// peer share one connection.
+    pub(super) async fn quic_connection(
+        &self,
+        peer: &NodeId,
+        addr: SocketAddr,
+        expected: PeerId,
+    ) -> Result<quinn::Connection, DataPlaneError> {
+        let mut conns = self.inner.quic_conns.lock().await;
+        if let Some(c) = conns.get(peer) {
+            if c.close_reason().is_none() {
+                return Ok(c.clone());
+            }
+        }
+        let ep = self.inner.quic.as_ref().expect("quic endpoint");
+        let client = client_config(&self.inner.key, expected, &self.inner.cfg)?;
+        let conn = ep
+            .connect_with(client, addr, "shoal")
+            .map_err(|e| DataPlaneError::Endpoint(e.to_string()))?
+            .await
+            .map_err(|e| DataPlaneError::Auth {
+                peer: peer.to_string(),
+                reason: e.to_string(),
+            })?;
+        conns.insert(peer.clone(), conn.clone());
+        Ok(conn)
+    }
+}
+
+/// Transport settings shared by both sides.
+fn transport_config(cfg: &DataPlaneConfig) -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    let mtu = cfg.quic_initial_mtu.max(1200);
+    t.initial_mtu(mtu);
+    // Let MTU discovery climb to the configured initial MTU where the path allows it.
+    let mut discovery = quinn::MtuDiscoveryConfig::default();
+    discovery.upper_bound(mtu.max(1452));
+    t.mtu_discovery_config(Some(discovery));
+    t.stream_receive_window(quinn::VarInt::from_u32(cfg.quic_window));
+    t.receive_window(quinn::VarInt::from_u32(cfg.quic_window));
+    t.send_window(cfg.quic_window as u64);
+    t.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(
+        600_000,
+    ))));
+    t.keep_alive_interval(Some(Duration::from_secs(10)));
+    Arc::new(t)
+}
+
+/// The endpoint bound to `addr`: it accepts connections (server side, with this node's
+/// certificate) and dials them (with [`client_config`]).
+pub(in crate::data_plane) fn endpoint(
+    key: &Keypair,
+    addr: SocketAddr,
+    cfg: &DataPlaneConfig,
+) -> Result<quinn::Endpoint, DataPlaneError> {
+    let err = |e: &dyn std::fmt::Display| DataPlaneError::Endpoint(e.to_string());
+    let tls = libp2p_tls::make_server_config(key).map_err(|e| err(&e))?;
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| err(&e))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    server.transport_config(transport_config(cfg));
+    let mut endpoint = quinn::EndpointConfig::default();
+    endpoint
+        .max_udp_payload_size(cfg.quic_initial_mtu.max(1472))
+        .map_err(|e| err(&e))?;
+    let socket = std::net::UdpSocket::bind(addr).map_err(|e| err(&format!("bind {addr}: {e}")))?;
+    // Bulk transfers burst faster than the default 208 KiB UDP buffers drain; drops would
+    // throttle the congestion controller. Linux caps these at net.core.{r,w}mem_max.
+    set_udp_buffers(&socket, 4 << 20);
+    quinn::Endpoint::new(
+        endpoint,
+        Some(server),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|e| err(&format!("bind {addr}: {e}")))
+}
+
+/// Sets the socket's UDP receive and send buffers (best effort; failures are logged).
+fn set_udp_buffers(socket: &std::net::UdpSocket, bytes: libc::c_int) {
+    use std::os::fd::AsRawFd;
+    for opt in [libc::SO_RCVBUF, libc::SO_SNDBUF] {
+        // SAFETY: a valid socket fd and a c_int option value of the right size.
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&bytes as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            tracing::debug!(
+                "cannot set UDP buffer option {opt}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}
+
+/// Client settings for dialing `peer`: the TLS handshake fails unless the certificate
+/// proves that peer id.
+fn client_config(
+    key: &Keypair,
+    peer: PeerId,
+    cfg: &DataPlaneConfig,
+) -> Result<quinn::ClientConfig, DataPlaneError> {
+    let err = |e: &dyn std::fmt::Display| DataPlaneError::Endpoint(e.to_string());
+    let tls = libp2p_tls::make_client_config(key, Some(peer)).map_err(|e| err(&e))?;
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| err(&e))?;
+    let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+    client.transport_config(transport_config(cfg));
+    Ok(client)
+}
+
+/// The libp2p peer id the connection's certificate proves.
+fn peer_id(conn: &quinn::Connection) -> Result<PeerId, String> {
+    let identity = conn.peer_identity().ok_or("no peer certificate")?;
+    let certs = identity
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .map_err(|_| "unexpected peer identity type")?;
+    let cert = certs.first().ok_or("empty certificate chain")?;
+    let parsed = libp2p_tls::certificate::parse(cert).map_err(|e| e.to_string())?;
+    Ok(parsed.peer_id())
+}
