@@ -506,6 +506,34 @@ mod tests {
     }
 
     #[test]
+    fn data_plane_address_decodes_typed_or_not_at_all() {
+        let mut h = hb();
+        h.data_addr = Some("tcp/127.0.0.1:5000".parse().unwrap());
+        let m = ControlMessage::Heartbeat(h);
+        let bytes = m.encode().unwrap();
+        assert_eq!(ControlMessage::decode(&bytes).unwrap(), m);
+        // The same bytes with another transport name, then with a socket address that is
+        // not one: both refused as malformed. (The address is the last `tcp/`: the
+        // multiaddr before it holds one too.)
+        let at = bytes
+            .windows(4)
+            .rposition(|w| w == b"tcp/")
+            .expect("the address travels as its text");
+        let mut udp = bytes.clone();
+        udp[at..at + 3].copy_from_slice(b"udp");
+        assert!(matches!(
+            ControlMessage::decode(&udp),
+            Err(CodecError::Malformed(_))
+        ));
+        let mut port = bytes.clone();
+        port[at + 14..at + 18].copy_from_slice(b"99x9");
+        assert!(matches!(
+            ControlMessage::decode(&port),
+            Err(CodecError::Malformed(_))
+        ));
+    }
+
+    #[test]
     fn semantic_validation() {
         let mut h = hb();
         h.addrs = vec!["x".into(); 100];

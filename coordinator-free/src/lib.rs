@@ -8,7 +8,10 @@
 //! deterministic simulated network instead.
 //!
 //! - [`membership`]: the membership table built from heartbeats (incarnations, suspicion,
-//!   failure) and the view it derives.
+//!   failure), the view it derives and when that view is settled.
+//! - [`gossip`]: whether a gossiped control message is accepted, ignored or rejected, and
+//!   what it means for the node.
+//! - [`address`]: the data-plane address members announce (`<transport>/<ip>:<port>`).
 //! - [`view`]: what a view is (epoch, sorted members, hash) and how it is hashed.
 //! - [`codec`]: the one size-limited decoder every untrusted byte goes through.
 //! - [`collective`]: ring schedules for all-reduce, all-gather, broadcast and barrier.
@@ -20,8 +23,10 @@
 //! - [`sharding`]: which samples each member trains on at each step (exactly once per
 //!   data epoch).
 
+pub mod address;
 pub mod codec;
 pub mod collective;
+pub mod gossip;
 pub mod membership;
 pub mod pipeline;
 pub mod serving;
@@ -29,6 +34,7 @@ pub mod sharding;
 pub mod training;
 pub mod view;
 
+pub use address::{AddrError, DataPlaneAddr, Transport};
 pub use codec::{CodecError, ControlMessage};
 pub use collective::{CollectiveError, DType, Kind, ReduceOp, Ring, RingStep};
 pub use membership::{

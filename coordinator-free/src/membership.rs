@@ -24,6 +24,7 @@
 //! `fail_after_ms + d` of its last heartbeat; after the network heals, all live nodes hold
 //! one view within [`MembershipConfig::convergence_bound_ms`].
 
+use crate::address::DataPlaneAddr;
 use crate::view::{NodeId, View, ViewHash, ViewMember};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, VecDeque};
@@ -79,8 +80,8 @@ pub struct Heartbeat {
     pub caps: Capabilities,
     /// Where the sender's control plane listens (multiaddrs, opaque to the core).
     pub addrs: Vec<String>,
-    /// Where the sender's data plane listens (`<transport>/<ip>:<port>`, opaque to the core).
-    pub data_addr: Option<String>,
+    /// Where the sender's data plane listens (on the wire as `<transport>/<ip>:<port>`).
+    pub data_addr: Option<DataPlaneAddr>,
 }
 
 impl Heartbeat {
@@ -89,12 +90,8 @@ impl Heartbeat {
         if self.addrs.len() > MAX_ADDRS {
             return Err(format!("{} addresses, limit {MAX_ADDRS}", self.addrs.len()));
         }
-        if let Some(a) = self
-            .addrs
-            .iter()
-            .chain(self.data_addr.iter())
-            .find(|a| a.len() > MAX_ADDR_LEN)
-        {
+        // The data-plane address is typed: it decoded only if within its bound.
+        if let Some(a) = self.addrs.iter().find(|a| a.len() > MAX_ADDR_LEN) {
             return Err(format!(
                 "address of {} bytes, limit {MAX_ADDR_LEN}",
                 a.len()
@@ -208,7 +205,7 @@ pub struct MemberInfo {
     /// Control-plane addresses from the latest heartbeat.
     pub addrs: Vec<String>,
     /// Data-plane address from the latest heartbeat.
-    pub data_addr: Option<String>,
+    pub data_addr: Option<DataPlaneAddr>,
     /// Epoch and hash of the member's own view, from its latest heartbeat.
     pub their_view: (u64, ViewHash),
 }
@@ -270,7 +267,7 @@ pub struct Membership {
     seq: u64,
     caps: Capabilities,
     addrs: Vec<String>,
-    data_addr: Option<String>,
+    data_addr: Option<DataPlaneAddr>,
     table: BTreeMap<NodeId, MemberInfo>,
     view: View,
     next_heartbeat_ms: u64,
@@ -356,8 +353,22 @@ impl Membership {
     }
 
     /// Sets where this node's data plane listens; it goes out with the next heartbeat.
-    pub fn set_data_addr(&mut self, addr: Option<String>) {
+    pub fn set_data_addr(&mut self, addr: Option<DataPlaneAddr>) {
         self.data_addr = addr;
+    }
+
+    /// Whether the current view is *settled*: every other member of it reports, in its
+    /// latest heartbeat, holding this same view (same hash). Until then a collective in
+    /// this view would wait for members still in another one; trainers start steps only
+    /// in a settled view. A view of this node alone is settled.
+    pub fn view_settled(&self) -> bool {
+        self.view.ids().all(|id| {
+            id == &self.me
+                || self
+                    .table
+                    .get(id)
+                    .is_some_and(|m| m.their_view.1 == self.view.hash)
+        })
     }
 
     /// Takes in a heartbeat that arrived at `now`.
@@ -473,7 +484,7 @@ impl Membership {
                 view_hash: self.view.hash,
                 caps: self.caps.clone(),
                 addrs: self.addrs.clone(),
-                data_addr: self.data_addr.clone(),
+                data_addr: self.data_addr,
             });
             let jitter = match self.config.heartbeat_jitter_ms {
                 0 => 0,
@@ -673,6 +684,38 @@ mod tests {
             small.handle_heartbeat(beat(&mut node("c", 1), 0), 0),
             Err(HeartbeatError::TableFull(1))
         );
+    }
+
+    #[test]
+    fn view_settles_when_every_member_reports_it() {
+        let mut a = node("a", 1);
+        let mut b = node("b", 1);
+        assert!(a.view_settled(), "a view of this node alone is settled");
+        a.handle_heartbeat(beat(&mut b, 0), 0).unwrap();
+        assert_eq!(a.view().len(), 2);
+        assert!(
+            !a.view_settled(),
+            "b still reports its view of itself alone"
+        );
+        b.handle_heartbeat(beat(&mut a, 1), 1).unwrap();
+        a.handle_heartbeat(beat(&mut b, 2), 2).unwrap();
+        assert_eq!(a.view(), b.view(), "a adopted b's epoch");
+        assert!(a.view_settled());
+        assert!(
+            !b.view_settled(),
+            "b last heard a before a adopted the common view"
+        );
+        b.handle_heartbeat(beat(&mut a, 3), 3).unwrap();
+        assert!(b.view_settled());
+        // A joiner unsettles the view until every member reports the new one.
+        let mut c = node("c", 1);
+        a.handle_heartbeat(beat(&mut c, 4), 4).unwrap();
+        assert_eq!(a.view().len(), 3);
+        assert!(!a.view_settled());
+        // A restart-together report moves to a new epoch nobody else reports yet.
+        let hash = b.view().hash;
+        assert!(b.handle_view_failed(&hash, 5));
+        assert!(!b.view_settled());
     }
 
     #[test]

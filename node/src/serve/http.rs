@@ -24,7 +24,7 @@
 #![allow(clippy::result_large_err)]
 
 use super::{Sampling, ServeError, Server, StreamEvent};
-use crate::node::NodeHandle;
+use crate::node::handle::NodeHandle;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
@@ -627,9 +627,7 @@ async fn serve_offer(
     {
         Ok(a) => {
             // Announce at once (the node re-announces every 2 s).
-            if let Ok(bytes) = coordinator_free::ControlMessage::Serve(a.clone()).encode() {
-                let _ = api.node.publish_raw(bytes).await;
-            }
+            let _ = api.node.offer_model(a.clone()).await;
             Json(json!({
                 "name": a.name,
                 "sha256": hex::encode(a.sha256),
