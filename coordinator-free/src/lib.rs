@@ -17,7 +17,9 @@
 //! - [`collective`]: ring schedules for all-reduce, all-gather, broadcast and barrier.
 //! - [`pipeline`]: serving plans: layers cut into stages by memory and speed, replicas.
 //! - [`serving`]: serving decisions at the entry node: dynamic batching, replica choice, the
-//!   response cache, and token sampling.
+//!   response cache and its key, and token sampling.
+//! - [`stop`]: where a completion stops (stop sequences, length) and how much of its text
+//!   a streaming client may be sent yet (the hold-back).
 //! - [`training`]: the training-round state machine (wait, exchange progress, sync, step,
 //!   commit or redo).
 //! - [`sharding`]: which samples each member trains on at each step (exactly once per
@@ -31,6 +33,7 @@ pub mod membership;
 pub mod pipeline;
 pub mod serving;
 pub mod sharding;
+pub mod stop;
 pub mod training;
 pub mod view;
 

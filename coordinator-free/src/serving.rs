@@ -5,7 +5,8 @@
 //!   are waiting or the oldest has waited long enough.
 //! - [`Balancer`] sends each request to the replica pipeline with the fewest outstanding
 //!   requests, rotating among equals.
-//! - [`LruCache`] keeps recent responses, evicting the least recently used.
+//! - [`LruCache`] keeps recent responses, evicting the least recently used;
+//!   [`Sampling::cache_key`] decides which requests it answers and under what key.
 //! - [`SplitMix64`] and [`sample_token`] pick tokens from logits (temperature, nucleus)
 //!   deterministically from a seed, so every node and version samples the same tokens.
 //!
@@ -347,9 +348,150 @@ pub fn sample_token(logits: &[f32], temperature: f32, top_p: f32, u: f64) -> usi
         .unwrap_or(argmax)
 }
 
+/// Sampling parameters of one completion.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sampling {
+    /// Most tokens to generate.
+    pub max_tokens: u32,
+    /// 0 = greedy.
+    pub temperature: f32,
+    /// Nucleus mass.
+    pub top_p: f32,
+    /// Seed (drawn at arrival when the client gave none).
+    pub seed: u64,
+    /// Whether the client fixed the seed.
+    pub seeded: bool,
+    /// Stop sequences.
+    pub stop: Vec<String>,
+}
+
+impl Sampling {
+    /// Whether the answer is a function of the request alone: greedy (temperature 0), or
+    /// sampled from a seed the client gave.
+    pub fn deterministic(&self) -> bool {
+        self.temperature <= 0.0 || self.seeded
+    }
+
+    /// The response-cache key of a completion of `prompt` by `model` with these parameters,
+    /// or `None` when the answer must not be cached (sampled without a client seed).
+    ///
+    /// Equal for requests whose answers are equal: a greedy request's key leaves out
+    /// temperature, `top_p` and seed (they change nothing), a seeded request's includes
+    /// them. Fields are joined by NUL bytes, with the stop list last in its `Debug` form
+    /// (which escapes NUL): the separators a NUL in a prompt could add would leave too few
+    /// for the fields after it, so two different requests never share a key.
+    pub fn cache_key(&self, model: &str, prompt: &str) -> Option<String> {
+        if !self.deterministic() {
+            return None;
+        }
+        let greedy = self.temperature <= 0.0;
+        Some(format!(
+            "{model}\u{0}{prompt}\u{0}{}\u{0}{}\u{0}{}\u{0}{}\u{0}{:?}",
+            self.max_tokens,
+            if greedy {
+                0
+            } else {
+                self.temperature.to_bits()
+            },
+            if greedy { 0 } else { self.top_p.to_bits() },
+            if greedy { 0 } else { self.seed },
+            self.stop
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn greedy() -> Sampling {
+        Sampling {
+            max_tokens: 16,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 7,
+            seeded: false,
+            stop: vec!["\n".into()],
+        }
+    }
+
+    #[test]
+    fn equal_requests_share_a_cache_key_and_any_field_that_changes_the_answer_parts_them() {
+        let g = greedy();
+        let key = |s: &Sampling| s.cache_key("m", "1+1=").expect("deterministic");
+        assert_eq!(key(&g), key(&g.clone()));
+        // Greedy: temperature 0, so top_p and the seed change nothing.
+        let same = Sampling {
+            top_p: 0.5,
+            seed: 99,
+            seeded: true,
+            ..g.clone()
+        };
+        assert_eq!(key(&same), key(&g));
+        assert_ne!(g.cache_key("m2", "1+1="), Some(key(&g)));
+        assert_ne!(g.cache_key("m", "1+2="), Some(key(&g)));
+        for other in [
+            Sampling {
+                max_tokens: 17,
+                ..g.clone()
+            },
+            Sampling {
+                stop: vec![],
+                ..g.clone()
+            },
+            Sampling {
+                stop: vec!["\n".into(), "x".into()],
+                ..g.clone()
+            },
+        ] {
+            assert_ne!(key(&other), key(&g), "{other:?}");
+        }
+        // Seeded sampling: temperature, top_p and the seed each change the answer.
+        let seeded = Sampling {
+            temperature: 0.8,
+            seeded: true,
+            ..g.clone()
+        };
+        assert_ne!(key(&seeded), key(&g));
+        assert_eq!(key(&seeded), key(&seeded.clone()));
+        for other in [
+            Sampling {
+                temperature: 0.9,
+                ..seeded.clone()
+            },
+            Sampling {
+                top_p: 0.9,
+                ..seeded.clone()
+            },
+            Sampling {
+                seed: 8,
+                ..seeded.clone()
+            },
+        ] {
+            assert_ne!(key(&other), key(&seeded), "{other:?}");
+        }
+        // A NUL in the prompt cannot forge another request's key.
+        let a = g.cache_key("m", "a\u{0}16").unwrap();
+        let b = Sampling {
+            max_tokens: 160,
+            ..g.clone()
+        }
+        .cache_key("m", "a")
+        .unwrap();
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn sampling_without_a_client_seed_is_not_cached() {
+        let s = Sampling {
+            temperature: 0.7,
+            seeded: false,
+            ..greedy()
+        };
+        assert!(!s.deterministic());
+        assert_eq!(s.cache_key("m", "p"), None);
+        assert!(greedy().deterministic());
+    }
 
     #[test]
     fn batcher_releases_on_size() {

@@ -684,15 +684,4 @@ mod tests {
         assert_eq!(c.sampling.stop, vec!["\n".to_string()]);
         assert!(c.sampling.seeded);
     }
-
-    #[test]
-    fn stream_helpers() {
-        assert_eq!(super::super::partial_suffix(b"abc=", b"=\n"), 1);
-        assert_eq!(super::super::partial_suffix(b"abc", b"=\n"), 0);
-        assert_eq!(
-            super::super::utf8_safe("é".as_bytes()[..1].as_ref(), false),
-            0
-        );
-        assert_eq!(super::super::utf8_safe(b"ab", false), 2);
-    }
 }

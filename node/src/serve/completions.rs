@@ -1,0 +1,174 @@
+//! Admitting a completion request: its checks, the response cache, its deadline, and
+//! how its answer is delivered and recorded.
+//!
+//! A request is checked against its model (a language model, a prompt that leaves room in
+//! the context), gets a seed if the client gave none, and is answered from the response
+//! cache when it is deterministic and was answered before ([`Sampling::cache_key`]).
+//! Otherwise it becomes a `Row` queued to its model's dispatcher (`lanes`); its answer
+//! arrives on its [`Sink`], once or as a stream.
+
+use super::row::Row;
+use super::{record_latency, Completion, Sampling, ServeError, Server, StreamEvent};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+
+/// Where a request's answer goes.
+pub(super) enum Sink {
+    /// The whole completion, once.
+    Once(oneshot::Sender<Result<Completion, ServeError>>),
+    /// Text as it is generated, then the completion.
+    Stream(mpsc::Sender<StreamEvent>),
+    /// Answered already.
+    Closed,
+}
+
+/// An admitted request, as it waits for and moves through lanes.
+pub(super) struct Pending {
+    /// The prompt's bytes (one token each).
+    pub(super) prompt: Vec<u8>,
+    pub(super) sampling: Sampling,
+    pub(super) deadline: Instant,
+    /// When it arrived (its latency counts from here).
+    pub(super) started: Instant,
+    pub(super) sink: Sink,
+    /// Its response-cache key, when it is deterministic.
+    cache_key: Option<String>,
+}
+
+impl Server {
+    /// Checks a completion request and queues it. The result arrives on `sink`.
+    fn admit(
+        &self,
+        model: &str,
+        prompt: &str,
+        mut sampling: Sampling,
+        timeout: Option<Duration>,
+        sink: Sink,
+    ) -> Result<(), (ServeError, Sink)> {
+        if let Err(e) = self.check_completion(model, prompt) {
+            self.inner.stats.lock().unwrap().requests_rejected += 1;
+            return Err((e, sink));
+        }
+        if !sampling.seeded {
+            sampling.seed = rand::random();
+        }
+        let cache_key = sampling.cache_key(model, prompt);
+        let cached = cache_key
+            .as_ref()
+            .and_then(|k| self.inner.cache.lock().unwrap().get(k));
+        if let Some(c) = cached {
+            self.answer_cached(c, sink);
+            return Ok(());
+        }
+        let now = Instant::now();
+        let limit = timeout
+            .unwrap_or(self.inner.cfg.request_timeout)
+            .min(self.inner.cfg.request_timeout);
+        let row = Row::new(Pending {
+            prompt: prompt.as_bytes().to_vec(),
+            sampling,
+            deadline: now + limit,
+            started: now,
+            sink,
+            cache_key,
+        });
+        let tx = self.dispatcher_for(model);
+        if let Err(mpsc::error::TrySendError::Full(r) | mpsc::error::TrySendError::Closed(r)) =
+            tx.try_send(row)
+        {
+            self.inner.stats.lock().unwrap().requests_rejected += 1;
+            return Err((
+                ServeError::NoPlan {
+                    model: model.to_string(),
+                    reason: "too many requests queued".into(),
+                },
+                r.p.sink,
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether `model` can complete `prompt`: a language model whose context leaves room
+    /// for at least one token after the (non-empty) prompt.
+    fn check_completion(&self, model: &str, prompt: &str) -> Result<(), ServeError> {
+        let (_, cfg) = self.model_for_request(model)?;
+        if !cfg.is_lm() {
+            return Err(ServeError::Invalid(format!(
+                "`{model}` is a `{}` model: use /v1/infer",
+                cfg.kind
+            )));
+        }
+        let p = prompt.as_bytes();
+        if p.is_empty() {
+            return Err(ServeError::Invalid("the prompt is empty".into()));
+        }
+        if p.len() >= cfg.context as usize {
+            return Err(ServeError::Invalid(format!(
+                "the prompt is {} tokens; this model's context is {} tokens (the prompt must leave room for at least one more)",
+                p.len(),
+                cfg.context
+            )));
+        }
+        Ok(())
+    }
+
+    /// Answers on `sink` with `c`, a completion from the response cache.
+    fn answer_cached(&self, mut c: Completion, sink: Sink) {
+        c.cached = true;
+        let mut st = self.inner.stats.lock().unwrap();
+        st.requests_ok += 1;
+        record_latency(&mut st, 0.0);
+        drop(st);
+        match sink {
+            Sink::Once(tx) => {
+                let _ = tx.send(Ok(c));
+            }
+            Sink::Stream(tx) => {
+                let _ = tx.try_send(StreamEvent::Text(c.text.clone()));
+                let _ = tx.try_send(StreamEvent::Done(c));
+            }
+            Sink::Closed => {}
+        }
+    }
+
+    /// Completes `prompt` (not streamed).
+    pub async fn complete(
+        &self,
+        model: &str,
+        prompt: &str,
+        sampling: Sampling,
+        timeout: Option<Duration>,
+    ) -> Result<Completion, ServeError> {
+        let (tx, rx) = oneshot::channel();
+        if let Err((e, _)) = self.admit(model, prompt, sampling, timeout, Sink::Once(tx)) {
+            return Err(e);
+        }
+        rx.await
+            .unwrap_or_else(|_| Err(ServeError::Invalid("the request was dropped".into())))
+    }
+
+    /// Completes `prompt`, streaming text as it is generated.
+    pub fn complete_stream(
+        &self,
+        model: &str,
+        prompt: &str,
+        sampling: Sampling,
+        timeout: Option<Duration>,
+    ) -> Result<mpsc::Receiver<StreamEvent>, ServeError> {
+        let (tx, rx) = mpsc::channel(1024);
+        self.admit(model, prompt, sampling, timeout, Sink::Stream(tx))
+            .map_err(|(e, _)| e)?;
+        Ok(rx)
+    }
+
+    /// Records a finished request.
+    pub(super) fn finish(&self, p: &Pending, c: &Completion) {
+        if let Some(k) = &p.cache_key {
+            self.inner.cache.lock().unwrap().put(k.clone(), c.clone());
+        }
+        let mut st = self.inner.stats.lock().unwrap();
+        st.requests_ok += 1;
+        st.tokens_generated += u64::from(c.completion_tokens);
+        record_latency(&mut st, p.started.elapsed().as_secs_f64());
+    }
+}
