@@ -9,6 +9,13 @@ Everything else goes to stderr.
     python ddp_train.py --nodes 2 --model mlp --features 64 --hidden 256,256 --classes 10
 
 --batch is the global batch, split evenly across ranks (the remainder to the first ranks).
+
+The GPT below is shoal's built-in `gpt` (node/src/models/gpt.rs) in pure PyTorch, op for op:
+the same parameter names and shapes (`tok.weight`, `pos.weight`, `blocks.{i}.ln1|qkv|proj|ln2|
+fc|fc2.weight|bias`, `ln_f.weight|bias`, `head.weight`: a shoal checkpoint's `model.*` tensors
+load into it with `strict=True`), pre-norm blocks, causal scaled-dot-product attention, exact
+(erf) GELU, LayerNorm eps 1e-5, N(0, 0.02) weights and zero biases. scripts/gpt_parity.py
+checks it against shoal's logits (run by shoal's unit tests); change both together.
 """
 import argparse
 import json
@@ -38,6 +45,8 @@ def free_port():
 
 
 class Block(nn.Module):
+    """shoal's `gpt` block (node/src/models/gpt.rs, `Gpt::block`)."""
+
     def __init__(self, width, heads):
         super().__init__()
         self.heads = heads
@@ -62,6 +71,8 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    """shoal's `gpt` (node/src/models/gpt.rs, `Gpt::init` and `Gpt::forward`)."""
+
     def __init__(self, layers, heads, width, context):
         super().__init__()
         assert width % heads == 0, "--width must be divisible by --heads"

@@ -9,7 +9,9 @@
 //! - [`metrics`]: the Prometheus text rendering behind `GET /metrics`.
 //! - [`status`]: the status report, its table form, and a tiny client for the local API.
 //! - `nccl` (feature `nccl`): NCCL collectives on CUDA tensors.
-//! - [`train`]: data-parallel training jobs (job files, data, models, checkpoints).
+//! - [`models`]: model definitions shared by training and serving (mlp, gpt, TorchScript,
+//!   checkpoints, the serving stage executor).
+//! - [`train`]: data-parallel training jobs (job files, data, the training loop).
 //! - [`serve`]: serving models: pipeline stages, batching, caching, the OpenAI API.
 //! - [`local`]: local clusters of `shoal up` processes (`shoal local`, `shoal bench`).
 
@@ -20,6 +22,7 @@ pub mod data_plane;
 pub mod identity;
 pub mod local;
 pub mod metrics;
+pub mod models;
 #[cfg(feature = "nccl")]
 pub mod nccl;
 pub mod node;

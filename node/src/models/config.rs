@@ -1,0 +1,192 @@
+//! What a model file is, as far as serving needs to know: its kind, the layers that can
+//! be cut into stages and what each costs ([`ModelConfig`], read by [`describe`] from a
+//! checkpoint's `model` metadata or a TorchScript module). The planner sizes stages from
+//! it; it travels as JSON in the serving announcement.
+
+use super::checkpoint;
+use super::gpt;
+use super::torchscript;
+use super::{StageError, PARAM_PREFIX};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// Largest batch a KV-cache budget is planned for. 8.
+pub const KV_BUDGET_BATCH: u64 = 8;
+
+/// What a model is, as far as serving needs to know (travels as JSON in the announcement).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// `gpt`, `mlp` or `torchscript`.
+    pub kind: String,
+    /// Layers that can be cut into stages (`gpt`: its blocks; otherwise 1).
+    pub layers: u32,
+    /// `gpt`: attention heads (0 otherwise).
+    pub heads: u32,
+    /// `gpt`: width (0 otherwise).
+    pub width: u32,
+    /// `gpt`: context length in tokens (0 otherwise).
+    pub context: u32,
+    /// Parameters (scalars).
+    pub params: u64,
+    /// Bytes each layer needs: weights, plus the KV cache for `KV_BUDGET_BATCH` full
+    /// contexts (`gpt`); embeddings are counted in the first layer, the head in the last.
+    pub layer_bytes: Vec<u64>,
+}
+
+impl ModelConfig {
+    /// The `gpt` architecture it describes (meaningful when `kind` is `gpt`).
+    pub fn gpt(&self) -> gpt::GptConfig {
+        gpt::GptConfig {
+            layers: i64::from(self.layers),
+            heads: i64::from(self.heads),
+            width: i64::from(self.width),
+            context: i64::from(self.context),
+        }
+    }
+
+    /// Whether it generates text (`/v1/completions`).
+    pub fn is_lm(&self) -> bool {
+        self.kind == "gpt"
+    }
+
+    /// Checks an announced config before anything is sized from it.
+    pub fn validate(&self) -> Result<(), String> {
+        if !["gpt", "mlp", "torchscript"].contains(&self.kind.as_str()) {
+            return Err(format!("unknown model kind `{}`", self.kind));
+        }
+        if self.layers == 0 || self.layers > 4096 || self.layer_bytes.len() != self.layers as usize
+        {
+            return Err(format!(
+                "{} layers with {} costs",
+                self.layers,
+                self.layer_bytes.len()
+            ));
+        }
+        if self.is_lm()
+            && (self.heads == 0
+                || self.width == 0
+                || !self.width.is_multiple_of(self.heads)
+                || self.context == 0
+                || self.context > 1 << 20)
+        {
+            return Err("gpt heads, width and context must be positive, heads divide width".into());
+        }
+        Ok(())
+    }
+}
+
+#[derive(Deserialize)]
+struct ArchMeta {
+    kind: String,
+    #[serde(default)]
+    layers: i64,
+    #[serde(default)]
+    heads: i64,
+    #[serde(default)]
+    width: i64,
+    #[serde(default)]
+    context: i64,
+}
+
+fn is_safetensors(path: &Path) -> bool {
+    use std::io::Read;
+    let mut head = [0u8; 9];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut head))
+        .is_ok()
+        && head[8] == b'{'
+}
+
+pub(super) fn unrecognised(path: &Path, reason: impl ToString) -> StageError {
+    StageError::Unrecognised {
+        path: path.display().to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+/// Reads a model file's architecture.
+pub fn describe(path: &Path) -> Result<ModelConfig, StageError> {
+    if !is_safetensors(path) {
+        let params = torchscript::params(path).map_err(|e| unrecognised(path, e))?;
+        let bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        return Ok(ModelConfig {
+            kind: "torchscript".into(),
+            layers: 1,
+            heads: 0,
+            width: 0,
+            context: 0,
+            params,
+            layer_bytes: vec![bytes.max(params * 4)],
+        });
+    }
+    let c = checkpoint::read(path).map_err(|e| unrecognised(path, e))?;
+    let bad = |p: &str| StageError::Checkpoint {
+        path: path.display().to_string(),
+        problem: p.to_string(),
+    };
+    let arch: ArchMeta = c
+        .metadata
+        .get("model")
+        .and_then(|m| serde_json::from_str(m).ok())
+        .ok_or_else(|| bad("metadata `model` is missing (written by an older shoal?)"))?;
+    // Scalars in the model's tensors whose names start with `prefix`.
+    let numel = |prefix: &str| -> u64 {
+        let prefix = format!("{PARAM_PREFIX}{prefix}");
+        c.tensors
+            .iter()
+            .filter(|(n, _)| n.starts_with(&prefix))
+            .map(|(_, t)| t.numel() as u64)
+            .sum()
+    };
+    let params = numel("");
+    match arch.kind.as_str() {
+        "gpt" => {
+            let cfg = gpt_config(&arch, params, &numel).map_err(|e| bad(&e))?;
+            cfg.validate().map_err(|e| bad(&e))?;
+            Ok(cfg)
+        }
+        "mlp" => Ok(ModelConfig {
+            kind: "mlp".into(),
+            layers: 1,
+            heads: 0,
+            width: 0,
+            context: 0,
+            params,
+            layer_bytes: vec![params * 4],
+        }),
+        other => Err(bad(&format!("cannot serve a `{other}` checkpoint"))),
+    }
+}
+
+/// A `gpt`'s config: each block's weights and KV-cache budget, the embeddings counted in
+/// the first layer, `ln_f` and the head in the last.
+fn gpt_config(
+    arch: &ArchMeta,
+    params: u64,
+    numel: &dyn Fn(&str) -> u64,
+) -> Result<ModelConfig, String> {
+    let (l, w, ctx) = (
+        arch.layers.max(0) as u64,
+        arch.width as u64,
+        arch.context as u64,
+    );
+    if l == 0 {
+        return Err("a gpt without layers".into());
+    }
+    let kv = 2 * KV_BUDGET_BATCH * ctx * w * 4;
+    let mut layer_bytes: Vec<u64> = (0..l)
+        .map(|i| numel(&gpt::block_prefix(i as usize)) * 4 + kv)
+        .collect();
+    layer_bytes[0] += (numel("tok.") + numel("pos.")) * 4;
+    layer_bytes[l as usize - 1] += (numel("ln_f.") + numel("head.")) * 4;
+    Ok(ModelConfig {
+        kind: "gpt".into(),
+        layers: l as u32,
+        heads: arch.heads as u32,
+        width: w as u32,
+        context: ctx as u32,
+        params,
+        layer_bytes,
+    })
+}
