@@ -450,7 +450,7 @@ fn render_jobs(o: &mut String, jobs: &[crate::train::JobReport]) {
         (
             "shoal_train_eval_accuracy",
             "gauge",
-            "Held-out accuracy at the latest evaluation.",
+            "Held-out accuracy at the latest evaluation (classification: label; arithmetic: exact answer; text: next token).",
             |j| j.eval.as_ref().map(|e| e.accuracy),
         ),
     ];

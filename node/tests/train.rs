@@ -361,11 +361,12 @@ lr = 0.002
     assert!(acc >= 0.9, "held-out accuracy {acc}");
 }
 
-/// The gpt on tinyshakespeare: the held-out loss falls.
+/// The gpt on tinyshakespeare: the held-out loss falls, and the summary reports next-token
+/// accuracy.
 #[test]
 fn shakespeare_gpt_eval_loss_falls() {
     let d = TempDir::new("train-text");
-    run_on_data(
+    let s = run_on_data(
         &d.0,
         "text",
         r#"
@@ -396,6 +397,9 @@ lr = 0.003
     eprintln!("held-out losses {evals:?}");
     assert_eq!(evals.len(), 3);
     assert!(evals[2] < evals[0] && evals[0] < 5.6, "{evals:?}");
+    assert_eq!(s["eval"]["accuracy_of"], "next_token", "{s}");
+    let acc = s["eval"]["accuracy"].as_f64().unwrap();
+    assert!(acc > 0.0 && acc <= 1.0, "next-token accuracy {acc}");
 }
 
 /// A TorchScript model exported from PyTorch trains across 2 nodes.

@@ -462,6 +462,14 @@ impl JobSpec {
 
     /// Checks ranges and consistency; the error names the key.
     pub fn validate(&self) -> Result<(), JobError> {
+        self.validate_run()?;
+        self.validate_model()?;
+        self.validate_data()?;
+        self.validate_optimizer()
+    }
+
+    /// The run's keys: name, length, batch and shard sizes, members, threads, guard, buckets.
+    fn validate_run(&self) -> Result<(), JobError> {
         if self.name.is_empty()
             || self.name.len() > 64
             || !self
@@ -508,6 +516,11 @@ impl JobSpec {
         if self.bucket_bytes < 4096 {
             return Err(invalid("bucket_bytes", "must be at least 4096"));
         }
+        Ok(())
+    }
+
+    /// `[model]`: the kind's keys and their ranges.
+    fn validate_model(&self) -> Result<(), JobError> {
         let m = &self.model;
         match self.model_kind() {
             ModelKind::Torchscript if m.torchscript.is_none() => {
@@ -552,6 +565,12 @@ impl JobSpec {
             }
             ModelKind::Torchscript => {}
         }
+        Ok(())
+    }
+
+    /// `[data]`: the kind's keys, and that the model trains on that kind of data.
+    fn validate_data(&self) -> Result<(), JobError> {
+        let m = &self.model;
         let d = &self.data;
         match d.kind {
             DataKind::Csv | DataKind::Text if d.path.is_none() => {
@@ -590,6 +609,11 @@ impl JobSpec {
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// `[optimizer]`: ranges.
+    fn validate_optimizer(&self) -> Result<(), JobError> {
         let o = &self.optimizer;
         if !(o.lr > 0.0 && o.lr < 10.0) {
             return Err(invalid("optimizer.lr", "must be in (0, 10)"));

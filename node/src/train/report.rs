@@ -47,6 +47,30 @@ pub struct StepRecord {
     pub data_offset: u64,
 }
 
+/// What an evaluation's `accuracy` counts (serialized as `accuracy_of`).
+#[derive(Clone, Copy, Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum AccuracyOf {
+    /// Classification: samples whose argmax is the label.
+    Label,
+    /// Arithmetic: sums whose greedily generated answer is exactly right.
+    Answer,
+    /// Text (language model): held-out positions whose argmax is the next token.
+    NextToken,
+}
+
+impl AccuracyOf {
+    /// How a person reads it: `label accuracy`, `exact-answer accuracy`,
+    /// `next-token accuracy`.
+    pub fn describe(self) -> &'static str {
+        match self {
+            AccuracyOf::Label => "label accuracy",
+            AccuracyOf::Answer => "exact-answer accuracy",
+            AccuracyOf::NextToken => "next-token accuracy",
+        }
+    }
+}
+
 /// One evaluation on the held-out split.
 #[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq)]
 pub struct EvalRecord {
@@ -54,11 +78,27 @@ pub struct EvalRecord {
     pub step: u64,
     /// Mean loss.
     pub loss: f64,
-    /// Fraction correct (classification: label; arithmetic: exact answer; text: whole
-    /// window predicted).
+    /// Fraction correct; `accuracy_of` says of what (classification: samples, the label;
+    /// arithmetic: sums, the exact answer; text: positions, the next token).
     pub accuracy: f64,
+    /// What `accuracy` counts.
+    pub accuracy_of: AccuracyOf,
     /// Held-out samples evaluated.
     pub samples: u64,
+}
+
+impl std::fmt::Display for EvalRecord {
+    /// `loss=2.1234 next-token accuracy=0.3456 (4096 samples)`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "loss={:.4} {}={:.4} ({} samples)",
+            self.loss,
+            self.accuracy_of.describe(),
+            self.accuracy,
+            self.samples
+        )
+    }
 }
 
 /// Writes a run's files.
@@ -270,6 +310,30 @@ mod tests {
         drop(open_log(&dir, "m.jsonl", true).unwrap());
         assert_eq!(std::fs::read_to_string(dir.join("m.jsonl")).unwrap(), text);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The eval line and the summary say what the accuracy counts.
+    #[test]
+    fn eval_records_name_what_their_accuracy_counts() {
+        let r = EvalRecord {
+            step: 60,
+            loss: 2.5,
+            accuracy: 0.3125,
+            accuracy_of: AccuracyOf::NextToken,
+            samples: 4096,
+        };
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["accuracy_of"], "next_token");
+        assert_eq!(v["accuracy"], 0.3125);
+        let back: EvalRecord = serde_json::from_value(v).unwrap();
+        assert_eq!(back, r);
+        assert_eq!(
+            r.to_string(),
+            "loss=2.5000 next-token accuracy=0.3125 (4096 samples)"
+        );
+        let label = serde_json::to_value(AccuracyOf::Label).unwrap();
+        assert_eq!(label, "label");
+        assert_eq!(serde_json::to_value(AccuracyOf::Answer).unwrap(), "answer");
     }
 
     #[test]

@@ -1,0 +1,61 @@
+//! Debug faults for the tests: `POST /v1/debug/perturb` sets [`TrainContext::perturb`] to one
+//! of the `PERTURB_*` codes, and the loop takes it (once) at the matching point: before a
+//! step ([`PERTURB_WEIGHTS`]), after the local gradient ([`PERTURB_NAN_GRADIENT`]) or as a
+//! collective starts ([`PERTURB_ABANDON_COLLECTIVE`]). Each hook is one atomic
+//! compare-and-swap when no fault is asked for; nothing else of the loop knows about them.
+//!
+//! [`TrainContext::perturb`]: super::TrainContext::perturb
+
+use super::member::Trainer;
+use std::sync::atomic::Ordering::SeqCst;
+
+/// [`TrainContext::perturb`](super::TrainContext::perturb): nudge the weights before the
+/// next step.
+pub const PERTURB_WEIGHTS: u8 = 1;
+/// [`TrainContext::perturb`](super::TrainContext::perturb): make the next local gradient
+/// NaN.
+pub const PERTURB_NAN_GRADIENT: u8 = 2;
+/// [`TrainContext::perturb`](super::TrainContext::perturb): this member abandons its next
+/// collective as if its link had broken, leaving the others waiting in it (tests of the
+/// restart-together rule).
+pub const PERTURB_ABANDON_COLLECTIVE: u8 = 3;
+
+impl Trainer {
+    /// Takes the pending fault when it is `code` (clearing it); false otherwise.
+    fn take_fault(&self, code: u8) -> bool {
+        self.ctx
+            .perturb
+            .compare_exchange(code, 0, SeqCst, SeqCst)
+            .is_ok()
+    }
+
+    /// Debug: nudges the weights once when `POST /v1/debug/perturb` asked for it.
+    pub(super) fn maybe_perturb(&self, step: u64) {
+        if self.take_fault(PERTURB_WEIGHTS) {
+            tracing::warn!(step, "debug: perturbing this member's weights");
+            let _guard = tch::no_grad_guard();
+            if let Some((_, p)) = self.params.first() {
+                let _ = p.shallow_clone().g_add_scalar_(1e-3);
+            }
+        }
+    }
+
+    /// Debug: makes this member's local gradient (`flat`, as `local_gradients` returns it)
+    /// NaN once when asked for.
+    pub(super) fn maybe_nan_gradient(&self, flat: &mut [f32]) {
+        if self.take_fault(PERTURB_NAN_GRADIENT) {
+            tracing::warn!(step = self.step, "debug: this member's gradient is NaN");
+            flat[0] = f32::NAN;
+        }
+    }
+
+    /// Debug: whether this member abandons the collective it is about to run (once, when
+    /// asked for).
+    pub(super) fn abandon_collective(&self) -> bool {
+        let abandon = self.take_fault(PERTURB_ABANDON_COLLECTIVE);
+        if abandon {
+            tracing::warn!(step = self.step, "debug: abandoning this collective");
+        }
+        abandon
+    }
+}

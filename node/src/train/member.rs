@@ -1,0 +1,312 @@
+//! One member's training: its state ([`Trainer`]) and the loop that drives the core's
+//! `coordinator_free::training` machine. The machine decides what comes next (wait for a
+//! view, exchange progress, sync state, run a step, finish); this loop does it with the
+//! data plane and tch and reports the outcome back. After each committed step the view's
+//! first member writes the step's line, and every member evaluates, checkpoints and
+//! compares weights on the job's schedule (`eval_every`, `checkpoint_every`,
+//! `consistency_every`, and always after the last step).
+
+use super::collective::{collective_failed, StepError, StepFailure};
+use super::data::Dataset;
+use super::job::JobSpec;
+use super::model::Model;
+use super::optim::Optimizer;
+use super::report::{RunLog, SamplesLog, StepRecord};
+use super::step::StepDone;
+use super::{JobReport, JobState, TrainContext, TrainError};
+use super::{CHECKPOINT_FILE, REJOIN_TIMEOUT, START_TIMEOUT};
+use coordinator_free::sharding::{self, DataCursor};
+use coordinator_free::training::{Action, Progress, Training, TrainingPlan};
+use coordinator_free::{View, ViewHash};
+use std::time::Instant;
+use tch::Tensor;
+
+/// A member's training state: the job's data, model and optimizer, and its progress.
+pub(super) struct Trainer {
+    /// What the node handed over (job, data plane, views, report, debug faults).
+    pub(super) ctx: TrainContext,
+    /// The job's data.
+    pub(super) data: Dataset,
+    /// The model.
+    pub(super) model: Model,
+    /// The model's trainable parameters, sorted by name (the order every member flattens
+    /// them in).
+    pub(super) params: Vec<(String, Tensor)>,
+    /// The optimizer over `params`.
+    pub(super) opt: Optimizer,
+    /// Steps committed.
+    pub(super) step: u64,
+    /// Where the next step's batch starts in the data epoch's order.
+    pub(super) cursor: DataCursor,
+    /// Steps in the job.
+    pub(super) total_steps: u64,
+    /// The data epoch's sample order, cached: (data epoch, order).
+    pub(super) order: Option<(u64, Vec<u64>)>,
+    /// The run's log, opened when this member first writes as the view's first member.
+    pub(super) log: Option<RunLog>,
+    /// When training started (after the members first gathered).
+    pub(super) started: Instant,
+    /// The run's part of every collective tag (job and run).
+    pub(super) tag_base: u64,
+}
+
+impl Trainer {
+    /// Loads the job's data, builds its model and optimizer.
+    pub(super) fn new(ctx: TrainContext) -> Result<Trainer, TrainError> {
+        let job = &ctx.job;
+        tch::set_num_threads(job.threads as i32);
+        let context = job.model.context as usize;
+        let data = Dataset::load(&job.data, job.seed, job.eval_fraction, context)?;
+        let model = Model::build(job, data.task, job.seed)?;
+        let params = model.params();
+        let opt = Optimizer::new(&job.optimizer, &params)?;
+        let total_steps = match (job.steps, job.epochs) {
+            (Some(s), _) => s,
+            (None, Some(e)) => e * sharding::steps_per_epoch(data.train_len(), job.batch_size),
+            (None, None) => unreachable!("validated"),
+        };
+        tracing::info!(job = %job.name, params = model.numel(), train = data.train_len(),
+            held_out = data.eval_len(), total_steps, "job loaded");
+        let tag_base = job.tag_base() ^ ctx.run;
+        {
+            let mut r = ctx.report.lock().expect("report lock");
+            r.total_steps = total_steps;
+        }
+        Ok(Trainer {
+            ctx,
+            data,
+            model,
+            params,
+            opt,
+            step: 0,
+            cursor: DataCursor::default(),
+            total_steps,
+            order: None,
+            log: None,
+            started: Instant::now(),
+            tag_base,
+        })
+    }
+
+    /// The job.
+    pub(super) fn job(&self) -> &JobSpec {
+        &self.ctx.job
+    }
+
+    /// Whether this member is `view`'s first (the one that writes the run's files).
+    pub(super) fn am_first(&self, view: &View) -> bool {
+        view.ids().next() == Some(&self.ctx.me)
+    }
+
+    /// Runs the job to its last step (or the first fatal error).
+    pub(super) fn run(&mut self) -> Result<(), TrainError> {
+        if self.ctx.resume {
+            // Any member holding the checkpoint resumes from it; the sync hands its state
+            // to the others (the member with the most steps is the root).
+            let path = self.job().run_dir().join(CHECKPOINT_FILE);
+            if path.exists() {
+                self.load_checkpoint()?;
+            }
+        }
+        let mut machine = self.machine();
+        let mut samples_log = self.samples_log()?;
+        let mut first_view = true;
+        let mut failed_view: Option<ViewHash> = None;
+        loop {
+            // A settled view other than the one we hold restarts the exchange.
+            {
+                let s = self.ctx.views.borrow();
+                if s.settled {
+                    machine.handle_view(&s.view);
+                }
+            }
+            match machine.poll_action()? {
+                Action::Finished => break,
+                Action::WaitForView => {
+                    let min = self.job().min_nodes;
+                    let bound = if first_view {
+                        START_TIMEOUT
+                    } else {
+                        REJOIN_TIMEOUT
+                    };
+                    let view = self.next_view(min, failed_view.take(), bound)?;
+                    machine.handle_view(&view);
+                }
+                Action::ExchangeProgress { view } => {
+                    if first_view {
+                        first_view = false;
+                        self.started = Instant::now();
+                        self.set_report(|r| r.state = JobState::Running);
+                    }
+                    match self.exchange_progress(&view, machine.progress()) {
+                        Ok(all) => machine.handle_progress(view.hash, &all)?,
+                        Err(e) => {
+                            failed_view =
+                                Some(collective_failed(&mut machine, &view, "exchange", e))
+                        }
+                    }
+                }
+                Action::Sync {
+                    view,
+                    root,
+                    root_rank,
+                    progress,
+                } => {
+                    if let Some(failed) =
+                        self.on_sync(&mut machine, &view, &root, root_rank, progress)?
+                    {
+                        failed_view = Some(failed);
+                    }
+                }
+                Action::Step {
+                    view,
+                    step,
+                    batch,
+                    ranges,
+                    weights,
+                    coverage,
+                } => {
+                    self.maybe_perturb(step);
+                    match self.train_step(&view, &batch, &ranges, &weights, &coverage) {
+                        Ok(done) => {
+                            let log = samples_log.as_mut();
+                            self.committed(&mut machine, &view, step, &batch, done, log)?
+                        }
+                        Err(StepError::Fatal(e)) => return Err(e),
+                        Err(StepError::Failed(e)) => {
+                            failed_view = Some(self.redo(&mut machine, &view, step, e)?)
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(log) = self.log.as_mut() {
+            log.finish(&format!("{} — loss", self.ctx.job.name))?;
+        }
+        Ok(())
+    }
+
+    /// The core's training machine for this job, starting from this member's progress.
+    fn machine(&self) -> Training {
+        let plan = TrainingPlan {
+            min_nodes: self.job().min_nodes,
+            total_steps: self.total_steps,
+            batch_size: self.job().batch_size,
+            n_samples: self.data.train_len(),
+            shard_size: self.job().shard_size,
+            balance: self.job().balance,
+        };
+        Training::new(
+            self.ctx.me.clone(),
+            plan,
+            Progress {
+                step: self.step,
+                cursor: self.cursor,
+            },
+        )
+    }
+
+    /// This member's record of the sample ids it uses, when the job asks for one
+    /// (`log_samples`).
+    fn samples_log(&self) -> Result<Option<SamplesLog>, TrainError> {
+        if !self.job().log_samples {
+            return Ok(None);
+        }
+        Ok(Some(SamplesLog::open(
+            &self.job().run_dir(),
+            self.ctx.me.as_str(),
+            self.ctx.resume,
+        )?))
+    }
+
+    /// Step `step` committed on `view`: tells the machine, then logs, evaluates,
+    /// checkpoints and compares weights as the job's schedule asks.
+    fn committed(
+        &mut self,
+        machine: &mut Training,
+        view: &View,
+        step: u64,
+        batch: &sharding::StepBatch,
+        (record, ids, speeds): StepDone,
+        samples_log: Option<&mut SamplesLog>,
+    ) -> Result<(), TrainError> {
+        machine.handle_speeds(view.hash, step, &speeds);
+        machine.handle_step(view.hash, step, true);
+        debug_assert_eq!(machine.progress().step, self.step);
+        if let Some(f) = samples_log {
+            f.append(record.step, batch.cursor.epoch, &ids)?;
+        }
+        self.log_step(view, &record)?;
+        let first = self.am_first(view);
+        let last = self.step == self.total_steps;
+        let due = |every: u64| last || (every > 0 && self.step.is_multiple_of(every));
+        let (eval_due, ckpt_due) = (due(self.job().eval_every), due(self.job().checkpoint_every));
+        let consistency_due = due(self.job().consistency_every);
+        if eval_due {
+            self.evaluate_logged(view, first, last)?;
+        }
+        if first && ckpt_due {
+            self.save_checkpoint()?;
+        }
+        if consistency_due {
+            self.check_consistency(view)?;
+        }
+        Ok(())
+    }
+
+    /// Step `step` failed on `view` (`e`): tells the machine, which redoes it in the next
+    /// view, and records the redo. Returns the failed view.
+    fn redo(
+        &mut self,
+        machine: &mut Training,
+        view: &View,
+        step: u64,
+        e: StepFailure,
+    ) -> Result<ViewHash, TrainError> {
+        tracing::warn!(
+            step,
+            epoch = view.epoch,
+            "step failed ({e}); it is redone in the next view"
+        );
+        machine.handle_step(view.hash, step, false);
+        self.set_report(|r| r.redone += 1);
+        self.event(
+            view,
+            serde_json::json!({"event": "redo", "step": step,
+            "view_epoch": view.epoch, "error": e.to_string()}),
+        )?;
+        Ok(view.hash)
+    }
+
+    /// The run's log, opened on first use (appending after step 0: a resumed run or a
+    /// member that became the view's first member mid-run).
+    pub(super) fn run_log(&mut self) -> Result<&mut RunLog, TrainError> {
+        if self.log.is_none() {
+            self.log = Some(RunLog::open(&self.job().run_dir(), self.step > 0)?);
+        }
+        Ok(self.log.as_mut().expect("just opened"))
+    }
+
+    /// Writes a step line when this member is the view's first.
+    fn log_step(&mut self, view: &View, record: &StepRecord) -> Result<(), TrainError> {
+        if self.am_first(view) {
+            self.run_log()?.step(record)?;
+        }
+        Ok(())
+    }
+
+    /// Writes an event line (sync, redo) when this member is the view's first.
+    pub(super) fn event(&mut self, view: &View, line: serde_json::Value) -> Result<(), TrainError> {
+        if self.am_first(view) {
+            self.run_log()?.event(&line)?;
+        }
+        Ok(())
+    }
+
+    /// Publishes progress: applies `f` to the job's report and updates its wall time.
+    pub(super) fn set_report(&self, f: impl FnOnce(&mut JobReport)) {
+        let mut r = self.ctx.report.lock().expect("report lock");
+        f(&mut r);
+        r.wall_s = self.started.elapsed().as_secs_f64();
+    }
+}
