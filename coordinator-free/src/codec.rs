@@ -391,11 +391,76 @@ pub mod stage {
         };
         elems.checked_mul(size)
     }
+
+    /// A prefill's [`Payload::Tokens`] of byte-level prompts: one row per prompt, each
+    /// left-padded with token 0 to the longest. Returns the row length, each row's padding
+    /// and the payload (`[prompts, len]`). What an entry node sends a pipeline's first stage.
+    pub fn pack_prompts<'a>(
+        prompts: impl IntoIterator<Item = &'a [u8]>,
+    ) -> (u32, Vec<u32>, Vec<u8>) {
+        let prompts: Vec<&[u8]> = prompts.into_iter().collect();
+        let len = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+        let mut pad = Vec::with_capacity(prompts.len());
+        let mut bytes = Vec::with_capacity(prompts.len() * len * 8);
+        for p in &prompts {
+            pad.push((len - p.len()) as u32);
+            for _ in p.len()..len {
+                bytes.extend_from_slice(&0i64.to_le_bytes());
+            }
+            for &t in *p {
+                bytes.extend_from_slice(&i64::from(t).to_le_bytes());
+            }
+        }
+        (len as u32, pad, bytes)
+    }
+
+    /// A decode call's [`Payload::Tokens`]: one token per row (`[rows, 1]`).
+    pub fn pack_tokens(tokens: impl IntoIterator<Item = u8>) -> Vec<u8> {
+        tokens
+            .into_iter()
+            .flat_map(|t| i64::from(t).to_le_bytes())
+            .collect()
+    }
+
+    /// The f32 values of a [`Payload::Hidden`], [`Payload::Logits`] or
+    /// [`Payload::LastLogits`] payload (little-endian; a trailing partial value is ignored).
+    pub fn f32s(bytes: &[u8]) -> Vec<f32> {
+        bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prompts_pack_left_padded_and_logits_read_back() {
+        use stage::{expected_bytes, f32s, pack_prompts, pack_tokens, Payload};
+        let (len, pad, bytes) = pack_prompts([&b"ab"[..], &b"xyz"[..], &b""[..]]);
+        assert_eq!((len, pad.clone()), (3, vec![1, 0, 3]));
+        assert_eq!(
+            expected_bytes(Payload::Tokens, &[3, len]),
+            Some(bytes.len() as u64)
+        );
+        let ids: Vec<i64> = bytes
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        assert_eq!(ids, [0, 97, 98, 120, 121, 122, 0, 0, 0]);
+        assert_eq!(
+            pack_prompts(std::iter::empty::<&[u8]>()),
+            (0, vec![], vec![])
+        );
+        let step = pack_tokens([7u8, 255]);
+        assert_eq!(step, [7i64.to_le_bytes(), 255i64.to_le_bytes()].concat());
+        let v = [1.5f32, -0.25, f32::MAX];
+        let raw: Vec<u8> = v.iter().flat_map(|f| f.to_le_bytes()).collect();
+        assert_eq!(f32s(&raw), v);
+        assert_eq!(f32s(&raw[..5]), [1.5]);
+    }
     use crate::membership::{Capabilities, GpuInfo};
     use crate::view::{NodeId, ViewHash};
 

@@ -1,5 +1,8 @@
 //! Local clusters: N `shoal up` processes on 127.0.0.1 with their own data dirs, mDNS off,
-//! joined through node 0 as bootstrap peer. Used by `shoal local` and `shoal bench`.
+//! joined through node 0 as bootstrap peer, and the wait for them to agree on one view.
+//! Used by `shoal local`, `shoal train --local`, `shoal serve --local`, `shoal bench` and
+//! the end-to-end tests: [`LocalCluster::start_agreed`] is the one place that starts N
+//! nodes and waits, bounded, for one agreed view.
 
 use crate::identity::{API_ADDR_FILE, LISTEN_ADDRS_FILE};
 use crate::status::{fetch_status, StatusReport};
@@ -43,7 +46,37 @@ pub enum LocalError {
     /// A file could not be read or written.
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    /// A cluster of no nodes was asked for.
+    #[error("a local cluster needs at least 1 node")]
+    NoNodes,
+    /// The nodes did not agree on one view in time.
+    #[error("{nodes} nodes did not agree on one view within {secs} s; logs under {dir}")]
+    NoAgreement {
+        /// Members the view had to have.
+        nodes: usize,
+        /// The bound waited.
+        secs: u64,
+        /// The cluster's dir (each node's log is `node-<i>/node.log`).
+        dir: String,
+    },
 }
+
+/// The one view every live node of a cluster holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgreedView {
+    /// Its epoch.
+    pub epoch: u64,
+    /// Its hash (hex).
+    pub hash: String,
+    /// Its members' peer ids, sorted.
+    pub members: Vec<String>,
+}
+
+/// Every status report of a cluster's live nodes, by node index (`None`: did not answer).
+pub type Reports = [(usize, Option<StatusReport>)];
+
+/// How often [`LocalCluster::wait_agreed`] asks every node for its view. 20 ms.
+pub const VIEW_POLL: Duration = Duration::from_millis(20);
 
 /// A running local cluster. Dropping it kills every node.
 pub struct LocalCluster {
@@ -99,6 +132,90 @@ impl LocalCluster {
             c.wait_up(i)?;
         }
         Ok(c)
+    }
+
+    /// Starts `n` nodes of binary `bin` under `dir` (see [`LocalCluster::start`]) and waits
+    /// at most `bound` for all of them to agree on one view of `n` members. The cluster and
+    /// that view, or why not (a node that exits fails the wait at once).
+    pub async fn start_agreed(
+        bin: &Path,
+        dir: &Path,
+        n: usize,
+        extra: &[String],
+        bound: Duration,
+    ) -> Result<(Self, AgreedView), LocalError> {
+        if n == 0 {
+            return Err(LocalError::NoNodes);
+        }
+        let mut c = LocalCluster::start(bin, dir, n, extra)?;
+        let view = c.wait_agreed(n, None, bound).await?;
+        Ok((c, view))
+    }
+
+    /// Waits at most `bound` until every live node holds the same view of exactly `n`
+    /// members, none of them `excluded`, asking every [`VIEW_POLL`].
+    pub async fn wait_agreed(
+        &mut self,
+        n: usize,
+        excluded: Option<&str>,
+        bound: Duration,
+    ) -> Result<AgreedView, LocalError> {
+        self.wait_agreed_observed(n, excluded, bound, |_| {}).await
+    }
+
+    /// [`LocalCluster::wait_agreed`], showing every round of reports to `observe` (e.g. to
+    /// draw a table while the nodes converge).
+    pub async fn wait_agreed_observed(
+        &mut self,
+        n: usize,
+        excluded: Option<&str>,
+        bound: Duration,
+        mut observe: impl FnMut(&Reports),
+    ) -> Result<AgreedView, LocalError> {
+        let agreed = self
+            .poll_until(bound, VIEW_POLL, |reports| {
+                observe(reports);
+                let (epoch, hash) = agreed_view(reports, n, excluded)?;
+                let members = reports.first()?.1.as_ref()?.view.members.clone();
+                Some(AgreedView {
+                    epoch,
+                    hash,
+                    members,
+                })
+            })
+            .await?;
+        agreed.ok_or_else(|| LocalError::NoAgreement {
+            nodes: n,
+            secs: bound.as_secs(),
+            dir: self.dir.display().to_string(),
+        })
+    }
+
+    /// Asks every live node for its status every `every` until `done` answers `Some`, for
+    /// at most `bound` (`Ok(None)` then). Fails as soon as a node exits.
+    pub async fn poll_until<T>(
+        &mut self,
+        bound: Duration,
+        every: Duration,
+        mut done: impl FnMut(&Reports) -> Option<T>,
+    ) -> Result<Option<T>, LocalError> {
+        let end = Instant::now() + bound;
+        loop {
+            self.check_alive()?;
+            let reports = self.statuses().await;
+            if let Some(v) = done(&reports) {
+                return Ok(Some(v));
+            }
+            if Instant::now() >= end {
+                return Ok(None);
+            }
+            tokio::time::sleep(every).await;
+        }
+    }
+
+    /// The cluster's dir (node `i` keeps its data dir and log in `node-<i>`).
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// Number of node slots.
@@ -299,11 +416,7 @@ impl Drop for LocalCluster {
 
 /// Whether every report holds the same view, of exactly `n` members, none of them in
 /// `excluded`. Returns that view's (epoch, hash).
-pub fn agreed_view(
-    reports: &[(usize, Option<StatusReport>)],
-    n: usize,
-    excluded: Option<&str>,
-) -> Option<(u64, String)> {
+pub fn agreed_view(reports: &Reports, n: usize, excluded: Option<&str>) -> Option<(u64, String)> {
     let first = reports.first()?.1.as_ref()?;
     for (_, r) in reports {
         let r = r.as_ref()?;

@@ -1,0 +1,130 @@
+//! `shoal bench allreduce`: times f32 ring all-reduces over the data plane of N local
+//! nodes (through their debug API), size by size, and checks every result.
+
+use crate::cluster::{local_dir, start_agreed, transport_name};
+use crate::failure::{usage, Failure};
+use anyhow::anyhow;
+use clap::Args;
+use shoal_node::data_plane::DataTransport;
+use shoal_node::status;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// `shoal bench allreduce` arguments.
+#[derive(Args)]
+pub struct AllreduceArgs {
+    /// Number of nodes. Default: 2.
+    #[arg(long, default_value_t = 2)]
+    nodes: usize,
+    /// Buffer size in bytes, with an optional K/M/G suffix (powers of 1024); repeatable
+    /// or comma-separated. Default: 1M,16M,64M.
+    #[arg(long, value_delimiter = ',', default_value = "1M,16M,64M")]
+    size: Vec<String>,
+    /// Timed iterations per size. Default: 10.
+    #[arg(long, default_value_t = 10)]
+    iters: u32,
+    /// Untimed warm-up iterations per size. Default: 2.
+    #[arg(long, default_value_t = 2)]
+    warmup: u32,
+    /// Data-plane transport. Default: quic.
+    #[arg(long, default_value = "quic")]
+    data_plane: DataTransport,
+    /// Print JSON lines only.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Parses `123`, `4K`, `16M`, `1G` (powers of 1024).
+fn parse_size(s: &str) -> Result<u64, Failure> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .filter(|&b| b >= 4)
+        .ok_or_else(|| {
+            usage(anyhow!(
+                "invalid --size '{s}' (bytes, optional K/M/G suffix, at least 4)"
+            ))
+        })
+}
+
+/// Starts the nodes (QUIC initial MTU 8192), then per size has every node run `iters`
+/// all-reduces (after `warmup`) at once and prints one line
+/// `{"nodes","bytes","time_ms","algbw_gbps","busbw_gbps","transport","iters"}` from the
+/// slowest node's mean time.
+pub async fn run(a: AllreduceArgs) -> Result<(), Failure> {
+    let n = a.nodes;
+    let sizes: Vec<u64> = a
+        .size
+        .iter()
+        .map(|s| parse_size(s))
+        .collect::<Result<_, _>>()?;
+    let (dir, _) = local_dir(None);
+    let t = transport_name(a.data_plane);
+    let extra: Vec<String> = [
+        "--debug-api",
+        "--data-plane",
+        t,
+        "--quic-initial-mtu",
+        "8192",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let (mut c, _) = start_agreed(&dir, n, &extra, Duration::from_secs(60)).await?;
+    let apis: Vec<SocketAddr> = (0..n).filter_map(|i| c.api(i)).collect();
+    let mut tag = 1u64 << 40;
+    for bytes in sizes {
+        let worst = time_size(&apis, bytes, a.iters, a.warmup, tag).await?;
+        tag += 2 + u64::from(a.iters + a.warmup);
+        let algbw = bytes as f64 / (worst / 1000.0) / 1e9;
+        let busbw = algbw * 2.0 * (n as f64 - 1.0) / n as f64;
+        let line = serde_json::json!({"nodes": n, "bytes": bytes, "time_ms": worst,
+            "algbw_gbps": algbw, "busbw_gbps": busbw, "transport": t, "iters": a.iters});
+        println!("{line}");
+        if !a.json {
+            eprintln!("{n} nodes, {bytes} bytes over {t}: {worst:.2} ms, busbw {busbw:.3} GB/s");
+        }
+    }
+    c.shutdown();
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// Has every node behind `apis` all-reduce `bytes` at once (collective tags from `tag`);
+/// the slowest node's mean time per all-reduce, in ms. Fails if any result is wrong.
+async fn time_size(
+    apis: &[SocketAddr],
+    bytes: u64,
+    iters: u32,
+    warmup: u32,
+    tag: u64,
+) -> Result<f64, Failure> {
+    let path = format!("/v1/debug/allreduce?bytes={bytes}&iters={iters}&warmup={warmup}&tag={tag}");
+    let results =
+        futures::future::join_all(
+            apis.iter().map(|a| {
+                let path = path.clone();
+                async move {
+                    status::http_request(*a, "POST", &path, &[], Duration::from_secs(600)).await
+                }
+            }),
+        )
+        .await;
+    let mut worst = 0.0f64;
+    for r in results {
+        let body = r.map_err(anyhow::Error::from)?;
+        let v: serde_json::Value = serde_json::from_slice(&body).map_err(anyhow::Error::from)?;
+        if v["correct"] != true {
+            return Err(anyhow!("all-reduce of {bytes} bytes returned a wrong result").into());
+        }
+        worst = worst.max(v["mean_ms"].as_f64().unwrap_or(f64::NAN));
+    }
+    Ok(worst)
+}

@@ -1,0 +1,186 @@
+//! `shoal bench train`: data-parallel training throughput of the built-in gpt on 2 MiB of
+//! synthetic bytes, on N local nodes, from the job's own per-step metrics.
+
+use crate::failure::{usage, Failure};
+use crate::train::{run_job, TrainArgs as JobArgs};
+use anyhow::{anyhow, Context};
+use clap::Args;
+use shoal_node::data_plane::DataTransport;
+use shoal_node::train::job::JobSpec;
+use shoal_node::train::JobState;
+use std::path::Path;
+
+/// `shoal bench train` arguments.
+#[derive(Args)]
+pub struct TrainArgs {
+    /// Number of nodes. Default: 1.
+    #[arg(long, default_value_t = 1)]
+    nodes: usize,
+    /// Global batch size. Default: 64.
+    #[arg(long, default_value_t = 64)]
+    batch: u64,
+    /// Timed steps. Default: 20.
+    #[arg(long, default_value_t = 20)]
+    steps: u64,
+    /// Untimed warm-up steps. Default: 3.
+    #[arg(long, default_value_t = 3)]
+    warmup: u64,
+    /// Torch threads per node. Default: 1.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// gpt blocks. Default: 2.
+    #[arg(long, default_value_t = 2)]
+    layers: i64,
+    /// gpt heads. Default: 4.
+    #[arg(long, default_value_t = 4)]
+    heads: i64,
+    /// gpt width. Default: 128.
+    #[arg(long, default_value_t = 128)]
+    width: i64,
+    /// gpt context. Default: 64.
+    #[arg(long, default_value_t = 64)]
+    context: i64,
+    /// Data-plane transport. Default: tcp.
+    #[arg(long, default_value = "tcp")]
+    data_plane: DataTransport,
+    /// Split every batch equally (job key `balance = false`, as DDP does) instead of
+    /// by measured speed.
+    #[arg(long)]
+    no_balance: bool,
+    /// Print the JSON line only.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Writes the synthetic data and runs the job (`warmup + steps` steps) on `nodes` local
+/// nodes; prints one line `{"impl":"shoal","nodes","threads","model","balance","batch",
+/// "steps","step_ms","samples_per_s","compute_ms","guard_ms","allreduce_ms",
+/// "member_step_ms"}` over the timed steps.
+pub async fn run(a: TrainArgs) -> Result<(), Failure> {
+    let (dir, _) = crate::cluster::local_dir(None);
+    std::fs::create_dir_all(&dir).context("cannot create the bench dir")?;
+    let spec = write_job(&a, &dir)?;
+    let args = JobArgs {
+        job: dir.join("job.toml"),
+        local: Some(a.nodes),
+        resume: false,
+        json: true,
+        api: "127.0.0.1:0".parse().expect("valid"),
+        data_plane: a.data_plane,
+        dir: Some(dir.join("nodes")),
+        timeout_s: 3600,
+    };
+    let report = run_job(&spec, &args).await?;
+    if report.state != JobState::Done {
+        return Err(anyhow!(
+            "bench job failed: {}; logs under {}",
+            report.error.unwrap_or_default(),
+            dir.display()
+        )
+        .into());
+    }
+    let line = summarize(&a, &spec)?;
+    println!("{line}");
+    if !a.json {
+        eprintln!(
+            "{} nodes: {:.1} samples/s ({:.1} ms per step)",
+            a.nodes,
+            line["samples_per_s"].as_f64().unwrap_or(f64::NAN),
+            line["step_ms"].as_f64().unwrap_or(f64::NAN)
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// Writes 2 MiB of synthetic text to `dir/data.txt` and returns the job over it.
+fn write_job(a: &TrainArgs, dir: &Path) -> Result<JobSpec, Failure> {
+    // Bytes from a fixed LCG: the content does not matter, only the shapes.
+    let mut z: u64 = 1;
+    let text: Vec<u8> = (0..2u64 << 20)
+        .map(|_| {
+            z = z.wrapping_mul(6364136223846793005).wrapping_add(1);
+            b' ' + ((z >> 33) % 95) as u8
+        })
+        .collect();
+    std::fs::write(dir.join("data.txt"), text).context("cannot write the bench data")?;
+    let toml = format!(
+        r#"
+name = "bench-train"
+steps = {total}
+batch_size = {batch}
+threads = {threads}
+min_nodes = {n}
+balance = {balance}
+eval_fraction = 0.01
+output_dir = "{out}"
+[model]
+kind = "gpt"
+layers = {layers}
+heads = {heads}
+width = {width}
+context = {context}
+[data]
+kind = "text"
+path = "{data}"
+[optimizer]
+kind = "adamw"
+lr = 0.001
+weight_decay = 0.01
+schedule = "constant"
+grad_clip = 0.0
+"#,
+        total = a.warmup + a.steps,
+        batch = a.batch,
+        threads = a.threads,
+        n = a.nodes,
+        balance = !a.no_balance,
+        layers = a.layers,
+        heads = a.heads,
+        width = a.width,
+        context = a.context,
+        out = dir.join("runs").display(),
+        data = dir.join("data.txt").display(),
+    );
+    JobSpec::parse(&toml).map_err(|e| usage(e.into()))
+}
+
+/// The benchmark's line, from the run's `metrics.jsonl`: wall time between the first and
+/// last timed step, and the first member's mean of each phase over the timed steps (what
+/// the rest of a step is: the update, the step's bookkeeping).
+fn summarize(a: &TrainArgs, spec: &JobSpec) -> Result<serde_json::Value, Failure> {
+    let metrics = std::fs::read_to_string(spec.run_dir().join("metrics.jsonl"))
+        .context("cannot read the bench metrics")?;
+    let rows: Vec<serde_json::Value> = metrics
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|v: &serde_json::Value| v["loss"].is_number())
+        .collect();
+    let at = |step: u64| {
+        rows.iter()
+            .find(|r| r["step"] == step)
+            .and_then(|r| r["elapsed_s"].as_f64())
+    };
+    let (warmup, steps) = (a.warmup, a.steps);
+    let (Some(t0), Some(t1)) = (at(warmup.max(1)), at(warmup + steps)) else {
+        return Err(anyhow!("bench metrics lack the timed steps").into());
+    };
+    let timed = if warmup == 0 { steps - 1 } else { steps };
+    let secs = (t1 - t0).max(1e-9);
+    let first = warmup.max(1);
+    let timed_rows: Vec<&serde_json::Value> = rows
+        .iter()
+        .filter(|r| r["step"].as_u64().is_some_and(|s| s > first))
+        .collect();
+    let mean = |key: &str| {
+        let v: Vec<f64> = timed_rows.iter().filter_map(|r| r[key].as_f64()).collect();
+        v.iter().sum::<f64>() / v.len().max(1) as f64
+    };
+    Ok(
+        serde_json::json!({"impl": "shoal", "nodes": a.nodes, "threads": a.threads, "model": "gpt",
+        "balance": !a.no_balance, "batch": a.batch, "steps": timed, "step_ms": secs * 1e3 / timed as f64,
+        "samples_per_s": (a.batch * timed) as f64 / secs,
+        "compute_ms": mean("compute_ms"), "guard_ms": mean("guard_ms"),
+        "allreduce_ms": mean("allreduce_ms"), "member_step_ms": mean("step_ms")}),
+    )
+}

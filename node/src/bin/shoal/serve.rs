@@ -1,0 +1,258 @@
+//! `shoal serve`: offers a model (a shoal checkpoint or a TorchScript file) to a node, or to
+//! N local nodes it starts, waits until it is served, and asks it the `--prompt`s.
+
+use crate::cluster::{data_plane_args, local_dir, start_agreed};
+use crate::failure::{usage, Failure};
+use anyhow::anyhow;
+use clap::Args;
+use shoal_node::local::LocalCluster;
+use shoal_node::serve::ModelReport;
+use shoal_node::status;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// The model: a shoal checkpoint (`runs/<job>/checkpoint.safetensors`) or a
+    /// TorchScript file.
+    model: PathBuf,
+    /// The name clients ask for. Default: the run directory's name for a checkpoint,
+    /// else the file stem.
+    #[arg(long)]
+    name: Option<String>,
+    /// Fewest pipeline stages per replica. Default: 1 (as few as memory allows).
+    #[arg(long, default_value_t = 1)]
+    stages: u32,
+    /// Start this many local nodes on 127.0.0.1 and serve on them.
+    #[arg(long)]
+    local: Option<usize>,
+    /// Ask this prompt (greedy) once the model is served, print the question and the
+    /// answer (repeatable); with --local, exit afterwards.
+    #[arg(long = "prompt")]
+    prompts: Vec<String>,
+    /// Tokens to generate per --prompt. Default: 16.
+    #[arg(long, default_value_t = 16)]
+    max_tokens: u32,
+    /// Print JSON lines (the offer, then one per prompt).
+    #[arg(long, env = "SHOAL_JSON")]
+    json: bool,
+    /// The local API of the node to offer the model to (without --local).
+    /// Default: 127.0.0.1:4412.
+    #[arg(long, env = "SHOAL_API", default_value = "127.0.0.1:4412")]
+    api: SocketAddr,
+    /// Bearer token of the serving API (also given to --local nodes). Default: none.
+    #[arg(long, env = "SHOAL_API_TOKEN")]
+    api_token: Option<String>,
+    /// Data-plane transport of --local nodes: tcp (loopback is trusted) or quic.
+    /// Default: tcp.
+    #[arg(long, default_value = "tcp")]
+    data_plane: shoal_node::data_plane::DataTransport,
+    /// Where --local nodes keep their data dirs and logs. Default: a temporary dir.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Give up (exit 1) if the model is not served within this many seconds. Default: 120.
+    #[arg(long, env = "SHOAL_TIMEOUT_S", default_value_t = 120)]
+    timeout_s: u64,
+}
+
+/// The model name when `--name` is not given: the run directory's name for a checkpoint
+/// (`runs/<job>/checkpoint.safetensors`), else the file stem; other characters than
+/// `[A-Za-z0-9-_.:]` become `-`, at most 64.
+fn default_model_name(path: &Path) -> String {
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+    let name = if stem == "checkpoint" {
+        path.canonicalize()
+            .ok()
+            .and_then(|p| {
+                p.parent()
+                    .and_then(|d| d.file_name())
+                    .map(|n| n.to_string_lossy().into_owned())
+            })
+            .unwrap_or(stem)
+    } else {
+        stem
+    };
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.:".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(64)
+        .collect()
+}
+
+/// The local API, with the serving API's bearer token where one is set.
+#[derive(Clone)]
+struct Api {
+    addr: SocketAddr,
+    token: Option<String>,
+}
+
+impl Api {
+    /// `POST /v1/serve` of `offer`; the node's 400 (a model it cannot serve) is bad input.
+    async fn offer(&self, offer: &str) -> Result<Vec<u8>, Failure> {
+        status::http_request_with(
+            self.addr,
+            "POST",
+            "/v1/serve",
+            self.token.as_deref(),
+            offer.as_bytes(),
+            Duration::from_secs(120),
+        )
+        .await
+        .map_err(|e| match e {
+            status::ClientError::Status { status: 400, body } => usage(anyhow!("{body}")),
+            e => anyhow::Error::from(e).into(),
+        })
+    }
+}
+
+/// `shoal serve`: offers the model to `--api`, or to `--local N` nodes started here.
+pub async fn serve(a: ServeArgs) -> Result<(), Failure> {
+    let path = a
+        .model
+        .canonicalize()
+        .map_err(|e| usage(anyhow!("cannot read {}: {e}", a.model.display())))?;
+    let name = a.name.clone().unwrap_or_else(|| default_model_name(&path));
+    let offer = serde_json::json!({"path": path, "name": name, "stages": a.stages}).to_string();
+    let token = a.api_token.clone().filter(|t| !t.is_empty());
+    let Some(n) = a.local else {
+        let api = Api { addr: a.api, token };
+        let reply = api.offer(&offer).await?;
+        println!("{}", String::from_utf8_lossy(&reply).trim());
+        for p in &a.prompts {
+            ask(&api, &name, p, a.max_tokens, a.json).await?;
+        }
+        return Ok(());
+    };
+    serve_local(&a, n, &name, &offer, token).await
+}
+
+/// Starts `n` local nodes, serves the model on them, asks the prompts, and (without
+/// prompts) runs until Ctrl-C.
+async fn serve_local(
+    a: &ServeArgs,
+    n: usize,
+    name: &str,
+    offer: &str,
+    token: Option<String>,
+) -> Result<(), Failure> {
+    let (dir, temp) = local_dir(a.dir.clone());
+    let mut extra = data_plane_args(a.data_plane);
+    if let Some(tok) = &token {
+        extra.extend(["--api-token".to_string(), tok.clone()]);
+    }
+    let bound = Duration::from_secs(a.timeout_s);
+    let (mut c, _) = start_agreed(&dir, n, &extra, bound).await?;
+    let api = Api {
+        addr: c
+            .api(0)
+            .ok_or_else(|| anyhow!("node 0 has no API address"))?,
+        token,
+    };
+    let reply = api.offer(offer).await?;
+    let Some(model) = wait_served(&mut c, name, a.stages, bound).await? else {
+        return Err(anyhow!(
+            "the model was not served within {} s; logs under {}",
+            a.timeout_s,
+            dir.display()
+        )
+        .into());
+    };
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"served": name, "offer": serde_json::from_slice::<serde_json::Value>(&reply).unwrap_or_default(), "replicas": model.replicas})
+        );
+    } else {
+        println!("serving `{name}` on {n} local nodes; replicas:");
+        for (i, r) in model.replicas.iter().enumerate() {
+            println!("  {i}: {}", r.join(" -> "));
+        }
+        for i in 0..n {
+            if let Some(api) = c.api(i) {
+                println!("  node {i}: http://{api}/v1/completions");
+            }
+        }
+    }
+    let result = async {
+        for p in &a.prompts {
+            ask(&api, name, p, a.max_tokens, a.json).await?;
+        }
+        Ok::<(), Failure>(())
+    }
+    .await;
+    if result.is_ok() && a.prompts.is_empty() {
+        if !a.json {
+            println!("running; Ctrl-C to stop (logs under {})", dir.display());
+        }
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    c.shutdown();
+    if temp {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    result
+}
+
+/// Waits at most `bound` until model `name` is served: every node of `c` holds it and
+/// node 0 has a plan whose first replica has `stages` stages (or one per node, when fewer).
+/// The model's report then, or `None` at the bound.
+pub async fn wait_served(
+    c: &mut LocalCluster,
+    name: &str,
+    stages: u32,
+    bound: Duration,
+) -> Result<Option<ModelReport>, Failure> {
+    let n = c.len();
+    let depth = (stages as usize).max(1).min(n);
+    Ok(c.poll_until(bound, Duration::from_millis(100), |reports| {
+        let r = reports.first()?.1.as_ref()?;
+        let m = r.serving.iter().find(|m| m.name == name)?;
+        (m.holders.len() >= n && m.replicas.first().is_some_and(|r| r.len() >= depth))
+            .then(|| m.clone())
+    })
+    .await?)
+}
+
+/// Asks one greedy completion and prints the question and the answer.
+async fn ask(
+    api: &Api,
+    model: &str,
+    prompt: &str,
+    max_tokens: u32,
+    json: bool,
+) -> Result<(), Failure> {
+    let body = serde_json::json!({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+        .to_string();
+    let t0 = Instant::now();
+    let reply = status::http_request_with(
+        api.addr,
+        "POST",
+        "/v1/completions",
+        api.token.as_deref(),
+        body.as_bytes(),
+        Duration::from_secs(120),
+    )
+    .await
+    .map_err(anyhow::Error::from)?;
+    let ms = t0.elapsed().as_secs_f64() * 1000.0;
+    let v: serde_json::Value = serde_json::from_slice(&reply).map_err(anyhow::Error::from)?;
+    let text = v["choices"][0]["text"].as_str().unwrap_or_default();
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"prompt": prompt, "completion": text, "finish_reason": v["choices"][0]["finish_reason"], "ms": ms})
+        );
+    } else {
+        println!("{prompt:?} -> {text:?} ({ms:.1} ms)");
+    }
+    Ok(())
+}
