@@ -15,7 +15,7 @@
 //!   (see [`super::layers`]), attention through the stage's KV caches
 //!   ([`Decoder::layer`]).
 
-use super::decoder::{self, Attention, Decoder, DecoderShape};
+use super::decoder::{Attention, Causal, Decoder, DecoderShape};
 use super::layers::{self, Linear, Norm};
 use super::StageError;
 use std::collections::BTreeMap;
@@ -128,34 +128,10 @@ impl Gpt {
         let mut x = self.embed(idx, &pos);
         for i in 0..self.cfg.layers as usize {
             x = self
-                .block(i, &x, &mut |q, k, v| {
-                    Ok::<_, std::convert::Infallible>(decoder::causal(q, k, v))
-                })
-                .unwrap_or_else(|e| match e {});
+                .layer(i, &x, &pos, &mut Causal)
+                .expect("causal attention does not fail");
         }
         self.logits(&x)
-    }
-
-    /// Block `i` on `x` (`[B, T, width]`), its attention computed by `attend(q, k, v)`
-    /// over `[B, heads, T, head_dim]` tensors.
-    fn block<E>(
-        &self,
-        i: usize,
-        x: &Tensor,
-        attend: &mut dyn FnMut(&Tensor, &Tensor, &Tensor) -> Result<Tensor, E>,
-    ) -> Result<Tensor, E> {
-        let blk = &self.blocks[&i];
-        let (b, t, d) = x.size3().expect("[B, T, width] hidden states");
-        let hd = d / self.cfg.heads;
-        let qkv = blk.qkv.forward(&blk.ln1.forward(x));
-        let parts = qkv.split(d, 2);
-        let shape = |t: &Tensor| t.view([b, -1, self.cfg.heads, hd]).transpose(1, 2);
-        let a = attend(&shape(&parts[0]), &shape(&parts[1]), &shape(&parts[2]))?;
-        let a = a.transpose(1, 2).contiguous().view([b, t, d]);
-        // Not `+=`: that is an in-place add, and autograd needs the old `x`.
-        let x = x + blk.proj.forward(&a);
-        let h = blk.fc.forward(&blk.ln2.forward(&x)).gelu("none");
-        Ok(&x + blk.fc2.forward(&h))
     }
 
     fn load_block(get: &dyn Fn(&str) -> Option<Tensor>, i: usize) -> Result<Block, String> {
@@ -243,6 +219,7 @@ impl Decoder for Gpt {
             + Tensor::embedding(pos, positions, -1, false, false)
     }
 
+    /// Block `layer` on `x` (`[B, T, width]`); positions entered at the embeddings.
     fn layer(
         &self,
         layer: usize,
@@ -250,7 +227,23 @@ impl Decoder for Gpt {
         _positions: &Tensor,
         attention: &mut dyn Attention,
     ) -> Result<Tensor, StageError> {
-        self.block(layer, x, &mut |q, k, v| attention.attend(layer, q, k, v))
+        let blk = &self.blocks[&layer];
+        let (b, t, d) = x.size3().expect("[B, T, width] hidden states");
+        let hd = d / self.cfg.heads;
+        let qkv = blk.qkv.forward(&blk.ln1.forward(x));
+        let parts = qkv.split(d, 2);
+        let shape = |t: &Tensor| t.view([b, -1, self.cfg.heads, hd]).transpose(1, 2);
+        let a = attention.attend(
+            layer,
+            &shape(&parts[0]),
+            &shape(&parts[1]),
+            &shape(&parts[2]),
+        )?;
+        let a = a.transpose(1, 2).contiguous().view([b, t, d]);
+        // Not `+=`: that is an in-place add, and autograd needs the old `x`.
+        let x = x + blk.proj.forward(&a);
+        let h = blk.fc.forward(&blk.ln2.forward(&x)).gelu("none");
+        Ok(&x + blk.fc2.forward(&h))
     }
 
     fn logits(&self, x: &Tensor) -> Tensor {
