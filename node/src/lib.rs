@@ -11,7 +11,8 @@
 //! - `nccl` (feature `nccl`): NCCL collectives on CUDA tensors.
 //! - [`train`]: data-parallel training jobs (job files, data, models, checkpoints).
 //! - [`serve`]: serving models: pipeline stages, batching, caching, the OpenAI API.
-//! - [`local`]: local clusters of `shoal up` processes (`shoal local`, `shoal bench`).
+//! - [`local`]: local clusters of `shoal up` processes and the bounded wait for one agreed
+//!   view (the CLI, the benchmarks, the end-to-end tests).
 
 pub mod api;
 pub mod capabilities;
