@@ -13,7 +13,8 @@
 //!   checkpoints, the serving stage executor).
 //! - [`train`]: data-parallel training jobs (job files, data, the training loop).
 //! - [`serve`]: serving models: pipeline stages, batching, caching, the OpenAI API.
-//! - [`local`]: local clusters of `shoal up` processes (`shoal local`, `shoal bench`).
+//! - [`local`]: local clusters of `shoal up` processes and the bounded wait for one agreed
+//!   view (the CLI, the benchmarks, the end-to-end tests).
 
 pub mod api;
 pub mod capabilities;

@@ -456,3 +456,61 @@ async fn a_peer_answering_under_another_identity_is_refused() {
         );
     }
 }
+
+/// Service streams (what serving's stage RPC runs on) over both transports: bytes go both
+/// ways between members, a member that runs no such service refuses the stream, and a peer
+/// outside the roster has no address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_streams_reach_members_that_accept_them() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    for transport in [DataTransport::Tcp, DataTransport::Quic] {
+        let (dps, _view) = members(2, transport, DataPlaneConfig::default()).await;
+        let mut inbound = dps[1].accept_streams();
+        let opener = dps[0].me().clone();
+        let server = tokio::spawn(async move {
+            let mut s = inbound.recv().await.expect("an inbound stream");
+            assert_eq!(s.peer, opener);
+            assert_eq!(s.service, 9);
+            let mut got = [0u8; 5];
+            s.r.read_exact(&mut got).await.unwrap();
+            got.reverse();
+            s.w.write_all(&got).await.unwrap();
+            s.w.flush().await.unwrap();
+        });
+        let mut s = dps[0].open_stream(dps[1].me(), 9).await.unwrap();
+        assert_eq!((&s.peer, s.service), (dps[1].me(), 9));
+        s.w.write_all(b"hello").await.unwrap();
+        s.w.flush().await.unwrap();
+        let mut back = [0u8; 5];
+        s.r.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"olleh", "{transport:?}");
+        server.await.unwrap();
+        dps[0].count_bytes(5, 5);
+        assert_eq!(
+            (dps[0].stats().bytes_sent, dps[0].stats().bytes_received),
+            (5, 5)
+        );
+
+        // dps[0] registered no acceptor: its refusal is an error at the opener.
+        let r = dps[1].open_stream(dps[0].me(), 9).await;
+        assert!(
+            matches!(r, Err(DataPlaneError::OpMismatch { .. })),
+            "{transport:?}: {:?}",
+            r.err()
+        );
+
+        let stranger = NodeId::new(
+            Keypair::generate_ed25519()
+                .public()
+                .to_peer_id()
+                .to_base58(),
+        )
+        .unwrap();
+        let r = dps[0].open_stream(&stranger, 9).await;
+        assert!(
+            matches!(r, Err(DataPlaneError::NoAddress(_))),
+            "{transport:?}: {:?}",
+            r.err()
+        );
+    }
+}

@@ -20,10 +20,15 @@ pub(super) fn tag(base: u64, view: &View, purpose: u64, step: u64, index: u64) -
     z
 }
 
+/// [`tag`] purpose: the state broadcast.
 pub(super) const TAG_SYNC: u64 = 1;
+/// [`tag`] purpose: a step's gradient all-reduce.
 pub(super) const TAG_GRAD: u64 = 2;
+/// [`tag`] purpose: the evaluation's sums.
 pub(super) const TAG_EVAL: u64 = 3;
+/// [`tag`] purpose: the progress all-gather.
 pub(super) const TAG_EXCHANGE: u64 = 4;
+/// [`tag`] purpose: the weights-hash all-gather.
 pub(super) const TAG_HASH: u64 = 5;
 
 /// Why a collective of the loop did not complete.

@@ -172,7 +172,7 @@ pub struct ModelSpec {
     /// A trainable TorchScript module file (`forward(x) -> logits`).
     #[serde(default)]
     pub torchscript: Option<PathBuf>,
-    /// mlp: hidden layer widths. Default: [128].
+    /// mlp: hidden layer widths. Default: `[128]`.
     #[serde(default = "default_hidden")]
     pub hidden: Vec<i64>,
     /// gpt: transformer blocks. Default: 2.
