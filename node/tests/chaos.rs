@@ -95,7 +95,7 @@ fn submit(ns: &str, node: &Node, job: &Path) -> Child {
         .arg(shoal_bin())
         .arg("train")
         .arg(job)
-        .args(["--api", &node.api.unwrap().to_string(), "--json"])
+        .args(["--api", &node.api().unwrap().to_string(), "--json"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

@@ -28,7 +28,7 @@ fn sigkill_mid_allreduce_errors_on_every_survivor() {
         let calls: Vec<_> = nodes
             .iter()
             .map(|n| {
-                let api = n.api.unwrap();
+                let api = n.api().unwrap();
                 std::thread::spawn(move || {
                     let t = Instant::now();
                     let r = http_timeout(api, "POST", path, &[], Duration::from_secs(60));

@@ -90,7 +90,7 @@ lr = 0.01
 
 fn submit(node: &Node, spec: &str, resume: bool) -> String {
     let body = serde_json::json!({"spec": spec, "resume": resume}).to_string();
-    let r = http(node.api.unwrap(), "POST", "/v1/jobs", body.as_bytes()).expect("submit");
+    let r = http(node.api().unwrap(), "POST", "/v1/jobs", body.as_bytes()).expect("submit");
     let v: Value = serde_json::from_slice(&r).unwrap();
     v["run"].as_str().unwrap().to_string()
 }
@@ -339,7 +339,7 @@ fn diverged_weights_stop_the_job_naming_the_members() {
         (step_of(&a, &run)? >= 20).then_some(())
     });
     http(
-        b.api.unwrap(),
+        b.api().unwrap(),
         "POST",
         &format!("/v1/debug/perturb?run={run}"),
         &[],
@@ -377,7 +377,7 @@ fn a_nan_gradient_is_left_out_and_the_step_redone_without_it() {
     });
     let bad = nodes[2].id();
     http(
-        nodes[2].api.unwrap(),
+        nodes[2].api().unwrap(),
         "POST",
         &format!("/v1/debug/perturb?run={run}&kind=nan"),
         &[],
@@ -483,7 +483,7 @@ fn a_broken_collective_restarts_every_member_in_a_new_epoch() {
     });
     let (epoch_before, _, _) = wait_until("one view", Duration::from_secs(30), || agreed(&all, 3));
     http(
-        nodes[2].api.unwrap(),
+        nodes[2].api().unwrap(),
         "POST",
         &format!("/v1/debug/perturb?run={run}&kind=abandon"),
         &[],

@@ -51,7 +51,7 @@ async fn no_nodes_and_a_node_that_exits_are_typed_errors() {
     // A node that cannot start (a malformed flag) fails the start with its log, not a wait.
     let bad = ["--bootstrap".to_string(), "not-a-multiaddr".to_string()];
     match LocalCluster::start_agreed(bin(), &dir, 1, &bad, bound).await {
-        Err(LocalError::Exited { index: 0, log, .. }) => {
+        Err(LocalError::Exited { node, log, .. }) if node == "node 0" => {
             let text = std::fs::read_to_string(&log).unwrap();
             assert!(text.contains("invalid --bootstrap address"), "{text}");
         }

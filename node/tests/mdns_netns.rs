@@ -41,7 +41,7 @@ fn three_nodes_converge_by_mdns_alone_in_namespaces() {
     for n in &nodes {
         assert!(n.log().contains("discovered peer via mDNS"), "{}", n.log());
         assert!(
-            !n.args.iter().any(|a| a == "--bootstrap"),
+            !n.args().iter().any(|a| a == "--bootstrap"),
             "discovery must come from mDNS alone"
         );
     }

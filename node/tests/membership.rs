@@ -33,7 +33,7 @@ fn six_nodes_converge_via_bootstrap() {
         "the view is exactly the six peer ids, in sorted order"
     );
     // The human-readable `shoal status` lists every member (by the short form of its id).
-    let api = nodes[0].api.unwrap().to_string();
+    let api = nodes[0].api().unwrap().to_string();
     let out = run_shoal(&["status", "--api", &api]);
     assert!(out.status.success());
     let table = String::from_utf8_lossy(&out.stdout);
@@ -238,7 +238,7 @@ fn malformed_and_forged_gossip_is_rejected_and_counted() {
     let nodes = start_cluster(&dir, 3, &["--debug-api"]);
     let refs: Vec<&Node> = nodes.iter().collect();
     let (_, hash, _) = wait_until("3 nodes in one view", BOUND, || agreed(&refs, 3));
-    let api = nodes[0].api.unwrap();
+    let api = nodes[0].api().unwrap();
     // Garbage bytes.
     http(api, "POST", "/v1/debug/gossip", b"\xff\x00garbage").unwrap();
     let heartbeat = |id: &str, incarnation: u64, seq: u64| {

@@ -24,7 +24,7 @@ fn metrics_parse_with_prometheus_parser_and_match_the_cluster() {
     });
     // Three collectives (a barrier and two all-reduces) feed the latency histogram.
     let path = "/v1/debug/allreduce?bytes=65536&iters=2&warmup=0&tag=7";
-    let calls: Vec<_> = [a.api.unwrap(), b.api.unwrap()]
+    let calls: Vec<_> = [a.api().unwrap(), b.api().unwrap()]
         .into_iter()
         .map(|api| {
             std::thread::spawn(move || {
@@ -35,7 +35,7 @@ fn metrics_parse_with_prometheus_parser_and_match_the_cluster() {
     for c in calls {
         c.join().unwrap().unwrap();
     }
-    let text = String::from_utf8(http(a.api.unwrap(), "GET", "/metrics", &[]).unwrap()).unwrap();
+    let text = String::from_utf8(http(a.api().unwrap(), "GET", "/metrics", &[]).unwrap()).unwrap();
     let m = prometheus_parse(&python, &dir.0, &text);
     let get = |k: &str| {
         m[k].as_f64()

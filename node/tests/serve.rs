@@ -99,7 +99,7 @@ lr = 0.003
 
 fn post(node: &Node, path: &str, body: &Value) -> Result<Value, String> {
     http_timeout(
-        node.api.unwrap(),
+        node.api().unwrap(),
         "POST",
         path,
         body.to_string().as_bytes(),
@@ -109,7 +109,7 @@ fn post(node: &Node, path: &str, body: &Value) -> Result<Value, String> {
 }
 
 fn get(node: &Node, path: &str) -> Value {
-    serde_json::from_slice(&http(node.api.unwrap(), "GET", path, b"").unwrap()).unwrap()
+    serde_json::from_slice(&http(node.api().unwrap(), "GET", path, b"").unwrap()).unwrap()
 }
 
 /// Offers the model on `node` and waits until `node` plans `replicas` pipelines of
@@ -215,7 +215,7 @@ fn a_pipeline_answers_like_one_node_and_speaks_openai() {
     let script = repo_root().join("scripts/openai_check.py");
     let out = Command::new(py)
         .arg(script)
-        .arg(format!("http://{}", pipeline[1].api.unwrap()))
+        .arg(format!("http://{}", pipeline[1].api().unwrap()))
         .arg("tiny")
         .output()
         .expect("python");
@@ -241,7 +241,7 @@ fn a_pipeline_answers_like_one_node_and_speaks_openai() {
     assert_eq!(r["errors"]["too_long"], 400);
 
     // Bad requests are OpenAI-style 4xx errors, never 500s or hangs.
-    let api = pipeline[1].api.unwrap();
+    let api = pipeline[1].api().unwrap();
     for (body, code) in [
         (&b"{not json"[..], "400"),
         (br#"{"model":"tiny"}"#, "400"),
@@ -314,7 +314,7 @@ fn a_pipeline_answers_like_one_node_and_speaks_openai() {
     assert_eq!(get(r#"shoal_serve_model_holders{"model": "tiny"}"#), 2.0);
 
     // `shoal status` shows the plan.
-    let st = run_shoal(&["status", "--api", &pipeline[0].api.unwrap().to_string()]);
+    let st = run_shoal(&["status", "--api", &pipeline[0].api().unwrap().to_string()]);
     let table = String::from_utf8_lossy(&st.stdout);
     assert!(table.contains("tiny"), "{table}");
 }
@@ -336,7 +336,7 @@ fn a_stage_killed_under_load_fails_over() {
     let next = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(AtomicUsize::new(0));
     let results = Arc::new(Mutex::new(Vec::new()));
-    let api = nodes[0].api.unwrap();
+    let api = nodes[0].api().unwrap();
     let started = Instant::now();
     let workers: Vec<_> = (0..8)
         .map(|_| {
@@ -447,7 +447,7 @@ print(json.dumps({"ref": ref.tolist(), "st": out.tolist()}))
         .args(["-c", script])
         .arg(&model)
         .arg(json!(inputs).to_string())
-        .arg(format!("http://{}", nodes[1].api.unwrap()))
+        .arg(format!("http://{}", nodes[1].api().unwrap()))
         .output()
         .unwrap();
     assert!(
@@ -512,7 +512,7 @@ fn the_serving_api_asks_for_the_bearer_token() {
     args.extend(["--api-token".into(), "s3cret".into()]);
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let node = Node::start(&dir.0.join("n"), &refs);
-    let api = node.api.unwrap();
+    let api = node.api().unwrap();
     for token in [None, Some("wrong"), Some("s3cre"), Some("s3cret-")] {
         let (code, body) = request_with_token(api, "/v1/models", token);
         assert_eq!(code, 401, "{token:?}: {body}");

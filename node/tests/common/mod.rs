@@ -5,11 +5,12 @@
 pub mod netns;
 
 use serde_json::Value;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::os::unix::process::CommandExt;
+use shoal_node::local::{agreed_view, LocalNode};
+use shoal_node::status;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 /// The `shoal` binary cargo built for these tests.
@@ -87,14 +88,21 @@ pub fn wait_until<T>(what: &str, bound: Duration, mut f: impl FnMut() -> Option<
     }
 }
 
-/// One `shoal up` process.
-pub struct Node {
-    pub dir: PathBuf,
-    pub child: Option<Child>,
-    pub api: Option<SocketAddr>,
-    pub args: Vec<String>,
-    /// Command prefix (e.g. `ip netns exec NS`), empty on the host.
-    pub prefix: Vec<String>,
+/// One `shoal up` process: the library's [`LocalNode`], started with the tests' binary and
+/// panicking (with the node's log) where the library returns an error.
+pub struct Node(pub LocalNode);
+
+impl std::ops::Deref for Node {
+    type Target = LocalNode;
+    fn deref(&self) -> &LocalNode {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Node {
+    fn deref_mut(&mut self) -> &mut LocalNode {
+        &mut self.0
+    }
 }
 
 impl Node {
@@ -103,101 +111,43 @@ impl Node {
         Node::start_with_prefix(dir, args, &[])
     }
 
+    /// [`Node::start`] under a command prefix (e.g. `ip netns exec NS`).
     pub fn start_with_prefix(dir: &Path, args: &[&str], prefix: &[&str]) -> Node {
-        let mut n = Node {
-            dir: dir.to_path_buf(),
-            child: None,
-            api: None,
-            args: args.iter().map(|s| s.to_string()).collect(),
-            prefix: prefix.iter().map(|s| s.to_string()).collect(),
-        };
-        n.spawn();
-        n
-    }
-
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("node.log")).unwrap_or_default()
-    }
-
-    fn spawn(&mut self) {
-        std::fs::create_dir_all(&self.dir).unwrap();
-        let _ = std::fs::remove_file(self.dir.join("api.addr"));
-        let _ = std::fs::remove_file(self.dir.join("listen.addrs"));
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("node.log"))
-            .unwrap();
-        let bin = shoal_bin();
-        let mut cmd = if self.prefix.is_empty() {
-            Command::new(&bin)
-        } else {
-            let mut c = Command::new(&self.prefix[0]);
-            c.args(&self.prefix[1..]).arg(&bin);
-            c
-        };
-        cmd.arg("up")
-            .arg("--data-dir")
-            .arg(&self.dir)
-            .args(["--api", "127.0.0.1:0"])
-            .args(&self.args)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
-        unsafe {
-            cmd.pre_exec(|| {
-                libc_prctl_pdeathsig();
-                Ok(())
-            });
+        let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let label = dir.display().to_string();
+        match LocalNode::start(label, &shoal_bin(), dir, &strings(args), &strings(prefix)) {
+            Ok(n) => Node(n),
+            Err(e) => panic!(
+                "{e}\n{}",
+                std::fs::read_to_string(dir.join("node.log")).unwrap_or_default()
+            ),
         }
-        self.child = Some(cmd.spawn().expect("spawn shoal up"));
-        let dir = self.dir.clone();
-        let child = self.child.as_mut().unwrap();
-        let api = wait_until("node API address", Duration::from_secs(60), || {
-            if let Ok(Some(st)) = child.try_wait() {
-                panic!(
-                    "node exited with {st}: {}",
-                    std::fs::read_to_string(dir.join("node.log")).unwrap_or_default()
-                );
-            }
-            let a = std::fs::read_to_string(dir.join("api.addr")).ok()?;
-            let l = std::fs::read_to_string(dir.join("listen.addrs")).ok()?;
-            if l.trim().is_empty() {
-                return None;
-            }
-            a.trim().parse().ok()
-        });
-        self.api = Some(api);
     }
 
     /// The first TCP listen address (with /p2p), for --bootstrap.
     pub fn tcp_addr(&self) -> String {
-        std::fs::read_to_string(self.dir.join("listen.addrs"))
-            .unwrap()
-            .lines()
-            .find(|l| l.contains("/tcp/"))
-            .expect("a tcp listen address")
-            .to_string()
+        self.0.tcp_addr().expect("a tcp listen address")
     }
 
     /// `GET /v1/status` as JSON (None if the node does not answer).
     pub fn status(&self) -> Option<Value> {
-        if self.prefix.is_empty() {
-            let body = http(self.api?, "GET", "/v1/status", &[]).ok()?;
+        let prefix = self.prefix();
+        if prefix.is_empty() {
+            let body = http(self.api()?, "GET", "/v1/status", &[]).ok()?;
             serde_json::from_slice(&body).ok()
         } else {
             // The API listens on the namespace's own loopback: ask from inside.
-            let out = Command::new(&self.prefix[0])
-                .args(&self.prefix[1..])
+            let out = Command::new(&prefix[0])
+                .args(&prefix[1..])
                 .arg(shoal_bin())
-                .args(["status", "--json", "--api", &self.api?.to_string()])
+                .args(["status", "--json", "--api", &self.api()?.to_string()])
                 .output()
                 .ok()?;
             serde_json::from_slice(&out.stdout).ok()
         }
     }
 
+    /// Its peer id (from its status).
     pub fn id(&self) -> String {
         self.status().expect("status")["node"]["id"]
             .as_str()
@@ -205,53 +155,44 @@ impl Node {
             .to_string()
     }
 
-    /// Sends a signal (`STOP`, `CONT`, ...) to the node process.
+    /// Sends a signal by name (`STOP`, `CONT`, `TERM`) to the node process.
     pub fn signal(&self, sig: &str) {
-        let pid = self.child.as_ref().expect("running").id().to_string();
-        let ok = Command::new("kill")
-            .args([&format!("-{sig}"), &pid])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill -{sig} {pid}");
+        let n = match sig {
+            "STOP" => libc::SIGSTOP,
+            "CONT" => libc::SIGCONT,
+            "TERM" => libc::SIGTERM,
+            "KILL" => libc::SIGKILL,
+            other => panic!("unknown signal {other}"),
+        };
+        self.0
+            .signal(n)
+            .unwrap_or_else(|e| panic!("kill -{sig}: {e}"));
     }
 
-    /// `kill -9`.
-    pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
+    /// Kills it and starts it again on the same data dir, waiting until it is up.
     pub fn restart(&mut self) {
-        self.kill();
-        self.spawn();
+        self.0.restart().unwrap_or_else(|e| panic!("restart: {e}"));
     }
 }
 
-impl Drop for Node {
-    fn drop(&mut self) {
-        self.kill();
-    }
+/// The runtime the blocking helpers below drive the library's async client on.
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a tokio runtime")
+    })
 }
 
-fn libc_prctl_pdeathsig() {
-    // PR_SET_PDEATHSIG = 1, SIGKILL = 9: the node dies with the test.
-    extern "C" {
-        fn prctl(option: i32, arg2: u64, arg3: u64, arg4: u64, arg5: u64) -> i32;
-    }
-    unsafe {
-        prctl(1, 9, 0, 0, 0);
-    }
-}
-
-/// A minimal blocking HTTP/1.1 request to a local API; returns the body of a 2xx.
+/// One HTTP request to a local API with the library's client; the body of a 2xx, else
+/// `"<status>: <body>"` or why there was no answer.
 pub fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> Result<Vec<u8>, String> {
     http_timeout(addr, method, path, body, Duration::from_secs(5))
 }
 
-/// [`http`] with a read timeout of `timeout`.
+/// [`http`] bounded by `timeout`.
 pub fn http_timeout(
     addr: SocketAddr,
     method: &str,
@@ -259,73 +200,38 @@ pub fn http_timeout(
     body: &[u8],
     timeout: Duration,
 ) -> Result<Vec<u8>, String> {
-    let mut s =
-        TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(timeout)).unwrap();
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).map_err(|e| e.to_string())?;
-    s.write_all(body).map_err(|e| e.to_string())?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).map_err(|e| e.to_string())?;
-    let split = buf
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or("no header end")?;
-    let head = String::from_utf8_lossy(&buf[..split]).to_string();
-    let code: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or("no status")?;
-    let body = buf[split + 4..].to_vec();
-    if !(200..300).contains(&code) {
-        return Err(format!("{code}: {}", String::from_utf8_lossy(&body)));
-    }
-    Ok(body)
+    runtime()
+        .block_on(status::http_request(addr, method, path, body, timeout))
+        .map_err(|e| match e {
+            status::ClientError::Status { status, body } => format!("{status}: {body}"),
+            e => e.to_string(),
+        })
 }
 
 /// The view (epoch, hash, member ids) a status report holds.
 pub fn view_of(s: &Value) -> (u64, String, Vec<String>) {
-    let v = &s["view"];
-    (
-        v["epoch"].as_u64().unwrap(),
-        v["hash"].as_str().unwrap().to_string(),
-        v["members"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|m| m.as_str().unwrap().to_string())
-            .collect(),
-    )
+    let r: status::StatusReport = serde_json::from_value(s.clone()).expect("a status report");
+    (r.view.epoch, r.view.hash, r.view.members)
 }
 
-/// Some((epoch, hash, members)) once every node answers with the same view of `n` members.
+/// Some((epoch, hash, members)) once every node answers with the same view of `n` members
+/// (the library's [`agreed_view`] rule).
 pub fn agreed(nodes: &[&Node], n: usize) -> Option<(u64, String, Vec<String>)> {
-    let mut first = None;
-    for node in nodes {
-        let v = view_of(&node.status()?);
-        match &first {
-            None => first = Some(v),
-            Some(f) if *f == v => {}
-            Some(_) => return None,
-        }
-    }
-    first.filter(|(_, _, m)| m.len() == n)
+    let reports: Vec<(usize, Option<status::StatusReport>)> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, node)| {
+            let report = node.status().and_then(|v| serde_json::from_value(v).ok());
+            (i, report)
+        })
+        .collect();
+    let v = agreed_view(&reports, n, None)?;
+    Some((v.epoch, v.hash, v.members))
 }
 
-/// The host-side flags for a test node: loopback only, mDNS off.
-pub const LOOPBACK: [&str; 7] = [
-    "--listen",
-    "/ip4/127.0.0.1/tcp/0",
-    "--listen",
-    "/ip4/127.0.0.1/udp/0/quic-v1",
-    "--no-mdns",
-    "--data-listen",
-    "127.0.0.1:0",
-];
+/// The host-side flags for a test node: loopback only, mDNS off (the local cluster's).
+#[allow(unused_imports)]
+pub use shoal_node::local::LOOPBACK_FLAGS as LOOPBACK;
 
 /// A deterministic 3-class problem with 4 features, 300 rows.
 pub fn synthetic_csv(path: &Path) {
