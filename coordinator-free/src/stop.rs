@@ -96,9 +96,6 @@ pub fn utf8_safe(b: &[u8], finished: bool) -> usize {
 pub struct StreamRelease {
     /// Bytes of text sent (ends on UTF-8 boundaries unless the text was invalid or done).
     sent: usize,
-    /// The longest the text has been in any attempt: until a retry's text grows past it,
-    /// the retry is regenerating what was already considered.
-    seen: usize,
 }
 
 impl StreamRelease {
@@ -131,11 +128,11 @@ impl StreamRelease {
                 .unwrap_or(0)
         };
         let safe = utf8_safe(&out[..out.len() - hold], finished);
-        let send = (safe > self.sent && out.len() > self.seen).then_some(self.sent..safe);
+        // A retry regenerates the same bytes (same seed), so nothing below `sent` goes twice.
+        let send = (safe > self.sent).then_some(self.sent..safe);
         if send.is_some() {
             self.sent = safe;
         }
-        self.seen = self.seen.max(out.len());
         send
     }
 }
@@ -245,15 +242,13 @@ mod tests {
         let (pieces, end) = generate(&[b'a', e[0]], &[], 2, &mut StreamRelease::new());
         assert_eq!(end, Some((Finish::Length, vec![b'a', e[0]])));
         assert_eq!(pieces, vec![b"a".to_vec(), vec![e[0]]], "lossy at the end");
-        // Only text longer than any seen before is released: a stop that ends the text
-        // cuts it back to no more than was seen, so what was held before it stays unsent
-        // (the completion's text still has it).
+        // A stop that ends the text releases what was held back before it, so the stream
+        // carries exactly the completion's text ("x=" of "x=\n" with stops "\n", "=\n").
         let mut rel = StreamRelease::new();
-        assert_eq!(
-            rel.release(b"x=", &stops(&["\n", "=\n"]), false),
-            Some(0..1)
-        );
-        assert_eq!(rel.release(b"x=", &stops(&["\n", "=\n"]), true), None);
+        let s = stops(&["\n", "=\n"]);
+        let (pieces, end) = generate(b"x=\n", &s, 8, &mut rel);
+        assert_eq!(end, Some((Finish::Stop, b"x=".to_vec())));
+        assert_eq!(pieces.concat(), b"x=".to_vec());
         assert_eq!(utf8_safe(&e[..1], true), 1);
         // A full context ends it too.
         assert_eq!(finish(b"a", &[], 16, true), Some((Finish::Length, 1)));

@@ -7,8 +7,9 @@
 //! layers, on that thread), `Drop` (forget rows' caches) or `Fetch` (a chunk of a model
 //! file, for a member fetching it).
 
-use super::model::{self, Stage};
 use super::Server;
+use crate::models::stage::StageExecutor;
+use crate::models::StageError;
 use coordinator_free::codec::stage::{Payload, StageReply, StageRequest};
 use std::sync::Arc;
 use std::time::Instant;
@@ -22,7 +23,7 @@ type StageJob<S> = Box<dyn FnOnce(&mut S) + Send>;
 /// `SCHED_BATCH`: the node's I/O threads preempt it when they wake). The thread ends when
 /// the last handle is dropped; a panicking job fails only its own call. Generic over what
 /// it owns (a [`Stage`] when serving) so it can be tested alone.
-pub(super) struct StageThread<S: Send + 'static = Stage> {
+pub(super) struct StageThread<S: Send + 'static = StageExecutor> {
     jobs: std::sync::mpsc::Sender<StageJob<S>>,
 }
 
@@ -97,7 +98,7 @@ impl Server {
                 e.cfg.clone(),
             )
         };
-        let stage = Stage::open(&path, cfg).map_err(|e| e.to_string())?;
+        let stage = StageExecutor::open(&path, cfg).map_err(|e| e.to_string())?;
         let stage = StageThread::start(stage, "serve-stage", self.inner.cfg.threads)
             .map_err(|e| e.to_string())?;
         // Two first calls may race here: the one inserted first is the stage (with its
@@ -159,7 +160,7 @@ impl Server {
                     .await;
                 match run {
                     Ok(Ok((payload, shape, bytes))) => (StageReply::Ok { payload, shape }, bytes),
-                    Ok(Err(e @ model::ServeModelError::Request(_))) => {
+                    Ok(Err(e @ StageError::Request(_))) => {
                         (StageReply::Rejected(e.to_string()), vec![])
                     }
                     Ok(Err(e)) => (StageReply::Err(e.to_string()), vec![]),

@@ -521,7 +521,7 @@ fn safetensors_input(
         .model
         .clone()
         .ok_or_else(|| invalid("a safetensors body needs ?model=NAME", Some("model")))?;
-    let c = crate::train::checkpoint::parse(body, "request body")
+    let c = crate::models::checkpoint::parse(body, "request body")
         .map_err(|e| invalid(e, Some("inputs")))?;
     let t = match c.get("inputs") {
         Some(t) => t.shallow_clone(),
@@ -570,7 +570,7 @@ async fn infer(
                 let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
                 let t = tch::Tensor::from_slice(&out).view(dims.as_slice());
                 let meta = std::collections::BTreeMap::from([("model".to_string(), model)]);
-                let bytes = crate::train::checkpoint::encode(&[("outputs".into(), t)], &meta);
+                let bytes = crate::models::checkpoint::encode(&[("outputs".into(), t)], &meta);
                 (
                     [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
                     bytes,

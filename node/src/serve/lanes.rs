@@ -10,10 +10,11 @@
 //! running row (one decode call). When a stage call fails, the lane's rows go back to the
 //! dispatcher, which re-plans without the member, and are regenerated from their seeds.
 
-use super::model::{self, ModelConfig};
 use super::row::Row;
 use super::{ServeError, Server};
-use coordinator_free::codec::stage::Payload;
+use crate::models::config::ModelConfig;
+use crate::models::gpt;
+use coordinator_free::codec::stage::{self, Payload};
 use coordinator_free::codec::ServeAnnounce;
 use coordinator_free::pipeline;
 use coordinator_free::serving::{BatchConfig, Batcher};
@@ -323,17 +324,7 @@ impl Server {
             st.batches += 1;
             st.batched_requests += fresh.len() as u64;
         }
-        let l = fresh.iter().map(|r| r.p.prompt.len()).max().expect("rows") as u32;
-        let pad: Vec<u32> = fresh.iter().map(|r| l - r.p.prompt.len() as u32).collect();
-        let mut tokens = Vec::with_capacity(fresh.len() * l as usize * 8);
-        for r in fresh.iter() {
-            for _ in 0..(l as usize - r.p.prompt.len()) {
-                tokens.extend_from_slice(&0i64.to_le_bytes());
-            }
-            for &t in &r.p.prompt {
-                tokens.extend_from_slice(&i64::from(t).to_le_bytes());
-            }
-        }
+        let (l, pad, tokens) = stage::pack_prompts(fresh.iter().map(|r| &r.p.prompt[..]));
         let ids: Vec<u64> = fresh.iter().map(|r| r.id).collect();
         let (shape, bytes) = self
             .through(
@@ -370,10 +361,7 @@ impl Server {
             return Ok(());
         }
         let ids: Vec<u64> = live.iter().map(|&i| active[i].id).collect();
-        let mut tokens = Vec::with_capacity(live.len() * 8);
-        for &i in &live {
-            tokens.extend_from_slice(&i64::from(active[i].next).to_le_bytes());
-        }
+        let tokens = stage::pack_tokens(live.iter().map(|&i| active[i].next));
         let pad = vec![0u32; live.len()];
         let (shape, bytes) = self
             .through(
@@ -399,7 +387,7 @@ impl Server {
 }
 
 /// Logits per row.
-const VOCAB: usize = model::VOCAB as usize;
+const VOCAB: usize = gpt::VOCAB as usize;
 
 /// The `[rows, VOCAB]` f32 logits the last stage of `replica` answered, checked for shape.
 fn logits_of(
@@ -408,15 +396,12 @@ fn logits_of(
     bytes: &[u8],
     rows: usize,
 ) -> Result<Vec<f32>, ServeError> {
-    if shape != [rows as u32, model::VOCAB] {
+    if shape != [rows as u32, gpt::VOCAB] {
         return Err(ServeError::Stage {
             member: replica.last().expect("stages").member.clone(),
             reason: format!("logits of shape {shape:?}"),
             rejected: false,
         });
     }
-    Ok(bytes
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
-        .collect())
+    Ok(stage::f32s(bytes))
 }

@@ -11,7 +11,7 @@
 //!   (`coordinator_free::pipeline`): no coordinator, and every node derives the same plan
 //!   from the same view. Members a stage call just failed on are left out until the view
 //!   changes (or 10 s pass).
-//! - **Execute** ([`model::Stage`]). The entry node (the one the request reached) sends
+//! - **Execute** ([`crate::models::stage::StageExecutor`]). The entry node (the one the request reached) sends
 //!   each request to the replica with the fewest outstanding requests, into one of its
 //!   lanes (micro-batches: one more than its stages, `pipeline::lanes`, so stages work on
 //!   different lanes' rows at once and the next is waiting when one moves on). A lane batches
@@ -44,14 +44,13 @@
 //! - `row`: one request inside a lane: sampling its tokens, stop sequences and streaming
 //!   (the decisions themselves are `coordinator_free::stop` and `coordinator_free::serving`);
 //! - `infer`: `/v1/infer`, a plain forward through the pipeline;
-//! - [`http`]: the OpenAI-compatible routes; [`model`]: the stage computation itself.
+//! - [`http`]: the OpenAI-compatible routes; the stage computation itself is in [`crate::models`].
 
 mod completions;
 mod executor;
 pub mod http;
 mod infer;
 mod lanes;
-pub mod model;
 mod plan;
 mod registry;
 mod row;
@@ -216,16 +215,12 @@ pub struct ServeStats {
     /// Seconds spent computing stage forwards here.
     #[serde(default)]
     pub forward_s: f64,
-    /// Request latencies: counts per [`LATENCY_BUCKETS`] bound plus an overflow bucket.
+    /// Request latencies: counts per [`crate::metrics::REQUEST_LATENCY`] bound plus an
+    /// overflow bucket.
     pub latency_counts: Vec<u64>,
     /// Sum of request latencies in seconds.
     pub latency_sum_s: f64,
 }
-
-/// Upper bounds (seconds) of the request latency histogram.
-pub const LATENCY_BUCKETS: [f64; 12] = [
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-];
 
 /// One served model as reported by status.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -333,13 +328,5 @@ impl Server {
 
 /// Counts one request that took `took` seconds in the latency histogram.
 fn record_latency(st: &mut ServeStats, took: f64) {
-    if st.latency_counts.len() != LATENCY_BUCKETS.len() + 1 {
-        st.latency_counts = vec![0; LATENCY_BUCKETS.len() + 1];
-    }
-    let i = LATENCY_BUCKETS
-        .iter()
-        .position(|&b| took <= b)
-        .unwrap_or(LATENCY_BUCKETS.len());
-    st.latency_counts[i] += 1;
-    st.latency_sum_s += took;
+    crate::metrics::REQUEST_LATENCY.record(&mut st.latency_counts, &mut st.latency_sum_s, took);
 }

@@ -6,9 +6,9 @@
 //! [`FETCH_CHUNK`] pieces over stage calls, checks its SHA-256 and from then on announces
 //! it too. Holders that stopped announcing for 10 s are not planned on (`plan`).
 
-use super::model::{self, ModelConfig};
 use super::row::Row;
 use super::{ModelReport, ServeError, Server, FETCH_CHUNK};
+use crate::models::config::{self, ModelConfig};
 use coordinator_free::codec::stage::{StageReply, StageRequest};
 use coordinator_free::codec::ServeAnnounce;
 use coordinator_free::NodeId;
@@ -79,7 +79,7 @@ impl Server {
             path: path.display().to_string(),
             reason,
         };
-        let cfg = model::describe(path).map_err(|e| offer_err(e.to_string()))?;
+        let cfg = config::describe(path).map_err(|e| offer_err(e.to_string()))?;
         let (sha256, bytes) = sha256_file(path).map_err(|e| offer_err(e.to_string()))?;
         let config = serde_json::to_string(&cfg).map_err(|e| offer_err(e.to_string()))?;
         let a = ServeAnnounce {

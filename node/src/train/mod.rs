@@ -29,10 +29,9 @@
 //! - `eval`: held-out evaluation and what its accuracy counts;
 //! - `resume`: writing the run's checkpoint and resuming from it;
 //! - [`fault_injection`]: debug faults (`POST /v1/debug/perturb`) the tests use;
-//! - [`job`], [`data`], [`model`], [`optim`], [`report`], [`checkpoint`]: the job file, the
+//! - [`job`], [`data`], [`model`], [`optim`], [`report`] (and [`crate::models::checkpoint`]): the job file, the
 //!   datasets, the models, the optimizers, the run's files, the checkpoint format.
 
-pub mod checkpoint;
 pub mod data;
 pub mod job;
 pub mod model;
@@ -90,7 +89,7 @@ pub enum TrainError {
     Optim(#[from] optim::OptimError),
     /// A checkpoint could not be read or written.
     #[error(transparent)]
-    Checkpoint(#[from] checkpoint::CheckpointError),
+    Checkpoint(#[from] crate::models::checkpoint::CheckpointError),
     /// A checkpoint belongs to another job or is incomplete.
     #[error("cannot resume from {path}: {problem}")]
     Resume {

@@ -5,9 +5,9 @@
 //! the format marker, the job's name and hash, the step, the data cursor, the total steps
 //! and the model's shape.
 
-use super::checkpoint;
 use super::member::Trainer;
 use super::{TrainError, CHECKPOINT_FILE};
+use crate::models::checkpoint;
 use coordinator_free::sharding::DataCursor;
 use coordinator_free::training::Progress;
 use std::collections::BTreeMap;

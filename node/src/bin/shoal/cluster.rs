@@ -22,17 +22,9 @@ pub fn local_dir(dir: Option<PathBuf>) -> (PathBuf, bool) {
     }
 }
 
-/// The name `shoal up --data-plane` takes for `t` (also the `transport` of benchmark lines).
-pub fn transport_name(t: DataTransport) -> &'static str {
-    match t {
-        DataTransport::Quic => "quic",
-        DataTransport::Tcp => "tcp",
-    }
-}
-
 /// `--data-plane <t>`, as extra arguments of local nodes.
 pub fn data_plane_args(t: DataTransport) -> Vec<String> {
-    vec!["--data-plane".to_string(), transport_name(t).to_string()]
+    vec!["--data-plane".to_string(), t.to_string()]
 }
 
 /// Starts `n` nodes of this binary under `dir`, each with `extra` arguments after `up`,

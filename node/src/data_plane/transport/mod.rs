@@ -26,6 +26,22 @@ pub enum DataTransport {
     Tcp,
 }
 
+impl DataTransport {
+    /// Its name, as `shoal up --data-plane` takes it and benchmark lines print it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DataTransport::Quic => "quic",
+            DataTransport::Tcp => "tcp",
+        }
+    }
+}
+
+impl std::fmt::Display for DataTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 impl std::str::FromStr for DataTransport {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {

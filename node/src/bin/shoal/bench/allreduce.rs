@@ -1,7 +1,7 @@
 //! `shoal bench allreduce`: times f32 ring all-reduces over the data plane of N local
 //! nodes (through their debug API), size by size, and checks every result.
 
-use crate::cluster::{local_dir, start_agreed, transport_name};
+use crate::cluster::{local_dir, start_agreed};
 use crate::failure::{usage, Failure};
 use anyhow::anyhow;
 use clap::Args;
@@ -66,7 +66,7 @@ pub async fn run(a: AllreduceArgs) -> Result<(), Failure> {
         .map(|s| parse_size(s))
         .collect::<Result<_, _>>()?;
     let (dir, _) = local_dir(None);
-    let t = transport_name(a.data_plane);
+    let t = a.data_plane.as_str();
     let extra: Vec<String> = [
         "--debug-api",
         "--data-plane",

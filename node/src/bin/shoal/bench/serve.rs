@@ -1,7 +1,7 @@
 //! `shoal bench serve`: greedy completions per second and their latency, served by N
 //! local nodes through the OpenAI API, or (`--raw`) the same generation as a raw
 //! single-process forward on the same model: the stage executor serving runs on every
-//! member (`shoal_node::serve::model::Stage`), over all layers at once, its payloads
+//! member (`shoal_node::models::stage::StageExecutor`), over all layers at once, its payloads
 //! packed as an entry node packs them (`coordinator_free::codec::stage`), with no HTTP,
 //! no batching queue and no pipeline hops.
 
@@ -11,7 +11,8 @@ use anyhow::{anyhow, Context};
 use clap::Args;
 use coordinator_free::codec::stage::{f32s, pack_prompts, pack_tokens, Payload};
 use shoal_node::local::Reports;
-use shoal_node::serve::model::{describe, Stage};
+use shoal_node::models::config::describe;
+use shoal_node::models::stage::StageExecutor;
 use shoal_node::serve::ServeStats;
 use shoal_node::status;
 use std::net::SocketAddr;
@@ -164,7 +165,7 @@ async fn make_model(dir: &Path, layers: i64, width: i64) -> Result<PathBuf, Fail
 fn raw(ck: &Path, a: &ServeArgs) -> Result<Timing, Failure> {
     tch::set_num_threads(1);
     let cfg = describe(ck).map_err(anyhow::Error::from)?;
-    let mut stage = Stage::open(ck, cfg.clone()).map_err(anyhow::Error::from)?;
+    let mut stage = StageExecutor::open(ck, cfg.clone()).map_err(anyhow::Error::from)?;
     let layers = 0..cfg.layers as usize;
     let mut lat = Vec::with_capacity(a.requests);
     let t0 = Instant::now();
