@@ -282,6 +282,7 @@ impl EventLoop {
                 peer_id, endpoint, ..
             } => {
                 tracing::debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), "connected");
+                self.note_remote_ip(peer_id, endpoint.get_remote_address());
                 if !self.bootstrapped {
                     self.bootstrapped = true;
                     let _ = self.swarm.behaviour_mut().kad.bootstrap();
