@@ -5,7 +5,7 @@
 //! fixed origin the caller picks) and randomness (`entropy: u64`) come in as arguments;
 //! messages come in through `handle_*` and go out through `poll_*`. The I/O shell in
 //! `node/` adapts these machines to libp2p, and the tests drive them through a
-//! deterministic simulated network instead.
+//! deterministic simulated network instead. The map of the whole code: `docs/architecture.md`.
 //!
 //! - [`membership`]: the membership table built from heartbeats (incarnations, suspicion,
 //!   failure), the view it derives and when that view is settled.

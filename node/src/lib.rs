@@ -1,4 +1,6 @@
-//! shoal's I/O shell: adapts the sans-IO core in `coordinator_free` to the world.
+//! shoal's I/O shell: adapts the sans-IO core in `coordinator_free` to the world. The map of
+//! the whole code (tree, modules, a training step and a completion request walked through):
+//! `docs/architecture.md`.
 //!
 //! - [`identity`]: the node's persistent key, incarnation counter and swarm key on disk.
 //! - [`capabilities`]: what this machine offers (cores, RAM, GPUs).
