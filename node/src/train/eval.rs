@@ -8,7 +8,7 @@
 use super::collective::{tag, StepError, TAG_EVAL};
 use super::data::{Batch, Task};
 use super::member::Trainer;
-use super::model::{ModelError, VOCAB};
+use super::model::{lm_loss, ModelError};
 use super::report::{AccuracyOf, EvalRecord};
 use super::{TrainError, REJOIN_TIMEOUT};
 use coordinator_free::{ReduceOp, View};
@@ -24,30 +24,7 @@ const EVAL_BATCH: usize = 512;
 /// over its counted positions (the loss `Model::loss_sum` trains on), the positions whose
 /// argmax is the target, and the positions counted (all of them, or where the mask is set).
 fn lm_sums(logits: &Tensor, batch: &Batch) -> Result<(f64, i64, i64), ModelError> {
-    let b = batch.len as i64;
-    let t = batch.y.size().get(1).copied().unwrap_or(0);
-    if logits.size() != [b, t, VOCAB] {
-        return Err(ModelError::Shape(format!(
-            "logits are {:?}, expected [{b}, {t}, {VOCAB}]",
-            logits.size()
-        )));
-    }
-    let per_token = logits
-        .view([b * t, VOCAB])
-        .cross_entropy_loss::<Tensor>(
-            &batch.y.view([b * t]),
-            None,
-            tch::Reduction::None,
-            -100,
-            0.0,
-        )
-        .view([b, t]);
-    let loss = match &batch.mask {
-        Some(mask) => ((&per_token * mask).sum_dim_intlist(1, false, Kind::Float)
-            / mask.sum_dim_intlist(1, false, Kind::Float))
-        .sum(Kind::Float),
-        None => per_token.mean_dim(1, false, Kind::Float).sum(Kind::Float),
-    };
+    let (loss, _) = lm_loss(logits, batch)?;
     let (hits, positions) = next_token_hits(logits, &batch.y, batch.mask.as_ref());
     Ok((loss.double_value(&[]), hits, positions))
 }
@@ -193,6 +170,7 @@ impl Trainer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::train::model::VOCAB;
 
     /// `[1, T, V]` logits whose argmax at position `p` is `argmax[p]`.
     fn logits_with_argmax(argmax: &[i64], vocab: i64) -> Tensor {

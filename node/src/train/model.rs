@@ -107,40 +107,14 @@ impl Model {
                     .int64_value(&[]);
                 Ok((loss, correct))
             }
-            Task::Lm { len, .. } => {
-                let (b, t) = (batch.len as i64, len as i64);
-                if logits.size() != [b, t, VOCAB] {
-                    return Err(ModelError::Shape(format!(
-                        "logits are {:?}, expected [{b}, {t}, {VOCAB}]",
-                        logits.size()
-                    )));
-                }
-                let per_token = logits
-                    .view([b * t, VOCAB])
-                    .cross_entropy_loss::<Tensor>(
-                        &batch.y.view([b * t]),
-                        None,
-                        tch::Reduction::None,
-                        -100,
-                        0.0,
-                    )
-                    .view([b, t]);
-                let hit = logits.argmax(-1, false).eq_tensor(&batch.y);
-                let (loss, correct) =
-                    match &batch.mask {
-                        Some(mask) => {
-                            let per_sample =
-                                (&per_token * mask).sum_dim_intlist(1, false, Kind::Float)
-                                    / mask.sum_dim_intlist(1, false, Kind::Float);
-                            let miss = (hit.logical_not().to_kind(Kind::Float) * mask)
-                                .sum_dim_intlist(1, false, Kind::Float);
-                            (per_sample.sum(Kind::Float), miss.eq(0.0))
-                        }
-                        None => (
-                            per_token.mean_dim(1, false, Kind::Float).sum(Kind::Float),
-                            hit.all_dim(1, false),
-                        ),
-                    };
+            Task::Lm { .. } => {
+                let (loss, hit) = lm_loss(&logits, batch)?;
+                let correct = match &batch.mask {
+                    Some(mask) => (hit.logical_not().to_kind(Kind::Float) * mask)
+                        .sum_dim_intlist(1, false, Kind::Float)
+                        .eq(0.0),
+                    None => hit.all_dim(1, false),
+                };
                 Ok((loss, correct.sum(Kind::Int64).int64_value(&[])))
             }
         }
@@ -176,4 +150,35 @@ impl Model {
     pub fn numel(&self) -> usize {
         self.params().iter().map(|(_, t)| t.numel()).sum()
     }
+}
+
+/// A language model's loss on one batch from its `logits` (`[B, T, VOCAB]`): the **sum**
+/// over samples of each sample's mean loss over its counted positions (all of them, or where
+/// the batch's mask is set), and whether each position's argmax is its target (`[B, T]`).
+pub(crate) fn lm_loss(logits: &Tensor, batch: &Batch) -> Result<(Tensor, Tensor), ModelError> {
+    let b = batch.len as i64;
+    let t = batch.y.size().get(1).copied().unwrap_or(0);
+    if logits.size() != [b, t, VOCAB] {
+        return Err(ModelError::Shape(format!(
+            "logits are {:?}, expected [{b}, {t}, {VOCAB}]",
+            logits.size()
+        )));
+    }
+    let per_token = logits
+        .view([b * t, VOCAB])
+        .cross_entropy_loss::<Tensor>(
+            &batch.y.view([b * t]),
+            None,
+            tch::Reduction::None,
+            -100,
+            0.0,
+        )
+        .view([b, t]);
+    let loss = match &batch.mask {
+        Some(mask) => ((&per_token * mask).sum_dim_intlist(1, false, Kind::Float)
+            / mask.sum_dim_intlist(1, false, Kind::Float))
+        .sum(Kind::Float),
+        None => per_token.mean_dim(1, false, Kind::Float).sum(Kind::Float),
+    };
+    Ok((loss, logits.argmax(-1, false).eq_tensor(&batch.y)))
 }

@@ -27,6 +27,21 @@ pub fn data_plane_args(t: DataTransport) -> Vec<String> {
     vec!["--data-plane".to_string(), t.to_string()]
 }
 
+/// Keeps `c` running until Ctrl-C when `wait` (saying so unless `quiet`), then stops its
+/// nodes and removes `dir` when it is a temporary one.
+pub async fn finish(mut c: LocalCluster, dir: &Path, temp: bool, wait: bool, quiet: bool) {
+    if wait {
+        if !quiet {
+            println!("running; Ctrl-C to stop (logs under {})", dir.display());
+        }
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    c.shutdown();
+    if temp {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
 /// Starts `n` nodes of this binary under `dir`, each with `extra` arguments after `up`,
 /// and waits at most `bound` for one agreed view of all `n`.
 pub async fn start_agreed(

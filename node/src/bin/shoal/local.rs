@@ -1,7 +1,7 @@
 //! `shoal local`: runs N nodes on 127.0.0.1 (mDNS off, joined through node 0), shows a
 //! table of their views while they converge, and reports the one view they agree on.
 
-use crate::cluster::local_dir;
+use crate::cluster::{self, local_dir};
 use crate::failure::Failure;
 use clap::Args;
 use shoal_node::local::{LocalCluster, LocalError, Reports};
@@ -96,15 +96,6 @@ pub async fn local(a: LocalArgs) -> Result<(), Failure> {
             &view.hash[..16]
         );
     }
-    if !a.exit_when_converged {
-        if !a.json {
-            println!("running; Ctrl-C to stop (logs under {})", dir.display());
-        }
-        let _ = tokio::signal::ctrl_c().await;
-    }
-    c.shutdown();
-    if temp {
-        let _ = std::fs::remove_dir_all(&dir);
-    }
+    cluster::finish(c, &dir, temp, !a.exit_when_converged, a.json).await;
     Ok(())
 }

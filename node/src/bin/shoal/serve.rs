@@ -1,7 +1,7 @@
 //! `shoal serve`: offers a model (a shoal checkpoint or a TorchScript file) to a node, or to
 //! N local nodes it starts, waits until it is served, and asks it the `--prompt`s.
 
-use crate::cluster::{data_plane_args, local_dir, start_agreed};
+use crate::cluster::{self, data_plane_args, local_dir, start_agreed};
 use crate::failure::{usage, Failure};
 use anyhow::anyhow;
 use clap::Args;
@@ -189,16 +189,8 @@ async fn serve_local(
         Ok::<(), Failure>(())
     }
     .await;
-    if result.is_ok() && a.prompts.is_empty() {
-        if !a.json {
-            println!("running; Ctrl-C to stop (logs under {})", dir.display());
-        }
-        let _ = tokio::signal::ctrl_c().await;
-    }
-    c.shutdown();
-    if temp {
-        let _ = std::fs::remove_dir_all(&dir);
-    }
+    let wait = result.is_ok() && a.prompts.is_empty();
+    cluster::finish(c, &dir, temp, wait, a.json).await;
     result
 }
 
