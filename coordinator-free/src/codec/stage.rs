@@ -1,0 +1,229 @@
+//! Serving: the request/response frames that flow between an entry node and the members
+//! holding pipeline stages, over a data-plane stream.
+//!
+//! A frame is `[u32 LE meta length][meta: bincode, at most MAX_STAGE_META][u64 LE payload
+//! length][payload]`. The payload length is checked against [`MAX_STAGE_PAYLOAD`] (and, by
+//! the shell, against what the meta says it holds) before anything is allocated for it.
+
+use super::{decode_limited, encode_limited, CodecError};
+use serde::{Deserialize, Serialize};
+
+/// Largest encoded meta.
+pub const MAX_STAGE_META: usize = 16 * 1024;
+/// Largest payload (activations, logits or a model file chunk), in bytes. 1 GiB.
+pub const MAX_STAGE_PAYLOAD: u64 = 1 << 30;
+/// Largest batch in one forward.
+pub const MAX_BATCH: u32 = 4096;
+
+/// What a forward's payload holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Payload {
+    /// Token ids, i64 little-endian, `[batch, len]`.
+    Tokens,
+    /// Hidden states, f32 little-endian, `[batch, len, width]`.
+    Hidden,
+    /// Logits of every position, f32, `[batch, len, vocab]`.
+    Logits,
+    /// Logits of the last position only, f32, `[batch, vocab]`.
+    LastLogits,
+    /// Raw bytes (a model file chunk).
+    Bytes,
+}
+
+/// An entry node's request to a stage.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum StageRequest {
+    /// Run layers `start..end` of the model over the payload: `prefill` starts the
+    /// rows (their KV caches), otherwise each row gets one more token.
+    Forward {
+        /// The model (SHA-256 of its file).
+        model: [u8; 32],
+        /// The rows (generated sequences; KV caches are per row), one per `shape[0]`.
+        rows: Vec<u64>,
+        /// First layer.
+        start: u32,
+        /// One past the last layer.
+        end: u32,
+        /// The payload's shape, `[rows, ...]` (1 to 4 dimensions; a `gpt`'s
+        /// `[rows, positions]` tokens or `[rows, positions, width]` hidden states).
+        shape: Vec<u32>,
+        /// Whether this call starts the rows (prompts) or extends them (one token).
+        prefill: bool,
+        /// Left padding of each row in a prefill (one per row; 0 when decoding).
+        pad: Vec<u32>,
+        /// What the payload holds.
+        input: Payload,
+        /// What to answer with (`Hidden` unless `end` is the last layer).
+        output: Payload,
+    },
+    /// Forget rows' KV caches.
+    Drop {
+        /// The rows (at most [`MAX_BATCH`]).
+        rows: Vec<u64>,
+    },
+    /// Send `len` bytes of the model file from `offset`.
+    Fetch {
+        /// The model.
+        model: [u8; 32],
+        /// Offset in the file.
+        offset: u64,
+        /// Bytes wanted.
+        len: u64,
+    },
+}
+
+/// A stage's answer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum StageReply {
+    /// Done; the payload holds `output` with this shape.
+    Ok {
+        /// What the payload holds.
+        payload: Payload,
+        /// Its shape.
+        shape: Vec<u32>,
+    },
+    /// Failed here (model not held yet, a panic, I/O): another member may succeed.
+    Err(String),
+    /// The request itself does not fit the model (shapes, context length, unknown
+    /// row): no member would run it.
+    Rejected(String),
+}
+
+impl StageRequest {
+    /// Encodes the meta.
+    pub fn encode(&self) -> Result<Vec<u8>, CodecError> {
+        encode_limited::<_, MAX_STAGE_META>(self)
+    }
+    /// Decodes and validates a meta.
+    pub fn decode(bytes: &[u8]) -> Result<StageRequest, CodecError> {
+        let r: StageRequest = decode_limited::<_, MAX_STAGE_META>(bytes)?;
+        if let StageRequest::Drop { rows } = &r {
+            if rows.len() > MAX_BATCH as usize {
+                return Err(CodecError::Invalid(format!("drop of {} rows", rows.len())));
+            }
+        }
+        if let StageRequest::Forward {
+            start,
+            end,
+            shape,
+            pad,
+            rows,
+            ..
+        } = &r
+        {
+            if shape.is_empty() || shape.len() > 4 || shape.contains(&0) {
+                return Err(CodecError::Invalid(format!("payload shape {shape:?}")));
+            }
+            let batch = shape[0];
+            if start >= end || batch > MAX_BATCH {
+                return Err(CodecError::Invalid(format!(
+                    "forward of layers {start}..{end}, batch {batch}"
+                )));
+            }
+            if rows.len() != batch as usize || pad.len() != batch as usize {
+                return Err(CodecError::Invalid(format!(
+                    "{} row ids and {} paddings for {batch} rows",
+                    rows.len(),
+                    pad.len()
+                )));
+            }
+        }
+        if let StageRequest::Fetch { len, .. } = &r {
+            if *len > MAX_STAGE_PAYLOAD {
+                return Err(CodecError::Invalid(format!("fetch of {len} bytes")));
+            }
+        }
+        Ok(r)
+    }
+}
+
+impl StageReply {
+    /// Encodes the meta.
+    pub fn encode(&self) -> Result<Vec<u8>, CodecError> {
+        encode_limited::<_, MAX_STAGE_META>(self)
+    }
+    /// Decodes a meta.
+    pub fn decode(bytes: &[u8]) -> Result<StageReply, CodecError> {
+        let r: StageReply = decode_limited::<_, MAX_STAGE_META>(bytes)?;
+        if let StageReply::Ok { shape, .. } = &r {
+            if shape.len() > 4 {
+                return Err(CodecError::Invalid(format!("{}-d payload", shape.len())));
+            }
+        }
+        Ok(r)
+    }
+}
+
+/// Checks a frame's meta length prefix.
+pub fn meta_len(prefix: [u8; 4]) -> Result<usize, CodecError> {
+    let n = u32::from_le_bytes(prefix) as usize;
+    if n > MAX_STAGE_META {
+        return Err(CodecError::TooLarge {
+            len: n,
+            limit: MAX_STAGE_META,
+        });
+    }
+    Ok(n)
+}
+
+/// Checks a frame's payload length prefix.
+pub fn payload_len(prefix: [u8; 8]) -> Result<u64, CodecError> {
+    let n = u64::from_le_bytes(prefix);
+    if n > MAX_STAGE_PAYLOAD {
+        return Err(CodecError::TooLarge {
+            len: usize::try_from(n).unwrap_or(usize::MAX),
+            limit: MAX_STAGE_PAYLOAD as usize,
+        });
+    }
+    Ok(n)
+}
+
+/// Bytes a payload of `kind` with `shape` must hold (`width` for hidden states).
+pub fn expected_bytes(kind: Payload, shape: &[u32]) -> Option<u64> {
+    let elems = shape
+        .iter()
+        .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))?;
+    let size = match kind {
+        Payload::Tokens => 8,
+        Payload::Bytes => 1,
+        _ => 4,
+    };
+    elems.checked_mul(size)
+}
+
+/// A prefill's [`Payload::Tokens`] of byte-level prompts: one row per prompt, each
+/// left-padded with token 0 to the longest. Returns the row length, each row's padding
+/// and the payload (`[prompts, len]`). What an entry node sends a pipeline's first stage.
+pub fn pack_prompts<'a>(prompts: impl IntoIterator<Item = &'a [u8]>) -> (u32, Vec<u32>, Vec<u8>) {
+    let prompts: Vec<&[u8]> = prompts.into_iter().collect();
+    let len = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+    let mut pad = Vec::with_capacity(prompts.len());
+    let mut bytes = Vec::with_capacity(prompts.len() * len * 8);
+    for p in &prompts {
+        pad.push((len - p.len()) as u32);
+        for _ in p.len()..len {
+            bytes.extend_from_slice(&0i64.to_le_bytes());
+        }
+        for &t in *p {
+            bytes.extend_from_slice(&i64::from(t).to_le_bytes());
+        }
+    }
+    (len as u32, pad, bytes)
+}
+
+/// A decode call's [`Payload::Tokens`]: one token per row (`[rows, 1]`).
+pub fn pack_tokens(tokens: impl IntoIterator<Item = u8>) -> Vec<u8> {
+    tokens
+        .into_iter()
+        .flat_map(|t| i64::from(t).to_le_bytes())
+        .collect()
+}
+
+/// The f32 values of a [`Payload::Hidden`], [`Payload::Logits`] or
+/// [`Payload::LastLogits`] payload (little-endian; a trailing partial value is ignored).
+pub fn f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
