@@ -199,6 +199,7 @@ impl ControlMessage {
     }
 }
 
+/// Serving frames between an entry node and pipeline stages.
 pub mod stage;
 
 #[cfg(test)]
@@ -495,4 +496,5 @@ mod tests {
     }
 }
 
+/// The header that opens every collective on a data-plane link.
 pub mod data;
