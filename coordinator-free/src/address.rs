@@ -19,12 +19,14 @@ use std::str::FromStr;
 pub const MAX_DATA_ADDR_LEN: usize = crate::membership::MAX_ADDR_LEN;
 
 /// How members' data planes talk to each other. Every member of a cluster must run the
-/// same one.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// same one. Default: QUIC.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Transport {
-    /// QUIC (encrypted). Text form `quic`.
+    /// QUIC with libp2p-tls (encrypted). Text form `quic`.
+    #[default]
     Quic,
-    /// Plain TCP, authenticated at connect time. Text form `tcp`.
+    /// Plain TCP, authenticated at connect time (unencrypted payloads). Text form `tcp`.
     Tcp,
 }
 

@@ -114,7 +114,7 @@ pub async fn run(cfg: NodeConfig) -> Result<(), NodeError> {
         cfg.membership.clone(),
         0,
     );
-    let transport = roster::core_transport(data_plane.transport());
+    let transport = data_plane.transport();
     membership.set_data_addr(Some(DataPlaneAddr::new(transport, data_plane.local_addr())));
     tracing::info!(addr = %data_plane.local_addr(), %transport, "data plane listening");
     tracing::info!(peer = %peer_id, incarnation, api = %api_addr, "node starting");

@@ -3,20 +3,11 @@
 //! ([`coordinator_free::DataPlaneAddr`]).
 
 use super::event_loop::EventLoop;
-use crate::data_plane::{DataTransport, Roster};
-use coordinator_free::Transport;
+use crate::data_plane::Roster;
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
 use std::collections::HashMap;
 use std::net::IpAddr;
-
-/// The core's name for a data-plane transport.
-pub(super) fn core_transport(t: DataTransport) -> Transport {
-    match t {
-        DataTransport::Quic => Transport::Quic,
-        DataTransport::Tcp => Transport::Tcp,
-    }
-}
 
 /// The IP a multiaddr reaches (its first `/ip4` or `/ip6` part), if any.
 fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
@@ -51,7 +42,7 @@ impl EventLoop {
     /// members announcing an unspecified IP whose connection's IP is not known.
     pub(super) fn update_roster(&mut self) {
         let view = self.membership.view().clone();
-        let mine = core_transport(self.data_plane.transport());
+        let mine = self.data_plane.transport();
         let mut addrs = HashMap::new();
         addrs.insert(self.membership.me().clone(), self.data_plane.local_addr());
         for m in self.membership.members() {
@@ -93,11 +84,5 @@ mod tests {
             Some("fe80::1".parse().unwrap())
         );
         assert_eq!(ip("/dns4/example.org/tcp/4001"), None);
-    }
-
-    #[test]
-    fn transports_map_one_to_one() {
-        assert_eq!(core_transport(DataTransport::Quic), Transport::Quic);
-        assert_eq!(core_transport(DataTransport::Tcp), Transport::Tcp);
     }
 }

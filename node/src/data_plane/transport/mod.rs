@@ -15,45 +15,9 @@ use coordinator_free::NodeId;
 use libp2p::PeerId;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-/// Which transport carries the data plane.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DataTransport {
-    /// QUIC with libp2p-tls (encrypted). The default.
-    #[default]
-    Quic,
-    /// Plain TCP, authenticated at connect time (unencrypted payloads).
-    Tcp,
-}
-
-impl DataTransport {
-    /// Its name, as `shoal up --data-plane` takes it and benchmark lines print it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DataTransport::Quic => "quic",
-            DataTransport::Tcp => "tcp",
-        }
-    }
-}
-
-impl std::fmt::Display for DataTransport {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl std::str::FromStr for DataTransport {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "quic" => Ok(DataTransport::Quic),
-            "tcp" => Ok(DataTransport::Tcp),
-            other => Err(format!(
-                "unknown data-plane transport '{other}' (quic or tcp)"
-            )),
-        }
-    }
-}
+/// Which transport carries the data plane: the core's [`coordinator_free::Transport`]
+/// (`quic`, the default, or `tcp`), the same type members announce in their addresses.
+pub use coordinator_free::Transport as DataTransport;
 
 /// The reading half of a link.
 pub(super) type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
