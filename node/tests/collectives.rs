@@ -331,6 +331,62 @@ async fn a_member_dropped_from_the_roster_fails_waiting_collectives_at_once() {
     );
 }
 
+/// A collective of a view that is replaced while it waits for a member that stays (that
+/// member abandoned the old view's collectives and will never start this one, as a
+/// survivor does after its link to a killed member failed) fails at once with
+/// `Superseded`, not at the 30 s start bound; one started on the replaced view afterwards
+/// fails without waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_view_fails_collectives_waiting_on_members_that_stay() {
+    for transport in [DataTransport::Tcp, DataTransport::Quic] {
+        let (dps, view) = members(3, transport, DataPlaneConfig::default()).await;
+        let start = |tag: u64| {
+            let (d, view) = (dps[0].clone(), view.clone());
+            tokio::spawn(async move {
+                let mut buf = vec![1.0f32; 1024];
+                d.all_reduce(&view, tag, &mut buf, ReduceOp::Sum).await
+            })
+        };
+        // Ranks 1 and 2 never start: rank 0 waits for its left neighbour's header.
+        let waiting = start(1);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let next = View::new(view.epoch + 1, view.members.clone());
+        let addrs: HashMap<NodeId, _> = dps
+            .iter()
+            .map(|d| (d.me().clone(), d.local_addr()))
+            .collect();
+        let replaced = Instant::now();
+        dps[0].set_roster(Roster { view: next, addrs });
+        let err = waiting.await.unwrap().expect_err("nobody else took part");
+        assert!(
+            matches!(
+                err,
+                DataPlaneError::Superseded { .. } | DataPlaneError::Io { .. }
+            ),
+            "{transport:?}: {err}"
+        );
+        assert!(
+            replaced.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            replaced.elapsed()
+        );
+        let again = Instant::now();
+        let err = start(2).await.unwrap().expect_err("the view was replaced");
+        assert!(
+            matches!(
+                err,
+                DataPlaneError::Superseded { .. } | DataPlaneError::Io { .. }
+            ),
+            "{transport:?}: {err}"
+        );
+        assert!(
+            again.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            again.elapsed()
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn view_mismatch_is_refused_before_any_payload() {
     for transport in [DataTransport::Tcp, DataTransport::Quic] {

@@ -60,12 +60,15 @@ impl DataPlane {
             inbox
                 .arrived
                 .retain(|(peer, _), (_, h, _)| members.contains(peer) && h.view_hash == hash);
-            // A collective (of this view's epoch or earlier) waiting for a departed member's
-            // first header fails now (its sender is dropped) instead of at the start bound.
+            // A collective waiting for a first header fails now (its sender is dropped)
+            // instead of at the start bound when its view is older than this one (its peers
+            // abandon collectives of views they left, so the header may never come), or of
+            // this view and waiting on a departed member. A newer view's collective keeps
+            // waiting (this roster may lag behind).
             let epoch = roster_epoch;
             inbox
                 .waiting
-                .retain(|(peer, _), (_, e)| members.contains(peer) || *e > epoch);
+                .retain(|(peer, _), (_, e)| *e > epoch || (*e == epoch && members.contains(peer)));
         }
         // Close QUIC connections to members that left: collectives still waiting on them
         // fail at once instead of at their timeout (TCP links of a dead process are reset
@@ -163,6 +166,24 @@ impl DataPlane {
         inbox.arrived.insert(key, (link, h, Instant::now()));
     }
 
+    /// Why a wait for `peer`'s first header in a collective of view `epoch` cannot succeed
+    /// under the current roster: the roster is of that view or a newer one and `peer` is
+    /// not in it ([`DataPlaneError::Left`]), or the roster is of a newer view
+    /// ([`DataPlaneError::Superseded`]).
+    fn stale_wait(&self, peer: &NodeId, epoch: u64) -> Option<DataPlaneError> {
+        let r = self.roster()?;
+        if r.view.epoch >= epoch && !r.view.contains(peer) {
+            Some(DataPlaneError::Left(peer.clone()))
+        } else if r.view.epoch > epoch {
+            Some(DataPlaneError::Superseded {
+                peer: peer.clone(),
+                epoch,
+            })
+        } else {
+            None
+        }
+    }
+
     /// Waits for `peer`'s first header of collective `tag` in a view of `epoch`. Fails at
     /// once when this node has moved on to a view (of that epoch or later) without the peer,
     /// or when a roster without it arrives while waiting; otherwise within the start bound.
@@ -180,11 +201,8 @@ impl DataPlane {
             }
             // Checked under the inbox lock: a roster installed after this check prunes the
             // waiter inserted below (see `set_roster`).
-            if self
-                .roster()
-                .is_some_and(|r| r.view.epoch >= epoch && !r.view.contains(peer))
-            {
-                return Err(DataPlaneError::Left(peer.clone()));
+            if let Some(e) = self.stale_wait(peer, epoch) {
+                return Err(e);
             }
             let (tx, rx) = oneshot::channel();
             inbox.waiting.insert(key.clone(), (tx, epoch));
@@ -193,8 +211,11 @@ impl DataPlane {
         let bound = self.inner.cfg.start_timeout;
         match tokio::time::timeout(bound, rx).await {
             Ok(Ok(x)) => Ok(x),
-            // `set_roster` dropped the sender: the peer left the view.
-            Ok(Err(_)) => Err(DataPlaneError::Left(peer.clone())),
+            // `set_roster` dropped the sender: the peer left the view, or the view was
+            // replaced.
+            Ok(Err(_)) => Err(self
+                .stale_wait(peer, epoch)
+                .unwrap_or_else(|| DataPlaneError::Left(peer.clone()))),
             Err(_) => {
                 self.inner.inbox.lock().unwrap().waiting.remove(&key);
                 Err(DataPlaneError::Timeout {

@@ -133,6 +133,15 @@ pub enum DataPlaneError {
     /// The peer left the view while a collective waited on it.
     #[error("{0} left the view")]
     Left(NodeId),
+    /// The collective's view was replaced by a newer one while it waited on a peer (that
+    /// peer may never start it: it abandons collectives of views it has left).
+    #[error("the view of epoch {epoch} was replaced while waiting for {peer}")]
+    Superseded {
+        /// The peer waited on.
+        peer: NodeId,
+        /// The collective's view epoch.
+        epoch: u64,
+    },
     /// The link to a peer failed (closed, reset, refused).
     #[error("link to {peer} failed: {source}")]
     Io {
