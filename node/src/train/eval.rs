@@ -24,22 +24,26 @@ const EVAL_BATCH: usize = 512;
 /// over its counted positions (the loss `Model::loss_sum` trains on), the positions whose
 /// argmax is the target, and the positions counted (all of them, or where the mask is set).
 fn lm_sums(logits: &Tensor, batch: &Batch) -> Result<(f64, i64, i64), ModelError> {
-    let (loss, _) = lm_loss(logits, batch)?;
-    let (hits, positions) = next_token_hits(logits, &batch.y, batch.mask.as_ref());
+    let (loss, hit) = lm_loss(logits, batch)?;
+    let (hits, positions) = count_hits(&hit, batch.mask.as_ref());
     Ok((loss.double_value(&[]), hits, positions))
 }
 
 /// Next-token hits: of the positions of `targets` (`[B, T]` token ids; only where `mask`
 /// (`[B, T]`, 1 or 0) is 1 when given), how many have `logits` (`[B, T, V]`) whose argmax
 /// is the target, and how many positions were counted.
+#[cfg(test)]
 fn next_token_hits(logits: &Tensor, targets: &Tensor, mask: Option<&Tensor>) -> (i64, i64) {
-    let hit = logits
-        .argmax(-1, false)
-        .eq_tensor(targets)
-        .to_kind(Kind::Float);
+    count_hits(&logits.argmax(-1, false).eq_tensor(targets), mask)
+}
+
+/// Of the positions of `hit` (`[B, T]`, whether each position's argmax is its target; only
+/// where `mask` is 1 when given), how many are hits, and how many were counted.
+fn count_hits(hit: &Tensor, mask: Option<&Tensor>) -> (i64, i64) {
+    let hit = hit.to_kind(Kind::Float);
     let (hits, counted) = match mask {
-        Some(m) => ((hit * m).sum(Kind::Float), m.sum(Kind::Float)),
-        None => (hit.sum(Kind::Float), Tensor::from(targets.numel() as f64)),
+        Some(m) => ((&hit * m).sum(Kind::Float), m.sum(Kind::Float)),
+        None => (hit.sum(Kind::Float), Tensor::from(hit.numel() as f64)),
     };
     (
         hits.double_value(&[]).round() as i64,
