@@ -4,6 +4,8 @@
 //!
 //! - [`identity`]: the node's persistent key, incarnation counter and swarm key on disk.
 //! - [`capabilities`]: what this machine offers (cores, RAM, GPUs).
+//! - [`device`]: which device a member computes on (`auto`, `cpu`, `cuda:N`) and its
+//!   free memory.
 //! - [`control_plane`]: the libp2p swarm (transports, behaviours, limits).
 //! - [`data_plane`]: member-to-member links (QUIC or TCP) and the collectives over them.
 //! - [`node`]: the one event loop per node and its cloneable command handle.
@@ -22,6 +24,7 @@ pub mod api;
 pub mod capabilities;
 pub mod control_plane;
 pub mod data_plane;
+pub mod device;
 pub mod identity;
 pub mod local;
 pub mod metrics;
