@@ -8,5 +8,7 @@ fn main() {
         // libtorch_cpu pulls its CUDA siblings (nvidia/*/lib) through its own RUNPATH;
         // --disable-new-dtags keeps our rpath applying to those transitive loads too.
         println!("cargo:rustc-link-arg=-Wl,--disable-new-dtags");
+        // Where `device::load_cuda_backend` looks is the rpath; its test checks the file.
+        println!("cargo:rustc-env=SHOAL_LIBTORCH_LIB={lib}");
     }
 }

@@ -241,6 +241,32 @@ pub fn nccl_root(view: &View) -> Option<&NodeId> {
     view.members.first().map(|m| &m.id)
 }
 
+/// What carries a view's gradient all-reduce.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// shoal's ring over the data plane (TCP or QUIC), on host buffers.
+    Ring,
+    /// NCCL on device buffers.
+    Nccl,
+}
+
+/// The backend of a view whose members report `device_keys` (in any order, one per
+/// member, exchanged in the view's progress all-gather so every member decides on the same
+/// list): a member's key is 0 unless it computes on a CUDA device with NCCL available, and
+/// then names that device (two members on one GPU report the same key). NCCL only when every
+/// member has a key and no two share a device (NCCL refuses two ranks on one device); the
+/// ring otherwise, which works for any mix of devices.
+pub fn choose_backend(device_keys: &[u64]) -> Backend {
+    let mut keys = device_keys.to_vec();
+    keys.sort_unstable();
+    let distinct = keys.windows(2).all(|w| w[0] != w[1]);
+    if !keys.is_empty() && keys[0] != 0 && distinct {
+        Backend::Nccl
+    } else {
+        Backend::Ring
+    }
+}
+
 /// Splits `range` into consecutive segments of at most `max` elements (pipelining unit).
 pub fn segments(range: Range<usize>, max: usize) -> impl Iterator<Item = Range<usize>> {
     let max = max.max(1);
@@ -254,6 +280,20 @@ pub fn segments(range: Range<usize>, max: usize) -> impl Iterator<Item = Range<u
 mod tests {
     use super::*;
     use crate::view::ViewMember;
+
+    #[test]
+    fn nccl_only_when_every_member_has_a_device_of_its_own() {
+        assert_eq!(choose_backend(&[7]), Backend::Nccl);
+        assert_eq!(choose_backend(&[7, 9, 11]), Backend::Nccl);
+        // A CPU member (or one without NCCL) anywhere: the ring.
+        assert_eq!(choose_backend(&[7, 0, 11]), Backend::Ring);
+        assert_eq!(choose_backend(&[0]), Backend::Ring);
+        // Two members on one GPU: NCCL would refuse them.
+        assert_eq!(choose_backend(&[7, 9, 7]), Backend::Ring);
+        assert_eq!(choose_backend(&[]), Backend::Ring);
+        // The order the keys arrive in does not matter.
+        assert_eq!(choose_backend(&[11, 9, 7]), choose_backend(&[7, 9, 11]));
+    }
 
     /// Runs the all-reduce schedule on plain integers for every rank in lockstep.
     fn simulate(n: usize, len: usize) -> Vec<Vec<i64>> {

@@ -51,10 +51,22 @@ pub fn available() -> Result<(), NcclError> {
     if !unsafe { sys::is_culib_present() } {
         return Err(NcclError::Unavailable("libnccl not found".into()));
     }
-    if !tch::Cuda::is_available() {
+    if crate::device::cuda_device_count() == 0 {
         return Err(NcclError::Unavailable("no CUDA device".into()));
     }
     Ok(())
+}
+
+/// The key naming CUDA device `index` in a view's backend choice
+/// ([`coordinator_free::collective::choose_backend`]): 64 bits of the GPU's UUID, never 0, so
+/// two members on one GPU report the same key. `None` where NCCL is unavailable.
+pub fn device_key(index: usize) -> Option<u64> {
+    available().ok()?;
+    let ctx = cudarc::driver::CudaContext::new(index).ok()?;
+    let uuid = ctx.uuid().ok()?;
+    let bytes: Vec<u8> = uuid.bytes.iter().map(|&b| b as u8).collect();
+    let digest = <sha2::Sha256 as sha2::Digest>::digest(&bytes);
+    Some(u64::from_le_bytes(digest[..8].try_into().expect("8 bytes")) | 1)
 }
 
 /// Mints a fresh `ncclUniqueId` (done by the view's root only).
@@ -168,6 +180,11 @@ impl NcclComm {
     /// Members.
     pub fn world_size(&self) -> usize {
         self.n
+    }
+
+    /// The CUDA device it runs on.
+    pub fn device(&self) -> usize {
+        self.device
     }
 
     /// The view this communicator belongs to.

@@ -29,7 +29,7 @@ fn nccl_all_reduce_on_cuda_tensors() {
         return;
     }
     // One member per GPU, as shoal runs them (NCCL allows one rank per device).
-    let n = (tch::Cuda::device_count() as usize).clamp(1, 4);
+    let n = shoal_node::device::cuda_device_count().clamp(1, 4);
     let (view, ids) = view_of(n);
     let id = nccl::mint_id().unwrap();
     let len = 1_000_003i64;

@@ -40,6 +40,8 @@ digits = 2
             masked: true,
         },
         3,
+        tch::Device::Cpu,
+        crate::device::Precision::F32,
     )
     .unwrap();
     let tensors: Vec<(String, Tensor)> = m

@@ -55,6 +55,8 @@ pub(super) struct EventLoop {
     pub(super) remote_ips: HashMap<PeerId, std::net::IpAddr>,
     /// The view for trainers.
     pub(super) views_tx: watch::Sender<crate::train::ViewState>,
+    /// A handle to this loop itself, for what it starts (trainers ask it for NCCL ids).
+    pub(super) handle: super::NodeHandle,
     /// Trainers report views whose collectives broke here (cloned into each trainer).
     pub(super) view_failed_tx: mpsc::UnboundedSender<coordinator_free::ViewHash>,
     pub(super) view_failed_rx: mpsc::UnboundedReceiver<coordinator_free::ViewHash>,

@@ -128,6 +128,7 @@ impl EventLoop {
             views: self.views_tx.subscribe(),
             view_failed: self.view_failed_tx.clone(),
             rt: tokio::runtime::Handle::current(),
+            node: self.handle.clone(),
             report: report.clone(),
             perturb: perturb.clone(),
         };

@@ -136,6 +136,7 @@ pub async fn run(cfg: NodeConfig) -> Result<(), NodeError> {
         nccl_waiters: Vec::new(),
         remote_ips: Default::default(),
         views_tx,
+        handle: handle.clone(),
         view_failed_tx,
         view_failed_rx,
         jobs: Default::default(),

@@ -40,6 +40,9 @@ pub(super) enum StepFailure {
     /// The view changed while it ran; it was abandoned.
     #[error("the view changed")]
     ViewChanged,
+    /// NCCL setup or the NCCL all-reduce failed (the view is reported as failed).
+    #[error("NCCL: {0}")]
+    Nccl(String),
 }
 
 /// A step's outcome other than success.

@@ -8,11 +8,12 @@ use super::TrainError;
 use coordinator_free::View;
 
 impl Trainer {
-    /// A digest of this member's parameters (SHA-256 of their bytes, first 8 bytes, hex).
+    /// A digest of this member's parameters (SHA-256 of the f32 master weights' bytes,
+    /// first 8 bytes, hex).
     fn weights_hash(&self) -> u64 {
         use sha2::{Digest, Sha256};
         let mut h = Sha256::new();
-        for (name, t) in &self.params {
+        for (name, t) in self.opt.named_params(&self.params) {
             let n = t.numel();
             let mut v = vec![0f32; n];
             t.contiguous().view([-1]).copy_data(&mut v, n);

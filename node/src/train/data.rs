@@ -96,6 +96,18 @@ pub struct Batch {
     pub len: usize,
 }
 
+impl Batch {
+    /// The batch on `device` (built on the CPU; a no-op there).
+    pub fn to_device(&self, device: tch::Device) -> Batch {
+        Batch {
+            x: self.x.to_device(device),
+            y: self.y.to_device(device),
+            mask: self.mask.as_ref().map(|m| m.to_device(device)),
+            len: self.len,
+        }
+    }
+}
+
 /// A loaded dataset.
 pub struct Dataset {
     /// The task it defines.

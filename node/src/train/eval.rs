@@ -148,7 +148,10 @@ impl Trainer {
         range: std::ops::Range<usize>,
         of: AccuracyOf,
     ) -> Result<(f64, i64, i64), TrainError> {
-        let b = self.data.eval_batch(range.clone());
+        let b = self
+            .data
+            .eval_batch(range.clone())
+            .to_device(self.model.device());
         if of == AccuracyOf::NextToken {
             let logits = self.model.forward(&b.x)?;
             return lm_sums(&logits, &b).map_err(TrainError::from);
@@ -156,6 +159,7 @@ impl Trainer {
         let (loss, mut correct) = self.model.loss_sum(&b)?;
         if let Some((prompts, answers)) = self.data.eval_prompts(range.clone()) {
             let fmt = self.data.arithmetic.expect("arithmetic");
+            let prompts = prompts.to_device(self.model.device());
             let gen = self.model.generate(&prompts, fmt.answer)?;
             let gen: Vec<i64> = Vec::try_from(gen.reshape([-1])).unwrap_or_default();
             correct = gen
@@ -218,7 +222,7 @@ mod tests {
             len: 8,
             masked: false,
         };
-        let model = Model::build(&job, task, 1).unwrap();
+        let model = Model::build(&job, task, 1, tch::Device::Cpu, Default::default()).unwrap();
         let x = Tensor::from_slice(&(0..16).map(|i| (i * 7 % 256) as i64).collect::<Vec<_>>())
             .view([2, 8]);
         let y = Tensor::from_slice(

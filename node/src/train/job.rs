@@ -124,6 +124,19 @@ pub struct JobSpec {
     /// `runs/<name>/samples.<member>.jsonl` (for audits and tests). Default: false.
     #[serde(default)]
     pub log_samples: bool,
+    /// Where each member computes: `auto` (the first CUDA device when libtorch sees one,
+    /// else the CPU), `cpu`, `cuda` or `cuda:N`, resolved by each member on its own
+    /// machine; a member asked for CUDA without one fails the job with a one-line reason.
+    /// Members may differ (a view of CUDA and CPU members trains through the ring; one of
+    /// CUDA members only, through NCCL). Not part of the job's identity: a checkpoint
+    /// written on one device resumes on another. Default: `auto`.
+    #[serde(default)]
+    pub device: crate::device::DeviceSpec,
+    /// `f32`, or `bf16`: mixed precision (forward and backward in bfloat16 on bfloat16
+    /// copies of the weights; gradients summed and the update applied in f32 to f32 master
+    /// weights, which checkpoints and state transfer carry). Default: `f32`.
+    #[serde(default)]
+    pub precision: crate::device::Precision,
     /// The model.
     pub model: ModelSpec,
     /// The data.
@@ -389,15 +402,23 @@ impl JobSpec {
         toml::to_string(self).expect("a job spec always serializes")
     }
 
-    /// A hash naming this exact job (SHA-256 of its TOML form), in hex.
+    /// A hash naming this exact job (SHA-256 of its TOML form, `device` left out), in hex.
     pub fn hash(&self) -> String {
-        hex::encode(Sha256::digest(self.to_toml().as_bytes()))
+        hex::encode(self.identity())
     }
 
     /// A 64-bit digest of [`JobSpec::hash`] used to tag the job's collectives.
     pub fn tag_base(&self) -> u64 {
-        let d = Sha256::digest(self.to_toml().as_bytes());
-        u64::from_le_bytes(d[..8].try_into().expect("8 bytes"))
+        u64::from_le_bytes(self.identity()[..8].try_into().expect("8 bytes"))
+    }
+
+    /// SHA-256 of the job as TOML, without where it runs (`device`): what the job is.
+    fn identity(&self) -> [u8; 32] {
+        let what = JobSpec {
+            device: Default::default(),
+            ..self.clone()
+        };
+        Sha256::digest(what.to_toml().as_bytes()).into()
     }
 
     /// Makes every relative path absolute: inputs (data, model) against `job_dir` (the job
@@ -522,6 +543,14 @@ impl JobSpec {
     /// `[model]`: the kind's keys and their ranges.
     fn validate_model(&self) -> Result<(), JobError> {
         let m = &self.model;
+        if self.precision == crate::device::Precision::Bf16
+            && self.model_kind() == ModelKind::Torchscript
+        {
+            return Err(invalid(
+                "precision",
+                "\"bf16\" is not supported for TorchScript models (their own code decides its types)",
+            ));
+        }
         match self.model_kind() {
             ModelKind::Torchscript if m.torchscript.is_none() => {
                 return Err(invalid(

@@ -63,21 +63,28 @@ impl Trainer {
         }
     }
 
-    /// All-gathers every member's progress on `view`.
+    /// All-gathers every member's progress on `view`, and its device key (the view's
+    /// backend choice, see `backend`).
     pub(super) fn exchange_progress(
         &mut self,
         view: &View,
         mine: Progress,
     ) -> Result<Vec<(NodeId, Progress)>, StepFailure> {
-        let input = words_as_f32(&[mine.step, mine.cursor.epoch, mine.cursor.offset]);
-        let mut out = vec![0f32; 6 * view.len()];
+        let input = words_as_f32(&[
+            mine.step,
+            mine.cursor.epoch,
+            mine.cursor.offset,
+            self.device_key,
+        ]);
+        let mut out = vec![0f32; 8 * view.len()];
         let dp = self.ctx.dp.clone();
         let t = tag(self.tag_base, view, TAG_EXCHANGE, 0, 0);
         self.collective(view, dp.all_gather(view, t, &input, &mut out))?;
         let words = f32_as_words(&out);
+        self.set_device_keys(view, words.chunks(4).map(|w| w[3]).collect());
         Ok(view
             .ids()
-            .zip(words.chunks(3))
+            .zip(words.chunks(4))
             .map(|(id, w)| {
                 (
                     id.clone(),
@@ -156,15 +163,19 @@ impl Trainer {
             t.copy_(&src);
             off += n;
         }
+        self.opt.refresh();
         Ok(numel as u64 * 4)
     }
 
-    /// The state every member must share: parameters, optimizer state, and counters.
+    /// The state every member must share: parameters (the f32 master weights; after
+    /// writing into them, `opt.refresh()` updates a bf16 model), optimizer state, and
+    /// counters.
     pub(super) fn state_tensors(&self) -> Vec<(String, Tensor)> {
         let mut v: Vec<(String, Tensor)> = self
-            .params
-            .iter()
-            .map(|(n, t)| (format!("model.{n}"), t.shallow_clone()))
+            .opt
+            .named_params(&self.params)
+            .into_iter()
+            .map(|(n, t)| (format!("model.{n}"), t))
             .collect();
         v.extend(
             self.opt

@@ -48,6 +48,10 @@ pub(super) struct Trainer {
     pub(super) started: Instant,
     /// The run's part of every collective tag (job and run).
     pub(super) tag_base: u64,
+    /// This member's key in the views' backend choice (see `backend`).
+    pub(super) device_key: u64,
+    /// The backend of the current view's gradient all-reduce, and its NCCL communicator.
+    pub(super) backends: super::backend::Backends,
 }
 
 impl Trainer {
@@ -57,7 +61,8 @@ impl Trainer {
         tch::set_num_threads(job.threads as i32);
         let context = job.model.context as usize;
         let data = Dataset::load(&job.data, job.seed, job.eval_fraction, context)?;
-        let model = Model::build(job, data.task, job.seed)?;
+        let device = job.device.resolve()?;
+        let model = Model::build(job, data.task, job.seed, device, job.precision)?;
         let params = model.params();
         let opt = Optimizer::new(&job.optimizer, &params)?;
         let total_steps = match (job.steps, job.epochs) {
@@ -66,6 +71,7 @@ impl Trainer {
             (None, None) => unreachable!("validated"),
         };
         tracing::info!(job = %job.name, params = model.numel(), train = data.train_len(),
+            device = %crate::device::name(device), precision = ?job.precision,
             held_out = data.eval_len(), total_steps, "job loaded");
         let tag_base = job.tag_base() ^ ctx.run;
         {
@@ -85,6 +91,8 @@ impl Trainer {
             log: None,
             started: Instant::now(),
             tag_base,
+            device_key: super::backend::device_key(device),
+            backends: Default::default(),
         })
     }
 

@@ -23,6 +23,8 @@
 //! - `step`: one step (local gradients, the guarded all-reduce, the update);
 //! - `join`: view changes and the state transfer that brings members
 //!   (joiners, members that fell behind) to the same state;
+//! - `backend`: which backend carries a view's gradient all-reduce (the ring, or NCCL when
+//!   every member is on a CUDA device of its own) and the view's NCCL communicator;
 //! - `collective`: tags, running a collective while watching the view,
 //!   and how a failed one is classified;
 //! - `consistency`: the periodic comparison of weights across members;
@@ -38,6 +40,7 @@ pub mod model;
 pub mod optim;
 pub mod report;
 
+mod backend;
 mod collective;
 mod consistency;
 mod eval;
@@ -78,6 +81,9 @@ pub struct ViewState {
 /// Why a job failed.
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
+    /// The job's device is not available on this member.
+    #[error(transparent)]
+    Device(#[from] crate::device::DeviceError),
     /// The data could not be loaded.
     #[error(transparent)]
     Data(#[from] data::DataError),
@@ -268,6 +274,8 @@ pub struct TrainContext {
     pub view_failed: tokio::sync::mpsc::UnboundedSender<ViewHash>,
     /// The node's runtime (collectives run there).
     pub rt: tokio::runtime::Handle,
+    /// The node (the NCCL id of a view travels on its control plane).
+    pub node: crate::node::NodeHandle,
     /// Where progress is published.
     pub report: Arc<Mutex<JobReport>>,
     /// Debug: when set to [`PERTURB_WEIGHTS`], the next step first nudges this member's

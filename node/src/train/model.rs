@@ -7,6 +7,7 @@
 
 use super::data::{Batch, Task};
 use super::job::{JobSpec, ModelKind};
+use crate::device::Precision;
 use crate::models::gpt::GptConfig;
 use crate::models::{Architecture, Network};
 use tch::{nn, Kind, Tensor};
@@ -16,12 +17,14 @@ pub use crate::models::ModelError;
 /// Byte vocabulary of the `gpt`.
 pub const VOCAB: i64 = crate::models::gpt::VOCAB as i64;
 
-/// A model with its parameters.
+/// A model with its parameters, on its device, computing in its precision.
 pub struct Model {
     /// The parameters.
     pub vs: nn::VarStore,
     net: Network,
     task: Task,
+    /// The kind the network computes in (its floating-point parameters' kind).
+    kind: Kind,
 }
 
 /// The architecture `job` asks for, checked against the data's `task`.
@@ -61,18 +64,47 @@ fn architecture(job: &JobSpec, task: Task) -> Result<Architecture, ModelError> {
 }
 
 impl Model {
-    /// Builds the job's model for `task`, initialised from `seed`.
-    pub fn build(job: &JobSpec, task: Task, seed: u64) -> Result<Model, ModelError> {
+    /// Builds the job's model for `task`, initialised from `seed`, on `device`, computing
+    /// in `precision`. The weights are drawn on the CPU and then moved, so every device
+    /// starts from the same numbers.
+    pub fn build(
+        job: &JobSpec,
+        task: Task,
+        seed: u64,
+        device: tch::Device,
+        precision: Precision,
+    ) -> Result<Model, ModelError> {
         let arch = architecture(job, task)?;
         tch::manual_seed(seed as i64);
-        let vs = nn::VarStore::new(tch::Device::Cpu);
+        let mut vs = nn::VarStore::new(tch::Device::Cpu);
         let net = Network::init(&arch, &vs.root())?;
-        Ok(Model { vs, net, task })
+        vs.set_device(device);
+        let kind = precision.compute_kind();
+        if kind == Kind::BFloat16 {
+            vs.bfloat16();
+        }
+        Ok(Model {
+            vs,
+            net,
+            task,
+            kind,
+        })
     }
 
-    /// Logits for inputs `x`.
+    /// The device the parameters live on.
+    pub fn device(&self) -> tch::Device {
+        self.vs.device()
+    }
+
+    /// Logits (f32, on the model's device) for inputs `x` (on that device; floating-point
+    /// features are cast to the model's kind).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
-        self.net.forward(x)
+        let logits = if x.is_floating_point() && x.kind() != self.kind {
+            self.net.forward(&x.to_kind(self.kind))?
+        } else {
+            self.net.forward(x)?
+        };
+        Ok(logits.to_kind(Kind::Float))
     }
 
     /// Switches dropout/batch-norm style behaviour (TorchScript modules only).
@@ -81,7 +113,8 @@ impl Model {
     }
 
     /// Sum over the batch of each sample's mean loss, and the number of correct
-    /// predictions (classification: argmax = label; LM: every counted target right).
+    /// predictions (classification: argmax = label; LM: every counted target right). The
+    /// batch is on the model's device ([`Batch::to_device`]).
     pub fn loss_sum(&self, batch: &Batch) -> Result<(Tensor, i64), ModelError> {
         let logits = self.forward(&batch.x)?;
         match self.task {

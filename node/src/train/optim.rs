@@ -13,21 +13,30 @@ pub enum OptimError {
     /// Two parameters share their storage (tied weights), which a flat update would untie.
     #[error("parameters `{0}` and `{1}` share their storage (tied weights are not supported)")]
     Tied(String, String),
-    /// A parameter is not 32-bit float on the CPU.
-    #[error("parameter `{0}` is not f32 on the CPU")]
-    NotF32(String),
+    /// A parameter is not f32 or bf16, or not of the first parameter's kind and device.
+    #[error(
+        "parameter `{0}` is {1}; every parameter must be f32 (or every one bf16) on one device"
+    )]
+    Kind(String, String),
 }
 
 /// An optimizer and its state.
 ///
-/// The parameters are moved into one contiguous buffer (each parameter's data becomes a
-/// view of it, as FSDP's flat parameters do), and the state lives in buffers of the same
-/// layout, so an update is a dozen whole-buffer operations instead of a dozen per
-/// parameter: the update's cost is the memory traffic, not the per-operation overhead.
+/// The f32 master weights live in one contiguous buffer on the parameters' device, and the
+/// state in buffers of the same layout, so an update is a dozen whole-buffer operations
+/// instead of a dozen per parameter: the update's cost is the memory traffic, not the
+/// per-operation overhead. Under f32 the parameters' data become views of the buffer (as
+/// FSDP's flat parameters do); under bf16 (mixed precision) the parameters stay bf16 and are
+/// refreshed from the master weights after every update ([`Optimizer::refresh`]).
+///
+/// On the CPU the update is one fused pass in Rust over the buffers (each element read and
+/// written once, as PyTorch's fused AdamW); on other devices it is the same formulas as
+/// whole-buffer tensor operations ([`Optimizer::step_tensor`], which runs on the CPU too
+/// and is tested against the same reference).
 pub struct Optimizer {
     spec: OptimizerSpec,
-    /// Every parameter, in the order given to [`Optimizer::new`] (that of the flat
-    /// gradient [`Optimizer::step`] takes).
+    /// The f32 master weights: every parameter, in the order given to [`Optimizer::new`]
+    /// (that of the flat gradient [`Optimizer::step`] takes).
     flat: Tensor,
     /// AdamW: first moments; SGD: the momentum buffer.
     m: Tensor,
@@ -35,19 +44,31 @@ pub struct Optimizer {
     v: Tensor,
     /// Each parameter's offset, length and shape in the buffers.
     layout: Vec<(i64, i64, Vec<i64>)>,
+    /// Mixed precision: the (bf16) parameters, refreshed from the master weights after
+    /// every update. Empty under f32, where the parameters are views of `flat`.
+    shadows: Vec<Tensor>,
     /// Updates applied so far (AdamW bias correction).
     pub t: u64,
 }
 
 impl Optimizer {
-    /// Fresh state for `params`, whose data moves into one flat buffer (their values are
-    /// kept).
+    /// Fresh state for `params` (all f32, or all bf16, on one device); their values become
+    /// the master weights.
     pub fn new(spec: &OptimizerSpec, params: &[(String, Tensor)]) -> Result<Optimizer, OptimError> {
         let _guard = tch::no_grad_guard();
+        let (kind, device) = params
+            .first()
+            .map_or((Kind::Float, tch::Device::Cpu), |(_, p)| {
+                (p.kind(), p.device())
+            });
         let mut seen: Vec<(usize, &str)> = Vec::new();
         for (name, p) in params {
-            if p.kind() != Kind::Float || p.device() != tch::Device::Cpu {
-                return Err(OptimError::NotF32(name.clone()));
+            if !matches!(p.kind(), Kind::Float | Kind::BFloat16)
+                || p.kind() != kind
+                || p.device() != device
+            {
+                let what = format!("{:?} on {}", p.kind(), crate::device::name(p.device()));
+                return Err(OptimError::Kind(name.clone(), what));
             }
             let ptr = p.data_ptr() as usize;
             if let Some((_, other)) = seen.iter().find(|(q, _)| *q == ptr) {
@@ -56,22 +77,27 @@ impl Optimizer {
             seen.push((ptr, name));
         }
         let numel: i64 = params.iter().map(|(_, p)| p.numel() as i64).sum();
-        let flat = Tensor::zeros([numel], (Kind::Float, tch::Device::Cpu));
+        let flat = Tensor::zeros([numel], (Kind::Float, device));
         let mut layout = Vec::with_capacity(params.len());
+        let mut shadows = Vec::new();
         let mut off = 0i64;
         for (_, p) in params {
             let n = p.numel() as i64;
             let shape = p.size();
             let mut view = flat.narrow(0, off, n).view(shape.as_slice());
             view.copy_(p);
-            p.shallow_clone().set_data(&view);
+            if kind == Kind::Float {
+                p.shallow_clone().set_data(&view);
+            } else {
+                shadows.push(p.shallow_clone());
+            }
             layout.push((off, n, shape));
             off += n;
         }
         let m = flat.zeros_like();
         let v = match spec.kind {
             OptimizerKind::Adamw => flat.zeros_like(),
-            OptimizerKind::Sgd => Tensor::zeros([0], (Kind::Float, tch::Device::Cpu)),
+            OptimizerKind::Sgd => Tensor::zeros([0], (Kind::Float, device)),
         };
         Ok(Optimizer {
             spec: spec.clone(),
@@ -79,31 +105,36 @@ impl Optimizer {
             m,
             v,
             layout,
+            shadows,
             t: 0,
         })
     }
 
     /// Applies one update with learning rate `lr` to the gradient `scale × grad`; `grad` is
-    /// the flat gradient (every parameter's, in order; the summed gradient, `scale` its
-    /// normalisation and clipping). One fused pass over the buffers, as PyTorch's fused
-    /// AdamW: each element of the parameters and state is read and written once.
+    /// the flat gradient in host memory (every parameter's, in order; the summed gradient,
+    /// `scale` its normalisation and clipping). On the CPU: one fused pass over the
+    /// buffers; elsewhere the gradient is copied to the device once and
+    /// [`step_tensor`](Self::step_tensor) applies it.
     pub fn step(&mut self, grad: &[f32], scale: f32, lr: f64) {
+        assert_eq!(
+            grad.len() as i64,
+            self.flat.numel() as i64,
+            "the gradient covers every parameter"
+        );
+        if self.flat.device() != tch::Device::Cpu {
+            let g = Tensor::from_slice(grad).to_device(self.flat.device());
+            return self.step_tensor(&g, scale, lr);
+        }
         self.t += 1;
         let s = &self.spec;
         let p = f32s(&mut self.flat);
-        assert_eq!(grad.len(), p.len(), "the gradient covers every parameter");
         let m = f32s(&mut self.m);
         let decay = (1.0 - lr * s.weight_decay) as f32;
         match s.kind {
             OptimizerKind::Adamw => {
                 // PyTorch's AdamW, in its order of operations.
-                let (b1, b2) = (s.betas[0], s.betas[1]);
-                let c1 = 1.0 - b1.powi(self.t as i32);
-                let c2 = 1.0 - b2.powi(self.t as i32);
-                let (b1, b2) = (b1 as f32, b2 as f32);
-                let step = (lr / c1) as f32;
-                let inv_sqrt_c2 = (1.0 / c2.sqrt()) as f32;
-                let eps = s.eps as f32;
+                let (step, inv_sqrt_c2) = adam_corrections(s, self.t, lr);
+                let (b1, b2, eps) = (s.betas[0] as f32, s.betas[1] as f32, s.eps as f32);
                 let v = f32s(&mut self.v);
                 for (((p, m), v), &g) in p.iter_mut().zip(m).zip(v).zip(grad) {
                     let g = g * scale;
@@ -123,15 +154,66 @@ impl Optimizer {
                 }
             }
         }
+        self.refresh();
+    }
+
+    /// [`step`](Self::step) with the flat gradient as a tensor on the buffers' device:
+    /// the same formulas as whole-buffer tensor operations (any device).
+    pub fn step_tensor(&mut self, grad: &Tensor, scale: f32, lr: f64) {
+        let _guard = tch::no_grad_guard();
+        self.t += 1;
+        let s = &self.spec;
+        let g = grad.to_kind(Kind::Float) * f64::from(scale);
+        let decay = 1.0 - lr * s.weight_decay;
+        match s.kind {
+            OptimizerKind::Adamw => {
+                let (step, inv_sqrt_c2) = adam_corrections(s, self.t, lr);
+                let (b1, b2) = (s.betas[0], s.betas[1]);
+                let _ = self.flat.g_mul_scalar_(decay);
+                let _ = self.m.lerp_(&g, 1.0 - b1);
+                let _ = self.v.g_mul_scalar_(b2);
+                let _ = self.v.g_add_(&(&g * &g * (1.0 - b2)));
+                let denom = self.v.sqrt() * f64::from(inv_sqrt_c2) + s.eps;
+                let _ = self.flat.g_sub_(&(&self.m / denom * f64::from(step)));
+            }
+            OptimizerKind::Sgd => {
+                let g = g + &self.flat * s.weight_decay;
+                if self.t == 1 {
+                    self.m.copy_(&g);
+                } else {
+                    let _ = self.m.g_mul_scalar_(s.momentum);
+                    let _ = self.m.g_add_(&g);
+                }
+                let _ = self.flat.g_sub_(&(&self.m * lr));
+            }
+        }
+        self.refresh();
+    }
+
+    /// Mixed precision: copies the master weights into the (bf16) parameters. Called after
+    /// every update, and by whoever writes the master weights directly (state transfer, a
+    /// resumed checkpoint). Nothing to do under f32.
+    pub fn refresh(&mut self) {
+        let _guard = tch::no_grad_guard();
+        for (p, (off, n, shape)) in self.shadows.iter_mut().zip(&self.layout) {
+            p.copy_(&self.flat.narrow(0, *off, *n).view(shape.as_slice()));
+        }
+    }
+
+    /// The f32 master weights by the parameters' names (`params`, in the order given to
+    /// `new`): views, so copying into them sets them (then [`refresh`](Self::refresh)).
+    pub fn named_params(&self, params: &[(String, Tensor)]) -> Vec<(String, Tensor)> {
+        params
+            .iter()
+            .zip(&self.layout)
+            .map(|((name, _), l)| (name.clone(), view(&self.flat, l)))
+            .collect()
     }
 
     /// The state tensors with names (`adam_m.<param>`, `adam_v.<param>` or
     /// `momentum.<param>`), for checkpoints and state transfer: views of the state, so
     /// copying into them sets it. `params` are the names, in the order given to `new`.
     pub fn named_state(&self, params: &[(String, Tensor)]) -> Vec<(String, Tensor)> {
-        let view = |t: &Tensor, (off, n, shape): &(i64, i64, Vec<i64>)| {
-            t.narrow(0, *off, *n).view(shape.as_slice())
-        };
         let mut out = Vec::new();
         for ((name, _), l) in params.iter().zip(&self.layout) {
             match self.spec.kind {
@@ -144,6 +226,19 @@ impl Optimizer {
         }
         out
     }
+}
+
+/// A parameter's view of a flat buffer.
+fn view(t: &Tensor, (off, n, shape): &(i64, i64, Vec<i64>)) -> Tensor {
+    t.narrow(0, *off, *n).view(shape.as_slice())
+}
+
+/// AdamW's bias corrections at update `t`: the step size `lr / (1 - β1^t)` and
+/// `1 / sqrt(1 - β2^t)`.
+fn adam_corrections(s: &OptimizerSpec, t: u64, lr: f64) -> (f32, f32) {
+    let c1 = 1.0 - s.betas[0].powi(t as i32);
+    let c2 = 1.0 - s.betas[1].powi(t as i32);
+    ((lr / c1) as f32, (1.0 / c2.sqrt()) as f32)
 }
 
 /// The elements of a contiguous f32 CPU tensor this module owns (the flat parameters or
@@ -209,15 +304,33 @@ mod tests {
             momentum: 0.5,
             ..Default::default()
         };
-        let p = Tensor::from_slice(&[1.0f32]);
-        let params = vec![("p".to_string(), p.shallow_clone())];
-        let mut o = Optimizer::new(&spec, &params).unwrap();
-        // g = 1 + 0.1·1 = 1.1; buf = 1.1; p = 1 − 1.1 = −0.1
-        o.step(&[4.0f32], 0.25, 1.0);
-        assert!((p.double_value(&[]) + 0.1).abs() < 1e-6);
-        // g = 1 + 0.1·(−0.1) = 0.99; buf = 0.55 + 0.99 = 1.54; p = −0.1 − 1.54 = −1.64
-        o.step(&[4.0f32], 0.25, 1.0);
-        assert!((p.double_value(&[]) + 1.64).abs() < 1e-6);
+        for tensors in [false, true] {
+            let p = Tensor::from_slice(&[1.0f32]);
+            let params = vec![("p".to_string(), p.shallow_clone())];
+            let mut o = Optimizer::new(&spec, &params).unwrap();
+            // g = 1 + 0.1·1 = 1.1; buf = 1.1; p = 1 − 1.1 = −0.1
+            step(&mut o, &[4.0f32], 0.25, 1.0, tensors);
+            assert!(
+                (p.double_value(&[]) + 0.1).abs() < 1e-6,
+                "tensors: {tensors}"
+            );
+            // g = 1 + 0.1·(−0.1) = 0.99; buf = 0.55 + 0.99 = 1.54; p = −0.1 − 1.54 = −1.64
+            step(&mut o, &[4.0f32], 0.25, 1.0, tensors);
+            assert!(
+                (p.double_value(&[]) + 1.64).abs() < 1e-6,
+                "tensors: {tensors}"
+            );
+        }
+    }
+
+    /// The host update (fused Rust pass on the CPU) or the tensor update (every other
+    /// device), both run here.
+    fn step(o: &mut Optimizer, g: &[f32], scale: f32, lr: f64, tensors: bool) {
+        if tensors {
+            o.step_tensor(&Tensor::from_slice(g), scale, lr)
+        } else {
+            o.step(g, scale, lr)
+        }
     }
 
     #[test]
@@ -235,6 +348,12 @@ mod tests {
     /// moments, and copying into it sets them.
     #[test]
     fn the_flat_update_equals_the_per_parameter_update() {
+        for tensors in [false, true] {
+            flat_update_equals_per_parameter_update(tensors);
+        }
+    }
+
+    fn flat_update_equals_per_parameter_update(tensors: bool) {
         let spec = OptimizerSpec {
             weight_decay: 0.01,
             ..Default::default()
@@ -257,7 +376,7 @@ mod tests {
                 .collect();
             // Passed summed over 8 members, with the scale that makes it the mean.
             let g32: Vec<f32> = g.iter().map(|&x| (8.0 * x) as f32).collect();
-            o.step(&g32, 0.125, lr);
+            step(&mut o, &g32, 0.125, lr, tensors);
             for i in 0..7 {
                 p[i] *= 1.0 - lr * wd;
                 m[i] = b1 * m[i] + (1.0 - b1) * g[i];
@@ -273,7 +392,7 @@ mod tests {
             .map(f64::from)
             .collect();
         for (x, y) in got.iter().zip(&p) {
-            assert!((x - y).abs() < 1e-5, "{got:?} vs {p:?}");
+            assert!((x - y).abs() < 1e-5, "tensors {tensors}: {got:?} vs {p:?}");
         }
         let state = o.named_state(&params);
         let names: Vec<&str> = state.iter().map(|(n, _)| n.as_str()).collect();
@@ -289,6 +408,44 @@ mod tests {
             .copy_(&Tensor::from_slice(&[7.0f32, 8.0, 9.0]));
         let v_b: Vec<f32> = Vec::try_from(&o.named_state(&params)[3].1).unwrap();
         assert_eq!(v_b, [7.0, 8.0, 9.0]);
+    }
+
+    /// Mixed precision: bf16 parameters, f32 master weights. The update lands in the master
+    /// weights at f32 accuracy (a step far below bf16's resolution at 1.0 still counts),
+    /// and the parameters are the master weights rounded to bf16 after each update.
+    #[test]
+    fn bf16_parameters_follow_f32_master_weights() {
+        let spec = OptimizerSpec {
+            kind: OptimizerKind::Sgd,
+            weight_decay: 0.0,
+            momentum: 0.0,
+            ..Default::default()
+        };
+        for tensors in [false, true] {
+            let p = Tensor::from_slice(&[1.0f32, -2.0]).to_kind(Kind::BFloat16);
+            let params = vec![("p".to_string(), p.shallow_clone())];
+            let mut o = Optimizer::new(&spec, &params).unwrap();
+            // 100 steps of 1e-4: bf16 alone could not move 1.0 by 1e-4 (its spacing there
+            // is 2^-7), the f32 master moves by 0.01.
+            for _ in 0..100 {
+                step(&mut o, &[1.0f32, 1.0], 1.0, 1e-4, tensors);
+            }
+            let master: Vec<f32> = Vec::try_from(&o.named_params(&params)[0].1).unwrap();
+            assert!((master[0] - 0.99).abs() < 1e-4, "{master:?}");
+            assert!((master[1] + 2.01).abs() < 1e-4, "{master:?}");
+            assert_eq!(p.kind(), Kind::BFloat16);
+            let want = Tensor::from_slice(&master).to_kind(Kind::BFloat16);
+            assert!(p.equal(&want), "tensors {tensors}: {p} vs {want}");
+        }
+        let mixed = vec![
+            ("a".to_string(), Tensor::from_slice(&[1.0f32])),
+            (
+                "b".to_string(),
+                Tensor::from_slice(&[1.0f32]).to_kind(Kind::BFloat16),
+            ),
+        ];
+        let e = Optimizer::new(&spec, &mixed).err().expect("refused");
+        assert!(matches!(e, OptimError::Kind(ref n, _) if n == "b"), "{e}");
     }
 
     /// Tied parameters are refused rather than silently untied.

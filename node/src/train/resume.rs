@@ -59,6 +59,7 @@ impl Trainer {
             }
             t.copy_(src);
         }
+        self.opt.refresh();
         self.set_progress(progress);
         tracing::info!(step = self.step, "resumed from {}", path.display());
         Ok(())

@@ -9,6 +9,7 @@ use super::optim;
 use super::report::StepRecord;
 use super::TrainError;
 use crate::data_plane::{DataPlaneError, DataPlaneStats};
+use coordinator_free::collective::Backend;
 use coordinator_free::sharding::{self, StepBatch};
 use coordinator_free::training::{redistribute, screen_gradients, Coverage};
 use coordinator_free::{NodeId, ReduceOp, View};
@@ -175,7 +176,8 @@ impl Trainer {
         Ok((rec, ids, speeds))
     }
 
-    /// One round of the step's all-reduce: sums `flat` over `view`'s members in buckets of
+    /// One round of the step's all-reduce: sums `flat` over `view`'s members, in NCCL when
+    /// the view's backend is NCCL (see `backend`), else over the ring in buckets of
     /// `bucket_bytes` that run concurrently (`attempt` keeps the guard's rounds apart).
     fn all_reduce_round(
         &mut self,
@@ -183,6 +185,9 @@ impl Trainer {
         attempt: u64,
         flat: &mut [f32],
     ) -> Result<(), StepFailure> {
+        if self.backend(view) == Backend::Nccl {
+            return self.nccl_all_reduce(view, flat);
+        }
         let dp = self.ctx.dp.clone();
         let bucket = (self.job().bucket_bytes as usize / 4).max(1);
         let (base, step, v) = (self.tag_base, self.step, view.clone());
@@ -252,7 +257,7 @@ impl Trainer {
             return Ok(flat);
         }
         self.model.set_train(true);
-        let batch = self.data.train_batch(ids);
+        let batch = self.data.train_batch(ids).to_device(self.model.device());
         let (loss, correct) = self.model.loss_sum(&batch)?;
         loss.backward();
         let mut off = 0;
@@ -260,7 +265,9 @@ impl Trainer {
             let n = p.numel();
             let g = p.grad();
             if g.defined() {
-                g.contiguous()
+                // f32 (a no-op under f32), then into host memory (a copy off a device).
+                g.to_kind(tch::Kind::Float)
+                    .contiguous()
                     .view([-1])
                     .copy_data(&mut flat[off..off + n], n);
             }
