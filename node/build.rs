@@ -10,5 +10,12 @@ fn main() {
         println!("cargo:rustc-link-arg=-Wl,--disable-new-dtags");
         // Where `device::load_cuda_backend` looks is the rpath; its test checks the file.
         println!("cargo:rustc-env=SHOAL_LIBTORCH_LIB={lib}");
+        // NCCL from torch's CUDA wheels (nvidia/nccl/lib beside torch/), where
+        // `scripts/setup` gives it the unversioned name cudarc loads; a system NCCL is found
+        // on the usual library path either way.
+        let nccl = std::path::Path::new(&lib).join("../../nvidia/nccl/lib");
+        if nccl.exists() {
+            println!("cargo:rustc-link-arg=-Wl,-rpath,{}", nccl.display());
+        }
     }
 }

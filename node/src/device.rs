@@ -118,6 +118,30 @@ pub enum Precision {
     Bf16,
 }
 
+impl FromStr for Precision {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Precision, String> {
+        match s {
+            "f32" => Ok(Precision::F32),
+            "bf16" => Ok(Precision::Bf16),
+            _ => Err(format!(
+                "precision `{}`: expected f32 or bf16",
+                s.chars().take(40).collect::<String>()
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        })
+    }
+}
+
 impl Precision {
     /// The kind the model's forward and backward run in.
     pub fn compute_kind(self) -> tch::Kind {

@@ -58,6 +58,11 @@ impl Trainer {
             );
         }
         self.backends.keys = Some((view.hash, keys));
+        let name = match backend {
+            Backend::Ring => "ring",
+            Backend::Nccl => "nccl",
+        };
+        self.set_report(|r| r.backend = name.into());
     }
 
     /// The backend of `view`'s gradient all-reduce (the ring until its keys are known).

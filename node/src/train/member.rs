@@ -77,6 +77,7 @@ impl Trainer {
         {
             let mut r = ctx.report.lock().expect("report lock");
             r.total_steps = total_steps;
+            r.device = crate::device::name(device);
         }
         Ok(Trainer {
             ctx,

@@ -208,6 +208,13 @@ pub struct JobReport {
     pub recent_samples_per_s: Vec<(u64, f64)>,
     /// The error, when failed.
     pub error: Option<String>,
+    /// Where this member computes (`cpu`, `cuda:N`; empty until the job is loaded).
+    #[serde(default)]
+    pub device: String,
+    /// The backend of the latest view's gradient all-reduce (`ring` or `nccl`; empty until
+    /// the first progress exchange).
+    #[serde(default)]
+    pub backend: String,
 }
 
 impl JobReport {
@@ -234,6 +241,8 @@ impl JobReport {
             recent: Vec::new(),
             recent_samples_per_s: Vec::new(),
             error: None,
+            device: String::new(),
+            backend: String::new(),
         }
     }
 
@@ -249,6 +258,8 @@ impl JobReport {
             "samples": self.samples,
             "wall_s": self.wall_s,
             "members": self.members,
+            "device": self.device,
+            "backend": self.backend,
             "run_dir": self.run_dir,
             "error": self.error,
         })

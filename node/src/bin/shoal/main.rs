@@ -3,13 +3,15 @@
 //! Exit codes: 0 success; 1 a failure at run time (one line on stderr); 2 bad usage or bad
 //! input (a malformed address, key file or flag).
 //!
-//! One module per subcommand (`up`, `status`, `local`, `keygen`, `train`, `serve`), each
+//! One module per subcommand (`up`, `status`, `local`, `keygen`, `train`, `serve`,
+//! `devices`), each
 //! with its clap arguments; the benchmarks live in [`bench`], one file each. What several
 //! subcommands share (the exit-code error type, local clusters) is in `failure` and
 //! `cluster`.
 
 mod bench;
 mod cluster;
+mod devices;
 mod failure;
 mod keygen;
 mod local;
@@ -58,6 +60,8 @@ enum Cmd {
     /// Serve a model (a shoal checkpoint or a TorchScript file) on the swarm (or on N local
     /// nodes with --local N) behind the OpenAI-compatible API of every node.
     Serve(serve::ServeArgs),
+    /// Show the devices this machine offers (CPU, CUDA) and whether NCCL can run here.
+    Devices,
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -136,6 +140,7 @@ async fn dispatch(cmd: Cmd) -> Result<(), Failure> {
         Cmd::Status(a) => status::status(a).await,
         Cmd::Local(a) => local::local(a).await,
         Cmd::Keygen(a) => keygen::keygen(a),
+        Cmd::Devices => devices::devices(),
         Cmd::Train(a) => train::train(a).await,
         Cmd::Serve(a) => serve::serve(a).await,
         Cmd::Bench { what } => bench::run(what).await,

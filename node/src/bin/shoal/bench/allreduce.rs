@@ -1,5 +1,7 @@
 //! `shoal bench allreduce`: times f32 ring all-reduces over the data plane of N local
-//! nodes (through their debug API), size by size, and checks every result.
+//! nodes (through their debug API), size by size, and checks every result; or, with
+//! `--backend nccl`, NCCL all-reduces of CUDA tensors, one member per GPU of this machine
+//! (`nccl_bench`), in the same JSON lines, to set beside nccl-tests' `all_reduce_perf`.
 
 use crate::cluster::{local_dir, start_agreed};
 use crate::failure::{usage, Failure};
@@ -29,9 +31,22 @@ pub struct AllreduceArgs {
     /// Data-plane transport. Default: quic.
     #[arg(long, default_value = "quic")]
     data_plane: DataTransport,
+    /// `ring` (shoal's ring over the data plane) or `nccl` (one member per GPU of this
+    /// machine; `--data-plane` does not apply). Default: ring.
+    #[arg(long, default_value = "ring")]
+    backend: BenchBackend,
     /// Print JSON lines only.
     #[arg(long)]
     json: bool,
+}
+
+/// What `shoal bench allreduce` times.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchBackend {
+    /// shoal's ring over the data plane of local nodes.
+    Ring,
+    /// NCCL on CUDA tensors, one member per GPU.
+    Nccl,
 }
 
 /// Parses `123`, `4K`, `16M`, `1G` (powers of 1024).
@@ -65,6 +80,9 @@ pub async fn run(a: AllreduceArgs) -> Result<(), Failure> {
         .iter()
         .map(|s| parse_size(s))
         .collect::<Result<_, _>>()?;
+    if a.backend == BenchBackend::Nccl {
+        return super::nccl::run(n, &sizes, a.iters, a.warmup, a.json);
+    }
     let (dir, _) = local_dir(None);
     let t = a.data_plane.as_str();
     let extra: Vec<String> = [

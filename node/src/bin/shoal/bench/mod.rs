@@ -1,7 +1,8 @@
 //! `shoal bench`: the benchmarks, one module each. Each prints JSON lines a script can
 //! hold against its reference (gloo, DDP, a raw forward, a plain TCP stream):
 //! - [`membership`]: time to one view, and to drop a killed node;
-//! - [`allreduce`]: ring all-reduce over the data plane (debug API of local nodes);
+//! - [`allreduce`]: ring all-reduce over the data plane (debug API of local nodes), or
+//!   NCCL across this machine's GPUs ([`nccl`]);
 //! - [`tcp_ceiling`]: plain loopback TCP rate of a ring, the all-reduce's reference;
 //! - [`train`]: data-parallel training throughput of the built-in gpt;
 //! - [`serve`]: completions per second and latency against a raw forward;
@@ -10,6 +11,7 @@
 mod allreduce;
 mod dial;
 mod membership;
+mod nccl;
 mod serve;
 mod tcp_ceiling;
 mod train;
@@ -23,8 +25,9 @@ pub enum BenchCmd {
     /// Start N local nodes; time until all share one view, and until the survivors drop a
     /// node killed with SIGKILL. Prints {"nodes","up_ms","converge_ms","detect_ms"}.
     Membership(membership::MembershipArgs),
-    /// Start N local nodes and time f32 ring all-reduces over the data plane. Prints one
-    /// JSON line per size: {"nodes","bytes","time_ms","algbw_gbps","busbw_gbps",...}.
+    /// Start N local nodes and time f32 ring all-reduces over the data plane (or, with
+    /// --backend nccl, NCCL all-reduces with one member per GPU). Prints one JSON line per
+    /// size: {"nodes","bytes","time_ms","algbw_gbps","busbw_gbps",...}.
     Allreduce(allreduce::AllreduceArgs),
     /// Serve a random-initialised gpt on N local nodes (or, with --raw, run the same
     /// generation as a plain in-process forward loop) and time R greedy completions sent C

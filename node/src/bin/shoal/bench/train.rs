@@ -6,6 +6,7 @@ use crate::train::{run_job, TrainArgs as JobArgs};
 use anyhow::{anyhow, Context};
 use clap::Args;
 use shoal_node::data_plane::DataTransport;
+use shoal_node::device::{DeviceSpec, Precision};
 use shoal_node::train::job::JobSpec;
 use shoal_node::train::JobState;
 use std::path::Path;
@@ -47,6 +48,13 @@ pub struct TrainArgs {
     /// by measured speed.
     #[arg(long)]
     no_balance: bool,
+    /// Where every node computes (job key `device`: auto, cpu, cuda, cuda:N). Default:
+    /// auto (the first CUDA device when there is one, else the CPU).
+    #[arg(long, default_value = "auto")]
+    device: DeviceSpec,
+    /// Job key `precision`: f32 or bf16. Default: f32.
+    #[arg(long, default_value = "f32")]
+    precision: Precision,
     /// Print the JSON line only.
     #[arg(long)]
     json: bool,
@@ -112,6 +120,8 @@ batch_size = {batch}
 threads = {threads}
 min_nodes = {n}
 balance = {balance}
+device = "{device}"
+precision = "{precision}"
 eval_fraction = 0.01
 output_dir = "{out}"
 [model]
@@ -135,6 +145,8 @@ grad_clip = 0.0
         threads = a.threads,
         n = a.nodes,
         balance = !a.no_balance,
+        device = a.device,
+        precision = a.precision,
         layers = a.layers,
         heads = a.heads,
         width = a.width,
@@ -178,6 +190,7 @@ fn summarize(a: &TrainArgs, spec: &JobSpec) -> Result<serde_json::Value, Failure
     };
     Ok(
         serde_json::json!({"impl": "shoal", "nodes": a.nodes, "threads": a.threads, "model": "gpt",
+        "width": a.width, "device": a.device.to_string(), "precision": a.precision,
         "balance": !a.no_balance, "batch": a.batch, "steps": timed, "step_ms": secs * 1e3 / timed as f64,
         "samples_per_s": (a.batch * timed) as f64 / secs,
         "compute_ms": mean("compute_ms"), "guard_ms": mean("guard_ms"),
