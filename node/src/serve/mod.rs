@@ -104,6 +104,10 @@ pub struct ServeConfig {
     /// Torch threads for stage compute, set on the thread that runs each forward (0:
     /// libtorch's default). Default: 0.
     pub threads: usize,
+    /// Where stages compute: their weights and KV caches live there, payloads move there
+    /// and results come back to the CPU. `node::run` sets it from the node's
+    /// [`crate::node::NodeConfig::device`] (`shoal up --device`). Default: the CPU.
+    pub device: tch::Device,
 }
 
 impl ServeConfig {
@@ -119,6 +123,7 @@ impl ServeConfig {
             call_floor: Duration::from_secs(3),
             max_body: 8 << 20,
             threads: 0,
+            device: tch::Device::Cpu,
         }
     }
 }
