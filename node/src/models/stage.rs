@@ -538,3 +538,109 @@ impl Attention for RowAttention<'_> {
         Ok(self.sdpa(q, &Tensor::stack(&ks, 0), &Tensor::stack(&vs, 0)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::config::describe;
+    use crate::models::gpt::GptConfig;
+
+    /// A 2-layer `gpt` with fresh weights, written as a checkpoint in a fresh directory.
+    fn gpt_checkpoint(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("shoal-stage-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+        let cfg = GptConfig {
+            layers: 2,
+            heads: 2,
+            width: 16,
+            context: 16,
+        };
+        let _ = Gpt::init(&vs.root(), cfg);
+        let tensors: Vec<(String, Tensor)> = vs
+            .variables()
+            .into_iter()
+            .map(|(n, t)| (format!("{PARAM_PREFIX}{n}"), t))
+            .collect();
+        let meta = std::collections::BTreeMap::from([(
+            "model".to_string(),
+            r#"{"kind":"gpt","layers":2,"heads":2,"width":16,"context":16}"#.to_string(),
+        )]);
+        let path = dir.join("ck.safetensors");
+        checkpoint::write(&path, &tensors, &meta).unwrap();
+        path
+    }
+
+    /// Two rows (one left-padded) prefilled through both layers in two stages, then two
+    /// decode steps: every call's logits.
+    fn run(path: &Path, device: tch::Device) -> Vec<Vec<u8>> {
+        let cfg = describe(path).unwrap();
+        let mut first = StageExecutor::open_on(path, cfg.clone(), device).unwrap();
+        let mut second = StageExecutor::open_on(path, cfg, device).unwrap();
+        assert_eq!(first.device(), device);
+        let rows = [7u64, 9];
+        let tokens: Vec<u8> = [0i64, 5, 6, 1, 2, 3]
+            .iter()
+            .flat_map(|t| t.to_le_bytes())
+            .collect();
+        let (mut shape, mut pad, mut bytes) = (vec![2u32, 3], vec![1u32, 0], tokens);
+        let mut out = Vec::new();
+        for step in 0..3 {
+            let prefill = step == 0;
+            let (_, hs, hidden) = first
+                .forward(
+                    &rows,
+                    0..1,
+                    prefill,
+                    &pad,
+                    Payload::Tokens,
+                    &shape,
+                    &bytes,
+                    Payload::Hidden,
+                )
+                .unwrap();
+            let (_, _, logits) = second
+                .forward(
+                    &rows,
+                    1..2,
+                    prefill,
+                    &pad,
+                    Payload::Hidden,
+                    &hs,
+                    &hidden,
+                    Payload::LastLogits,
+                )
+                .unwrap();
+            out.push(logits);
+            (shape, pad) = (vec![2, 1], vec![0, 0]);
+            bytes = [4i64 + step, 8]
+                .iter()
+                .flat_map(|t| t.to_le_bytes())
+                .collect();
+        }
+        out
+    }
+
+    #[test]
+    fn a_stage_on_any_device_answers_what_the_cpu_stage_answers() {
+        let path = gpt_checkpoint("device");
+        let on_cpu = run(&path, tch::Device::Cpu);
+        assert_eq!(on_cpu.len(), 3);
+        // Where libtorch sees CUDA, the same calls on each device: weights, KV caches and
+        // payloads there, results back as the same bytes up to f32 rounding.
+        for i in 0..crate::device::cuda_device_count() {
+            let on_cuda = run(&path, tch::Device::Cuda(i));
+            for (a, b) in on_cpu.iter().zip(&on_cuda) {
+                let (a, b) = (
+                    coordinator_free::codec::stage::f32s(a),
+                    coordinator_free::codec::stage::f32s(b),
+                );
+                assert_eq!(a.len(), b.len());
+                for (x, y) in a.iter().zip(&b) {
+                    assert!((x - y).abs() < 1e-3, "cuda:{i}: {x} vs {y}");
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+}
