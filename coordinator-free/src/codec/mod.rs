@@ -414,6 +414,20 @@ mod tests {
     }
 
     #[test]
+    fn the_fuzz_seeds_are_valid_messages() {
+        // The fuzzer starts from them; a format change must keep them decoding.
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds/control_message");
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let bytes = std::fs::read(&path).unwrap();
+            if let Err(e) = ControlMessage::decode(&bytes) {
+                panic!("{}: {e}", path.display());
+            }
+        }
+    }
+
+    #[test]
     fn hostile_stage_frames_are_errors() {
         use super::stage::*;
         let fwd = StageRequest::Forward {
