@@ -109,7 +109,12 @@ pub async fn run(cfg: NodeConfig) -> Result<(), NodeError> {
     )?;
 
     let caps = capabilities::detect(cfg.device).await;
-    tracing::info!(device = %caps.device, free_bytes = caps.device_free_bytes, speed_mflops = caps.speed_mflops, "compute device");
+    tracing::info!(
+        device = %caps.device,
+        free_bytes = caps.device_free_bytes,
+        speed_mflops = caps.speed_mflops,
+        "compute device"
+    );
     let start = Instant::now();
     let mut membership = Membership::new(
         me.clone(),
