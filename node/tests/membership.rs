@@ -23,7 +23,7 @@ fn start_cluster(dir: &TempDir, n: usize, extra: &[&str]) -> Vec<Node> {
 #[test]
 fn six_nodes_converge_via_bootstrap() {
     let dir = TempDir::new("six");
-    let nodes = start_cluster(&dir, 6, &["--device", "cpu"]);
+    let nodes = start_cluster(&dir, 6, &[]);
     let refs: Vec<&Node> = nodes.iter().collect();
     let (_, _, members) = wait_until("6 nodes in one view", BOUND, || agreed(&refs, 6));
     let mut ids: Vec<String> = nodes.iter().map(|n| n.id()).collect();
@@ -44,31 +44,11 @@ fn six_nodes_converge_via_bootstrap() {
             "{id} missing from\n{table}"
         );
     }
-    // The table shows each member's compute device.
-    assert!(
-        table.contains("DEVICE") && table.contains("FREE_GiB"),
-        "{table}"
-    );
-    for id in &ids {
-        let line = table.lines().find(|l| l.starts_with(&id[id.len() - 8..]));
-        assert!(line.is_some_and(|l| l.contains(" cpu ")), "{id}:\n{table}");
-    }
-    // Capabilities travel with heartbeats: the compute device (`--device cpu`), its
-    // free memory and the speed measured on it.
+    // Capabilities travel with heartbeats.
     let s = nodes[0].status().unwrap();
-    let members = s["members"].as_array().unwrap();
-    for caps in members
-        .iter()
-        .map(|m| &m["caps"])
-        .chain([&s["node"]["caps"]])
-    {
-        assert!(caps["cores"].as_u64().unwrap() >= 1);
-        assert!(caps["ram_bytes"].as_u64().unwrap() > 0);
-        assert_eq!(caps["device"], "cpu", "{caps}");
-        assert!(caps["device_free_bytes"].as_u64().unwrap() > 0, "{caps}");
-        assert!(caps["speed_mflops"].as_u64().unwrap() > 0, "{caps}");
-    }
-    for m in members {
+    for m in s["members"].as_array().unwrap() {
+        assert!(m["caps"]["cores"].as_u64().unwrap() >= 1);
+        assert!(m["caps"]["ram_bytes"].as_u64().unwrap() > 0);
         assert_eq!(m["state"], "alive");
     }
 }
