@@ -19,6 +19,8 @@ fn heartbeat(i: u64, seq: u64) -> Heartbeat {
             ram_bytes: 128 << 30,
             gpus: vec![],
             speed_mflops: 0,
+            device: "cpu".into(),
+            device_free_bytes: 64 << 30,
         },
         addrs: vec![format!("/ip4/10.0.0.{i}/tcp/4411/p2p/12D3KooWnode{i:040}")],
         data_addr: None,

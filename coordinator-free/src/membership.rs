@@ -37,6 +37,8 @@ pub const MAX_ADDR_LEN: usize = 256;
 pub const MAX_GPUS: usize = 64;
 /// Longest GPU name, in bytes.
 pub const MAX_GPU_NAME: usize = 128;
+/// Longest compute-device name (`cpu`, `cuda:3`), in bytes.
+pub const MAX_DEVICE_NAME: usize = 32;
 
 /// One GPU of a member.
 #[derive(Clone, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -58,9 +60,17 @@ pub struct Capabilities {
     pub ram_bytes: u64,
     /// GPUs with their free memory.
     pub gpus: Vec<GpuInfo>,
-    /// Measured compute speed in MFLOP/s (f32 matrix products at start-up;
+    /// Measured compute speed in MFLOP/s (f32 matrix products on [`device`](Self::device);
     /// 0 if unmeasured). The serving planner cuts stages in proportion to it.
     pub speed_mflops: u32,
+    /// The device the member computes on, as the shell names it (`cpu`, `cuda:0`; at
+    /// most [`MAX_DEVICE_NAME`] bytes). Empty: not announced.
+    #[serde(default)]
+    pub device: String,
+    /// Free memory on that device in bytes (the CPU's available memory, a CUDA device's
+    /// free memory); 0 when unknown. The serving planner budgets stages by it when known.
+    #[serde(default)]
+    pub device_free_bytes: u64,
 }
 
 /// A member's periodic announcement on the control plane.
@@ -105,6 +115,12 @@ impl Heartbeat {
         }
         if self.caps.gpus.iter().any(|g| g.free_bytes > g.total_bytes) {
             return Err("GPU free memory exceeds its total".into());
+        }
+        if self.caps.device.len() > MAX_DEVICE_NAME {
+            return Err(format!("device name longer than {MAX_DEVICE_NAME} bytes"));
+        }
+        if self.caps.device.chars().any(char::is_control) {
+            return Err("device name with control characters".into());
         }
         if self.seq == 0 {
             return Err("heartbeat seq starts at 1".into());

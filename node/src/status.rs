@@ -155,20 +155,49 @@ pub fn render_table(r: &StatusReport) -> String {
     );
     let _ = writeln!(
         s,
-        "{:<10} {:>4} {:<8} {:>5} {:>8} {:>5} {:>9}  ADDRESS",
-        "MEMBER", "INC", "STATE", "CORES", "RAM_GiB", "GPUS", "HEARD_MS"
+        "{:<10} {:>4} {:<8} {:>5} {:>8} {:>5} {:<8} {:>8} {:>8} {:>9}  ADDRESS",
+        "MEMBER",
+        "INC",
+        "STATE",
+        "CORES",
+        "RAM_GiB",
+        "GPUS",
+        "DEVICE",
+        "FREE_GiB",
+        "MFLOPS",
+        "HEARD_MS"
     );
-    let _ = writeln!(
-        s,
-        "{:<10} {:>4} {:<8} {:>5} {:>8} {:>5} {:>9}  {}",
-        short(&r.node.id),
+    let row = |s: &mut String,
+               id: &str,
+               inc: u64,
+               state: &str,
+               c: &Capabilities,
+               heard: u64,
+               addr: Option<&String>| {
+        let _ = writeln!(
+            s,
+            "{:<10} {:>4} {:<8} {:>5} {:>8} {:>5} {:<8} {:>8} {:>8} {:>9}  {}",
+            short(id),
+            inc,
+            state,
+            c.cores,
+            gib(c.ram_bytes),
+            c.gpus.len(),
+            if c.device.is_empty() { "-" } else { &c.device },
+            gib(c.device_free_bytes),
+            c.speed_mflops,
+            heard,
+            addr.map(String::as_str).unwrap_or("-")
+        );
+    };
+    row(
+        &mut s,
+        &r.node.id,
         r.node.incarnation,
         "self",
-        r.node.caps.cores,
-        gib(r.node.caps.ram_bytes),
-        r.node.caps.gpus.len(),
+        &r.node.caps,
         0,
-        r.node.listen.first().map(String::as_str).unwrap_or("-")
+        r.node.listen.first(),
     );
     for m in &r.members {
         let state = match m.state {
@@ -176,17 +205,14 @@ pub fn render_table(r: &StatusReport) -> String {
             MemberState::Suspect => "suspect",
             MemberState::Failed => "failed",
         };
-        let _ = writeln!(
-            s,
-            "{:<10} {:>4} {:<8} {:>5} {:>8} {:>5} {:>9}  {}",
-            short(&m.id),
+        row(
+            &mut s,
+            &m.id,
             m.incarnation,
             state,
-            m.caps.cores,
-            gib(m.caps.ram_bytes),
-            m.caps.gpus.len(),
+            &m.caps,
             m.last_heard_ms_ago,
-            m.addrs.first().map(String::as_str).unwrap_or("-")
+            m.addrs.first(),
         );
     }
     for m in &r.serving {

@@ -69,6 +69,42 @@ fn port_already_in_use() {
 }
 
 #[test]
+fn cuda_where_there_is_none_is_one_line_and_no_fall_back() {
+    // On a machine without CUDA `cuda` names a device it lacks; with CUDA, one index past
+    // its devices does. Either way the node never starts (no fall-back to the CPU).
+    let count = shoal_node::device::cuda_device_count();
+    let (asked, needle) = if count == 0 {
+        (
+            "cuda".to_string(),
+            "device `cuda:0`: no CUDA device is available".to_string(),
+        )
+    } else {
+        (
+            format!("cuda:{count}"),
+            format!("device `cuda:{count}`: this machine has {count} CUDA device(s)"),
+        )
+    };
+    let d = TempDir::new("nocuda");
+    assert_one_line_error(&up(&d, &["--device", &asked]), 1, &needle);
+}
+
+#[test]
+fn a_device_that_is_not_one_is_refused_by_argument_parsing() {
+    let d = TempDir::new("baddevice");
+    let out = up(&d, &["--device", "bogus"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "stderr: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        err.starts_with("error: invalid value 'bogus' for '--device"),
+        "{err}"
+    );
+    assert!(err.contains("expected auto, cpu, cuda or cuda:N"), "{err}");
+    // Refused before anything starts: the data dir holds no identity.
+    assert!(!d.0.join("identity.key").exists());
+}
+
+#[test]
 fn status_of_absent_node() {
     let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = free.local_addr().unwrap().to_string();

@@ -19,15 +19,33 @@ fn tmp(name: &str) -> PathBuf {
 async fn three_nodes_agree_and_drop_a_killed_one() {
     let dir = tmp("agree");
     let bound = Duration::from_secs(60);
-    let (mut c, view) = LocalCluster::start_agreed(bin(), &dir, 3, &[], bound)
+    let device = ["--device".to_string(), "cpu".to_string()];
+    let (mut c, view) = LocalCluster::start_agreed(bin(), &dir, 3, &device, bound)
         .await
         .unwrap();
-    let ids: Vec<String> = c
+    let reports: Vec<_> = c
         .statuses()
         .await
         .into_iter()
-        .map(|(_, r)| r.expect("every node answers").node.id)
+        .map(|(_, r)| r.expect("every node answers"))
         .collect();
+    // Each node computes on the device it was given and announces it with its free
+    // memory and the speed measured on it; the others hear it in its heartbeats.
+    for r in &reports {
+        assert_eq!(r.members.len(), 2, "{:?}", r.members);
+        for caps in r.members.iter().map(|m| &m.caps).chain([&r.node.caps]) {
+            assert_eq!(caps.device, "cpu", "{caps:?}");
+            assert!(caps.device_free_bytes > 0, "{caps:?}");
+            assert!(caps.speed_mflops > 0, "{caps:?}");
+        }
+    }
+    // `shoal status`'s table shows them for every member.
+    let table = shoal_node::status::render_table(&reports[0]);
+    for column in ["DEVICE", "FREE_GiB", "MFLOPS"] {
+        assert!(table.contains(column), "{table}");
+    }
+    assert_eq!(table.matches(" cpu ").count(), 3, "{table}");
+    let ids: Vec<String> = reports.into_iter().map(|r| r.node.id).collect();
     let mut sorted = ids.clone();
     sorted.sort();
     assert_eq!(

@@ -250,6 +250,8 @@ mod tests {
                     free_bytes: 140 << 30,
                 }],
                 speed_mflops: 9000,
+                device: "cuda:0".into(),
+                device_free_bytes: 139 << 30,
             },
             addrs: vec!["/ip4/127.0.0.1/tcp/4001".into()],
             data_addr: None,
@@ -377,6 +379,52 @@ mod tests {
             ControlMessage::decode(&bytes),
             Err(CodecError::Invalid(_))
         ));
+    }
+
+    #[test]
+    fn the_compute_device_travels_and_is_bounded() {
+        // The device and its free memory round-trip through the codec.
+        let h = hb();
+        let bytes = ControlMessage::Heartbeat(h.clone()).encode().unwrap();
+        match ControlMessage::decode(&bytes).unwrap() {
+            ControlMessage::Heartbeat(d) => {
+                assert_eq!(d.caps.device, "cuda:0");
+                assert_eq!(d.caps.device_free_bytes, 139 << 30);
+            }
+            other => panic!("{other:?}"),
+        }
+        // Names up to the bound pass (an unannounced device is empty); longer ones or
+        // ones with control characters are refused, by `validate` and by the decoder.
+        use crate::membership::MAX_DEVICE_NAME;
+        for ok in ["", "cpu", "cuda:12", &"d".repeat(MAX_DEVICE_NAME)] {
+            let mut h = hb();
+            h.caps.device = ok.into();
+            assert_eq!(h.validate(), Ok(()), "{ok:?}");
+        }
+        for bad in ["d".repeat(MAX_DEVICE_NAME + 1), "cuda:0\n".into()] {
+            let mut h = hb();
+            h.caps.device = bad.clone();
+            assert!(h.validate().is_err(), "{bad:?}");
+            let bytes = ControlMessage::Heartbeat(h).encode().unwrap();
+            assert!(matches!(
+                ControlMessage::decode(&bytes),
+                Err(CodecError::Invalid(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn the_fuzz_seeds_are_valid_messages() {
+        // The fuzzer starts from them; a format change must keep them decoding.
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds/control_message");
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let bytes = std::fs::read(&path).unwrap();
+            if let Err(e) = ControlMessage::decode(&bytes) {
+                panic!("{}: {e}", path.display());
+            }
+        }
     }
 
     #[test]

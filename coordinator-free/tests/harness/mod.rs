@@ -97,6 +97,8 @@ impl Sim {
                 ram_bytes: 1 << 30,
                 gpus: vec![],
                 speed_mflops: 0,
+                device: "cpu".into(),
+                device_free_bytes: 1 << 29,
             },
             vec![format!("/sim/{i}")],
             self.config.clone(),

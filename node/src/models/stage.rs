@@ -17,6 +17,12 @@
 //!
 //! Positions count from each row's first real token, so a row computes what it would
 //! alone, and what the training forward computes for the same tokens.
+//!
+//! A stage computes on one device (the node's, `shoal up --device`, handed down through
+//! `ServeConfig::device`): its weights are moved there as they load (a TorchScript module
+//! is loaded onto it), its KV caches are allocated there, each call's payload is decoded
+//! on the CPU and moved there, and the output comes back to the CPU to be encoded. The
+//! code path is the same on every device.
 
 use super::config::{unrecognised, ModelConfig};
 use super::decoder::{Attention, Decoder};
@@ -55,6 +61,7 @@ struct RowCache {
 pub struct StageExecutor {
     cfg: ModelConfig,
     path: PathBuf,
+    device: tch::Device,
     weights: Weights,
     rows: HashMap<u64, RowCache>,
 }
@@ -64,18 +71,29 @@ fn req(msg: impl ToString) -> StageError {
 }
 
 impl StageExecutor {
-    /// Opens the model at `path` (weights are loaded per layer on first use).
+    /// Opens the model at `path` to compute on the CPU ([`open_on`](Self::open_on)).
     pub fn open(path: &Path, cfg: ModelConfig) -> Result<StageExecutor, StageError> {
+        StageExecutor::open_on(path, cfg, tch::Device::Cpu)
+    }
+
+    /// Opens the model at `path` to compute on `device` (weights are loaded per layer on
+    /// first use, onto `device`; a TorchScript module is loaded onto it now).
+    pub fn open_on(
+        path: &Path,
+        cfg: ModelConfig,
+        device: tch::Device,
+    ) -> Result<StageExecutor, StageError> {
         let weights = match cfg.kind.as_str() {
             "gpt" => Weights::Decoder(Box::new(Gpt::empty(cfg.gpt()))),
             "mlp" => Weights::Mlp(None),
-            _ => {
-                Weights::Script(torchscript::load_frozen(path).map_err(|e| unrecognised(path, e))?)
-            }
+            _ => Weights::Script(
+                torchscript::load_frozen(path, device).map_err(|e| unrecognised(path, e))?,
+            ),
         };
         Ok(StageExecutor {
             cfg,
             path: path.to_path_buf(),
+            device,
             weights,
             rows: HashMap::new(),
         })
@@ -84,6 +102,11 @@ impl StageExecutor {
     /// The model's config.
     pub fn config(&self) -> &ModelConfig {
         &self.cfg
+    }
+
+    /// The device this stage computes on.
+    pub fn device(&self) -> tch::Device {
+        self.device
     }
 
     /// Layers whose weights are loaded here.
@@ -99,14 +122,16 @@ impl StageExecutor {
     /// moved them elsewhere).
     fn ensure(&mut self, start: usize, end: usize) -> Result<(), StageError> {
         let path = self.path.clone();
+        let device = self.device;
         let bad = |p: String| StageError::Checkpoint {
             path: path.display().to_string(),
             problem: p,
         };
         let read = || checkpoint::read(&path).map_err(|e| bad(e.to_string()));
+        // Checkpoints are read on the CPU; each tensor moves to the stage's device.
         let getter = |c: &checkpoint::Checkpoint, n: &str| {
             c.get(&format!("{PARAM_PREFIX}{n}"))
-                .map(Tensor::shallow_clone)
+                .map(|t| t.to_device(device))
         };
         match &mut self.weights {
             Weights::Decoder(d) => {
@@ -187,14 +212,16 @@ impl StageExecutor {
         self.ensure(layers.start, layers.end)?;
         let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
         // The payload's length was checked against its shape above; the wire is
-        // little-endian, like every host the data plane compiles for.
+        // little-endian, like every host the data plane compiles for. Decoded on the CPU,
+        // computed on the stage's device.
         let x = match input {
             Payload::Tokens => Tensor::from_data_size(bytes, &dims, Kind::Int64),
             Payload::Hidden | Payload::Logits | Payload::LastLogits => {
                 Tensor::from_data_size(bytes, &dims, Kind::Float)
             }
             Payload::Bytes => return Err(req("a forward of raw bytes")),
-        };
+        }
+        .to_device(self.device);
         let call = Call {
             rows,
             layers,
@@ -229,7 +256,11 @@ impl StageExecutor {
                 y
             }
         };
-        let out = out.to_kind(Kind::Float).contiguous();
+        // Back on the CPU to be encoded.
+        let out = out
+            .to_kind(Kind::Float)
+            .to_device(tch::Device::Cpu)
+            .contiguous();
         let shape: Vec<u32> = out.size().iter().map(|&d| d as u32).collect();
         let n = out.numel();
         let mut b = vec![0u8; n * 4];
@@ -355,11 +386,13 @@ impl StageExecutor {
                 );
             }
         }
-        let positions = Tensor::from_slice(&positions).view([b, l]);
+        let positions = Tensor::from_slice(&positions)
+            .view([b, l])
+            .to_device(self.device);
         let Weights::Decoder(dec) = &self.weights else {
             unreachable!("a decoder")
         };
-        let mut attention = RowAttention::new(&mut self.rows, c, &lens, l, ctx);
+        let mut attention = RowAttention::new(&mut self.rows, c, &lens, l, ctx, self.device);
         let mut x = if c.layers.start == 0 {
             dec.embed(&x, &positions)
         } else {
@@ -408,13 +441,15 @@ struct RowAttention<'a> {
 impl<'a> RowAttention<'a> {
     /// Keys each query may attend to: prefill, causal within the call and not padding
     /// (a padding query attends to itself only, so no softmax row is empty); decode,
-    /// the row's cached positions and the new one.
+    /// the row's cached positions and the new one. The mask is built on the CPU and
+    /// moved to `device`, where the attention runs.
     fn new(
         caches: &'a mut HashMap<u64, RowCache>,
         c: &Call<'a>,
         lens: &'a [i64],
         l: i64,
         context: i64,
+        device: tch::Device,
     ) -> RowAttention<'a> {
         let b = c.rows.len() as i64;
         let keys = if c.prefill {
@@ -440,7 +475,9 @@ impl<'a> RowAttention<'a> {
             pad: c.pad,
             lens,
             prefill: c.prefill,
-            mask: Tensor::from_slice(&allowed).view([b, 1, l, keys]),
+            mask: Tensor::from_slice(&allowed)
+                .view([b, 1, l, keys])
+                .to_device(device),
             keys,
             context,
         }
@@ -499,5 +536,111 @@ impl Attention for RowAttention<'_> {
             vs.push(vb.narrow(1, 0, self.keys));
         }
         Ok(self.sdpa(q, &Tensor::stack(&ks, 0), &Tensor::stack(&vs, 0)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::config::describe;
+    use crate::models::gpt::GptConfig;
+
+    /// A 2-layer `gpt` with fresh weights, written as a checkpoint in a fresh directory.
+    fn gpt_checkpoint(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("shoal-stage-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+        let cfg = GptConfig {
+            layers: 2,
+            heads: 2,
+            width: 16,
+            context: 16,
+        };
+        let _ = Gpt::init(&vs.root(), cfg);
+        let tensors: Vec<(String, Tensor)> = vs
+            .variables()
+            .into_iter()
+            .map(|(n, t)| (format!("{PARAM_PREFIX}{n}"), t))
+            .collect();
+        let meta = std::collections::BTreeMap::from([(
+            "model".to_string(),
+            r#"{"kind":"gpt","layers":2,"heads":2,"width":16,"context":16}"#.to_string(),
+        )]);
+        let path = dir.join("ck.safetensors");
+        checkpoint::write(&path, &tensors, &meta).unwrap();
+        path
+    }
+
+    /// Two rows (one left-padded) prefilled through both layers in two stages, then two
+    /// decode steps: every call's logits.
+    fn run(path: &Path, device: tch::Device) -> Vec<Vec<u8>> {
+        let cfg = describe(path).unwrap();
+        let mut first = StageExecutor::open_on(path, cfg.clone(), device).unwrap();
+        let mut second = StageExecutor::open_on(path, cfg, device).unwrap();
+        assert_eq!(first.device(), device);
+        let rows = [7u64, 9];
+        let tokens: Vec<u8> = [0i64, 5, 6, 1, 2, 3]
+            .iter()
+            .flat_map(|t| t.to_le_bytes())
+            .collect();
+        let (mut shape, mut pad, mut bytes) = (vec![2u32, 3], vec![1u32, 0], tokens);
+        let mut out = Vec::new();
+        for step in 0..3 {
+            let prefill = step == 0;
+            let (_, hs, hidden) = first
+                .forward(
+                    &rows,
+                    0..1,
+                    prefill,
+                    &pad,
+                    Payload::Tokens,
+                    &shape,
+                    &bytes,
+                    Payload::Hidden,
+                )
+                .unwrap();
+            let (_, _, logits) = second
+                .forward(
+                    &rows,
+                    1..2,
+                    prefill,
+                    &pad,
+                    Payload::Hidden,
+                    &hs,
+                    &hidden,
+                    Payload::LastLogits,
+                )
+                .unwrap();
+            out.push(logits);
+            (shape, pad) = (vec![2, 1], vec![0, 0]);
+            bytes = [4i64 + step, 8]
+                .iter()
+                .flat_map(|t| t.to_le_bytes())
+                .collect();
+        }
+        out
+    }
+
+    #[test]
+    fn a_stage_on_any_device_answers_what_the_cpu_stage_answers() {
+        let path = gpt_checkpoint("device");
+        let on_cpu = run(&path, tch::Device::Cpu);
+        assert_eq!(on_cpu.len(), 3);
+        // Where libtorch sees CUDA, the same calls on each device: weights, KV caches and
+        // payloads there, results back as the same bytes up to f32 rounding.
+        for i in 0..crate::device::cuda_device_count() {
+            let on_cuda = run(&path, tch::Device::Cuda(i));
+            for (a, b) in on_cpu.iter().zip(&on_cuda) {
+                let (a, b) = (
+                    coordinator_free::codec::stage::f32s(a),
+                    coordinator_free::codec::stage::f32s(b),
+                );
+                assert_eq!(a.len(), b.len());
+                for (x, y) in a.iter().zip(&b) {
+                    assert!((x - y).abs() < 1e-3, "cuda:{i}: {x} vs {y}");
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 }

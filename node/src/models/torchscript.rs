@@ -11,9 +11,9 @@ pub fn load_trainable(path: &Path, root: nn::Path) -> Result<tch::TrainableCModu
     tch::TrainableCModule::load(path, root)
 }
 
-/// Loads `path` for inference (evaluation mode).
-pub fn load_frozen(path: &Path) -> Result<tch::CModule, TchError> {
-    let mut m = tch::CModule::load(path)?;
+/// Loads `path` for inference (evaluation mode), its parameters on `device`.
+pub fn load_frozen(path: &Path, device: tch::Device) -> Result<tch::CModule, TchError> {
+    let mut m = tch::CModule::load_on_device(path, device)?;
     m.set_eval();
     Ok(m)
 }

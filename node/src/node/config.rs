@@ -28,6 +28,12 @@ pub struct NodeConfig {
     pub data_listen: SocketAddr,
     /// Data-plane settings.
     pub data_plane: DataPlaneConfig,
-    /// Serving settings (batching, cache, API token).
+    /// The device this node computes on (`shoal up --device`, resolved at start-up by
+    /// [`crate::device::DeviceSpec::resolve`]; the CLI's default `auto` is the first CUDA
+    /// device when libtorch sees one, else the CPU). Serving builds its stages there and
+    /// heartbeats announce it with its free memory and measured speed.
+    pub device: tch::Device,
+    /// Serving settings (batching, cache, API token). `node::run` sets its `device` to
+    /// [`device`](Self::device).
     pub serve: crate::serve::ServeConfig,
 }

@@ -89,10 +89,14 @@ pub async fn run(cfg: NodeConfig) -> Result<(), NodeError> {
     });
     let handle = NodeHandle::new(tx);
     let (view_failed_tx, view_failed_rx) = mpsc::unbounded_channel();
-    let server = crate::serve::Server::start(me.clone(), data_plane.clone(), cfg.serve.clone());
+    let serve_cfg = crate::serve::ServeConfig {
+        device: cfg.device,
+        ..cfg.serve.clone()
+    };
+    let server = crate::serve::Server::start(me.clone(), data_plane.clone(), serve_cfg);
     let router = crate::api::router(handle.clone(), cfg.debug_api)
         .merge(crate::serve::http::router(server.clone(), handle.clone()));
-    spawn_capability_detection(handle.clone());
+    spawn_capability_detection(handle.clone(), cfg.device);
     tokio::spawn(async move {
         if let Err(e) = axum::serve(api_listener, router).await {
             tracing::error!("local API stopped: {e}");
@@ -104,7 +108,13 @@ pub async fn run(cfg: NodeConfig) -> Result<(), NodeError> {
         0o644,
     )?;
 
-    let caps = capabilities::detect().await;
+    let caps = capabilities::detect(cfg.device).await;
+    tracing::info!(
+        device = %caps.device,
+        free_bytes = caps.device_free_bytes,
+        speed_mflops = caps.speed_mflops,
+        "compute device"
+    );
     let start = Instant::now();
     let mut membership = Membership::new(
         me.clone(),
@@ -156,13 +166,13 @@ pub async fn run(cfg: NodeConfig) -> Result<(), NodeError> {
 /// round measured: nodes of a local cluster start together and measure while the others
 /// load, and an unlucky start-up measurement would skew the serving plan until the next
 /// re-detection. Stops when the node does.
-fn spawn_capability_detection(handle: NodeHandle) {
+fn spawn_capability_detection(handle: NodeHandle, device: tch::Device) {
     tokio::spawn(async move {
         let mut waits = [1u64, 1, 2, 4].into_iter();
         loop {
             let wait = waits.next().unwrap_or(10);
             tokio::time::sleep(Duration::from_secs(wait)).await;
-            let caps = capabilities::detect().await;
+            let caps = capabilities::detect(device).await;
             if handle.set_capabilities(caps).await.is_err() {
                 return;
             }

@@ -6,6 +6,9 @@
 //! data plane or from this node itself) is one of: `Forward` (rows through a range of
 //! layers, on that thread), `Drop` (forget rows' caches) or `Fetch` (a chunk of a model
 //! file, for a member fetching it).
+//!
+//! Stages compute on the node's device (`ServeConfig::device`, from `shoal up --device`):
+//! the payloads that arrive as bytes are moved there and the results come back as bytes.
 
 use super::Server;
 use crate::models::stage::StageExecutor;
@@ -98,7 +101,8 @@ impl Server {
                 e.cfg.clone(),
             )
         };
-        let stage = StageExecutor::open(&path, cfg).map_err(|e| e.to_string())?;
+        let stage =
+            StageExecutor::open_on(&path, cfg, self.inner.cfg.device).map_err(|e| e.to_string())?;
         let stage = StageThread::start(stage, "serve-stage", self.inner.cfg.threads)
             .map_err(|e| e.to_string())?;
         // Two first calls may race here: the one inserted first is the stage (with its

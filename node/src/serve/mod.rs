@@ -7,8 +7,9 @@
 //!   checks its SHA-256 and from then on announces it too: an announcement means "I hold
 //!   this model".
 //! - **Plan.** Any node that receives a request plans on its own, from the view, the
-//!   members that hold the model and their announced memory and speed
-//!   (`coordinator_free::pipeline`): no coordinator, and every node derives the same plan
+//!   members that hold the model and their announced memory and speed (their compute
+//!   device's free memory when announced, and the matmul speed measured on it;
+//!   `coordinator_free::pipeline`): no coordinator, and every node derives the same plan
 //!   from the same view. Members a stage call just failed on are left out until the view
 //!   changes (or 10 s pass).
 //! - **Execute** ([`crate::models::stage::StageExecutor`]). The entry node (the one the request reached) sends
@@ -19,7 +20,9 @@
 //!   prompts left-padded; an idle lane waits up to `max_wait_ms` for up to `max_batch`)
 //!   and adds one token to every running request (one decode call), over data-plane
 //!   streams, stage after stage; requests join and leave between iterations. Each stage
-//!   keeps the KV cache of its layers per request row.
+//!   keeps the KV cache of its layers per request row. Stages compute on the node's
+//!   device ([`ServeConfig::device`], from `shoal up --device`); the bytes exchanged are
+//!   decoded and encoded on the CPU.
 //! - **Failover.** Every request gets a seed on arrival, so a retry reproduces its tokens:
 //!   when a stage call fails, the lane's requests go back to the dispatcher, which
 //!   re-plans without that member, until each request's deadline; tokens already
@@ -104,6 +107,10 @@ pub struct ServeConfig {
     /// Torch threads for stage compute, set on the thread that runs each forward (0:
     /// libtorch's default). Default: 0.
     pub threads: usize,
+    /// Where stages compute: their weights and KV caches live there, payloads move there
+    /// and results come back to the CPU. `node::run` sets it from the node's
+    /// [`crate::node::NodeConfig::device`] (`shoal up --device`). Default: the CPU.
+    pub device: tch::Device,
 }
 
 impl ServeConfig {
@@ -119,6 +126,7 @@ impl ServeConfig {
             call_floor: Duration::from_secs(3),
             max_body: 8 << 20,
             threads: 0,
+            device: tch::Device::Cpu,
         }
     }
 }

@@ -112,8 +112,8 @@ impl Server {
         Ok(plan)
     }
 
-    /// The members of the view among `holders` that are not suspected, as workers (half
-    /// their announced memory, their speed), sorted by id.
+    /// The members of the view among `holders` that are not suspected, as workers (their
+    /// serving budget, [`budget`], and their speed), sorted by id.
     fn workers(&self, holders: &[NodeId]) -> Vec<Worker> {
         let v = self.inner.view.lock().unwrap();
         let mut workers: Vec<Worker> = v
@@ -129,8 +129,7 @@ impl Server {
                 let c = v.caps.get(id);
                 Worker {
                     id: id.clone(),
-                    // Half the memory is for serving; the rest for everything else.
-                    free_bytes: c.map_or(0, |c| c.ram_bytes / 2),
+                    free_bytes: c.map_or(0, budget),
                     speed: f64::from(c.map_or(0, |c| c.speed_mflops).max(1)),
                 }
             })
@@ -157,5 +156,34 @@ impl Server {
             Ok(p) => !p.replicas.iter().any(|r| r.as_slice() == replica),
             Err(_) => true,
         }
+    }
+}
+
+/// The memory a member offers serving: the free memory of its compute device when it
+/// announced it (a CUDA device's free memory, the CPU's available memory), else half its
+/// RAM (the rest for everything else).
+fn budget(c: &coordinator_free::Capabilities) -> u64 {
+    if c.device_free_bytes > 0 {
+        c.device_free_bytes
+    } else {
+        c.ram_bytes / 2
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use coordinator_free::Capabilities;
+
+    #[test]
+    fn the_budget_is_the_device_free_memory_when_known() {
+        let mut c = Capabilities {
+            ram_bytes: 64 << 30,
+            device: "cuda:0".into(),
+            device_free_bytes: 139 << 30,
+            ..Default::default()
+        };
+        assert_eq!(super::budget(&c), 139 << 30);
+        c.device_free_bytes = 0;
+        assert_eq!(super::budget(&c), 32 << 30);
     }
 }

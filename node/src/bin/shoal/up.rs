@@ -1,6 +1,7 @@
 //! `shoal up`: runs a node (join the swarm, take part in the membership, serve the local
 //! API) with the data dir locked for the node's life, so two nodes never share one
-//! identity.
+//! identity. `--device` is resolved first: a device this machine does not have (CUDA
+//! without one) ends it with exit code 1 and one line, never a fall-back to the CPU.
 
 use crate::failure::{usage, Failure};
 use anyhow::anyhow;
@@ -65,6 +66,12 @@ pub struct UpArgs {
     /// Serving: responses kept for repeated deterministic requests. Default: 1024.
     #[arg(long, env = "SHOAL_SERVE_CACHE", default_value_t = 1024)]
     serve_cache: usize,
+    /// Compute device for serving (and announced to the swarm with its free memory and
+    /// speed): auto (the first CUDA device when libtorch sees one, else the CPU), cpu,
+    /// cuda (device 0) or cuda:N. Asking for CUDA where there is none is an error, never a
+    /// fall-back. Default: auto.
+    #[arg(long, env = "SHOAL_DEVICE", default_value = "auto")]
+    device: shoal_node::device::DeviceSpec,
     /// Data-plane listen address. Default: 0.0.0.0:4413 (all interfaces).
     #[arg(long, env = "SHOAL_DATA_LISTEN", default_value = "0.0.0.0:4413")]
     data_listen: SocketAddr,
@@ -107,6 +114,7 @@ pub fn parse_addrs(flag: &str, values: &[String]) -> Result<Vec<Multiaddr>, Fail
 /// `shoal up`: locks the data dir (a second node on it exits 1 at once), then runs the
 /// node until it stops.
 pub async fn up(a: UpArgs) -> Result<(), Failure> {
+    let device = a.device.resolve().map_err(anyhow::Error::from)?;
     let listen = if a.listen.is_empty() {
         vec![
             "/ip4/0.0.0.0/tcp/4411".parse().expect("valid"),
@@ -159,6 +167,7 @@ pub async fn up(a: UpArgs) -> Result<(), Failure> {
             tcp_buffer: a.tcp_buffer,
             ..Default::default()
         },
+        device,
         serve,
     };
     shoal_node::node::run(cfg).await.map_err(|e| match e {

@@ -3,7 +3,8 @@
 //! single-process forward on the same model: the stage executor serving runs on every
 //! member (`shoal_node::models::stage::StageExecutor`), over all layers at once, its payloads
 //! packed as an entry node packs them (`coordinator_free::codec::stage`), with no HTTP,
-//! no batching queue and no pipeline hops.
+//! no batching queue and no pipeline hops. `--device` puts both on the same device: the
+//! raw loop's stage, and the nodes' (`shoal up --device`).
 
 use crate::cluster::{local_dir, start_agreed};
 use crate::failure::Failure;
@@ -48,6 +49,10 @@ pub struct ServeArgs {
     /// gpt width. Default: 256.
     #[arg(long, default_value_t = 256)]
     width: i64,
+    /// Device of the stages (the raw loop's and the nodes'): auto, cpu, cuda or cuda:N.
+    /// Default: auto.
+    #[arg(long, default_value = "auto")]
+    device: shoal_node::device::DeviceSpec,
     /// Run the raw single-process loop instead of a cluster.
     #[arg(long)]
     raw: bool,
@@ -79,16 +84,18 @@ struct Timing {
 
 /// Makes the model, runs the raw loop or the cluster, and prints one line
 /// `{"mode","nodes","stages","requests","concurrency","batch","max_tokens","layers",
-/// "width","requests_per_s","tokens_per_s","p50_ms","p99_ms","stage_busy",
+/// "width","device","requests_per_s","tokens_per_s","p50_ms","p99_ms","stage_busy",
 /// "stage_calls_per_request","prefill_calls_per_request"}`.
 pub async fn run(mut a: ServeArgs) -> Result<(), Failure> {
     a.concurrency = a.concurrency.max(1);
     a.max_tokens = a.max_tokens.max(1);
+    // Resolved before any work: a device this machine lacks is an error, not a fall-back.
+    let device = a.device.resolve().map_err(anyhow::Error::from)?;
     let (dir, _) = local_dir(None);
     std::fs::create_dir_all(&dir).map_err(anyhow::Error::from)?;
     let ck = make_model(&dir, a.layers, a.width).await?;
     let (mode, mut t) = if a.raw {
-        ("raw", raw(&ck, &a)?)
+        ("raw", raw(&ck, &a, device)?)
     } else {
         ("shoal", cluster(&ck, &dir.join("nodes"), &a).await?)
     };
@@ -100,7 +107,7 @@ pub async fn run(mut a: ServeArgs) -> Result<(), Failure> {
         "mode": mode, "nodes": if a.raw { 1 } else { a.nodes }, "stages": if a.raw { 1 } else { a.stages },
         "requests": a.requests, "concurrency": a.concurrency,
         "batch": if a.raw { a.concurrency } else { a.lane_batch() }, "max_tokens": a.max_tokens,
-        "layers": a.layers, "width": a.width,
+        "layers": a.layers, "width": a.width, "device": shoal_node::device::name(device),
         "requests_per_s": rps, "tokens_per_s": rps * f64::from(a.max_tokens),
         "p50_ms": p50, "p99_ms": p99,
         "stage_busy": t.busy,
@@ -158,14 +165,14 @@ async fn make_model(dir: &Path, layers: i64, width: i64) -> Result<PathBuf, Fail
     Ok(dir.join("runs/bench-serve/checkpoint.safetensors"))
 }
 
-/// The raw baseline: `concurrency` requests at a time through one [`Stage`] holding every
-/// layer (one torch thread): a prefill of the packed prompts, then one decode call per
-/// further token, each token picked greedily from the last position's logits as serving
-/// picks it.
-fn raw(ck: &Path, a: &ServeArgs) -> Result<Timing, Failure> {
+/// The raw baseline: `concurrency` requests at a time through one [`StageExecutor`]
+/// holding every layer (one torch thread) on `device`: a prefill of the packed prompts,
+/// then one decode call per further token, each token picked greedily from the last
+/// position's logits as serving picks it.
+fn raw(ck: &Path, a: &ServeArgs, device: tch::Device) -> Result<Timing, Failure> {
     tch::set_num_threads(1);
     let cfg = describe(ck).map_err(anyhow::Error::from)?;
-    let mut stage = StageExecutor::open(ck, cfg.clone()).map_err(anyhow::Error::from)?;
+    let mut stage = StageExecutor::open_on(ck, cfg.clone(), device).map_err(anyhow::Error::from)?;
     let layers = 0..cfg.layers as usize;
     let mut lat = Vec::with_capacity(a.requests);
     let t0 = Instant::now();
@@ -224,7 +231,11 @@ async fn cluster(ck: &Path, dir: &Path, a: &ServeArgs) -> Result<Timing, Failure
     ]
     .iter()
     .map(|s| s.to_string())
-    .chain([a.lane_batch().to_string()])
+    .chain([
+        a.lane_batch().to_string(),
+        "--device".into(),
+        a.device.to_string(),
+    ])
     .collect();
     let bound = Duration::from_secs(120);
     let (mut c, _) = start_agreed(dir, a.nodes, &extra, bound).await?;
