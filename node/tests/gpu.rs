@@ -4,11 +4,12 @@
 //!
 //! - a forward/backward and one optimizer step on CUDA equal the CPU's (f32 within 1e-4
 //!   relative; bf16 mixed precision within 5e-2: bfloat16 keeps 8 bits of mantissa);
-//! - the demo's job trains on `device = "cuda"` to the demo's accuracy;
+//! - the demo's job trains on `device = "cuda"` to the demo's accuracy, and its checkpoint
+//!   served on CUDA answers the sums;
 //! - two members on one GPU train through the ring (NCCL refuses two ranks on one device).
 //!
 //! NCCL itself (a 1-rank and, where there are GPUs for it, an n-rank all-reduce) is
-//! `nccl_gpu.rs`; serving on CUDA is in `serve.rs`'s GPU test.
+//! `nccl_gpu.rs`; a serving stage on each device against the CPU is `models/stage.rs`.
 
 mod common;
 
@@ -58,6 +59,20 @@ fn rel(a: &[f32], b: &[f32]) -> f64 {
 #[ignore = "needs a CUDA device: scripts/gpu-check runs it"]
 fn a_cuda_step_equals_the_cpu_step() {
     need_cuda();
+    step_matches_the_cpu_f32_step(Device::Cuda(0));
+}
+
+/// The same comparison with the CPU standing in for the device: f32 against itself, and
+/// the CPU's own bf16 mixed precision against f32 (the check's tolerances and plumbing,
+/// run everywhere).
+#[test]
+fn the_cpu_step_equals_itself_and_bf16_stays_close() {
+    step_matches_the_cpu_f32_step(Device::Cpu);
+}
+
+/// A forward/backward and one AdamW step of the gpt on `device`, in f32 and in bf16,
+/// against the CPU's f32.
+fn step_matches_the_cpu_f32_step(device: Device) {
     let job = JobSpec::parse(
         "name = \"parity\"\nsteps = 1\nbatch_size = 8\n[model]\nkind = \"gpt\"\nlayers = 2\nheads = 4\nwidth = 64\ncontext = 32\n[data]\nkind = \"text\"\npath = \"x.txt\"\n",
     )
@@ -69,8 +84,8 @@ fn a_cuda_step_equals_the_cpu_step() {
     tch::manual_seed(11);
     let tokens = Tensor::randint(256, [8, 33], (Kind::Int64, Device::Cpu));
     let batch = Batch {
-        x: tokens.narrow(1, 0, 32),
-        y: tokens.narrow(1, 1, 32),
+        x: tokens.narrow(1, 0, 32).contiguous(),
+        y: tokens.narrow(1, 1, 32).contiguous(),
         mask: None,
         len: 8,
     };
@@ -82,8 +97,8 @@ fn a_cuda_step_equals_the_cpu_step() {
     opt_cpu.step(&g_cpu, 0.125, 1e-3);
     let after_cpu: Vec<f32> = master(&opt_cpu, &cpu);
     for (precision, tol) in [(Precision::F32, 1e-4), (Precision::Bf16, 5e-2)] {
-        let gpu = Model::build(&job, task, 7, Device::Cuda(0), precision).unwrap();
-        let (loss, _) = gpu.loss_sum(&batch.to_device(Device::Cuda(0))).unwrap();
+        let gpu = Model::build(&job, task, 7, device, precision).unwrap();
+        let (loss, _) = gpu.loss_sum(&batch.to_device(device)).unwrap();
         loss.backward();
         let (a, b) = (loss.double_value(&[]), loss_cpu.double_value(&[]));
         assert!(
@@ -157,6 +172,53 @@ fn the_demo_job_trains_on_cuda() {
     assert_eq!(s["device"], "cuda:0", "{s}");
     let acc = s["eval"]["accuracy"].as_f64().unwrap();
     assert!(acc >= 0.95, "held-out accuracy {acc}");
+    // Then serve that checkpoint on CUDA, as the demo serves it, and ask it sums.
+    let checkpoint = d.0.join("runs/arithmetic/checkpoint.safetensors");
+    let mut args = vec![
+        "serve",
+        "--local",
+        "1",
+        "--device",
+        "cuda",
+        "--max-tokens",
+        "3",
+    ];
+    args.extend(["--json", "--dir"]);
+    let nodes = d.0.join("serve-nodes");
+    args.push(nodes.to_str().unwrap());
+    let sums = [(12, 34), (37, 45), (99, 99), (58, 7)];
+    let prompts: Vec<String> = sums
+        .iter()
+        .map(|(a, b)| format!("{a:02}+{b:02}="))
+        .collect();
+    for p in &prompts {
+        args.extend(["--prompt", p]);
+    }
+    args.push(checkpoint.to_str().unwrap());
+    let out = common::run_shoal(&args);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut right = 0;
+    for line in stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+    {
+        let (Some(q), Some(raw)) = (line["prompt"].as_str(), line["completion"].as_str()) else {
+            continue;
+        };
+        let (a, b) = q.trim_end_matches('=').split_once('+').unwrap();
+        let sum = a.parse::<u32>().unwrap() + b.parse::<u32>().unwrap();
+        // The model writes the sum's digits least-significant first.
+        let answer: String = raw.chars().rev().collect();
+        right += usize::from(answer.trim_start_matches('0').parse::<u32>().ok() == Some(sum));
+    }
+    eprintln!("served on CUDA: {right} of {} sums right", sums.len());
+    assert!(right >= 3, "{stdout}");
 }
 
 #[test]

@@ -129,6 +129,7 @@ impl EventLoop {
             view_failed: self.view_failed_tx.clone(),
             rt: tokio::runtime::Handle::current(),
             node: self.handle.clone(),
+            node_device: self.cfg.device,
             report: report.clone(),
             perturb: perturb.clone(),
         };

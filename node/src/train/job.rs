@@ -124,9 +124,9 @@ pub struct JobSpec {
     /// `runs/<name>/samples.<member>.jsonl` (for audits and tests). Default: false.
     #[serde(default)]
     pub log_samples: bool,
-    /// Where each member computes: `auto` (the first CUDA device when libtorch sees one,
-    /// else the CPU), `cpu`, `cuda` or `cuda:N`, resolved by each member on its own
-    /// machine; a member asked for CUDA without one fails the job with a one-line reason.
+    /// Where each member computes: `auto` (the member's node's device, `shoal up
+    /// --device`, whose own default is the first CUDA device when libtorch sees one, else
+    /// the CPU), `cpu`, `cuda` or `cuda:N`, resolved by each member on its own machine; a member asked for CUDA without one fails the job with a one-line reason.
     /// Members may differ (a view of CUDA and CPU members trains through the ring; one of
     /// CUDA members only, through NCCL). Not part of the job's identity: a checkpoint
     /// written on one device resumes on another. Default: `auto`.

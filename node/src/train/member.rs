@@ -61,7 +61,10 @@ impl Trainer {
         tch::set_num_threads(job.threads as i32);
         let context = job.model.context as usize;
         let data = Dataset::load(&job.data, job.seed, job.eval_fraction, context)?;
-        let device = job.device.resolve()?;
+        let device = match job.device {
+            crate::device::DeviceSpec::Auto => ctx.node_device,
+            spec => spec.resolve()?,
+        };
         let model = Model::build(job, data.task, job.seed, device, job.precision)?;
         let params = model.params();
         let opt = Optimizer::new(&job.optimizer, &params)?;

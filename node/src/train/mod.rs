@@ -287,6 +287,9 @@ pub struct TrainContext {
     pub rt: tokio::runtime::Handle,
     /// The node (the NCCL id of a view travels on its control plane).
     pub node: crate::node::NodeHandle,
+    /// The node's device (`shoal up --device`): where a job with `device = "auto"` runs,
+    /// so a machine with several GPUs runs one node per GPU.
+    pub node_device: tch::Device,
     /// Where progress is published.
     pub report: Arc<Mutex<JobReport>>,
     /// Debug: when set to [`PERTURB_WEIGHTS`], the next step first nudges this member's

@@ -51,6 +51,10 @@ pub struct ServeArgs {
     /// Where --local nodes keep their data dirs and logs. Default: a temporary dir.
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// The device --local nodes serve on (`shoal up --device`): auto, cpu, cuda, cuda:N.
+    /// Default: auto (the first CUDA device when there is one, else the CPU).
+    #[arg(long, default_value = "auto")]
+    device: shoal_node::device::DeviceSpec,
     /// Give up (exit 1) if the model is not served within this many seconds. Default: 120.
     #[arg(long, env = "SHOAL_TIMEOUT_S", default_value_t = 120)]
     timeout_s: u64,
@@ -146,6 +150,7 @@ async fn serve_local(
 ) -> Result<(), Failure> {
     let (dir, temp) = local_dir(a.dir.clone());
     let mut extra = data_plane_args(a.data_plane);
+    extra.extend(["--device".to_string(), a.device.to_string()]);
     if let Some(tok) = &token {
         extra.extend(["--api-token".to_string(), tok.clone()]);
     }
