@@ -370,8 +370,9 @@ lr = 0.002
 }
 
 /// The gpt on tinyshakespeare in mixed precision (bf16 compute, f32 master weights, which
-/// the two members' periodic weights comparison checks agree): the held-out loss falls, and
-/// the summary reports next-token accuracy. (The f32 gpt trains in the arithmetic demo's
+/// the two members' periodic weights comparison checks agree; the gradient copied to the
+/// all-reduce bucket by bucket, in several buckets): the held-out loss falls, and the
+/// summary reports next-token accuracy. (The f32 gpt trains in the arithmetic demo's
 /// tests.)
 #[test]
 fn shakespeare_gpt_eval_loss_falls_in_bf16() {
@@ -386,6 +387,7 @@ batch_size = 16
 eval_every = 20
 consistency_every = 20
 precision = "bf16"
+bucket_bytes = 16384
 [model]
 kind = "gpt"
 layers = 1

@@ -42,10 +42,15 @@ impl Trainer {
 
     /// Debug: makes this member's local gradient (`flat`, as `local_gradients` returns it)
     /// NaN once when asked for.
-    pub(super) fn maybe_nan_gradient(&self, flat: &mut [f32]) {
+    pub(super) fn maybe_nan_gradient(&self, flat: &mut [f32], on_device: Option<&tch::Tensor>) {
         if self.take_fault(PERTURB_NAN_GRADIENT) {
             tracing::warn!(step = self.step, "debug: this member's gradient is NaN");
-            flat[0] = f32::NAN;
+            match on_device {
+                Some(g) => {
+                    let _ = g.narrow(0, 0, 1).fill_(f64::NAN);
+                }
+                None => flat[0] = f32::NAN,
+            }
         }
     }
 

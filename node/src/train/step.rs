@@ -15,6 +15,7 @@ use coordinator_free::training::{redistribute, screen_gradients, Coverage};
 use coordinator_free::{NodeId, ReduceOp, View};
 use std::ops::Range;
 use std::time::{Duration, Instant};
+use tch::Tensor;
 
 /// A committed step: its record, the sample ids this member used, and every member's
 /// measured speed (samples/s).
@@ -93,10 +94,12 @@ impl Trainer {
         let stats0 = self.ctx.dp.stats();
         let mut ids = ids_at(self.order(batch.cursor.epoch), ranges);
         let tc = Instant::now();
-        let mut flat = self.local_gradients(&ids).map_err(StepError::Fatal)?;
+        // On a device, the gradient stays there until the all-reduce copies it bucket by
+        // bucket (`on_device`); `flat` then holds only the loss, samples and correct.
+        let (mut flat, mut on_device) = self.local_gradients(&ids).map_err(StepError::Fatal)?;
         let compute = tc.elapsed();
         let speed = ids.len() as f64 / compute.as_secs_f64().max(1e-9);
-        self.maybe_nan_gradient(&mut flat);
+        self.maybe_nan_gradient(&mut flat, on_device.as_ref());
         let numel = flat.len() - 3;
         let n = view.len();
         let me = self.ctx.me.clone();
@@ -126,18 +129,27 @@ impl Trainer {
             let norm = if n < 2 || rejected.contains(&me) {
                 0.0
             } else {
-                optim::sum_squares(&flat[..numel]).sqrt() / ids.len().max(1) as f64
+                let squares = match &on_device {
+                    Some(g) => g.square().sum(tch::Kind::Double).double_value(&[]),
+                    None => optim::sum_squares(&flat[..numel]),
+                };
+                squares.sqrt() / ids.len().max(1) as f64
             };
             flat.resize(numel + 3 + 2 * n, 0.0);
             flat[norms_at + rank] = norm as f32;
             flat[speeds_at + rank] = if ids.is_empty() { 0.0 } else { speed as f32 };
-            self.all_reduce_round(view, attempt, &mut flat)
+            self.all_reduce_round(view, attempt, &mut flat, on_device.as_ref())
                 .map_err(StepError::Failed)?;
             if attempt == 0 {
                 first_round = ta.elapsed();
             }
             if n < 2 || !self.screen(view, attempt, &flat[norms_at..speeds_at], &mut rejected)? {
                 break;
+            }
+            // A redo adds to this member's own contribution on the host: the part of it
+            // still on the device comes over now (rare: only when the guard left someone out).
+            if let Some(g) = on_device.take() {
+                g.copy_data(&mut mine[..numel], numel);
             }
             let covered = covered.get_or_insert_with(|| coverage.clone());
             let more = take_over(weights, covered, &rejected, &me)?;
@@ -146,7 +158,9 @@ impl Trainer {
                 vec![0f32; numel + 3]
             } else {
                 let more = ids_at(self.order(batch.cursor.epoch), &more);
-                let g = self.local_gradients(&more).map_err(StepError::Fatal)?;
+                let g = self
+                    .local_gradients_on_host(&more)
+                    .map_err(StepError::Fatal)?;
                 ids.extend(more);
                 mine.iter().zip(&g).map(|(a, b)| a + b).collect()
             };
@@ -179,31 +193,67 @@ impl Trainer {
     /// One round of the step's all-reduce: sums `flat` over `view`'s members, in NCCL when
     /// the view's backend is NCCL (see `backend`), else over the ring in buckets of
     /// `bucket_bytes` that run concurrently (`attempt` keeps the guard's rounds apart).
+    ///
+    /// `on_device` is the gradient (the first `numel` elements of `flat`) when it is still
+    /// on a device: a copier thread brings it to `flat` one bucket at a time, and each
+    /// bucket's all-reduce starts as soon as its copy is done, so the copy of the next
+    /// bucket overlaps the ring's work on this one. On the CPU the buckets pass straight
+    /// through.
     fn all_reduce_round(
         &mut self,
         view: &View,
         attempt: u64,
         flat: &mut [f32],
+        on_device: Option<&tch::Tensor>,
     ) -> Result<(), StepFailure> {
         if self.backend(view) == Backend::Nccl {
+            if let Some(g) = on_device {
+                let numel = g.numel();
+                g.copy_data(&mut flat[..numel], numel);
+            }
             return self.nccl_all_reduce(view, flat);
         }
         let dp = self.ctx.dp.clone();
         let bucket = (self.job().bucket_bytes as usize / 4).max(1);
         let (base, step, v) = (self.tag_base, self.step, view.clone());
-        let fut = async {
-            let futs = flat.chunks_mut(bucket).enumerate().map(|(i, chunk)| {
-                let index = (attempt << 32) | i as u64;
-                dp.all_reduce(
-                    &v,
-                    tag(base, &v, TAG_GRAD, step, index),
-                    chunk,
-                    ReduceOp::Sum,
-                )
+        let source = on_device.map(|g| g.shallow_clone());
+        std::thread::scope(|s| {
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+            s.spawn(move || {
+                for (i, chunk) in flat.chunks_mut(bucket).enumerate() {
+                    if let Some(g) = &source {
+                        let start = (i * bucket) as i64;
+                        let len = (chunk.len() as i64).min(g.numel() as i64 - start);
+                        if len > 0 {
+                            g.narrow(0, start, len)
+                                .copy_data(&mut chunk[..len as usize], len as usize);
+                        }
+                    }
+                    if tx.send((i, chunk)).is_err() {
+                        return; // the round was abandoned
+                    }
+                }
             });
-            futures::future::try_join_all(futs).await.map(|_| ())
-        };
-        self.collective(view, fut)
+            let fut = async {
+                let mut running = futures::stream::FuturesUnordered::new();
+                let mut copied = true;
+                while copied || !running.is_empty() {
+                    tokio::select! {
+                        next = rx.recv(), if copied => match next {
+                            Some((i, chunk)) => {
+                                let index = (attempt << 32) | i as u64;
+                                let t = tag(base, &v, TAG_GRAD, step, index);
+                                running.push(dp.all_reduce(&v, t, chunk, ReduceOp::Sum));
+                            }
+                            None => copied = false,
+                        },
+                        Some(done) = futures::StreamExt::next(&mut running) => done?,
+                    }
+                }
+                Ok(())
+            };
+            self.collective(view, fut)
+        })
     }
 
     /// The guard's verdict on a round: `norms` holds every member's norm (in `view`
@@ -242,9 +292,22 @@ impl Trainer {
         Ok(!bad.is_empty())
     }
 
+    /// [`local_gradients`](Self::local_gradients) with the gradient in `flat` wherever
+    /// the model is.
+    fn local_gradients_on_host(&mut self, ids: &[u64]) -> Result<Vec<f32>, TrainError> {
+        let (mut flat, on_device) = self.local_gradients(ids)?;
+        if let Some(g) = on_device {
+            g.copy_data(&mut flat[..g.numel()], g.numel());
+        }
+        Ok(flat)
+    }
+
     /// Gradients of the sum of losses over `ids`, flattened in parameter order, followed
-    /// by `[loss_sum, samples, correct]`.
-    fn local_gradients(&mut self, ids: &[u64]) -> Result<Vec<f32>, TrainError> {
+    /// by `[loss_sum, samples, correct]`. On the CPU in f32 the gradient is in the returned
+    /// vector; on another device (or in bf16) it is one flat f32 tensor there (returned
+    /// beside a vector whose gradient part is zeros), for the all-reduce to copy bucket by
+    /// bucket.
+    fn local_gradients(&mut self, ids: &[u64]) -> Result<(Vec<f32>, Option<Tensor>), TrainError> {
         for (_, p) in &self.params {
             let mut g = p.grad();
             if g.defined() {
@@ -254,29 +317,39 @@ impl Trainer {
         let numel: usize = self.params.iter().map(|(_, t)| t.numel()).sum();
         let mut flat = vec![0f32; numel + 3];
         if ids.is_empty() {
-            return Ok(flat);
+            return Ok((flat, None));
         }
         self.model.set_train(true);
-        let batch = self.data.train_batch(ids).to_device(self.model.device());
+        let device = self.model.device();
+        let batch = self.data.train_batch(ids).to_device(device);
         let (loss, correct) = self.model.loss_sum(&batch)?;
         loss.backward();
-        let mut off = 0;
-        for (_, p) in &self.params {
-            let n = p.numel();
-            let g = p.grad();
-            if g.defined() {
-                // f32 (a no-op under f32), then into host memory (a copy off a device).
-                g.to_kind(tch::Kind::Float)
-                    .contiguous()
-                    .view([-1])
-                    .copy_data(&mut flat[off..off + n], n);
-            }
-            off += n;
-        }
         flat[numel] = loss.double_value(&[]) as f32;
         flat[numel + 1] = ids.len() as f32;
         flat[numel + 2] = correct as f32;
-        Ok(flat)
+        // Each parameter's gradient as f32 (a no-op under f32), flat.
+        let grads = self.params.iter().map(|(_, p)| {
+            let g = p.grad();
+            if g.defined() {
+                g.to_kind(tch::Kind::Float).reshape([-1])
+            } else {
+                Tensor::zeros([p.numel() as i64], (tch::Kind::Float, device))
+            }
+        });
+        // Off the CPU, and in mixed precision (whose bf16 gradients are converted anyway,
+        // so the CPU runs this path too and the tests exercise it), the gradient stays one
+        // tensor for the all-reduce to copy bucket by bucket.
+        if device != tch::Device::Cpu || self.job().precision != crate::device::Precision::F32 {
+            let all: Vec<Tensor> = grads.collect();
+            return Ok((flat, Some(Tensor::cat(&all, 0))));
+        }
+        let mut off = 0;
+        for g in grads {
+            let n = g.numel();
+            g.copy_data(&mut flat[off..off + n], n);
+            off += n;
+        }
+        Ok((flat, None))
     }
 
     /// Applies the summed gradients and commits the step.
