@@ -22,6 +22,8 @@ pub mod weights;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_errors;
 
 use super::config::{ModelConfig, KV_BUDGET_BATCH};
 use super::stage::StageExecutor;

@@ -234,6 +234,43 @@ fn kv_cached_stages_match_transformers() {
     }
 }
 
+/// A shorter row left-padded into a batch with a longer one computes, at its real
+/// positions, transformers' logits of those tokens (positions count from its first real
+/// token; no query attends to the padding).
+#[test]
+fn left_padded_rows_match_transformers() {
+    for arch in ["llama", "qwen3"] {
+        let dir = fixture(arch);
+        let r = reference(&dir);
+        let (cfg, _) = open(&dir).unwrap();
+        let (v, t, pad) = (cfg.vocab as usize, r.tokens[0].len(), 3usize);
+        let mut short = vec![0i64; pad];
+        short.extend(&r.tokens[1][..t - pad]);
+        let rows = [r.tokens[0].clone(), short];
+        let (mut st, _) = stages(&dir, &[0, cfg.layers]);
+        let (p, shape, bytes) = tokens(&rows, t);
+        let (_, _, out) = st[0]
+            .forward(
+                &[1, 2],
+                0..cfg.layers,
+                true,
+                &[0, pad as u32],
+                p,
+                &shape,
+                &bytes,
+                Payload::Logits,
+            )
+            .unwrap();
+        let out = floats(&out);
+        let d0 = max_diff(&out[..t * v], &r.logits[..t * v]);
+        let d1 = max_diff(&out[(t + pad) * v..], &r.logits[t * v..(2 * t - pad) * v]);
+        assert!(
+            d0.max(d1) <= TOLERANCE,
+            "{arch}: padded batch differs by {d0} / {d1}"
+        );
+    }
+}
+
 /// Each stage asks only for its own layers' tensors, the embeddings on the first and the
 /// final norm and head (or the tied embeddings) on the last.
 #[test]
