@@ -141,14 +141,23 @@ impl HfDecoder {
         &self.cfg
     }
 
-    /// Logits `[B, T, vocab]` of tokens (`[B, T]`): every layer (all must be loaded),
-    /// causal attention within the sequence, positions from 0.
+    /// Logits `[B, T, vocab]` of tokens (`[B, T]`, each below the vocabulary): every layer
+    /// (all must be loaded), causal attention within the sequence, positions from 0.
     pub fn forward(&self, tokens: &Tensor) -> Result<Tensor, StageError> {
         let (_, t) = tokens
             .size2()
             .map_err(|_| StageError::Request("tokens must be [batch, len]".into()))?;
         if !self.retained(0..self.cfg.layers) {
             return Err(StageError::Request("not every layer is loaded".into()));
+        }
+        if tokens.numel() > 0 {
+            let (lo, hi) = (tokens.min().int64_value(&[]), tokens.max().int64_value(&[]));
+            if lo < 0 || hi >= self.cfg.vocab {
+                return Err(StageError::Request(format!(
+                    "tokens {lo}..={hi} outside the vocabulary of {}",
+                    self.cfg.vocab
+                )));
+            }
         }
         let pos = Tensor::arange(t, (Kind::Int64, tokens.device()));
         let mut x = self.embed(tokens, &pos);

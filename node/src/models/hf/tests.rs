@@ -175,7 +175,25 @@ fn a_whole_forward_matches_transformers() {
         let d = max_diff(&got, &r.logits);
         eprintln!("{arch}: whole forward, max |Δ| = {d:e}");
         assert!(d <= TOLERANCE, "{arch}: logits differ by {d}");
+        // Where libtorch sees CUDA: the same weights and tokens there, results within
+        // CUDA's f32 matmul rounding (TF32 off by default in libtorch).
+        for i in 0..crate::device::cuda_device_count() {
+            let dev = Device::Cuda(i);
+            let mut dec = HfDecoder::new(dec.config().clone(), Kind::Float);
+            dec.load(0..layers, &w.getter(dev)).unwrap();
+            let y = tch::no_grad(|| dec.forward(&x.to_device(dev))).unwrap();
+            let got = Vec::<f32>::try_from(y.to_device(Device::Cpu).view([-1])).unwrap();
+            let d = max_diff(&got, &r.logits);
+            eprintln!("{arch}: whole forward on cuda:{i}, max |Δ| = {d:e}");
+            assert!(d <= 1e-3, "{arch} on cuda:{i}: logits differ by {d}");
+        }
+        let e = dec.forward(&Tensor::from_slice(&[0i64, cfg_vocab(&dec)]).view([1, 2]));
+        assert!(e.unwrap_err().to_string().contains("vocabulary"));
     }
+}
+
+fn cfg_vocab(d: &HfDecoder) -> i64 {
+    d.config().vocab
 }
 
 /// Through the serving stages, split 1, 2 and 3 ways: the whole prompt's logits, and a
