@@ -125,26 +125,102 @@ pub fn read(path: &Path) -> Result<Checkpoint, CheckpointError> {
     parse(&bytes, &path.display().to_string())
 }
 
-/// Parses safetensors bytes (f32 tensors only; `label` names them in errors). Every
-/// length and offset is checked against the input before anything is built.
-pub fn parse(bytes: &[u8], label: &str) -> Result<Checkpoint, CheckpointError> {
+/// A tensor's element type in a safetensors file, among those shoal reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dtype {
+    /// `F32`.
+    F32,
+    /// `F16`.
+    F16,
+    /// `BF16`.
+    BF16,
+}
+
+impl Dtype {
+    /// The type called `name` in a header (`F32`, `F16`, `BF16`), if shoal reads it.
+    pub fn parse(name: &str) -> Option<Dtype> {
+        match name {
+            "F32" => Some(Dtype::F32),
+            "F16" => Some(Dtype::F16),
+            "BF16" => Some(Dtype::BF16),
+            _ => None,
+        }
+    }
+
+    /// Bytes per element.
+    pub fn size(self) -> u64 {
+        match self {
+            Dtype::F32 => 4,
+            Dtype::F16 | Dtype::BF16 => 2,
+        }
+    }
+
+    /// The libtorch kind.
+    pub fn kind(self) -> tch::Kind {
+        match self {
+            Dtype::F32 => tch::Kind::Float,
+            Dtype::F16 => tch::Kind::Half,
+            Dtype::BF16 => tch::Kind::BFloat16,
+        }
+    }
+}
+
+/// One tensor's entry in a safetensors header, checked against the file: its bytes
+/// `start..end` (from the start of the data section) lie inside the file and, for a
+/// [`Dtype`] shoal reads, hold exactly `shape`'s elements.
+#[derive(Clone, Debug)]
+pub struct Entry {
+    /// The type as the header names it (`F32`, `BF16`, `I64`, …).
+    pub dtype: String,
+    /// The shape.
+    pub shape: Vec<i64>,
+    /// First byte, from the start of the data section.
+    pub start: u64,
+    /// One past the last byte.
+    pub end: u64,
+}
+
+/// A safetensors header: every tensor's entry (in header order), the metadata, and where
+/// the data section starts in the file.
+#[derive(Clone, Debug)]
+pub struct Header {
+    /// Entries by name, in the header's order.
+    pub tensors: Vec<(String, Entry)>,
+    /// `__metadata__`.
+    pub metadata: BTreeMap<String, String>,
+    /// Offset of the data section in the file (8 + the header's length).
+    pub data_start: u64,
+}
+
+impl Header {
+    /// The entry called `name`.
+    pub fn get(&self, name: &str) -> Option<&Entry> {
+        self.tensors.iter().find(|(n, _)| n == name).map(|(_, e)| e)
+    }
+}
+
+/// Checks the 8-byte header length `hlen` of a file of `file_len` bytes.
+fn header_len(hlen: u64, file_len: u64, label: &str) -> Result<u64, CheckpointError> {
+    if hlen > MAX_HEADER_BYTES || hlen > file_len.saturating_sub(8) {
+        return Err(CheckpointError::Malformed {
+            path: label.to_string(),
+            problem: format!("header length {hlen} is out of bounds"),
+        });
+    }
+    Ok(hlen)
+}
+
+/// Parses a safetensors header (`json`, the bytes after the length) whose data section is
+/// `data_len` bytes long; every entry's offsets and size are checked against it.
+pub fn parse_header(json: &[u8], data_len: u64, label: &str) -> Result<Header, CheckpointError> {
     let bad = |p: String| CheckpointError::Malformed {
         path: label.to_string(),
         problem: p,
     };
-    if bytes.len() < 8 {
-        return Err(bad("shorter than its header length".into()));
-    }
-    let hlen = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
-    if hlen > MAX_HEADER_BYTES || hlen > (bytes.len() - 8) as u64 {
-        return Err(bad(format!("header length {hlen} is out of bounds")));
-    }
-    let data = &bytes[8 + hlen as usize..];
     let header: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_slice(&bytes[8..8 + hlen as usize])
-            .map_err(|e| bad(format!("header: {e}")))?;
+        serde_json::from_slice(json).map_err(|e| bad(format!("header: {e}")))?;
     let mut metadata = BTreeMap::new();
-    let mut tensors = Vec::new();
+    let mut tensors = Vec::with_capacity(header.len());
     for (name, v) in header {
         if name == "__metadata__" {
             metadata = serde_json::from_value(v).map_err(|e| bad(format!("metadata: {e}")))?;
@@ -158,26 +234,110 @@ pub fn parse(bytes: &[u8], label: &str) -> Result<Checkpoint, CheckpointError> {
         }
         let info: Info =
             serde_json::from_value(v).map_err(|e| bad(format!("tensor {name}: {e}")))?;
-        if info.dtype != "F32" {
-            return Err(bad(format!("tensor {name} is {}, not F32", info.dtype)));
-        }
         let [a, b] = info.data_offsets;
         let numel = info
             .shape
             .iter()
-            .try_fold(1u64, |x, &d| x.checked_mul(d))
+            .try_fold(1u64, |x, &d| {
+                x.checked_mul(d).filter(|&n| n <= i64::MAX as u64)
+            })
             .ok_or_else(|| bad(format!("tensor {name}: shape overflows")))?;
-        if a > b || b > data.len() as u64 || Some(b - a) != numel.checked_mul(4) {
+        let size = Dtype::parse(&info.dtype).map(|d| numel.checked_mul(d.size()));
+        if a > b || b > data_len || size.is_some_and(|s| s != Some(b - a)) {
             return Err(bad(format!("tensor {name}: offsets {a}..{b} do not fit")));
         }
-        let vals: Vec<f32> = data[a as usize..b as usize]
+        let entry = Entry {
+            dtype: info.dtype,
+            shape: info.shape.iter().map(|&d| d as i64).collect(),
+            start: a,
+            end: b,
+        };
+        tensors.push((name, entry));
+    }
+    Ok(Header {
+        tensors,
+        metadata,
+        data_start: 0,
+    })
+}
+
+/// Reads the header of the safetensors file `path` (its length bounded by
+/// [`MAX_HEADER_BYTES`] and the file's size), without reading any tensor.
+pub fn read_header(path: &Path) -> Result<Header, CheckpointError> {
+    use std::io::Read;
+    let label = path.display().to_string();
+    let mut f = std::fs::File::open(path).map_err(io(path))?;
+    let file_len = f.metadata().map_err(io(path))?.len();
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len)
+        .map_err(|_| CheckpointError::Malformed {
+            path: label.clone(),
+            problem: "shorter than its header length".into(),
+        })?;
+    let hlen = header_len(u64::from_le_bytes(len), file_len, &label)?;
+    let mut json = vec![0u8; hlen as usize];
+    f.read_exact(&mut json).map_err(io(path))?;
+    let mut h = parse_header(&json, file_len - 8 - hlen, &label)?;
+    h.data_start = 8 + hlen;
+    Ok(h)
+}
+
+/// Reads the tensor `name` of `header` (read by [`read_header`] from `path`) onto the CPU
+/// in its stored type (F32, F16 or BF16; any other type is an error naming it).
+pub fn read_tensor(path: &Path, header: &Header, name: &str) -> Result<Tensor, CheckpointError> {
+    use std::io::{Read, Seek, SeekFrom};
+    let bad = |p: String| CheckpointError::Malformed {
+        path: path.display().to_string(),
+        problem: p,
+    };
+    let e = header
+        .get(name)
+        .ok_or_else(|| bad(format!("no tensor {name}")))?;
+    let dtype = Dtype::parse(&e.dtype).ok_or_else(|| {
+        bad(format!(
+            "tensor {name} is {}, not F32, F16 or BF16",
+            e.dtype
+        ))
+    })?;
+    // The size was checked against the file's length when the header was read.
+    let mut bytes = vec![0u8; (e.end - e.start) as usize];
+    let mut f = std::fs::File::open(path).map_err(io(path))?;
+    f.seek(SeekFrom::Start(header.data_start + e.start))
+        .map_err(io(path))?;
+    f.read_exact(&mut bytes)
+        .map_err(|_| bad(format!("tensor {name}: the file is truncated")))?;
+    Ok(Tensor::from_data_size(&bytes, &e.shape, dtype.kind()))
+}
+
+/// Parses safetensors bytes (f32 tensors only; `label` names them in errors). Every
+/// length and offset is checked against the input before anything is built.
+pub fn parse(bytes: &[u8], label: &str) -> Result<Checkpoint, CheckpointError> {
+    let bad = |p: String| CheckpointError::Malformed {
+        path: label.to_string(),
+        problem: p,
+    };
+    if bytes.len() < 8 {
+        return Err(bad("shorter than its header length".into()));
+    }
+    let hlen = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
+    let hlen = header_len(hlen, bytes.len() as u64, label)? as usize;
+    let data = &bytes[8 + hlen..];
+    let header = parse_header(&bytes[8..8 + hlen], data.len() as u64, label)?;
+    let mut tensors = Vec::with_capacity(header.tensors.len());
+    for (name, e) in header.tensors {
+        if e.dtype != "F32" {
+            return Err(bad(format!("tensor {name} is {}, not F32", e.dtype)));
+        }
+        let vals: Vec<f32> = data[e.start as usize..e.end as usize]
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
             .collect();
-        let shape: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
-        tensors.push((name, Tensor::from_slice(&vals).view(shape.as_slice())));
+        tensors.push((name, Tensor::from_slice(&vals).view(e.shape.as_slice())));
     }
-    Ok(Checkpoint { tensors, metadata })
+    Ok(Checkpoint {
+        tensors,
+        metadata: header.metadata,
+    })
 }
 
 #[cfg(test)]

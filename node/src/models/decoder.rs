@@ -22,6 +22,11 @@ pub struct DecoderShape {
     pub context: i64,
     /// Vocabulary (logits per position).
     pub vocab: i64,
+    /// Key/value heads per block (the KV cache's heads; fewer than the query heads under
+    /// grouped-query attention).
+    pub kv_heads: i64,
+    /// Width of one head (the KV cache's last dimension).
+    pub head_dim: i64,
 }
 
 /// How a block's attention sees keys and values: the stage's KV caches, or plain causal
@@ -29,7 +34,9 @@ pub struct DecoderShape {
 pub trait Attention {
     /// Attends `q` (`[batch, heads, len, head_dim]`) to `k` and `v` (`[batch, kv_heads,
     /// len, head_dim]`, the keys and values this call computed in block `layer`), adding
-    /// whatever earlier positions it keeps; returns `[batch, heads, len, head_dim]`.
+    /// whatever earlier positions it keeps; returns `[batch, heads, len, head_dim]`. When
+    /// `kv_heads < heads` (grouped-query attention, `heads` a multiple of `kv_heads`),
+    /// query head `h` attends with key/value head `h / (heads / kv_heads)`.
     fn attend(
         &mut self,
         layer: usize,
@@ -55,9 +62,16 @@ impl Attention for Causal {
     }
 }
 
-/// `softmax(q·kᵀ/√d + causal mask)·v` (PyTorch's fused scaled-dot-product attention).
+/// `softmax(q·kᵀ/√d + causal mask)·v` (PyTorch's fused scaled-dot-product attention),
+/// grouped-query when `k` has fewer heads than `q`.
 pub fn causal(q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
-    Tensor::scaled_dot_product_attention::<Tensor>(q, k, v, None, 0.0, true, None, false)
+    let gqa = is_gqa(q, k);
+    Tensor::scaled_dot_product_attention::<Tensor>(q, k, v, None, 0.0, true, None, gqa)
+}
+
+/// Whether `k` (`[batch, kv_heads, ..]`) has fewer heads than `q` (`[batch, heads, ..]`).
+pub fn is_gqa(q: &Tensor, k: &Tensor) -> bool {
+    q.size()[1] != k.size()[1]
 }
 
 /// A decoder-only language model whose layers can be loaded and run a range at a time.
@@ -71,12 +85,12 @@ pub trait Decoder: Send {
     fn retain(&mut self, layers: Range<usize>) -> bool;
 
     /// Loads what `layers` needs that is not loaded yet, each tensor by its name in the
-    /// model (`get` returns `None` for a missing one); the error is the name of a missing
-    /// tensor.
+    /// model (`get` answers the tensor or why it cannot: missing, unreadable); the error
+    /// says which tensor and what is wrong (`get`'s error, or a shape that does not fit).
     fn load(
         &mut self,
         layers: Range<usize>,
-        get: &dyn Fn(&str) -> Option<Tensor>,
+        get: &dyn Fn(&str) -> Result<Tensor, String>,
     ) -> Result<(), String>;
 
     /// Blocks whose weights are loaded.

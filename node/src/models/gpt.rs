@@ -134,9 +134,9 @@ impl Gpt {
         self.logits(&x)
     }
 
-    fn load_block(get: &dyn Fn(&str) -> Option<Tensor>, i: usize) -> Result<Block, String> {
+    fn load_block(get: &dyn Fn(&str) -> Result<Tensor, String>, i: usize) -> Result<Block, String> {
         let p = block_prefix(i);
-        let t = |n: &str| get(&format!("{p}{n}")).ok_or_else(|| format!("{p}{n}"));
+        let t = |n: &str| get(&format!("{p}{n}"));
         let lin = |n: &str| -> Result<Linear, String> {
             Ok(Linear::packed(
                 &t(&format!("{n}.weight"))?,
@@ -167,6 +167,8 @@ impl Decoder for Gpt {
             width: self.cfg.width,
             context: self.cfg.context,
             vocab: VOCAB as i64,
+            kv_heads: self.cfg.heads,
+            head_dim: self.cfg.width / self.cfg.heads,
         }
     }
 
@@ -189,14 +191,14 @@ impl Decoder for Gpt {
     fn load(
         &mut self,
         layers: Range<usize>,
-        get: &dyn Fn(&str) -> Option<Tensor>,
+        get: &dyn Fn(&str) -> Result<Tensor, String>,
     ) -> Result<(), String> {
         for i in layers.clone() {
             if let std::collections::btree_map::Entry::Vacant(e) = self.blocks.entry(i) {
                 e.insert(Gpt::load_block(get, i)?);
             }
         }
-        let t = |n: &str| get(n).ok_or_else(|| n.to_string());
+        let t = |n: &str| get(n);
         if layers.start == 0 {
             self.tok = Some(t("tok.weight")?);
             self.pos = Some(t("pos.weight")?);

@@ -7,8 +7,8 @@
 //!   layers the serving planner can cut into stages and what each costs.
 //! - [`stage`] runs a range of a served model's layers ([`stage::StageExecutor`]) with the
 //!   KV caches of the rows it decodes; decoder-only language models plug into it through
-//!   [`decoder::Decoder`] (the `gpt` today; a new family, e.g. Hugging Face decoders, is a
-//!   file beside `gpt.rs` that implements it).
+//!   [`decoder::Decoder`]: the `gpt`, and [`hf`]'s Hugging Face decoders (Llama, Mistral,
+//!   Qwen2, Qwen3 folders).
 //! - [`layers`]: linear maps and LayerNorms in the training or the packed serving layout.
 //! - [`checkpoint`]: the safetensors format training writes and serving reads; a model's
 //!   tensors are named [`PARAM_PREFIX`] + their name in the model (`model.blocks.0.qkv.weight`).
@@ -17,6 +17,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod decoder;
 pub mod gpt;
+pub mod hf;
 pub mod layers;
 pub mod mlp;
 pub mod stage;

@@ -12,7 +12,8 @@
 //!   `[batch, len]` tensor by left padding (row `b` starts with `pad[b]` filler positions
 //!   that no real position attends to);
 //! - a **decode** call adds one token to each of its rows, each at its own length: every
-//!   row's cache is a `[heads, context, head_dim]` buffer written in place, the batch
+//!   row's cache is a `[kv_heads, context, head_dim]` buffer written in place (fewer heads
+//!   than the queries' under grouped-query attention), the batch
 //!   attends over the buffers' first `max length + 1` positions with a per-row mask.
 //!
 //! Positions count from each row's first real token, so a row computes what it would
@@ -25,7 +26,7 @@
 //! code path is the same on every device.
 
 use super::config::{unrecognised, ModelConfig};
-use super::decoder::{Attention, Decoder};
+use super::decoder::{is_gqa, Attention, Decoder, DecoderShape};
 use super::gpt::Gpt;
 use super::mlp::Mlp;
 use super::{checkpoint, torchscript, StageError, PARAM_PREFIX};
@@ -52,10 +53,15 @@ enum Weights {
 struct RowCache {
     /// Positions cached.
     len: u32,
-    /// Per layer: K and V buffers `[heads, context, head_dim]`, valid up to `len`.
+    /// Per layer: K and V buffers `[kv_heads, context, head_dim]`, valid up to `len`.
     kv: HashMap<usize, (Tensor, Tensor)>,
     touched: Instant,
 }
+
+/// Where a decoder's tensors come from when it is not a shoal checkpoint (a Hugging Face
+/// folder): each by its name in the model, on the CPU or any device (the stage moves it to
+/// its own), or why it cannot be read.
+pub type TensorSource = Box<dyn Fn(&str) -> Result<Tensor, String> + Send>;
 
 /// The part of a served model this member runs, with its rows' KV caches.
 pub struct StageExecutor {
@@ -63,6 +69,8 @@ pub struct StageExecutor {
     path: PathBuf,
     device: tch::Device,
     weights: Weights,
+    /// A decoder's tensors, when not read from the checkpoint at `path`.
+    source: Option<TensorSource>,
     rows: HashMap<u64, RowCache>,
 }
 
@@ -95,8 +103,29 @@ impl StageExecutor {
             path: path.to_path_buf(),
             device,
             weights,
+            source: None,
             rows: HashMap::new(),
         })
+    }
+
+    /// A stage of `decoder` (described by `cfg`; `path` names it in errors) whose tensors
+    /// come from `source`, computing on `device` (weights are loaded per layer on first
+    /// use and moved there).
+    pub fn with_decoder(
+        path: &Path,
+        cfg: ModelConfig,
+        decoder: Box<dyn Decoder>,
+        source: TensorSource,
+        device: tch::Device,
+    ) -> StageExecutor {
+        StageExecutor {
+            cfg,
+            path: path.to_path_buf(),
+            device,
+            weights: Weights::Decoder(decoder),
+            source: Some(source),
+            rows: HashMap::new(),
+        }
     }
 
     /// The model's config.
@@ -138,9 +167,16 @@ impl StageExecutor {
                 if d.retain(start..end) {
                     return Ok(());
                 }
+                if let Some(source) = &self.source {
+                    return d
+                        .load(start..end, &|n| source(n).map(|t| t.to_device(device)))
+                        .map_err(bad);
+                }
                 let c = read()?;
-                d.load(start..end, &|n| getter(&c, n))
-                    .map_err(|n| bad(format!("tensor `{PARAM_PREFIX}{n}` is missing")))
+                d.load(start..end, &|n| {
+                    getter(&c, n).ok_or_else(|| format!("tensor `{PARAM_PREFIX}{n}` is missing"))
+                })
+                .map_err(bad)
             }
             Weights::Mlp(Some(_)) | Weights::Script(_) => Ok(()),
             Weights::Mlp(m) => {
@@ -343,6 +379,15 @@ impl StageExecutor {
             ));
         }
         check_call(c, &size, shape.width, shape.layers)?;
+        if c.layers.start == 0 && x.numel() > 0 {
+            let (lo, hi) = (x.min().int64_value(&[]), x.max().int64_value(&[]));
+            if lo < 0 || hi >= shape.vocab {
+                return Err(req(format!(
+                    "tokens {lo}..={hi} outside the vocabulary of {}",
+                    shape.vocab
+                )));
+            }
+        }
         let (b, l, ctx) = (size[0], size[1], shape.context);
         // Each row's cached length (0 for new rows) and the positions of this call.
         let lens: Vec<i64> = if c.prefill {
@@ -392,7 +437,7 @@ impl StageExecutor {
         let Weights::Decoder(dec) = &self.weights else {
             unreachable!("a decoder")
         };
-        let mut attention = RowAttention::new(&mut self.rows, c, &lens, l, ctx, self.device);
+        let mut attention = RowAttention::new(&mut self.rows, c, &lens, l, shape, self.device);
         let mut x = if c.layers.start == 0 {
             dec.embed(&x, &positions)
         } else {
@@ -435,7 +480,10 @@ struct RowAttention<'a> {
     mask: Tensor,
     /// Keys per query: the call's length (prefill) or the longest row's length + 1.
     keys: i64,
+    /// Each row's cache buffers are `[kv_heads, context, head_dim]`.
     context: i64,
+    kv_heads: i64,
+    head_dim: i64,
 }
 
 impl<'a> RowAttention<'a> {
@@ -448,7 +496,7 @@ impl<'a> RowAttention<'a> {
         c: &Call<'a>,
         lens: &'a [i64],
         l: i64,
-        context: i64,
+        shape: DecoderShape,
         device: tch::Device,
     ) -> RowAttention<'a> {
         let b = c.rows.len() as i64;
@@ -479,7 +527,9 @@ impl<'a> RowAttention<'a> {
                 .view([b, 1, l, keys])
                 .to_device(device),
             keys,
-            context,
+            context: shape.context,
+            kv_heads: shape.kv_heads,
+            head_dim: shape.head_dim,
         }
     }
 
@@ -492,7 +542,7 @@ impl<'a> RowAttention<'a> {
             0.0,
             false,
             None,
-            false,
+            is_gqa(q, k),
         )
     }
 }
@@ -505,7 +555,15 @@ impl Attention for RowAttention<'_> {
         k: &Tensor,
         v: &Tensor,
     ) -> Result<Tensor, StageError> {
-        let (_, heads, l, hd) = k.size4().expect("[b, heads, len, head_dim] keys");
+        let (heads, hd) = (self.kv_heads, self.head_dim);
+        let size = k.size();
+        if size.len() != 4 || size[1] != heads || size[3] != hd || v.size() != size {
+            return Err(req(format!(
+                "keys {size:?} and values {:?} are not [batch, {heads}, len, {hd}]",
+                v.size()
+            )));
+        }
+        let l = size[2];
         if self.prefill {
             let a = self.sdpa(q, k, v);
             // Keep each row's real positions in its cache buffers.

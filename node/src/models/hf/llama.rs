@@ -1,0 +1,409 @@
+//! The network of a Llama-family decoder (Llama, Mistral, Qwen2, Qwen3), switched by its
+//! [`HfConfig`]; op for op transformers' `LlamaForCausalLM` and its relatives:
+//!
+//! - embeddings `model.embed_tokens` (first stage);
+//! - per block `model.layers.{i}`: `input_layernorm` (RMSNorm), attention (`self_attn.
+//!   {q,k,v,o}_proj`, biases as the config says, Qwen3's per-head `q_norm`/`k_norm` before
+//!   the rotation, rotary positions by `rotate_half`, `num_key_value_heads` key/value heads
+//!   shared by groups of query heads), `post_attention_layernorm`, the SwiGLU MLP
+//!   (`mlp.down_proj(silu(gate_proj(x)) * up_proj(x))`);
+//! - `model.norm` and `lm_head` (or the embeddings when `tie_word_embeddings`) on the last
+//!   stage.
+//!
+//! Serving layout: q, k and v are one packed linear map, as are the MLP's gate and up
+//! ([`Linear::packed`]). Weights are converted to the compute type as they load and stay
+//! on the device `get` put them on; every tensor made during a forward is made on the
+//! input's device.
+
+use super::config::{HfConfig, RopeScaling};
+use crate::models::decoder::{Attention, Causal, Decoder, DecoderShape};
+use crate::models::layers::Linear;
+use crate::models::StageError;
+use std::collections::BTreeMap;
+use std::ops::Range;
+use tch::{Device, Kind, Tensor};
+
+/// The compute type a decoder uses unless told otherwise (the CPU's). f32.
+pub const DEFAULT_KIND: Kind = Kind::Float;
+
+/// RMSNorm as transformers computes it: in f32, `x / sqrt(mean(x²) + eps)`, back in the
+/// input's type, times the weight.
+struct RmsNorm {
+    w: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let kind = x.kind();
+        let h = x.to_kind(Kind::Float);
+        let var = h.square().mean_dim(-1, true, Kind::Float);
+        let h = h * (var + self.eps).rsqrt();
+        &self.w * h.to_kind(kind)
+    }
+}
+
+/// One block's weights.
+struct Block {
+    input_norm: RmsNorm,
+    /// q, k and v in one map (`[hidden] → [(heads + 2·kv_heads)·head_dim]`).
+    qkv: Linear,
+    o: Linear,
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
+    post_norm: RmsNorm,
+    /// gate and up in one map (`[hidden] → [2·intermediate]`).
+    gate_up: Linear,
+    down: Linear,
+}
+
+/// A Hugging Face decoder, the layers one stage runs (see the module's documentation).
+pub struct HfDecoder {
+    cfg: HfConfig,
+    kind: Kind,
+    /// Rotary inverse frequencies `[head_dim / 2]` (f32, on the weights' device once some
+    /// are loaded).
+    inv_freq: Tensor,
+    /// `[vocab, hidden]`, present when layer 0 is here.
+    embed: Option<Tensor>,
+    blocks: BTreeMap<usize, Block>,
+    /// Present when the last layer is here.
+    norm: Option<RmsNorm>,
+    /// Present when the last layer is here.
+    head: Option<Linear>,
+}
+
+/// Names of block `i`'s tensors start with this.
+pub fn block_prefix(i: usize) -> String {
+    format!("model.layers.{i}.")
+}
+
+/// The embeddings' name.
+pub const EMBED: &str = "model.embed_tokens.weight";
+/// The final norm's name.
+pub const NORM: &str = "model.norm.weight";
+/// The head's name (absent when tied).
+pub const HEAD: &str = "lm_head.weight";
+
+/// Rotary inverse frequencies as transformers computes them (f32 on the CPU).
+pub fn inv_freq(cfg: &HfConfig) -> Tensor {
+    let dim = cfg.head_dim;
+    let exps = Tensor::arange_start_step(0, dim, 2, (Kind::Int64, Device::Cpu))
+        .to_kind(Kind::Float)
+        / dim as f64;
+    let inv = Tensor::pow_scalar(cfg.rope_theta, &exps).reciprocal();
+    let RopeScaling::Llama3 {
+        factor,
+        low_freq_factor: lo,
+        high_freq_factor: hi,
+        original_context: old,
+    } = cfg.rope_scaling
+    else {
+        return inv;
+    };
+    let (low_wavelen, high_wavelen) = (old / lo, old / hi);
+    let wavelen = inv.reciprocal() * (2.0 * std::f64::consts::PI);
+    // Wavelengths above the low-frequency bound: divided by `factor`.
+    let scaled = (&inv / factor).where_self(&wavelen.gt(low_wavelen), &inv);
+    // Between the bounds: interpolated.
+    let smooth = (wavelen.reciprocal() * old - lo) / (hi - lo);
+    let smoothed = (smooth.neg() + 1.0) * &scaled / factor + &smooth * &scaled;
+    let medium = wavelen
+        .lt(high_wavelen)
+        .logical_not()
+        .logical_and(&wavelen.gt(low_wavelen).logical_not());
+    smoothed.where_self(&medium, &scaled)
+}
+
+/// `[-x₂, x₁]` of the halves of the last dimension.
+fn rotate_half(x: &Tensor) -> Tensor {
+    let h = x.size().last().copied().expect("a head dimension") / 2;
+    Tensor::cat(&[x.narrow(-1, h, h).neg(), x.narrow(-1, 0, h)], -1)
+}
+
+impl HfDecoder {
+    /// A decoder of `cfg` with no weights loaded yet, computing in `kind` (a floating
+    /// type; [`DEFAULT_KIND`], f32, on the CPU): weights are converted to it as they load.
+    pub fn new(cfg: HfConfig, kind: Kind) -> HfDecoder {
+        HfDecoder {
+            inv_freq: inv_freq(&cfg),
+            cfg,
+            kind,
+            embed: None,
+            blocks: BTreeMap::new(),
+            norm: None,
+            head: None,
+        }
+    }
+
+    /// Its config.
+    pub fn config(&self) -> &HfConfig {
+        &self.cfg
+    }
+
+    /// Logits `[B, T, vocab]` of tokens (`[B, T]`, each below the vocabulary): every layer
+    /// (all must be loaded), causal attention within the sequence, positions from 0.
+    pub fn forward(&self, tokens: &Tensor) -> Result<Tensor, StageError> {
+        let (_, t) = tokens
+            .size2()
+            .map_err(|_| StageError::Request("tokens must be [batch, len]".into()))?;
+        if !self.retained(0..self.cfg.layers) {
+            return Err(StageError::Request("not every layer is loaded".into()));
+        }
+        if tokens.numel() > 0 {
+            let (lo, hi) = (tokens.min().int64_value(&[]), tokens.max().int64_value(&[]));
+            if lo < 0 || hi >= self.cfg.vocab {
+                return Err(StageError::Request(format!(
+                    "tokens {lo}..={hi} outside the vocabulary of {}",
+                    self.cfg.vocab
+                )));
+            }
+        }
+        let pos = Tensor::arange(t, (Kind::Int64, tokens.device()));
+        let mut x = self.embed(tokens, &pos);
+        for i in 0..self.cfg.layers {
+            x = self.layer(i, &x, &pos, &mut Causal)?;
+        }
+        Ok(self.logits(&x))
+    }
+
+    /// Whether everything `layers` needs is loaded.
+    fn retained(&self, layers: Range<usize>) -> bool {
+        let last = layers.end == self.cfg.layers;
+        layers.clone().all(|i| self.blocks.contains_key(&i))
+            && (layers.start > 0 || self.embed.is_some())
+            && (!last || self.head.is_some())
+    }
+
+    /// The tensor `name` from `get`, checked to be floating point of `shape`, converted to
+    /// the compute type.
+    fn fetch(
+        &self,
+        get: &dyn Fn(&str) -> Result<Tensor, String>,
+        name: &str,
+        shape: &[i64],
+    ) -> Result<Tensor, String> {
+        let t = get(name)?;
+        if !t.is_floating_point() {
+            return Err(format!(
+                "tensor `{name}` is {:?}, not floating point",
+                t.kind()
+            ));
+        }
+        if t.size() != shape {
+            return Err(format!(
+                "tensor `{name}` has shape {:?}, expected {shape:?}",
+                t.size()
+            ));
+        }
+        Ok(t.to_kind(self.kind))
+    }
+
+    fn norm(
+        &self,
+        get: &dyn Fn(&str) -> Result<Tensor, String>,
+        name: &str,
+        width: i64,
+    ) -> Result<RmsNorm, String> {
+        Ok(RmsNorm {
+            w: self.fetch(get, name, &[width])?,
+            eps: self.cfg.rms_norm_eps,
+        })
+    }
+
+    /// A packed linear map of the weights `names` (each `[outs[j], input]`, with biases
+    /// `{name}.bias` when `bias`) concatenated along the outputs.
+    fn linear(
+        &self,
+        get: &dyn Fn(&str) -> Result<Tensor, String>,
+        names: &[(&str, i64)],
+        input: i64,
+        bias: bool,
+    ) -> Result<Linear, String> {
+        let mut ws = Vec::with_capacity(names.len());
+        let mut bs = Vec::with_capacity(names.len());
+        for (n, out) in names {
+            ws.push(self.fetch(get, &format!("{n}.weight"), &[*out, input])?);
+            if bias {
+                bs.push(self.fetch(get, &format!("{n}.bias"), &[*out])?);
+            }
+        }
+        let w = Tensor::cat(&ws, 0);
+        let b = bias.then(|| Tensor::cat(&bs, 0));
+        Ok(Linear::packed(&w, b.as_ref()))
+    }
+
+    fn load_block(
+        &self,
+        get: &dyn Fn(&str) -> Result<Tensor, String>,
+        i: usize,
+    ) -> Result<Block, String> {
+        let c = &self.cfg;
+        let p = block_prefix(i);
+        let (d, hd, m) = (c.hidden, c.head_dim, c.intermediate);
+        let n = |s: &str| format!("{p}{s}");
+        let (q, k, v, o) = (
+            n("self_attn.q_proj"),
+            n("self_attn.k_proj"),
+            n("self_attn.v_proj"),
+            n("self_attn.o_proj"),
+        );
+        let qk_norm = |s: &str| -> Result<Option<RmsNorm>, String> {
+            c.qk_norm.then(|| self.norm(get, &n(s), hd)).transpose()
+        };
+        let (gate, up, down) = (n("mlp.gate_proj"), n("mlp.up_proj"), n("mlp.down_proj"));
+        Ok(Block {
+            input_norm: self.norm(get, &n("input_layernorm.weight"), d)?,
+            qkv: self.linear(
+                get,
+                &[
+                    (&q, c.heads * hd),
+                    (&k, c.kv_heads * hd),
+                    (&v, c.kv_heads * hd),
+                ],
+                d,
+                c.qkv_bias,
+            )?,
+            o: self.linear(get, &[(&o, d)], c.heads * hd, c.o_bias)?,
+            q_norm: qk_norm("self_attn.q_norm.weight")?,
+            k_norm: qk_norm("self_attn.k_norm.weight")?,
+            post_norm: self.norm(get, &n("post_attention_layernorm.weight"), d)?,
+            gate_up: self.linear(get, &[(&gate, m), (&up, m)], d, c.mlp_bias)?,
+            down: self.linear(get, &[(&down, d)], m, c.mlp_bias)?,
+        })
+    }
+
+    /// Rotary `cos` and `sin` (`[.., len, head_dim]`, broadcasting over heads) of
+    /// `positions`, in the compute type.
+    fn rope(&self, positions: &Tensor) -> (Tensor, Tensor) {
+        let inv = self.inv_freq.to_device(positions.device());
+        let freqs = positions.to_kind(Kind::Float).unsqueeze(-1) * inv;
+        let emb = Tensor::cat(&[&freqs, &freqs], -1);
+        let (cos, sin) = (emb.cos().to_kind(self.kind), emb.sin().to_kind(self.kind));
+        if positions.dim() == 2 {
+            (cos.unsqueeze(1), sin.unsqueeze(1))
+        } else {
+            (cos, sin)
+        }
+    }
+}
+
+impl Decoder for HfDecoder {
+    fn shape(&self) -> DecoderShape {
+        DecoderShape {
+            layers: self.cfg.layers,
+            width: self.cfg.hidden,
+            context: self.cfg.context,
+            vocab: self.cfg.vocab,
+            kv_heads: self.cfg.kv_heads,
+            head_dim: self.cfg.head_dim,
+        }
+    }
+
+    fn retain(&mut self, layers: Range<usize>) -> bool {
+        self.blocks.retain(|i, _| layers.contains(i));
+        if layers.start > 0 {
+            self.embed = None;
+        }
+        if layers.end != self.cfg.layers {
+            self.norm = None;
+            self.head = None;
+        }
+        self.retained(layers)
+    }
+
+    /// Loads `model.layers.{i}.*` for `layers`, plus `model.embed_tokens` when the range
+    /// starts at 0 and `model.norm` + `lm_head` (or the tied embeddings) when it ends at
+    /// the last layer; nothing else is asked of `get`.
+    fn load(
+        &mut self,
+        layers: Range<usize>,
+        get: &dyn Fn(&str) -> Result<Tensor, String>,
+    ) -> Result<(), String> {
+        if layers.end > self.cfg.layers {
+            return Err(format!(
+                "layers {layers:?} of a {}-layer model",
+                self.cfg.layers
+            ));
+        }
+        let (d, v) = (self.cfg.hidden, self.cfg.vocab);
+        for i in layers.clone() {
+            if !self.blocks.contains_key(&i) {
+                let b = self.load_block(get, i)?;
+                self.inv_freq = self.inv_freq.to_device(b.input_norm.w.device());
+                self.blocks.insert(i, b);
+            }
+        }
+        if layers.start == 0 && self.embed.is_none() {
+            self.embed = Some(self.fetch(get, EMBED, &[v, d])?);
+        }
+        if layers.end == self.cfg.layers && self.head.is_none() {
+            self.norm = Some(self.norm(get, NORM, d)?);
+            let head = if self.cfg.tie_word_embeddings {
+                EMBED
+            } else {
+                HEAD
+            };
+            self.head = Some(Linear::packed(&self.fetch(get, head, &[v, d])?, None));
+        }
+        Ok(())
+    }
+
+    fn loaded_layers(&self) -> Vec<usize> {
+        self.blocks.keys().copied().collect()
+    }
+
+    fn embed(&self, tokens: &Tensor, _positions: &Tensor) -> Tensor {
+        let e = self.embed.as_ref().expect("layer 0 is loaded");
+        Tensor::embedding(e, tokens, -1, false, false)
+    }
+
+    fn layer(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        positions: &Tensor,
+        attention: &mut dyn Attention,
+    ) -> Result<Tensor, StageError> {
+        let blk = self
+            .blocks
+            .get(&layer)
+            .ok_or_else(|| StageError::Request(format!("layer {layer} is not loaded")))?;
+        let c = &self.cfg;
+        let x = x.to_kind(self.kind);
+        let (b, t, _) = x
+            .size3()
+            .map_err(|_| StageError::Request("hidden states must be [batch, len, width]".into()))?;
+        let (h, kv, hd) = (c.heads, c.kv_heads, c.head_dim);
+        let qkv = blk.qkv.forward(&blk.input_norm.forward(&x));
+        let parts = qkv.split_with_sizes([h * hd, kv * hd, kv * hd], 2);
+        let q = parts[0].view([b, t, h, hd]);
+        let k = parts[1].view([b, t, kv, hd]);
+        let v = parts[2].view([b, t, kv, hd]).transpose(1, 2);
+        let q = blk
+            .q_norm
+            .as_ref()
+            .map_or(q.shallow_clone(), |n| n.forward(&q));
+        let k = blk
+            .k_norm
+            .as_ref()
+            .map_or(k.shallow_clone(), |n| n.forward(&k));
+        let (q, k) = (q.transpose(1, 2), k.transpose(1, 2));
+        let (cos, sin) = self.rope(positions);
+        let q = &q * &cos + rotate_half(&q) * &sin;
+        let k = &k * &cos + rotate_half(&k) * &sin;
+        let a = attention.attend(layer, &q, &k, &v)?;
+        let a = a.transpose(1, 2).contiguous().view([b, t, h * hd]);
+        let x = &x + blk.o.forward(&a);
+        let gu = blk.gate_up.forward(&blk.post_norm.forward(&x));
+        let parts = gu.split(c.intermediate, 2);
+        let mlp = blk.down.forward(&(parts[0].silu() * &parts[1]));
+        Ok(x + mlp)
+    }
+
+    fn logits(&self, x: &Tensor) -> Tensor {
+        let norm = self.norm.as_ref().expect("the last layer is loaded");
+        let head = self.head.as_ref().expect("the last layer is loaded");
+        head.forward(&norm.forward(&x.to_kind(self.kind)))
+    }
+}
