@@ -191,11 +191,14 @@ pub fn expected_bytes(kind: Payload, shape: &[u32]) -> Option<u64> {
     elems.checked_mul(size)
 }
 
-/// A prefill's [`Payload::Tokens`] of byte-level prompts: one row per prompt, each
-/// left-padded with token 0 to the longest. Returns the row length, each row's padding
-/// and the payload (`[prompts, len]`). What an entry node sends a pipeline's first stage.
-pub fn pack_prompts<'a>(prompts: impl IntoIterator<Item = &'a [u8]>) -> (u32, Vec<u32>, Vec<u8>) {
-    let prompts: Vec<&[u8]> = prompts.into_iter().collect();
+/// A prefill's [`Payload::Tokens`] of prompts (token ids: a byte-level model's bytes, or
+/// any vocabulary's ids): one row per prompt, each left-padded with token 0 to the
+/// longest. Returns the row length, each row's padding and the payload (`[prompts,
+/// len]`). What an entry node sends a pipeline's first stage.
+pub fn pack_prompts<'a, T: Copy + Into<i64> + 'a>(
+    prompts: impl IntoIterator<Item = &'a [T]>,
+) -> (u32, Vec<u32>, Vec<u8>) {
+    let prompts: Vec<&[T]> = prompts.into_iter().collect();
     let len = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
     let mut pad = Vec::with_capacity(prompts.len());
     let mut bytes = Vec::with_capacity(prompts.len() * len * 8);
@@ -205,17 +208,17 @@ pub fn pack_prompts<'a>(prompts: impl IntoIterator<Item = &'a [u8]>) -> (u32, Ve
             bytes.extend_from_slice(&0i64.to_le_bytes());
         }
         for &t in *p {
-            bytes.extend_from_slice(&i64::from(t).to_le_bytes());
+            bytes.extend_from_slice(&t.into().to_le_bytes());
         }
     }
     (len as u32, pad, bytes)
 }
 
 /// A decode call's [`Payload::Tokens`]: one token per row (`[rows, 1]`).
-pub fn pack_tokens(tokens: impl IntoIterator<Item = u8>) -> Vec<u8> {
+pub fn pack_tokens<T: Into<i64>>(tokens: impl IntoIterator<Item = T>) -> Vec<u8> {
     tokens
         .into_iter()
-        .flat_map(|t| i64::from(t).to_le_bytes())
+        .flat_map(|t| t.into().to_le_bytes())
         .collect()
 }
 

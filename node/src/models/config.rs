@@ -1,6 +1,7 @@
 //! What a model file is, as far as serving needs to know: its kind, the layers that can
 //! be cut into stages and what each costs ([`ModelConfig`], read by [`describe`] from a
-//! checkpoint's `model` metadata or a TorchScript module). The planner sizes stages from
+//! checkpoint's `model` metadata, a TorchScript module, or a Hugging Face folder's
+//! `config.json` ([`super::hf::model_config`])). The planner sizes stages from
 //! it; it travels as JSON in the serving announcement.
 
 use super::checkpoint;
@@ -17,16 +18,20 @@ pub const KV_BUDGET_BATCH: u64 = 8;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
-    /// `gpt`, `mlp` or `torchscript`.
+    /// `gpt`, `hf` (a Hugging Face decoder folder), `mlp` or `torchscript`.
     pub kind: String,
-    /// Layers that can be cut into stages (`gpt`: its blocks; otherwise 1).
+    /// Layers that can be cut into stages (`gpt`, `hf`: its blocks; otherwise 1).
     pub layers: u32,
-    /// `gpt`: attention heads (0 otherwise).
+    /// `gpt`, `hf`: attention heads (0 otherwise).
     pub heads: u32,
-    /// `gpt`: width (0 otherwise).
+    /// `gpt`, `hf`: width (0 otherwise).
     pub width: u32,
-    /// `gpt`: context length in tokens (0 otherwise).
+    /// `gpt`, `hf`: context length in tokens (0 otherwise).
     pub context: u32,
+    /// `gpt`, `hf`: token ids it takes and scores per position it answers (`gpt`: 256,
+    /// its bytes; `hf`: `vocab_size`). Default (absent): 0 (not a language model).
+    #[serde(default)]
+    pub vocab: u32,
     /// Parameters (scalars).
     pub params: u64,
     /// Bytes each layer needs: weights, plus the KV cache for `KV_BUDGET_BATCH` full
@@ -45,14 +50,19 @@ impl ModelConfig {
         }
     }
 
-    /// Whether it generates text (`/v1/completions`).
+    /// Whether it generates tokens (`/v1/completions`): a `gpt` or an `hf` decoder.
     pub fn is_lm(&self) -> bool {
+        self.kind == "gpt" || self.kind == "hf"
+    }
+
+    /// Whether its tokens are bytes, so that generated tokens are text (a `gpt`).
+    pub fn is_byte_level(&self) -> bool {
         self.kind == "gpt"
     }
 
     /// Checks an announced config before anything is sized from it.
     pub fn validate(&self) -> Result<(), String> {
-        if !["gpt", "mlp", "torchscript"].contains(&self.kind.as_str()) {
+        if !["gpt", "hf", "mlp", "torchscript"].contains(&self.kind.as_str()) {
             return Err(format!("unknown model kind `{}`", self.kind));
         }
         if self.layers == 0 || self.layers > 4096 || self.layer_bytes.len() != self.layers as usize
@@ -63,14 +73,32 @@ impl ModelConfig {
                 self.layer_bytes.len()
             ));
         }
-        if self.is_lm()
+        if self.kind == "gpt"
             && (self.heads == 0
                 || self.width == 0
                 || !self.width.is_multiple_of(self.heads)
                 || self.context == 0
-                || self.context > 1 << 20)
+                || self.context > 1 << 20
+                || self.vocab != gpt::VOCAB)
         {
-            return Err("gpt heads, width and context must be positive, heads divide width".into());
+            return Err(format!(
+                "gpt heads, width and context must be positive, heads divide width, the vocabulary is {}",
+                gpt::VOCAB
+            ));
+        }
+        let max_context = super::hf::config::MAX_CONTEXT as u32;
+        let max_vocab = super::hf::config::MAX_VOCAB as u32;
+        if self.kind == "hf"
+            && (self.heads == 0
+                || self.width == 0
+                || self.context == 0
+                || self.context > max_context
+                || self.vocab == 0
+                || self.vocab > max_vocab)
+        {
+            return Err(format!(
+                "hf heads and width must be positive, context in 1..={max_context}, vocab in 1..={max_vocab}"
+            ));
         }
         Ok(())
     }
@@ -105,8 +133,22 @@ pub(super) fn unrecognised(path: &Path, reason: impl ToString) -> StageError {
     }
 }
 
-/// Reads a model file's architecture.
+/// The compute type of served `hf` stages (and of their planned sizes): f32.
+pub const HF_SERVE_KIND: tch::Kind = tch::Kind::Float;
+
+/// Reads a model's architecture: a file (a shoal checkpoint or a TorchScript module) or a
+/// Hugging Face folder (a directory with `config.json`: its config and weights' index are
+/// read and checked, shards present; sized for [`HF_SERVE_KIND`]).
 pub fn describe(path: &Path) -> Result<ModelConfig, StageError> {
+    if path.is_dir() {
+        if !path.join("config.json").is_file() {
+            return Err(unrecognised(path, "a folder without config.json"));
+        }
+        let (cfg, _) = super::hf::open(path)?;
+        let mc = super::hf::model_config(&cfg, HF_SERVE_KIND);
+        mc.validate().map_err(|e| unrecognised(path, e))?;
+        return Ok(mc);
+    }
     if !is_safetensors(path) {
         let params = torchscript::params(path).map_err(|e| unrecognised(path, e))?;
         let bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
@@ -116,6 +158,7 @@ pub fn describe(path: &Path) -> Result<ModelConfig, StageError> {
             heads: 0,
             width: 0,
             context: 0,
+            vocab: 0,
             params,
             layer_bytes: vec![bytes.max(params * 4)],
         });
@@ -152,6 +195,7 @@ pub fn describe(path: &Path) -> Result<ModelConfig, StageError> {
             heads: 0,
             width: 0,
             context: 0,
+            vocab: 0,
             params,
             layer_bytes: vec![params * 4],
         }),
@@ -186,6 +230,7 @@ fn gpt_config(
         heads: arch.heads as u32,
         width: w as u32,
         context: ctx as u32,
+        vocab: gpt::VOCAB,
         params,
         layer_bytes,
     })

@@ -63,6 +63,9 @@ pub enum StageError {
         /// Why.
         reason: String,
     },
+    /// A Hugging Face folder cannot be read or loaded (the error names the file).
+    #[error(transparent)]
+    Hf(#[from] hf::HfError),
     /// A checkpoint lacks something the model needs.
     #[error("{path}: {problem}")]
     Checkpoint {

@@ -2,13 +2,14 @@
 //! how its answer is delivered and recorded.
 //!
 //! A request is checked against its model (a language model, a prompt that leaves room in
-//! the context), gets a seed if the client gave none, and is answered from the response
+//! the context; text only for a byte-level model, token ids below the model's vocabulary
+//! for any), gets a seed if the client gave none, and is answered from the response
 //! cache when it is deterministic and was answered before ([`Sampling::cache_key`]).
 //! Otherwise it becomes a `Row` queued to its model's dispatcher (`lanes`); its answer
 //! arrives on its [`Sink`], once or as a stream.
 
 use super::row::Row;
-use super::{record_latency, Completion, Sampling, ServeError, Server, StreamEvent};
+use super::{record_latency, Completion, Prompt, Sampling, ServeError, Server, StreamEvent};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
@@ -24,8 +25,11 @@ pub(super) enum Sink {
 
 /// An admitted request, as it waits for and moves through lanes.
 pub(super) struct Pending {
-    /// The prompt's bytes (one token each).
-    pub(super) prompt: Vec<u8>,
+    /// The prompt's token ids (a byte-level model's: the text's bytes).
+    pub(super) prompt: Vec<u32>,
+    /// Whether the model's tokens are bytes (its tokens are the text; stop sequences
+    /// apply).
+    pub(super) byte_level: bool,
     pub(super) sampling: Sampling,
     pub(super) deadline: Instant,
     /// When it arrived (its latency counts from here).
@@ -40,19 +44,26 @@ impl Server {
     fn admit(
         &self,
         model: &str,
-        prompt: &str,
+        prompt: &Prompt,
         mut sampling: Sampling,
         timeout: Option<Duration>,
         sink: Sink,
     ) -> Result<(), (ServeError, Sink)> {
-        if let Err(e) = self.check_completion(model, prompt) {
-            self.inner.stats.lock().unwrap().requests_rejected += 1;
-            return Err((e, sink));
-        }
+        let (tokens, byte_level) = match self.check_completion(model, prompt, &sampling) {
+            Ok(x) => x,
+            Err(e) => {
+                self.inner.stats.lock().unwrap().requests_rejected += 1;
+                return Err((e, sink));
+            }
+        };
         if !sampling.seeded {
             sampling.seed = rand::random();
         }
-        let cache_key = sampling.cache_key(model, prompt);
+        let key = match prompt {
+            Prompt::Text(t) => format!("text\u{0}{t}"),
+            Prompt::Tokens(ids) => format!("ids\u{0}{ids:?}"),
+        };
+        let cache_key = sampling.cache_key(model, &key);
         let cached = cache_key
             .as_ref()
             .and_then(|k| self.inner.cache.lock().unwrap().get(k));
@@ -65,7 +76,8 @@ impl Server {
             .unwrap_or(self.inner.cfg.request_timeout)
             .min(self.inner.cfg.request_timeout);
         let row = Row::new(Pending {
-            prompt: prompt.as_bytes().to_vec(),
+            prompt: tokens,
+            byte_level,
             sampling,
             deadline: now + limit,
             started: now,
@@ -89,8 +101,15 @@ impl Server {
     }
 
     /// Whether `model` can complete `prompt`: a language model whose context leaves room
-    /// for at least one token after the (non-empty) prompt.
-    fn check_completion(&self, model: &str, prompt: &str) -> Result<(), ServeError> {
+    /// for at least one token after the (non-empty) prompt; text and stop sequences only
+    /// for a byte-level model, token ids below its vocabulary. The prompt's tokens, and
+    /// whether the model is byte-level.
+    fn check_completion(
+        &self,
+        model: &str,
+        prompt: &Prompt,
+        sampling: &Sampling,
+    ) -> Result<(Vec<u32>, bool), ServeError> {
         let (_, cfg) = self.model_for_request(model)?;
         if !cfg.is_lm() {
             return Err(ServeError::Invalid(format!(
@@ -98,7 +117,27 @@ impl Server {
                 cfg.kind
             )));
         }
-        let p = prompt.as_bytes();
+        let byte_level = cfg.is_byte_level();
+        let p: Vec<u32> = match prompt {
+            Prompt::Text(t) if byte_level => t.bytes().map(u32::from).collect(),
+            Prompt::Text(_) => {
+                return Err(ServeError::Invalid(format!(
+                    "`{model}` has no tokenizer here yet: send `prompt` as a list of token ids"
+                )))
+            }
+            Prompt::Tokens(ids) => ids.clone(),
+        };
+        if let Some(t) = p.iter().find(|&&t| t >= cfg.vocab) {
+            return Err(ServeError::Invalid(format!(
+                "token id {t} is outside the vocabulary of {} tokens",
+                cfg.vocab
+            )));
+        }
+        if !byte_level && !sampling.stop.is_empty() {
+            return Err(ServeError::Invalid(format!(
+                "`{model}` has no tokenizer here yet: stop sequences are not supported"
+            )));
+        }
         if p.is_empty() {
             return Err(ServeError::Invalid("the prompt is empty".into()));
         }
@@ -109,7 +148,7 @@ impl Server {
                 cfg.context
             )));
         }
-        Ok(())
+        Ok((p, byte_level))
     }
 
     /// Answers on `sink` with `c`, a completion from the response cache.
@@ -124,7 +163,8 @@ impl Server {
                 let _ = tx.send(Ok(c));
             }
             Sink::Stream(tx) => {
-                let _ = tx.try_send(StreamEvent::Text(c.text.clone()));
+                let (text, tokens) = (c.text.clone(), c.tokens.clone());
+                let _ = tx.try_send(StreamEvent::Text { text, tokens });
                 let _ = tx.try_send(StreamEvent::Done(c));
             }
             Sink::Closed => {}
@@ -135,7 +175,7 @@ impl Server {
     pub async fn complete(
         &self,
         model: &str,
-        prompt: &str,
+        prompt: &Prompt,
         sampling: Sampling,
         timeout: Option<Duration>,
     ) -> Result<Completion, ServeError> {
@@ -147,11 +187,11 @@ impl Server {
             .unwrap_or_else(|_| Err(ServeError::Invalid("the request was dropped".into())))
     }
 
-    /// Completes `prompt`, streaming text as it is generated.
+    /// Completes `prompt`, streaming text and tokens as they are generated.
     pub fn complete_stream(
         &self,
         model: &str,
-        prompt: &str,
+        prompt: &Prompt,
         sampling: Sampling,
         timeout: Option<Duration>,
     ) -> Result<mpsc::Receiver<StreamEvent>, ServeError> {

@@ -5,11 +5,13 @@
 //! KV cache of every request row. A stage call (from the entry of a request, over the
 //! data plane or from this node itself) is one of: `Forward` (rows through a range of
 //! layers, on that thread), `Drop` (forget rows' caches) or `Fetch` (a chunk of a model
-//! file, for a member fetching it).
+//! file, of a held folder's manifest or of one of its files, by hash, for a member
+//! fetching it). An `hf` folder's stage is [`crate::models::hf::open_stage`].
 //!
 //! Stages compute on the node's device (`ServeConfig::device`, from `shoal up --device`):
 //! the payloads that arrive as bytes are moved there and the results come back as bytes.
 
+use super::registry::Blob;
 use super::Server;
 use crate::models::stage::StageExecutor;
 use crate::models::StageError;
@@ -101,8 +103,13 @@ impl Server {
                 e.cfg.clone(),
             )
         };
-        let stage =
-            StageExecutor::open_on(&path, cfg, self.inner.cfg.device).map_err(|e| e.to_string())?;
+        let device = self.inner.cfg.device;
+        let stage = if cfg.kind == "hf" {
+            crate::models::hf::open_stage(&path, device, crate::models::config::HF_SERVE_KIND)
+                .map_err(|e| e.to_string())?
+        } else {
+            StageExecutor::open_on(&path, cfg, device).map_err(|e| e.to_string())?
+        };
         let stage = StageThread::start(stage, "serve-stage", self.inner.cfg.threads)
             .map_err(|e| e.to_string())?;
         // Two first calls may race here: the one inserted first is the stage (with its
@@ -198,10 +205,20 @@ impl Server {
         )
     }
 
-    /// Reads `len` bytes at `offset` of the file of the model with hash `model`.
+    /// Reads `len` bytes at `offset` of the blob with hash `model`: a model file, a held
+    /// folder's manifest or one of its files.
     async fn read_chunk(&self, model: &[u8; 32], offset: u64, len: u64) -> (StageReply, Vec<u8>) {
-        let Some(path) = self.model_path(model) else {
-            return (StageReply::Err("model not held here".into()), vec![]);
+        let path = match self.blob(model) {
+            None => return (StageReply::Err("model not held here".into()), vec![]),
+            Some(Blob::Manifest(f)) => {
+                let start = offset.min(f.bytes.len() as u64) as usize;
+                let end = offset.saturating_add(len).min(f.bytes.len() as u64) as usize;
+                let b = f.bytes[start..end].to_vec();
+                let shape = vec![b.len() as u32];
+                let payload = Payload::Bytes;
+                return (StageReply::Ok { payload, shape }, b);
+            }
+            Some(Blob::File(path)) => path,
         };
         let read = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
             use std::io::{Read, Seek};

@@ -1,17 +1,24 @@
 //! The serving HTTP API, OpenAI-compatible where OpenAI has an equivalent.
 //!
-//! - `POST /v1/completions` — `model`, `prompt` (a string, or a list of one), `max_tokens`
+//! - `POST /v1/completions` — `model`, `prompt` (a string, or a list of one; or token ids:
+//!   a list of integers, or a list of one such list, as OpenAI allows), `max_tokens`
 //!   (default 16), `temperature` (default 1), `top_p` (default 1), `seed`, `stop` (a
 //!   string or up to 4), `stream` (server-sent events ending in `data: [DONE]`),
 //!   `timeout` (seconds, shoal's own); other OpenAI fields are accepted when they ask for
 //!   nothing we do not do (`n` 1, no `echo`, no `logprobs`, no `best_of` > 1).
+//!   A text prompt needs a byte-level model (`gpt`); token ids work with any language
+//!   model (an `hf` folder takes only these until its tokenizer is wired in; it has no
+//!   stop sequences then). When the prompt was token ids, each choice (and each streamed
+//!   chunk) carries `tokens`, the generated token ids, beside `text` (empty for a model
+//!   whose tokens are not bytes); the tokens are what a chat layer decodes.
 //! - `GET /v1/models` — the served models.
 //! - `POST /v1/infer` — `{"model", "inputs": nested arrays}` → `{"model", "shape",
-//!   "outputs"}`: a forward of f32 inputs (`mlp`, TorchScript) or token ids (`gpt`: logits
-//!   of every position). Or a safetensors body (`Content-Type: application/octet-stream`,
+//!   "outputs"}`: a forward of f32 inputs (`mlp`, TorchScript) or token ids (`gpt`, `hf`:
+//!   logits of every position). Or a safetensors body (`Content-Type: application/octet-stream`,
 //!   `?model=NAME`, one F32 tensor, ideally named `inputs`) answered with a safetensors body
 //!   holding `outputs`.
-//! - `POST /v1/serve` — `{"path", "name", "stages"}`: offer a model file on this node
+//! - `POST /v1/serve` — `{"path", "name", "stages"}`: offer a model file (or a Hugging
+//!   Face folder) on this node
 //!   (what `shoal serve` calls); `GET /v1/serve` — models, holders and plans.
 //!
 //! With `--api-token`, every route here asks for `Authorization: Bearer <token>`. Errors
@@ -23,7 +30,7 @@
 // around in hot loops.
 #![allow(clippy::result_large_err)]
 
-use super::{Sampling, ServeError, Server, StreamEvent};
+use super::{Prompt, Sampling, ServeError, Server, StreamEvent};
 use crate::node::handle::NodeHandle;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -170,10 +177,20 @@ enum OneOrMany {
     Many(Vec<String>),
 }
 
+/// A completion's `prompt` as OpenAI allows it: text, texts, token ids, lists of ids.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum PromptIn {
+    Text(String),
+    Texts(Vec<String>),
+    Ids(Vec<u32>),
+    IdLists(Vec<Vec<u32>>),
+}
+
 #[derive(Deserialize)]
 struct CompletionRequest {
     model: String,
-    prompt: OneOrMany,
+    prompt: PromptIn,
     #[serde(default)]
     max_tokens: Option<u32>,
     #[serde(default)]
@@ -201,7 +218,7 @@ struct CompletionRequest {
 /// A checked completion request.
 struct Checked {
     model: String,
-    prompt: String,
+    prompt: Prompt,
     sampling: Sampling,
     stream: bool,
     timeout: Option<Duration>,
@@ -209,9 +226,11 @@ struct Checked {
 
 fn check(req: CompletionRequest) -> Result<Checked, Response> {
     let prompt = match req.prompt {
-        OneOrMany::One(p) => p,
-        OneOrMany::Many(mut v) if v.len() == 1 => v.remove(0),
-        OneOrMany::Many(_) => {
+        PromptIn::Text(p) => Prompt::Text(p),
+        PromptIn::Texts(mut v) if v.len() == 1 => Prompt::Text(v.remove(0)),
+        PromptIn::Ids(ids) => Prompt::Tokens(ids),
+        PromptIn::IdLists(mut v) if v.len() == 1 => Prompt::Tokens(v.remove(0)),
+        PromptIn::Texts(_) | PromptIn::IdLists(_) => {
             return Err(invalid("send one prompt per request", Some("prompt")));
         }
     };
@@ -340,13 +359,15 @@ async fn completions(
     };
     let id = format!("cmpl-{:016x}", rand::random::<u64>());
     let created = unix_now();
+    let with_tokens = matches!(c.prompt, Prompt::Tokens(_));
     if !c.stream {
         return match api
             .server
             .complete(&c.model, &c.prompt, c.sampling, c.timeout)
             .await
         {
-            Ok(done) => Json(json!({
+            Ok(done) => {
+                let mut v = json!({
                 "id": id,
                 "object": "text_completion",
                 "created": created,
@@ -363,8 +384,12 @@ async fn completions(
                     "total_tokens": done.prompt_tokens + done.completion_tokens,
                 },
                 "system_fingerprint": if done.cached { "shoal-cache" } else { "shoal" },
-            }))
-            .into_response(),
+                });
+                if with_tokens {
+                    v["choices"][0]["tokens"] = json!(done.tokens);
+                }
+                Json(v).into_response()
+            }
             Err(e) => serve_error(e),
         };
     }
@@ -376,15 +401,18 @@ async fn completions(
         Err(e) => return serve_error(e),
     };
     let model = c.model.clone();
-    let chunk = move |text: &str, finish: Option<&str>| {
-        json!({
+    let chunk = move |text: &str, tokens: &[u32], finish: Option<&str>| {
+        let mut v = json!({
             "id": id,
             "object": "text_completion",
             "created": created,
             "model": model,
             "choices": [{"text": text, "index": 0, "logprobs": null, "finish_reason": finish}],
-        })
-        .to_string()
+        });
+        if with_tokens {
+            v["choices"][0]["tokens"] = json!(tokens);
+        }
+        v.to_string()
     };
     let events = futures::stream::unfold((rx, false), move |(mut rx, ended)| {
         let chunk = chunk.clone();
@@ -393,8 +421,8 @@ async fn completions(
                 return None;
             }
             let (data, ended) = match rx.recv().await {
-                Some(StreamEvent::Text(t)) => (chunk(&t, None), false),
-                Some(StreamEvent::Done(c)) => (chunk("", Some(&c.finish_reason)), true),
+                Some(StreamEvent::Text { text, tokens }) => (chunk(&text, &tokens, None), false),
+                Some(StreamEvent::Done(c)) => (chunk("", &[], Some(&c.finish_reason)), true),
                 Some(StreamEvent::Failed(e)) => (
                     json!({"error": {"message": e.to_string(), "type": "server_error", "param": null, "code": null}})
                         .to_string(),
@@ -674,6 +702,18 @@ mod tests {
         let parse = |v: Value| check(serde_json::from_value(v).unwrap());
         assert!(parse(json!({"model": "m", "prompt": "1+1="})).is_ok());
         assert!(parse(json!({"model": "m", "prompt": ["a", "b"]})).is_err());
+        let ids = |v: Value| match parse(v).ok().unwrap().prompt {
+            Prompt::Tokens(t) => t,
+            Prompt::Text(t) => panic!("text {t:?}"),
+        };
+        assert_eq!(
+            ids(json!({"model": "m", "prompt": [1, 33, 66]})),
+            [1, 33, 66]
+        );
+        assert_eq!(ids(json!({"model": "m", "prompt": [[7, 8]]})), [7, 8]);
+        assert!(parse(json!({"model": "m", "prompt": [[1], [2]]})).is_err());
+        let negative = json!({"model": "m", "prompt": [-1]});
+        assert!(serde_json::from_value::<CompletionRequest>(negative).is_err());
         assert!(parse(json!({"model": "m", "prompt": "a", "temperature": 3})).is_err());
         assert!(parse(json!({"model": "m", "prompt": "a", "top_p": 0})).is_err());
         assert!(parse(json!({"model": "m", "prompt": "a", "n": 2})).is_err());

@@ -1,7 +1,7 @@
 //! `/v1/infer`: one plain forward through a model's pipeline.
 //!
-//! The input is f32 values (`mlp`, TorchScript) or token ids (`gpt`, answered with the
-//! logits of every position), run through the first replica of the plan as one batch,
+//! The input is f32 values (`mlp`, TorchScript) or token ids (`gpt`, `hf`: below the
+//! model's vocabulary, answered with the logits of every position), run through the first replica of the plan as one batch,
 //! with no lanes, batching or cache. A failed stage is suspected and the forward retried
 //! on a new plan until the request's deadline.
 
@@ -13,7 +13,7 @@ impl Server {
     // ------------------------------------------------------------------- infer
 
     /// Runs a generic forward through the model's pipeline: f32 inputs (`mlp`,
-    /// TorchScript) or token ids (`gpt`, answering logits of every position).
+    /// TorchScript) or token ids (`gpt`, `hf`, answering logits of every position).
     pub async fn infer(
         &self,
         model: &str,
@@ -28,14 +28,18 @@ impl Server {
         let input = if cfg.is_lm() {
             if shape.len() != 2 || shape[1] > cfg.context {
                 return Err(ServeError::Invalid(format!(
-                    "a gpt takes token ids [batch, len ≤ {}]",
-                    cfg.context
+                    "a `{}` model takes token ids [batch, len ≤ {}]",
+                    cfg.kind, cfg.context
                 )));
             }
             let mut b = Vec::with_capacity(data.len() * 8);
+            let vocab = cfg.vocab as f32;
             for &t in &data {
-                if !(0.0..256.0).contains(&t) || t.fract() != 0.0 {
-                    return Err(ServeError::Invalid(format!("token id {t} is not a byte")));
+                if !(0.0..vocab).contains(&t) || t.fract() != 0.0 {
+                    return Err(ServeError::Invalid(format!(
+                        "token id {t} is not in the vocabulary of {} tokens",
+                        cfg.vocab
+                    )));
                 }
                 b.extend_from_slice(&(t as i64).to_le_bytes());
             }

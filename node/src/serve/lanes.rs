@@ -13,7 +13,6 @@
 use super::row::Row;
 use super::{ServeError, Server};
 use crate::models::config::ModelConfig;
-use crate::models::gpt;
 use coordinator_free::codec::stage::{self, Payload};
 use coordinator_free::codec::ServeAnnounce;
 use coordinator_free::pipeline;
@@ -338,8 +337,11 @@ impl Server {
                 Payload::LastLogits,
             )
             .await?;
-        let logits = logits_of(replica, &shape, &bytes, fresh.len())?;
-        for (r, logits) in fresh.iter_mut().zip(logits.chunks_exact(VOCAB)) {
+        let logits = logits_of(replica, &shape, &bytes, fresh.len(), cfg.vocab)?;
+        for (r, logits) in fresh
+            .iter_mut()
+            .zip(logits.chunks_exact(cfg.vocab as usize))
+        {
             let full = r.p.prompt.len() as u32 + 1 >= cfg.context;
             r.next = r.step(logits, full, self);
         }
@@ -375,8 +377,8 @@ impl Server {
                 Payload::LastLogits,
             )
             .await?;
-        let logits = logits_of(replica, &shape, &bytes, live.len())?;
-        for (&i, logits) in live.iter().zip(logits.chunks_exact(VOCAB)) {
+        let logits = logits_of(replica, &shape, &bytes, live.len(), cfg.vocab)?;
+        for (&i, logits) in live.iter().zip(logits.chunks_exact(cfg.vocab as usize)) {
             let r = &mut active[i];
             // The row now holds prompt + generated tokens; the next one must still fit.
             let full = (r.p.prompt.len() + r.out_len() + 1) as u32 >= cfg.context;
@@ -386,17 +388,15 @@ impl Server {
     }
 }
 
-/// Logits per row.
-const VOCAB: usize = gpt::VOCAB as usize;
-
-/// The `[rows, VOCAB]` f32 logits the last stage of `replica` answered, checked for shape.
+/// The `[rows, vocab]` f32 logits the last stage of `replica` answered, checked for shape.
 fn logits_of(
     replica: &[pipeline::Stage],
     shape: &[u32],
     bytes: &[u8],
     rows: usize,
+    vocab: u32,
 ) -> Result<Vec<f32>, ServeError> {
-    if shape != [rows as u32, gpt::VOCAB] {
+    if vocab == 0 || shape != [rows as u32, vocab] {
         return Err(ServeError::Stage {
             member: replica.last().expect("stages").member.clone(),
             reason: format!("logits of shape {shape:?}"),

@@ -6,6 +6,7 @@
 //! [`FETCH_CHUNK`] pieces over stage calls, checks its SHA-256 and from then on announces
 //! it too. Holders that stopped announcing for 10 s are not planned on (`plan`).
 
+use super::manifest::{self, sha256_file, Manifest, MAX_MANIFEST_BYTES};
 use super::row::Row;
 use super::{ModelReport, ServeError, Server, FETCH_CHUNK};
 use crate::models::config::{self, ModelConfig};
@@ -15,6 +16,7 @@ use coordinator_free::NodeId;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
@@ -24,8 +26,10 @@ pub(super) struct ModelEntry {
     /// The announcement it was first heard by (name, hash, size, config, stages).
     pub(super) announce: ServeAnnounce,
     pub(super) cfg: ModelConfig,
-    /// The local file once held (fetched and verified, or offered here).
+    /// The local file (or `hf` folder) once held (fetched and verified, or offered here).
     pub(super) path: Option<PathBuf>,
+    /// An `hf` folder's manifest, once held.
+    pub(super) folder: Option<Arc<Folder>>,
     /// Members that announced holding it, when last heard.
     pub(super) holders: HashMap<NodeId, Instant>,
     /// Whether a fetch of the file is under way.
@@ -41,6 +45,7 @@ impl ModelEntry {
             announce,
             cfg,
             path: None,
+            folder: None,
             holders: HashMap::new(),
             fetching: false,
             dispatcher: None,
@@ -53,22 +58,25 @@ fn hex32(h: &[u8; 32]) -> String {
     hex::encode(h)
 }
 
-/// The SHA-256 and size of the file at `path`.
-fn sha256_file(path: &Path) -> std::io::Result<([u8; 32], u64)> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(path)?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut n = 0u64;
-    loop {
-        let k = f.read(&mut buf)?;
-        if k == 0 {
-            break;
-        }
-        h.update(&buf[..k]);
-        n += k as u64;
-    }
-    Ok((h.finalize().into(), n))
+/// A held folder's manifest and its canonical bytes (what `Fetch` of the model's hash
+/// answers).
+pub(super) struct Folder {
+    pub(super) manifest: Manifest,
+    pub(super) bytes: Vec<u8>,
+}
+
+/// What a hash a member asks for resolves to here.
+pub(super) enum Blob {
+    /// A model file, or a file of a held folder.
+    File(PathBuf),
+    /// A held folder's manifest.
+    Manifest(Arc<Folder>),
+}
+
+/// Where a fetch writes its chunks.
+enum Sink {
+    Memory(Vec<u8>),
+    File(tokio::fs::File),
 }
 
 impl Server {
@@ -80,7 +88,18 @@ impl Server {
             reason,
         };
         let cfg = config::describe(path).map_err(|e| offer_err(e.to_string()))?;
-        let (sha256, bytes) = sha256_file(path).map_err(|e| offer_err(e.to_string()))?;
+        // A folder travels as its manifest: the announced hash and size are the manifest's.
+        let folder = if cfg.kind == "hf" {
+            let manifest = Manifest::build(path).map_err(|e| offer_err(e.to_string()))?;
+            let bytes = manifest.to_bytes();
+            Some(Arc::new(Folder { manifest, bytes }))
+        } else {
+            None
+        };
+        let (sha256, bytes) = match &folder {
+            Some(f) => (Sha256::digest(&f.bytes).into(), f.bytes.len() as u64),
+            None => sha256_file(path).map_err(|e| offer_err(e.to_string()))?,
+        };
         let config = serde_json::to_string(&cfg).map_err(|e| offer_err(e.to_string()))?;
         let a = ServeAnnounce {
             name: name.to_string(),
@@ -107,6 +126,7 @@ impl Server {
             .entry(name.to_string())
             .or_insert_with(|| ModelEntry::new(a.clone(), cfg.clone()));
         entry.path = Some(path.to_path_buf());
+        entry.folder = folder;
         entry.holders.insert(self.inner.me.clone(), Instant::now());
         tracing::info!(model = name, kind = %cfg.kind, layers = cfg.layers, sha256 = %hex32(&sha256), "serving model");
         Ok(a)
@@ -126,6 +146,11 @@ impl Server {
             tracing::warn!(peer = %from, "ignored model announcement: {e}");
             return;
         }
+        if cfg.kind == "hf" && a.bytes > MAX_MANIFEST_BYTES {
+            tracing::warn!(peer = %from, "ignored model announcement: a manifest of {} bytes", a.bytes);
+            return;
+        }
+        let folder = cfg.kind == "hf";
         let start_fetch = {
             let mut models = self.inner.models.lock().unwrap();
             let entry = models
@@ -144,7 +169,7 @@ impl Server {
         };
         if start_fetch {
             let s = self.clone();
-            tokio::spawn(async move { s.fetch(a).await });
+            tokio::spawn(async move { s.fetch(a, folder).await });
         }
     }
 
@@ -163,16 +188,15 @@ impl Server {
             .collect()
     }
 
-    /// Fetches a model file from its holders, verifies it and starts holding it.
-    async fn fetch(&self, a: ServeAnnounce) {
+    /// Fetches a model (a file, or an `hf` folder through its manifest) from its holders,
+    /// verifies it and starts holding it.
+    async fn fetch(&self, a: ServeAnnounce, folder: bool) {
         let dir = self.inner.cfg.models_dir.clone();
         let dst = dir.join(hex32(&a.sha256));
         let mut attempt = 0u32;
-        loop {
-            if let Ok((h, _)) = sha256_file(&dst) {
-                if h == a.sha256 {
-                    break;
-                }
+        let held = loop {
+            if !folder && sha256_file(&dst).is_ok_and(|(h, _)| h == a.sha256) {
+                break None;
             }
             let holders: Vec<NodeId> = {
                 let models = self.inner.models.lock().unwrap();
@@ -186,75 +210,160 @@ impl Server {
                 v.sort_by_key(|h| *h != a.origin);
                 v
             };
-            let mut ok = false;
+            let mut got = None;
             for h in holders {
-                match self.fetch_from(&h, &a, &dir, &dst).await {
-                    Ok(()) => {
-                        ok = true;
+                let r = if folder {
+                    self.fetch_folder(&h, &a, &dir).await.map(Some)
+                } else {
+                    let tmp = dst.with_extension("part");
+                    self.fetch_file(&h, &a.sha256, a.bytes, &tmp, &dst)
+                        .await
+                        .map(|()| None)
+                };
+                match r {
+                    Ok(f) => {
+                        got = Some(f);
                         break;
                     }
                     Err(e) => tracing::warn!(peer = %h, model = %a.name, "fetch failed: {e}"),
                 }
             }
-            if ok {
-                break;
+            if let Some(f) = got {
+                break f;
             }
             attempt += 1;
             let wait = Duration::from_millis(200 * u64::from(attempt.min(10)));
             tokio::time::sleep(wait).await;
-        }
+        };
         let mut models = self.inner.models.lock().unwrap();
         if let Some(e) = models.get_mut(&a.name) {
             e.path = Some(dst);
+            e.folder = held;
             e.fetching = false;
             e.holders.insert(self.inner.me.clone(), Instant::now());
             tracing::info!(model = %a.name, bytes = a.bytes, "model fetched and verified");
         }
     }
 
-    /// Fetches the whole file of `a` from `peer` into `dst` (through `dst.part`), checking
-    /// its SHA-256 before it takes the final name.
-    async fn fetch_from(
+    /// Fetches the `hf` folder of `a` from `peer`: its manifest (by the model's hash),
+    /// then each file it lists by its own hash, each checked, assembled in
+    /// `<dir>/<hash>.part/` and renamed to `<dir>/<hash>/` once all are there and the
+    /// folder describes as announced. Files already there and verified are kept.
+    async fn fetch_folder(
         &self,
         peer: &NodeId,
         a: &ServeAnnounce,
         dir: &Path,
+    ) -> Result<Arc<Folder>, String> {
+        let bytes = match self
+            .fetch_chunks(peer, &a.sha256, a.bytes, Sink::Memory(Vec::new()))
+            .await?
+        {
+            Sink::Memory(b) => b,
+            Sink::File(_) => unreachable!("fetched into memory"),
+        };
+        let manifest = Manifest::parse(&bytes).map_err(|e| e.to_string())?;
+        let hex = hex32(&a.sha256);
+        let done = dir.join(&hex);
+        let folder = Arc::new(Folder { manifest, bytes });
+        if done.is_dir() && folder.manifest.verify(&done).is_ok() {
+            return Ok(folder);
+        }
+        let part = dir.join(format!("{hex}.part"));
+        let tmp = dir.join(format!("{hex}.file.part"));
+        std::fs::create_dir_all(&part).map_err(|e| format!("{}: {e}", part.display()))?;
+        for f in &folder.manifest.files {
+            manifest::check_name(&f.name)?;
+            let dst = part.join(&f.name);
+            if sha256_file(&dst).is_ok_and(|(h, n)| h == f.digest() && n == f.bytes) {
+                continue;
+            }
+            self.fetch_file(peer, &f.digest(), f.bytes, &tmp, &dst)
+                .await
+                .map_err(|e| format!("{}: {e}", f.name))?;
+        }
+        // The files must be the model announced (a peer could announce one config and
+        // send another folder).
+        let announced: ModelConfig = serde_json::from_str(&a.config).map_err(|e| e.to_string())?;
+        let got = config::describe(&part).map_err(|e| e.to_string())?;
+        if got != announced {
+            return Err("the folder does not describe as announced".into());
+        }
+        if done.exists() {
+            std::fs::remove_dir_all(&done).map_err(|e| format!("{}: {e}", done.display()))?;
+        }
+        std::fs::rename(&part, &done).map_err(|e| format!("{}: {e}", done.display()))?;
+        Ok(folder)
+    }
+
+    /// Fetches `bytes` bytes of the blob with hash `hash` from `peer` into `dst` (through
+    /// `tmp`), checking its size and SHA-256 before it takes the final name.
+    async fn fetch_file(
+        &self,
+        peer: &NodeId,
+        hash: &[u8; 32],
+        bytes: u64,
+        tmp: &Path,
         dst: &Path,
     ) -> Result<(), String> {
-        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
-        let tmp = dst.with_extension("part");
-        let mut file = tokio::fs::File::create(&tmp)
+        if let Some(parent) = dst.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
+        }
+        let file = tokio::fs::File::create(tmp)
             .await
             .map_err(|e| e.to_string())?;
+        match self.fetch_chunks(peer, hash, bytes, Sink::File(file)).await {
+            Ok(_) => std::fs::rename(tmp, dst).map_err(|e| e.to_string()),
+            Err(e) => {
+                let _ = std::fs::remove_file(tmp);
+                Err(e)
+            }
+        }
+    }
+
+    /// Fetches the `bytes` bytes of the blob with hash `hash` from `peer` in
+    /// [`FETCH_CHUNK`] pieces into `sink`; an error unless every chunk came whole and the
+    /// SHA-256 matches.
+    async fn fetch_chunks(
+        &self,
+        peer: &NodeId,
+        hash: &[u8; 32],
+        bytes: u64,
+        mut sink: Sink,
+    ) -> Result<Sink, String> {
         let mut h = Sha256::new();
         let mut offset = 0u64;
-        while offset < a.bytes {
-            let len = FETCH_CHUNK.min(a.bytes - offset);
+        while offset < bytes {
+            let len = FETCH_CHUNK.min(bytes - offset);
             let req = StageRequest::Fetch {
-                model: a.sha256,
+                model: *hash,
                 offset,
                 len,
             };
-            let (reply, bytes) = self
+            let (reply, chunk) = self
                 .call_remote(peer, &req, &[])
                 .await
                 .map_err(|e| e.to_string())?;
             match reply {
-                StageReply::Ok { .. } if bytes.len() as u64 == len => {}
+                StageReply::Ok { .. } if chunk.len() as u64 == len => {}
                 StageReply::Ok { .. } => return Err(format!("short chunk at {offset}")),
                 StageReply::Err(e) | StageReply::Rejected(e) => return Err(e),
             }
-            h.update(&bytes);
-            file.write_all(&bytes).await.map_err(|e| e.to_string())?;
+            h.update(&chunk);
+            match &mut sink {
+                Sink::Memory(v) => v.extend_from_slice(&chunk),
+                Sink::File(f) => f.write_all(&chunk).await.map_err(|e| e.to_string())?,
+            }
             offset += len;
         }
-        file.sync_all().await.map_err(|e| e.to_string())?;
+        if let Sink::File(f) = &mut sink {
+            f.sync_all().await.map_err(|e| e.to_string())?;
+        }
         let got: [u8; 32] = h.finalize().into();
-        if got != a.sha256 {
-            let _ = std::fs::remove_file(&tmp);
+        if &got != hash {
             return Err("SHA-256 mismatch".into());
         }
-        std::fs::rename(&tmp, dst).map_err(|e| e.to_string())
+        Ok(sink)
     }
 
     /// Models as status reports them.
@@ -323,14 +432,23 @@ impl Server {
         Ok((e.announce.clone(), e.cfg.clone()))
     }
 
-    /// The local file of the model with hash `model`, once held.
-    pub(super) fn model_path(&self, model: &[u8; 32]) -> Option<PathBuf> {
-        self.inner
-            .models
-            .lock()
-            .unwrap()
-            .values()
-            .find(|e| &e.announce.sha256 == model)
-            .and_then(|e| e.path.clone())
+    /// What the hash `h` resolves to here: a held model's file, a held folder's manifest
+    /// (the model's hash) or one of its files (by the file's hash).
+    pub(super) fn blob(&self, h: &[u8; 32]) -> Option<Blob> {
+        let models = self.inner.models.lock().unwrap();
+        for e in models.values() {
+            let Some(path) = &e.path else { continue };
+            match &e.folder {
+                Some(f) if &e.announce.sha256 == h => return Some(Blob::Manifest(f.clone())),
+                Some(f) => {
+                    if let Some(file) = f.manifest.file_by_hash(h) {
+                        return Some(Blob::File(path.join(&file.name)));
+                    }
+                }
+                None if &e.announce.sha256 == h => return Some(Blob::File(path.clone())),
+                None => {}
+            }
+        }
+        None
     }
 }

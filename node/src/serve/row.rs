@@ -12,7 +12,7 @@ use super::completions::{Pending, Sink};
 use super::lanes::LaneSlot;
 use super::{Completion, ServeError, Server, StreamEvent};
 use coordinator_free::serving::SplitMix64;
-use coordinator_free::stop::{self, StreamRelease};
+use coordinator_free::stop::{self, Finish, StreamRelease};
 
 /// One request in a lane: its sampling state and how much of it was streamed.
 pub(super) struct Row {
@@ -20,11 +20,16 @@ pub(super) struct Row {
     /// The row's id on the stages (KV caches); a new one for every attempt.
     pub(super) id: u64,
     /// The token to feed at the next decode step.
-    pub(super) next: u8,
-    /// The text of this attempt (cut before a stop sequence once one matched).
+    pub(super) next: u32,
+    /// The text of this attempt (a byte-level model's; cut before a stop sequence once one
+    /// matched).
     out: Vec<u8>,
-    /// What a streaming client was sent, across attempts (a retry skips it).
+    /// The tokens of this attempt (cut like `out`).
+    tokens: Vec<u32>,
+    /// What a streaming client was sent, across attempts (a retry skips it): the text of
+    /// a byte-level model, the count of tokens of another.
     release: StreamRelease,
+    sent_tokens: usize,
     rng: SplitMix64,
     /// Tokens generated in this attempt.
     generated: usize,
@@ -44,7 +49,9 @@ impl Row {
             next: 0,
             generated: 0,
             out: Vec::new(),
+            tokens: Vec::new(),
             release: StreamRelease::new(),
+            sent_tokens: 0,
             rng,
             done: false,
             slot: None,
@@ -56,12 +63,13 @@ impl Row {
         self.id = rand::random();
         self.generated = 0;
         self.out.clear();
+        self.tokens.clear();
         self.rng = SplitMix64::new(self.p.sampling.seed);
     }
 
     /// Takes the next token from `logits` (a finished row takes a filler token and
     /// stays finished). `full`: the batch has filled the context.
-    pub(super) fn step(&mut self, logits: &[f32], full: bool, srv: &Server) -> u8 {
+    pub(super) fn step(&mut self, logits: &[f32], full: bool, srv: &Server) -> u32 {
         if self.done {
             return 0;
         }
@@ -71,34 +79,58 @@ impl Row {
         } else {
             0.0
         };
-        let t = coordinator_free::serving::sample_token(logits, s.temperature, s.top_p, u) as u8;
-        self.out.push(t);
+        let t = coordinator_free::serving::sample_token(logits, s.temperature, s.top_p, u) as u32;
+        self.tokens.push(t);
         self.generated += 1;
-        let text_len = self.out.len();
-        // Stop sequences end the text before them.
-        let finish = stop::finish(&self.out, &s.stop, s.max_tokens, full);
-        if let Some((_, keep)) = finish {
-            self.out.truncate(keep);
-        }
-        // Stream what is safe to send: never bytes that may start a stop sequence, and
-        // only whole UTF-8 characters; a retry skips what was sent.
-        if let Sink::Stream(tx) = &self.p.sink {
-            if let Some(r) = self.release.release(&self.out, &s.stop, finish.is_some()) {
-                let text = String::from_utf8_lossy(&self.out[r]).into_owned();
-                let _ = tx.try_send(StreamEvent::Text(text));
+        let finish = if self.p.byte_level {
+            // A byte-level model's token is its text's next byte; stop sequences end the
+            // text before them.
+            self.out.push(t as u8);
+            let f = stop::finish(&self.out, &s.stop, s.max_tokens, full);
+            if let Some((_, keep)) = f {
+                self.out.truncate(keep);
+                self.tokens.truncate(keep);
             }
-        }
+            f
+        } else {
+            let n = self.tokens.len();
+            (n >= s.max_tokens as usize || full).then_some((Finish::Length, n))
+        };
+        self.stream(finish.is_some());
         if let Some((reason, _)) = finish {
             let c = Completion {
                 text: String::from_utf8_lossy(&self.out).into_owned(),
+                tokens: self.tokens.clone(),
                 finish_reason: reason.reason().into(),
                 prompt_tokens: self.p.prompt.len() as u32,
-                completion_tokens: text_len as u32,
+                completion_tokens: self.generated as u32,
                 cached: false,
             };
             self.complete(c, srv);
         }
         t
+    }
+
+    /// Streams what is safe to send: never bytes that may start a stop sequence, and only
+    /// whole UTF-8 characters (a byte-level model), or every new token (another); a retry
+    /// skips what was sent.
+    fn stream(&mut self, finished: bool) {
+        let Sink::Stream(tx) = &self.p.sink else {
+            return;
+        };
+        if self.p.byte_level {
+            let stops = &self.p.sampling.stop;
+            if let Some(r) = self.release.release(&self.out, stops, finished) {
+                let text = String::from_utf8_lossy(&self.out[r.clone()]).into_owned();
+                let tokens = self.out[r].iter().map(|&b| u32::from(b)).collect();
+                let _ = tx.try_send(StreamEvent::Text { text, tokens });
+            }
+        } else if self.tokens.len() > self.sent_tokens {
+            let tokens = self.tokens[self.sent_tokens..].to_vec();
+            self.sent_tokens = self.tokens.len();
+            let text = String::new();
+            let _ = tx.try_send(StreamEvent::Text { text, tokens });
+        }
     }
 
     /// Records `c` and sends it to the client; the row is done.

@@ -116,6 +116,7 @@ pub fn model_config(cfg: &HfConfig, kind: tch::Kind) -> ModelConfig {
         heads: cfg.heads as u32,
         width: cfg.hidden as u32,
         context: cfg.context as u32,
+        vocab: cfg.vocab as u32,
         params: l * block + v * d + head + d,
         layer_bytes,
     }

@@ -131,6 +131,13 @@ impl HfWeights {
         self.map.contains_key(name)
     }
 
+    /// The files holding the weights (the shards the index names, or the single file),
+    /// each once, sorted.
+    pub fn files(&self) -> Vec<String> {
+        let set: std::collections::BTreeSet<&String> = self.map.values().collect();
+        set.into_iter().cloned().collect()
+    }
+
     /// Every tensor's name.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.map.keys().map(String::as_str)
