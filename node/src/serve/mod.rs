@@ -5,7 +5,9 @@
 //!   node announces it ([`ControlMessage::Serve`]) every 2 s. Every member that hears of a
 //!   model fetches the file over the data plane (from any member that announced it),
 //!   checks its SHA-256 and from then on announces it too: an announcement means "I hold
-//!   this model".
+//!   this model". A Hugging Face folder travels as its [`manifest`]: the announced hash
+//!   is the manifest's, and a member fetches the manifest, then each file by its own
+//!   hash, and assembles the folder under its models dir.
 //! - **Plan.** Any node that receives a request plans on its own, from the view, the
 //!   members that hold the model and their announced memory and speed (their compute
 //!   device's free memory when announced, and the matmul speed measured on it;
@@ -256,9 +258,9 @@ pub struct ServeStats {
 pub struct ModelReport {
     /// Name.
     pub name: String,
-    /// `gpt`, `mlp` or `torchscript`.
+    /// `gpt`, `hf`, `mlp` or `torchscript`.
     pub kind: String,
-    /// SHA-256 of the file (hex).
+    /// SHA-256 of the file, or of an `hf` folder's manifest (hex).
     pub sha256: String,
     /// Whether this node holds the file.
     pub held: bool,

@@ -1,5 +1,6 @@
-//! `shoal serve`: offers a model (a shoal checkpoint or a TorchScript file) to a node, or to
-//! N local nodes it starts, waits until it is served, and asks it the `--prompt`s.
+//! `shoal serve`: offers a model (a shoal checkpoint, a TorchScript file or a Hugging Face
+//! folder) to a node, or to N local nodes it starts, waits until it is served, and asks it
+//! the `--prompt`s.
 
 use crate::cluster::{self, data_plane_args, local_dir, start_agreed};
 use crate::failure::{usage, Failure};
@@ -14,11 +15,13 @@ use std::time::{Duration, Instant};
 
 #[derive(Args)]
 pub struct ServeArgs {
-    /// The model: a shoal checkpoint (`runs/<job>/checkpoint.safetensors`) or a
-    /// TorchScript file.
+    /// The model: a shoal checkpoint (`runs/<job>/checkpoint.safetensors`), a
+    /// TorchScript file, or a Hugging Face folder (`config.json` with safetensors weights:
+    /// Llama, Mistral, Qwen2, Qwen3; until its tokenizer is wired in, it completes
+    /// token-id prompts only).
     model: PathBuf,
     /// The name clients ask for. Default: the run directory's name for a checkpoint,
-    /// else the file stem.
+    /// else the file stem (a folder's name).
     #[arg(long)]
     name: Option<String>,
     /// Fewest pipeline stages per replica. Default: 1 (as few as memory allows).
@@ -124,6 +127,12 @@ pub async fn serve(a: ServeArgs) -> Result<(), Failure> {
         .model
         .canonicalize()
         .map_err(|e| usage(anyhow!("cannot read {}: {e}", a.model.display())))?;
+    if path.is_dir() {
+        // A folder is checked here before any node starts: a bad one is one line naming
+        // the file.
+        shoal_node::models::config::describe(&path)
+            .map_err(|e| usage(anyhow!("cannot serve {}: {e}", path.display())))?;
+    }
     let name = a.name.clone().unwrap_or_else(|| default_model_name(&path));
     let offer = serde_json::json!({"path": path, "name": name, "stages": a.stages}).to_string();
     let token = a.api_token.clone().filter(|t| !t.is_empty());

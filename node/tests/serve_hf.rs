@@ -1,0 +1,251 @@
+//! Serving a Hugging Face folder with real `shoal up` processes: the folder offered on one
+//! node travels to the other as its manifest and files (checked by hash), a 2-stage
+//! pipeline across both answers `/v1/infer` with transformers' logits and
+//! `/v1/completions` (token-id prompt, greedy) with transformers' greedy tokens; and a
+//! folder missing a shard its index names is refused in one line naming it.
+
+mod common;
+use common::*;
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Largest difference allowed from transformers' f32 logits.
+const TOLERANCE: f32 = 1e-4;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/hf")
+        .join(name)
+}
+
+fn base_args() -> Vec<String> {
+    [
+        "--no-mdns",
+        "--data-listen",
+        "127.0.0.1:0",
+        "--data-plane",
+        "tcp",
+        "--device",
+        "cpu",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// `n` joined nodes (node 0 bootstraps the others).
+fn cluster(dir: &Path, n: usize) -> Vec<Node> {
+    let listen = format!("/ip4/127.0.0.1/tcp/{}", free_port());
+    let mut a = base_args();
+    a.extend(["--listen".into(), listen.clone()]);
+    let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+    let first = Node::start(&dir.join("node-0"), &refs);
+    let boot = format!("{listen}/p2p/{}", first.id());
+    let mut nodes = vec![first];
+    for i in 1..n {
+        let mut a = base_args();
+        a.extend([
+            "--listen".into(),
+            "/ip4/127.0.0.1/tcp/0".into(),
+            "--bootstrap".into(),
+            boot.clone(),
+        ]);
+        let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+        nodes.push(Node::start(&dir.join(format!("node-{i}")), &refs));
+    }
+    let refs: Vec<&Node> = nodes.iter().collect();
+    wait_until("the cluster converges", Duration::from_secs(60), || {
+        agreed(&refs, n)
+    });
+    nodes
+}
+
+fn post(node: &Node, path: &str, body: &Value) -> Result<Value, String> {
+    http_timeout(
+        node.api().unwrap(),
+        "POST",
+        path,
+        body.to_string().as_bytes(),
+        Duration::from_secs(60),
+    )
+    .map(|b| serde_json::from_slice(&b).unwrap_or(Value::Null))
+}
+
+fn get(node: &Node, path: &str) -> Value {
+    serde_json::from_slice(&http(node.api().unwrap(), "GET", path, b"").unwrap()).unwrap()
+}
+
+/// transformers' outputs for the fixture: token rows, their logits (flat), the greedy
+/// prompt and its 32 greedy tokens.
+struct Reference {
+    tokens: Value,
+    logits: Vec<f32>,
+    prompt: Value,
+    generated: Vec<u64>,
+}
+
+fn reference(dir: &Path) -> Reference {
+    let j: Value = serde_json::from_slice(&std::fs::read(dir.join("reference.json")).unwrap())
+        .expect("reference.json");
+    let c = shoal_node::models::checkpoint::read(&dir.join("reference.safetensors")).unwrap();
+    let t = c.get("logits").expect("reference logits").view([-1]);
+    let logits = Vec::<f32>::try_from(t).unwrap();
+    Reference {
+        tokens: j["tokens"].clone(),
+        logits,
+        prompt: j["prompt"].clone(),
+        generated: j["generated"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap())
+            .collect(),
+    }
+}
+
+fn flat(v: &Value, out: &mut Vec<f32>) {
+    match v {
+        Value::Array(a) => a.iter().for_each(|x| flat(x, out)),
+        x => out.push(x.as_f64().expect("a number") as f32),
+    }
+}
+
+#[test]
+fn a_folder_served_on_two_stages_answers_like_transformers() {
+    let tmp = TempDir::new("serve-hf");
+    let nodes = cluster(&tmp.0, 2);
+    let src = fixture("llama");
+    let r = reference(&src);
+    let offer = post(
+        &nodes[0],
+        "/v1/serve",
+        &json!({"path": src, "name": "llama", "stages": 2}),
+    )
+    .expect("offer");
+    assert_eq!(offer["config"]["kind"], "hf", "{offer}");
+    assert_eq!(offer["config"]["vocab"], 384, "{offer}");
+    let sha = offer["sha256"].as_str().unwrap().to_string();
+    // Node 1 fetches the folder and holds it; the plan cuts the 3 layers across both.
+    let plan = wait_until(
+        "2 holders, one 2-stage replica",
+        Duration::from_secs(120),
+        || {
+            let v = get(&nodes[1], "/v1/serve");
+            let m = &v[0];
+            let ok = m["holders"].as_array()?.len() == 2
+                && m["held"] == true
+                && m["replicas"].as_array()?.len() == 1
+                && m["replicas"][0].as_array()?.len() == 2;
+            ok.then_some(v)
+        },
+    );
+    eprintln!("plan: {}", plan[0]["replicas"]);
+    let stages: Vec<String> = plan[0]["replicas"][0]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap().split('[').next().unwrap().to_string())
+        .collect();
+    assert_ne!(stages[0], stages[1], "one stage on each member");
+
+    // The second member's models dir holds the verified folder under the manifest's hash.
+    let fetched = tmp.0.join("node-1/models").join(&sha);
+    let mut names: Vec<String> = std::fs::read_dir(&fetched)
+        .unwrap_or_else(|e| panic!("{}: {e}", fetched.display()))
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names.len(), 6, "config, index, 4 shards: {names:?}");
+    for n in &names {
+        assert_eq!(
+            std::fs::read(fetched.join(n)).unwrap(),
+            std::fs::read(src.join(n)).unwrap(),
+            "{n}"
+        );
+    }
+
+    // /v1/infer through both stages: the logits of every position.
+    let out = post(
+        &nodes[1],
+        "/v1/infer",
+        &json!({"model": "llama", "inputs": r.tokens}),
+    )
+    .expect("infer");
+    assert_eq!(out["shape"], json!([2, 12, 384]), "{}", out["error"]);
+    let mut got = Vec::new();
+    flat(&out["outputs"], &mut got);
+    assert_eq!(got.len(), r.logits.len());
+    let diff = got
+        .iter()
+        .zip(&r.logits)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    eprintln!("max |logits - transformers| across 2 stages: {diff:e}");
+    assert!(diff <= TOLERANCE, "max |Δ| = {diff}");
+
+    // 32 greedy tokens through the lanes, from a token-id prompt, on either entry.
+    for node in &nodes {
+        let c = post(
+            node,
+            "/v1/completions",
+            &json!({"model": "llama", "prompt": r.prompt, "max_tokens": 32, "temperature": 0}),
+        )
+        .expect("completion");
+        let choice = &c["choices"][0];
+        let tokens: Vec<u64> = choice["tokens"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no tokens: {c}"))
+            .iter()
+            .map(|x| x.as_u64().unwrap())
+            .collect();
+        assert_eq!(tokens, r.generated, "greedy tokens");
+        assert_eq!(choice["text"], "");
+        assert_eq!(choice["finish_reason"], "length");
+        assert_eq!(c["usage"]["completion_tokens"], 32);
+    }
+    // A text prompt needs the tokenizer; ids outside the vocabulary are refused.
+    let text = post(
+        &nodes[0],
+        "/v1/completions",
+        &json!({"model": "llama", "prompt": "hello"}),
+    );
+    assert!(text.as_ref().is_err_and(|e| e.contains("400")), "{text:?}");
+    let oov = post(
+        &nodes[0],
+        "/v1/completions",
+        &json!({"model": "llama", "prompt": [1, 384]}),
+    );
+    assert!(oov.as_ref().is_err_and(|e| e.contains("400")), "{oov:?}");
+}
+
+#[test]
+fn a_folder_missing_a_shard_is_refused_naming_it() {
+    let tmp = TempDir::new("serve-hf-bad");
+    let bad = tmp.0.join("bad-llama");
+    std::fs::create_dir_all(&bad).unwrap();
+    let src = fixture("llama");
+    for e in std::fs::read_dir(&src).unwrap() {
+        let name = e.unwrap().file_name();
+        if name != "model-00003-of-00004.safetensors" {
+            std::fs::copy(src.join(&name), bad.join(&name)).unwrap();
+        }
+    }
+    let out = run_shoal(&[
+        "serve",
+        "--local",
+        "1",
+        "--dir",
+        tmp.0.join("nodes").to_str().unwrap(),
+        bad.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("model-00003-of-00004.safetensors"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+    assert!(!tmp.0.join("nodes").exists(), "no node started");
+}
