@@ -133,7 +133,19 @@ impl ChatTemplate {
             },
         );
         env.add_filter("tojson", tojson);
-        env.add_template_owned(NAME, source.to_string())
+        env.add_function("strftime_now", |format: String| -> Result<Value, Error> {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or(0);
+            strftime(&format, now)
+                .map(Value::from)
+                .map_err(|e| Error::new(ErrorKind::InvalidOperation, e))
+        });
+        // Jinja2 reads every line break of a template (in its text and its string
+        // literals alike) as `\n`.
+        let source = source.replace("\r\n", "\n").replace('\r', "\n");
+        env.add_template_owned(NAME, source)
             .map_err(|e| TextError::Template {
                 path: path.to_path_buf(),
                 reason: describe(&e),
@@ -171,9 +183,26 @@ impl ChatTemplate {
         messages: &[M],
         add_generation_prompt: bool,
     ) -> Result<String, TextError> {
-        let mut ctx: BTreeMap<&str, Value> = BTreeMap::new();
-        ctx.insert("messages", Value::from_serialize(messages));
-        ctx.insert("add_generation_prompt", Value::from(add_generation_prompt));
+        self.render_with(
+            messages,
+            add_generation_prompt,
+            &BTreeMap::<String, Value>::new(),
+        )
+    }
+
+    /// [`render`](Self::render) with more variables for the template (`tools`,
+    /// `date_string`, `enable_thinking`, ...: what `apply_chat_template`'s keyword
+    /// arguments give): `extra` serialises to a map; its entries take precedence over the
+    /// special tokens, as keyword arguments do in `transformers`. `tojson` writes maps in
+    /// their order: pass a [`minijinja::Value`] (deserialised from JSON, it keeps the order)
+    /// rather than a `serde_json::Value`, whose maps sort their keys.
+    pub fn render_with<M: Serialize, E: Serialize>(
+        &self,
+        messages: &[M],
+        add_generation_prompt: bool,
+        extra: &E,
+    ) -> Result<String, TextError> {
+        let mut ctx: BTreeMap<String, Value> = BTreeMap::new();
         let tokens = [
             ("bos_token", &self.special.bos),
             ("eos_token", &self.special.eos),
@@ -182,9 +211,26 @@ impl ChatTemplate {
         ];
         for (name, token) in tokens {
             if let Some(t) = token {
-                ctx.insert(name, Value::from(t.as_str()));
+                ctx.insert(name.into(), Value::from(t.as_str()));
             }
         }
+        let extra = Value::from_serialize(extra);
+        if extra.kind() != ValueKind::Map {
+            return Err(TextError::Template {
+                path: self.path.clone(),
+                reason: "the extra variables are not a map".into(),
+            });
+        }
+        for k in extra.try_iter().into_iter().flatten() {
+            if let (Some(name), Ok(v)) = (k.as_str(), extra.get_item(&k)) {
+                ctx.insert(name.to_string(), v);
+            }
+        }
+        ctx.insert("messages".into(), Value::from_serialize(messages));
+        ctx.insert(
+            "add_generation_prompt".into(),
+            Value::from(add_generation_prompt),
+        );
         let error = |reason: String| TextError::Template {
             path: self.path.clone(),
             reason,
@@ -255,6 +301,84 @@ fn describe(e: &Error) -> String {
     let line = e.line().map(|l| format!(" (line {l})")).unwrap_or_default();
     let detail = e.detail().map(|d| format!(": {d}")).unwrap_or_default();
     one_line(format!("{}{detail}{line}", e.kind()))
+}
+
+/// `format` applied to the UTC time `secs` seconds after the Unix epoch, as Python's
+/// `strftime` does for the directives chat templates use: `%Y %y %m %d %e %B %b %A %a %H
+/// %I %p %M %S %j %%`; any other is an error. (`transformers`' `strftime_now` uses local
+/// time; a node's chat prompts use UTC.)
+fn strftime(format: &str, secs: i64) -> Result<String, String> {
+    const MONTHS: [&str; 12] = [
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
+    ];
+    const DAYS: [&str; 7] = [
+        "Monday",
+        "Tuesday",
+        "Wednesday",
+        "Thursday",
+        "Friday",
+        "Saturday",
+        "Sunday",
+    ];
+    let days = secs.div_euclid(86_400);
+    let t = secs.rem_euclid(86_400);
+    let (hour, minute, second) = (t / 3600, t % 3600 / 60, t % 60);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy_mar = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy_mar + 2) / 153;
+    let day = doy_mar - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
+    let before = [0, 31, 59, 90, 120, 151, 181, 212, 243, 273, 304, 334][month as usize - 1];
+    let yday = before + day + i64::from(leap && month > 2);
+    let weekday = (days + 3).rem_euclid(7) as usize; // 1970-01-01 was a Thursday.
+    let mut out = String::new();
+    let mut chars = format.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        let d = chars.next().ok_or("strftime_now: a format ending in %")?;
+        let month_name = MONTHS[month as usize - 1];
+        let piece = match d {
+            'Y' => year.to_string(),
+            'y' => format!("{:02}", year.rem_euclid(100)),
+            'm' => format!("{month:02}"),
+            'd' => format!("{day:02}"),
+            'e' => format!("{day:2}"),
+            'B' => month_name.to_string(),
+            'b' => month_name[..3].to_string(),
+            'A' => DAYS[weekday].to_string(),
+            'a' => DAYS[weekday][..3].to_string(),
+            'H' => format!("{hour:02}"),
+            'I' => format!("{:02}", (hour + 11) % 12 + 1),
+            'p' => (if hour < 12 { "AM" } else { "PM" }).to_string(),
+            'M' => format!("{minute:02}"),
+            'S' => format!("{second:02}"),
+            'j' => format!("{yday:03}"),
+            '%' => "%".to_string(),
+            other => return Err(format!("strftime_now: unsupported directive %{other}")),
+        };
+        out.push_str(&piece);
+    }
+    Ok(out)
 }
 
 /// Collects the rendered output, failing the write past `max` bytes.
@@ -399,6 +523,17 @@ mod tests {
         );
     }
 
+    /// What Python's Jinja2 gives: `x\r-y\na\nb\nc` (the literal `\r\n` is read as `\n`).
+    #[test]
+    fn line_breaks_in_the_source_are_newlines() {
+        let t = tmpl("{{ messages[0].content.replace('\r\n', '-') }}\r\n{{ 'a\r\nb\rc' }}");
+        let m = vec![ChatMessage {
+            role: "user".into(),
+            content: "x\r\ny".into(),
+        }];
+        assert_eq!(t.render(&m, false).unwrap(), "x\r-y\na\nb\nc");
+    }
+
     #[test]
     fn raise_exception_is_an_error_with_its_message() {
         let t = tmpl(
@@ -441,6 +576,32 @@ mod tests {
         assert_eq!(
             t.render(&msgs(), false).unwrap(),
             "[{\"role\": \"user\", \"content\": \"  hi there  \"}]|{\n  \"a\": \"é<\",\n  \"b\": [\n    1,\n    2.5,\n    null,\n    true\n  ]\n}"
+        );
+    }
+
+    #[test]
+    fn strftime_formats_like_python() {
+        // 2024-07-26 13:25:09 UTC, a Friday; 2000-02-29 (leap), a Tuesday; the epoch.
+        let f = "%d %b %Y|%e %B %y|%A %a|%H:%M:%S %I%p|%j|%m|%%";
+        assert_eq!(
+            strftime(f, 1_722_000_309).unwrap(),
+            "26 Jul 2024|26 July 24|Friday Fri|13:25:09 01PM|208|07|%"
+        );
+        assert_eq!(
+            strftime("%Y-%m-%d %a %j", 951_782_400).unwrap(),
+            "2000-02-29 Tue 060"
+        );
+        assert_eq!(
+            strftime("%Y-%m-%d %A %I%p", 0).unwrap(),
+            "1970-01-01 Thursday 12AM"
+        );
+        assert!(strftime("%Q", 0).is_err());
+        assert!(
+            tmpl("{{ strftime_now('%Y') }}")
+                .render(&msgs(), true)
+                .unwrap()
+                .len()
+                == 4
         );
     }
 

@@ -277,3 +277,42 @@ fn bad_files_are_one_line_errors_naming_the_file() {
     std::fs::write(d.join("config.json"), "{\"eos_token_id\": \"x\"}").unwrap();
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// Templates in the styles of Llama 3.1 (strftime_now, tools through tojson with an
+/// indent, trim) and Qwen 3 (namespace, reversed slices, break, string methods, tojson)
+/// with `apply_chat_template`'s keyword arguments, against `transformers`.
+#[test]
+fn real_world_style_templates_match_transformers() {
+    let root = dir("bytefallback").parent().unwrap().to_path_buf();
+    let s = std::fs::read_to_string(root.join("templates.json")).unwrap();
+    let cases: Vec<Value> = serde_json::from_str(&s).unwrap();
+    // The same, in key order (serde_json's maps sort their keys; tojson keeps the order).
+    let ordered: Vec<minijinja::Value> = serde_json::from_str(&s).unwrap();
+    let special = Tokenizer::load(&dir("bytefallback"))
+        .unwrap()
+        .special()
+        .clone();
+    assert!(cases.len() >= 10);
+    for (c, o) in cases.into_iter().zip(ordered) {
+        let name = c["name"].as_str().unwrap();
+        let path = PathBuf::from(format!("{name}.jinja"));
+        let t = ChatTemplate::from_source(c["template"].as_str().unwrap(), &path, special.clone())
+            .unwrap();
+        let msgs = c["messages"].as_array().unwrap();
+        let gen = c["add_generation_prompt"].as_bool().unwrap();
+        let kwargs = o.get_attr("kwargs").unwrap();
+        let got = t.render_with(msgs, gen, &kwargs);
+        match (c.get("prompt"), c.get("error")) {
+            (Some(p), _) => assert_eq!(got.unwrap(), p.as_str().unwrap(), "{name} {msgs:?}"),
+            (_, Some(e)) => {
+                let got = got.unwrap_err().to_string();
+                let want = format!(
+                    "{name}.jinja: chat template: raise_exception: {}",
+                    e.as_str().unwrap()
+                );
+                assert_eq!(got, want);
+            }
+            _ => panic!("a template fixture without prompt or error"),
+        }
+    }
+}
