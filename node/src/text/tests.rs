@@ -274,7 +274,18 @@ fn bad_files_are_one_line_errors_naming_the_file() {
     one_line_naming(e, "no chat template");
     std::fs::write(d.join("tokenizer_config.json"), "{\"chat_template\": 7}").unwrap();
     one_line_naming(ChatTemplate::load(&d).unwrap_err(), "tokenizer_config.json");
+    std::fs::copy(
+        dir("bytelevel").join("tokenizer.json"),
+        d.join("tokenizer.json"),
+    )
+    .unwrap();
     std::fs::write(d.join("config.json"), "{\"eos_token_id\": \"x\"}").unwrap();
+    one_line_naming(
+        Tokenizer::load(&d).unwrap_err(),
+        "config.json: `eos_token_id`",
+    );
+    std::fs::write(d.join("config.json"), "{").unwrap();
+    one_line_naming(Tokenizer::load(&d).unwrap_err(), "config.json: not JSON");
     let _ = std::fs::remove_dir_all(&d);
 }
 
@@ -315,4 +326,32 @@ fn real_world_style_templates_match_transformers() {
             _ => panic!("a template fixture without prompt or error"),
         }
     }
+}
+
+#[test]
+fn a_list_of_named_templates_uses_default() {
+    let d = copy("bytefallback", "named");
+    let path = d.join("tokenizer_config.json");
+    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    config["chat_template"] = serde_json::json!([
+        {"name": "tool_use", "template": "TOOLS"},
+        {"name": "default", "template": "{{ bos_token }}{{ messages[0].content.strip() }}{{ eos_token }}"},
+    ]);
+    std::fs::write(&path, config.to_string()).unwrap();
+    let t = ChatTemplate::load(&d).unwrap();
+    let m = [ChatMessage {
+        role: "user".into(),
+        content: " hi ".into(),
+    }];
+    assert_eq!(t.render(&m, true).unwrap(), "<s>hi</s>");
+    config["chat_template"] = serde_json::json!([{"name": "tool_use", "template": "T"}]);
+    std::fs::write(&path, config.to_string()).unwrap();
+    let e = ChatTemplate::load(&d).unwrap_err().to_string();
+    assert!(
+        e.contains(
+            "tokenizer_config.json: `chat_template` is a list without a template named `default`"
+        ),
+        "{e}"
+    );
+    let _ = std::fs::remove_dir_all(&d);
 }
