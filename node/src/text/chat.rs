@@ -11,7 +11,10 @@
 //!
 //! A template is code from the model folder: rendering is bounded in work (minijinja's
 //! fuel) and output size ([`RenderLimits`]), so one that loops forever or explodes is an
-//! error, not a hang.
+//! error, not a hang. What neither bounds: a value built up without being written out
+//! (a string doubled in a `namespace` a few dozen times) grows in memory until fuel runs
+//! out; minijinja caps `'x' * n` at 100 MB but not concatenation. Serve templates from
+//! folders you chose.
 
 use super::{one_line, read_json, read_limited, SpecialTokens, TextError, MAX_TEMPLATE};
 use minijinja::value::{Kwargs, Value, ValueKind};
