@@ -267,7 +267,7 @@ impl ChatTemplate {
 }
 
 /// The template source of `tokenizer_config.json`'s `chat_template` value `v`.
-fn template_in_config(v: &serde_json::Value, path: &Path) -> Result<String, TextError> {
+pub(super) fn template_in_config(v: &serde_json::Value, path: &Path) -> Result<String, TextError> {
     let bad = |reason: &str| TextError::Malformed {
         path: path.to_path_buf(),
         reason: reason.into(),

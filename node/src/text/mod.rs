@@ -94,6 +94,68 @@ pub enum TextError {
     },
 }
 
+/// The model-folder files this module decodes from untrusted bytes.
+#[derive(Clone, Copy, Debug)]
+pub enum File {
+    /// `tokenizer.json`.
+    TokenizerJson,
+    /// `tokenizer_config.json` (special tokens, the chat template's place).
+    TokenizerConfig,
+    /// A chat template's source.
+    ChatTemplate,
+}
+
+/// Runs the decoding and checks this module applies to file `kind` on `bytes`, then uses
+/// what decodes (encodes, decodes and streams a text; renders a conversation, with small
+/// limits), and says why it is refused if it is. Panics when streaming disagrees with the
+/// full decode of valid text. The `fuzz/` targets drive it; it serves nothing.
+pub fn check_file(kind: File, bytes: &[u8]) -> Result<(), TextError> {
+    let path = Path::new("fuzz");
+    match kind {
+        File::TokenizerJson => {
+            let tok = Tokenizer::from_json(bytes, path)?;
+            let ids = tok.encode("Hello, wörld 🦀 <s>\n", true)?;
+            let full = tok.decode(&ids, true)?;
+            let mut d = tok.detokenizer(true);
+            let mut streamed = String::new();
+            for &id in &ids {
+                streamed.push_str(&d.push(id)?);
+            }
+            streamed.push_str(&d.finish()?);
+            if !full.contains('\u{FFFD}') {
+                assert_eq!(streamed, full, "streaming differs from the full decode");
+            }
+            Ok(())
+        }
+        File::TokenizerConfig => {
+            let v: serde_json::Value =
+                serde_json::from_slice(bytes).map_err(|e| TextError::Malformed {
+                    path: path.into(),
+                    reason: one_line(e),
+                })?;
+            SpecialTokens::from_config(&v, path)?;
+            if let Some(t) = v.get("chat_template") {
+                chat::template_in_config(t, path)?;
+            }
+            Ok(())
+        }
+        File::ChatTemplate => {
+            let source = String::from_utf8_lossy(bytes);
+            let limits = RenderLimits {
+                fuel: 100_000,
+                max_output: 64 << 10,
+            };
+            let t = ChatTemplate::from_source(&source, path, SpecialTokens::default())?
+                .with_limits(limits);
+            let m = [ChatMessage {
+                role: "user".into(),
+                content: "hi".into(),
+            }];
+            t.render(&m, true).map(|_| ())
+        }
+    }
+}
+
 /// `s` on one line: line breaks become spaces.
 pub(crate) fn one_line(s: impl ToString) -> String {
     s.to_string()

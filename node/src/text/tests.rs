@@ -355,3 +355,23 @@ fn a_list_of_named_templates_uses_default() {
     );
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// The fuzz target's checks accept its seeds (the fixtures).
+#[test]
+fn the_fuzz_seeds_pass_the_checks() {
+    let seeds = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds/model_text");
+    let mut n = 0;
+    for e in std::fs::read_dir(&seeds).unwrap() {
+        let bytes = std::fs::read(e.unwrap().path()).unwrap();
+        let kind = [
+            File::TokenizerJson,
+            File::TokenizerConfig,
+            File::ChatTemplate,
+        ][bytes[0] as usize % 3];
+        check_file(kind, &bytes[1..]).unwrap();
+        n += 1;
+    }
+    assert_eq!(n, 4);
+    assert!(check_file(File::TokenizerJson, b"{").is_err());
+    assert!(check_file(File::ChatTemplate, b"{% for %}").is_err());
+}

@@ -95,7 +95,7 @@ impl Tokenizer {
     pub fn load(dir: &Path) -> Result<Tokenizer, TextError> {
         let path = dir.join("tokenizer.json");
         let bytes = read_limited(&path, MAX_TOKENIZER_JSON)?;
-        let inner = parse_tokenizer(&bytes, &path)?;
+        let mut tok = Tokenizer::from_json(&bytes, &path)?;
         let config_path = dir.join("tokenizer_config.json");
         let special = match read_json(&config_path)? {
             Some(c) => SpecialTokens::from_config(&c, &config_path)?,
@@ -108,16 +108,24 @@ impl Tokenizer {
                 stop_ids.extend(eos_ids(c.get("eos_token_id"), &p)?);
             }
         }
-        if let Some(id) = special.eos.as_deref().and_then(|t| inner.token_to_id(t)) {
+        if let Some(id) = special.eos.as_deref().and_then(|t| tok.token_to_id(t)) {
             stop_ids.push(id);
         }
         stop_ids.sort_unstable();
         stop_ids.dedup();
+        tok.special = special;
+        tok.stop_ids = stop_ids;
+        Ok(tok)
+    }
+
+    /// A tokenizer from the bytes of a `tokenizer.json` (`path` names it in errors), with
+    /// no special or stop tokens.
+    pub fn from_json(bytes: &[u8], path: &Path) -> Result<Tokenizer, TextError> {
         Ok(Tokenizer {
-            inner: Arc::new(inner),
-            special,
-            stop_ids,
-            path,
+            inner: Arc::new(parse_tokenizer(bytes, path)?),
+            special: SpecialTokens::default(),
+            stop_ids: Vec::new(),
+            path: path.to_path_buf(),
         })
     }
 
