@@ -20,6 +20,9 @@ pub const KEY_FILE: &str = "identity.key";
 pub const INCARNATION_FILE: &str = "incarnation";
 /// File the node writes with its local API address once it is bound.
 pub const API_ADDR_FILE: &str = "api.addr";
+/// File (in the data dir) holding the address the serving listener (`--serve-listen`) is
+/// bound to, once it is.
+pub const SERVE_ADDR_FILE: &str = "serve.addr";
 /// File the node writes with its control-plane listen addresses (one per line, with /p2p).
 pub const LISTEN_ADDRS_FILE: &str = "listen.addrs";
 /// File a running node holds an exclusive `flock` on (and writes its pid into).

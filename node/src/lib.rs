@@ -17,6 +17,7 @@
 //!   checkpoints, the serving stage executor).
 //! - [`train`]: data-parallel training jobs (job files, data, the training loop).
 //! - [`serve`]: serving models: pipeline stages, batching, caching, the OpenAI API.
+//! - [`text`]: Hugging Face tokenizers, streaming detokenisation and chat templates.
 //! - [`local`]: local clusters of `shoal up` processes and the bounded wait for one agreed
 //!   view (the CLI, the benchmarks, the end-to-end tests).
 
@@ -34,4 +35,5 @@ pub mod nccl;
 pub mod node;
 pub mod serve;
 pub mod status;
+pub mod text;
 pub mod train;

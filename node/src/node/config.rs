@@ -18,6 +18,11 @@ pub struct NodeConfig {
     pub bootstrap: Vec<Multiaddr>,
     /// Local API address; must be a loopback address.
     pub api: SocketAddr,
+    /// A second listener for the OpenAI-compatible routes alone (`/v1/completions`,
+    /// `/v1/models`; `shoal up --serve-listen`), for clients on the LAN. A non-loopback
+    /// address needs [`ServeConfig::api_token`](crate::serve::ServeConfig::api_token).
+    /// Default: none.
+    pub serve_listen: Option<SocketAddr>,
     /// Swarm settings.
     pub control: ControlPlaneConfig,
     /// Heartbeat and failure-detection timings.

@@ -35,6 +35,17 @@ pub enum NodeError {
     /// The API address is not a loopback address.
     #[error("the local API must listen on a loopback address, not {0}")]
     ApiNotLoopback(SocketAddr),
+    /// The serving listener is not on a loopback address and no API token is set.
+    #[error("--serve-listen {0} is reachable from other machines: it needs --api-token (or a loopback address)")]
+    ServeListenNeedsToken(SocketAddr),
+    /// The serving listener could not be bound.
+    #[error("cannot bind the serving listener on {addr}: {source}")]
+    ServeListen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
     /// A bootstrap address could not be dialed.
     #[error("cannot dial bootstrap peer {addr}: {reason}")]
     Bootstrap {

@@ -46,6 +46,7 @@ pub async fn run(cfg: NodeConfig) -> Result<(), NodeError> {
     if !cfg.api.ip().is_loopback() {
         return Err(NodeError::ApiNotLoopback(cfg.api));
     }
+    check_serve_listen(&cfg)?;
     cfg.membership.validate().map_err(NodeError::Timings)?;
     let key = identity::load_or_create_identity(&cfg.data_dir)?;
     let incarnation = identity::bump_incarnation(&cfg.data_dir)?;
@@ -94,6 +95,10 @@ pub async fn run(cfg: NodeConfig) -> Result<(), NodeError> {
         ..cfg.serve.clone()
     };
     let server = crate::serve::Server::start(me.clone(), data_plane.clone(), serve_cfg);
+    if let Some(addr) = cfg.serve_listen {
+        let public = crate::serve::http::openai_router(server.clone(), handle.clone());
+        serve_openai(addr, public, &cfg.data_dir).await?;
+    }
     let router = crate::api::router(handle.clone(), cfg.debug_api)
         .merge(crate::serve::http::router(server.clone(), handle.clone()));
     spawn_capability_detection(handle.clone(), cfg.device);
@@ -157,6 +162,43 @@ pub async fn run(cfg: NodeConfig) -> Result<(), NodeError> {
     }
     node.run().await;
     tracing::info!("node stopped");
+    Ok(())
+}
+
+/// Refuses a serving listener other machines can reach (any non-loopback address, the
+/// unspecified ones included) without an API token.
+pub fn check_serve_listen(cfg: &NodeConfig) -> Result<(), NodeError> {
+    match cfg.serve_listen {
+        Some(addr) if !addr.ip().is_loopback() && cfg.serve.api_token.is_none() => {
+            Err(NodeError::ServeListenNeedsToken(addr))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Binds the serving listener at `addr`, writes the bound address to
+/// [`identity::SERVE_ADDR_FILE`] in `data_dir`, and serves the OpenAI routes there.
+async fn serve_openai(
+    addr: std::net::SocketAddr,
+    router: axum::Router,
+    data_dir: &std::path::Path,
+) -> Result<(), NodeError> {
+    let bind_error = |source| NodeError::ServeListen { addr, source };
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(bind_error)?;
+    let bound = listener.local_addr().map_err(bind_error)?;
+    identity::write_atomic(
+        &data_dir.join(identity::SERVE_ADDR_FILE),
+        format!("{bound}\n").as_bytes(),
+        0o644,
+    )?;
+    tracing::info!(addr = %bound, "serving the OpenAI API");
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router).await {
+            tracing::error!("serving listener stopped: {e}");
+        }
+    });
     Ok(())
 }
 

@@ -21,7 +21,10 @@
 //!   Face folder) on this node
 //!   (what `shoal serve` calls); `GET /v1/serve` — models, holders and plans.
 //!
-//! With `--api-token`, every route here asks for `Authorization: Bearer <token>`. Errors
+//! With `--api-token`, every route here asks for `Authorization: Bearer <token>`.
+//! [`router`] gives them all to the local API's listener (loopback); [`openai_router`]
+//! gives `/v1/completions` and `/v1/models` alone to the listener of `shoal up
+//! --serve-listen ADDR`, the one LAN clients reach (a non-loopback ADDR needs a token). Errors
 //! are OpenAI-style bodies `{"error": {"message", "type", "param", "code"}}` with a 4xx
 //! for the client's mistakes (400 invalid, 401 token, 404 unknown model, 413 body too
 //! large) and 503/504 when the cluster cannot answer (no plan yet, deadline).
@@ -53,7 +56,7 @@ struct Api {
     node: NodeHandle,
 }
 
-/// The serving routes.
+/// The serving routes, for the local API's listener.
 pub fn router(server: Server, node: NodeHandle) -> Router {
     let limit = server.config().max_body;
     Router::new()
@@ -63,6 +66,49 @@ pub fn router(server: Server, node: NodeHandle) -> Router {
         .route("/v1/serve", get(serve_report).post(serve_offer))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(Api { server, node })
+}
+
+/// The OpenAI-compatible routes alone (`/v1/completions`, `/v1/models`), for the listener
+/// of `shoal up --serve-listen` that LAN clients reach: nothing else is routed there (no
+/// control API, no `/v1/infer` or `/v1/serve`; an OpenAI-style 404 instead), and with an
+/// API token every request on it, whatever its path, needs `Authorization: Bearer <token>`
+/// before it is looked at.
+pub fn openai_router(server: Server, node: NodeHandle) -> Router {
+    let limit = server.config().max_body;
+    let api = Api { server, node };
+    Router::new()
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(models))
+        .fallback(unknown_route)
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn_with_state(
+            api.clone(),
+            require_token,
+        ))
+        .with_state(api)
+}
+
+async fn require_token(
+    State(api): State<Api>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match authorize(&api.server, req.headers()) {
+        Ok(()) => next.run(req).await,
+        Err(r) => r,
+    }
+}
+
+async fn unknown_route(uri: axum::http::Uri) -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        format!(
+            "no route {} here (this listener serves /v1/completions and /v1/models)",
+            uri.path()
+        ),
+        "invalid_request_error",
+        None,
+    )
 }
 
 /// An OpenAI-style error response.
@@ -123,14 +169,7 @@ fn authorize(server: &Server, headers: &HeaderMap) -> Result<(), Response> {
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    // Constant-time comparison of equal-length strings.
-    let ok = given.is_some_and(|g| {
-        g.len() == token.len()
-            && g.bytes()
-                .zip(token.bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0
-    });
+    let ok = given.is_some_and(|g| tokens_equal(g, token));
     if ok {
         Ok(())
     } else {
@@ -141,6 +180,20 @@ fn authorize(server: &Server, headers: &HeaderMap) -> Result<(), Response> {
             None,
         ))
     }
+}
+
+/// Whether `given` is `token`, in time that depends on neither (their SHA-256 digests are
+/// compared with no early exit, so not even the token's length leaks).
+fn tokens_equal(given: &str, token: &str) -> bool {
+    use sha2::{Digest, Sha256};
+    let (a, b) = (
+        Sha256::digest(given.as_bytes()),
+        Sha256::digest(token.as_bytes()),
+    );
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
 }
 
 /// Checks the token, the body's size and its JSON: the request, or the error to answer.
@@ -679,6 +732,15 @@ async fn serve_report(State(api): State<Api>, headers: HeaderMap) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tokens_compare_whole() {
+        assert!(tokens_equal("s3cret", "s3cret"));
+        assert!(!tokens_equal("s3cre", "s3cret"));
+        assert!(!tokens_equal("s3cret0", "s3cret"));
+        assert!(!tokens_equal("", "s3cret"));
+        assert!(!tokens_equal("S3cret", "s3cret"));
+    }
 
     #[test]
     fn nested_inputs_round_trip() {

@@ -74,16 +74,25 @@ impl Trainer {
     }
 
     /// Sums `flat` over `view`'s members in NCCL on this member's device. Only called for
-    /// a view whose backend is NCCL.
+    /// a view whose backend is NCCL. `on_device` is the gradient part of `flat` when it is
+    /// still on the device: it is reduced there, with the rest of `flat` (loss, counts,
+    /// the guard's slots) copied up beside it, and only the sum comes back.
     #[cfg(feature = "nccl")]
     pub(super) fn nccl_all_reduce(
         &mut self,
         view: &View,
         flat: &mut [f32],
+        on_device: Option<&tch::Tensor>,
     ) -> Result<(), StepFailure> {
         let r = self.nccl_comm(view).and_then(|comm| {
             let device = tch::Device::Cuda(comm.device());
-            let mut t = tch::Tensor::from_slice(flat).to_device(device);
+            let mut t = match on_device {
+                Some(g) => {
+                    let rest = tch::Tensor::from_slice(&flat[g.numel()..]).to_device(device);
+                    tch::Tensor::cat(&[g.to_device(device), rest], 0)
+                }
+                None => tch::Tensor::from_slice(flat).to_device(device),
+            };
             comm.all_reduce_(&mut t, coordinator_free::ReduceOp::Sum, NCCL_CALL_BOUND)
                 .map_err(|e| e.to_string())?;
             t.copy_data(flat, flat.len());
@@ -103,6 +112,7 @@ impl Trainer {
         &mut self,
         _view: &View,
         _flat: &mut [f32],
+        _on_device: Option<&tch::Tensor>,
     ) -> Result<(), StepFailure> {
         Err(StepFailure::Nccl(
             "this build has no NCCL (cargo feature `nccl`)".into(),

@@ -207,11 +207,7 @@ impl Trainer {
         on_device: Option<&tch::Tensor>,
     ) -> Result<(), StepFailure> {
         if self.backend(view) == Backend::Nccl {
-            if let Some(g) = on_device {
-                let numel = g.numel();
-                g.copy_data(&mut flat[..numel], numel);
-            }
-            return self.nccl_all_reduce(view, flat);
+            return self.nccl_all_reduce(view, flat, on_device);
         }
         let dp = self.ctx.dp.clone();
         let bucket = (self.job().bucket_bytes as usize / 4).max(1);

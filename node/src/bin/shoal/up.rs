@@ -51,9 +51,15 @@ pub struct UpArgs {
     #[arg(long, env = "SHOAL_DEBUG_API", hide = true)]
     debug_api: bool,
     /// Bearer token the serving API (/v1/completions, /v1/models, /v1/infer, /v1/serve)
-    /// requires. Default: none.
+    /// requires, on the local API and on --serve-listen. Default: none.
     #[arg(long, env = "SHOAL_API_TOKEN")]
     api_token: Option<String>,
+    /// Also serve the OpenAI-compatible routes alone (/v1/completions, /v1/models) on this
+    /// address, for clients on the LAN (port 0: any; the bound address is written to
+    /// serve.addr in the data dir). An address other machines can reach (not loopback)
+    /// needs --api-token. Default: none (the routes are on the local API only).
+    #[arg(long, env = "SHOAL_SERVE_LISTEN")]
+    serve_listen: Option<SocketAddr>,
     /// Serving: most requests batched together. Default: 8.
     #[arg(long, env = "SHOAL_SERVE_MAX_BATCH", default_value_t = 8)]
     serve_max_batch: usize,
@@ -114,6 +120,13 @@ pub fn parse_addrs(flag: &str, values: &[String]) -> Result<Vec<Multiaddr>, Fail
 /// `shoal up`: locks the data dir (a second node on it exits 1 at once), then runs the
 /// node until it stops.
 pub async fn up(a: UpArgs) -> Result<(), Failure> {
+    let api_token = a.api_token.filter(|t| !t.is_empty());
+    // Before anything is created or bound: a LAN listener without a token never starts.
+    if let Some(addr) = a.serve_listen {
+        if !addr.ip().is_loopback() && api_token.is_none() {
+            return Err(usage(NodeError::ServeListenNeedsToken(addr).into()));
+        }
+    }
     let device = a.device.resolve().map_err(anyhow::Error::from)?;
     let listen = if a.listen.is_empty() {
         vec![
@@ -135,7 +148,7 @@ pub async fn up(a: UpArgs) -> Result<(), Failure> {
         e => usage(e.into()),
     })?;
     let mut serve = shoal_node::serve::ServeConfig::new(&data_dir);
-    serve.api_token = a.api_token.filter(|t| !t.is_empty());
+    serve.api_token = api_token;
     serve.max_batch = a.serve_max_batch.max(1);
     serve.max_wait_ms = a.serve_max_wait_ms;
     serve.cache_entries = a.serve_cache;
@@ -145,6 +158,7 @@ pub async fn up(a: UpArgs) -> Result<(), Failure> {
         listen,
         bootstrap,
         api: a.api,
+        serve_listen: a.serve_listen,
         control: ControlPlaneConfig {
             mdns: !a.no_mdns,
             swarm_key,
@@ -171,9 +185,10 @@ pub async fn up(a: UpArgs) -> Result<(), Failure> {
         serve,
     };
     shoal_node::node::run(cfg).await.map_err(|e| match e {
-        NodeError::Identity(_) | NodeError::Timings(_) | NodeError::ApiNotLoopback(_) => {
-            usage(e.into())
-        }
+        NodeError::Identity(_)
+        | NodeError::Timings(_)
+        | NodeError::ApiNotLoopback(_)
+        | NodeError::ServeListenNeedsToken(_) => usage(e.into()),
         other => Failure::from(anyhow::Error::from(other)),
     })
 }
