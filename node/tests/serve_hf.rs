@@ -249,3 +249,104 @@ fn a_folder_missing_a_shard_is_refused_naming_it() {
     assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
     assert!(!tmp.0.join("nodes").exists(), "no node started");
 }
+
+/// The `data:` payloads of a server-sent-events body, up to `[DONE]`.
+fn sse_events(body: &[u8]) -> Vec<Value> {
+    String::from_utf8_lossy(body)
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .take_while(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect()
+}
+
+#[test]
+fn a_folder_with_a_tokenizer_completes_text() {
+    let tmp = TempDir::new("serve-hf-text");
+    // The llama fixture's weights with the byte-level tokenizer fixture (its ids for the
+    // prompts below are within the model's 384; its stop token is <|im_end|> = 2).
+    let folder = tmp.0.join("llama-text");
+    std::fs::create_dir_all(&folder).unwrap();
+    let copy = |src: &Path| {
+        for e in std::fs::read_dir(src).unwrap() {
+            let name = e.unwrap().file_name();
+            if name != "config.json" || src == fixture("llama") {
+                std::fs::copy(src.join(&name), folder.join(&name)).unwrap();
+            }
+        }
+    };
+    copy(&fixture("llama"));
+    copy(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizer/bytelevel"));
+    let tok = shoal_node::text::Tokenizer::load(&folder).expect("tokenizer");
+    let nodes = cluster(&tmp.0, 2);
+    post(
+        &nodes[0],
+        "/v1/serve",
+        &json!({"path": folder, "name": "llama", "stages": 1}),
+    )
+    .expect("offer");
+    // Node 1, the entry below, holds the folder fetched with its tokenizer files.
+    wait_until("node 1 holds the model", Duration::from_secs(120), || {
+        let v = get(&nodes[1], "/v1/serve");
+        (v[0]["held"] == true && v[0]["holders"].as_array()?.len() == 2).then_some(())
+    });
+    for prompt in ["hello world", "The cat sat on the mat."] {
+        let ids = tok.encode(prompt, true).unwrap();
+        let ask = |p: Value, extra: Value| {
+            let mut body =
+                json!({"model": "llama", "prompt": p, "max_tokens": 24, "temperature": 0});
+            for (k, v) in extra.as_object().unwrap() {
+                body[k] = v.clone();
+            }
+            post(&nodes[1], "/v1/completions", &body).expect("completion")
+        };
+        let by_text = ask(json!(prompt), json!({}));
+        let by_ids = ask(json!(ids), json!({}));
+        let text = by_text["choices"][0]["text"].as_str().unwrap().to_string();
+        let tokens: Vec<u32> = by_ids["choices"][0]["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect();
+        eprintln!("{prompt:?} -> {text:?} {tokens:?}");
+        assert_eq!(by_ids["choices"][0]["text"], text, "text and ids agree");
+        assert_eq!(by_text["usage"]["prompt_tokens"], ids.len());
+        assert_eq!(
+            tok.decode(&tokens, true).unwrap(),
+            text,
+            "the text is the tokens'"
+        );
+        assert!(tokens.iter().all(|&t| !tok.is_stop(t)));
+        let reason = by_ids["choices"][0]["finish_reason"].as_str().unwrap();
+        assert_eq!(reason == "length", tokens.len() == 24, "{reason}");
+        // Streamed: the deltas add up to the same text and tokens.
+        let body = http_timeout(
+            nodes[1].api().unwrap(),
+            "POST",
+            "/v1/completions",
+            json!({"model": "llama", "prompt": ids, "max_tokens": 24, "temperature": 0, "stream": true})
+                .to_string()
+                .as_bytes(),
+            Duration::from_secs(60),
+        )
+        .expect("stream");
+        let events = sse_events(&body);
+        let streamed: String = events
+            .iter()
+            .map(|e| e["choices"][0]["text"].as_str().unwrap().to_string())
+            .collect();
+        let streamed_ids: Vec<u32> = events
+            .iter()
+            .flat_map(|e| {
+                e["choices"][0]["tokens"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+            })
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(streamed, text);
+        assert_eq!(streamed_ids, tokens);
+    }
+}

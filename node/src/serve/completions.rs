@@ -10,6 +10,7 @@
 
 use super::row::Row;
 use super::{record_latency, Completion, Prompt, Sampling, ServeError, Server, StreamEvent};
+use crate::text::Tokenizer;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
@@ -30,6 +31,10 @@ pub(super) struct Pending {
     /// Whether the model's tokens are bytes (its tokens are the text; stop sequences
     /// apply).
     pub(super) byte_level: bool,
+    /// The tokenizer of a model whose tokens are not bytes, when it has one: generated
+    /// tokens are detokenised into the text, its stop tokens end the completion, and
+    /// stop sequences apply to the text.
+    pub(super) tokenizer: Option<Tokenizer>,
     pub(super) sampling: Sampling,
     pub(super) deadline: Instant,
     /// When it arrived (its latency counts from here).
@@ -49,7 +54,8 @@ impl Server {
         timeout: Option<Duration>,
         sink: Sink,
     ) -> Result<(), (ServeError, Sink)> {
-        let (tokens, byte_level) = match self.check_completion(model, prompt, &sampling) {
+        let (tokens, byte_level, tokenizer) = match self.check_completion(model, prompt, &sampling)
+        {
             Ok(x) => x,
             Err(e) => {
                 self.inner.stats.lock().unwrap().requests_rejected += 1;
@@ -78,6 +84,7 @@ impl Server {
         let row = Row::new(Pending {
             prompt: tokens,
             byte_level,
+            tokenizer,
             sampling,
             deadline: now + limit,
             started: now,
@@ -102,14 +109,15 @@ impl Server {
 
     /// Whether `model` can complete `prompt`: a language model whose context leaves room
     /// for at least one token after the (non-empty) prompt; text and stop sequences only
-    /// for a byte-level model, token ids below its vocabulary. The prompt's tokens, and
-    /// whether the model is byte-level.
+    /// for a byte-level model or one with a tokenizer (text is encoded with its special
+    /// tokens, as `transformers`' `tokenizer(text)` does), token ids below its vocabulary.
+    /// The prompt's tokens, whether the model is byte-level, and its tokenizer.
     fn check_completion(
         &self,
         model: &str,
         prompt: &Prompt,
         sampling: &Sampling,
-    ) -> Result<(Vec<u32>, bool), ServeError> {
+    ) -> Result<(Vec<u32>, bool, Option<Tokenizer>), ServeError> {
         let (_, cfg) = self.model_for_request(model)?;
         if !cfg.is_lm() {
             return Err(ServeError::Invalid(format!(
@@ -118,13 +126,27 @@ impl Server {
             )));
         }
         let byte_level = cfg.is_byte_level();
+        let (tokenizer, held) = self.tokenizer_of(model);
+        let no_tokenizer = |what: &str| {
+            if held {
+                ServeError::Invalid(format!(
+                    "`{model}` has no tokenizer.json: {what} (send `prompt` as a list of token ids)"
+                ))
+            } else {
+                ServeError::NoPlan {
+                    model: model.to_string(),
+                    reason: format!("its tokenizer is not here yet, for {what}"),
+                }
+            }
+        };
         let p: Vec<u32> = match prompt {
             Prompt::Text(t) if byte_level => t.bytes().map(u32::from).collect(),
-            Prompt::Text(_) => {
-                return Err(ServeError::Invalid(format!(
-                    "`{model}` has no tokenizer here yet: send `prompt` as a list of token ids"
-                )))
-            }
+            Prompt::Text(t) => match &tokenizer {
+                Some(tok) => tok
+                    .encode(t, true)
+                    .map_err(|e| ServeError::Invalid(e.to_string()))?,
+                None => return Err(no_tokenizer("a text prompt")),
+            },
             Prompt::Tokens(ids) => ids.clone(),
         };
         if let Some(t) = p.iter().find(|&&t| t >= cfg.vocab) {
@@ -133,10 +155,8 @@ impl Server {
                 cfg.vocab
             )));
         }
-        if !byte_level && !sampling.stop.is_empty() {
-            return Err(ServeError::Invalid(format!(
-                "`{model}` has no tokenizer here yet: stop sequences are not supported"
-            )));
+        if !byte_level && tokenizer.is_none() && !sampling.stop.is_empty() {
+            return Err(no_tokenizer("stop sequences"));
         }
         if p.is_empty() {
             return Err(ServeError::Invalid("the prompt is empty".into()));
@@ -148,7 +168,7 @@ impl Server {
                 cfg.context
             )));
         }
-        Ok((p, byte_level))
+        Ok((p, byte_level, tokenizer))
     }
 
     /// Answers on `sink` with `c`, a completion from the response cache.

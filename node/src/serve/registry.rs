@@ -10,6 +10,7 @@ use super::manifest::{self, sha256_file, Manifest, MAX_MANIFEST_BYTES};
 use super::row::Row;
 use super::{ModelReport, ServeError, Server, FETCH_CHUNK};
 use crate::models::config::{self, ModelConfig};
+use crate::text::{TextError, Tokenizer};
 use coordinator_free::codec::stage::{StageReply, StageRequest};
 use coordinator_free::codec::ServeAnnounce;
 use coordinator_free::NodeId;
@@ -30,6 +31,8 @@ pub(super) struct ModelEntry {
     pub(super) path: Option<PathBuf>,
     /// An `hf` folder's manifest, once held.
     pub(super) folder: Option<Arc<Folder>>,
+    /// An `hf` folder's tokenizer, once held, when it has `tokenizer.json`.
+    pub(super) tokenizer: Option<Tokenizer>,
     /// Members that announced holding it, when last heard.
     pub(super) holders: HashMap<NodeId, Instant>,
     /// Whether a fetch of the file is under way.
@@ -46,6 +49,7 @@ impl ModelEntry {
             cfg,
             path: None,
             folder: None,
+            tokenizer: None,
             holders: HashMap::new(),
             fetching: false,
             dispatcher: None,
@@ -63,6 +67,14 @@ fn hex32(h: &[u8; 32]) -> String {
 pub(super) struct Folder {
     pub(super) manifest: Manifest,
     pub(super) bytes: Vec<u8>,
+}
+
+/// The tokenizer of the `hf` folder `dir`, when it has `tokenizer.json`.
+pub(super) fn load_tokenizer(dir: &Path) -> Result<Option<Tokenizer>, TextError> {
+    if !dir.join("tokenizer.json").is_file() {
+        return Ok(None);
+    }
+    Tokenizer::load(dir).map(Some)
 }
 
 /// What a hash a member asks for resolves to here.
@@ -96,6 +108,10 @@ impl Server {
         } else {
             None
         };
+        let tokenizer = match &folder {
+            Some(_) => load_tokenizer(path).map_err(|e| offer_err(e.to_string()))?,
+            None => None,
+        };
         let (sha256, bytes) = match &folder {
             Some(f) => (Sha256::digest(&f.bytes).into(), f.bytes.len() as u64),
             None => sha256_file(path).map_err(|e| offer_err(e.to_string()))?,
@@ -127,6 +143,7 @@ impl Server {
             .or_insert_with(|| ModelEntry::new(a.clone(), cfg.clone()));
         entry.path = Some(path.to_path_buf());
         entry.folder = folder;
+        entry.tokenizer = tokenizer;
         entry.holders.insert(self.inner.me.clone(), Instant::now());
         tracing::info!(model = name, kind = %cfg.kind, layers = cfg.layers, sha256 = %hex32(&sha256), "serving model");
         Ok(a)
@@ -235,10 +252,18 @@ impl Server {
             let wait = Duration::from_millis(200 * u64::from(attempt.min(10)));
             tokio::time::sleep(wait).await;
         };
+        let tokenizer = match held {
+            Some(_) => load_tokenizer(&dst).unwrap_or_else(|e| {
+                tracing::warn!(model = %a.name, "no tokenizer: {e}");
+                None
+            }),
+            None => None,
+        };
         let mut models = self.inner.models.lock().unwrap();
         if let Some(e) = models.get_mut(&a.name) {
             e.path = Some(dst);
             e.folder = held;
+            e.tokenizer = tokenizer;
             e.fetching = false;
             e.holders.insert(self.inner.me.clone(), Instant::now());
             tracing::info!(model = %a.name, bytes = a.bytes, "model fetched and verified");
@@ -430,6 +455,16 @@ impl Server {
             .get(name)
             .ok_or_else(|| ServeError::UnknownModel(name.to_string()))?;
         Ok((e.announce.clone(), e.cfg.clone()))
+    }
+
+    /// The tokenizer of the model served as `name` (an `hf` folder with `tokenizer.json`,
+    /// once held here), and whether it is held here.
+    pub(super) fn tokenizer_of(&self, name: &str) -> (Option<Tokenizer>, bool) {
+        let models = self.inner.models.lock().unwrap();
+        models
+            .get(name)
+            .map(|e| (e.tokenizer.clone(), e.path.is_some()))
+            .unwrap_or((None, false))
     }
 
     /// What the hash `h` resolves to here: a held model's file, a held folder's manifest

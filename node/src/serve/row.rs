@@ -11,6 +11,7 @@
 use super::completions::{Pending, Sink};
 use super::lanes::LaneSlot;
 use super::{Completion, ServeError, Server, StreamEvent};
+use crate::text::Detokenizer;
 use coordinator_free::serving::SplitMix64;
 use coordinator_free::stop::{self, Finish, StreamRelease};
 
@@ -24,8 +25,11 @@ pub(super) struct Row {
     /// The text of this attempt (a byte-level model's; cut before a stop sequence once one
     /// matched).
     out: Vec<u8>,
-    /// The tokens of this attempt (cut like `out`).
+    /// The tokens of this attempt (a byte-level model's cut like `out`; another's up to
+    /// the one that completed a stop sequence, a stop token left out).
     tokens: Vec<u32>,
+    /// The detokeniser of this attempt (a model with a tokenizer).
+    detok: Option<Detokenizer>,
     /// What a streaming client was sent, across attempts (a retry skips it): the text of
     /// a byte-level model, the count of tokens of another.
     release: StreamRelease,
@@ -43,7 +47,9 @@ impl Row {
     /// A row for an admitted request, not yet in a lane.
     pub(super) fn new(p: Pending) -> Row {
         let rng = SplitMix64::new(p.sampling.seed);
+        let detok = p.tokenizer.as_ref().map(|t| t.detokenizer(true));
         Row {
+            detok,
             p,
             id: rand::random(),
             next: 0,
@@ -64,6 +70,7 @@ impl Row {
         self.generated = 0;
         self.out.clear();
         self.tokens.clear();
+        self.detok = self.p.tokenizer.as_ref().map(|t| t.detokenizer(true));
         self.rng = SplitMix64::new(self.p.sampling.seed);
     }
 
@@ -80,11 +87,11 @@ impl Row {
             0.0
         };
         let t = coordinator_free::serving::sample_token(logits, s.temperature, s.top_p, u) as u32;
-        self.tokens.push(t);
         self.generated += 1;
         let finish = if self.p.byte_level {
             // A byte-level model's token is its text's next byte; stop sequences end the
             // text before them.
+            self.tokens.push(t);
             self.out.push(t as u8);
             let f = stop::finish(&self.out, &s.stop, s.max_tokens, full);
             if let Some((_, keep)) = f {
@@ -93,8 +100,7 @@ impl Row {
             }
             f
         } else {
-            let n = self.tokens.len();
-            (n >= s.max_tokens as usize || full).then_some((Finish::Length, n))
+            self.token_step(t, full)
         };
         self.stream(finish.is_some());
         if let Some((reason, _)) = finish {
@@ -111,8 +117,47 @@ impl Row {
         t
     }
 
-    /// Streams what is safe to send: never bytes that may start a stop sequence, and only
-    /// whole UTF-8 characters (a byte-level model), or every new token (another); a retry
+    /// A step of a model whose tokens are not bytes: a stop token of its tokenizer ends
+    /// the completion (left out of text and tokens); otherwise the token joins the tokens
+    /// and its text (when there is a tokenizer) the text, where a stop sequence ends it
+    /// before the sequence. Then `max_tokens` or a full context end it.
+    fn token_step(&mut self, t: u32, full: bool) -> Option<(Finish, usize)> {
+        let s = &self.p.sampling;
+        let is_stop = self.p.tokenizer.as_ref().is_some_and(|k| k.is_stop(t));
+        if !is_stop {
+            self.tokens.push(t);
+            if let Some(d) = &mut self.detok {
+                let text = d.push(t).unwrap_or_else(|e| {
+                    tracing::debug!("detokenising: {e}");
+                    String::new()
+                });
+                self.out.extend_from_slice(text.as_bytes());
+            }
+        }
+        let mut finish = if is_stop || stop::stop_at(&self.out, &s.stop).is_some() {
+            Some(Finish::Stop)
+        } else if self.generated >= s.max_tokens as usize || full {
+            Some(Finish::Length)
+        } else {
+            None
+        };
+        if finish.is_some() {
+            // The text held back for an incomplete character, then a stop sequence in
+            // it may end it earlier.
+            if let Some(d) = &mut self.detok {
+                let rest = d.finish().unwrap_or_default();
+                self.out.extend_from_slice(rest.as_bytes());
+            }
+            if let Some(i) = stop::stop_at(&self.out, &s.stop) {
+                self.out.truncate(i);
+                finish = Some(Finish::Stop);
+            }
+        }
+        finish.map(|f| (f, self.out.len()))
+    }
+
+    /// Streams what is safe to send: never text that may start a stop sequence, only whole
+    /// UTF-8 characters, and (a model whose tokens are not bytes) every new token; a retry
     /// skips what was sent.
     fn stream(&mut self, finished: bool) {
         let Sink::Stream(tx) = &self.p.sink else {
@@ -125,11 +170,21 @@ impl Row {
                 let tokens = self.out[r].iter().map(|&b| u32::from(b)).collect();
                 let _ = tx.try_send(StreamEvent::Text { text, tokens });
             }
-        } else if self.tokens.len() > self.sent_tokens {
-            let tokens = self.tokens[self.sent_tokens..].to_vec();
-            self.sent_tokens = self.tokens.len();
-            let text = String::new();
-            let _ = tx.try_send(StreamEvent::Text { text, tokens });
+        } else {
+            let stops = &self.p.sampling.stop;
+            let text = match self.release.release(&self.out, stops, finished) {
+                Some(r) => String::from_utf8_lossy(&self.out[r]).into_owned(),
+                None => String::new(),
+            };
+            let tokens = self
+                .tokens
+                .get(self.sent_tokens..)
+                .unwrap_or_default()
+                .to_vec();
+            self.sent_tokens = self.sent_tokens.max(self.tokens.len());
+            if !text.is_empty() || !tokens.is_empty() {
+                let _ = tx.try_send(StreamEvent::Text { text, tokens });
+            }
         }
     }
 

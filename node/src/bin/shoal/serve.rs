@@ -130,8 +130,12 @@ pub async fn serve(a: ServeArgs) -> Result<(), Failure> {
     if path.is_dir() {
         // A folder is checked here before any node starts: a bad one is one line naming
         // the file.
-        shoal_node::models::config::describe(&path)
-            .map_err(|e| usage(anyhow!("cannot serve {}: {e}", path.display())))?;
+        let bad =
+            |e: &dyn std::fmt::Display| usage(anyhow!("cannot serve {}: {e}", path.display()));
+        shoal_node::models::config::describe(&path).map_err(|e| bad(&e))?;
+        if path.join("tokenizer.json").is_file() {
+            shoal_node::text::Tokenizer::load(&path).map_err(|e| bad(&e))?;
+        }
     }
     let name = a.name.clone().unwrap_or_else(|| default_model_name(&path));
     let offer = serde_json::json!({"path": path, "name": name, "stages": a.stages}).to_string();
