@@ -6,11 +6,13 @@
 //!   string or up to 4), `stream` (server-sent events ending in `data: [DONE]`),
 //!   `timeout` (seconds, shoal's own); other OpenAI fields are accepted when they ask for
 //!   nothing we do not do (`n` 1, no `echo`, no `logprobs`, no `best_of` > 1).
-//!   A text prompt needs a byte-level model (`gpt`); token ids work with any language
-//!   model (an `hf` folder takes only these until its tokenizer is wired in; it has no
-//!   stop sequences then). When the prompt was token ids, each choice (and each streamed
-//!   chunk) carries `tokens`, the generated token ids, beside `text` (empty for a model
-//!   whose tokens are not bytes); the tokens are what a chat layer decodes.
+//!   A text prompt needs a byte-level model (`gpt`) or an `hf` folder with a
+//!   `tokenizer.json` (encoded with its special tokens; generated tokens are detokenised
+//!   into `text`, and its stop tokens end the completion, left out of both); token ids
+//!   work with any language model (an `hf` folder without a tokenizer takes only these,
+//!   with no stop sequences, and answers an empty `text`). When the prompt was token ids,
+//!   each choice (and each streamed chunk) carries `tokens`, the generated token ids,
+//!   beside `text`: what a chat layer renders its template into and reads back.
 //! - `GET /v1/models` — the served models.
 //! - `POST /v1/infer` — `{"model", "inputs": nested arrays}` → `{"model", "shape",
 //!   "outputs"}`: a forward of f32 inputs (`mlp`, TorchScript) or token ids (`gpt`, `hf`:

@@ -177,10 +177,11 @@ pub enum ServeError {
 /// A completion's prompt.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Prompt {
-    /// Text, for a byte-level model (`gpt`: one token per byte).
+    /// Text, for a byte-level model (`gpt`: one token per byte) or an `hf` folder with a
+    /// `tokenizer.json` (encoded by it).
     Text(String),
-    /// Token ids of the model's vocabulary (any language model; an `hf` model takes only
-    /// these until its tokenizer is wired in).
+    /// Token ids of the model's vocabulary (any language model; an `hf` folder without a
+    /// tokenizer takes only these).
     Tokens(Vec<u32>),
 }
 

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 pub struct ServeArgs {
     /// The model: a shoal checkpoint (`runs/<job>/checkpoint.safetensors`), a
     /// TorchScript file, or a Hugging Face folder (`config.json` with safetensors weights:
-    /// Llama, Mistral, Qwen2, Qwen3; until its tokenizer is wired in, it completes
-    /// token-id prompts only).
+    /// Llama, Mistral, Qwen2, Qwen3; text prompts need its `tokenizer.json`, token-id
+    /// prompts work without).
     model: PathBuf,
     /// The name clients ask for. Default: the run directory's name for a checkpoint,
     /// else the file stem (a folder's name).
