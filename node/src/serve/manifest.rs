@@ -307,6 +307,10 @@ mod tests {
         assert_eq!(Manifest::parse(&b).unwrap(), m);
         assert_eq!(m.hash(), <[u8; 32]>::from(Sha256::digest(&b)));
         assert!(m.verify(&dir).is_ok());
+        // The fuzz seed, written by Python's `json.dumps(separators=(",", ":"))`, is it.
+        let seed =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds/serve_manifest/llama.json");
+        assert_eq!(std::fs::read(seed).unwrap(), b);
         // Not canonical: the same content with whitespace, or files out of order.
         let pretty = serde_json::to_vec_pretty(&m).unwrap();
         assert!(Manifest::parse(&pretty).is_err());
