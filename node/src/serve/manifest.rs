@@ -6,7 +6,8 @@
 //! fetches the manifest by that hash, checks it ([`Manifest::parse`]: size, file count,
 //! names, digests, canonical form), then fetches each file by its own hash through the
 //! same chunked `Fetch` stage call and checks it, and assembles the folder under its
-//! models dir (`registry`).
+//! models dir (`registry`), once the disk has room for the sizes listed; each file is
+//! fetched at exactly its listed size.
 //!
 //! The files listed ([`Manifest::build`]): `config.json`; the weights (the index
 //! `model.safetensors.index.json` and every shard it names, or `model.safetensors`); and
@@ -120,6 +121,19 @@ pub fn sha256_file(path: &Path) -> std::io::Result<([u8; 32], u64)> {
         n += k as u64;
     }
     Ok((h.finalize().into(), n))
+}
+
+/// Bytes free for an unprivileged user on the file system holding `dir` (None when it
+/// cannot be asked).
+pub fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a properly sized out-parameter.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
 }
 
 impl Manifest {
@@ -241,6 +255,16 @@ impl Manifest {
         Ok(())
     }
 
+    /// Bytes of the files `dir` does not hold yet with their listed size (a file there of
+    /// another size counts whole).
+    pub fn missing_bytes(&self, dir: &Path) -> u64 {
+        self.files
+            .iter()
+            .filter(|f| std::fs::metadata(dir.join(&f.name)).map(|m| m.len()).ok() != Some(f.bytes))
+            .map(|f| f.bytes)
+            .sum()
+    }
+
     /// Checks that `dir` holds every file with its size and SHA-256; the first that does
     /// not, and why.
     pub fn verify(&self, dir: &Path) -> Result<(), String> {
@@ -307,6 +331,9 @@ mod tests {
         assert_eq!(Manifest::parse(&b).unwrap(), m);
         assert_eq!(m.hash(), <[u8; 32]>::from(Sha256::digest(&b)));
         assert!(m.verify(&dir).is_ok());
+        assert_eq!(m.missing_bytes(&dir), 0);
+        assert_eq!(m.missing_bytes(&dir.join("absent")), m.total_bytes());
+        assert!(free_bytes(&dir).is_some_and(|b| b > 0));
         // The fuzz seed, written by Python's `json.dumps(separators=(",", ":"))`, is it.
         let seed =
             Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds/serve_manifest/llama.json");

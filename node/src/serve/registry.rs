@@ -273,7 +273,8 @@ impl Server {
     /// Fetches the `hf` folder of `a` from `peer`: its manifest (by the model's hash),
     /// then each file it lists by its own hash, each checked, assembled in
     /// `<dir>/<hash>.part/` and renamed to `<dir>/<hash>/` once all are there and the
-    /// folder describes as announced. Files already there and verified are kept.
+    /// folder describes as announced. Files already there and verified are kept; the
+    /// files missing must fit on the disk first.
     async fn fetch_folder(
         &self,
         peer: &NodeId,
@@ -297,6 +298,18 @@ impl Server {
         let part = dir.join(format!("{hex}.part"));
         let tmp = dir.join(format!("{hex}.file.part"));
         std::fs::create_dir_all(&part).map_err(|e| format!("{}: {e}", part.display()))?;
+        // The sizes a peer announced are bounded by the disk before anything is fetched
+        // (with 1% or 64 MiB to spare, whichever is more).
+        let need = folder.manifest.missing_bytes(&part);
+        if let Some(free) = manifest::free_bytes(&part) {
+            let spare = (free / 100).max(64 << 20);
+            if need.saturating_add(spare) > free {
+                return Err(format!(
+                    "the folder needs {need} more bytes; {} has {free} free",
+                    part.display()
+                ));
+            }
+        }
         for f in &folder.manifest.files {
             manifest::check_name(&f.name)?;
             let dst = part.join(&f.name);
