@@ -124,7 +124,7 @@ fn a_folder_served_on_two_stages_answers_like_transformers() {
     )
     .expect("offer");
     assert_eq!(offer["config"]["kind"], "hf", "{offer}");
-    assert_eq!(offer["config"]["vocab"], 384, "{offer}");
+    assert_eq!(offer["config"]["vocab"], 400, "{offer}");
     let sha = offer["sha256"].as_str().unwrap().to_string();
     // Node 1 fetches the folder and holds it; the plan cuts the 3 layers across both.
     let plan = wait_until(
@@ -172,7 +172,7 @@ fn a_folder_served_on_two_stages_answers_like_transformers() {
         &json!({"model": "llama", "inputs": r.tokens}),
     )
     .expect("infer");
-    assert_eq!(out["shape"], json!([2, 12, 384]), "{}", out["error"]);
+    assert_eq!(out["shape"], json!([2, 12, 400]), "{}", out["error"]);
     let mut got = Vec::new();
     flat(&out["outputs"], &mut got);
     assert_eq!(got.len(), r.logits.len());
@@ -214,7 +214,7 @@ fn a_folder_served_on_two_stages_answers_like_transformers() {
     let oov = post(
         &nodes[0],
         "/v1/completions",
-        &json!({"model": "llama", "prompt": [1, 384]}),
+        &json!({"model": "llama", "prompt": [1, 400]}),
     );
     assert!(oov.as_ref().is_err_and(|e| e.contains("400")), "{oov:?}");
 }
@@ -264,7 +264,7 @@ fn sse_events(body: &[u8]) -> Vec<Value> {
 fn a_folder_with_a_tokenizer_completes_text() {
     let tmp = TempDir::new("serve-hf-text");
     // The llama fixture's weights with the byte-level tokenizer fixture (its ids for the
-    // prompts below are within the model's 384; its stop token is <|im_end|> = 2).
+    // prompts below are within the model's 400; its stop token is <|im_end|> = 2).
     let folder = tmp.0.join("llama-text");
     std::fs::create_dir_all(&folder).unwrap();
     let copy = |src: &Path| {
@@ -349,4 +349,111 @@ fn a_folder_with_a_tokenizer_completes_text() {
         assert_eq!(streamed, text);
         assert_eq!(streamed_ids, tokens);
     }
+    // Chat: the conversation rendered as transformers' `apply_chat_template` renders it
+    // (the fixture's reference prompts), answered exactly as a completion of those ids.
+    let reference: Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/tokenizer/bytelevel/reference.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let chats = reference["chats"].as_array().unwrap();
+    let chats: Vec<&Value> = chats
+        .iter()
+        .filter(|c| c["add_generation_prompt"] == true)
+        .collect();
+    let (mut answered, mut too_long) = (0, 0);
+    for chat in &chats {
+        let ids = tok.encode(chat["prompt"].as_str().unwrap(), false).unwrap();
+        let body = json!({"model": "llama", "messages": chat["messages"], "max_completion_tokens": 16, "temperature": 0});
+        if ids.len() >= 64 {
+            // Longer than the model's context (64): refused, never truncated.
+            let e = post(&nodes[1], "/v1/chat/completions", &body).unwrap_err();
+            assert!(e.starts_with("400") && e.contains("context is 64"), "{e}");
+            too_long += 1;
+            continue;
+        }
+        answered += 1;
+        let got = post(&nodes[1], "/v1/chat/completions", &body).expect("chat");
+        let want = post(
+            &nodes[1],
+            "/v1/completions",
+            &json!({"model": "llama", "prompt": ids, "max_tokens": 16, "temperature": 0}),
+        )
+        .expect("completion");
+        eprintln!("chat {} -> {got}", chat["messages"]);
+        assert_eq!(got["object"], "chat.completion");
+        assert_eq!(got["choices"][0]["message"]["role"], "assistant");
+        assert_eq!(
+            got["choices"][0]["message"]["content"],
+            want["choices"][0]["text"]
+        );
+        assert_eq!(got["usage"]["prompt_tokens"], ids.len());
+        assert_eq!(
+            got["choices"][0]["finish_reason"],
+            want["choices"][0]["finish_reason"]
+        );
+        let mut stream_body = body.clone();
+        stream_body["stream"] = json!(true);
+        let raw = http_timeout(
+            nodes[1].api().unwrap(),
+            "POST",
+            "/v1/chat/completions",
+            stream_body.to_string().as_bytes(),
+            Duration::from_secs(60),
+        )
+        .expect("chat stream");
+        let events = sse_events(&raw);
+        assert_eq!(events[0]["choices"][0]["delta"]["role"], "assistant");
+        assert_eq!(events[0]["object"], "chat.completion.chunk");
+        let streamed: String = events
+            .iter()
+            .filter_map(|e| e["choices"][0]["delta"]["content"].as_str())
+            .collect();
+        assert_eq!(
+            streamed,
+            got["choices"][0]["message"]["content"].as_str().unwrap()
+        );
+        let last = events.last().unwrap();
+        assert_eq!(
+            last["choices"][0]["finish_reason"],
+            got["choices"][0]["finish_reason"]
+        );
+        // The real `openai` client reads the same answer, streamed and not (12 tokens).
+        let py = std::env::var("SHOAL_PYTHON").expect("SHOAL_PYTHON (source scripts/env.sh)");
+        let out = std::process::Command::new(py)
+            .arg(repo_root().join("scripts/openai_chat_check.py"))
+            .arg(format!("http://{}", nodes[1].api().unwrap()))
+            .arg("llama")
+            .arg(chat["messages"].to_string())
+            .output()
+            .expect("python");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "openai client failed: {stderr}");
+        let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+        eprintln!("openai client: {r}");
+        let twelve = post(
+            &nodes[1],
+            "/v1/completions",
+            &json!({"model": "llama", "prompt": ids, "max_tokens": 12, "temperature": 0}),
+        )
+        .expect("completion");
+        assert_eq!(r["content"], twelve["choices"][0]["text"]);
+        assert_eq!(r["streamed"], r["content"]);
+        assert_eq!(r["role"], "assistant");
+        assert_eq!(r["stream_roles"], json!(["assistant"]));
+        assert_eq!(r["prompt_tokens"], ids.len());
+        assert_eq!(r["finish_reason"], r["stream_finish"]);
+    }
+    eprintln!("{answered} conversations answered, {too_long} refused as longer than the context");
+    assert!(answered >= 2 && too_long >= 1, "{answered} / {too_long}");
+    // A conversation the template refuses is a 400 naming the problem, not a 500.
+    let bad = post(
+        &nodes[1],
+        "/v1/chat/completions",
+        &json!({"model": "llama", "messages": [], "max_tokens": 4}),
+    );
+    assert!(bad.is_err(), "{bad:?}");
 }

@@ -53,8 +53,8 @@ use std::time::Duration;
 pub const MAX_INFER_VALUES: usize = 1 << 20;
 
 #[derive(Clone)]
-struct Api {
-    server: Server,
+pub(super) struct Api {
+    pub(super) server: Server,
     node: NodeHandle,
 }
 
@@ -63,6 +63,7 @@ pub fn router(server: Server, node: NodeHandle) -> Router {
     let limit = server.config().max_body;
     Router::new()
         .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(super::chat::chat_completions))
         .route("/v1/models", get(models))
         .route("/v1/infer", post(infer))
         .route("/v1/serve", get(serve_report).post(serve_offer))
@@ -70,7 +71,8 @@ pub fn router(server: Server, node: NodeHandle) -> Router {
         .with_state(Api { server, node })
 }
 
-/// The OpenAI-compatible routes alone (`/v1/completions`, `/v1/models`), for the listener
+/// The OpenAI-compatible routes alone (`/v1/completions`, `/v1/chat/completions`,
+/// `/v1/models`), for the listener
 /// of `shoal up --serve-listen` that LAN clients reach: nothing else is routed there (no
 /// control API, no `/v1/infer` or `/v1/serve`; an OpenAI-style 404 instead), and with an
 /// API token every request on it, whatever its path, needs `Authorization: Bearer <token>`
@@ -80,6 +82,7 @@ pub fn openai_router(server: Server, node: NodeHandle) -> Router {
     let api = Api { server, node };
     Router::new()
         .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(super::chat::chat_completions))
         .route("/v1/models", get(models))
         .fallback(unknown_route)
         .layer(DefaultBodyLimit::max(limit))
@@ -105,7 +108,7 @@ async fn unknown_route(uri: axum::http::Uri) -> Response {
     error(
         StatusCode::NOT_FOUND,
         format!(
-            "no route {} here (this listener serves /v1/completions and /v1/models)",
+            "no route {} here (this listener serves /v1/completions, /v1/chat/completions and /v1/models)",
             uri.path()
         ),
         "invalid_request_error",
@@ -146,7 +149,7 @@ fn invalid(message: impl ToString, param: Option<&str>) -> Response {
     )
 }
 
-fn serve_error(e: ServeError) -> Response {
+pub(super) fn serve_error(e: ServeError) -> Response {
     match &e {
         ServeError::UnknownModel(_) => error(
             StatusCode::NOT_FOUND,
@@ -199,7 +202,7 @@ fn tokens_equal(given: &str, token: &str) -> bool {
 }
 
 /// Checks the token, the body's size and its JSON: the request, or the error to answer.
-fn parse<T: serde::de::DeserializeOwned>(
+pub(super) fn parse<T: serde::de::DeserializeOwned>(
     api: &Api,
     headers: &HeaderMap,
     b: Result<Bytes, BytesRejection>,
@@ -227,7 +230,7 @@ fn body(b: Result<Bytes, BytesRejection>) -> Result<Bytes, Response> {
 
 #[derive(Deserialize)]
 #[serde(untagged)]
-enum OneOrMany {
+pub(super) enum OneOrMany {
     One(String),
     Many(Vec<String>),
 }
@@ -235,7 +238,7 @@ enum OneOrMany {
 /// A completion's `prompt` as OpenAI allows it: text, texts, token ids, lists of ids.
 #[derive(Deserialize)]
 #[serde(untagged)]
-enum PromptIn {
+pub(super) enum PromptIn {
     Text(String),
     Texts(Vec<String>),
     Ids(Vec<u32>),
@@ -243,43 +246,43 @@ enum PromptIn {
 }
 
 #[derive(Deserialize)]
-struct CompletionRequest {
-    model: String,
-    prompt: PromptIn,
+pub(super) struct CompletionRequest {
+    pub(super) model: String,
+    pub(super) prompt: PromptIn,
     #[serde(default)]
-    max_tokens: Option<u32>,
+    pub(super) max_tokens: Option<u32>,
     #[serde(default)]
-    temperature: Option<f32>,
+    pub(super) temperature: Option<f32>,
     #[serde(default)]
-    top_p: Option<f32>,
+    pub(super) top_p: Option<f32>,
     #[serde(default)]
-    seed: Option<i64>,
+    pub(super) seed: Option<i64>,
     #[serde(default)]
-    stop: Option<OneOrMany>,
+    pub(super) stop: Option<OneOrMany>,
     #[serde(default)]
-    stream: Option<bool>,
+    pub(super) stream: Option<bool>,
     #[serde(default)]
-    n: Option<u32>,
+    pub(super) n: Option<u32>,
     #[serde(default)]
-    best_of: Option<u32>,
+    pub(super) best_of: Option<u32>,
     #[serde(default)]
-    echo: Option<bool>,
+    pub(super) echo: Option<bool>,
     #[serde(default)]
-    logprobs: Option<Value>,
+    pub(super) logprobs: Option<Value>,
     #[serde(default)]
-    timeout: Option<f64>,
+    pub(super) timeout: Option<f64>,
 }
 
 /// A checked completion request.
-struct Checked {
-    model: String,
-    prompt: Prompt,
-    sampling: Sampling,
-    stream: bool,
-    timeout: Option<Duration>,
+pub(super) struct Checked {
+    pub(super) model: String,
+    pub(super) prompt: Prompt,
+    pub(super) sampling: Sampling,
+    pub(super) stream: bool,
+    pub(super) timeout: Option<Duration>,
 }
 
-fn check(req: CompletionRequest) -> Result<Checked, Response> {
+pub(super) fn check(req: CompletionRequest) -> Result<Checked, Response> {
     let prompt = match req.prompt {
         PromptIn::Text(p) => Prompt::Text(p),
         PromptIn::Texts(mut v) if v.len() == 1 => Prompt::Text(v.remove(0)),
@@ -392,7 +395,7 @@ pub fn check_body(kind: Body, body: &[u8]) -> Result<(), String> {
     }
 }
 
-fn unix_now() -> u64 {
+pub(super) fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -456,19 +459,31 @@ async fn completions(
         Err(e) => return serve_error(e),
     };
     let model = c.model.clone();
-    let chunk = move |text: &str, tokens: &[u32], finish: Option<&str>| {
-        let mut v = json!({
-            "id": id,
-            "object": "text_completion",
-            "created": created,
-            "model": model,
-            "choices": [{"text": text, "index": 0, "logprobs": null, "finish_reason": finish}],
-        });
-        if with_tokens {
-            v["choices"][0]["tokens"] = json!(tokens);
-        }
-        v.to_string()
-    };
+    sse(
+        rx,
+        move |text: &str, tokens: &[u32], finish: Option<&str>| {
+            let mut v = json!({
+                "id": id,
+                "object": "text_completion",
+                "created": created,
+                "model": model,
+                "choices": [{"text": text, "index": 0, "logprobs": null, "finish_reason": finish}],
+            });
+            if with_tokens {
+                v["choices"][0]["tokens"] = json!(tokens);
+            }
+            v.to_string()
+        },
+    )
+}
+
+/// A completion's stream as server-sent events: `chunk(text, tokens, finish_reason)` makes
+/// each event's JSON (the last one has the finish reason and no text), an error ends it
+/// with an OpenAI-style error object, then `[DONE]`.
+pub(super) fn sse(
+    rx: tokio::sync::mpsc::Receiver<StreamEvent>,
+    chunk: impl Fn(&str, &[u32], Option<&str>) -> String + Clone + Send + Sync + 'static,
+) -> Response {
     let events = futures::stream::unfold((rx, false), move |(mut rx, ended)| {
         let chunk = chunk.clone();
         async move {

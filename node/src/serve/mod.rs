@@ -51,6 +51,7 @@
 //! - `infer`: `/v1/infer`, a plain forward through the pipeline;
 //! - [`http`]: the OpenAI-compatible routes; the stage computation itself is in [`crate::models`].
 
+mod chat;
 mod completions;
 mod executor;
 pub mod http;

@@ -480,6 +480,15 @@ impl Server {
             .unwrap_or((None, false))
     }
 
+    /// The folder of the model served as `name`, when it is an `hf` folder held here.
+    pub(super) fn folder_of(&self, name: &str) -> Result<Option<PathBuf>, ServeError> {
+        let models = self.inner.models.lock().unwrap();
+        let e = models
+            .get(name)
+            .ok_or_else(|| ServeError::UnknownModel(name.to_string()))?;
+        Ok(e.folder.as_ref().and(e.path.clone()))
+    }
+
     /// What the hash `h` resolves to here: a held model's file, a held folder's manifest
     /// (the model's hash) or one of its files (by the file's hash).
     pub(super) fn blob(&self, h: &[u8; 32]) -> Option<Blob> {

@@ -1,0 +1,195 @@
+//! `POST /v1/chat/completions`: a conversation rendered with the model's chat template
+//! (`crate::text::ChatTemplate`, from the held folder's `chat_template.jinja` or
+//! `tokenizer_config.json`, with `add_generation_prompt`) and encoded by its tokenizer
+//! without adding special tokens (the template writes them, as `apply_chat_template`
+//! does), then generated exactly like a completion of those token ids; answered in the
+//! chat format: `chat.completion`, or `chat.completion.chunk` events when streaming (the
+//! first delta carries the role, the last the finish reason, then `[DONE]`).
+//!
+//! Options are those of `/v1/completions` (`max_tokens` or `max_completion_tokens`,
+//! `temperature`, `top_p`, `seed`, `stop`, `stream`, `timeout`); the template is loaded
+//! for each request (a small file, compiled in about a millisecond).
+
+use super::http::{
+    check, parse, serve_error, sse, unix_now, Api, CompletionRequest, OneOrMany, PromptIn,
+};
+use super::{ServeError, Server};
+use crate::text::{ChatMessage, ChatTemplate, TextError};
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+/// Most messages in one conversation.
+pub const MAX_MESSAGES: usize = 1024;
+
+#[derive(Deserialize)]
+pub(super) struct ChatRequest {
+    model: String,
+    messages: Vec<ChatMessage>,
+    #[serde(default)]
+    max_tokens: Option<u32>,
+    #[serde(default)]
+    max_completion_tokens: Option<u32>,
+    #[serde(default)]
+    temperature: Option<f32>,
+    #[serde(default)]
+    top_p: Option<f32>,
+    #[serde(default)]
+    seed: Option<i64>,
+    #[serde(default)]
+    stop: Option<OneOrMany>,
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(default)]
+    n: Option<u32>,
+    #[serde(default)]
+    logprobs: Option<Value>,
+    #[serde(default)]
+    timeout: Option<f64>,
+}
+
+impl Server {
+    /// The token ids of `messages` rendered with the chat template of the model served as
+    /// `model` (held here), ending where the assistant's answer starts.
+    pub fn chat_prompt(
+        &self,
+        model: &str,
+        messages: &[ChatMessage],
+    ) -> Result<Vec<u32>, ServeError> {
+        if messages.is_empty() || messages.len() > MAX_MESSAGES {
+            return Err(ServeError::Invalid(format!(
+                "`messages` must hold 1 to {MAX_MESSAGES} messages"
+            )));
+        }
+        let (tokenizer, held) = self.tokenizer_of(model);
+        let dir = match self.folder_of(model)? {
+            Some(dir) if held => dir,
+            _ if !held => {
+                return Err(ServeError::NoPlan {
+                    model: model.to_string(),
+                    reason: "its chat template is not here yet".into(),
+                })
+            }
+            _ => {
+                return Err(ServeError::Invalid(format!(
+                    "`{model}` is not a model folder with a chat template"
+                )))
+            }
+        };
+        let Some(tokenizer) = tokenizer else {
+            return Err(ServeError::Invalid(format!(
+                "`{model}` has no tokenizer.json"
+            )));
+        };
+        let template = ChatTemplate::load(&dir).map_err(|e| match e {
+            TextError::NoTemplate { .. } => {
+                ServeError::Invalid(format!("`{model}` has no chat template"))
+            }
+            e => ServeError::Invalid(e.to_string()),
+        })?;
+        let text = template
+            .render(messages, true)
+            .map_err(|e| ServeError::Invalid(e.to_string()))?;
+        tokenizer
+            .encode(&text, false)
+            .map_err(|e| ServeError::Invalid(e.to_string()))
+    }
+}
+
+/// The `/v1/chat/completions` handler.
+pub(super) async fn chat_completions(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    b: Result<Bytes, BytesRejection>,
+) -> Response {
+    let req: ChatRequest = match parse(&api, &headers, b) {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    let ids = match api.server.chat_prompt(&req.model, &req.messages) {
+        Ok(ids) => ids,
+        Err(e) => return serve_error(e),
+    };
+    let c = match check(CompletionRequest {
+        model: req.model,
+        prompt: PromptIn::Ids(ids),
+        max_tokens: req.max_completion_tokens.or(req.max_tokens),
+        temperature: req.temperature,
+        top_p: req.top_p,
+        seed: req.seed,
+        stop: req.stop,
+        stream: req.stream,
+        n: req.n,
+        best_of: None,
+        echo: None,
+        logprobs: req.logprobs.filter(|v| v != &Value::Bool(false)),
+        timeout: req.timeout,
+    }) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let id = format!("chatcmpl-{:016x}", rand::random::<u64>());
+    let created = unix_now();
+    if !c.stream {
+        return match api
+            .server
+            .complete(&c.model, &c.prompt, c.sampling, c.timeout)
+            .await
+        {
+            Ok(done) => Json(json!({
+                "id": id,
+                "object": "chat.completion",
+                "created": created,
+                "model": c.model,
+                "choices": [{
+                    "index": 0,
+                    "message": {"role": "assistant", "content": done.text},
+                    "logprobs": null,
+                    "finish_reason": done.finish_reason,
+                }],
+                "usage": {
+                    "prompt_tokens": done.prompt_tokens,
+                    "completion_tokens": done.completion_tokens,
+                    "total_tokens": done.prompt_tokens + done.completion_tokens,
+                },
+                "system_fingerprint": if done.cached { "shoal-cache" } else { "shoal" },
+            }))
+            .into_response(),
+            Err(e) => serve_error(e),
+        };
+    }
+    let rx = match api
+        .server
+        .complete_stream(&c.model, &c.prompt, c.sampling, c.timeout)
+    {
+        Ok(rx) => rx,
+        Err(e) => return serve_error(e),
+    };
+    let model = c.model.clone();
+    let first = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    sse(
+        rx,
+        move |text: &str, _tokens: &[u32], finish: Option<&str>| {
+            let mut delta = json!({});
+            if first.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                delta["role"] = json!("assistant");
+            }
+            if finish.is_none() || !text.is_empty() {
+                delta["content"] = json!(text);
+            }
+            json!({
+            "id": id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
+        })
+        .to_string()
+        },
+    )
+}
