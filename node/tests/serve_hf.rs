@@ -125,6 +125,11 @@ fn a_folder_served_on_two_stages_answers_like_transformers() {
     .expect("offer");
     assert_eq!(offer["config"]["kind"], "hf", "{offer}");
     assert_eq!(offer["config"]["vocab"], 400, "{offer}");
+    // `/v1/models` lists it with its context length (max_position_embeddings).
+    let listed = get(&nodes[0], "/v1/models");
+    assert_eq!(listed["data"][0]["id"], "llama", "{listed}");
+    assert_eq!(listed["data"][0]["context"], 64, "{listed}");
+    assert_eq!(listed["data"][0]["layers"], 3, "{listed}");
     let sha = offer["sha256"].as_str().unwrap().to_string();
     // Node 1 fetches the folder and holds it; the plan cuts the 3 layers across both.
     let plan = wait_until(
