@@ -287,14 +287,24 @@ fn a_folder_with_a_tokenizer_completes_text() {
     post(
         &nodes[0],
         "/v1/serve",
-        &json!({"path": folder, "name": "llama", "stages": 1}),
+        &json!({"path": folder, "name": "llama", "stages": 2}),
     )
     .expect("offer");
-    // Node 1, the entry below, holds the folder fetched with its tokenizer files.
-    wait_until("node 1 holds the model", Duration::from_secs(120), || {
-        let v = get(&nodes[1], "/v1/serve");
-        (v[0]["held"] == true && v[0]["holders"].as_array()?.len() == 2).then_some(())
-    });
+    // Node 1, the entry below, holds the folder fetched with its tokenizer files, and the
+    // plan is one 2-stage pipeline across both nodes (completions and chat run through it).
+    wait_until(
+        "node 1 holds the model, 2 stages",
+        Duration::from_secs(120),
+        || {
+            let v = get(&nodes[1], "/v1/serve");
+            let m = &v[0];
+            let ok = m["held"] == true
+                && m["holders"].as_array()?.len() == 2
+                && m["replicas"].as_array()?.len() == 1
+                && m["replicas"][0].as_array()?.len() == 2;
+            ok.then_some(())
+        },
+    );
     for prompt in ["hello world", "The cat sat on the mat."] {
         let ids = tok.encode(prompt, true).unwrap();
         let ask = |p: Value, extra: Value| {
