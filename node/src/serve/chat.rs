@@ -11,7 +11,7 @@
 //! for each request (a small file, compiled in about a millisecond).
 
 use super::http::{
-    check, parse, serve_error, sse, unix_now, Api, CompletionRequest, OneOrMany, PromptIn,
+    answer, check, parse, serve_error, Api, CompletionRequest, Objects, OneOrMany, PromptIn,
 };
 use super::{ServeError, Server};
 use crate::text::{ChatMessage, ChatTemplate, TextError};
@@ -19,8 +19,7 @@ use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::http::HeaderMap;
-use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::response::Response;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -133,48 +132,20 @@ pub(super) async fn chat_completions(
         Ok(c) => c,
         Err(r) => return r,
     };
-    let id = format!("chatcmpl-{:016x}", rand::random::<u64>());
-    let created = unix_now();
-    if !c.stream {
-        return match api
-            .server
-            .complete(&c.model, &c.prompt, c.sampling, c.timeout)
-            .await
-        {
-            Ok(done) => Json(json!({
-                "id": id,
-                "object": "chat.completion",
-                "created": created,
-                "model": c.model,
-                "choices": [{
-                    "index": 0,
-                    "message": {"role": "assistant", "content": done.text},
-                    "logprobs": null,
-                    "finish_reason": done.finish_reason,
-                }],
-                "usage": {
-                    "prompt_tokens": done.prompt_tokens,
-                    "completion_tokens": done.completion_tokens,
-                    "total_tokens": done.prompt_tokens + done.completion_tokens,
-                },
-                "system_fingerprint": if done.cached { "shoal-cache" } else { "shoal" },
-            }))
-            .into_response(),
-            Err(e) => serve_error(e),
-        };
-    }
-    let rx = match api
-        .server
-        .complete_stream(&c.model, &c.prompt, c.sampling, c.timeout)
-    {
-        Ok(rx) => rx,
-        Err(e) => return serve_error(e),
-    };
-    let model = c.model.clone();
     let first = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
-    sse(
-        rx,
-        move |text: &str, _tokens: &[u32], finish: Option<&str>| {
+    answer(
+        &api,
+        c,
+        &CHAT_COMPLETION,
+        |done| {
+            json!({
+                "index": 0,
+                "message": {"role": "assistant", "content": done.text},
+                "logprobs": null,
+                "finish_reason": done.finish_reason,
+            })
+        },
+        move |text, _tokens, finish| {
             let mut delta = json!({});
             if first.swap(false, std::sync::atomic::Ordering::Relaxed) {
                 delta["role"] = json!("assistant");
@@ -182,14 +153,15 @@ pub(super) async fn chat_completions(
             if finish.is_none() || !text.is_empty() {
                 delta["content"] = json!(text);
             }
-            json!({
-            "id": id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
-        })
-        .to_string()
+            json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})
         },
     )
+    .await
 }
+
+/// `/v1/chat/completions`' names.
+const CHAT_COMPLETION: Objects = Objects {
+    id_prefix: "chatcmpl",
+    whole: "chat.completion",
+    chunk: "chat.completion.chunk",
+};

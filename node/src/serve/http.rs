@@ -415,39 +415,86 @@ async fn completions(
         Ok(c) => c,
         Err(r) => return r,
     };
-    let id = format!("cmpl-{:016x}", rand::random::<u64>());
-    let created = unix_now();
     let with_tokens = matches!(c.prompt, Prompt::Tokens(_));
+    answer(
+        &api,
+        c,
+        &TEXT_COMPLETION,
+        move |done| {
+            let mut choice = json!({
+                "text": done.text,
+                "index": 0,
+                "logprobs": null,
+                "finish_reason": done.finish_reason,
+            });
+            if with_tokens {
+                choice["tokens"] = json!(done.tokens);
+            }
+            choice
+        },
+        move |text, tokens, finish| {
+            let mut choice =
+                json!({"text": text, "index": 0, "logprobs": null, "finish_reason": finish});
+            if with_tokens {
+                choice["tokens"] = json!(tokens);
+            }
+            choice
+        },
+    )
+    .await
+}
+
+/// The names one of the OpenAI APIs gives its answers.
+pub(super) struct Objects {
+    /// The id's prefix (`cmpl`, `chatcmpl`).
+    pub(super) id_prefix: &'static str,
+    /// `object` of a whole answer.
+    pub(super) whole: &'static str,
+    /// `object` of a streamed chunk.
+    pub(super) chunk: &'static str,
+}
+
+/// `/v1/completions`' names.
+const TEXT_COMPLETION: Objects = Objects {
+    id_prefix: "cmpl",
+    whole: "text_completion",
+    chunk: "text_completion",
+};
+
+/// Runs the checked request `c` and answers it in the envelope both APIs share (`id`,
+/// `object` from `objects`, `created`, `model`; a whole answer's `usage` and
+/// `system_fingerprint`), with the one choice `choice(done)` makes of the finished
+/// completion, or, when it streams, a chunk per event whose choice `delta(text, tokens,
+/// finish_reason)` makes (see [`sse`]).
+pub(super) async fn answer(
+    api: &Api,
+    c: Checked,
+    objects: &Objects,
+    choice: impl FnOnce(&super::Completion) -> Value,
+    delta: impl Fn(&str, &[u32], Option<&str>) -> Value + Clone + Send + Sync + 'static,
+) -> Response {
+    let id = format!("{}-{:016x}", objects.id_prefix, rand::random::<u64>());
+    let created = unix_now();
     if !c.stream {
         return match api
             .server
             .complete(&c.model, &c.prompt, c.sampling, c.timeout)
             .await
         {
-            Ok(done) => {
-                let mut v = json!({
+            Ok(done) => Json(json!({
                 "id": id,
-                "object": "text_completion",
+                "object": objects.whole,
                 "created": created,
                 "model": c.model,
-                "choices": [{
-                    "text": done.text,
-                    "index": 0,
-                    "logprobs": null,
-                    "finish_reason": done.finish_reason,
-                }],
+                "choices": [choice(&done)],
                 "usage": {
                     "prompt_tokens": done.prompt_tokens,
                     "completion_tokens": done.completion_tokens,
                     "total_tokens": done.prompt_tokens + done.completion_tokens,
                 },
                 "system_fingerprint": if done.cached { "shoal-cache" } else { "shoal" },
-                });
-                if with_tokens {
-                    v["choices"][0]["tokens"] = json!(done.tokens);
-                }
-                Json(v).into_response()
-            }
+            }))
+            .into_response(),
             Err(e) => serve_error(e),
         };
     }
@@ -458,21 +505,18 @@ async fn completions(
         Ok(rx) => rx,
         Err(e) => return serve_error(e),
     };
-    let model = c.model.clone();
+    let (model, object) = (c.model, objects.chunk);
     sse(
         rx,
         move |text: &str, tokens: &[u32], finish: Option<&str>| {
-            let mut v = json!({
+            json!({
                 "id": id,
-                "object": "text_completion",
+                "object": object,
                 "created": created,
                 "model": model,
-                "choices": [{"text": text, "index": 0, "logprobs": null, "finish_reason": finish}],
-            });
-            if with_tokens {
-                v["choices"][0]["tokens"] = json!(tokens);
-            }
-            v.to_string()
+                "choices": [delta(text, tokens, finish)],
+            })
+            .to_string()
         },
     )
 }
