@@ -13,44 +13,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-fn base_args() -> Vec<String> {
-    [
-        "--no-mdns",
-        "--data-listen",
-        "127.0.0.1:0",
-        "--data-plane",
-        "tcp",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
-}
-
 /// `n` joined nodes (node 0 bootstraps the others).
 fn cluster(dir: &Path, n: usize) -> Vec<Node> {
-    let listen = format!("/ip4/127.0.0.1/tcp/{}", free_port());
-    let mut a = base_args();
-    a.extend(["--listen".into(), listen.clone()]);
-    let refs: Vec<&str> = a.iter().map(String::as_str).collect();
-    let first = Node::start(&dir.join("node-0"), &refs);
-    let boot = format!("{listen}/p2p/{}", first.id());
-    let mut nodes = vec![first];
-    for i in 1..n {
-        let mut a = base_args();
-        a.extend([
-            "--listen".into(),
-            "/ip4/127.0.0.1/tcp/0".into(),
-            "--bootstrap".into(),
-            boot.clone(),
-        ]);
-        let refs: Vec<&str> = a.iter().map(String::as_str).collect();
-        nodes.push(Node::start(&dir.join(format!("node-{i}")), &refs));
-    }
-    let refs: Vec<&Node> = nodes.iter().collect();
-    wait_until("the cluster converges", Duration::from_secs(60), || {
-        agreed(&refs, n)
-    });
-    nodes
+    serving_cluster(dir, n, &[])
 }
 
 /// Trains a small random-ish gpt for a few steps and returns its checkpoint.
@@ -507,7 +472,7 @@ fn request_with_token(api: std::net::SocketAddr, path: &str, token: Option<&str>
 #[test]
 fn the_serving_api_asks_for_the_bearer_token() {
     let dir = TempDir::new("serve-token");
-    let mut args = base_args();
+    let mut args = serving_args(&[]);
     args.extend(["--listen".into(), "/ip4/127.0.0.1/tcp/0".into()]);
     args.extend(["--api-token".into(), "s3cret".into()]);
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();

@@ -19,46 +19,9 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-fn base_args() -> Vec<String> {
-    [
-        "--no-mdns",
-        "--data-listen",
-        "127.0.0.1:0",
-        "--data-plane",
-        "tcp",
-        "--device",
-        "cpu",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
-}
-
 /// `n` joined nodes (node 0 bootstraps the others).
 fn cluster(dir: &Path, n: usize) -> Vec<Node> {
-    let listen = format!("/ip4/127.0.0.1/tcp/{}", free_port());
-    let mut a = base_args();
-    a.extend(["--listen".into(), listen.clone()]);
-    let refs: Vec<&str> = a.iter().map(String::as_str).collect();
-    let first = Node::start(&dir.join("node-0"), &refs);
-    let boot = format!("{listen}/p2p/{}", first.id());
-    let mut nodes = vec![first];
-    for i in 1..n {
-        let mut a = base_args();
-        a.extend([
-            "--listen".into(),
-            "/ip4/127.0.0.1/tcp/0".into(),
-            "--bootstrap".into(),
-            boot.clone(),
-        ]);
-        let refs: Vec<&str> = a.iter().map(String::as_str).collect();
-        nodes.push(Node::start(&dir.join(format!("node-{i}")), &refs));
-    }
-    let refs: Vec<&Node> = nodes.iter().collect();
-    wait_until("the cluster converges", Duration::from_secs(60), || {
-        agreed(&refs, n)
-    });
-    nodes
+    serving_cluster(dir, n, &["--device", "cpu"])
 }
 
 fn post(node: &Node, path: &str, body: &Value) -> Result<Value, String> {

@@ -214,6 +214,50 @@ pub fn view_of(s: &Value) -> (u64, String, Vec<String>) {
     (r.view.epoch, r.view.hash, r.view.members)
 }
 
+/// Arguments of a node in [`serving_cluster`]: no mDNS, an ephemeral loopback data plane
+/// over TCP, and `extra`.
+pub fn serving_args(extra: &[&str]) -> Vec<String> {
+    [
+        "--no-mdns",
+        "--data-listen",
+        "127.0.0.1:0",
+        "--data-plane",
+        "tcp",
+    ]
+    .iter()
+    .chain(extra)
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// `n` nodes started with [`serving_args`]`(extra)` in `dir/node-<i>`, joined by node 0
+/// as their bootstrap peer, once they agree on one view.
+pub fn serving_cluster(dir: &Path, n: usize, extra: &[&str]) -> Vec<Node> {
+    let listen = format!("/ip4/127.0.0.1/tcp/{}", free_port());
+    let mut a = serving_args(extra);
+    a.extend(["--listen".into(), listen.clone()]);
+    let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+    let first = Node::start(&dir.join("node-0"), &refs);
+    let boot = format!("{listen}/p2p/{}", first.id());
+    let mut nodes = vec![first];
+    for i in 1..n {
+        let mut a = serving_args(extra);
+        a.extend([
+            "--listen".into(),
+            "/ip4/127.0.0.1/tcp/0".into(),
+            "--bootstrap".into(),
+            boot.clone(),
+        ]);
+        let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+        nodes.push(Node::start(&dir.join(format!("node-{i}")), &refs));
+    }
+    let refs: Vec<&Node> = nodes.iter().collect();
+    wait_until("the cluster converges", Duration::from_secs(60), || {
+        agreed(&refs, n)
+    });
+    nodes
+}
+
 /// Some((epoch, hash, members)) once every node answers with the same view of `n` members
 /// (the library's [`agreed_view`] rule).
 pub fn agreed(nodes: &[&Node], n: usize) -> Option<(u64, String, Vec<String>)> {
