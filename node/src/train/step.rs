@@ -197,8 +197,8 @@ impl Trainer {
     /// `on_device` is the gradient (the first `numel` elements of `flat`) when it is still
     /// on a device: a copier thread brings it to `flat` one bucket at a time, and each
     /// bucket's all-reduce starts as soon as its copy is done, so the copy of the next
-    /// bucket overlaps the ring's work on this one. On the CPU the buckets pass straight
-    /// through.
+    /// bucket overlaps the ring's work on this one. On the host the buckets are handed over
+    /// at once, without a thread.
     fn all_reduce_round(
         &mut self,
         view: &View,
@@ -215,8 +215,9 @@ impl Trainer {
         let source = on_device.map(|g| g.shallow_clone());
         std::thread::scope(|s| {
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-            s.spawn(move || {
-                for (i, chunk) in flat.chunks_mut(bucket).enumerate() {
+            let on_host = source.is_none();
+            let hand_over = move || {
+                for (i, chunk) in { flat }.chunks_mut(bucket).enumerate() {
                     if let Some(g) = &source {
                         let start = (i * bucket) as i64;
                         let len = (chunk.len() as i64).min(g.numel() as i64 - start);
@@ -229,7 +230,13 @@ impl Trainer {
                         return; // the round was abandoned
                     }
                 }
-            });
+            };
+            // Host buckets need no copy: all are handed over at once, on this thread.
+            if on_host {
+                hand_over();
+            } else {
+                s.spawn(hand_over);
+            }
             let fut = async {
                 let mut running = futures::stream::FuturesUnordered::new();
                 let mut copied = true;
