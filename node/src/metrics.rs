@@ -100,6 +100,25 @@ fn render_membership(o: &mut String, r: &StatusReport) {
     let members = r.view.members.len() as f64;
     let help = "Members in this node's current view.";
     metric(o, "shoal_view_members", "gauge", help, &[("", members)]);
+    if let Some(m) = r.node.memory {
+        let help = "Resident memory of this node's process, bytes.";
+        metric(
+            o,
+            "shoal_resident_memory_bytes",
+            "gauge",
+            help,
+            &[("", m.rss_bytes as f64)],
+        );
+        let help = "Peak resident memory of this node's process, bytes.";
+        let peak = m.peak_rss_bytes as f64;
+        metric(
+            o,
+            "shoal_resident_memory_peak_bytes",
+            "gauge",
+            help,
+            &[("", peak)],
+        );
+    }
     let help = "Epoch of this node's current view.";
     metric(
         o,

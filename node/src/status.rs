@@ -53,6 +53,43 @@ pub struct NodeReport {
     pub private_network: bool,
     /// The data plane.
     pub data_plane: Option<DataPlaneReport>,
+    /// The process's resident memory now and at its peak, bytes (Linux; absent elsewhere).
+    #[serde(default)]
+    pub memory: Option<ProcessMemory>,
+}
+
+/// A process's resident memory (`/proc/self/status`: `VmRSS`, `VmHWM`).
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ProcessMemory {
+    /// Resident now, bytes.
+    pub rss_bytes: u64,
+    /// The most it has been resident, bytes.
+    pub peak_rss_bytes: u64,
+}
+
+impl ProcessMemory {
+    /// This process's, where `/proc/self/status` says (Linux).
+    pub fn now() -> Option<ProcessMemory> {
+        ProcessMemory::parse(&std::fs::read_to_string("/proc/self/status").ok()?)
+    }
+
+    /// From the text of a `/proc/<pid>/status` file (`VmRSS:   1234 kB`).
+    pub fn parse(status: &str) -> Option<ProcessMemory> {
+        let field = |key: &str| -> Option<u64> {
+            let line = status.lines().find(|l| l.starts_with(key))?;
+            let kb: u64 = line[key.len()..]
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse()
+                .ok()?;
+            Some(kb.saturating_mul(1024))
+        };
+        Some(ProcessMemory {
+            rss_bytes: field("VmRSS:")?,
+            peak_rss_bytes: field("VmHWM:")?,
+        })
+    }
 }
 
 /// The data plane of a node.
@@ -397,6 +434,17 @@ pub async fn fetch_status(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn process_memory_is_read_from_proc_status() {
+        let text = "Name:\tshoal\nVmHWM:\t  204800 kB\nVmRSS:\t  102400 kB\nThreads: 9\n";
+        let m = ProcessMemory::parse(text).unwrap();
+        assert_eq!((m.rss_bytes, m.peak_rss_bytes), (100 << 20, 200 << 20));
+        assert_eq!(ProcessMemory::parse("VmRSS: x kB\nVmHWM: 1 kB"), None);
+        // This process's own: resident now at most its peak, and not nothing.
+        let me = ProcessMemory::now().unwrap();
+        assert!(me.rss_bytes > 1 << 20 && me.rss_bytes <= me.peak_rss_bytes);
+    }
 
     #[test]
     fn parses_plain_and_chunked() {

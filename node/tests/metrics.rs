@@ -43,6 +43,12 @@ fn metrics_parse_with_prometheus_parser_and_match_the_cluster() {
     };
     assert_eq!(get("shoal_view_members{}"), 2.0);
     assert!(get("shoal_view_epoch{}") >= 1.0);
+    // The node's process memory: tens of MiB at least (libtorch is linked), at most its peak.
+    let (rss, peak) = (
+        get("shoal_resident_memory_bytes{}"),
+        get("shoal_resident_memory_peak_bytes{}"),
+    );
+    assert!(rss > 16.0 * 1048576.0 && rss <= peak, "{rss} {peak}");
     assert_eq!(get(r#"shoal_members_known{"state": "alive"}"#), 1.0);
     assert!(get("shoal_heartbeats_sent_total{}") >= 1.0);
     assert!(get(r#"shoal_gossip_messages_total{"verdict": "accepted"}"#) >= 1.0);

@@ -285,6 +285,20 @@ pub fn read_header(path: &Path) -> Result<Header, CheckpointError> {
 /// Reads the tensor `name` of `header` (read by [`read_header`] from `path`) onto the CPU
 /// in its stored type (F32, F16 or BF16; any other type is an error naming it).
 pub fn read_tensor(path: &Path, header: &Header, name: &str) -> Result<Tensor, CheckpointError> {
+    let rows = header
+        .get(name)
+        .map_or(0, |e| e.shape.first().copied().unwrap_or(1));
+    read_rows(path, header, name, 0..rows)
+}
+
+/// Rows `rows` (along the first dimension; a scalar has one) of the tensor `name` of the
+/// file at `path` whose header is `header`, in its stored type: only those bytes are read.
+pub fn read_rows(
+    path: &Path,
+    header: &Header,
+    name: &str,
+    rows: std::ops::Range<i64>,
+) -> Result<Tensor, CheckpointError> {
     use std::io::{Read, Seek, SeekFrom};
     let bad = |p: String| CheckpointError::Malformed {
         path: path.display().to_string(),
@@ -299,14 +313,29 @@ pub fn read_tensor(path: &Path, header: &Header, name: &str) -> Result<Tensor, C
             e.dtype
         ))
     })?;
+    let (first, rest) = match e.shape.split_first() {
+        Some((&n, rest)) => (n, rest.to_vec()),
+        None => (1, Vec::new()),
+    };
+    if rows.start < 0 || rows.start > rows.end || rows.end > first {
+        return Err(bad(format!("tensor {name}: rows {rows:?} of {first}")));
+    }
     // The size was checked against the file's length when the header was read.
-    let mut bytes = vec![0u8; (e.end - e.start) as usize];
+    let row_bytes = rest.iter().product::<i64>() as u64 * dtype.size();
+    let mut bytes = vec![0u8; (rows.end - rows.start) as u64 as usize * row_bytes as usize];
     let mut f = std::fs::File::open(path).map_err(io(path))?;
-    f.seek(SeekFrom::Start(header.data_start + e.start))
-        .map_err(io(path))?;
+    f.seek(SeekFrom::Start(
+        header.data_start + e.start + rows.start as u64 * row_bytes,
+    ))
+    .map_err(io(path))?;
     f.read_exact(&mut bytes)
         .map_err(|_| bad(format!("tensor {name}: the file is truncated")))?;
-    Ok(Tensor::from_data_size(&bytes, &e.shape, dtype.kind()))
+    let shape: Vec<i64> = if e.shape.is_empty() {
+        Vec::new()
+    } else {
+        std::iter::once(rows.end - rows.start).chain(rest).collect()
+    };
+    Ok(Tensor::from_data_size(&bytes, &shape, dtype.kind()))
 }
 
 /// Parses safetensors bytes (f32 tensors only; `label` names them in errors). Every

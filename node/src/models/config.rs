@@ -37,6 +37,10 @@ pub struct ModelConfig {
     /// Bytes each layer needs: weights, plus the KV cache for `KV_BUDGET_BATCH` full
     /// contexts (`gpt`); embeddings are counted in the first layer, the head in the last.
     pub layer_bytes: Vec<u64>,
+    /// `hf`: the compute type every stage uses, `f32`, `bf16` or `f16` (chosen when the
+    /// model is offered, [`super::hf::ServeDtype`]). Default (absent): f32.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dtype: Option<String>,
 }
 
 impl ModelConfig {
@@ -86,6 +90,14 @@ impl ModelConfig {
                 gpt::VOCAB
             ));
         }
+        if super::hf::kind_of(self.dtype.as_deref()).is_none()
+            || (self.dtype.is_some() && self.kind != "hf")
+        {
+            return Err(format!(
+                "dtype {:?} (hf only: f32, bf16 or f16)",
+                self.dtype
+            ));
+        }
         let max_context = super::hf::config::MAX_CONTEXT as u32;
         let max_vocab = super::hf::config::MAX_VOCAB as u32;
         if self.kind == "hf"
@@ -133,19 +145,52 @@ pub(super) fn unrecognised(path: &Path, reason: impl ToString) -> StageError {
     }
 }
 
-/// The compute type of served `hf` stages (and of their planned sizes): f32.
-pub const HF_SERVE_KIND: tch::Kind = tch::Kind::Float;
+/// How a Hugging Face folder is served (other models ignore it).
+#[derive(Clone, Copy, Debug)]
+pub struct HfServe {
+    /// The compute type. Default: [`super::hf::ServeDtype::Auto`].
+    pub dtype: super::hf::ServeDtype,
+    /// The context in tokens. Default (`None`): the config's default
+    /// ([`super::hf::config::DEFAULT_SERVE_CONTEXT`] at most).
+    pub context: Option<u32>,
+    /// The device `auto` resolves for (the offering node's). Default: the CPU.
+    pub device: tch::Device,
+}
+
+impl Default for HfServe {
+    fn default() -> Self {
+        HfServe {
+            dtype: super::hf::ServeDtype::Auto,
+            context: None,
+            device: tch::Device::Cpu,
+        }
+    }
+}
 
 /// Reads a model's architecture: a file (a shoal checkpoint or a TorchScript module) or a
-/// Hugging Face folder (a directory with `config.json`: its config and weights' index are
-/// read and checked, shards present; sized for [`HF_SERVE_KIND`]).
+/// Hugging Face folder, served as [`HfServe::default`] says.
 pub fn describe(path: &Path) -> Result<ModelConfig, StageError> {
+    describe_with(path, HfServe::default())
+}
+
+/// [`describe`], a Hugging Face folder served as `hf` says (a directory with
+/// `config.json`: its config and weights' index are read and checked, shards present; the
+/// compute type and context chosen and the layers sized for them).
+pub fn describe_with(path: &Path, hf: HfServe) -> Result<ModelConfig, StageError> {
     if path.is_dir() {
         if !path.join("config.json").is_file() {
             return Err(unrecognised(path, "a folder without config.json"));
         }
-        let (cfg, _) = super::hf::open(path)?;
-        let mc = super::hf::model_config(&cfg, HF_SERVE_KIND);
+        let (cfg, weights) = super::hf::open(path)?;
+        let cfg = match hf.context {
+            Some(c) => {
+                let label = path.join("config.json").display().to_string();
+                cfg.with_context(i64::from(c), &label)?
+            }
+            None => cfg,
+        };
+        let kind = hf.dtype.kind(weights.stored_kind()?, hf.device);
+        let mc = super::hf::model_config(&cfg, kind);
         mc.validate().map_err(|e| unrecognised(path, e))?;
         return Ok(mc);
     }
@@ -161,6 +206,7 @@ pub fn describe(path: &Path) -> Result<ModelConfig, StageError> {
             vocab: 0,
             params,
             layer_bytes: vec![bytes.max(params * 4)],
+            dtype: None,
         });
     }
     let c = checkpoint::read(path).map_err(|e| unrecognised(path, e))?;
@@ -198,6 +244,7 @@ pub fn describe(path: &Path) -> Result<ModelConfig, StageError> {
             vocab: 0,
             params,
             layer_bytes: vec![params * 4],
+            dtype: None,
         }),
         other => Err(bad(&format!("cannot serve a `{other}` checkpoint"))),
     }
@@ -233,5 +280,6 @@ fn gpt_config(
         vocab: gpt::VOCAB,
         params,
         layer_bytes,
+        dtype: None,
     })
 }

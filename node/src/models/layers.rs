@@ -43,6 +43,16 @@ impl Linear {
         }
     }
 
+    /// The packed layout from `Wᵀ` already laid out `[in, out]` (contiguous), and an
+    /// optional bias.
+    pub fn from_transposed(wt: Tensor, b: Option<Tensor>) -> Linear {
+        Linear {
+            w: wt.contiguous(),
+            b,
+            packed: true,
+        }
+    }
+
     /// Input features.
     pub fn in_features(&self) -> i64 {
         self.w.size()[if self.packed { 0 } else { 1 }]

@@ -12,7 +12,7 @@
 //!   `[batch, len]` tensor by left padding (row `b` starts with `pad[b]` filler positions
 //!   that no real position attends to);
 //! - a **decode** call adds one token to each of its rows, each at its own length: every
-//!   row's cache is a `[kv_heads, context, head_dim]` buffer written in place (fewer heads
+//!   row's cache is a `[kv_heads, capacity, head_dim]` buffer written in place (grown by doubling up to the context) (fewer heads
 //!   than the queries' under grouped-query attention), the batch
 //!   attends over the buffers' first `max length + 1` positions with a per-row mask.
 //!
@@ -53,9 +53,23 @@ enum Weights {
 struct RowCache {
     /// Positions cached.
     len: u32,
-    /// Per layer: K and V buffers `[kv_heads, context, head_dim]`, valid up to `len`.
+    /// Per layer: K and V buffers `[kv_heads, capacity, head_dim]`, valid up to `len`
+    /// ([`kv_capacity`]: grown by doubling as the row gets longer, at most the context).
     kv: HashMap<usize, (Tensor, Tensor)>,
     touched: Instant,
+}
+
+/// The fewest positions a row's KV buffers hold. 64.
+pub const MIN_KV_CAPACITY: i64 = 64;
+
+/// Positions a row's KV buffers hold when it needs `len`: the next power of two, at least
+/// [`MIN_KV_CAPACITY`], at most `context` (so a short request never holds a whole
+/// context's cache, and a growing one is copied O(log context) times).
+pub fn kv_capacity(len: i64, context: i64) -> i64 {
+    (len.max(1) as u64)
+        .next_power_of_two()
+        .max(MIN_KV_CAPACITY as u64)
+        .min(context.max(1) as u64) as i64
 }
 
 /// Where a decoder's tensors come from when it is not a shoal checkpoint (a Hugging Face
@@ -480,7 +494,7 @@ struct RowAttention<'a> {
     mask: Tensor,
     /// Keys per query: the call's length (prefill) or the longest row's length + 1.
     keys: i64,
-    /// Each row's cache buffers are `[kv_heads, context, head_dim]`.
+    /// Each row's cache buffers hold at most this many positions.
     context: i64,
     kv_heads: i64,
     head_dim: i64,
@@ -570,8 +584,9 @@ impl Attention for RowAttention<'_> {
             let opts = (k.kind(), k.device());
             for (i, r) in self.rows.iter().enumerate() {
                 let p = self.pad[i] as i64;
-                let kb = Tensor::zeros([heads, self.context, hd], opts);
-                let vb = Tensor::zeros([heads, self.context, hd], opts);
+                let cap = kv_capacity(l - p, self.context);
+                let kb = Tensor::zeros([heads, cap, hd], opts);
+                let vb = Tensor::zeros([heads, cap, hd], opts);
                 kb.narrow(1, 0, l - p)
                     .copy_(&k.get(i as i64).narrow(1, p, l - p));
                 vb.narrow(1, 0, l - p)
@@ -585,9 +600,19 @@ impl Attention for RowAttention<'_> {
         let mut vs = Vec::with_capacity(self.rows.len());
         for (i, r) in self.rows.iter().enumerate() {
             let c = self.caches.get_mut(r).expect("checked");
-            let Some((kb, vb)) = c.kv.get(&layer) else {
+            let Some((kb, vb)) = c.kv.get_mut(&layer) else {
                 return Err(StageError::UnknownRow(*r));
             };
+            // Every row of the call is read up to `keys` positions (the longest row's).
+            let cap = kb.size()[1];
+            if cap < self.keys {
+                let grown = kv_capacity(self.keys, self.context);
+                for buf in [&mut *kb, &mut *vb] {
+                    let g = Tensor::zeros([heads, grown, hd], (buf.kind(), buf.device()));
+                    g.narrow(1, 0, cap).copy_(buf);
+                    *buf = g;
+                }
+            }
             kb.narrow(1, self.lens[i], 1).copy_(&k.get(i as i64));
             vb.narrow(1, self.lens[i], 1).copy_(&v.get(i as i64));
             ks.push(kb.narrow(1, 0, self.keys));
@@ -605,6 +630,11 @@ mod tests {
 
     /// A 2-layer `gpt` with fresh weights, written as a checkpoint in a fresh directory.
     fn gpt_checkpoint(name: &str) -> PathBuf {
+        gpt_checkpoint_with(name, 16)
+    }
+
+    /// [`gpt_checkpoint`] with a context of `context` tokens.
+    fn gpt_checkpoint_with(name: &str, context: i64) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("shoal-stage-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let vs = tch::nn::VarStore::new(tch::Device::Cpu);
@@ -612,7 +642,7 @@ mod tests {
             layers: 2,
             heads: 2,
             width: 16,
-            context: 16,
+            context,
         };
         let _ = Gpt::init(&vs.root(), cfg);
         let tensors: Vec<(String, Tensor)> = vs
@@ -622,7 +652,7 @@ mod tests {
             .collect();
         let meta = std::collections::BTreeMap::from([(
             "model".to_string(),
-            r#"{"kind":"gpt","layers":2,"heads":2,"width":16,"context":16}"#.to_string(),
+            format!(r#"{{"kind":"gpt","layers":2,"heads":2,"width":16,"context":{context}}}"#),
         )]);
         let path = dir.join("ck.safetensors");
         checkpoint::write(&path, &tensors, &meta).unwrap();
@@ -699,6 +729,87 @@ mod tests {
                 }
             }
         }
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    fn le(tokens: &[i64]) -> Vec<u8> {
+        tokens.iter().flat_map(|t| t.to_le_bytes()).collect()
+    }
+
+    /// Rows of different lengths decoding together past their KV buffers' first capacity
+    /// (64) up to the context (160): each step's logits equal a fresh prefill of the whole
+    /// sequence, the buffers grow by doubling and never beyond the context.
+    #[test]
+    fn kv_buffers_grow_with_the_rows_up_to_the_context() {
+        assert_eq!(kv_capacity(1, 160), 64);
+        assert_eq!(kv_capacity(65, 160), 128);
+        assert_eq!(kv_capacity(129, 160), 160);
+        assert_eq!(kv_capacity(5, 16), 16);
+        let path = gpt_checkpoint_with("grow", 160);
+        let cfg = describe(&path).unwrap();
+        let mut stage = StageExecutor::open_on(&path, cfg.clone(), tch::Device::Cpu).unwrap();
+        let mut fresh = StageExecutor::open_on(&path, cfg, tch::Device::Cpu).unwrap();
+        let mut seqs: Vec<Vec<i64>> = vec![
+            (0..3).map(|i| (i * 7 + 1) % 256).collect(),
+            (0..60).map(|i| (i * 13 + 5) % 256).collect(),
+        ];
+        let rows = [1u64, 2];
+        let pad = [57u32, 0];
+        let mut tokens = vec![0i64; 57];
+        tokens.extend(&seqs[0]);
+        tokens.extend(&seqs[1]);
+        fn call(
+            st: &mut StageExecutor,
+            rows: &[u64],
+            prefill: bool,
+            pad: &[u32],
+            len: u32,
+            toks: &[i64],
+        ) -> Vec<f32> {
+            let (_, _, out) = st
+                .forward(
+                    rows,
+                    0..2,
+                    prefill,
+                    pad,
+                    Payload::Tokens,
+                    &[rows.len() as u32, len],
+                    &le(toks),
+                    Payload::LastLogits,
+                )
+                .unwrap();
+            coordinator_free::codec::stage::f32s(&out)
+        }
+        let mut got = call(&mut stage, &rows, true, &pad, 60, &tokens);
+        for step in 0..99 {
+            // Each row's logits against a prefill of its whole sequence.
+            for (i, seq) in seqs.iter().enumerate() {
+                let want = call(&mut fresh, &[100], true, &[0], seq.len() as u32, seq);
+                fresh.drop_rows(&[100]);
+                let mine = &got[i * 256..(i + 1) * 256];
+                let d = mine
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(d < 1e-4, "step {step}, row {i}: {d}");
+            }
+            let next: Vec<i64> = seqs
+                .iter()
+                .map(|s| (s.len() as i64 * 31 + step) % 256)
+                .collect();
+            for (s, t) in seqs.iter_mut().zip(&next) {
+                s.push(*t);
+            }
+            got = call(&mut stage, &rows, false, &[0, 0], 1, &next);
+        }
+        assert_eq!(seqs[1].len(), 159);
+        let caps: Vec<i64> = stage.rows[&2]
+            .kv
+            .values()
+            .map(|(k, _)| k.size()[1])
+            .collect();
+        assert_eq!(caps, vec![160, 160], "grown to the context, not beyond");
         let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 }

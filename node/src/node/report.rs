@@ -44,6 +44,7 @@ impl EventLoop {
                     transport: self.data_plane.transport(),
                     stats: self.data_plane.stats(),
                 }),
+                memory: crate::status::ProcessMemory::now(),
             },
             view: ViewReport {
                 epoch: view.epoch,

@@ -105,8 +105,7 @@ impl Server {
         };
         let device = self.inner.cfg.device;
         let stage = if cfg.kind == "hf" {
-            crate::models::hf::open_stage(&path, device, crate::models::config::HF_SERVE_KIND)
-                .map_err(|e| e.to_string())?
+            crate::models::hf::open_stage(&path, device, &cfg).map_err(|e| e.to_string())?
         } else {
             StageExecutor::open_on(&path, cfg, device).map_err(|e| e.to_string())?
         };

@@ -19,8 +19,8 @@
 //!   logits of every position). Or a safetensors body (`Content-Type: application/octet-stream`,
 //!   `?model=NAME`, one F32 tensor, ideally named `inputs`) answered with a safetensors body
 //!   holding `outputs`.
-//! - `POST /v1/serve` — `{"path", "name", "stages"}`: offer a model file (or a Hugging
-//!   Face folder) on this node
+//! - `POST /v1/serve` — `{"path", "name", "stages", "dtype", "context"}`: offer a model
+//!   file (or a Hugging Face folder, with its compute type and context) on this node
 //!   (what `shoal serve` calls); `GET /v1/serve` — models, holders and plans.
 //!
 //! With `--api-token`, every route here asks for `Authorization: Bearer <token>`.
@@ -748,6 +748,12 @@ struct OfferRequest {
     name: String,
     #[serde(default = "one")]
     stages: u32,
+    /// A Hugging Face folder's compute type: auto, f32, bf16 or f16. Default: auto.
+    #[serde(default)]
+    dtype: Option<String>,
+    /// A Hugging Face folder's context in tokens. Default: the config's (4096 at most).
+    #[serde(default)]
+    context: Option<u32>,
 }
 
 fn one() -> u32 {
@@ -763,10 +769,17 @@ async fn serve_offer(
         Ok(r) => r,
         Err(r) => return r,
     };
-    match api
-        .server
-        .offer(std::path::Path::new(&req.path), &req.name, req.stages)
-    {
+    let dtype = match req.dtype.as_deref().unwrap_or("auto").parse() {
+        Ok(d) => d,
+        Err(e) => return invalid(e, Some("dtype")),
+    };
+    match api.server.offer(
+        std::path::Path::new(&req.path),
+        &req.name,
+        req.stages,
+        dtype,
+        req.context,
+    ) {
         Ok(a) => {
             // Announce at once (the node re-announces every 2 s).
             let _ = api.node.offer_model(a.clone()).await;

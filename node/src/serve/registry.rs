@@ -93,13 +93,28 @@ enum Sink {
 
 impl Server {
     /// Offers the model file at `path` under `name`, served with at least `stages`
-    /// stages per replica. Returns the announcement to publish.
-    pub fn offer(&self, path: &Path, name: &str, stages: u32) -> Result<ServeAnnounce, ServeError> {
+    /// stages per replica; a Hugging Face folder computing in `dtype` (`auto`: for this
+    /// node's device) with a context of `context` tokens (default: the config's,
+    /// [`crate::models::hf::config::DEFAULT_SERVE_CONTEXT`] at most). Returns the
+    /// announcement to publish.
+    pub fn offer(
+        &self,
+        path: &Path,
+        name: &str,
+        stages: u32,
+        dtype: crate::models::hf::ServeDtype,
+        context: Option<u32>,
+    ) -> Result<ServeAnnounce, ServeError> {
         let offer_err = |reason: String| ServeError::Offer {
             path: path.display().to_string(),
             reason,
         };
-        let cfg = config::describe(path).map_err(|e| offer_err(e.to_string()))?;
+        let hf = config::HfServe {
+            dtype,
+            context,
+            device: self.inner.cfg.device,
+        };
+        let cfg = config::describe_with(path, hf).map_err(|e| offer_err(e.to_string()))?;
         // A folder travels as its manifest: the announced hash and size are the manifest's.
         let folder = if cfg.kind == "hf" {
             let manifest = Manifest::build(path).map_err(|e| offer_err(e.to_string()))?;
@@ -323,7 +338,17 @@ impl Server {
         // The files must be the model announced (a peer could announce one config and
         // send another folder).
         let announced: ModelConfig = serde_json::from_str(&a.config).map_err(|e| e.to_string())?;
-        let got = config::describe(&part).map_err(|e| e.to_string())?;
+        let hf = config::HfServe {
+            dtype: announced
+                .dtype
+                .as_deref()
+                .unwrap_or("f32")
+                .parse()
+                .map_err(|e: String| e)?,
+            context: Some(announced.context),
+            device: tch::Device::Cpu,
+        };
+        let got = config::describe_with(&part, hf).map_err(|e| e.to_string())?;
         if got != announced {
             return Err("the folder does not describe as announced".into());
         }

@@ -27,6 +27,16 @@ pub struct ServeArgs {
     /// Fewest pipeline stages per replica. Default: 1 (as few as memory allows).
     #[arg(long, default_value_t = 1)]
     stages: u32,
+    /// A Hugging Face folder's compute type: auto, f32, bf16 or f16. Default: auto (the
+    /// weights' stored type on a GPU, f32 on the CPU, where 16-bit matrix products are
+    /// slower; see docs/benchmarks.md).
+    #[arg(long, default_value = "auto")]
+    dtype: shoal_node::models::hf::ServeDtype,
+    /// A Hugging Face folder's context in tokens (each request's KV cache is sized for
+    /// it): at most `max_position_embeddings`. Default: `max_position_embeddings` or 4096,
+    /// whichever is less.
+    #[arg(long)]
+    context: Option<u32>,
     /// Start this many local nodes on 127.0.0.1 and serve on them.
     #[arg(long)]
     local: Option<usize>,
@@ -132,13 +142,20 @@ pub async fn serve(a: ServeArgs) -> Result<(), Failure> {
         // the file.
         let bad =
             |e: &dyn std::fmt::Display| usage(anyhow!("cannot serve {}: {e}", path.display()));
-        shoal_node::models::config::describe(&path).map_err(|e| bad(&e))?;
+        let hf = shoal_node::models::config::HfServe {
+            dtype: a.dtype,
+            context: a.context,
+            ..Default::default()
+        };
+        shoal_node::models::config::describe_with(&path, hf).map_err(|e| bad(&e))?;
         if path.join("tokenizer.json").is_file() {
             shoal_node::text::Tokenizer::load(&path).map_err(|e| bad(&e))?;
         }
     }
     let name = a.name.clone().unwrap_or_else(|| default_model_name(&path));
-    let offer = serde_json::json!({"path": path, "name": name, "stages": a.stages}).to_string();
+    let offer = serde_json::json!({"path": path, "name": name, "stages": a.stages,
+        "dtype": a.dtype.to_string(), "context": a.context})
+    .to_string();
     let token = a.api_token.clone().filter(|t| !t.is_empty());
     let Some(n) = a.local else {
         let api = Api { addr: a.api, token };
@@ -187,7 +204,8 @@ async fn serve_local(
     if a.json {
         println!(
             "{}",
-            serde_json::json!({"served": name, "offer": serde_json::from_slice::<serde_json::Value>(&reply).unwrap_or_default(), "replicas": model.replicas})
+            serde_json::json!({"served": name, "offer": serde_json::from_slice::<serde_json::Value>(&reply).unwrap_or_default(), "replicas": model.replicas,
+                "apis": (0..n).filter_map(|i| c.api(i).map(|a| a.to_string())).collect::<Vec<_>>()})
         );
     } else {
         println!("serving `{name}` on {n} local nodes; replicas:");

@@ -25,6 +25,11 @@ pub const MAX_LAYERS: i64 = 1024;
 pub const MAX_VOCAB: i64 = 1 << 22;
 /// Longest context accepted (`max_position_embeddings`). 2^22.
 pub const MAX_CONTEXT: i64 = 1 << 22;
+/// The context a model is served with unless asked for another (`shoal serve --context`):
+/// `max_position_embeddings` or 4096 tokens, whichever is less. Every request row's KV
+/// cache is sized for the whole context, so a 128k-token model served at its full context
+/// would need gigabytes per request.
+pub const DEFAULT_SERVE_CONTEXT: i64 = 4096;
 
 /// The families implemented (`model_type`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,8 +82,15 @@ pub struct HfConfig {
     pub head_dim: i64,
     /// `vocab_size`.
     pub vocab: i64,
-    /// `max_position_embeddings`: the context.
+    /// The context it is served or trained with, in tokens: at most `max_context` and
+    /// `sliding_window`; default the least of `max_context`, `sliding_window` and
+    /// [`DEFAULT_SERVE_CONTEXT`] (see [`HfConfig::with_context`]).
     pub context: i64,
+    /// `max_position_embeddings`: the longest context the model was made for.
+    pub max_context: i64,
+    /// `sliding_window` where sliding-window attention is enabled (`mistral`; `qwen2`,
+    /// `qwen3` with `use_sliding_window`); it must be at least `context`.
+    pub sliding_window: Option<i64>,
     /// `rms_norm_eps`; default 1e-6.
     pub rms_norm_eps: f64,
     /// `rope_theta`; default 10000.
@@ -232,9 +244,9 @@ impl HfConfig {
             ModelType::Qwen2 => (true, false, false),
             ModelType::Mistral => (false, false, false),
         };
-        check_sliding_window(&k, model_type, context)?;
+        let sliding_window = sliding_window(&k, model_type)?;
         let (rope_theta, rope_scaling) = rope(&k)?;
-        Ok(HfConfig {
+        let cfg = HfConfig {
             model_type,
             hidden,
             intermediate: k.int("intermediate_size", None, MAX_WIDTH)?,
@@ -244,6 +256,8 @@ impl HfConfig {
             head_dim,
             vocab: k.int("vocab_size", None, MAX_VOCAB)?,
             context,
+            max_context: context,
+            sliding_window,
             rms_norm_eps: k.float("rms_norm_eps", 1e-6)?,
             rope_theta,
             rope_scaling,
@@ -252,7 +266,40 @@ impl HfConfig {
             mlp_bias,
             qk_norm: model_type == ModelType::Qwen3,
             tie_word_embeddings: k.boolean("tie_word_embeddings", false)?,
-        })
+        };
+        let default = context
+            .min(DEFAULT_SERVE_CONTEXT)
+            .min(sliding_window.unwrap_or(i64::MAX));
+        cfg.with_context(default, label)
+    }
+
+    /// The same model used with a context of `context` tokens: refused (naming the key)
+    /// beyond `max_position_embeddings` or beyond a sliding window (which would change
+    /// which positions attend to which; a window at or beyond the context is the same as
+    /// full attention). `label` names the file in errors.
+    pub fn with_context(mut self, context: i64, label: &str) -> Result<HfConfig, HfError> {
+        if context < 1 || context > self.max_context {
+            return Err(HfError::Config {
+                path: label.to_string(),
+                key: "max_position_embeddings".into(),
+                problem: format!(
+                    "a context of {context} tokens is asked for; this model takes 1..={}",
+                    self.max_context
+                ),
+            });
+        }
+        if let Some(w) = self.sliding_window.filter(|&w| w < context) {
+            return Err(HfError::Unsupported {
+                path: label.to_string(),
+                key: "sliding_window".into(),
+                value: w.to_string(),
+                why: format!(
+                    "sliding-window attention below the context of {context} is not implemented; serve it with a context of at most {w} tokens"
+                ),
+            });
+        }
+        self.context = context;
+        Ok(self)
     }
 
     /// Scalars of the weights of block `i` (every block is the same).
@@ -297,42 +344,37 @@ fn refuse_unimplemented(k: &Keys) -> Result<(), HfError> {
     Ok(())
 }
 
-/// Refuses sliding-window attention whose window is shorter than the context (it would
-/// change which positions attend to which).
-fn check_sliding_window(k: &Keys, t: ModelType, context: i64) -> Result<(), HfError> {
-    let window = k.get("sliding_window");
+/// The sliding window where sliding-window attention is enabled (`mistral`: always;
+/// `qwen2`, `qwen3`: `use_sliding_window`, default false); `layer_types` may name only
+/// `full_attention` and `sliding_attention`. [`HfConfig::with_context`] refuses a window
+/// below the context.
+fn sliding_window(k: &Keys, t: ModelType) -> Result<Option<i64>, HfError> {
     let enabled = match t {
         ModelType::Mistral => true,
         ModelType::Qwen2 | ModelType::Qwen3 => k.boolean("use_sliding_window", false)?,
         ModelType::Llama => false,
     };
-    let short = |v: &Value| v.as_i64().is_none_or(|w| w < context);
-    if let Some(v) = window.filter(|v| enabled && short(v)) {
-        return Err(k.unsupported(
-            "sliding_window",
-            v,
-            &format!("sliding-window attention below the context of {context} is not implemented"),
-        ));
-    }
     if let Some(types) = k.get("layer_types") {
         let Some(list) = types.as_array() else {
             return Err(k.bad("layer_types", "not a list"));
         };
         for v in list {
-            let sliding = v == "sliding_attention";
-            if v != "full_attention" && !sliding {
+            if v != "full_attention" && v != "sliding_attention" {
                 return Err(k.unsupported("layer_types", v, "full_attention only"));
-            }
-            if sliding && enabled && window.is_some_and(short) {
-                return Err(k.unsupported(
-                    "layer_types",
-                    v,
-                    "sliding-window attention below the context is not implemented",
-                ));
             }
         }
     }
-    Ok(())
+    match k.get("sliding_window").filter(|_| enabled) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => match v.as_i64() {
+            Some(w) if w >= 1 => Ok(Some(w)),
+            _ => Err(k.unsupported(
+                "sliding_window",
+                v,
+                "a positive number of tokens, at least the context",
+            )),
+        },
+    }
 }
 
 /// `rope_theta` and the RoPE type, from `rope_parameters` or `rope_theta` + `rope_scaling`.

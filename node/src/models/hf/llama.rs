@@ -16,15 +16,21 @@
 //! input's device.
 
 use super::config::{HfConfig, RopeScaling};
+use super::HfWeights;
 use crate::models::decoder::{Attention, Causal, Decoder, DecoderShape};
 use crate::models::layers::Linear;
 use crate::models::StageError;
 use std::collections::BTreeMap;
 use std::ops::Range;
+use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
 /// The compute type a decoder uses unless told otherwise (the CPU's). f32.
 pub const DEFAULT_KIND: Kind = Kind::Float;
+
+/// Stored bytes read at a time when a matrix is read straight into its serving layout
+/// ([`HfDecoder::reading_rows`]). 4 MiB.
+pub const READ_CHUNK_BYTES: i64 = 4 << 20;
 
 /// RMSNorm as transformers computes it: in f32, `x / sqrt(mean(x²) + eps)`, back in the
 /// input's type, times the weight.
@@ -71,6 +77,11 @@ pub struct HfDecoder {
     norm: Option<RmsNorm>,
     /// Present when the last layer is here.
     head: Option<Linear>,
+    /// Where matrices are read from a few rows at a time, and the device they go to
+    /// ([`HfDecoder::reading_rows`]); `None`: whole tensors through `load`'s getter.
+    rows: Option<(Arc<HfWeights>, Device)>,
+    /// Stored bytes read at a time by `rows`; default [`READ_CHUNK_BYTES`].
+    chunk_bytes: i64,
 }
 
 /// Names of block `i`'s tensors start with this.
@@ -133,7 +144,25 @@ impl HfDecoder {
             blocks: BTreeMap::new(),
             norm: None,
             head: None,
+            rows: None,
+            chunk_bytes: READ_CHUNK_BYTES,
         }
+    }
+
+    /// The same decoder reading `bytes` of stored rows at a time (at least one row).
+    pub fn with_chunk_bytes(mut self, bytes: i64) -> HfDecoder {
+        self.chunk_bytes = bytes;
+        self
+    }
+
+    /// The same decoder reading its matrices (embeddings, head, every projection) from
+    /// `weights` [`READ_CHUNK_BYTES`] of stored rows at a time, converted and copied
+    /// into their place in the compute layout on `device`: loading a stage then holds its
+    /// weights plus one chunk, never a second copy of a matrix (the head of a 128k
+    /// vocabulary is a gigabyte). Norms and biases still come through `load`'s getter.
+    pub fn reading_rows(mut self, weights: Arc<HfWeights>, device: Device) -> HfDecoder {
+        self.rows = Some((weights, device));
+        self
     }
 
     /// Its config.
@@ -199,6 +228,47 @@ impl HfDecoder {
         Ok(t.to_kind(self.kind))
     }
 
+    /// The matrix `name`, checked to be `[out, input]` and floating point, passed to `put`
+    /// in chunks of rows (`put(first_row, rows)`, on the CPU in the stored type).
+    fn read_matrix(
+        &self,
+        w: &HfWeights,
+        name: &str,
+        out: i64,
+        input: i64,
+        mut put: impl FnMut(i64, &Tensor),
+    ) -> Result<(), String> {
+        let shape = w.shape(name).map_err(|e| e.to_string())?;
+        if shape != [out, input] {
+            return Err(format!(
+                "tensor `{name}` has shape {shape:?}, expected {:?}",
+                [out, input]
+            ));
+        }
+        let chunk = (self.chunk_bytes / (4 * input).max(1)).max(1);
+        let mut r0 = 0;
+        while r0 < out {
+            let r1 = (r0 + chunk).min(out);
+            let t = w.get_rows(name, r0..r1).map_err(|e| e.to_string())?;
+            put(r0, &t);
+            r0 = r1;
+        }
+        Ok(())
+    }
+
+    /// The embeddings `[vocab, hidden]` in the compute type.
+    fn embeddings(&self, get: &dyn Fn(&str) -> Result<Tensor, String>) -> Result<Tensor, String> {
+        let (v, d) = (self.cfg.vocab, self.cfg.hidden);
+        let Some((w, device)) = &self.rows else {
+            return self.fetch(get, EMBED, &[v, d]);
+        };
+        let dst = Tensor::empty([v, d], (self.kind, *device));
+        self.read_matrix(w, EMBED, v, d, |r0, t| {
+            dst.narrow(0, r0, t.size()[0]).copy_(t);
+        })?;
+        Ok(dst)
+    }
+
     fn norm(
         &self,
         get: &dyn Fn(&str) -> Result<Tensor, String>,
@@ -220,17 +290,31 @@ impl HfDecoder {
         input: i64,
         bias: bool,
     ) -> Result<Linear, String> {
-        let mut ws = Vec::with_capacity(names.len());
         let mut bs = Vec::with_capacity(names.len());
-        for (n, out) in names {
-            ws.push(self.fetch(get, &format!("{n}.weight"), &[*out, input])?);
-            if bias {
+        if bias {
+            for (n, out) in names {
                 bs.push(self.fetch(get, &format!("{n}.bias"), &[*out])?);
             }
         }
-        let w = Tensor::cat(&ws, 0);
         let b = bias.then(|| Tensor::cat(&bs, 0));
-        Ok(Linear::packed(&w, b.as_ref()))
+        let Some((w, device)) = &self.rows else {
+            let mut ws = Vec::with_capacity(names.len());
+            for (n, out) in names {
+                ws.push(self.fetch(get, &format!("{n}.weight"), &[*out, input])?);
+            }
+            return Ok(Linear::packed(&Tensor::cat(&ws, 0), b.as_ref()));
+        };
+        // `Wᵀ` of the concatenated maps, filled a chunk of rows at a time.
+        let total = names.iter().map(|(_, o)| o).sum::<i64>();
+        let dst = Tensor::empty([input, total], (self.kind, *device));
+        let mut off = 0;
+        for (n, out) in names {
+            self.read_matrix(w, &format!("{n}.weight"), *out, input, |r0, t| {
+                dst.narrow(1, off + r0, t.size()[0]).copy_(&t.tr());
+            })?;
+            off += out;
+        }
+        Ok(Linear::from_transposed(dst, b))
     }
 
     fn load_block(
@@ -335,7 +419,7 @@ impl Decoder for HfDecoder {
             }
         }
         if layers.start == 0 && self.embed.is_none() {
-            self.embed = Some(self.fetch(get, EMBED, &[v, d])?);
+            self.embed = Some(self.embeddings(get)?);
         }
         if layers.end == self.cfg.layers && self.head.is_none() {
             self.norm = Some(self.norm(get, NORM, d)?);
@@ -344,7 +428,8 @@ impl Decoder for HfDecoder {
             } else {
                 HEAD
             };
-            self.head = Some(Linear::packed(&self.fetch(get, head, &[v, d])?, None));
+            self.head =
+                Some(self.linear(get, &[(head.trim_end_matches(".weight"), v)], d, false)?);
         }
         Ok(())
     }

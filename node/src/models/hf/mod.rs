@@ -90,6 +90,78 @@ pub enum HfError {
     },
 }
 
+/// The compute type of a served Hugging Face model (`shoal serve --dtype`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ServeDtype {
+    /// The weights' stored type on a GPU; f32 on the CPU, where bf16 and f16 matrix
+    /// products are several times slower than f32 ones (`scripts/bench-serve-hf --dtype`
+    /// measures it). The default.
+    #[default]
+    Auto,
+    /// f32.
+    F32,
+    /// bfloat16.
+    Bf16,
+    /// IEEE half precision.
+    F16,
+}
+
+impl std::str::FromStr for ServeDtype {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(ServeDtype::Auto),
+            "f32" | "float32" => Ok(ServeDtype::F32),
+            "bf16" | "bfloat16" => Ok(ServeDtype::Bf16),
+            "f16" | "float16" => Ok(ServeDtype::F16),
+            _ => Err(format!("unknown dtype `{s}` (auto, f32, bf16 or f16)")),
+        }
+    }
+}
+
+impl std::fmt::Display for ServeDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ServeDtype::Auto => "auto",
+            ServeDtype::F32 => "f32",
+            ServeDtype::Bf16 => "bf16",
+            ServeDtype::F16 => "f16",
+        })
+    }
+}
+
+impl ServeDtype {
+    /// The compute type for weights stored as `stored`, computed on `device`.
+    pub fn kind(self, stored: tch::Kind, device: tch::Device) -> tch::Kind {
+        match self {
+            ServeDtype::Auto if device == tch::Device::Cpu => tch::Kind::Float,
+            ServeDtype::Auto => stored,
+            ServeDtype::F32 => tch::Kind::Float,
+            ServeDtype::Bf16 => tch::Kind::BFloat16,
+            ServeDtype::F16 => tch::Kind::Half,
+        }
+    }
+}
+
+/// The name of a compute type as [`ModelConfig::dtype`] carries it (`f32`, `bf16`, `f16`).
+pub fn kind_name(kind: tch::Kind) -> &'static str {
+    match kind {
+        tch::Kind::BFloat16 => "bf16",
+        tch::Kind::Half => "f16",
+        _ => "f32",
+    }
+}
+
+/// The compute type [`ModelConfig::dtype`] names (absent: f32); `None` for another name.
+pub fn kind_of(dtype: Option<&str>) -> Option<tch::Kind> {
+    match dtype {
+        None | Some("f32") => Some(tch::Kind::Float),
+        Some("bf16") => Some(tch::Kind::BFloat16),
+        Some("f16") => Some(tch::Kind::Half),
+        Some(_) => None,
+    }
+}
+
 /// Opens the folder `dir`: its config and its weights' index (no tensor is read yet).
 pub fn open(dir: &std::path::Path) -> Result<(HfConfig, HfWeights), HfError> {
     let cfg = HfConfig::read(dir)?;
@@ -101,6 +173,7 @@ pub fn open(dir: &std::path::Path) -> Result<(HfConfig, HfWeights), HfError> {
 /// `hf`) when it computes in `kind`: each block's weights plus the KV cache of
 /// [`KV_BUDGET_BATCH`] full contexts, the embeddings counted in the first layer, the final
 /// norm and the head (the embeddings again when tied) in the last.
+/// `dtype` names `kind` and `context` is the config's (the served context).
 pub fn model_config(cfg: &HfConfig, kind: tch::Kind) -> ModelConfig {
     let elem = kind.elt_size_in_bytes() as u64;
     let (l, d, v) = (cfg.layers as u64, cfg.hidden as u64, cfg.vocab as u64);
@@ -119,19 +192,29 @@ pub fn model_config(cfg: &HfConfig, kind: tch::Kind) -> ModelConfig {
         vocab: cfg.vocab as u32,
         params: l * block + v * d + head + d,
         layer_bytes,
+        dtype: Some(kind_name(kind).into()),
     }
 }
 
-/// A serving stage of the folder `dir` computing on `device` in `kind` (layers load on
-/// first use, each tensor read from its shard and moved to `device`).
+/// A serving stage of the folder `dir` as announced in `mc` (its `dtype` and served
+/// `context`), computing on `device` (layers load on first use, each tensor read from its
+/// shard, converted and moved to `device`).
 pub fn open_stage(
     dir: &std::path::Path,
     device: tch::Device,
-    kind: tch::Kind,
+    mc: &ModelConfig,
 ) -> Result<StageExecutor, HfError> {
     let (cfg, weights) = open(dir)?;
+    let label = dir.join("config.json").display().to_string();
+    let cfg = cfg.with_context(i64::from(mc.context), &label)?;
+    let kind = kind_of(mc.dtype.as_deref()).ok_or_else(|| HfError::Config {
+        path: label,
+        key: "dtype".into(),
+        problem: format!("{:?} is not f32, bf16 or f16", mc.dtype),
+    })?;
     let mc = model_config(&cfg, kind);
-    let decoder = Box::new(HfDecoder::new(cfg, kind));
+    let weights = std::sync::Arc::new(weights);
+    let decoder = Box::new(HfDecoder::new(cfg, kind).reading_rows(weights.clone(), device));
     let source = Box::new(move |n: &str| weights.get(n).map_err(|e| e.to_string()));
     Ok(StageExecutor::with_decoder(
         dir, mc, decoder, source, device,

@@ -175,6 +175,19 @@ fn a_whole_forward_matches_transformers() {
         let d = max_diff(&got, &r.logits);
         eprintln!("{arch}: whole forward, max |Δ| = {d:e}");
         assert!(d <= TOLERANCE, "{arch}: logits differ by {d}");
+        // Matrices read a few rows at a time into their place (how stages load, with
+        // chunks of 1 KiB here so every matrix takes several) compute the same logits.
+        let w = std::sync::Arc::new(w);
+        let mut by_rows = HfDecoder::new(dec.config().clone(), Kind::Float)
+            .reading_rows(w.clone(), Device::Cpu)
+            .with_chunk_bytes(1024);
+        by_rows.load(0..layers, &w.getter(Device::Cpu)).unwrap();
+        let y2 = tch::no_grad(|| by_rows.forward(&x)).unwrap();
+        assert_eq!(
+            (y2 - &y).abs().max().double_value(&[]),
+            0.0,
+            "{arch}: read by rows"
+        );
         // Where libtorch sees CUDA: the same weights and tokens there, results within
         // CUDA's f32 matmul rounding (TF32 off by default in libtorch).
         for i in 0..crate::device::cuda_device_count() {

@@ -206,17 +206,42 @@ fn configs_asking_for_what_is_not_implemented_are_refused_by_key() {
         parse(&with(&l, "attention_bias", json!("yes"))),
         &["attention_bias"],
     );
-    // Mistral's sliding window below the context; Qwen's when enabled.
+    // A sliding window shortens the default context to it (attention within the window
+    // is full attention); a context beyond it is refused. Mistral always, Qwen when
+    // enabled.
     let m = config_json("mistral");
+    let c = parse(&with(&m, "sliding_window", json!(16))).unwrap();
+    assert_eq!((c.context, c.sliding_window), (16, Some(16)));
     err_names(
-        parse(&with(&m, "sliding_window", json!(16))),
-        &["sliding_window", "16", "sliding-window"],
+        c.clone().with_context(17, "dir/config.json"),
+        &["sliding_window", "16", "sliding-window", "17"],
     );
+    assert_eq!(c.clone().with_context(8, "x").unwrap().context, 8);
     let q = with(&config_json("qwen2"), "use_sliding_window", json!(true));
     assert!(parse(&q).is_ok(), "no window given: full attention");
+    let c = parse(&with(&q, "sliding_window", json!(8))).unwrap();
+    err_names(c.with_context(9, "x"), &["sliding_window", "8"]);
+    let off = with(&config_json("qwen2"), "sliding_window", json!(8));
+    assert_eq!(parse(&off).unwrap().sliding_window, None, "not enabled");
     err_names(
-        parse(&with(&q, "sliding_window", json!(8))),
-        &["sliding_window", "8"],
+        parse(&with(&m, "sliding_window", json!("wide"))),
+        &["sliding_window", "wide"],
+    );
+    // The served context: at most max_position_embeddings, 4096 unless asked for more.
+    let long = parse(&with(&l, "max_position_embeddings", json!(131072))).unwrap();
+    assert_eq!((long.context, long.max_context), (4096, 131072));
+    assert_eq!(
+        long.clone().with_context(131072, "x").unwrap().context,
+        131072
+    );
+    err_names(
+        long.with_context(131073, "dir/config.json"),
+        &[
+            "dir/config.json",
+            "max_position_embeddings",
+            "131073",
+            "131072",
+        ],
     );
     err_names(
         parse(&with(
@@ -259,7 +284,8 @@ fn broken_weights_are_errors_naming_the_file_and_tensor() {
     std::fs::write(dir.join(shard), &bytes[..bytes.len() / 2]).unwrap();
     err_names(load_all(&dir), &[shard]);
     // … also through a serving stage: an error, not a panic.
-    let mut st = open_stage(&dir, Device::Cpu, Kind::Float).unwrap();
+    let mc = crate::models::config::describe(&fixture("llama")).unwrap();
+    let mut st = open_stage(&dir, Device::Cpu, &mc).unwrap();
     let toks: Vec<u8> = [1i64, 2, 3].iter().flat_map(|t| t.to_le_bytes()).collect();
     let r = st.forward(
         &[1],
@@ -401,4 +427,93 @@ fn half_precision_weights_load_and_compute() {
     let (f32s, bf16s) = (run(Kind::Float), run(Kind::BFloat16));
     let d = (f32s - bf16s).abs().max().double_value(&[]);
     assert!(d < 0.1, "bf16 logits differ by {d}");
+}
+
+/// The compute type and context chosen when a folder is offered: sizes follow them, the
+/// stage computes in them, and an impossible context is refused naming the key.
+#[test]
+fn offered_dtype_and_context_shape_the_stage() {
+    use crate::models::config::{describe_with, HfServe};
+    let dir = fixture("llama");
+    let (cfg, w) = open(&dir).unwrap();
+    assert_eq!(w.stored_kind().unwrap(), Kind::Float);
+    let f32s = describe_with(&dir, HfServe::default()).unwrap();
+    assert_eq!(f32s.dtype.as_deref(), Some("f32"));
+    assert_eq!(i64::from(f32s.context), cfg.context);
+    let bf16 = HfServe {
+        dtype: ServeDtype::Bf16,
+        ..Default::default()
+    };
+    let half = describe_with(&dir, bf16).unwrap();
+    assert_eq!(half.dtype.as_deref(), Some("bf16"));
+    for (a, b) in f32s.layer_bytes.iter().zip(&half.layer_bytes) {
+        assert_eq!(*a, 2 * b, "bf16 layers take half the bytes");
+    }
+    // Auto: f32 on the CPU whatever the file holds; the stored type elsewhere.
+    assert_eq!(
+        ServeDtype::Auto.kind(Kind::BFloat16, Device::Cpu),
+        Kind::Float
+    );
+    assert_eq!(
+        ServeDtype::Auto.kind(Kind::BFloat16, Device::Cuda(0)),
+        Kind::BFloat16
+    );
+    let short = HfServe {
+        context: Some(16),
+        ..Default::default()
+    };
+    let s = describe_with(&dir, short).unwrap();
+    assert_eq!(s.context, 16);
+    assert!(
+        s.layer_bytes[1] < f32s.layer_bytes[1],
+        "a shorter KV budget"
+    );
+    let too_long = HfServe {
+        context: Some(cfg.max_context as u32 + 1),
+        ..Default::default()
+    };
+    err_names(describe_with(&dir, too_long), &["max_position_embeddings"]);
+    // A stage opened as announced computes in bf16 and refuses a prompt past the context.
+    let mut stage = open_stage(&dir, Device::Cpu, &s).unwrap();
+    let rows = [1u64];
+    let toks: Vec<u8> = [1i64, 17, 250, 3]
+        .iter()
+        .flat_map(|t| t.to_le_bytes())
+        .collect();
+    let run = |stage: &mut crate::models::stage::StageExecutor, n: u32, toks: &[u8]| {
+        stage
+            .forward(
+                &rows,
+                0..cfg.layers,
+                true,
+                &[0],
+                Payload::Tokens,
+                &[1, n],
+                toks,
+                Payload::LastLogits,
+            )
+            .map(|(_, shape, bytes)| (shape, bytes))
+    };
+    assert_eq!(run(&mut stage, 4, &toks).unwrap().0[1] as i64, cfg.vocab);
+    stage.drop_rows(&rows);
+    let long: Vec<u8> = (0..17i64).flat_map(|t| t.to_le_bytes()).collect();
+    err_names(run(&mut stage, 17, &long), &["context of 16"]);
+    let mut half_stage = open_stage(&dir, Device::Cpu, &half).unwrap();
+    let (f, h) = (
+        run(&mut open_stage(&dir, Device::Cpu, &f32s).unwrap(), 4, &toks),
+        run(&mut half_stage, 4, &toks),
+    );
+    let floats = |b: &[u8]| -> Vec<f32> {
+        b.chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    };
+    let (f, h) = (floats(&f.unwrap().1), floats(&h.unwrap().1));
+    assert_eq!(f.len(), cfg.vocab as usize);
+    let d = f
+        .iter()
+        .zip(&h)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(d > 0.0 && d < 0.1, "bf16 logits differ from f32 by {d}");
 }

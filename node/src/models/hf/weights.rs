@@ -143,8 +143,13 @@ impl HfWeights {
         self.map.keys().map(String::as_str)
     }
 
-    /// The tensor `name`, on the CPU in its stored type.
-    pub fn get(&self, name: &str) -> Result<Tensor, HfError> {
+    /// Runs `f` on the path and header of the file holding `name` (its header read on
+    /// first use).
+    fn with_header<R>(
+        &self,
+        name: &str,
+        f: impl FnOnce(&Path, &Header) -> Result<R, HfError>,
+    ) -> Result<R, HfError> {
         let file = self.map.get(name).ok_or_else(|| HfError::Missing {
             dir: self.dir.display().to_string(),
             name: name.to_string(),
@@ -162,7 +167,49 @@ impl HfWeights {
                 problem: format!("has no tensor `{name}` (the index puts it there)"),
             });
         }
-        checkpoint::read_tensor(&path, header, name).map_err(|e| shard_error(&path, e))
+        f(&path, header)
+    }
+
+    /// The type the embeddings (`model.embed_tokens.weight`) are stored in: the
+    /// weights' type, as far as choosing a compute type goes.
+    pub fn stored_kind(&self) -> Result<tch::Kind, HfError> {
+        let name = super::llama::EMBED;
+        self.with_header(name, |path, header| {
+            match header.get(name).map(|e| e.dtype.as_str()) {
+                Some("F32") => Ok(tch::Kind::Float),
+                Some("BF16") => Ok(tch::Kind::BFloat16),
+                Some("F16") => Ok(tch::Kind::Half),
+                other => Err(HfError::Weights {
+                    path: path.display().to_string(),
+                    problem: format!("`{name}` is stored as {other:?}, not F32, BF16 or F16"),
+                }),
+            }
+        })
+    }
+
+    /// The tensor `name`, on the CPU in its stored type.
+    pub fn get(&self, name: &str) -> Result<Tensor, HfError> {
+        self.with_header(name, |path, header| {
+            checkpoint::read_tensor(path, header, name).map_err(|e| shard_error(path, e))
+        })
+    }
+
+    /// The stored shape of the tensor `name`.
+    pub fn shape(&self, name: &str) -> Result<Vec<i64>, HfError> {
+        self.with_header(name, |_, header| {
+            Ok(header
+                .get(name)
+                .map(|e| e.shape.clone())
+                .unwrap_or_default())
+        })
+    }
+
+    /// Rows `rows` (first dimension) of the tensor `name`, on the CPU in its stored type:
+    /// only their bytes are read.
+    pub fn get_rows(&self, name: &str, rows: std::ops::Range<i64>) -> Result<Tensor, HfError> {
+        self.with_header(name, |path, header| {
+            checkpoint::read_rows(path, header, name, rows).map_err(|e| shard_error(path, e))
+        })
     }
 
     /// A getter for [`crate::models::decoder::Decoder::load`]: each tensor moved to
