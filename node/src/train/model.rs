@@ -44,21 +44,26 @@ fn architecture(job: &JobSpec, task: Task) -> Result<Architecture, ModelError> {
             let Task::Lm { len, .. } = task else {
                 return Err(ModelError::Shape("gpt needs text data".into()));
             };
-            if len as i64 > m.context {
+            if len as i64 > m.gpt_context() {
                 return Err(ModelError::Shape(format!(
                     "samples of {len} tokens exceed model.context {}",
-                    m.context
+                    m.gpt_context()
                 )));
             }
             Architecture::Gpt(GptConfig {
                 layers: m.layers,
                 heads: m.heads,
                 width: m.width,
-                context: m.context,
+                context: m.gpt_context(),
             })
         }
         ModelKind::Torchscript => {
             Architecture::TorchScript(m.torchscript.clone().expect("validated"))
+        }
+        ModelKind::Hf => {
+            return Err(ModelError::Shape(
+                "training Hugging Face models is not implemented yet".into(),
+            ))
         }
     })
 }
