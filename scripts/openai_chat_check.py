@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """Talks to a shoal node's chat API with the real `openai` client: one chat completion
-without streaming and the same one streamed. Prints one JSON line.
+without streaming and the same one streamed, then both again with `logprobs=True,
+top_logprobs=2` (read through the client's types: `choice.logprobs.content[i].logprob`,
+`.token`, `.bytes`, `.top_logprobs`). Prints one JSON line.
 
 usage: openai_chat_check.py BASE_URL MODEL MESSAGES_JSON
 """
@@ -24,6 +26,28 @@ def main() -> None:
         if d.content:
             chunks.append(d.content)
         finish = ch.choices[0].finish_reason or finish
+
+    def entries(content):
+        return [
+            {
+                "token": e.token,
+                "logprob": e.logprob,
+                "bytes": e.bytes,
+                "top": [[t.token, t.logprob, t.bytes] for t in e.top_logprobs],
+            }
+            for e in content
+        ]
+
+    ask = dict(model=model, messages=messages, max_completion_tokens=12, temperature=0,
+               logprobs=True, top_logprobs=2)
+    # Streamed first: a live generation (the same request after it is a cache hit).
+    streamed_lp, lp_text = [], []
+    for ch in c.chat.completions.create(**ask, stream=True):
+        if ch.choices[0].delta.content:
+            lp_text.append(ch.choices[0].delta.content)
+        if ch.choices[0].logprobs is not None and ch.choices[0].logprobs.content:
+            streamed_lp.extend(entries(ch.choices[0].logprobs.content))
+    lp = c.chat.completions.create(**ask)
     print(json.dumps({
         "content": r.choices[0].message.content,
         "role": r.choices[0].message.role,
@@ -33,6 +57,10 @@ def main() -> None:
         "streamed": "".join(chunks),
         "stream_roles": roles,
         "stream_finish": finish,
+        "logprobs_content": lp.choices[0].message.content,
+        "logprobs": entries(lp.choices[0].logprobs.content),
+        "streamed_logprobs_content": "".join(lp_text),
+        "streamed_logprobs": streamed_lp,
     }))
 
 

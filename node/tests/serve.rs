@@ -3,8 +3,10 @@
 //! works against it (streaming and not), errors are OpenAI-style 4xx, repeated requests hit
 //! the cache; and under a bounded load (300 requests, concurrency 8) with a stage killed
 //! midway at least 99% succeed and none hang. Prints the success rate and latencies.
+//! Logprobs of the byte-level model are the log_softmax of `/v1/infer`'s logits.
 
 mod common;
+use common::logprobs::*;
 use common::*;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -261,6 +263,7 @@ fn a_pipeline_answers_like_one_node_and_speaks_openai() {
         &json!({"model": "tiny", "inputs": [[1.5]]}),
     );
     assert!(e.unwrap_err().starts_with("400"));
+    check_byte_logprobs(&pipeline[1]);
 
     // Serving metrics parse with the reference Prometheus parser and count what happened.
     let text = String::from_utf8(http(api, "GET", "/metrics", b"").unwrap()).unwrap();
@@ -492,4 +495,106 @@ fn the_serving_api_asks_for_the_bearer_token() {
     );
     // Health and the node's own API stay open.
     assert_eq!(request_with_token(api, "/healthz", None).0, 200);
+}
+
+/// Logprobs of the byte-level model (3 alternatives; a token is its byte), greedy and
+/// sampled, each streamed first (a live generation) then whole (the same request, from
+/// the cache): the streamed chunks' entries add up to the whole answer's, and per token
+/// the logprob and the alternatives are the log_softmax of `/v1/infer`'s logits of prompt
+/// + tokens: the model's distribution, before temperature and top_p.
+fn check_byte_logprobs(node: &Node) {
+    let prompt: Vec<u32> = "12+34=".bytes().map(u32::from).collect();
+    let sampled = json!({"temperature": 0.9, "seed": 11, "top_p": 0.95});
+    for mode in [json!({"temperature": 0}), sampled] {
+        let mut body = json!({"model": "tiny", "prompt": prompt, "max_tokens": 6, "logprobs": 3});
+        for (k, v) in mode.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        body["stream"] = json!(true);
+        let raw = http_timeout(
+            node.api().unwrap(),
+            "POST",
+            "/v1/completions",
+            body.to_string().as_bytes(),
+            Duration::from_secs(60),
+        )
+        .expect("stream");
+        let keys = ["tokens", "token_logprobs", "top_logprobs", "text_offset"];
+        let mut joined =
+            json!({"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []});
+        let events = String::from_utf8_lossy(&raw)
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .take_while(|d| *d != "[DONE]")
+            .map(|d| serde_json::from_str::<Value>(d).unwrap())
+            .collect::<Vec<_>>();
+        for e in &events {
+            for k in keys {
+                if let Some(v) = e["choices"][0]["logprobs"][k].as_array() {
+                    joined[k].as_array_mut().unwrap().extend(v.iter().cloned());
+                }
+            }
+        }
+        body["stream"] = json!(false);
+        let c = post(node, "/v1/completions", &body).expect("logprobs");
+        let lp = &c["choices"][0]["logprobs"];
+        assert_eq!(&joined, lp, "{mode}: streamed logprobs");
+        let tokens: Vec<u32> = c["choices"][0]["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(tokens.len(), 6, "{c}");
+        let ids: Vec<u32> = prompt.iter().chain(&tokens).copied().collect();
+        let v = post(
+            node,
+            "/v1/infer",
+            &json!({"model": "tiny", "inputs": [ids]}),
+        )
+        .unwrap();
+        let logits: Vec<f32> = v["outputs"][0]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|r| {
+                r.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap() as f32)
+            })
+            .collect();
+        let rows = log_softmax_rows(&logits, 256)[prompt.len() - 1..][..6].to_vec();
+        let name = |b: u32| shoal_node::serve::logprobs::text_of(&[b as u8]);
+        if mode["temperature"] == 0 {
+            let offsets = check_greedy_completion_logprobs(lp, &tokens, &rows, 3, name, 1e-4);
+            if tokens.iter().all(|&b| b < 128) {
+                assert_eq!(offsets, (0..6).collect::<Vec<u64>>());
+            }
+            continue;
+        }
+        // Sampled: the same distribution (temperature and top_p change only the choice).
+        for (i, &b) in tokens.iter().enumerate() {
+            assert_eq!(lp["tokens"][i], name(b).as_str());
+            let got = lp["token_logprobs"][i].as_f64().unwrap() as f32;
+            assert!(
+                (got - rows[i][b as usize]).abs() <= 1e-4,
+                "token {i}: {got} vs {}",
+                rows[i][b as usize]
+            );
+            let alts = lp["top_logprobs"][i].as_object().unwrap();
+            assert_eq!(alts.get(&name(b)), Some(&lp["token_logprobs"][i]));
+            let mut top: Vec<f32> = alts.values().map(|x| x.as_f64().unwrap() as f32).collect();
+            top.sort_by(|a, b| b.total_cmp(a));
+            let want = largest(&rows[i], 3);
+            // The 3 most likely, plus the chosen token when it is not among them.
+            assert!(
+                top.len() == 3 || top.len() == 4 && !want.contains(&got),
+                "{alts:?}"
+            );
+            for (g, w) in top.iter().zip(&want) {
+                assert!((g - w).abs() <= 1e-4, "token {i}: {top:?} vs {want:?}");
+            }
+        }
+    }
 }

@@ -1,12 +1,17 @@
 //! Serving a Hugging Face folder with real `shoal up` processes: the folder offered on one
 //! node travels to the other as its manifest and files (checked by hash), a 2-stage
 //! pipeline across both answers `/v1/infer` with transformers' logits and
-//! `/v1/completions` (token-id prompt, greedy) with transformers' greedy tokens; and a
-//! folder missing a shard its index names is refused in one line naming it.
+//! `/v1/completions` (token-id prompt, greedy) with transformers' greedy tokens, and
+//! logprobs (completions and chat, streamed and not) equal to the log_softmax of a full
+//! forward computed here; and a folder missing a shard its index names is refused in one
+//! line naming it.
 
 mod common;
+use common::logprobs::*;
 use common::*;
 use serde_json::{json, Value};
+use shoal_node::serve::logprobs::text_of;
+use shoal_node::text::Tokenizer;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -65,6 +70,44 @@ fn reference(dir: &Path) -> Reference {
             .map(|x| x.as_u64().unwrap())
             .collect(),
     }
+}
+
+/// Per generated token, the log_softmax of the logits that chose it: a full forward of
+/// `prompt` + `generated` through every layer of the folder `dir` in this process (the
+/// library's stage, one prefill), position `prompt.len() - 1 + i` for token `i`.
+fn logprob_rows(dir: &Path, prompt: &[u32], generated: &[u32]) -> Vec<Vec<f32>> {
+    use coordinator_free::codec::stage::{f32s, Payload};
+    let mut st = shoal_node::models::hf::open_stage(dir, tch::Device::Cpu, tch::Kind::Float)
+        .expect("open the folder");
+    let (layers, vocab) = (st.config().layers as usize, st.config().vocab as usize);
+    let ids: Vec<u32> = prompt.iter().chain(generated).copied().collect();
+    let bytes: Vec<u8> = ids
+        .iter()
+        .flat_map(|&t| i64::from(t).to_le_bytes())
+        .collect();
+    let (_, shape, out) = st
+        .forward(
+            &[1],
+            0..layers,
+            true,
+            &[0],
+            Payload::Tokens,
+            &[1, ids.len() as u32],
+            &bytes,
+            Payload::Logits,
+        )
+        .expect("a full forward");
+    assert_eq!(shape, [1, ids.len() as u32, vocab as u32]);
+    let rows = log_softmax_rows(&f32s(&out), vocab);
+    rows[prompt.len() - 1..][..generated.len()].to_vec()
+}
+
+fn ids_of(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("not a list: {v}"))
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 fn flat(v: &Value, out: &mut Vec<f32>) {
@@ -171,6 +214,61 @@ fn a_folder_served_on_two_stages_answers_like_transformers() {
         assert_eq!(choice["text"], "");
         assert_eq!(choice["finish_reason"], "length");
         assert_eq!(c["usage"]["completion_tokens"], 32);
+    }
+    // Logprobs with 2 alternatives of the same greedy tokens: the log_softmax of a full
+    // forward of prompt + tokens computed here; without a tokenizer a token is named by
+    // its id, so the alternatives must be the row's 2 most likely ids.
+    let c = post(
+        &nodes[1],
+        "/v1/completions",
+        &json!({"model": "llama", "prompt": r.prompt, "max_tokens": 32, "temperature": 0,
+                "logprobs": 2}),
+    )
+    .expect("logprobs");
+    let lp = &c["choices"][0]["logprobs"];
+    let generated: Vec<u32> = r.generated.iter().map(|&t| t as u32).collect();
+    let rows = logprob_rows(&src, &ids_of(&r.prompt), &generated);
+    let name = |id: u32| format!("token_id:{id}");
+    let offsets = check_greedy_completion_logprobs(lp, &generated, &rows, 2, name, TOLERANCE);
+    assert!(offsets.iter().all(|&o| o == 0), "no text: {offsets:?}");
+    for (i, row) in rows.iter().enumerate() {
+        let mut best: Vec<usize> = (0..row.len()).collect();
+        best.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+        let mut want: Vec<String> = best[..2].iter().map(|&b| name(b as u32)).collect();
+        let mut got: Vec<String> = lp["top_logprobs"][i]
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect();
+        want.sort();
+        got.sort();
+        assert_eq!(got, want, "token {i}");
+    }
+    // Out of range: OpenAI-style 400s naming the parameter.
+    for (path, extra, param) in [
+        ("/v1/completions", json!({"logprobs": 6}), "logprobs"),
+        ("/v1/completions", json!({"logprobs": true}), "logprobs"),
+        (
+            "/v1/chat/completions",
+            json!({"top_logprobs": 2}),
+            "top_logprobs",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"logprobs": true, "top_logprobs": 21}),
+            "top_logprobs",
+        ),
+    ] {
+        let mut body = json!({"model": "llama", "prompt": r.prompt, "max_tokens": 2,
+                              "messages": [{"role": "user", "content": "hi"}]});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let e = post(&nodes[0], path, &body).unwrap_err();
+        assert!(e.starts_with("400"), "{path} {extra}: {e}");
+        let err: Value = serde_json::from_str(e.split_once(": ").unwrap().1).unwrap();
+        assert_eq!(err["error"]["param"], param, "{e}");
     }
     // A text prompt needs the tokenizer; ids outside the vocabulary are refused.
     let text = post(
@@ -326,6 +424,7 @@ fn a_folder_with_a_tokenizer_completes_text() {
             .collect();
         assert_eq!(streamed, text);
         assert_eq!(streamed_ids, tokens);
+        check_text_logprobs(&nodes[1], &folder, &tok, prompt, &ids, &tokens, &text);
     }
     // Chat: the conversation rendered as transformers' `apply_chat_template` renders it
     // (the fixture's reference prompts), answered exactly as a completion of those ids.
@@ -362,6 +461,7 @@ fn a_folder_with_a_tokenizer_completes_text() {
         )
         .expect("completion");
         eprintln!("chat {} -> {got}", chat["messages"]);
+        check_chat_logprobs(&nodes[1], &folder, &tok, &body, &ids, &want);
         assert_eq!(got["object"], "chat.completion");
         assert_eq!(got["choices"][0]["message"]["role"], "assistant");
         assert_eq!(
@@ -384,6 +484,7 @@ fn a_folder_with_a_tokenizer_completes_text() {
         )
         .expect("chat stream");
         let events = sse_events(&raw);
+        assert!(events.iter().all(|e| e["choices"][0]["logprobs"].is_null()));
         assert_eq!(events[0]["choices"][0]["delta"]["role"], "assistant");
         assert_eq!(events[0]["object"], "chat.completion.chunk");
         let streamed: String = events
@@ -412,6 +513,31 @@ fn a_folder_with_a_tokenizer_completes_text() {
         assert!(out.status.success(), "openai client failed: {stderr}");
         let r: Value = serde_json::from_slice(&out.stdout).unwrap();
         eprintln!("openai client: {r}");
+        // Logprobs (2 alternatives) read through the client's types, streamed and not: the
+        // same entries as this API's own answer.
+        let mut asked = body.clone();
+        asked["max_completion_tokens"] = json!(12);
+        asked["logprobs"] = json!(true);
+        asked["top_logprobs"] = json!(2);
+        let own = post(&nodes[1], "/v1/chat/completions", &asked).expect("chat logprobs");
+        let own: Vec<Value> = own["choices"][0]["logprobs"]["content"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                let top: Vec<Value> = e["top_logprobs"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|t| json!([t["token"], t["logprob"], t["bytes"]]))
+                    .collect();
+                json!({"token": e["token"], "logprob": e["logprob"], "bytes": e["bytes"], "top": top})
+            })
+            .collect();
+        assert_eq!(r["logprobs"], json!(own));
+        assert_eq!(r["streamed_logprobs"], json!(own));
+        assert_eq!(r["logprobs_content"], r["content"]);
+        assert_eq!(r["streamed_logprobs_content"], r["content"]);
         let twelve = post(
             &nodes[1],
             "/v1/completions",
@@ -434,4 +560,143 @@ fn a_folder_with_a_tokenizer_completes_text() {
         &json!({"model": "llama", "messages": [], "max_tokens": 4}),
     );
     assert!(bad.is_err(), "{bad:?}");
+}
+
+/// A greedy completion of `prompt` (its ids `ids`: answered `tokens` and `text` without
+/// logprobs) with `logprobs` 2, by text and streamed by ids: the same text; per token its
+/// logprob and alternatives are the log_softmax of a full forward computed here, its name
+/// is its text (the tokenizer's bytes for it) and its offset where that text starts; the
+/// streamed chunks' logprobs add up to the whole answer's.
+fn check_text_logprobs(
+    node: &Node,
+    folder: &Path,
+    tok: &Tokenizer,
+    prompt: &str,
+    ids: &[u32],
+    tokens: &[u32],
+    text: &str,
+) {
+    let body = json!({"model": "llama", "prompt": prompt, "max_tokens": 24, "temperature": 0,
+                      "logprobs": 2});
+    let c = post(node, "/v1/completions", &body).expect("logprobs");
+    assert_eq!(c["choices"][0]["text"], text);
+    let lp = &c["choices"][0]["logprobs"];
+    let rows = logprob_rows(folder, ids, tokens);
+    let name = |id: u32| text_of(&tok.token_bytes(id).unwrap());
+    let offsets = check_greedy_completion_logprobs(lp, tokens, &rows, 2, name, TOLERANCE);
+    for (i, &o) in offsets.iter().enumerate() {
+        let before = tok.decode(&tokens[..i], true).unwrap();
+        if !before.contains('\u{FFFD}') {
+            assert_eq!(o, before.chars().count() as u64, "offset of token {i}");
+        }
+    }
+    // Streamed (by ids, so not from the cache): each chunk carries its own tokens' entries.
+    let mut stream = body.clone();
+    stream["prompt"] = json!(ids);
+    stream["stream"] = json!(true);
+    let raw = http_timeout(
+        node.api().unwrap(),
+        "POST",
+        "/v1/completions",
+        stream.to_string().as_bytes(),
+        Duration::from_secs(60),
+    )
+    .expect("stream");
+    let keys = ["tokens", "token_logprobs", "top_logprobs", "text_offset"];
+    let mut joined =
+        json!({"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []});
+    for e in sse_events(&raw) {
+        let (l, n) = (
+            &e["choices"][0]["logprobs"],
+            e["choices"][0]["tokens"].as_array(),
+        );
+        assert_eq!(
+            l["tokens"].as_array().map(Vec::len),
+            n.filter(|t| !t.is_empty()).map(Vec::len)
+        );
+        for k in keys {
+            if let Some(v) = l[k].as_array() {
+                joined[k].as_array_mut().unwrap().extend(v.iter().cloned());
+            }
+        }
+    }
+    assert_eq!(&joined, lp, "streamed logprobs");
+}
+
+/// A greedy chat answer to `body` (prompt ids `ids`; `want` the completion of those ids)
+/// with `logprobs` and `top_logprobs` 3, streamed (first: a live generation) and not: the
+/// same content; per token its text and bytes are the tokenizer's, its logprob the
+/// log_softmax of a full forward computed here and the first of its 3 alternatives,
+/// which are the 3 largest sorted; the streamed chunks' entries add up to the answer's.
+fn check_chat_logprobs(
+    node: &Node,
+    folder: &Path,
+    tok: &Tokenizer,
+    body: &Value,
+    ids: &[u32],
+    want: &Value,
+) {
+    let mut asked = body.clone();
+    asked["logprobs"] = json!(true);
+    asked["top_logprobs"] = json!(3);
+    asked["stream"] = json!(true);
+    let raw = http_timeout(
+        node.api().unwrap(),
+        "POST",
+        "/v1/chat/completions",
+        asked.to_string().as_bytes(),
+        Duration::from_secs(60),
+    )
+    .expect("chat stream");
+    let mut streamed = Vec::new();
+    for e in sse_events(&raw) {
+        if let Some(c) = e["choices"][0]["logprobs"]["content"].as_array() {
+            streamed.extend(c.iter().cloned());
+        }
+    }
+    asked["stream"] = json!(false);
+    let got = post(node, "/v1/chat/completions", &asked).expect("chat logprobs");
+    let content = got["choices"][0]["message"]["content"].as_str().unwrap();
+    assert_eq!(content, want["choices"][0]["text"]);
+    let entries = got["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(entries, &streamed, "streamed chat logprobs");
+    let tokens = ids_of(&want["choices"][0]["tokens"]);
+    assert_eq!(entries.len(), tokens.len());
+    let rows = logprob_rows(folder, ids, &tokens);
+    let mut worst = 0f32;
+    let mut text = Vec::new();
+    for (i, (e, &id)) in entries.iter().zip(&tokens).enumerate() {
+        let bytes = tok.token_bytes(id).unwrap();
+        assert_eq!(e["token"], text_of(&bytes), "token {i}");
+        assert_eq!(e["bytes"], json!(bytes), "token {i}");
+        // The fixture's added (special) tokens are 0, 1 and 2: not in the text.
+        if id > 2 {
+            text.extend_from_slice(&bytes);
+        }
+        let v = e["logprob"].as_f64().unwrap() as f32;
+        worst = worst.max((v - rows[i][id as usize]).abs());
+        let top = e["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 3, "token {i}");
+        assert_eq!(top[0]["token"], e["token"], "greedy chose the first");
+        assert_eq!(top[0]["logprob"], e["logprob"]);
+        assert_eq!(top[0]["bytes"], e["bytes"]);
+        let values: Vec<f32> = top
+            .iter()
+            .map(|t| t["logprob"].as_f64().unwrap() as f32)
+            .collect();
+        assert!(
+            values.windows(2).all(|w| w[0] >= w[1]),
+            "sorted: {values:?}"
+        );
+        for (g, w) in values.iter().zip(largest(&rows[i], 3)) {
+            worst = worst.max((g - w).abs());
+        }
+    }
+    assert_eq!(
+        String::from_utf8_lossy(&text),
+        content,
+        "the tokens' bytes are the text"
+    );
+    eprintln!("chat: max |served logprob - log_softmax| = {worst:e}");
+    assert!(worst <= TOLERANCE, "max |Δ| = {worst}");
 }

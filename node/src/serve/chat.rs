@@ -7,12 +7,19 @@
 //! first delta carries the role, the last the finish reason, then `[DONE]`).
 //!
 //! Options are those of `/v1/completions` (`max_tokens` or `max_completion_tokens`,
-//! `temperature`, `top_p`, `seed`, `stop`, `stream`, `timeout`); the template is loaded
-//! for each request (a small file, compiled in about a millisecond).
+//! `temperature`, `top_p`, `seed`, `stop`, `stream`, `timeout`), and chat's own
+//! `logprobs` (a boolean, default false) with `top_logprobs` (0 to 20, default 0; only
+//! with `logprobs` true): each choice, and each streamed chunk for its tokens, then
+//! carries `logprobs.content`, per token its text, logprob (under the model's
+//! distribution, before temperature and `top_p`), bytes and that many most likely tokens
+//! ([`super::logprobs`]). The template is loaded for each request (a small file, compiled
+//! in about a millisecond).
 
 use super::http::{
-    answer, check, parse, serve_error, Api, CompletionRequest, Objects, OneOrMany, PromptIn,
+    answer, check, invalid, parse, serve_error, Api, CompletionRequest, Objects, OneOrMany,
+    PromptIn,
 };
+use super::logprobs::{chat_json, chat_top};
 use super::{ServeError, Server};
 use crate::text::{ChatMessage, ChatTemplate, TextError};
 use axum::body::Bytes;
@@ -48,6 +55,8 @@ pub(super) struct ChatRequest {
     n: Option<u32>,
     #[serde(default)]
     logprobs: Option<Value>,
+    #[serde(default)]
+    top_logprobs: Option<Value>,
     #[serde(default)]
     timeout: Option<f64>,
 }
@@ -110,11 +119,15 @@ pub(super) async fn chat_completions(
         Ok(r) => r,
         Err(r) => return r,
     };
+    let logprobs = match chat_top(req.logprobs.as_ref(), req.top_logprobs.as_ref()) {
+        Ok(l) => l,
+        Err(e) => return invalid(&e, Some(e.param)),
+    };
     let ids = match api.server.chat_prompt(&req.model, &req.messages) {
         Ok(ids) => ids,
         Err(e) => return serve_error(e),
     };
-    let c = match check(CompletionRequest {
+    let mut c = match check(CompletionRequest {
         model: req.model,
         prompt: PromptIn::Ids(ids),
         max_tokens: req.max_completion_tokens.or(req.max_tokens),
@@ -126,12 +139,14 @@ pub(super) async fn chat_completions(
         n: req.n,
         best_of: None,
         echo: None,
-        logprobs: req.logprobs.filter(|v| v != &Value::Bool(false)),
+        logprobs: None,
         timeout: req.timeout,
     }) {
         Ok(c) => c,
         Err(r) => return r,
     };
+    c.logprobs = logprobs;
+    let with_logprobs = logprobs.is_some();
     let first = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
     answer(
         &api,
@@ -141,19 +156,24 @@ pub(super) async fn chat_completions(
             json!({
                 "index": 0,
                 "message": {"role": "assistant", "content": done.text},
-                "logprobs": null,
+                "logprobs": if with_logprobs { chat_json(&done.logprobs) } else { Value::Null },
                 "finish_reason": done.finish_reason,
             })
         },
-        move |text, _tokens, finish| {
+        move |d| {
             let mut delta = json!({});
             if first.swap(false, std::sync::atomic::Ordering::Relaxed) {
                 delta["role"] = json!("assistant");
             }
-            if finish.is_none() || !text.is_empty() {
-                delta["content"] = json!(text);
+            if d.finish.is_none() || !d.text.is_empty() {
+                delta["content"] = json!(d.text);
             }
-            json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})
+            let logprobs = if with_logprobs && !d.logprobs.is_empty() {
+                chat_json(d.logprobs)
+            } else {
+                Value::Null
+            };
+            json!({"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": d.finish})
         },
     )
     .await

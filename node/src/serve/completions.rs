@@ -36,6 +36,9 @@ pub(super) struct Pending {
     /// stop sequences apply to the text.
     pub(super) tokenizer: Option<Tokenizer>,
     pub(super) sampling: Sampling,
+    /// The alternatives per token its logprobs name (`None`: no logprobs;
+    /// [`super::logprobs`]).
+    pub(super) logprobs: Option<usize>,
     pub(super) deadline: Instant,
     /// When it arrived (its latency counts from here).
     pub(super) started: Instant,
@@ -51,6 +54,7 @@ impl Server {
         model: &str,
         prompt: &Prompt,
         mut sampling: Sampling,
+        logprobs: Option<usize>,
         timeout: Option<Duration>,
         sink: Sink,
     ) -> Result<(), (ServeError, Sink)> {
@@ -65,9 +69,12 @@ impl Server {
         if !sampling.seeded {
             sampling.seed = rand::random();
         }
+        // What logprobs it asked for comes before the prompt, so a NUL in a text prompt
+        // cannot reach it (see `Sampling::cache_key`).
+        let lp = logprobs.map_or("-".to_string(), |n| n.to_string());
         let key = match prompt {
-            Prompt::Text(t) => format!("text\u{0}{t}"),
-            Prompt::Tokens(ids) => format!("ids\u{0}{ids:?}"),
+            Prompt::Text(t) => format!("text\u{0}{lp}\u{0}{t}"),
+            Prompt::Tokens(ids) => format!("ids\u{0}{lp}\u{0}{ids:?}"),
         };
         let cache_key = sampling.cache_key(model, &key);
         let cached = cache_key
@@ -86,6 +93,7 @@ impl Server {
             byte_level,
             tokenizer,
             sampling,
+            logprobs,
             deadline: now + limit,
             started: now,
             sink,
@@ -184,39 +192,49 @@ impl Server {
             }
             Sink::Stream(tx) => {
                 let (text, tokens) = (c.text.clone(), c.tokens.clone());
-                let _ = tx.try_send(StreamEvent::Text { text, tokens });
+                let logprobs = c.logprobs.clone();
+                let _ = tx.try_send(StreamEvent::Text {
+                    text,
+                    tokens,
+                    logprobs,
+                });
                 let _ = tx.try_send(StreamEvent::Done(c));
             }
             Sink::Closed => {}
         }
     }
 
-    /// Completes `prompt` (not streamed).
+    /// Completes `prompt` (not streamed); with `logprobs` = `Some(n)` each generated
+    /// token carries its logprob and the `n` most likely tokens ([`super::logprobs`]).
     pub async fn complete(
         &self,
         model: &str,
         prompt: &Prompt,
         sampling: Sampling,
+        logprobs: Option<usize>,
         timeout: Option<Duration>,
     ) -> Result<Completion, ServeError> {
         let (tx, rx) = oneshot::channel();
-        if let Err((e, _)) = self.admit(model, prompt, sampling, timeout, Sink::Once(tx)) {
+        let sink = Sink::Once(tx);
+        if let Err((e, _)) = self.admit(model, prompt, sampling, logprobs, timeout, sink) {
             return Err(e);
         }
         rx.await
             .unwrap_or_else(|_| Err(ServeError::Invalid("the request was dropped".into())))
     }
 
-    /// Completes `prompt`, streaming text and tokens as they are generated.
+    /// Completes `prompt`, streaming text and tokens (and with `logprobs`, as for
+    /// [`Server::complete`], their logprobs) as they are generated.
     pub fn complete_stream(
         &self,
         model: &str,
         prompt: &Prompt,
         sampling: Sampling,
+        logprobs: Option<usize>,
         timeout: Option<Duration>,
     ) -> Result<mpsc::Receiver<StreamEvent>, ServeError> {
         let (tx, rx) = mpsc::channel(1024);
-        self.admit(model, prompt, sampling, timeout, Sink::Stream(tx))
+        self.admit(model, prompt, sampling, logprobs, timeout, Sink::Stream(tx))
             .map_err(|(e, _)| e)?;
         Ok(rx)
     }

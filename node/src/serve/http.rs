@@ -4,8 +4,12 @@
 //!   a list of integers, or a list of one such list, as OpenAI allows), `max_tokens`
 //!   (default 16), `temperature` (default 1), `top_p` (default 1), `seed`, `stop` (a
 //!   string or up to 4), `stream` (server-sent events ending in `data: [DONE]`),
-//!   `timeout` (seconds, shoal's own); other OpenAI fields are accepted when they ask for
-//!   nothing we do not do (`n` 1, no `echo`, no `logprobs`, no `best_of` > 1).
+//!   `timeout` (seconds, shoal's own), `logprobs` (null, the default: none; an integer 0
+//!   to 5: each choice, and each streamed chunk for its tokens, carries `logprobs` with
+//!   the tokens, their logprobs under the model's distribution, that many most likely
+//!   tokens at each position and the tokens' `text_offset`; see [`super::logprobs`]);
+//!   other OpenAI fields are accepted when they ask for nothing we do not do (`n` 1, no
+//!   `echo`, no `best_of` > 1).
 //!   A text prompt needs a byte-level model (`gpt`) or an `hf` folder with a
 //!   `tokenizer.json` (encoded with its special tokens; generated tokens are detokenised
 //!   into `text`, and its stop tokens end the completion, left out of both); token ids
@@ -35,7 +39,8 @@
 // around in hot loops.
 #![allow(clippy::result_large_err)]
 
-use super::{Prompt, Sampling, ServeError, Server, StreamEvent};
+use super::logprobs::{completion_json, completion_top};
+use super::{Prompt, Sampling, ServeError, Server, StreamEvent, TokenLogprob};
 use crate::node::handle::NodeHandle;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -49,8 +54,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use std::time::Duration;
 
-/// Most values in one `/v1/infer` input.
-pub const MAX_INFER_VALUES: usize = 1 << 20;
+pub use super::infer::MAX_INFER_VALUES;
+use super::infer::{flatten, infer, safetensors_input, InferQuery, InferRequest};
 
 #[derive(Clone)]
 pub(super) struct Api {
@@ -140,7 +145,7 @@ pub fn error(
         .into_response()
 }
 
-fn invalid(message: impl ToString, param: Option<&str>) -> Response {
+pub(super) fn invalid(message: impl ToString, param: Option<&str>) -> Response {
     error(
         StatusCode::BAD_REQUEST,
         message,
@@ -166,7 +171,7 @@ pub(super) fn serve_error(e: ServeError) -> Response {
 }
 
 /// Checks the bearer token. `Err` is the 401 to answer.
-fn authorize(server: &Server, headers: &HeaderMap) -> Result<(), Response> {
+pub(super) fn authorize(server: &Server, headers: &HeaderMap) -> Result<(), Response> {
     let Some(token) = &server.config().api_token else {
         return Ok(());
     };
@@ -212,7 +217,7 @@ pub(super) fn parse<T: serde::de::DeserializeOwned>(
     serde_json::from_slice(&b).map_err(|e| invalid(format!("malformed request: {e}"), None))
 }
 
-fn body(b: Result<Bytes, BytesRejection>) -> Result<Bytes, Response> {
+pub(super) fn body(b: Result<Bytes, BytesRejection>) -> Result<Bytes, Response> {
     b.map_err(|e| {
         let status = e.status();
         if status == StatusCode::PAYLOAD_TOO_LARGE {
@@ -278,6 +283,8 @@ pub(super) struct Checked {
     pub(super) model: String,
     pub(super) prompt: Prompt,
     pub(super) sampling: Sampling,
+    /// The alternatives per token its logprobs name (`None`: no logprobs).
+    pub(super) logprobs: Option<usize>,
     pub(super) stream: bool,
     pub(super) timeout: Option<Duration>,
 }
@@ -301,9 +308,7 @@ pub(super) fn check(req: CompletionRequest) -> Result<Checked, Response> {
     if req.echo.unwrap_or(false) {
         return Err(invalid("echo is not supported", Some("echo")));
     }
-    if req.logprobs.as_ref().is_some_and(|v| !v.is_null()) {
-        return Err(invalid("logprobs are not supported", Some("logprobs")));
-    }
+    let logprobs = completion_top(req.logprobs.as_ref()).map_err(|e| invalid(&e, Some(e.param)))?;
     let max_tokens = req.max_tokens.unwrap_or(16);
     if max_tokens == 0 {
         return Err(invalid("max_tokens must be at least 1", Some("max_tokens")));
@@ -351,6 +356,7 @@ pub(super) fn check(req: CompletionRequest) -> Result<Checked, Response> {
             seeded: req.seed.is_some(),
             stop,
         },
+        logprobs,
         stream: req.stream.unwrap_or(false),
         timeout,
     })
@@ -416,6 +422,7 @@ async fn completions(
         Err(r) => return r,
     };
     let with_tokens = matches!(c.prompt, Prompt::Tokens(_));
+    let with_logprobs = c.logprobs.is_some();
     answer(
         &api,
         c,
@@ -430,13 +437,19 @@ async fn completions(
             if with_tokens {
                 choice["tokens"] = json!(done.tokens);
             }
+            if with_logprobs {
+                choice["logprobs"] = completion_json(&done.logprobs);
+            }
             choice
         },
-        move |text, tokens, finish| {
+        move |d| {
             let mut choice =
-                json!({"text": text, "index": 0, "logprobs": null, "finish_reason": finish});
+                json!({"text": d.text, "index": 0, "logprobs": null, "finish_reason": d.finish});
             if with_tokens {
-                choice["tokens"] = json!(tokens);
+                choice["tokens"] = json!(d.tokens);
+            }
+            if with_logprobs && !d.logprobs.is_empty() {
+                choice["logprobs"] = completion_json(d.logprobs);
             }
             choice
         },
@@ -461,24 +474,36 @@ const TEXT_COMPLETION: Objects = Objects {
     chunk: "text_completion",
 };
 
+/// One streamed piece of a completion, which a chunk's choice is made of.
+pub(super) struct Delta<'a> {
+    /// More text.
+    pub(super) text: &'a str,
+    /// The tokens it is made of.
+    pub(super) tokens: &'a [u32],
+    /// Their logprobs, when the request asked for them (else empty).
+    pub(super) logprobs: &'a [TokenLogprob],
+    /// The finish reason: the last chunk's, which has no text.
+    pub(super) finish: Option<&'a str>,
+}
+
 /// Runs the checked request `c` and answers it in the envelope both APIs share (`id`,
 /// `object` from `objects`, `created`, `model`; a whole answer's `usage` and
 /// `system_fingerprint`), with the one choice `choice(done)` makes of the finished
-/// completion, or, when it streams, a chunk per event whose choice `delta(text, tokens,
-/// finish_reason)` makes (see [`sse`]).
+/// completion, or, when it streams, a chunk per event whose choice `delta` makes of its
+/// [`Delta`] (see [`sse`]).
 pub(super) async fn answer(
     api: &Api,
     c: Checked,
     objects: &Objects,
     choice: impl FnOnce(&super::Completion) -> Value,
-    delta: impl Fn(&str, &[u32], Option<&str>) -> Value + Clone + Send + Sync + 'static,
+    delta: impl Fn(&Delta) -> Value + Clone + Send + Sync + 'static,
 ) -> Response {
     let id = format!("{}-{:016x}", objects.id_prefix, rand::random::<u64>());
     let created = unix_now();
     if !c.stream {
         return match api
             .server
-            .complete(&c.model, &c.prompt, c.sampling, c.timeout)
+            .complete(&c.model, &c.prompt, c.sampling, c.logprobs, c.timeout)
             .await
         {
             Ok(done) => Json(json!({
@@ -500,33 +525,30 @@ pub(super) async fn answer(
     }
     let rx = match api
         .server
-        .complete_stream(&c.model, &c.prompt, c.sampling, c.timeout)
+        .complete_stream(&c.model, &c.prompt, c.sampling, c.logprobs, c.timeout)
     {
         Ok(rx) => rx,
         Err(e) => return serve_error(e),
     };
     let (model, object) = (c.model, objects.chunk);
-    sse(
-        rx,
-        move |text: &str, tokens: &[u32], finish: Option<&str>| {
-            json!({
-                "id": id,
-                "object": object,
-                "created": created,
-                "model": model,
-                "choices": [delta(text, tokens, finish)],
-            })
-            .to_string()
-        },
-    )
+    sse(rx, move |d: &Delta| {
+        json!({
+            "id": id,
+            "object": object,
+            "created": created,
+            "model": model,
+            "choices": [delta(d)],
+        })
+        .to_string()
+    })
 }
 
-/// A completion's stream as server-sent events: `chunk(text, tokens, finish_reason)` makes
-/// each event's JSON (the last one has the finish reason and no text), an error ends it
-/// with an OpenAI-style error object, then `[DONE]`.
+/// A completion's stream as server-sent events: `chunk` makes each event's JSON of its
+/// [`Delta`] (the last one has the finish reason and no text), an error ends it with an
+/// OpenAI-style error object, then `[DONE]`.
 pub(super) fn sse(
     rx: tokio::sync::mpsc::Receiver<StreamEvent>,
-    chunk: impl Fn(&str, &[u32], Option<&str>) -> String + Clone + Send + Sync + 'static,
+    chunk: impl Fn(&Delta) -> String + Clone + Send + Sync + 'static,
 ) -> Response {
     let events = futures::stream::unfold((rx, false), move |(mut rx, ended)| {
         let chunk = chunk.clone();
@@ -535,8 +557,28 @@ pub(super) fn sse(
                 return None;
             }
             let (data, ended) = match rx.recv().await {
-                Some(StreamEvent::Text { text, tokens }) => (chunk(&text, &tokens, None), false),
-                Some(StreamEvent::Done(c)) => (chunk("", &[], Some(&c.finish_reason)), true),
+                Some(StreamEvent::Text {
+                    text,
+                    tokens,
+                    logprobs,
+                }) => {
+                    let d = Delta {
+                        text: &text,
+                        tokens: &tokens,
+                        logprobs: &logprobs,
+                        finish: None,
+                    };
+                    (chunk(&d), false)
+                }
+                Some(StreamEvent::Done(c)) => {
+                    let d = Delta {
+                        text: "",
+                        tokens: &[],
+                        logprobs: &[],
+                        finish: Some(&c.finish_reason),
+                    };
+                    (chunk(&d), true)
+                }
                 Some(StreamEvent::Failed(e)) => (
                     json!({"error": {"message": e.to_string(), "type": "server_error", "param": null, "code": null}})
                         .to_string(),
@@ -579,166 +621,6 @@ async fn models(State(api): State<Api>, headers: HeaderMap) -> Response {
         })
         .collect();
     Json(json!({"object": "list", "data": data})).into_response()
-}
-
-/// Flattens rectangular nested arrays of numbers (rank 1 to 4).
-fn flatten(v: &Value) -> Result<(Vec<u32>, Vec<f32>), String> {
-    fn shape_of(v: &Value, depth: usize, shape: &mut Vec<u32>) -> Result<(), String> {
-        if let Value::Array(a) = v {
-            if depth >= 4 {
-                return Err("inputs deeper than 4 dimensions".into());
-            }
-            if a.is_empty() {
-                return Err("an empty dimension".into());
-            }
-            shape.push(a.len() as u32);
-            shape_of(&a[0], depth + 1, shape)
-        } else {
-            Ok(())
-        }
-    }
-    fn walk(v: &Value, depth: usize, shape: &[u32], out: &mut Vec<f32>) -> Result<(), String> {
-        if depth == shape.len() {
-            let x = v.as_f64().ok_or("inputs must be numbers")?;
-            out.push(x as f32);
-            return Ok(());
-        }
-        let a = v.as_array().ok_or("inputs are not rectangular")?;
-        if a.len() as u32 != shape[depth] {
-            return Err("inputs are not rectangular".into());
-        }
-        if out.len() + a.len() > MAX_INFER_VALUES {
-            return Err(format!("more than {MAX_INFER_VALUES} values"));
-        }
-        for x in a {
-            walk(x, depth + 1, shape, out)?;
-        }
-        Ok(())
-    }
-    let mut shape = Vec::new();
-    shape_of(v, 0, &mut shape)?;
-    if shape.is_empty() {
-        return Err("inputs must be an array".into());
-    }
-    let mut out = Vec::new();
-    walk(v, 0, &shape, &mut out)?;
-    Ok((shape, out))
-}
-
-fn nest(shape: &[u32], data: &[f32]) -> Value {
-    match shape {
-        [] => json!(data.first().copied().unwrap_or(0.0)),
-        [_] => json!(data),
-        [n, rest @ ..] => {
-            let step = rest.iter().map(|&d| d as usize).product::<usize>();
-            Value::Array(
-                (0..*n as usize)
-                    .map(|i| nest(rest, &data[i * step..(i + 1) * step]))
-                    .collect(),
-            )
-        }
-    }
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct InferRequest {
-    model: String,
-    inputs: Value,
-}
-
-/// Query of a safetensors `/v1/infer`.
-#[derive(Deserialize)]
-struct InferQuery {
-    #[serde(default)]
-    model: Option<String>,
-}
-
-/// A safetensors request body: the model (from the query) and its one F32 tensor.
-fn safetensors_input(
-    q: &InferQuery,
-    body: &[u8],
-) -> Result<(String, Vec<u32>, Vec<f32>), Response> {
-    let model = q
-        .model
-        .clone()
-        .ok_or_else(|| invalid("a safetensors body needs ?model=NAME", Some("model")))?;
-    let c = crate::models::checkpoint::parse(body, "request body")
-        .map_err(|e| invalid(e, Some("inputs")))?;
-    let t = match c.get("inputs") {
-        Some(t) => t.shallow_clone(),
-        None if c.tensors.len() == 1 => c.tensors[0].1.shallow_clone(),
-        None => return Err(invalid("name the input tensor `inputs`", Some("inputs"))),
-    };
-    let shape: Vec<u32> = t.size().iter().map(|&d| d as u32).collect();
-    let n = t.numel();
-    if n > MAX_INFER_VALUES {
-        return Err(invalid(
-            format!("more than {MAX_INFER_VALUES} values"),
-            Some("inputs"),
-        ));
-    }
-    let mut data = vec![0f32; n];
-    t.contiguous().view([-1]).copy_data(&mut data, n);
-    Ok((model, shape, data))
-}
-
-async fn infer(
-    State(api): State<Api>,
-    axum::extract::Query(q): axum::extract::Query<InferQuery>,
-    headers: HeaderMap,
-    b: Result<Bytes, BytesRejection>,
-) -> Response {
-    let binary = |h: axum::http::header::HeaderName| {
-        headers
-            .get(h)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.contains("application/octet-stream"))
-    };
-    if binary(axum::http::header::CONTENT_TYPE) {
-        if let Err(r) = authorize(&api.server, &headers) {
-            return r;
-        }
-        let b = match body(b) {
-            Ok(b) => b,
-            Err(r) => return r,
-        };
-        let (model, shape, data) = match safetensors_input(&q, &b) {
-            Ok(x) => x,
-            Err(r) => return r,
-        };
-        return match api.server.infer(&model, shape, data).await {
-            Ok((shape, out)) => {
-                let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
-                let t = tch::Tensor::from_slice(&out).view(dims.as_slice());
-                let meta = std::collections::BTreeMap::from([("model".to_string(), model)]);
-                let bytes = crate::models::checkpoint::encode(&[("outputs".into(), t)], &meta);
-                (
-                    [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
-                    bytes,
-                )
-                    .into_response()
-            }
-            Err(e) => serve_error(e),
-        };
-    }
-    let req: InferRequest = match parse(&api, &headers, b) {
-        Ok(r) => r,
-        Err(r) => return r,
-    };
-    let (shape, data) = match flatten(&req.inputs) {
-        Ok(x) => x,
-        Err(e) => return invalid(e, Some("inputs")),
-    };
-    match api.server.infer(&req.model, shape, data).await {
-        Ok((shape, out)) => Json(json!({
-            "model": req.model,
-            "shape": shape,
-            "outputs": nest(&shape, &out),
-        }))
-        .into_response(),
-        Err(e) => serve_error(e),
-    }
 }
 
 #[derive(Deserialize)]
@@ -817,23 +699,6 @@ mod tests {
     }
 
     #[test]
-    fn nested_inputs_round_trip() {
-        let v = json!([[1, 2, 3], [4, 5, 6]]);
-        let (shape, data) = flatten(&v).unwrap();
-        assert_eq!(shape, vec![2, 3]);
-        assert_eq!(data, vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
-        assert_eq!(
-            nest(&shape, &data),
-            json!([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
-        );
-        assert!(flatten(&json!([[1, 2], [3]])).is_err());
-        assert!(flatten(&json!([[[[[1]]]]])).is_err());
-        assert!(flatten(&json!(3)).is_err());
-        assert!(flatten(&json!([])).is_err());
-        assert!(flatten(&json!([["a"]])).is_err());
-    }
-
-    #[test]
     fn completion_parameters_are_checked() {
         let parse = |v: Value| check(serde_json::from_value(v).unwrap());
         assert!(parse(json!({"model": "m", "prompt": "1+1="})).is_ok());
@@ -859,5 +724,31 @@ mod tests {
             .unwrap();
         assert_eq!(c.sampling.stop, vec!["\n".to_string()]);
         assert!(c.sampling.seeded);
+        assert_eq!(c.logprobs, None);
+    }
+
+    /// The `error` object of a refusal, and its status.
+    fn refusal(r: Response) -> (StatusCode, Value) {
+        let status = r.status();
+        let b = futures::executor::block_on(axum::body::to_bytes(r.into_body(), 1 << 16));
+        let v: Value = serde_json::from_slice(&b.unwrap()).unwrap();
+        (status, v["error"].clone())
+    }
+
+    #[test]
+    fn completion_logprobs_are_0_to_5_and_refusals_name_them() {
+        let parse = |v: Value| check(serde_json::from_value(v).unwrap());
+        let c = parse(json!({"model": "m", "prompt": "a", "logprobs": 2}));
+        assert_eq!(c.ok().unwrap().logprobs, Some(2));
+        let c = parse(json!({"model": "m", "prompt": "a", "logprobs": null}));
+        assert_eq!(c.ok().unwrap().logprobs, None);
+        for bad in [json!(6), json!(-1), json!(true), json!("1")] {
+            let r = parse(json!({"model": "m", "prompt": "a", "logprobs": bad}));
+            let (status, e) = refusal(r.err().unwrap());
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
+            assert_eq!(e["param"], "logprobs", "{bad}");
+            assert_eq!(e["type"], "invalid_request_error");
+            assert_eq!(e["message"], "logprobs must be an integer from 0 to 5");
+        }
     }
 }

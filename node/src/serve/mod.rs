@@ -48,6 +48,8 @@
 //!   batching (prefill, decode), retries after a failed stage;
 //! - `row`: one request inside a lane: sampling its tokens, stop sequences and streaming
 //!   (the decisions themselves are `coordinator_free::stop` and `coordinator_free::serving`);
+//! - [`logprobs`]: the log-probabilities a request may ask of its tokens (computed by its
+//!   row from the logits it samples from), their parameters and their OpenAI formats;
 //! - `infer`: `/v1/infer`, a plain forward through the pipeline;
 //! - [`http`]: the OpenAI-compatible routes; the stage computation itself is in [`crate::models`].
 
@@ -57,6 +59,7 @@ mod executor;
 pub mod http;
 mod infer;
 mod lanes;
+pub mod logprobs;
 pub mod manifest;
 mod plan;
 mod registry;
@@ -64,6 +67,7 @@ mod row;
 mod stage_rpc;
 
 pub use coordinator_free::serving::Sampling;
+pub use logprobs::{TokenLogprob, TopLogprob};
 pub use stage_rpc::read_frame;
 
 use crate::data_plane::DataPlane;
@@ -203,6 +207,9 @@ pub struct Completion {
     pub completion_tokens: u32,
     /// Whether it came from the cache.
     pub cached: bool,
+    /// When the request asked for logprobs: one entry per token of `tokens`, in order
+    /// ([`logprobs`]); otherwise empty.
+    pub logprobs: Vec<TokenLogprob>,
 }
 
 /// What a streaming request receives.
@@ -215,6 +222,8 @@ pub enum StreamEvent {
         text: String,
         /// The tokens.
         tokens: Vec<u32>,
+        /// Their logprobs, one per token, when the request asked for them (else empty).
+        logprobs: Vec<TokenLogprob>,
     },
     /// The end.
     Done(Completion),

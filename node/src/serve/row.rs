@@ -6,11 +6,13 @@
 //! request's seed, so a retry regenerates the same tokens), asks the core whether it is
 //! finished (`coordinator_free::stop::finish`) and what of its text may be streamed yet
 //! (`coordinator_free::stop::StreamRelease`), and sends that and, at the end, the
-//! completion to its client.
+//! completion to its client. A row whose request asked for logprobs also ranks the logits
+//! it sampled from (`super::logprobs`) and keeps an entry beside each token it keeps.
 
 use super::completions::{Pending, Sink};
 use super::lanes::LaneSlot;
-use super::{Completion, ServeError, Server, StreamEvent};
+use super::logprobs::{CharCount, Namer, Vocab};
+use super::{Completion, ServeError, Server, StreamEvent, TokenLogprob};
 use crate::text::Detokenizer;
 use coordinator_free::serving::SplitMix64;
 use coordinator_free::stop::{self, Finish, StreamRelease};
@@ -28,6 +30,12 @@ pub(super) struct Row {
     /// The tokens of this attempt (a byte-level model's cut like `out`; another's up to
     /// the one that completed a stop sequence, a stop token left out).
     tokens: Vec<u32>,
+    /// The logprobs of `tokens`, one each, when the request asked for them.
+    logprobs: Vec<TokenLogprob>,
+    /// Names the tokens of logprobs entries.
+    namer: Namer,
+    /// The characters of `out` (where the next token's text starts).
+    chars: CharCount,
     /// The detokeniser of this attempt (a model with a tokenizer).
     detok: Option<Detokenizer>,
     /// What a streaming client was sent, across attempts (a retry skips it): the text of
@@ -56,6 +64,9 @@ impl Row {
             generated: 0,
             out: Vec::new(),
             tokens: Vec::new(),
+            logprobs: Vec::new(),
+            namer: Namer::default(),
+            chars: CharCount::default(),
             release: StreamRelease::new(),
             sent_tokens: 0,
             rng,
@@ -70,6 +81,8 @@ impl Row {
         self.generated = 0;
         self.out.clear();
         self.tokens.clear();
+        self.logprobs.clear();
+        self.chars = CharCount::default();
         self.detok = self.p.tokenizer.as_ref().map(|t| t.detokenizer(true));
         self.rng = SplitMix64::new(self.p.sampling.seed);
     }
@@ -88,19 +101,32 @@ impl Row {
         };
         let t = coordinator_free::serving::sample_token(logits, s.temperature, s.top_p, u) as u32;
         self.generated += 1;
+        // The logprobs of the model's distribution (before temperature and top_p).
+        let entry = self.p.logprobs.map(|top| {
+            let vocab = match (&self.p.tokenizer, self.p.byte_level) {
+                (_, true) => Vocab::Bytes,
+                (Some(k), false) => Vocab::Tokenizer(k),
+                (None, false) => Vocab::Ids,
+            };
+            let offset = self.chars.of(&self.out);
+            self.namer.entry(vocab, logits, t, top, offset)
+        });
+        let s = &self.p.sampling;
         let finish = if self.p.byte_level {
             // A byte-level model's token is its text's next byte; stop sequences end the
             // text before them.
             self.tokens.push(t);
+            self.logprobs.extend(entry);
             self.out.push(t as u8);
             let f = stop::finish(&self.out, &s.stop, s.max_tokens, full);
             if let Some((_, keep)) = f {
                 self.out.truncate(keep);
                 self.tokens.truncate(keep);
+                self.logprobs.truncate(keep);
             }
             f
         } else {
-            self.token_step(t, full)
+            self.token_step(t, entry, full)
         };
         self.stream(finish.is_some());
         if let Some((reason, _)) = finish {
@@ -111,6 +137,7 @@ impl Row {
                 prompt_tokens: self.p.prompt.len() as u32,
                 completion_tokens: self.generated as u32,
                 cached: false,
+                logprobs: self.logprobs.clone(),
             };
             self.complete(c, srv);
         }
@@ -120,12 +147,19 @@ impl Row {
     /// A step of a model whose tokens are not bytes: a stop token of its tokenizer ends
     /// the completion (left out of text and tokens); otherwise the token joins the tokens
     /// and its text (when there is a tokenizer) the text, where a stop sequence ends it
-    /// before the sequence. Then `max_tokens` or a full context end it.
-    fn token_step(&mut self, t: u32, full: bool) -> Option<(Finish, usize)> {
+    /// before the sequence. Then `max_tokens` or a full context end it. `entry`, its
+    /// logprobs when asked for, joins them beside the token.
+    fn token_step(
+        &mut self,
+        t: u32,
+        entry: Option<TokenLogprob>,
+        full: bool,
+    ) -> Option<(Finish, usize)> {
         let s = &self.p.sampling;
         let is_stop = self.p.tokenizer.as_ref().is_some_and(|k| k.is_stop(t));
         if !is_stop {
             self.tokens.push(t);
+            self.logprobs.extend(entry);
             if let Some(d) = &mut self.detok {
                 let text = d.push(t).unwrap_or_else(|e| {
                     tracing::debug!("detokenising: {e}");
@@ -167,8 +201,14 @@ impl Row {
             let stops = &self.p.sampling.stop;
             if let Some(r) = self.release.release(&self.out, stops, finished) {
                 let text = String::from_utf8_lossy(&self.out[r.clone()]).into_owned();
-                let tokens = self.out[r].iter().map(|&b| u32::from(b)).collect();
-                let _ = tx.try_send(StreamEvent::Text { text, tokens });
+                let tokens = self.out[r.clone()].iter().map(|&b| u32::from(b)).collect();
+                // The text's bytes are its tokens: their entries are the same range.
+                let logprobs = self.logprobs.get(r).unwrap_or_default().to_vec();
+                let _ = tx.try_send(StreamEvent::Text {
+                    text,
+                    tokens,
+                    logprobs,
+                });
             }
         } else {
             let stops = &self.p.sampling.stop;
@@ -181,9 +221,18 @@ impl Row {
                 .get(self.sent_tokens..)
                 .unwrap_or_default()
                 .to_vec();
+            let logprobs = self
+                .logprobs
+                .get(self.sent_tokens..)
+                .unwrap_or_default()
+                .to_vec();
             self.sent_tokens = self.sent_tokens.max(self.tokens.len());
             if !text.is_empty() || !tokens.is_empty() {
-                let _ = tx.try_send(StreamEvent::Text { text, tokens });
+                let _ = tx.try_send(StreamEvent::Text {
+                    text,
+                    tokens,
+                    logprobs,
+                });
             }
         }
     }

@@ -375,3 +375,38 @@ fn the_fuzz_seeds_pass_the_checks() {
     assert!(check_file(File::TokenizerJson, b"{").is_err());
     assert!(check_file(File::ChatTemplate, b"{% for %}").is_err());
 }
+
+#[test]
+fn token_bytes_add_up_to_the_text() {
+    for kind in KINDS {
+        let tok = Tokenizer::load(&dir(kind)).unwrap();
+        let r = reference(kind);
+        for t in r["texts"].as_array().unwrap() {
+            let text = t["text"].as_str().unwrap();
+            let bytes: Vec<u8> = ids(&t["ids_plain"])
+                .iter()
+                .flat_map(|&id| tok.token_bytes(id).unwrap())
+                .collect();
+            // A metaspace tokenizer writes a space before the first word (its decoder
+            // strips it again).
+            let want = match kind {
+                "bytefallback" if !text.starts_with(' ') && !text.is_empty() => {
+                    format!(" {text}")
+                }
+                _ => text.to_string(),
+            };
+            assert_eq!(String::from_utf8_lossy(&bytes), want, "{kind}: {text:?}");
+        }
+        assert_eq!(tok.token_bytes(1 << 30), None);
+    }
+    // A byte-fallback token is its byte (`<0xE2>` at 3 + 0xE2), an added token its content.
+    let tok = Tokenizer::load(&dir("bytefallback")).unwrap();
+    assert_eq!(tok.token_bytes(3 + 0xE2), Some(vec![0xE2]));
+    assert_eq!(tok.token_bytes(1), Some(b"<s>".to_vec()));
+    // A byte-level BPE token may be part of a character: "€" is E2 82 AC.
+    let tok = Tokenizer::load(&dir("bytelevel")).unwrap();
+    let euro = tok.encode("€", false).unwrap();
+    let parts: Vec<Vec<u8>> = euro.iter().map(|&i| tok.token_bytes(i).unwrap()).collect();
+    assert_eq!(parts.concat(), "€".as_bytes(), "{parts:?}");
+    assert_eq!(tok.token_bytes(2), Some(b"<|im_end|>".to_vec()));
+}

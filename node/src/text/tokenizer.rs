@@ -177,6 +177,40 @@ impl Tokenizer {
             .map_err(|e| self.error(format!("cannot decode: {e}")))
     }
 
+    /// The bytes token `id` stands for in a text, `None` for an id outside the
+    /// vocabulary (what a logprobs entry's `bytes` reports):
+    /// - an added token (`<|im_end|>`, `<s>`): its content;
+    /// - a byte-fallback token (`<0xE2>`, with a `ByteFallback` decoder): its one byte;
+    /// - a byte-level BPE token (a `ByteLevel` decoder): the bytes its characters stand
+    ///   for in GPT-2's byte-to-character table, which may be part of a character;
+    /// - any other: the text it adds after a copy of itself (`decode([id, id])` less
+    ///   `decode([id])`: a metaspace token `▁Hello` is ` Hello`, where decoding it alone
+    ///   strips the space), or its decode alone when that is not a prefix.
+    pub fn token_bytes(&self, id: u32) -> Option<Vec<u8>> {
+        if let Some(added) = self.inner.get_added_vocabulary().simple_id_to_token(id) {
+            return Some(added.into_bytes());
+        }
+        let piece = self.inner.id_to_token(id)?;
+        let (byte_level, byte_fallback) = decoders(self.inner.get_decoder());
+        if byte_fallback {
+            if let Some(b) = fallback_byte(&piece) {
+                return Some(vec![b]);
+            }
+        }
+        if byte_level {
+            if let Some(b) = piece.chars().map(byte_of_char).collect::<Option<Vec<u8>>>() {
+                return Some(b);
+            }
+        }
+        let alone = self.inner.decode(&[id], false).ok()?;
+        let twice = self.inner.decode(&[id, id], false).ok()?;
+        let text = match twice.strip_prefix(alone.as_str()) {
+            Some(second) if !second.contains('\u{FFFD}') => second.to_string(),
+            _ => alone,
+        };
+        Some(text.into_bytes())
+    }
+
     /// A streaming detokeniser over this tokenizer.
     pub fn detokenizer(&self, skip_special_tokens: bool) -> Detokenizer {
         Detokenizer::new(self.clone(), skip_special_tokens)
@@ -188,6 +222,47 @@ impl Tokenizer {
             reason: one_line(reason),
         }
     }
+}
+
+/// Whether `decoder` (or one in its sequence) is `ByteLevel`, and whether one is
+/// `ByteFallback`.
+fn decoders(decoder: Option<&tokenizers::decoders::DecoderWrapper>) -> (bool, bool) {
+    use tokenizers::decoders::DecoderWrapper as D;
+    match decoder {
+        Some(D::ByteLevel(_)) => (true, false),
+        Some(D::ByteFallback(_)) => (false, true),
+        Some(D::Sequence(s)) => s
+            .get_decoders()
+            .iter()
+            .map(|d| decoders(Some(d)))
+            .fold((false, false), |a, b| (a.0 || b.0, a.1 || b.1)),
+        _ => (false, false),
+    }
+}
+
+/// The byte of a byte-fallback piece `<0xHH>`.
+fn fallback_byte(piece: &str) -> Option<u8> {
+    let hex = piece.strip_prefix("<0x")?.strip_suffix('>')?;
+    if hex.len() != 2 {
+        return None;
+    }
+    u8::from_str_radix(hex, 16).ok()
+}
+
+/// The byte GPT-2's byte-level alphabet writes as `c` (`bytes_to_unicode`: the printable
+/// bytes `!`..=`~`, `¡`..=`¬`, `®`..=`ÿ` stand for themselves, the 68 others in order
+/// for U+0100 onwards).
+fn byte_of_char(c: char) -> Option<u8> {
+    let printable = |b: u32| matches!(b, 33..=126 | 161..=172 | 174..=255);
+    let c = c as u32;
+    if printable(c) {
+        return Some(c as u8);
+    }
+    let n = c.checked_sub(256)?;
+    (0u32..256)
+        .filter(|&b| !printable(b))
+        .nth(n as usize)
+        .map(|b| b as u8)
 }
 
 /// Parses `tokenizer.json` bytes. The crate's parser runs on untrusted bytes: a panic in it

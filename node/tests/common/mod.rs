@@ -2,6 +2,7 @@
 //! their local API, wait on observed state (never on bare sleeps), clean up on drop.
 #![allow(dead_code)]
 
+pub mod logprobs;
 pub mod netns;
 
 use serde_json::Value;
