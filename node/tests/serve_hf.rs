@@ -77,8 +77,9 @@ fn reference(dir: &Path) -> Reference {
 /// library's stage, one prefill), position `prompt.len() - 1 + i` for token `i`.
 fn logprob_rows(dir: &Path, prompt: &[u32], generated: &[u32]) -> Vec<Vec<f32>> {
     use coordinator_free::codec::stage::{f32s, Payload};
-    let mut st = shoal_node::models::hf::open_stage(dir, tch::Device::Cpu, tch::Kind::Float)
-        .expect("open the folder");
+    let mc = shoal_node::models::config::describe(dir).expect("describe the folder");
+    let mut st =
+        shoal_node::models::hf::open_stage(dir, tch::Device::Cpu, &mc).expect("open the folder");
     let (layers, vocab) = (st.config().layers as usize, st.config().vocab as usize);
     let ids: Vec<u32> = prompt.iter().chain(generated).copied().collect();
     let bytes: Vec<u8> = ids

@@ -50,6 +50,9 @@ pub enum ModelError {
     /// The model does not fit the data (e.g. its output is not `[B, classes]`).
     #[error("model does not fit the data: {0}")]
     Shape(String),
+    /// A Hugging Face folder cannot be read or loaded (the error names the file).
+    #[error(transparent)]
+    Hf(#[from] hf::HfError),
 }
 
 /// Why a model could not be described, loaded or run by a serving stage.
@@ -95,6 +98,8 @@ pub enum Architecture {
     Gpt(GptConfig),
     /// A TorchScript module in this file (its own initial weights).
     TorchScript(PathBuf),
+    /// A Hugging Face decoder folder, trained whole or through LoRA adapters.
+    Hf(Box<hf::train::HfTrain>),
 }
 
 /// A model built for training: its parameters are variables of the `VarStore` it was
@@ -106,6 +111,8 @@ pub enum Network {
     Gpt(Box<Gpt>),
     /// A user's TorchScript module.
     Script(tch::TrainableCModule),
+    /// A Hugging Face decoder.
+    Hf(Box<hf::HfDecoder>),
 }
 
 impl Network {
@@ -123,6 +130,7 @@ impl Network {
                     }
                 })?,
             ),
+            Architecture::Hf(t) => Network::Hf(Box::new(hf::train::build(t, root)?)),
         })
     }
 
@@ -134,6 +142,7 @@ impl Network {
             Network::Script(s) => s
                 .forward_ts(&[x])
                 .map_err(|e| ModelError::Shape(format!("forward failed: {e}"))),
+            Network::Hf(d) => d.forward(x).map_err(|e| ModelError::Shape(e.to_string())),
         }
     }
 

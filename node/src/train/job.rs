@@ -674,7 +674,10 @@ impl JobSpec {
     fn validate_hf(&self) -> Result<(), JobError> {
         let m = &self.model;
         if m.hf.is_none() {
-            return Err(invalid("model.hf", "is missing (a Hugging Face model folder)"));
+            return Err(invalid(
+                "model.hf",
+                "is missing (a Hugging Face model folder)",
+            ));
         }
         if m.context.is_some_and(|c| !(2..=1 << 20).contains(&c)) {
             return Err(invalid("model.context", "must be between 2 and 1048576"));
@@ -687,9 +690,16 @@ impl JobSpec {
                 return Err(invalid("model.lora.alpha", "must be positive"));
             }
             if l.targets.is_empty() {
-                return Err(invalid("model.lora.targets", "must name at least one projection"));
+                return Err(invalid(
+                    "model.lora.targets",
+                    "must name at least one projection",
+                ));
             }
-            if let Some(t) = l.targets.iter().find(|t| !LORA_TARGETS.contains(&t.as_str())) {
+            if let Some(t) = l
+                .targets
+                .iter()
+                .find(|t| !LORA_TARGETS.contains(&t.as_str()))
+            {
                 return Err(invalid(
                     "model.lora.targets",
                     format!("`{t}` is not one of {}", LORA_TARGETS.join(", ")),

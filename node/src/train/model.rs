@@ -61,9 +61,25 @@ fn architecture(job: &JobSpec, task: Task) -> Result<Architecture, ModelError> {
             Architecture::TorchScript(m.torchscript.clone().expect("validated"))
         }
         ModelKind::Hf => {
-            return Err(ModelError::Shape(
-                "training Hugging Face models is not implemented yet".into(),
-            ))
+            if !matches!(task, Task::Lm { .. }) {
+                return Err(ModelError::Shape(
+                    "an hf model needs language-model data".into(),
+                ));
+            }
+            let lora = m
+                .lora
+                .as_ref()
+                .map(|l| crate::models::hf::train::LoraConfig {
+                    rank: l.rank,
+                    alpha: l.alpha,
+                    targets: l.targets.clone(),
+                });
+            Architecture::Hf(Box::new(crate::models::hf::train::HfTrain {
+                dir: m.hf.clone().expect("validated"),
+                random: m.init == super::job::HfInit::Random,
+                context: m.context,
+                lora,
+            }))
         }
     })
 }
@@ -87,6 +103,10 @@ impl Model {
         let kind = precision.compute_kind();
         if kind == Kind::BFloat16 {
             vs.bfloat16();
+        }
+        let mut net = net;
+        if let Network::Hf(d) = &mut net {
+            d.set_kind(kind);
         }
         Ok(Model {
             vs,

@@ -4,7 +4,7 @@
 //! Only what is implemented is accepted: a `model_type`, RoPE type, activation, sliding
 //! window or other key that would change the computation in a way not implemented here is
 //! an error naming the key and its value, never a model that runs wrong. Keys that do not
-//! change the forward (`architectures`, `bos_token_id`, `use_cache`, `initializer_range`,
+//! change the forward (`architectures`, `bos_token_id`, `use_cache`,
 //! `attention_dropout`, `dtype`, …) are ignored.
 //!
 //! Both ways transformers writes RoPE are read: `rope_parameters` (transformers 5:
@@ -108,6 +108,9 @@ pub struct HfConfig {
     pub qk_norm: bool,
     /// `tie_word_embeddings`: the head is the embeddings; default false.
     pub tie_word_embeddings: bool,
+    /// `initializer_range`: the standard deviation weights are drawn with when a model is
+    /// built from the config alone; default 0.02.
+    pub init_range: f64,
 }
 
 /// `config.json`'s keys, with errors naming the file and the key.
@@ -266,6 +269,7 @@ impl HfConfig {
             mlp_bias,
             qk_norm: model_type == ModelType::Qwen3,
             tie_word_embeddings: k.boolean("tie_word_embeddings", false)?,
+            init_range: k.float("initializer_range", 0.02)?,
         };
         let default = context
             .min(DEFAULT_SERVE_CONTEXT)

@@ -34,9 +34,9 @@ pub const READ_CHUNK_BYTES: i64 = 4 << 20;
 
 /// RMSNorm as transformers computes it: in f32, `x / sqrt(mean(x²) + eps)`, back in the
 /// input's type, times the weight.
-struct RmsNorm {
-    w: Tensor,
-    eps: f64,
+pub(super) struct RmsNorm {
+    pub(super) w: Tensor,
+    pub(super) eps: f64,
 }
 
 impl RmsNorm {
@@ -49,34 +49,78 @@ impl RmsNorm {
     }
 }
 
+/// A LoRA adapter on a linear map: `(alpha / rank) · x·Aᵀ·Bᵀ` added to its output.
+pub(super) struct Lora {
+    /// `A`, `[rank, in]`.
+    pub(super) a: Tensor,
+    /// `B`, `[out, rank]`.
+    pub(super) b: Tensor,
+    /// `alpha / rank`.
+    pub(super) scale: f64,
+}
+
+/// One or several linear maps applied to the same input, their outputs side by side.
+pub(super) enum Proj {
+    /// One map holding them all, packed for serving.
+    Packed(Linear),
+    /// Each map on its own (training: each weight a variable named as in the folder), with
+    /// its LoRA adapter where it has one.
+    Parts(Vec<(Linear, Option<Lora>)>),
+}
+
+impl Proj {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        match self {
+            Proj::Packed(l) => l.forward(x),
+            Proj::Parts(parts) => {
+                let ys: Vec<Tensor> = parts
+                    .iter()
+                    .map(|(l, lora)| {
+                        let y = l.forward(x);
+                        match lora {
+                            Some(a) => y + x.matmul(&a.a.tr()).matmul(&a.b.tr()) * a.scale,
+                            None => y,
+                        }
+                    })
+                    .collect();
+                if ys.len() == 1 {
+                    ys.into_iter().next().expect("one")
+                } else {
+                    Tensor::cat(&ys, -1)
+                }
+            }
+        }
+    }
+}
+
 /// One block's weights.
-struct Block {
-    input_norm: RmsNorm,
-    /// q, k and v in one map (`[hidden] → [(heads + 2·kv_heads)·head_dim]`).
-    qkv: Linear,
-    o: Linear,
-    q_norm: Option<RmsNorm>,
-    k_norm: Option<RmsNorm>,
-    post_norm: RmsNorm,
-    /// gate and up in one map (`[hidden] → [2·intermediate]`).
-    gate_up: Linear,
-    down: Linear,
+pub(super) struct Block {
+    pub(super) input_norm: RmsNorm,
+    /// q, k and v (`[hidden] → [(heads + 2·kv_heads)·head_dim]`).
+    pub(super) qkv: Proj,
+    pub(super) o: Proj,
+    pub(super) q_norm: Option<RmsNorm>,
+    pub(super) k_norm: Option<RmsNorm>,
+    pub(super) post_norm: RmsNorm,
+    /// gate and up (`[hidden] → [2·intermediate]`).
+    pub(super) gate_up: Proj,
+    pub(super) down: Proj,
 }
 
 /// A Hugging Face decoder, the layers one stage runs (see the module's documentation).
 pub struct HfDecoder {
-    cfg: HfConfig,
-    kind: Kind,
+    pub(super) cfg: HfConfig,
+    pub(super) kind: Kind,
     /// Rotary inverse frequencies `[head_dim / 2]` (f32, on the weights' device once some
     /// are loaded).
-    inv_freq: Tensor,
+    pub(super) inv_freq: Tensor,
     /// `[vocab, hidden]`, present when layer 0 is here.
-    embed: Option<Tensor>,
-    blocks: BTreeMap<usize, Block>,
+    pub(super) embed: Option<Tensor>,
+    pub(super) blocks: BTreeMap<usize, Block>,
     /// Present when the last layer is here.
-    norm: Option<RmsNorm>,
+    pub(super) norm: Option<RmsNorm>,
     /// Present when the last layer is here.
-    head: Option<Linear>,
+    pub(super) head: Option<Proj>,
     /// Where matrices are read from a few rows at a time, and the device they go to
     /// ([`HfDecoder::reading_rows`]); `None`: whole tensors through `load`'s getter.
     rows: Option<(Arc<HfWeights>, Device)>,
@@ -289,7 +333,7 @@ impl HfDecoder {
         names: &[(&str, i64)],
         input: i64,
         bias: bool,
-    ) -> Result<Linear, String> {
+    ) -> Result<Proj, String> {
         let mut bs = Vec::with_capacity(names.len());
         if bias {
             for (n, out) in names {
@@ -302,7 +346,10 @@ impl HfDecoder {
             for (n, out) in names {
                 ws.push(self.fetch(get, &format!("{n}.weight"), &[*out, input])?);
             }
-            return Ok(Linear::packed(&Tensor::cat(&ws, 0), b.as_ref()));
+            return Ok(Proj::Packed(Linear::packed(
+                &Tensor::cat(&ws, 0),
+                b.as_ref(),
+            )));
         };
         // `Wᵀ` of the concatenated maps, filled a chunk of rows at a time.
         let total = names.iter().map(|(_, o)| o).sum::<i64>();
@@ -314,7 +361,7 @@ impl HfDecoder {
             })?;
             off += out;
         }
-        Ok(Linear::from_transposed(dst, b))
+        Ok(Proj::Packed(Linear::from_transposed(dst, b)))
     }
 
     fn load_block(

@@ -18,12 +18,15 @@
 
 pub mod config;
 pub mod llama;
+pub mod train;
 pub mod weights;
 
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod tests_errors;
+#[cfg(test)]
+mod tests_train;
 
 use super::config::{ModelConfig, KV_BUDGET_BATCH};
 use super::stage::StageExecutor;

@@ -1,0 +1,153 @@
+//! Training parity: one step's loss and gradients of the trainable decoder equal
+//! PyTorch's (`scripts/fixtures/train_step.py`), with and without LoRA.
+
+use super::train::{build, HfTrain, LoraConfig};
+use crate::models::checkpoint;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use tch::{nn, Kind, Tensor};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/hf")
+        .join(name)
+}
+
+/// The tensors of a reference file, by name.
+fn reference(path: &Path) -> BTreeMap<String, Tensor> {
+    let header = checkpoint::read_header(path).unwrap();
+    header
+        .tensors
+        .iter()
+        .map(|(n, _)| {
+            let t = if n == "tokens" {
+                let e = header.get(n).unwrap();
+                let bytes = std::fs::read(path).unwrap();
+                let start = (header.data_start + e.start) as usize;
+                let raw = &bytes[start..start + (e.end - e.start) as usize];
+                Tensor::from_data_size(raw, &e.shape, Kind::Int64)
+            } else {
+                checkpoint::read_tensor(path, &header, n).unwrap()
+            };
+            (n.clone(), t)
+        })
+        .collect()
+}
+
+/// The loss shoal trains on: each sequence's mean next-token cross-entropy, summed.
+fn loss(logits: &Tensor, targets: &Tensor) -> Tensor {
+    let (b, t, v) = logits.size3().unwrap();
+    logits
+        .view([b * t, v])
+        .cross_entropy_loss::<Tensor>(
+            &targets.reshape([b * t]),
+            None,
+            tch::Reduction::None,
+            -100,
+            0.0,
+        )
+        .view([b, t])
+        .mean_dim(1, false, Kind::Float)
+        .sum(Kind::Float)
+}
+
+/// max |a − b| / max |b|.
+fn rel(a: &Tensor, b: &Tensor) -> f64 {
+    let scale = b.abs().max().double_value(&[]).max(1e-30);
+    (a - b).abs().max().double_value(&[]) / scale
+}
+
+/// Builds `arch` (with `lora`), runs the reference step, returns the variables, the
+/// reference and the loss.
+fn step(
+    arch: &str,
+    file: &str,
+    lora: Option<LoraConfig>,
+) -> (nn::VarStore, BTreeMap<String, Tensor>, f64) {
+    let dir = fixture(arch);
+    let r = reference(&dir.join(file));
+    let vs = nn::VarStore::new(tch::Device::Cpu);
+    let t = HfTrain {
+        dir,
+        random: false,
+        context: None,
+        lora,
+    };
+    let dec = build(&t, &vs.root()).unwrap();
+    let vars = vs.variables();
+    tch::no_grad(|| {
+        for (n, init) in r.iter().filter(|(n, _)| n.starts_with("init.")) {
+            vars[&n["init.".len()..]].shallow_clone().copy_(init);
+        }
+    });
+    let tokens = &r["tokens"];
+    let n = tokens.size()[1];
+    let x = tokens.narrow(1, 0, n - 1);
+    let y = tokens.narrow(1, 1, n - 1);
+    let l = loss(&dec.forward(&x).unwrap(), &y);
+    l.backward();
+    let got = l.double_value(&[]);
+    (vs, r, got)
+}
+
+#[test]
+fn one_step_loss_and_gradients_equal_pytorch() {
+    for arch in ["llama", "qwen2", "qwen3"] {
+        let (vs, r, got) = step(arch, "train_step.safetensors", None);
+        let want = r["loss"].double_value(&[0]);
+        assert!(
+            (got - want).abs() / want <= 1e-5,
+            "{arch}: loss {got} vs {want}"
+        );
+        let vars = vs.variables();
+        let grads: Vec<_> = r.iter().filter(|(n, _)| n.starts_with("grad.")).collect();
+        assert_eq!(
+            grads.len(),
+            vars.len(),
+            "{arch}: every parameter has a reference gradient"
+        );
+        let mut worst = 0f64;
+        for (n, g) in grads {
+            let name = &n["grad.".len()..];
+            let v = vars
+                .get(name)
+                .unwrap_or_else(|| panic!("{arch}: no variable {name}"));
+            let d = rel(&v.grad(), g);
+            worst = worst.max(d);
+            assert!(
+                d <= 1e-5,
+                "{arch}: gradient of {name} differs by {d:e} (relative)"
+            );
+        }
+        eprintln!("{arch}: loss {got:.6} (PyTorch {want:.6}), worst gradient relative difference {worst:e}");
+    }
+}
+
+#[test]
+fn one_lora_step_trains_only_the_adapters_as_peft_does() {
+    let lora = LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+        targets: vec!["q_proj".into(), "v_proj".into()],
+    };
+    let (vs, r, got) = step("llama", "train_step_lora.safetensors", Some(lora));
+    let want = r["loss"].double_value(&[0]);
+    assert!((got - want).abs() / want <= 1e-5, "loss {got} vs {want}");
+    let vars = vs.variables();
+    let adapters: Vec<&String> = vars.keys().filter(|n| n.contains(".lora_")).collect();
+    assert_eq!(
+        adapters.len(),
+        12,
+        "A and B on q and v of 3 layers: {adapters:?}"
+    );
+    for (n, v) in &vars {
+        let reference = r.get(&format!("grad.{n}"));
+        match reference {
+            Some(g) => {
+                let d = rel(&v.grad(), g);
+                assert!(d <= 1e-5, "gradient of {n} differs by {d:e} (relative)");
+            }
+            None => assert!(!v.requires_grad(), "{n} is frozen"),
+        }
+    }
+}
