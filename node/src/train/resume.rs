@@ -5,12 +5,18 @@
 //! the format marker, the job's name and hash, the step, the data cursor, the total steps
 //! and the model's shape.
 
+use super::job::ModelKind;
 use super::member::Trainer;
 use super::{TrainError, CHECKPOINT_FILE};
 use crate::models::checkpoint;
 use coordinator_free::sharding::DataCursor;
 use coordinator_free::training::Progress;
 use std::collections::BTreeMap;
+
+/// An hf job's model folder in the run directory (`transformers` loads it). `hf`.
+pub const HF_DIR: &str = "hf";
+/// An hf LoRA job's PEFT adapter folder in the run directory. `adapter`.
+pub const ADAPTER_DIR: &str = "adapter";
 
 /// Checkpoint format marker (metadata `format`).
 const CHECKPOINT_FORMAT: &str = "shoal-checkpoint-1";
@@ -80,6 +86,46 @@ impl Trainer {
         ]);
         checkpoint::write(&path, &self.state_tensors(), &meta)?;
         tracing::info!(step = self.step, "checkpoint written to {}", path.display());
+        self.export_hf()
+    }
+
+    /// An hf job's weights as a Hugging Face folder beside the checkpoint:
+    /// `runs/<job>/hf/` (every weight), or `runs/<job>/adapter/` (PEFT's layout) when it
+    /// trains LoRA adapters.
+    fn export_hf(&self) -> Result<(), TrainError> {
+        let job = self.job();
+        let Some(src) = job
+            .model
+            .hf
+            .as_ref()
+            .filter(|_| job.model_kind() == ModelKind::Hf)
+        else {
+            return Ok(());
+        };
+        let params = self.opt.named_params(&self.params);
+        let run = job.run_dir();
+        let written = match &job.model.lora {
+            None => crate::models::hf::export::write_model(src, &run.join(HF_DIR), &params),
+            Some(l) => {
+                let lora = crate::models::hf::train::LoraConfig {
+                    rank: l.rank,
+                    alpha: l.alpha,
+                    targets: l.targets.clone(),
+                };
+                crate::models::hf::export::write_adapter(
+                    src,
+                    &run.join(ADAPTER_DIR),
+                    &lora,
+                    &params,
+                )
+            }
+        };
+        written.map_err(|e| TrainError::Model(e.into()))?;
+        tracing::info!(
+            step = self.step,
+            "Hugging Face folder written under {}",
+            run.display()
+        );
         Ok(())
     }
 }

@@ -17,6 +17,7 @@
 //! compare against those.
 
 pub mod config;
+pub mod export;
 pub mod llama;
 pub mod train;
 pub mod weights;

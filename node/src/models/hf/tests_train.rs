@@ -151,3 +151,117 @@ fn one_lora_step_trains_only_the_adapters_as_peft_does() {
         }
     }
 }
+
+/// Logits transformers computes for `tokens` from the folder `model` (with the PEFT
+/// adapter `adapter` loaded onto it), through `scripts/check_hf_export.py`.
+fn transformers_logits(model: &Path, adapter: Option<&Path>, tokens: &[Vec<i64>]) -> Vec<f32> {
+    let python = std::env::var("SHOAL_PYTHON").expect("SHOAL_PYTHON (source scripts/env.sh)");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/check_hf_export.py");
+    let out = std::process::Command::new(python)
+        .arg(script)
+        .arg(model)
+        .arg(adapter.map_or("-".into(), |a| a.display().to_string()))
+        .arg(serde_json::to_string(tokens).unwrap())
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Trained weights (here: the fixture moved by one SGD step) exported as a model folder
+/// load in transformers, and as a PEFT adapter load onto the base with `peft`: both compute
+/// the logits shoal computes.
+#[test]
+fn exported_folders_load_in_transformers_and_peft() {
+    let tmp = std::env::temp_dir().join(format!("shoal-hf-export-{}", std::process::id()));
+    let tokens = vec![vec![1i64, 17, 250, 3, 99, 380], vec![1, 5, 6, 7, 8, 200]];
+    let x = Tensor::from_slice(&tokens.concat()).view([2, 6]);
+    let untrained = transformers_logits(&fixture("llama"), None, &tokens);
+    for lora in [None, Some(4)] {
+        let cfg = lora.map(|rank| LoraConfig {
+            rank,
+            alpha: 8.0,
+            targets: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()],
+        });
+        let file = if lora.is_some() {
+            "train_step_lora.safetensors"
+        } else {
+            "train_step.safetensors"
+        };
+        let (vs, r, _) = step("llama", file, cfg.clone());
+        // One SGD step on whatever trains (B starts at zero for the extra target).
+        let params: Vec<(String, Tensor)> = tch::no_grad(|| {
+            vs.variables()
+                .into_iter()
+                .filter(|(_, v)| v.requires_grad())
+                .map(|(n, mut v)| {
+                    let g = v.grad();
+                    if g.defined() {
+                        v -= g * 0.5;
+                    }
+                    if n.contains("down_proj.lora_B") {
+                        v.copy_(&(v.randn_like() * 0.05));
+                    }
+                    (n, v.detach())
+                })
+                .collect()
+        });
+        drop(r);
+        let dec_vs = vs;
+        let t = HfTrain {
+            dir: fixture("llama"),
+            random: false,
+            context: None,
+            lora: cfg.clone(),
+        };
+        // The trained decoder's logits (rebuilt over the same variables).
+        let probe = nn::VarStore::new(tch::Device::Cpu);
+        let dec = build(&t, &probe.root()).unwrap();
+        tch::no_grad(|| {
+            let mine = probe.variables();
+            for (n, v) in dec_vs.variables() {
+                mine[&n].shallow_clone().copy_(&v);
+            }
+        });
+        let want: Vec<f32> =
+            Vec::try_from(tch::no_grad(|| dec.forward(&x)).unwrap().view([-1])).unwrap();
+        let got = match &cfg {
+            None => {
+                let out = tmp.join("model");
+                super::export::write_model(&fixture("llama"), &out, &params).unwrap();
+                assert!(out.join("model.safetensors.index.json").is_file());
+                transformers_logits(&out, None, &tokens)
+            }
+            Some(c) => {
+                let out = tmp.join("adapter");
+                super::export::write_adapter(&fixture("llama"), &out, c, &params).unwrap();
+                transformers_logits(&fixture("llama"), Some(&out), &tokens)
+            }
+        };
+        let d = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        eprintln!(
+            "export (lora {lora:?}): max |Δ| = {d:e}; first logits {:?} vs {:?}",
+            &got[..3],
+            &want[..3]
+        );
+        assert!(got.iter().chain(&want).all(|v| v.is_finite()));
+        let moved = untrained
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(moved > 1e-2, "the step moved the logits by only {moved}");
+        assert_eq!(got.len(), want.len());
+        assert!(d <= 1e-4, "lora {lora:?}: logits differ by {d}");
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+}
