@@ -701,3 +701,90 @@ fn check_chat_logprobs(
     eprintln!("chat: max |served logprob - log_softmax| = {worst:e}");
     assert!(worst <= TOLERANCE, "max |Δ| = {worst}");
 }
+
+/// A PEFT LoRA adapter folder offered as it is: served merged into its base, its logits
+/// those `peft` computes with the adapter loaded onto the base.
+#[test]
+fn a_lora_adapter_is_served_merged_into_its_base() {
+    let tmp = TempDir::new("serve-hf-adapter");
+    let base = fixture("llama");
+    // Rank-4 adapters on q_proj (64 outputs) and v_proj (2 kv heads × 16) of 3 layers.
+    tch::manual_seed(7);
+    let mut params = Vec::new();
+    for i in 0..3 {
+        for (proj, out) in [("q_proj", 64), ("v_proj", 32)] {
+            let p = format!("model.layers.{i}.self_attn.{proj}");
+            params.push((
+                format!("{p}.lora_A.weight"),
+                tch::Tensor::randn([4, 64], tch::kind::FLOAT_CPU) * 0.1,
+            ));
+            params.push((
+                format!("{p}.lora_B.weight"),
+                tch::Tensor::randn([out, 4], tch::kind::FLOAT_CPU) * 0.1,
+            ));
+        }
+    }
+    let lora = shoal_node::models::hf::train::LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+        targets: vec!["q_proj".into(), "v_proj".into()],
+    };
+    let adapter = tmp.0.join("adapter");
+    shoal_node::models::hf::export::write_adapter(&base, &adapter, &lora, &params).unwrap();
+    let nodes = cluster(&tmp.0, 1);
+    let offer = post(
+        &nodes[0],
+        "/v1/serve",
+        &json!({"path": adapter, "name": "tuned"}),
+    )
+    .expect("offer");
+    assert_eq!(offer["config"]["kind"], "hf", "{offer}");
+    assert!(adapter
+        .join("merged/model.safetensors.index.json")
+        .is_file());
+    let tokens = vec![vec![1i64, 17, 250, 3, 99, 380], vec![1, 5, 6, 7, 8, 200]];
+    let out = wait_until("the adapter answers", Duration::from_secs(60), || {
+        post(
+            &nodes[0],
+            "/v1/infer",
+            &json!({"model": "tuned", "inputs": tokens}),
+        )
+        .ok()
+        .filter(|o| o["shape"] == json!([2, 6, 400]))
+    });
+    let mut got = Vec::new();
+    flat(&out["outputs"], &mut got);
+    let python = std::env::var("SHOAL_PYTHON").expect("SHOAL_PYTHON (source scripts/env.sh)");
+    let peft = std::process::Command::new(python)
+        .arg(repo_root().join("scripts/check_hf_export.py"))
+        .arg(&base)
+        .arg(&adapter)
+        .arg(serde_json::to_string(&tokens).unwrap())
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    assert!(
+        peft.status.success(),
+        "{}",
+        String::from_utf8_lossy(&peft.stderr)
+    );
+    let want: Vec<f32> = serde_json::from_slice(&peft.stdout).unwrap();
+    let base_out = post(
+        &nodes[0],
+        "/v1/serve",
+        &json!({"path": base, "name": "base"}),
+    )
+    .expect("offer base");
+    assert_ne!(
+        base_out["sha256"], offer["sha256"],
+        "the merge changed the weights"
+    );
+    let diff = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    eprintln!("adapter served merged: max |logits - peft| = {diff:e}");
+    assert_eq!(got.len(), want.len());
+    assert!(diff <= TOLERANCE, "max |Δ| = {diff}");
+}

@@ -91,11 +91,16 @@ enum Sink {
     File(tokio::fs::File),
 }
 
+/// Where an offered PEFT adapter folder's merge with its base is written, inside the
+/// adapter folder. `merged`.
+pub const MERGED_DIR: &str = "merged";
+
 impl Server {
     /// Offers the model file at `path` under `name`, served with at least `stages`
     /// stages per replica; a Hugging Face folder computing in `dtype` (`auto`: for this
     /// node's device) with a context of `context` tokens (default: the config's,
-    /// [`crate::models::hf::config::DEFAULT_SERVE_CONTEXT`] at most). Returns the
+    /// [`crate::models::hf::config::DEFAULT_SERVE_CONTEXT`] at most); a PEFT adapter
+    /// folder is merged into its base first (into `<adapter>/merged/`). Returns the
     /// announcement to publish.
     pub fn offer(
         &self,
@@ -108,6 +113,16 @@ impl Server {
         let offer_err = |reason: String| ServeError::Offer {
             path: path.display().to_string(),
             reason,
+        };
+        // A PEFT adapter is served merged into its base, as a model folder beside it.
+        let merged;
+        let path = if crate::models::hf::export::is_adapter(path) {
+            merged = path.join(MERGED_DIR);
+            crate::models::hf::export::merge_adapter(path, &merged)
+                .map_err(|e| offer_err(e.to_string()))?;
+            merged.as_path()
+        } else {
+            path
         };
         let hf = config::HfServe {
             dtype,

@@ -16,9 +16,10 @@ use std::time::{Duration, Instant};
 #[derive(Args)]
 pub struct ServeArgs {
     /// The model: a shoal checkpoint (`runs/<job>/checkpoint.safetensors`), a
-    /// TorchScript file, or a Hugging Face folder (`config.json` with safetensors weights:
+    /// TorchScript file, a Hugging Face folder (`config.json` with safetensors weights:
     /// Llama, Mistral, Qwen2, Qwen3; text prompts need its `tokenizer.json`, token-id
-    /// prompts work without).
+    /// prompts work without), or a PEFT LoRA adapter folder (`adapter_config.json`, e.g.
+    /// `runs/<job>/adapter/`), served merged into its base (written to `<adapter>/merged/`).
     model: PathBuf,
     /// The name clients ask for. Default: the run directory's name for a checkpoint,
     /// else the file stem (a folder's name).
@@ -137,9 +138,9 @@ pub async fn serve(a: ServeArgs) -> Result<(), Failure> {
         .model
         .canonicalize()
         .map_err(|e| usage(anyhow!("cannot read {}: {e}", a.model.display())))?;
-    if path.is_dir() {
+    if path.is_dir() && !shoal_node::models::hf::export::is_adapter(&path) {
         // A folder is checked here before any node starts: a bad one is one line naming
-        // the file.
+        // the file (an adapter folder is merged and checked by the node it is offered to).
         let bad =
             |e: &dyn std::fmt::Display| usage(anyhow!("cannot serve {}: {e}", path.display()));
         let hf = shoal_node::models::config::HfServe {

@@ -168,3 +168,133 @@ pub fn write_adapter(
         copy_tokenizer(base, dir)
     })
 }
+
+/// Whether `dir` is a PEFT adapter folder (it has `adapter_config.json`).
+pub fn is_adapter(dir: &Path) -> bool {
+    dir.join("adapter_config.json").is_file()
+}
+
+/// Writes at `out` the model folder of the PEFT LoRA adapter folder `adapter` merged into
+/// its base (`base_model_name_or_path`, a folder): each target weight becomes
+/// `W + (alpha / r) · B·A`, in f32. Adapters shoal does not implement (DoRA, rsLoRA,
+/// `fan_in_fan_out`, trained biases, `modules_to_save`, other PEFT types) are refused by
+/// key. Holds the whole merged model in memory while writing it. Returns the base folder.
+pub fn merge_adapter(adapter: &Path, out: &Path) -> Result<std::path::PathBuf, HfError> {
+    let cfg_path = adapter.join("adapter_config.json");
+    let label = cfg_path.display().to_string();
+    let bytes = super::weights::read_limited(&cfg_path, super::config::MAX_CONFIG_BYTES)?;
+    let cfg: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| HfError::Json {
+        path: label.clone(),
+        problem: format!("not JSON: {e}"),
+    })?;
+    let key = |k: &str| cfg.get(k).cloned().unwrap_or(serde_json::Value::Null);
+    let refuse = |k: &str, why: &str| HfError::Unsupported {
+        path: label.clone(),
+        key: k.into(),
+        value: key(k).to_string(),
+        why: why.into(),
+    };
+    if key("peft_type") != "LORA" {
+        return Err(refuse("peft_type", "LORA only"));
+    }
+    for (k, ok) in [
+        ("use_dora", serde_json::Value::Bool(false)),
+        ("use_rslora", serde_json::Value::Bool(false)),
+        ("fan_in_fan_out", serde_json::Value::Bool(false)),
+    ] {
+        if !key(k).is_null() && key(k) != ok {
+            return Err(refuse(k, "false only"));
+        }
+    }
+    if !key("bias").is_null() && key("bias") != "none" {
+        return Err(refuse("bias", "\"none\" only"));
+    }
+    if !key("modules_to_save").is_null() {
+        return Err(refuse("modules_to_save", "null only"));
+    }
+    let bad = |k: &str, p: &str| HfError::Config {
+        path: label.clone(),
+        key: k.into(),
+        problem: p.into(),
+    };
+    let r = key("r")
+        .as_f64()
+        .filter(|r| *r >= 1.0)
+        .ok_or_else(|| bad("r", "not a positive number"))?;
+    let alpha = key("lora_alpha")
+        .as_f64()
+        .ok_or_else(|| bad("lora_alpha", "not a number"))?;
+    let base = key("base_model_name_or_path");
+    let base = std::path::PathBuf::from(
+        base.as_str()
+            .ok_or_else(|| bad("base_model_name_or_path", "not a folder path"))?,
+    );
+    let base = if base.is_relative() {
+        adapter.join(base)
+    } else {
+        base
+    };
+    if !base.join("config.json").is_file() {
+        return Err(bad(
+            "base_model_name_or_path",
+            &format!("{} is not a model folder on this machine", base.display()),
+        ));
+    }
+    // The adapter's tensors, by PEFT name.
+    let file = adapter.join("adapter_model.safetensors");
+    let header = checkpoint::read_header(&file).map_err(|e| HfError::Weights {
+        path: file.display().to_string(),
+        problem: e.to_string(),
+    })?;
+    let get = |n: &str| {
+        checkpoint::read_tensor(&file, &header, n)
+            .map(|t| t.to_kind(tch::Kind::Float))
+            .map_err(|e| HfError::Weights {
+                path: file.display().to_string(),
+                problem: e.to_string(),
+            })
+    };
+    let weights = super::HfWeights::open(&base)?;
+    let mut used = 0;
+    let mut params = Vec::new();
+    for name in weights.names() {
+        let mut w = weights.get(name)?.to_kind(tch::Kind::Float);
+        if let Some(stem) = name.strip_suffix(".weight") {
+            let (a, b) = (
+                format!("{PEFT_PREFIX}{stem}.lora_A.weight"),
+                format!("{PEFT_PREFIX}{stem}.lora_B.weight"),
+            );
+            if header.get(&a).is_some() && header.get(&b).is_some() {
+                let delta = get(&b)?.matmul(&get(&a)?) * (alpha / r);
+                if delta.size() != w.size() {
+                    return Err(HfError::Weights {
+                        path: file.display().to_string(),
+                        problem: format!(
+                            "`{a}`/`{b}` make {:?}, `{name}` is {:?}",
+                            delta.size(),
+                            w.size()
+                        ),
+                    });
+                }
+                w += delta;
+                used += 2;
+            }
+        }
+        params.push((name.to_string(), w));
+    }
+    let adapters = header.tensors.len();
+    if used != adapters {
+        return Err(HfError::Weights {
+            path: file.display().to_string(),
+            problem: format!(
+                "{} of its {adapters} tensors adapt no weight of {}",
+                adapters - used,
+                base.display()
+            ),
+        });
+    }
+    write_model(&base, out, &params)?;
+    // The adapter's own tokenizer files (if any) win over the base's.
+    copy_tokenizer(adapter, out)?;
+    Ok(base)
+}
