@@ -24,6 +24,8 @@ pub mod weights;
 mod tests;
 #[cfg(test)]
 mod tests_errors;
+#[cfg(test)]
+mod tests_mutated;
 
 use super::config::{ModelConfig, KV_BUDGET_BATCH};
 use super::stage::StageExecutor;
