@@ -177,6 +177,7 @@ fn mutated_configs_never_panic() {
         let _ = cfg.block_params();
         let mc = model_config(&cfg, tch::Kind::BFloat16);
         assert_eq!(mc.layer_bytes.len(), cfg.layers);
+        let _ = mc.validate();
         assert_eq!(llama::inv_freq(&cfg).size(), [cfg.head_dim / 2]);
         true
     });
