@@ -235,13 +235,19 @@ pub fn parse_header(json: &[u8], data_len: u64, label: &str) -> Result<Header, C
         let info: Info =
             serde_json::from_value(v).map_err(|e| bad(format!("tensor {name}: {e}")))?;
         let [a, b] = info.data_offsets;
-        let numel = info
+        // Every dimension, and the product of the non-zero ones, fits an i64: libtorch
+        // takes the shape as i64s (a zero elsewhere would hide an overflowing dimension).
+        let fits = info
             .shape
             .iter()
             .try_fold(1u64, |x, &d| {
-                x.checked_mul(d).filter(|&n| n <= i64::MAX as u64)
+                x.checked_mul(d.max(1)).filter(|&n| n <= i64::MAX as u64)
             })
-            .ok_or_else(|| bad(format!("tensor {name}: shape overflows")))?;
+            .is_some();
+        if !fits {
+            return Err(bad(format!("tensor {name}: shape overflows")));
+        }
+        let numel: u64 = info.shape.iter().product();
         let size = Dtype::parse(&info.dtype).map(|d| numel.checked_mul(d.size()));
         if a > b || b > data_len || size.is_some_and(|s| s != Some(b - a)) {
             return Err(bad(format!("tensor {name}: offsets {a}..{b} do not fit")));
@@ -261,8 +267,39 @@ pub fn parse_header(json: &[u8], data_len: u64, label: &str) -> Result<Header, C
     })
 }
 
+/// Parses the header of a safetensors file `file_len` bytes long from `head`, the file's
+/// first bytes: the 8-byte little-endian length, bounded by [`MAX_HEADER_BYTES`] and the
+/// file's size, then at least that many bytes of JSON (bytes past the header are ignored).
+/// Every entry's offsets and size are checked against the data section (the rest of the
+/// file); [`Header::data_start`] is set. Nothing is allocated beyond the header's entries.
+pub fn parse_file_header(
+    head: &[u8],
+    file_len: u64,
+    label: &str,
+) -> Result<Header, CheckpointError> {
+    let bad = |p: &str| CheckpointError::Malformed {
+        path: label.to_string(),
+        problem: p.to_string(),
+    };
+    let Some((len, rest)) = head.split_first_chunk::<8>() else {
+        return Err(bad("shorter than its header length"));
+    };
+    if file_len < 8 {
+        return Err(bad("shorter than its header length"));
+    }
+    let hlen = header_len(u64::from_le_bytes(*len), file_len, label)?;
+    // hlen <= MAX_HEADER_BYTES (16 MiB): it fits a usize.
+    let json = rest
+        .get(..hlen as usize)
+        .ok_or_else(|| bad("the header is truncated"))?;
+    let mut h = parse_header(json, file_len - 8 - hlen, label)?;
+    h.data_start = 8 + hlen;
+    Ok(h)
+}
+
 /// Reads the header of the safetensors file `path` (its length bounded by
-/// [`MAX_HEADER_BYTES`] and the file's size), without reading any tensor.
+/// [`MAX_HEADER_BYTES`] and the file's size, checked before the header is read), without
+/// reading any tensor; [`parse_file_header`] checks it.
 pub fn read_header(path: &Path) -> Result<Header, CheckpointError> {
     use std::io::Read;
     let label = path.display().to_string();
@@ -275,11 +312,10 @@ pub fn read_header(path: &Path) -> Result<Header, CheckpointError> {
             problem: "shorter than its header length".into(),
         })?;
     let hlen = header_len(u64::from_le_bytes(len), file_len, &label)?;
-    let mut json = vec![0u8; hlen as usize];
-    f.read_exact(&mut json).map_err(io(path))?;
-    let mut h = parse_header(&json, file_len - 8 - hlen, &label)?;
-    h.data_start = 8 + hlen;
-    Ok(h)
+    let mut head = vec![0u8; 8 + hlen as usize];
+    head[..8].copy_from_slice(&len);
+    f.read_exact(&mut head[8..]).map_err(io(path))?;
+    parse_file_header(&head, file_len, &label)
 }
 
 /// Reads the tensor `name` of `header` (read by [`read_header`] from `path`) onto the CPU
@@ -307,12 +343,9 @@ pub fn read_rows(
     let e = header
         .get(name)
         .ok_or_else(|| bad(format!("no tensor {name}")))?;
-    let dtype = Dtype::parse(&e.dtype).ok_or_else(|| {
-        bad(format!(
-            "tensor {name} is {}, not F32, F16 or BF16",
-            e.dtype
-        ))
-    })?;
+    let label = path.display().to_string();
+    // Refused before anything is read.
+    let dtype = entry_dtype(name, e, &label)?;
     let (first, rest) = match e.shape.split_first() {
         Some((&n, rest)) => (n, rest.to_vec()),
         None => (1, Vec::new()),
@@ -330,12 +363,50 @@ pub fn read_rows(
     .map_err(io(path))?;
     f.read_exact(&mut bytes)
         .map_err(|_| bad(format!("tensor {name}: the file is truncated")))?;
-    let shape: Vec<i64> = if e.shape.is_empty() {
-        Vec::new()
-    } else {
-        std::iter::once(rows.end - rows.start).chain(rest).collect()
-    };
+    if rows == (0..first) {
+        return tensor_from_bytes(name, e, &bytes, &label);
+    }
+    let shape: Vec<i64> = std::iter::once(rows.end - rows.start).chain(rest).collect();
     Ok(Tensor::from_data_size(&bytes, &shape, dtype.kind()))
+}
+
+/// The [`Dtype`] of the entry `e` (tensor `name`), or an error naming its type.
+fn entry_dtype(name: &str, e: &Entry, label: &str) -> Result<Dtype, CheckpointError> {
+    Dtype::parse(&e.dtype).ok_or_else(|| CheckpointError::Malformed {
+        path: label.to_string(),
+        problem: format!("tensor {name} is {}, not F32, F16 or BF16", e.dtype),
+    })
+}
+
+/// The tensor `name` of entry `e` (checked by [`parse_header`]) from its `bytes` (its
+/// `start..end` of the data section), on the CPU in its stored type (F32, F16 or BF16; any
+/// other type, or bytes of another length than the entry's, is an error).
+pub fn tensor_from_bytes(
+    name: &str,
+    e: &Entry,
+    bytes: &[u8],
+    label: &str,
+) -> Result<Tensor, CheckpointError> {
+    let dtype = entry_dtype(name, e, label)?;
+    let want = e.end.saturating_sub(e.start);
+    // The shape holds exactly those bytes (parse_header checked it; an entry built
+    // elsewhere is checked here too).
+    let numel = e.shape.iter().try_fold(1u64, |n, &d| {
+        u64::try_from(d).ok().and_then(|d| n.checked_mul(d))
+    });
+    let holds = numel.and_then(|n| n.checked_mul(dtype.size())) == Some(want);
+    if bytes.len() as u64 != want || !holds {
+        return Err(CheckpointError::Malformed {
+            path: label.to_string(),
+            problem: format!(
+                "tensor {name}: {} bytes do not hold {:?} {}",
+                bytes.len(),
+                e.shape,
+                e.dtype
+            ),
+        });
+    }
+    Ok(Tensor::from_data_size(bytes, &e.shape, dtype.kind()))
 }
 
 /// Parses safetensors bytes (f32 tensors only; `label` names them in errors). Every
@@ -345,13 +416,9 @@ pub fn parse(bytes: &[u8], label: &str) -> Result<Checkpoint, CheckpointError> {
         path: label.to_string(),
         problem: p,
     };
-    if bytes.len() < 8 {
-        return Err(bad("shorter than its header length".into()));
-    }
-    let hlen = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
-    let hlen = header_len(hlen, bytes.len() as u64, label)? as usize;
-    let data = &bytes[8 + hlen..];
-    let header = parse_header(&bytes[8..8 + hlen], data.len() as u64, label)?;
+    let header = parse_file_header(bytes, bytes.len() as u64, label)?;
+    // parse_file_header checked data_start against the input's length.
+    let data = &bytes[header.data_start as usize..];
     let mut tensors = Vec::with_capacity(header.tensors.len());
     for (name, e) in header.tensors {
         if e.dtype != "F32" {
@@ -395,5 +462,56 @@ mod tests {
         std::fs::write(&trunc, &huge).unwrap();
         assert!(read(&trunc).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A safetensors file of the header `json` and `data`.
+    fn file(json: &str, data: &[u8]) -> Vec<u8> {
+        let mut b = (json.len() as u64).to_le_bytes().to_vec();
+        b.extend_from_slice(json.as_bytes());
+        b.extend_from_slice(data);
+        b
+    }
+
+    #[test]
+    fn a_zero_dimension_does_not_hide_one_libtorch_cannot_take() {
+        // No elements, but a dimension beyond i64: refused (libtorch panicked on it).
+        for shape in ["[0,18446744073709551615]", "[9223372036854775808,0]"] {
+            let b = file(
+                &format!(r#"{{"x":{{"dtype":"F32","shape":{shape},"data_offsets":[0,0]}}}}"#),
+                b"",
+            );
+            let e = parse(&b, "t").err().unwrap().to_string();
+            assert!(e.contains("shape overflows"), "{e}");
+            assert!(parse_file_header(&b, b.len() as u64, "t").is_err());
+        }
+        // Empty tensors with dimensions that fit are fine.
+        let b = file(
+            r#"{"x":{"dtype":"F32","shape":[0,9223372036854775807],"data_offsets":[0,0]}}"#,
+            b"",
+        );
+        let c = parse(&b, "t").unwrap();
+        assert_eq!(c.get("x").unwrap().size(), [0, i64::MAX]);
+    }
+
+    #[test]
+    fn a_file_header_is_read_from_the_head_of_the_file() {
+        let b = file(
+            r#"{"x":{"dtype":"BF16","shape":[2],"data_offsets":[0,4]}}"#,
+            &[0, 0x3f, 0, 0x40],
+        );
+        let h = parse_file_header(&b, b.len() as u64, "t").unwrap();
+        assert_eq!(h.data_start, b.len() as u64 - 4);
+        let (name, e) = &h.tensors[0];
+        let t = tensor_from_bytes(name, e, &b[h.data_start as usize..], "t").unwrap();
+        assert_eq!((t.kind(), t.size()), (tch::Kind::BFloat16, vec![2]));
+        assert!(tensor_from_bytes(name, e, &b[..3], "t").is_err());
+        // The header alone, of a larger file: the offsets are checked against that file.
+        let head = &b[..h.data_start as usize];
+        assert!(parse_file_header(head, b.len() as u64, "t").is_ok());
+        assert!(parse_file_header(head, head.len() as u64, "t").is_err());
+        // Cut inside the header, or shorter than its length: refused.
+        assert!(parse_file_header(&b[..20], b.len() as u64, "t").is_err());
+        assert!(parse_file_header(&b[..5], 5, "t").is_err());
+        assert!(parse_file_header(&b, 4, "t").is_err());
     }
 }

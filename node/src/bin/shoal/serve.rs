@@ -48,7 +48,8 @@ pub struct ServeArgs {
     /// Tokens to generate per --prompt. Default: 16.
     #[arg(long, default_value_t = 16)]
     max_tokens: u32,
-    /// Print JSON lines (the offer, then one per prompt).
+    /// Print JSON lines (the offer, then one per prompt: its completion, finish reason,
+    /// token usage and milliseconds). Default: off (text).
     #[arg(long, env = "SHOAL_JSON")]
     json: bool,
     /// The local API of the node to offer the model to (without --local).
@@ -278,7 +279,7 @@ async fn ask(
     if json {
         println!(
             "{}",
-            serde_json::json!({"prompt": prompt, "completion": text, "finish_reason": v["choices"][0]["finish_reason"], "ms": ms})
+            serde_json::json!({"prompt": prompt, "completion": text, "finish_reason": v["choices"][0]["finish_reason"], "usage": v["usage"], "ms": ms})
         );
     } else {
         println!("{prompt:?} -> {text:?} ({ms:.1} ms)");

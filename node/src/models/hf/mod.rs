@@ -27,6 +27,8 @@ mod tests;
 #[cfg(test)]
 mod tests_errors;
 #[cfg(test)]
+mod tests_mutated;
+#[cfg(test)]
 mod tests_train;
 
 use super::config::{ModelConfig, KV_BUDGET_BATCH};

@@ -40,6 +40,40 @@ pub fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>, HfError> {
     Ok(bytes)
 }
 
+/// Parses `model.safetensors.index.json`'s bytes (`label` names the file in errors): its
+/// `weight_map`, tensor name → shard, where every shard is a plain file name (not empty,
+/// `.` or `..`, no `/` or `\`, not absolute). Other keys (`metadata`) are ignored; whether
+/// the shards exist is not checked here.
+pub fn parse_index(bytes: &[u8], label: &str) -> Result<BTreeMap<String, String>, HfError> {
+    let bad = |p: String| HfError::Weights {
+        path: label.to_string(),
+        problem: p,
+    };
+    let v: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| bad(format!("not JSON: {e}")))?;
+    let Some(map) = v.get("weight_map").and_then(|m| m.as_object()) else {
+        return Err(bad("no `weight_map` object".into()));
+    };
+    let mut out = BTreeMap::new();
+    for (name, file) in map {
+        let Some(file) = file.as_str() else {
+            return Err(bad(format!("`weight_map.{name}` is not a file name")));
+        };
+        let plain = !file.is_empty()
+            && file != "."
+            && file != ".."
+            && !file.contains(['/', '\\'])
+            && !Path::new(file).is_absolute();
+        if !plain {
+            return Err(bad(format!(
+                "`weight_map.{name}` = {file:?} is not a file name in the folder"
+            )));
+        }
+        out.insert(name.clone(), file.to_string());
+    }
+    Ok(out)
+}
+
 /// A folder's weights: which file holds each tensor, and the headers read so far.
 pub struct HfWeights {
     dir: PathBuf,
@@ -84,38 +118,16 @@ impl HfWeights {
     }
 
     fn with_index(mut self, index: &Path) -> Result<HfWeights, HfError> {
-        let bad = |p: String| HfError::Weights {
-            path: index.display().to_string(),
-            problem: p,
-        };
         let bytes = read_limited(index, MAX_INDEX_BYTES)?;
-        let v: serde_json::Value =
-            serde_json::from_slice(&bytes).map_err(|e| bad(format!("not JSON: {e}")))?;
-        let Some(map) = v.get("weight_map").and_then(|m| m.as_object()) else {
-            return Err(bad("no `weight_map` object".into()));
-        };
-        for (name, file) in map {
-            let Some(file) = file.as_str() else {
-                return Err(bad(format!("`weight_map.{name}` is not a file name")));
-            };
-            let plain = !file.is_empty()
-                && file != "."
-                && file != ".."
-                && !file.contains(['/', '\\'])
-                && !Path::new(file).is_absolute();
-            if !plain {
-                return Err(bad(format!(
-                    "`weight_map.{name}` = {file:?} is not a file name in the folder"
-                )));
-            }
-            self.map.insert(name.clone(), file.to_string());
-        }
+        let label = index.display().to_string();
+        self.map = parse_index(&bytes, &label)?;
         let files: std::collections::BTreeSet<&String> = self.map.values().collect();
         for f in files {
             if !self.dir.join(f).is_file() {
-                return Err(bad(format!(
-                    "names the shard {f}, which is not in the folder"
-                )));
+                return Err(HfError::Weights {
+                    path: label,
+                    problem: format!("names the shard {f}, which is not in the folder"),
+                });
             }
         }
         Ok(self)
