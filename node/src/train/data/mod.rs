@@ -4,13 +4,33 @@
 //! id means the same sample everywhere and only ids move between members (see
 //! `coordinator_free::sharding`). Two shapes of task:
 //! - **classification** (`csv`, `npy`): float features `[B, F]`, integer labels `[B]`;
-//! - **language modelling** (`text`, `arithmetic`): byte tokens, inputs `[B, T]`, targets
-//!   `[B, T]` shifted by one, and for `arithmetic` a mask so only the answer digits count.
+//! - **language modelling** (`text`, `arithmetic`, `jsonl`, `parquet`): token ids, inputs
+//!   `[B, T]` (i64), targets `[B, T]` shifted by one, and for `arithmetic` and chat data a
+//!   mask so only some targets (the answer digits, the assistant's tokens) count.
+//!
+//! The `gpt`'s `text` and `arithmetic` data are held in memory (bytes); `jsonl`,
+//! `parquet`, and `text` for an `hf` model are tokenized once into a token cache on disk
+//! and read a batch at a time, in memory flat in the dataset's size (`packed.rs`: the
+//! split, the packing and the bound; `cache.rs`: the cache; `source.rs`: the files and
+//! records; `tokenize.rs`: tokenizers and chat masks).
 
-use super::job::{DataKind, DataSpec};
+mod cache;
+mod packed;
+mod source;
+mod tokenize;
+
+pub use packed::{sequences, Packed, Setup, TEXT_PIECE};
+pub use source::{list_files, parse_record, Doc, Fields, MAX_PARQUET_CHUNK, MAX_RECORD_BYTES};
+pub use tokenize::{chat_tokens, Encoder};
+
+use super::job::{DataKind, DataSpec, JobSpec, ModelKind};
 use std::io::Read;
 use std::path::Path;
 use tch::{Kind, Tensor};
+
+/// Longest training sequence of an `hf` model when `model.context` is not set (and
+/// `max_position_embeddings` is longer).
+pub const DEFAULT_HF_CONTEXT: i64 = 1024;
 
 /// Largest input file read (csv, npy, text), in bytes.
 pub const MAX_FILE_BYTES: u64 = 2 << 30;
@@ -47,6 +67,9 @@ pub enum DataError {
     /// The data is too small to split into training and held-out samples.
     #[error("{0}")]
     TooSmall(String),
+    /// The model folder's tokenizer or configuration cannot be used.
+    #[error("{0}")]
+    Model(String),
 }
 
 fn format_err(path: &Path, problem: impl Into<String>) -> DataError {
@@ -66,12 +89,15 @@ pub enum Task {
         /// Label count (largest label + 1).
         classes: usize,
     },
-    /// Next byte; inputs are `len` tokens.
+    /// Next token; inputs are `len` tokens.
     Lm {
         /// Input tokens per sample.
         len: usize,
-        /// Only masked target positions count (arithmetic answers).
+        /// Only masked target positions count (arithmetic answers, chat assistants).
         masked: bool,
+        /// Vocabulary size (the logits' last dimension): 256 for bytes, an `hf` model's
+        /// `vocab_size`.
+        vocab: usize,
     },
 }
 
@@ -118,6 +144,8 @@ pub struct Dataset {
     mask: Option<Vec<f32>>,
     /// Arithmetic: prompt length and answer digits, for exact-match evaluation.
     pub arithmetic: Option<ArithmeticFormat>,
+    /// Tokenized data read from the token cache (then `train` and `eval` are empty).
+    packed: Option<Packed>,
 }
 
 /// How an arithmetic sample is laid out.
@@ -195,8 +223,62 @@ fn read_file(path: &Path) -> Result<Vec<u8>, DataError> {
 }
 
 impl Dataset {
-    /// Loads the dataset a job names. `context` is the gpt context (LM kinds).
-    pub fn load(
+    /// Loads the dataset of `job`, tokenized for its model: `jsonl` and `parquet` always,
+    /// `text` for an `hf` model, into the token cache `<run dir>/data/` (see `packed.rs`),
+    /// with sequences of `model.context` tokens (`hf` default: `max_position_embeddings`,
+    /// at most [`DEFAULT_HF_CONTEXT`]; `gpt` default 64).
+    pub fn load(job: &JobSpec) -> Result<Dataset, DataError> {
+        let spec = &job.data;
+        let hf = job.model_kind() == ModelKind::Hf;
+        if !(hf || matches!(spec.kind, DataKind::Jsonl | DataKind::Parquet)) {
+            let context = job.model.gpt_context() as usize;
+            return Dataset::load_spec(spec, job.seed, job.eval_fraction, context);
+        }
+        let (encoder, context) = if hf {
+            let dir = job.model.hf.as_deref().expect("validated");
+            let config = crate::models::hf::HfConfig::read(dir)
+                .map_err(|e| DataError::Model(e.to_string()))?;
+            let context = job
+                .model
+                .context
+                .unwrap_or(config.max_context.min(DEFAULT_HF_CONTEXT));
+            let vocab = usize::try_from(config.vocab).unwrap_or(0);
+            let chat = spec.messages_field.is_some();
+            (Encoder::hf(dir, vocab, chat)?, context as usize)
+        } else {
+            (Encoder::Bytes, job.model.gpt_context() as usize)
+        };
+        Dataset::packed(Setup {
+            spec,
+            seed: job.seed,
+            eval_fraction: job.eval_fraction,
+            context,
+            encoder,
+            cache_dir: job.run_dir().join("data"),
+        })
+    }
+
+    /// A tokenized dataset (`jsonl`, `parquet`, or `text` for an hf model).
+    pub fn packed(setup: Setup) -> Result<Dataset, DataError> {
+        let (len, vocab) = (setup.context, setup.encoder.vocab());
+        let p = Packed::load(setup)?;
+        Ok(Dataset {
+            task: Task::Lm {
+                len,
+                masked: p.masked(),
+                vocab,
+            },
+            train: Split::empty(),
+            eval: Split::empty(),
+            mask: None,
+            arithmetic: None,
+            packed: Some(p),
+        })
+    }
+
+    /// Loads an in-memory dataset (`csv`, `npy`, `arithmetic`, and `text` as bytes).
+    /// `context` is the gpt context (LM kinds).
+    pub fn load_spec(
         spec: &DataSpec,
         seed: u64,
         eval_fraction: f64,
@@ -258,6 +340,10 @@ impl Dataset {
                 seed,
                 eval_fraction,
             )),
+            DataKind::Jsonl | DataKind::Parquet => Err(format_err(
+                Path::new("[data]"),
+                "jsonl and parquet data are tokenized: load them with Dataset::load",
+            )),
         }
     }
 
@@ -314,6 +400,7 @@ impl Dataset {
             eval,
             mask: None,
             arithmetic: None,
+            packed: None,
         })
     }
 
@@ -352,11 +439,13 @@ impl Dataset {
             task: Task::Lm {
                 len: context,
                 masked: false,
+                vocab: 256,
             },
             train,
             eval,
             mask: None,
             arithmetic: None,
+            packed: None,
         })
     }
 
@@ -396,32 +485,51 @@ impl Dataset {
             .map(|t| if t + 1 >= fmt.prompt { 1.0 } else { 0.0 })
             .collect();
         Dataset {
-            task: Task::Lm { len, masked: true },
+            task: Task::Lm {
+                len,
+                masked: true,
+                vocab: 256,
+            },
             train,
             eval,
             mask: Some(mask),
             arithmetic: Some(fmt),
+            packed: None,
         }
     }
 
     /// Training samples.
     pub fn train_len(&self) -> u64 {
-        self.train.n as u64
+        match &self.packed {
+            Some(p) => p.train_len(),
+            None => self.train.n as u64,
+        }
     }
 
     /// Held-out samples evaluated (at most [`MAX_EVAL_SAMPLES`]).
     pub fn eval_len(&self) -> usize {
-        self.eval.n.min(MAX_EVAL_SAMPLES)
+        match &self.packed {
+            Some(p) => p.eval_seqs(),
+            None => self.eval.n,
+        }
+        .min(MAX_EVAL_SAMPLES)
     }
 
-    /// The training samples `ids` as a batch.
-    pub fn train_batch(&self, ids: &[u64]) -> Batch {
-        self.batch(&self.train, ids.iter().map(|&i| i as usize))
+    /// The training samples `ids` as a batch (an error only when the token cache cannot
+    /// be read).
+    pub fn train_batch(&self, ids: &[u64]) -> Result<Batch, DataError> {
+        match &self.packed {
+            Some(p) => p.batch(false, ids.iter().copied()),
+            None => Ok(self.batch(&self.train, ids.iter().map(|&i| i as usize))),
+        }
     }
 
     /// Held-out samples `range` as a batch.
-    pub fn eval_batch(&self, range: std::ops::Range<usize>) -> Batch {
-        self.batch(&self.eval, range)
+    pub fn eval_batch(&self, range: std::ops::Range<usize>) -> Result<Batch, DataError> {
+        match &self.packed {
+            Some(p) => p.batch(true, range.map(|i| i as u64)),
+            None => Ok(self.batch(&self.eval, range)),
+        }
     }
 
     /// Held-out arithmetic samples `range`: prompts `[B, prompt]` and answers as numbers.
@@ -647,7 +755,8 @@ mod tests {
             d.task,
             Task::Lm {
                 len: 8,
-                masked: true
+                masked: true,
+                vocab: 256
             }
         );
         // Held-out sums never appear in training.
@@ -655,7 +764,7 @@ mod tests {
         let train: std::collections::HashSet<&[u8]> =
             d.train.tokens.chunks(row).map(|c| &c[..6]).collect();
         assert!(d.eval.tokens.chunks(row).all(|c| !train.contains(&c[..6])));
-        let b = d.train_batch(&[0, 1]);
+        let b = d.train_batch(&[0, 1]).unwrap();
         assert_eq!(b.x.size(), vec![2, 8]);
         let m: Vec<f32> = Vec::try_from(b.mask.unwrap().get(0)).unwrap();
         assert_eq!(m, vec![0., 0., 0., 0., 0., 1., 1., 1.]);
@@ -707,7 +816,7 @@ mod tests {
         let text: Vec<u8> = (0..1000u32).map(|i| b'a' + (i % 26) as u8).collect();
         let d = Dataset::text(&text, 16, 0.1, Path::new("t")).unwrap();
         assert_eq!(d.train_len(), (900 - 1) / 16);
-        let b = d.train_batch(&[1]);
+        let b = d.train_batch(&[1]).unwrap();
         let x: Vec<i64> = Vec::try_from(b.x.view([-1])).unwrap();
         let y: Vec<i64> = Vec::try_from(b.y.view([-1])).unwrap();
         assert_eq!(x[1..], y[..15]);
