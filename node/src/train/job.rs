@@ -939,6 +939,30 @@ digits = 2
     }
 
     #[test]
+    fn lm_data_keys() {
+        let gpt = MIN.replace("kind = \"mlp\"", "kind = \"gpt\"");
+        let jsonl = gpt.replace(
+            "kind = \"csv\"\npath = \"d.csv\"",
+            "kind = \"jsonl\"\nfiles = \"shards/*.jsonl\"",
+        );
+        let j = JobSpec::parse(&jsonl).unwrap();
+        assert_eq!(j.data.text_field, "text");
+        assert_eq!(j.data.messages_field, None);
+        assert!(err(&jsonl.replace("files = \"shards/*.jsonl\"", "")).contains("`data.files`"));
+        assert!(err(&format!("{jsonl}messages_field = \"m\"\n")).contains("`data.messages_field`"));
+        assert!(err(&format!("{jsonl}text_field = \"\"\n")).contains("`data.text_field`"));
+        let parquet = jsonl.replace("jsonl", "parquet");
+        assert!(JobSpec::parse(&parquet).is_ok());
+        assert!(err(&parquet.replace("kind = \"gpt\"", "kind = \"mlp\"")).contains("`model.kind`"));
+        let mut j = JobSpec::parse(&parquet).unwrap();
+        j.resolve_paths(Path::new("/jobs"), Path::new("/work"));
+        assert_eq!(
+            j.data.files.as_deref(),
+            Some(Path::new("/jobs/shards/*.parquet"))
+        );
+    }
+
+    #[test]
     fn relative_paths_resolve_against_the_job_dir() {
         let mut j = JobSpec::parse(MIN).unwrap();
         j.resolve_paths(Path::new("/jobs"), Path::new("/work"));

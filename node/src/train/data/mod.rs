@@ -16,11 +16,16 @@
 
 mod cache;
 mod packed;
+#[cfg(test)]
+mod packed_tests;
 mod source;
 mod tokenize;
 
 pub use packed::{sequences, Packed, Setup, TEXT_PIECE};
-pub use source::{list_files, parse_record, Doc, Fields, MAX_PARQUET_CHUNK, MAX_RECORD_BYTES};
+pub use source::{
+    check_records, list_files, parse_record, Doc, Fields, RecordFormat, MAX_PARQUET_CHUNK,
+    MAX_RECORD_BYTES,
+};
 pub use tokenize::{chat_tokens, Encoder};
 
 use super::job::{DataKind, DataSpec, JobSpec, ModelKind};
@@ -146,6 +151,16 @@ pub struct Dataset {
     pub arithmetic: Option<ArithmeticFormat>,
     /// Tokenized data read from the token cache (then `train` and `eval` are empty).
     packed: Option<Packed>,
+}
+
+impl std::fmt::Debug for Dataset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dataset")
+            .field("task", &self.task)
+            .field("train", &self.train_len())
+            .field("eval", &self.eval_len())
+            .finish()
+    }
 }
 
 /// How an arithmetic sample is laid out.

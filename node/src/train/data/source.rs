@@ -357,6 +357,68 @@ fn field_messages(v: &Field, name: &str) -> Result<Vec<ChatMessage>, String> {
     Ok(out)
 }
 
+/// The record formats [`check_records`] decodes.
+#[derive(Clone, Copy, Debug)]
+pub enum RecordFormat {
+    /// JSONL, a `text` field.
+    Jsonl,
+    /// JSONL, a `messages` field.
+    JsonlChat,
+    /// Parquet, a `text` column.
+    Parquet,
+    /// Parquet, a `messages` column.
+    ParquetChat,
+}
+
+/// Decodes `bytes` as a file of `format` (a Parquet file goes through a temporary file)
+/// and counts its records, or says why it is refused. The `fuzz/` target `training_data`
+/// drives it; it serves nothing.
+pub fn check_records(format: RecordFormat, bytes: &[u8]) -> Result<usize, DataError> {
+    let text = Fields {
+        text: "text",
+        messages: None,
+    };
+    let chat = Fields {
+        text: "text",
+        messages: Some("messages"),
+    };
+    let mut n = 0;
+    let mut count = |_: Doc| {
+        n += 1;
+        Ok(())
+    };
+    match format {
+        RecordFormat::Jsonl | RecordFormat::JsonlChat => {
+            let fields = if matches!(format, RecordFormat::Jsonl) {
+                text
+            } else {
+                chat
+            };
+            for_each_jsonl(Path::new("fuzz.jsonl"), bytes, fields, 4096, &mut count)?;
+        }
+        RecordFormat::Parquet | RecordFormat::ParquetChat => {
+            let fields = if matches!(format, RecordFormat::Parquet) {
+                text
+            } else {
+                chat
+            };
+            let path = std::env::temp_dir().join(format!(
+                "shoal-fuzz-{}-{:?}.parquet",
+                std::process::id(),
+                std::thread::current().id()
+            ));
+            std::fs::write(&path, bytes).map_err(|source| DataError::Read {
+                path: path.display().to_string(),
+                source,
+            })?;
+            let r = read_parquet(&path, fields, &mut count);
+            let _ = std::fs::remove_file(&path);
+            r?;
+        }
+    }
+    Ok(n)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
