@@ -249,8 +249,25 @@ pub fn read_jsonl(
 
 /// Calls `f` with each row of Parquet file `path`, row group by row group: its string
 /// column `fields.text`, or its list column `fields.messages` of `{role, content}`
-/// structs. Errors name the file, and the row group and row where they apply.
+/// structs. Errors name the file, and the row group and row where they apply; a panic of
+/// the Parquet decoder on a malformed file is caught and becomes an error too.
 pub fn read_parquet(
+    path: &Path,
+    fields: Fields,
+    f: &mut dyn FnMut(Doc) -> Result<(), DataError>,
+) -> Result<(), DataError> {
+    let run = std::panic::AssertUnwindSafe(|| parquet_rows(path, fields, f));
+    std::panic::catch_unwind(run).unwrap_or_else(|p| {
+        let why = p
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| p.downcast_ref::<&str>().copied())
+            .unwrap_or("the decoder failed");
+        Err(format_err(path, format!("malformed Parquet file: {why}")))
+    })
+}
+
+fn parquet_rows(
     path: &Path,
     fields: Fields,
     f: &mut dyn FnMut(Doc) -> Result<(), DataError>,
