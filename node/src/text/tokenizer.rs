@@ -50,6 +50,9 @@ impl SpecialTokens {
     }
 }
 
+/// Each token's span of the encoded text, `start..end` in bytes.
+pub type Offsets = Vec<(usize, usize)>;
+
 /// A Hugging Face tokenizer with its special and stop tokens. Cheap to clone.
 #[derive(Clone)]
 pub struct Tokenizer {
@@ -188,7 +191,7 @@ impl Tokenizer {
         &self,
         text: &str,
         add_special_tokens: bool,
-    ) -> Result<(Vec<u32>, Vec<(usize, usize)>), TextError> {
+    ) -> Result<(Vec<u32>, Offsets), TextError> {
         self.inner
             .encode(text, add_special_tokens)
             .map(|e| (e.get_ids().to_vec(), e.get_offsets().to_vec()))

@@ -27,8 +27,8 @@ pub use source::{
     check_records, list_files, parse_record, Doc, Fields, RecordFormat, MAX_PARQUET_CHUNK,
     MAX_RECORD_BYTES,
 };
-pub use tabular::parse_npy;
 use tabular::parse_csv;
+pub use tabular::parse_npy;
 pub use tokenize::{chat_tokens, Encoder};
 
 use super::job::{DataKind, DataSpec, JobSpec, ModelKind};

@@ -6,7 +6,10 @@ use std::path::Path;
 
 /// CSV: numeric features then an integer label per line; a first line that does not parse
 /// is a header; blank lines are skipped.
-pub(super) fn parse_csv(path: &Path, bytes: &[u8]) -> Result<(Vec<f32>, Vec<i64>, usize), DataError> {
+pub(super) fn parse_csv(
+    path: &Path,
+    bytes: &[u8],
+) -> Result<(Vec<f32>, Vec<i64>, usize), DataError> {
     let text =
         std::str::from_utf8(bytes).map_err(|e| format_err(path, format!("not UTF-8: {e}")))?;
     let mut x = Vec::new();

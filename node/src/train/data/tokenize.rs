@@ -28,9 +28,9 @@ pub enum Encoder {
     /// A Hugging Face tokenizer; documents separated by its EOS token.
     Hf {
         /// The tokenizer.
-        tok: Tokenizer,
+        tok: Box<Tokenizer>,
         /// The chat template (chat data only).
-        template: Option<ChatTemplate>,
+        template: Option<Box<ChatTemplate>>,
         /// The separator (EOS) id.
         eos: u32,
         /// The model's vocabulary (`vocab_size`): every id must be below it.
@@ -62,12 +62,13 @@ impl Encoder {
             ));
         }
         let template = if chat {
-            Some(ChatTemplate::load(dir).map_err(|e| DataError::Model(e.to_string()))?)
+            let t = ChatTemplate::load(dir).map_err(|e| DataError::Model(e.to_string()))?;
+            Some(Box::new(t))
         } else {
             None
         };
         Ok(Encoder::Hf {
-            tok,
+            tok: Box::new(tok),
             template,
             eos,
             vocab,
