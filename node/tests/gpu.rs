@@ -80,6 +80,7 @@ fn step_matches_the_cpu_f32_step(device: Device) {
     let task = Task::Lm {
         len: 32,
         masked: false,
+        vocab: 256,
     };
     tch::manual_seed(11);
     let tokens = Tensor::randint(256, [8, 33], (Kind::Int64, Device::Cpu));

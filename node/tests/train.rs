@@ -490,3 +490,216 @@ fn devices_are_checked_never_replaced() {
     );
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// tinyshakespeare's paragraphs (documents), the first `bytes` of it.
+fn shakespeare_docs(bytes: usize) -> Vec<String> {
+    let text = std::fs::read_to_string(repo_data("tinyshakespeare.txt")).unwrap();
+    text[..bytes]
+        .split("\n\n")
+        .filter(|p| !p.trim().is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// A Parquet file with one string column `text`, snappy pages, row groups of 40 rows.
+fn write_text_parquet(path: &Path, texts: &[String]) {
+    use parquet::basic::Compression;
+    use parquet::data_type::{ByteArray, ByteArrayType};
+    use parquet::file::properties::WriterProperties;
+    use parquet::file::writer::SerializedFileWriter;
+    use parquet::schema::parser::parse_message_type;
+    use std::sync::Arc;
+    let schema =
+        Arc::new(parse_message_type("message m { required binary text (UTF8); }").unwrap());
+    let props = Arc::new(
+        WriterProperties::builder()
+            .set_compression(Compression::SNAPPY)
+            .build(),
+    );
+    let mut w =
+        SerializedFileWriter::new(std::fs::File::create(path).unwrap(), schema, props).unwrap();
+    for group in texts.chunks(40) {
+        let mut rg = w.next_row_group().unwrap();
+        let mut col = rg.next_column().unwrap().unwrap();
+        let values: Vec<ByteArray> = group.iter().map(|t| ByteArray::from(t.as_str())).collect();
+        col.typed::<ByteArrayType>()
+            .write_batch(&values, None, None)
+            .unwrap();
+        col.close().unwrap();
+        rg.close().unwrap();
+    }
+    w.close().unwrap();
+}
+
+/// A byte-level gpt job on tokenized data `[data]` (`data` holds its keys).
+fn gpt_lm_job(name: &str, steps: u64, data: &str, extra: &str) -> String {
+    format!(
+        r#"
+name = "{name}"
+seed = 4
+steps = {steps}
+batch_size = 32
+log_samples = true
+eval_every = {every}
+{extra}
+[model]
+kind = "gpt"
+layers = 1
+heads = 2
+width = 32
+context = 32
+[data]
+{data}
+[optimizer]
+lr = 0.003
+"#,
+        every = steps / 4
+    )
+}
+
+/// Sequence ids used per data epoch, from every member's `samples.*.jsonl`: each complete
+/// epoch holds every id of `0..n` once, the last holds none twice. Returns `n` and the
+/// members that logged samples.
+fn sequences_used_once(run_dir: &Path) -> (u64, Vec<String>) {
+    let mut epoch_ids: HashMap<u64, Vec<u64>> = HashMap::new();
+    let mut members = Vec::new();
+    for e in std::fs::read_dir(run_dir).unwrap() {
+        let p = e.unwrap().path();
+        let name = p.file_name().unwrap().to_str().unwrap().to_string();
+        if !name.starts_with("samples.") {
+            continue;
+        }
+        let mut any = false;
+        for l in std::fs::read_to_string(&p).unwrap().lines() {
+            let v: Value = serde_json::from_str(l).unwrap();
+            let ids = v["ids"].as_array().unwrap();
+            any |= !ids.is_empty();
+            epoch_ids
+                .entry(v["data_epoch"].as_u64().unwrap())
+                .or_default()
+                .extend(ids.iter().map(|x| x.as_u64().unwrap()));
+        }
+        if any {
+            members.push(name);
+        }
+    }
+    let n = epoch_ids[&0].iter().max().unwrap() + 1;
+    let last = *epoch_ids.keys().max().unwrap();
+    assert!(last >= 1, "the run covers a whole epoch");
+    for (epoch, mut ids) in epoch_ids {
+        ids.sort_unstable();
+        let before = ids.len();
+        ids.dedup();
+        assert_eq!(ids.len(), before, "epoch {epoch}: a sequence used twice");
+        if epoch < last {
+            assert_eq!(ids, (0..n).collect::<Vec<_>>(), "epoch {epoch}");
+        }
+    }
+    (n, members)
+}
+
+/// Held-out losses in step order from a run's metrics.jsonl.
+fn eval_losses(run_dir: &Path) -> Vec<f64> {
+    let text = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|v| v["eval"]["loss"].as_f64())
+        .collect()
+}
+
+/// The gpt on Parquet shards (`files` a glob) with `shoal train --local 3`, and on JSONL
+/// on 2 nodes joined by a third mid-run: every sequence id is used exactly once per data
+/// epoch across the members, and the held-out loss falls.
+#[test]
+fn gpt_trains_on_parquet_and_jsonl_sequences_used_once() {
+    let d = TempDir::new("train-lm-data");
+    let docs = shakespeare_docs(24_000);
+    let half = docs.len() / 2;
+    std::fs::create_dir_all(d.0.join("shards")).unwrap();
+    write_text_parquet(&d.0.join("shards/part-0.parquet"), &docs[..half]);
+    write_text_parquet(&d.0.join("shards/part-1.parquet"), &docs[half..]);
+    let job = d.0.join("pq.toml");
+    let data = "kind = \"parquet\"\nfiles = \"shards/part-*.parquet\"";
+    std::fs::write(&job, gpt_lm_job("pq", 120, data, "")).unwrap();
+    let (code, s, err) = train(&d.0, &job, &["--local", "3"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(s["steps"], 120);
+    let run = d.0.join("runs/pq");
+    let (n, members) = sequences_used_once(&run);
+    // ~24 kB of bytes, 90 % for training, in sequences of 32 inputs.
+    assert!((500..=760).contains(&n), "{n} training sequences");
+    assert_eq!(members.len(), 3, "{members:?}");
+    let ev = eval_losses(&run);
+    assert!(
+        ev.len() >= 2 && ev[ev.len() - 1] < ev[0],
+        "held-out loss {ev:?}"
+    );
+    assert!(
+        run.join("data").is_dir(),
+        "the token cache is in the run dir"
+    );
+
+    // JSONL on a cluster that a third node joins mid-run.
+    let lines: String = docs
+        .iter()
+        .map(|t| serde_json::json!({ "body": t }).to_string() + "\n")
+        .collect();
+    std::fs::write(d.0.join("docs.jsonl"), lines).unwrap();
+    let node_args = |extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = [
+            "--no-mdns",
+            "--data-listen",
+            "127.0.0.1:0",
+            "--data-plane",
+            "tcp",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let listen = format!("/ip4/127.0.0.1/tcp/{}", free_port());
+    let args = node_args(&["--listen", &listen]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut nodes = vec![Node::start(&d.0.join("node-0"), &refs)];
+    let boot = format!("{listen}/p2p/{}", nodes[0].id());
+    let joiner = node_args(&["--listen", "/ip4/127.0.0.1/tcp/0", "--bootstrap", &boot]);
+    let joiner: Vec<&str> = joiner.iter().map(String::as_str).collect();
+    nodes.push(Node::start(&d.0.join("node-1"), &joiner));
+    let refs: Vec<&Node> = nodes.iter().collect();
+    wait_until("2 nodes in one view", Duration::from_secs(30), || {
+        agreed(&refs, 2)
+    });
+    let data = format!(
+        "kind = \"jsonl\"\nfiles = \"{}\"\ntext_field = \"body\"",
+        d.0.join("docs.jsonl").display()
+    );
+    let extra = format!(
+        "min_nodes = 2\noutput_dir = \"{}\"",
+        d.0.join("runs").display()
+    );
+    let spec = gpt_lm_job("js", 800, &data, &extra);
+    let body = serde_json::json!({"spec": spec, "resume": false}).to_string();
+    let r = http(nodes[0].api().unwrap(), "POST", "/v1/jobs", body.as_bytes()).expect("submit");
+    let run_id = serde_json::from_slice::<Value>(&r).unwrap()["run"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    wait_until("step 20", Duration::from_secs(120), || {
+        (job_where(&nodes[0], "run", &run_id)?["step"].as_u64()? >= 20).then_some(())
+    });
+    nodes.push(Node::start(&d.0.join("node-2"), &joiner));
+    let refs: Vec<&Node> = nodes.iter().collect();
+    let done = wait_jobs_done(&refs, "run", &run_id, Duration::from_secs(600));
+    assert!(done.iter().all(|j| j["step"] == 800), "{done:?}");
+    let run = d.0.join("runs/js");
+    let (n_js, members) = sequences_used_once(&run);
+    assert_eq!(n_js, n, "the same documents, the same sequences");
+    assert_eq!(members.len(), 3, "the joiner trained too: {members:?}");
+    let ev = eval_losses(&run);
+    assert!(
+        ev.len() >= 2 && ev[ev.len() - 1] < ev[0],
+        "held-out loss {ev:?}"
+    );
+}

@@ -38,6 +38,7 @@ digits = 2
         Task::Lm {
             len: 8,
             masked: true,
+            vocab: 256,
         },
         3,
         tch::Device::Cpu,

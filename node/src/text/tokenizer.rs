@@ -50,12 +50,16 @@ impl SpecialTokens {
     }
 }
 
+/// Each token's span of the encoded text, `start..end` in bytes.
+pub type Offsets = Vec<(usize, usize)>;
+
 /// A Hugging Face tokenizer with its special and stop tokens. Cheap to clone.
 #[derive(Clone)]
 pub struct Tokenizer {
     inner: Arc<tokenizers::Tokenizer>,
     special: SpecialTokens,
     stop_ids: Vec<u32>,
+    eos_id: Option<u32>,
     path: PathBuf,
 }
 
@@ -111,6 +115,9 @@ impl Tokenizer {
         if let Some(id) = special.eos.as_deref().and_then(|t| tok.token_to_id(t)) {
             stop_ids.push(id);
         }
+        // Before sorting: the first named (config.json's first, else
+        // generation_config.json's, else `eos_token`'s id).
+        tok.eos_id = stop_ids.first().copied();
         stop_ids.sort_unstable();
         stop_ids.dedup();
         tok.special = special;
@@ -125,6 +132,7 @@ impl Tokenizer {
             inner: Arc::new(parse_tokenizer(bytes, path)?),
             special: SpecialTokens::default(),
             stop_ids: Vec::new(),
+            eos_id: None,
             path: path.to_path_buf(),
         })
     }
@@ -142,6 +150,14 @@ impl Tokenizer {
     /// The token ids that end a completion (sorted, no duplicates).
     pub fn stop_ids(&self) -> &[u32] {
         &self.stop_ids
+    }
+
+    /// The end-of-sequence token that separates documents in training data: the first
+    /// `eos_token_id` of `config.json` (an int, or a list's first), else of
+    /// `generation_config.json`, else the id of `tokenizer_config.json`'s `eos_token`;
+    /// `None` when none is named.
+    pub fn eos_id(&self) -> Option<u32> {
+        self.eos_id
     }
 
     /// Whether `id` ends a completion.
@@ -166,6 +182,19 @@ impl Tokenizer {
         self.inner
             .encode(text, add_special_tokens)
             .map(|e| e.get_ids().to_vec())
+            .map_err(|e| self.error(format!("cannot encode: {e}")))
+    }
+
+    /// [`encode`](Self::encode) with each token's span of `text` in bytes (`start..end`;
+    /// what `transformers`' `return_offsets_mapping` gives, there in characters).
+    pub fn encode_with_offsets(
+        &self,
+        text: &str,
+        add_special_tokens: bool,
+    ) -> Result<(Vec<u32>, Offsets), TextError> {
+        self.inner
+            .encode(text, add_special_tokens)
+            .map(|e| (e.get_ids().to_vec(), e.get_offsets().to_vec()))
             .map_err(|e| self.error(format!("cannot encode: {e}")))
     }
 

@@ -23,8 +23,8 @@ const EVAL_BATCH: usize = 512;
 /// and the batch's targets and mask: the **sum** over samples of each sample's mean loss
 /// over its counted positions (the loss `Model::loss_sum` trains on), the positions whose
 /// argmax is the target, and the positions counted (all of them, or where the mask is set).
-fn lm_sums(logits: &Tensor, batch: &Batch) -> Result<(f64, i64, i64), ModelError> {
-    let (loss, hit) = lm_loss(logits, batch)?;
+fn lm_sums(logits: &Tensor, batch: &Batch, task: Task) -> Result<(f64, i64, i64), ModelError> {
+    let (loss, hit) = lm_loss(logits, batch, task)?;
     let (hits, positions) = count_hits(&hit, batch.mask.as_ref());
     Ok((loss.double_value(&[]), hits, positions))
 }
@@ -150,11 +150,11 @@ impl Trainer {
     ) -> Result<(f64, i64, i64), TrainError> {
         let b = self
             .data
-            .eval_batch(range.clone())
+            .eval_batch(range.clone())?
             .to_device(self.model.device());
         if of == AccuracyOf::NextToken {
             let logits = self.model.forward(&b.x)?;
-            return lm_sums(&logits, &b).map_err(TrainError::from);
+            return lm_sums(&logits, &b, self.data.task).map_err(TrainError::from);
         }
         let (loss, mut correct) = self.model.loss_sum(&b)?;
         if let Some((prompts, answers)) = self.data.eval_prompts(range.clone()) {
@@ -221,6 +221,7 @@ mod tests {
         let task = Task::Lm {
             len: 8,
             masked: false,
+            vocab: 256,
         };
         let model = Model::build(&job, task, 1, tch::Device::Cpu, Default::default()).unwrap();
         let x = Tensor::from_slice(&(0..16).map(|i| (i * 7 % 256) as i64).collect::<Vec<_>>())
@@ -244,7 +245,7 @@ mod tests {
             };
             let (want, _) = model.loss_sum(&batch).unwrap();
             let logits = model.forward(&batch.x).unwrap();
-            let (loss, hits, positions) = lm_sums(&logits, &batch).unwrap();
+            let (loss, hits, positions) = lm_sums(&logits, &batch, task).unwrap();
             assert!(
                 (loss - want.double_value(&[])).abs() < 1e-5,
                 "{loss} vs {want}"
@@ -262,7 +263,8 @@ mod tests {
         };
         assert!(lm_sums(
             &Tensor::zeros([2, 8, 3], (Kind::Float, tch::Device::Cpu)),
-            &batch
+            &batch,
+            task
         )
         .is_err());
         // Half the positions right: next-token accuracy 0.5.

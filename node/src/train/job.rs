@@ -14,7 +14,7 @@
 //! kind = "mlp"             # mlp | gpt | torchscript (or: torchscript = "model.pt")
 //! hidden = [128]
 //! [data]
-//! kind = "csv"             # csv | text | npy | arithmetic
+//! kind = "csv"             # csv | text | npy | arithmetic | jsonl | parquet
 //! path = "digits.csv.gz"
 //! [optimizer]
 //! kind = "adamw"           # adamw | sgd
@@ -302,14 +302,34 @@ pub enum ModelKind {
 }
 
 /// Which data to train on.
+///
+/// Language-model data (`text`, `jsonl`, `parquet`) is tokenized with the model's
+/// tokenizer: the `gpt`'s bytes (vocabulary 256), or an `hf` model folder's
+/// `tokenizer.json` (see `train::data` for packing, the token cache and the memory bound).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DataSpec {
-    /// `csv`, `text`, `npy` or `arithmetic`.
+    /// `csv`, `text`, `npy`, `arithmetic`, `jsonl` or `parquet`.
     pub kind: DataKind,
-    /// csv / text: the file (`.gz` accepted for csv).
+    /// csv / text: the file (`.gz` accepted for csv). Default: none (required by those
+    /// kinds).
     #[serde(default)]
     pub path: Option<PathBuf>,
+    /// jsonl / parquet: the data: a file, a directory (its `*.jsonl` or `*.parquet` files,
+    /// sorted by name), or a glob whose last component holds `*` or `?`
+    /// (`shards/part-*.parquet`; matches sorted by name). Relative paths resolve against
+    /// the job file's directory, as `path` does. Default: none (required by those kinds).
+    #[serde(default)]
+    pub files: Option<PathBuf>,
+    /// jsonl / parquet: the field (column) holding each record's text. Default: `text`.
+    #[serde(default = "default_text_field")]
+    pub text_field: String,
+    /// jsonl / parquet: chat data: the field holding each record's list of `{role,
+    /// content}` messages, rendered with the model's chat template, the loss counted only
+    /// on the assistant messages' tokens (`text_field` is then not read). Needs an `hf`
+    /// model. Default: none (plain text).
+    #[serde(default)]
+    pub messages_field: Option<String>,
     /// npy: 2-D float32/float64 features.
     #[serde(default)]
     pub features: Option<PathBuf>,
@@ -335,6 +355,9 @@ fn default_true() -> bool {
 fn default_digits() -> u32 {
     2
 }
+fn default_text_field() -> String {
+    "text".into()
+}
 
 /// Dataset kinds.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -348,6 +371,22 @@ pub enum DataKind {
     Npy,
     /// Synthetic sums like `37+45=82`.
     Arithmetic,
+    /// JSON Lines: one JSON object per line, its text in `text_field` (or its
+    /// conversation in `messages_field`).
+    Jsonl,
+    /// Apache Parquet: one record per row, its text in the string column `text_field` (or
+    /// its conversation in the list column `messages_field`).
+    Parquet,
+}
+
+impl DataKind {
+    /// Whether a language model trains on this kind (else a classifier does).
+    pub fn is_lm(self) -> bool {
+        matches!(
+            self,
+            DataKind::Text | DataKind::Arithmetic | DataKind::Jsonl | DataKind::Parquet
+        )
+    }
 }
 
 /// Optimizer settings.
@@ -508,6 +547,7 @@ impl JobSpec {
         }
         for p in [
             self.data.path.as_mut(),
+            self.data.files.as_mut(),
             self.data.features.as_mut(),
             self.data.labels.as_mut(),
         ]
@@ -726,14 +766,46 @@ impl JobSpec {
             DataKind::Arithmetic if !(1..=9).contains(&d.digits) => {
                 return Err(invalid("data.digits", "must be between 1 and 9"))
             }
+            DataKind::Jsonl | DataKind::Parquet if d.files.is_none() => {
+                return Err(invalid(
+                    "data.files",
+                    "is missing (a file, a directory or a glob of shards)",
+                ))
+            }
             _ => {}
         }
-        let lm = matches!(d.kind, DataKind::Text | DataKind::Arithmetic);
-        match (self.model_kind(), lm) {
+        let field_ok = |f: &str| !f.is_empty() && f.len() <= 256;
+        if !field_ok(&d.text_field) {
+            return Err(invalid("data.text_field", "must be 1-256 characters"));
+        }
+        if let Some(f) = &d.messages_field {
+            if !field_ok(f) {
+                return Err(invalid("data.messages_field", "must be 1-256 characters"));
+            }
+            if !matches!(d.kind, DataKind::Jsonl | DataKind::Parquet) {
+                return Err(invalid(
+                    "data.messages_field",
+                    "applies to `jsonl` and `parquet` data only",
+                ));
+            }
+            if self.model_kind() != ModelKind::Hf {
+                return Err(invalid(
+                    "data.messages_field",
+                    "needs an `hf` model (its chat template renders the messages)",
+                ));
+            }
+        }
+        match (self.model_kind(), d.kind.is_lm()) {
             (ModelKind::Gpt, false) => {
                 return Err(invalid(
                     "model.kind",
-                    "gpt trains on `text` or `arithmetic` data",
+                    "gpt trains on `text`, `jsonl`, `parquet` or `arithmetic` data",
+                ))
+            }
+            (ModelKind::Hf, lm) if !lm || d.kind == DataKind::Arithmetic => {
+                return Err(invalid(
+                    "model.kind",
+                    "hf trains on `text`, `jsonl` or `parquet` data",
                 ))
             }
             (ModelKind::Mlp, true) => {
@@ -864,6 +936,30 @@ digits = 2
         assert!(j.lr_at(109, 110) < j.optimizer.lr * 0.01);
         j.optimizer.schedule = Schedule::Constant;
         assert_eq!(j.lr_at(100, 110), j.optimizer.lr);
+    }
+
+    #[test]
+    fn lm_data_keys() {
+        let gpt = MIN.replace("kind = \"mlp\"", "kind = \"gpt\"");
+        let jsonl = gpt.replace(
+            "kind = \"csv\"\npath = \"d.csv\"",
+            "kind = \"jsonl\"\nfiles = \"shards/*.jsonl\"",
+        );
+        let j = JobSpec::parse(&jsonl).unwrap();
+        assert_eq!(j.data.text_field, "text");
+        assert_eq!(j.data.messages_field, None);
+        assert!(err(&jsonl.replace("files = \"shards/*.jsonl\"", "")).contains("`data.files`"));
+        assert!(err(&format!("{jsonl}messages_field = \"m\"\n")).contains("`data.messages_field`"));
+        assert!(err(&format!("{jsonl}text_field = \"\"\n")).contains("`data.text_field`"));
+        let parquet = jsonl.replace("jsonl", "parquet");
+        assert!(JobSpec::parse(&parquet).is_ok());
+        assert!(err(&parquet.replace("kind = \"gpt\"", "kind = \"mlp\"")).contains("`model.kind`"));
+        let mut j = JobSpec::parse(&parquet).unwrap();
+        j.resolve_paths(Path::new("/jobs"), Path::new("/work"));
+        assert_eq!(
+            j.data.files.as_deref(),
+            Some(Path::new("/jobs/shards/*.parquet"))
+        );
     }
 
     #[test]

@@ -59,8 +59,7 @@ impl Trainer {
     pub(super) fn new(ctx: TrainContext) -> Result<Trainer, TrainError> {
         let job = &ctx.job;
         tch::set_num_threads(job.threads as i32);
-        let context = job.model.gpt_context() as usize;
-        let data = Dataset::load(&job.data, job.seed, job.eval_fraction, context)?;
+        let data = Dataset::load(job)?;
         let device = match job.device {
             crate::device::DeviceSpec::Auto => ctx.node_device,
             spec => spec.resolve()?,

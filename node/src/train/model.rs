@@ -166,7 +166,7 @@ impl Model {
                 Ok((loss, correct))
             }
             Task::Lm { .. } => {
-                let (loss, hit) = lm_loss(&logits, batch)?;
+                let (loss, hit) = lm_loss(&logits, batch, self.task)?;
                 let correct = match &batch.mask {
                     Some(mask) => (hit.logical_not().to_kind(Kind::Float) * mask)
                         .sum_dim_intlist(1, false, Kind::Float)
@@ -210,20 +210,31 @@ impl Model {
     }
 }
 
-/// A language model's loss on one batch from its `logits` (`[B, T, VOCAB]`): the **sum**
-/// over samples of each sample's mean loss over its counted positions (all of them, or where
-/// the batch's mask is set), and whether each position's argmax is its target (`[B, T]`).
-pub(crate) fn lm_loss(logits: &Tensor, batch: &Batch) -> Result<(Tensor, Tensor), ModelError> {
+/// A language model's loss on one batch from its `logits` (`[B, T, V]`, `V` the `task`'s
+/// vocabulary): the **sum** over samples of each sample's mean loss over its counted
+/// positions (all of them, or where the batch's mask is set; a sample with none counted
+/// adds 0), and whether each position's argmax is its target (`[B, T]`).
+pub(crate) fn lm_loss(
+    logits: &Tensor,
+    batch: &Batch,
+    task: Task,
+) -> Result<(Tensor, Tensor), ModelError> {
+    let Task::Lm { vocab, .. } = task else {
+        return Err(ModelError::Shape(
+            "a language model's loss needs LM data".into(),
+        ));
+    };
+    let vocab = vocab as i64;
     let b = batch.len as i64;
     let t = batch.y.size().get(1).copied().unwrap_or(0);
-    if logits.size() != [b, t, VOCAB] {
+    if logits.size() != [b, t, vocab] {
         return Err(ModelError::Shape(format!(
-            "logits are {:?}, expected [{b}, {t}, {VOCAB}]",
+            "logits are {:?}, expected [{b}, {t}, {vocab}]",
             logits.size()
         )));
     }
     let per_token = logits
-        .view([b * t, VOCAB])
+        .view([b * t, vocab])
         .cross_entropy_loss::<Tensor>(
             &batch.y.view([b * t]),
             None,
@@ -234,7 +245,7 @@ pub(crate) fn lm_loss(logits: &Tensor, batch: &Batch) -> Result<(Tensor, Tensor)
         .view([b, t]);
     let loss = match &batch.mask {
         Some(mask) => ((&per_token * mask).sum_dim_intlist(1, false, Kind::Float)
-            / mask.sum_dim_intlist(1, false, Kind::Float))
+            / mask.sum_dim_intlist(1, false, Kind::Float).clamp_min(1.0))
         .sum(Kind::Float),
         None => per_token.mean_dim(1, false, Kind::Float).sum(Kind::Float),
     };

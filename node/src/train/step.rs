@@ -324,7 +324,7 @@ impl Trainer {
         }
         self.model.set_train(true);
         let device = self.model.device();
-        let batch = self.data.train_batch(ids).to_device(device);
+        let batch = self.data.train_batch(ids)?.to_device(device);
         let (loss, correct) = self.model.loss_sum(&batch)?;
         loss.backward();
         flat[numel] = loss.double_value(&[]) as f32;

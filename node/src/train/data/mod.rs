@@ -4,13 +4,41 @@
 //! id means the same sample everywhere and only ids move between members (see
 //! `coordinator_free::sharding`). Two shapes of task:
 //! - **classification** (`csv`, `npy`): float features `[B, F]`, integer labels `[B]`;
-//! - **language modelling** (`text`, `arithmetic`): byte tokens, inputs `[B, T]`, targets
-//!   `[B, T]` shifted by one, and for `arithmetic` a mask so only the answer digits count.
+//! - **language modelling** (`text`, `arithmetic`, `jsonl`, `parquet`): token ids, inputs
+//!   `[B, T]` (i64), targets `[B, T]` shifted by one, and for `arithmetic` and chat data a
+//!   mask so only some targets (the answer digits, the assistant's tokens) count.
+//!
+//! The `gpt`'s `text` and `arithmetic` data are held in memory (bytes); `jsonl`,
+//! `parquet`, and `text` for an `hf` model are tokenized once into a token cache on disk
+//! and read a batch at a time, in memory flat in the dataset's size (`packed.rs`: the
+//! split, the packing and the bound; `cache.rs`: the cache; `source.rs`: the files and
+//! records; `tokenize.rs`: tokenizers and chat masks).
 
-use super::job::{DataKind, DataSpec};
+mod cache;
+mod packed;
+#[cfg(test)]
+mod packed_tests;
+mod source;
+mod tabular;
+mod tokenize;
+
+pub use packed::{sequences, Packed, Setup, TEXT_PIECE};
+pub use source::{
+    check_records, list_files, parse_record, Doc, Fields, RecordFormat, MAX_PARQUET_CHUNK,
+    MAX_RECORD_BYTES,
+};
+use tabular::parse_csv;
+pub use tabular::parse_npy;
+pub use tokenize::{chat_tokens, Encoder};
+
+use super::job::{DataKind, DataSpec, JobSpec, ModelKind};
 use std::io::Read;
 use std::path::Path;
 use tch::{Kind, Tensor};
+
+/// Longest training sequence of an `hf` model when `model.context` is not set (and
+/// `max_position_embeddings` is longer).
+pub const DEFAULT_HF_CONTEXT: i64 = 1024;
 
 /// Largest input file read (csv, npy, text), in bytes.
 pub const MAX_FILE_BYTES: u64 = 2 << 30;
@@ -47,6 +75,9 @@ pub enum DataError {
     /// The data is too small to split into training and held-out samples.
     #[error("{0}")]
     TooSmall(String),
+    /// The model folder's tokenizer or configuration cannot be used.
+    #[error("{0}")]
+    Model(String),
 }
 
 fn format_err(path: &Path, problem: impl Into<String>) -> DataError {
@@ -66,12 +97,15 @@ pub enum Task {
         /// Label count (largest label + 1).
         classes: usize,
     },
-    /// Next byte; inputs are `len` tokens.
+    /// Next token; inputs are `len` tokens.
     Lm {
         /// Input tokens per sample.
         len: usize,
-        /// Only masked target positions count (arithmetic answers).
+        /// Only masked target positions count (arithmetic answers, chat assistants).
         masked: bool,
+        /// Vocabulary size (the logits' last dimension): 256 for bytes, an `hf` model's
+        /// `vocab_size`.
+        vocab: usize,
     },
 }
 
@@ -118,6 +152,18 @@ pub struct Dataset {
     mask: Option<Vec<f32>>,
     /// Arithmetic: prompt length and answer digits, for exact-match evaluation.
     pub arithmetic: Option<ArithmeticFormat>,
+    /// Tokenized data read from the token cache (then `train` and `eval` are empty).
+    packed: Option<Packed>,
+}
+
+impl std::fmt::Debug for Dataset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dataset")
+            .field("task", &self.task)
+            .field("train", &self.train_len())
+            .field("eval", &self.eval_len())
+            .finish()
+    }
 }
 
 /// How an arithmetic sample is laid out.
@@ -195,8 +241,62 @@ fn read_file(path: &Path) -> Result<Vec<u8>, DataError> {
 }
 
 impl Dataset {
-    /// Loads the dataset a job names. `context` is the gpt context (LM kinds).
-    pub fn load(
+    /// Loads the dataset of `job`, tokenized for its model: `jsonl` and `parquet` always,
+    /// `text` for an `hf` model, into the token cache `<run dir>/data/` (see `packed.rs`),
+    /// with sequences of `model.context` tokens (`hf` default: `max_position_embeddings`,
+    /// at most [`DEFAULT_HF_CONTEXT`]; `gpt` default 64).
+    pub fn load(job: &JobSpec) -> Result<Dataset, DataError> {
+        let spec = &job.data;
+        let hf = job.model_kind() == ModelKind::Hf;
+        if !(hf || matches!(spec.kind, DataKind::Jsonl | DataKind::Parquet)) {
+            let context = job.model.gpt_context() as usize;
+            return Dataset::load_spec(spec, job.seed, job.eval_fraction, context);
+        }
+        let (encoder, context) = if hf {
+            let dir = job.model.hf.as_deref().expect("validated");
+            let config = crate::models::hf::HfConfig::read(dir)
+                .map_err(|e| DataError::Model(e.to_string()))?;
+            let context = job
+                .model
+                .context
+                .unwrap_or(config.max_context.min(DEFAULT_HF_CONTEXT));
+            let vocab = usize::try_from(config.vocab).unwrap_or(0);
+            let chat = spec.messages_field.is_some();
+            (Encoder::hf(dir, vocab, chat)?, context as usize)
+        } else {
+            (Encoder::Bytes, job.model.gpt_context() as usize)
+        };
+        Dataset::packed(Setup {
+            spec,
+            seed: job.seed,
+            eval_fraction: job.eval_fraction,
+            context,
+            encoder,
+            cache_dir: job.run_dir().join("data"),
+        })
+    }
+
+    /// A tokenized dataset (`jsonl`, `parquet`, or `text` for an hf model).
+    pub fn packed(setup: Setup) -> Result<Dataset, DataError> {
+        let (len, vocab) = (setup.context, setup.encoder.vocab());
+        let p = Packed::load(setup)?;
+        Ok(Dataset {
+            task: Task::Lm {
+                len,
+                masked: p.masked(),
+                vocab,
+            },
+            train: Split::empty(),
+            eval: Split::empty(),
+            mask: None,
+            arithmetic: None,
+            packed: Some(p),
+        })
+    }
+
+    /// Loads an in-memory dataset (`csv`, `npy`, `arithmetic`, and `text` as bytes).
+    /// `context` is the gpt context (LM kinds).
+    pub fn load_spec(
         spec: &DataSpec,
         seed: u64,
         eval_fraction: f64,
@@ -258,6 +358,10 @@ impl Dataset {
                 seed,
                 eval_fraction,
             )),
+            DataKind::Jsonl | DataKind::Parquet => Err(format_err(
+                Path::new("[data]"),
+                "jsonl and parquet data are tokenized: load them with Dataset::load",
+            )),
         }
     }
 
@@ -314,6 +418,7 @@ impl Dataset {
             eval,
             mask: None,
             arithmetic: None,
+            packed: None,
         })
     }
 
@@ -352,11 +457,13 @@ impl Dataset {
             task: Task::Lm {
                 len: context,
                 masked: false,
+                vocab: 256,
             },
             train,
             eval,
             mask: None,
             arithmetic: None,
+            packed: None,
         })
     }
 
@@ -396,32 +503,51 @@ impl Dataset {
             .map(|t| if t + 1 >= fmt.prompt { 1.0 } else { 0.0 })
             .collect();
         Dataset {
-            task: Task::Lm { len, masked: true },
+            task: Task::Lm {
+                len,
+                masked: true,
+                vocab: 256,
+            },
             train,
             eval,
             mask: Some(mask),
             arithmetic: Some(fmt),
+            packed: None,
         }
     }
 
     /// Training samples.
     pub fn train_len(&self) -> u64 {
-        self.train.n as u64
+        match &self.packed {
+            Some(p) => p.train_len(),
+            None => self.train.n as u64,
+        }
     }
 
     /// Held-out samples evaluated (at most [`MAX_EVAL_SAMPLES`]).
     pub fn eval_len(&self) -> usize {
-        self.eval.n.min(MAX_EVAL_SAMPLES)
+        match &self.packed {
+            Some(p) => p.eval_seqs(),
+            None => self.eval.n,
+        }
+        .min(MAX_EVAL_SAMPLES)
     }
 
-    /// The training samples `ids` as a batch.
-    pub fn train_batch(&self, ids: &[u64]) -> Batch {
-        self.batch(&self.train, ids.iter().map(|&i| i as usize))
+    /// The training samples `ids` as a batch (an error only when the token cache cannot
+    /// be read).
+    pub fn train_batch(&self, ids: &[u64]) -> Result<Batch, DataError> {
+        match &self.packed {
+            Some(p) => p.batch(false, ids.iter().copied()),
+            None => Ok(self.batch(&self.train, ids.iter().map(|&i| i as usize))),
+        }
     }
 
     /// Held-out samples `range` as a batch.
-    pub fn eval_batch(&self, range: std::ops::Range<usize>) -> Batch {
-        self.batch(&self.eval, range)
+    pub fn eval_batch(&self, range: std::ops::Range<usize>) -> Result<Batch, DataError> {
+        match &self.packed {
+            Some(p) => p.batch(true, range.map(|i| i as u64)),
+            None => Ok(self.batch(&self.eval, range)),
+        }
     }
 
     /// Held-out arithmetic samples `range`: prompts `[B, prompt]` and answers as numbers.
@@ -495,143 +621,6 @@ impl Split {
     }
 }
 
-/// CSV: numeric features then an integer label per line; a first line that does not parse
-/// is a header; blank lines are skipped.
-fn parse_csv(path: &Path, bytes: &[u8]) -> Result<(Vec<f32>, Vec<i64>, usize), DataError> {
-    let text =
-        std::str::from_utf8(bytes).map_err(|e| format_err(path, format!("not UTF-8: {e}")))?;
-    let mut x = Vec::new();
-    let mut y = Vec::new();
-    let mut width: Option<usize> = None;
-    for (ln, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() {
-            continue;
-        }
-        let fields: Vec<&str> = line.split(',').map(str::trim).collect();
-        let parsed: Result<Vec<f64>, _> = fields.iter().map(|f| f.parse::<f64>()).collect();
-        let Ok(vals) = parsed else {
-            if ln == 0 {
-                continue; // header
-            }
-            return Err(format_err(
-                path,
-                format!("line {}: a field is not a number", ln + 1),
-            ));
-        };
-        if vals.len() < 2 {
-            return Err(format_err(
-                path,
-                format!("line {}: needs at least one feature and a label", ln + 1),
-            ));
-        }
-        match width {
-            None => width = Some(vals.len()),
-            Some(w) if w != vals.len() => {
-                return Err(format_err(
-                    path,
-                    format!(
-                        "line {}: {} fields, earlier lines have {w}",
-                        ln + 1,
-                        vals.len()
-                    ),
-                ))
-            }
-            _ => {}
-        }
-        let label = vals[vals.len() - 1];
-        if label < 0.0 || label.fract() != 0.0 || label > 1e6 {
-            return Err(format_err(
-                path,
-                format!("line {}: label {label} is not a class index", ln + 1),
-            ));
-        }
-        if vals.iter().any(|v| !v.is_finite()) {
-            return Err(format_err(
-                path,
-                format!("line {}: a value is not finite", ln + 1),
-            ));
-        }
-        x.extend(vals[..vals.len() - 1].iter().map(|&v| v as f32));
-        y.push(label as i64);
-    }
-    let Some(w) = width else {
-        return Err(format_err(path, "no data rows"));
-    };
-    Ok((x, y, w - 1))
-}
-
-/// Parses an `.npy` file (format 1.0–3.0, C order, little-endian or byte-sized numbers)
-/// into its shape and values as f64.
-pub fn parse_npy(path: &Path, bytes: &[u8]) -> Result<(Vec<usize>, Vec<f64>), DataError> {
-    let bad = |p: &str| format_err(path, format!("not a supported .npy file: {p}"));
-    if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
-        return Err(bad("missing magic"));
-    }
-    let (hlen, start): (usize, usize) = match bytes[6] {
-        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
-        2 | 3 if bytes.len() >= 12 => (
-            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
-            12,
-        ),
-        _ => return Err(bad("unknown version")),
-    };
-    let header = bytes
-        .get(start..start.saturating_add(hlen))
-        .ok_or_else(|| bad("truncated header"))?;
-    let header = std::str::from_utf8(header).map_err(|_| bad("header not text"))?;
-    let field = |key: &str| -> Option<&str> {
-        let i = header.find(&format!("'{key}'"))?;
-        let rest = header[i + key.len() + 2..].trim_start().strip_prefix(':')?;
-        Some(rest.trim_start())
-    };
-    let descr = field("descr")
-        .and_then(|r| r.strip_prefix('\''))
-        .and_then(|r| r.split('\'').next())
-        .ok_or_else(|| bad("no descr"))?;
-    if field("fortran_order").is_some_and(|r| r.starts_with("True")) {
-        return Err(bad("Fortran order"));
-    }
-    let shape_text = field("shape")
-        .and_then(|r| r.strip_prefix('('))
-        .and_then(|r| r.split(')').next())
-        .ok_or_else(|| bad("no shape"))?;
-    let mut shape = Vec::new();
-    for d in shape_text
-        .split(',')
-        .map(str::trim)
-        .filter(|d| !d.is_empty())
-    {
-        shape.push(d.parse::<usize>().map_err(|_| bad("bad shape"))?);
-    }
-    let numel = shape
-        .iter()
-        .try_fold(1usize, |a, &d| a.checked_mul(d))
-        .ok_or_else(|| bad("shape overflows"))?;
-    let (size, read): (usize, fn(&[u8]) -> f64) = match descr {
-        "<f4" => (4, |b| f32::from_le_bytes(b.try_into().unwrap()) as f64),
-        "<f8" => (8, |b| f64::from_le_bytes(b.try_into().unwrap())),
-        "<i8" => (8, |b| i64::from_le_bytes(b.try_into().unwrap()) as f64),
-        "<i4" => (4, |b| i32::from_le_bytes(b.try_into().unwrap()) as f64),
-        "<i2" => (2, |b| i16::from_le_bytes(b.try_into().unwrap()) as f64),
-        "|u1" => (1, |b| b[0] as f64),
-        "|i1" => (1, |b| b[0] as i8 as f64),
-        other => return Err(bad(&format!("dtype {other}"))),
-    };
-    let data = &bytes[start + hlen..];
-    if Some(data.len()) != numel.checked_mul(size) {
-        return Err(bad(&format!(
-            "{} data bytes for shape {shape:?} of {descr}",
-            data.len()
-        )));
-    }
-    let vals: Vec<f64> = data.chunks_exact(size).map(read).collect();
-    if vals.iter().any(|v| !v.is_finite()) {
-        return Err(bad("a value is not finite"));
-    }
-    Ok((shape, vals))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -647,7 +636,8 @@ mod tests {
             d.task,
             Task::Lm {
                 len: 8,
-                masked: true
+                masked: true,
+                vocab: 256
             }
         );
         // Held-out sums never appear in training.
@@ -655,7 +645,7 @@ mod tests {
         let train: std::collections::HashSet<&[u8]> =
             d.train.tokens.chunks(row).map(|c| &c[..6]).collect();
         assert!(d.eval.tokens.chunks(row).all(|c| !train.contains(&c[..6])));
-        let b = d.train_batch(&[0, 1]);
+        let b = d.train_batch(&[0, 1]).unwrap();
         assert_eq!(b.x.size(), vec![2, 8]);
         let m: Vec<f32> = Vec::try_from(b.mask.unwrap().get(0)).unwrap();
         assert_eq!(m, vec![0., 0., 0., 0., 0., 1., 1., 1.]);
@@ -665,49 +655,11 @@ mod tests {
     }
 
     #[test]
-    fn csv_with_header_and_errors() {
-        let p = Path::new("t.csv");
-        let (x, y, f) = parse_csv(p, b"a,b,label\n1,2,0\n3,4,1\n\n").unwrap();
-        assert_eq!((x, y, f), (vec![1., 2., 3., 4.], vec![0, 1], 2));
-        assert!(parse_csv(p, b"1,2,0\n3,x,1\n")
-            .unwrap_err()
-            .to_string()
-            .contains("line 2"));
-        assert!(parse_csv(p, b"1,2,0\n3,1\n")
-            .unwrap_err()
-            .to_string()
-            .contains("line 2"));
-        assert!(parse_csv(p, b"1,2,0.5\n")
-            .unwrap_err()
-            .to_string()
-            .contains("label"));
-        assert!(parse_csv(p, b"").is_err());
-    }
-
-    #[test]
-    fn npy_parses_and_refuses_garbage() {
-        let mut f = b"\x93NUMPY\x01\x00".to_vec();
-        let h = "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }";
-        let h = format!("{h:<width$}\n", width = 64 - 10 - 1);
-        f.extend((h.len() as u16).to_le_bytes());
-        f.extend(h.as_bytes());
-        for v in 0..6 {
-            f.extend((v as f32).to_le_bytes());
-        }
-        let (s, v) = parse_npy(Path::new("x.npy"), &f).unwrap();
-        assert_eq!(s, vec![2, 3]);
-        assert_eq!(v, vec![0., 1., 2., 3., 4., 5.]);
-        assert!(parse_npy(Path::new("x.npy"), &f[..f.len() - 1]).is_err());
-        assert!(parse_npy(Path::new("x.npy"), b"\x93NUMPY\x01\x00\xff\xff").is_err());
-        assert!(parse_npy(Path::new("x.npy"), b"garbage").is_err());
-    }
-
-    #[test]
     fn text_windows() {
         let text: Vec<u8> = (0..1000u32).map(|i| b'a' + (i % 26) as u8).collect();
         let d = Dataset::text(&text, 16, 0.1, Path::new("t")).unwrap();
         assert_eq!(d.train_len(), (900 - 1) / 16);
-        let b = d.train_batch(&[1]);
+        let b = d.train_batch(&[1]).unwrap();
         let x: Vec<i64> = Vec::try_from(b.x.view([-1])).unwrap();
         let y: Vec<i64> = Vec::try_from(b.y.view([-1])).unwrap();
         assert_eq!(x[1..], y[..15]);
