@@ -703,3 +703,109 @@ fn gpt_trains_on_parquet_and_jsonl_sequences_used_once() {
         "held-out loss {ev:?}"
     );
 }
+
+/// The llama fixture with the byte-level tokenizer fixture (its chat template) in a folder.
+fn hf_model_folder(dir: &Path) -> PathBuf {
+    let out = dir.join("model");
+    std::fs::create_dir_all(&out).unwrap();
+    let fixtures = repo_root().join("node/tests/fixtures");
+    for (src, names) in [
+        (fixtures.join("hf/llama"), None),
+        (
+            fixtures.join("tokenizer/bytelevel"),
+            Some([
+                "tokenizer.json",
+                "tokenizer_config.json",
+                "chat_template.jinja",
+            ]),
+        ),
+    ] {
+        for e in std::fs::read_dir(&src).unwrap() {
+            let name = e.unwrap().file_name().to_string_lossy().into_owned();
+            if names.is_none_or(|n| n.contains(&name.as_str())) {
+                std::fs::copy(src.join(&name), out.join(&name)).unwrap();
+            }
+        }
+    }
+    out
+}
+
+/// An hf fine-tune on chat JSONL (loss on assistant tokens) on 2 local nodes, whole and
+/// with LoRA: every sequence once, the held-out loss falls, the run writes a model folder
+/// (and a PEFT adapter), and `shoal serve` serves what it wrote.
+#[test]
+fn hf_model_fine_tunes_on_chat_jsonl_and_serves_the_result() {
+    let d = TempDir::new("train-hf");
+    let model = hf_model_folder(&d.0);
+    let chat = repo_root().join("node/tests/fixtures/chat/chat.jsonl");
+    for (name, lora) in [("ft", ""), ("ft-lora", "lora = { rank = 4, alpha = 8 }\n")] {
+        let job = d.0.join(format!("{name}.toml"));
+        std::fs::write(
+            &job,
+            format!(
+                "name = \"{name}\"\nseed = 3\nepochs = 2\nbatch_size = 8\nlog_samples = true\neval_every = 5\n\
+                 [model]\nhf = \"{}\"\ncontext = 32\n{lora}[data]\nkind = \"jsonl\"\nfiles = \"{}\"\n\
+                 messages_field = \"messages\"\n[optimizer]\nlr = 0.003\n",
+                model.display(),
+                chat.display()
+            ),
+        )
+        .unwrap();
+        let (code, s, err) = train(&d.0, &job, &["--local", "2"]);
+        assert_eq!(code, Some(0), "{name}: {err}");
+        assert!(s["steps"].as_u64().unwrap() >= 10, "{s}");
+        let run = d.0.join("runs").join(name);
+        let (n, members) = sequences_used_once(&run);
+        assert!(n > 0 && members.len() == 2, "{n} sequences, {members:?}");
+        let ev = eval_losses(&run);
+        assert!(
+            ev.len() >= 2 && ev[ev.len() - 1] < ev[0],
+            "{name}: held-out loss {ev:?}"
+        );
+        let served = if lora.is_empty() {
+            run.join("hf")
+        } else {
+            run.join("adapter")
+        };
+        let marker = if lora.is_empty() {
+            "model.safetensors.index.json"
+        } else {
+            "adapter_model.safetensors"
+        };
+        assert!(served.join(marker).is_file(), "{}", served.display());
+        let out = Command::new(shoal_bin())
+            .args([
+                "serve",
+                "--local",
+                "1",
+                "--json",
+                "--max-tokens",
+                "4",
+                "--prompt",
+                "Speak.",
+            ])
+            .arg(&served)
+            .args(["--dir"])
+            .arg(d.0.join(format!("serve-{name}")))
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let answer: Value = stdout
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|v| v.get("usage").is_some())
+            .unwrap_or_else(|| panic!("{name}: no answer in {stdout}"));
+        // The tuned model answers: up to 4 tokens, or fewer ending in its stop token.
+        let tokens = answer["usage"]["completion_tokens"].as_u64().unwrap();
+        let finish = answer["finish_reason"].as_str().unwrap();
+        assert!(
+            (finish == "length" && tokens == 4) || (finish == "stop" && (1..=4).contains(&tokens)),
+            "{name}: {answer}"
+        );
+    }
+}
