@@ -69,26 +69,35 @@ pub(super) enum Proj {
 }
 
 impl Proj {
+    /// One map's output of `x` (with its adapter's).
+    fn part(l: &Linear, lora: &Option<Lora>, x: &Tensor) -> Tensor {
+        let y = l.forward(x);
+        match lora {
+            Some(a) => y + x.matmul(&a.a.tr()).matmul(&a.b.tr()) * a.scale,
+            None => y,
+        }
+    }
+
+    /// The output of a single map (`o`, `down`, the head).
     fn forward(&self, x: &Tensor) -> Tensor {
         match self {
             Proj::Packed(l) => l.forward(x),
-            Proj::Parts(parts) => {
-                let ys: Vec<Tensor> = parts
-                    .iter()
-                    .map(|(l, lora)| {
-                        let y = l.forward(x);
-                        match lora {
-                            Some(a) => y + x.matmul(&a.a.tr()).matmul(&a.b.tr()) * a.scale,
-                            None => y,
-                        }
-                    })
-                    .collect();
-                if ys.len() == 1 {
-                    ys.into_iter().next().expect("one")
-                } else {
+            Proj::Parts(parts) => match parts.as_slice() {
+                [(l, a)] => Self::part(l, a, x),
+                _ => {
+                    let ys: Vec<Tensor> = parts.iter().map(|(l, a)| Self::part(l, a, x)).collect();
                     Tensor::cat(&ys, -1)
                 }
-            }
+            },
+        }
+    }
+
+    /// Each map's output of `x`, of `sizes` features each (a view of the packed output, or
+    /// each part's own: never concatenated to be split again).
+    fn forward_split(&self, x: &Tensor, sizes: &[i64]) -> Vec<Tensor> {
+        match self {
+            Proj::Packed(l) => l.forward(x).split_with_sizes(sizes, -1),
+            Proj::Parts(parts) => parts.iter().map(|(l, a)| Self::part(l, a, x)).collect(),
         }
     }
 }
@@ -507,8 +516,9 @@ impl Decoder for HfDecoder {
             .size3()
             .map_err(|_| StageError::Request("hidden states must be [batch, len, width]".into()))?;
         let (h, kv, hd) = (c.heads, c.kv_heads, c.head_dim);
-        let qkv = blk.qkv.forward(&blk.input_norm.forward(&x));
-        let parts = qkv.split_with_sizes([h * hd, kv * hd, kv * hd], 2);
+        let parts = blk
+            .qkv
+            .forward_split(&blk.input_norm.forward(&x), &[h * hd, kv * hd, kv * hd]);
         let q = parts[0].view([b, t, h, hd]);
         let k = parts[1].view([b, t, kv, hd]);
         let v = parts[2].view([b, t, kv, hd]).transpose(1, 2);
@@ -527,8 +537,10 @@ impl Decoder for HfDecoder {
         let a = attention.attend(layer, &q, &k, &v)?;
         let a = a.transpose(1, 2).contiguous().view([b, t, h * hd]);
         let x = &x + blk.o.forward(&a);
-        let gu = blk.gate_up.forward(&blk.post_norm.forward(&x));
-        let parts = gu.split(c.intermediate, 2);
+        let m = c.intermediate;
+        let parts = blk
+            .gate_up
+            .forward_split(&blk.post_norm.forward(&x), &[m, m]);
         let mlp = blk.down.forward(&(parts[0].silu() * &parts[1]));
         Ok(x + mlp)
     }
