@@ -682,26 +682,12 @@ fn jsonl_sequences_used_once_when_a_node_joins() {
     };
     // JSONL on a cluster that a third node joins mid-run.
     write_docs_jsonl(&d.0, &docs);
-    let node_args = |extra: &[&str]| -> Vec<String> {
-        let mut a: Vec<String> = [
-            "--no-mdns",
-            "--data-listen",
-            "127.0.0.1:0",
-            "--data-plane",
-            "tcp",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        a.extend(extra.iter().map(|s| s.to_string()));
-        a
-    };
     let listen = format!("/ip4/127.0.0.1/tcp/{}", free_port());
-    let args = node_args(&["--listen", &listen]);
+    let args = serving_args(&["--listen", &listen]);
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut nodes = vec![Node::start(&d.0.join("node-0"), &refs)];
     let boot = format!("{listen}/p2p/{}", nodes[0].id());
-    let joiner = node_args(&["--listen", "/ip4/127.0.0.1/tcp/0", "--bootstrap", &boot]);
+    let joiner = serving_args(&["--listen", "/ip4/127.0.0.1/tcp/0", "--bootstrap", &boot]);
     let joiner: Vec<&str> = joiner.iter().map(String::as_str).collect();
     nodes.push(Node::start(&d.0.join("node-1"), &joiner));
     let refs: Vec<&Node> = nodes.iter().collect();

@@ -215,10 +215,7 @@ fn held_out(seed: u64, i: u64, fraction: f64) -> bool {
 }
 
 fn read_file(path: &Path) -> Result<Vec<u8>, DataError> {
-    let f = std::fs::File::open(path).map_err(|source| DataError::Read {
-        path: path.display().to_string(),
-        source,
-    })?;
+    let f = source::open(path)?;
     let mut buf = Vec::new();
     let gz = path.extension().is_some_and(|e| e == "gz");
     let r: Box<dyn Read> = if gz {

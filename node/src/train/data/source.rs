@@ -234,16 +234,21 @@ pub fn for_each_jsonl(
     }
 }
 
+/// The file at `path`, or an error naming it.
+pub(super) fn open(path: &Path) -> Result<std::fs::File, DataError> {
+    std::fs::File::open(path).map_err(|source| DataError::Read {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
 /// Calls `f` with each record of JSONL file `path`.
 pub fn read_jsonl(
     path: &Path,
     fields: Fields,
     f: &mut dyn FnMut(Doc) -> Result<(), DataError>,
 ) -> Result<(), DataError> {
-    let file = std::fs::File::open(path).map_err(|source| DataError::Read {
-        path: path.display().to_string(),
-        source,
-    })?;
+    let file = open(path)?;
     for_each_jsonl(path, file, fields, MAX_RECORD_BYTES, f)
 }
 
@@ -272,10 +277,7 @@ fn parquet_rows(
     fields: Fields,
     f: &mut dyn FnMut(Doc) -> Result<(), DataError>,
 ) -> Result<(), DataError> {
-    let file = std::fs::File::open(path).map_err(|source| DataError::Read {
-        path: path.display().to_string(),
-        source,
-    })?;
+    let file = open(path)?;
     let reader = SerializedFileReader::new(file)
         .map_err(|e| format_err(path, format!("not a readable Parquet file: {e}")))?;
     let meta = reader.metadata();
