@@ -48,6 +48,10 @@ pub struct ServeArgs {
     /// Tokens to generate per --prompt. Default: 16.
     #[arg(long, default_value_t = 16)]
     max_tokens: u32,
+    /// Ask each --prompt as a user message through `/v1/chat/completions` (rendered with
+    /// the model's chat template) instead of as a prompt to `/v1/completions`. Default: off.
+    #[arg(long)]
+    chat: bool,
     /// Print JSON lines (the offer, then one per prompt: its completion, finish reason,
     /// token usage and milliseconds). Default: off (text).
     #[arg(long, env = "SHOAL_JSON")]
@@ -164,7 +168,7 @@ pub async fn serve(a: ServeArgs) -> Result<(), Failure> {
         let reply = api.offer(&offer).await?;
         println!("{}", String::from_utf8_lossy(&reply).trim());
         for p in &a.prompts {
-            ask(&api, &name, p, a.max_tokens, a.json).await?;
+            ask(&api, &name, p, a.max_tokens, a.chat, a.json).await?;
         }
         return Ok(());
     };
@@ -222,7 +226,7 @@ async fn serve_local(
     }
     let result = async {
         for p in &a.prompts {
-            ask(&api, name, p, a.max_tokens, a.json).await?;
+            ask(&api, name, p, a.max_tokens, a.chat, a.json).await?;
         }
         Ok::<(), Failure>(())
     }
@@ -252,21 +256,34 @@ pub async fn wait_served(
     .await?)
 }
 
-/// Asks one greedy completion and prints the question and the answer.
+/// Asks one greedy completion (a chat completion of one user message with `chat`) and
+/// prints the question and the answer.
 async fn ask(
     api: &Api,
     model: &str,
     prompt: &str,
     max_tokens: u32,
+    chat: bool,
     json: bool,
 ) -> Result<(), Failure> {
-    let body = serde_json::json!({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
-        .to_string();
+    let (path, body) = if chat {
+        let messages = [serde_json::json!({"role": "user", "content": prompt})];
+        (
+            "/v1/chat/completions",
+            serde_json::json!({"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0}),
+        )
+    } else {
+        (
+            "/v1/completions",
+            serde_json::json!({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}),
+        )
+    };
+    let body = body.to_string();
     let t0 = Instant::now();
     let reply = status::http_request_with(
         api.addr,
         "POST",
-        "/v1/completions",
+        path,
         api.token.as_deref(),
         body.as_bytes(),
         Duration::from_secs(120),
@@ -275,11 +292,17 @@ async fn ask(
     .map_err(anyhow::Error::from)?;
     let ms = t0.elapsed().as_secs_f64() * 1000.0;
     let v: serde_json::Value = serde_json::from_slice(&reply).map_err(anyhow::Error::from)?;
-    let text = v["choices"][0]["text"].as_str().unwrap_or_default();
+    let choice = &v["choices"][0];
+    let Some(text) = choice["text"]
+        .as_str()
+        .or_else(|| choice["message"]["content"].as_str())
+    else {
+        return Err(anyhow!("{path} answered without a completion: {v}").into());
+    };
     if json {
         println!(
             "{}",
-            serde_json::json!({"prompt": prompt, "completion": text, "finish_reason": v["choices"][0]["finish_reason"], "usage": v["usage"], "ms": ms})
+            serde_json::json!({"prompt": prompt, "completion": text, "finish_reason": choice["finish_reason"], "usage": v["usage"], "ms": ms})
         );
     } else {
         println!("{prompt:?} -> {text:?} ({ms:.1} ms)");

@@ -245,10 +245,9 @@ impl JobSpec {
                 *p = base.join(&*p);
             }
         };
-        if let Some(p) = self.model.torchscript.as_mut() {
-            fix(p);
-        }
         for p in [
+            self.model.torchscript.as_mut(),
+            self.model.hf.as_mut(),
             self.data.path.as_mut(),
             self.data.files.as_mut(),
             self.data.features.as_mut(),

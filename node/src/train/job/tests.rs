@@ -101,4 +101,13 @@ fn relative_paths_resolve_against_the_job_dir() {
     j.resolve_paths(Path::new("/jobs"), Path::new("/work"));
     assert_eq!(j.data.path.as_deref(), Some(Path::new("/jobs/d.csv")));
     assert_eq!(j.output_dir, PathBuf::from("/work/runs"));
+    // A model folder too (an absolute one stays).
+    let hf = MIN.replace("kind = \"mlp\"", "hf = \"out/model\"").replace(
+        "kind = \"csv\"\npath = \"d.csv\"",
+        "kind = \"text\"\npath = \"/d.txt\"",
+    );
+    let mut j = JobSpec::parse(&hf).unwrap();
+    j.resolve_paths(Path::new("/jobs"), Path::new("/work"));
+    assert_eq!(j.model.hf.as_deref(), Some(Path::new("/jobs/out/model")));
+    assert_eq!(j.data.path.as_deref(), Some(Path::new("/d.txt")));
 }
