@@ -256,28 +256,7 @@ impl Training {
         if v.hash != view {
             return Ok(());
         }
-        if all.len() != v.len() || !v.ids().all(|id| all.iter().any(|(m, _)| m == id)) {
-            return Err(TrainingError::IncompleteExchange);
-        }
-        for (m, p) in all {
-            if p.step > self.plan.total_steps || p.cursor.offset >= self.plan.n_samples.max(1) {
-                return Err(TrainingError::BadProgress {
-                    member: m.clone(),
-                    progress: *p,
-                });
-            }
-        }
-        // Most steps first; among those, rendezvous hashing over the view picks (so the
-        // load of serving joiners spreads over members from view to view).
-        let score = |id: &NodeId| {
-            sharding::rendezvous_score(v.epoch, SYNC_SHARD, sharding::member_digest(id))
-        };
-        let (root, progress) = all
-            .iter()
-            .max_by_key(|(m, p)| (p.step, score(m)))
-            .map(|(m, p)| (m.clone(), *p))
-            .ok_or(TrainingError::IncompleteExchange)?;
-        let rank = v.position(&root).ok_or(TrainingError::IncompleteExchange)? as u32;
+        let (root, rank, progress) = choose_root(v, all, &self.plan)?;
         self.phase = Phase::Sync(v.clone(), root, rank, progress);
         Ok(())
     }
@@ -307,32 +286,7 @@ impl Training {
         if v.hash != view || step != self.progress.step {
             return;
         }
-        for (id, s) in measured {
-            if !valid_speed(*s) || !v.contains(id) {
-                continue;
-            }
-            match self.speeds.iter_mut().find(|(m, _)| m == id) {
-                Some((_, old)) => *old += SPEED_SMOOTHING * (s - *old),
-                None => self.speeds.push((id.clone(), *s)),
-            }
-        }
-        // A member that measured nothing (no samples this step) moves toward the others'
-        // mean, so one that was handed nothing gets samples again and measures anew.
-        let unmeasured = |id: &NodeId| !measured.iter().any(|(m, s)| m == id && valid_speed(*s));
-        let others: Vec<f64> = self
-            .speeds
-            .iter()
-            .filter(|(id, _)| !unmeasured(id))
-            .map(|(_, s)| *s)
-            .collect();
-        if !others.is_empty() {
-            let mean = others.iter().sum::<f64>() / others.len() as f64;
-            for (id, s) in self.speeds.iter_mut() {
-                if unmeasured(id) {
-                    *s += SPEED_SMOOTHING * (mean - *s);
-                }
-            }
-        }
+        update_speeds(&mut self.speeds, v, measured);
     }
 
     /// The outcome of [`Action::Step`] for `step` on `view`: `true` commits it.
@@ -388,28 +342,107 @@ impl Training {
             },
             Phase::Ready(v) => {
                 let batch = self.batch()?;
-                let ids: Vec<NodeId> = v.ids().cloned().collect();
-                let weights = if self.plan.balance {
-                    share_weights(&ids, &self.speeds)
-                } else {
-                    ids.into_iter().map(|id| (id, 1)).collect()
-                };
-                let a = sharding::assign(&weights, &batch, self.plan.shard_size)?;
-                let coverage = weights
-                    .iter()
-                    .map(|(id, _)| (id.clone(), a.ranges(id).to_vec()))
-                    .collect();
+                let (ranges, weights, coverage) =
+                    split_batch(v, &self.me, &self.plan, &self.speeds, &batch)?;
                 Action::Step {
                     view: v.clone(),
                     step: self.progress.step,
                     batch,
-                    ranges: a.ranges(&self.me).to_vec(),
+                    ranges,
                     weights,
                     coverage,
                 }
             }
         })
     }
+}
+
+/// The sync root of `view` from every member's progress (`all`, any order), after checking
+/// that it covers exactly the view's members and that nobody reports progress beyond the
+/// job: the member with the most committed steps; among those, the one rendezvous hashing
+/// over the view picks (so the load of serving joiners spreads over members from view to
+/// view). Returns the root, its rank in `view` and its progress.
+pub(crate) fn choose_root(
+    v: &View,
+    all: &[(NodeId, Progress)],
+    plan: &TrainingPlan,
+) -> Result<(NodeId, u32, Progress), TrainingError> {
+    if all.len() != v.len() || !v.ids().all(|id| all.iter().any(|(m, _)| m == id)) {
+        return Err(TrainingError::IncompleteExchange);
+    }
+    for (m, p) in all {
+        if p.step > plan.total_steps || p.cursor.offset >= plan.n_samples.max(1) {
+            return Err(TrainingError::BadProgress {
+                member: m.clone(),
+                progress: *p,
+            });
+        }
+    }
+    let score =
+        |id: &NodeId| sharding::rendezvous_score(v.epoch, SYNC_SHARD, sharding::member_digest(id));
+    let (root, progress) = all
+        .iter()
+        .max_by_key(|(m, p)| (p.step, score(m)))
+        .map(|(m, p)| (m.clone(), *p))
+        .ok_or(TrainingError::IncompleteExchange)?;
+    let rank = v.position(&root).ok_or(TrainingError::IncompleteExchange)? as u32;
+    Ok((root, rank, progress))
+}
+
+/// Moves the smoothed speed estimates `speeds` (of `view`'s members) toward the speeds every
+/// member `measured`: each estimate moves [`SPEED_SMOOTHING`] of the way to its new
+/// measurement; a member without one (non-finite or non-positive: it had no samples) moves
+/// that far toward the measured members' mean instead, so nobody stays without samples.
+pub(crate) fn update_speeds(speeds: &mut Vec<(NodeId, f64)>, v: &View, measured: &[(NodeId, f64)]) {
+    for (id, s) in measured {
+        if !valid_speed(*s) || !v.contains(id) {
+            continue;
+        }
+        match speeds.iter_mut().find(|(m, _)| m == id) {
+            Some((_, old)) => *old += SPEED_SMOOTHING * (s - *old),
+            None => speeds.push((id.clone(), *s)),
+        }
+    }
+    // A member that measured nothing (no samples) moves toward the others' mean, so one that
+    // was handed nothing gets samples again and measures anew.
+    let unmeasured = |id: &NodeId| !measured.iter().any(|(m, s)| m == id && valid_speed(*s));
+    let others: Vec<f64> = speeds
+        .iter()
+        .filter(|(id, _)| !unmeasured(id))
+        .map(|(_, s)| *s)
+        .collect();
+    if !others.is_empty() {
+        let mean = others.iter().sum::<f64>() / others.len() as f64;
+        for (id, s) in speeds.iter_mut() {
+            if unmeasured(id) {
+                *s += SPEED_SMOOTHING * (mean - *s);
+            }
+        }
+    }
+}
+
+/// How `batch` splits over `view`: `me`'s positions, every member's share weight (by the
+/// smoothed `speeds` when the plan balances, else equal) and every member's positions in
+/// weight order.
+pub(crate) fn split_batch(
+    v: &View,
+    me: &NodeId,
+    plan: &TrainingPlan,
+    speeds: &[(NodeId, f64)],
+    batch: &StepBatch,
+) -> Result<(Vec<Range<u64>>, Vec<(NodeId, u32)>, Coverage), ShardingError> {
+    let ids: Vec<NodeId> = v.ids().cloned().collect();
+    let weights = if plan.balance {
+        share_weights(&ids, speeds)
+    } else {
+        ids.into_iter().map(|id| (id, 1)).collect()
+    };
+    let a = sharding::assign(&weights, batch, plan.shard_size)?;
+    let coverage = weights
+        .iter()
+        .map(|(id, _)| (id.clone(), a.ranges(id).to_vec()))
+        .collect();
+    Ok((a.ranges(me).to_vec(), weights, coverage))
 }
 
 /// Why a member's gradient was left out of a step.
