@@ -59,10 +59,24 @@
 //!   in synchronous training the speeds restart from equal shares at every sync.
 //! - **The gradient guard does not apply** to inner steps (there is no exchange to compare
 //!   against); screening pseudo-gradients is left to the shell for now.
+//!
+//! # Driving it from the shell
+//! The loop is today's: at the top of every turn hand the settled view to
+//! [`OuterTraining::handle_view`] (between inner steps too, so a round in a dead view stops
+//! early), then act on [`OuterTraining::poll_action`]. The shell keeps three things besides
+//! the working weights θ_local: θ_global, the outer momentum (zeros at the start), and
+//! whatever inner optimizer state it restores a redone round from. `WaitForView`,
+//! `ExchangeProgress` and the failure paths are synchronous training's, and can be shared
+//! with it through [`RoundMachine`]. `Sync` broadcasts committed state, never θ_local.
+//! `InnerStep` is local compute only. `OuterReduce` carries the bytes; its view binding and
+//! failure handling are those of a step's all-reduce. Logs, evaluation, checkpoints and the
+//! samples log follow commits of rounds: a checkpoint holds θ_global and the momentum, and
+//! the sample ids of a round's inner steps are recorded only when the round commits.
 
 use crate::sharding::{self, DataCursor, StepBatch};
 use crate::training::{
-    choose_root, split_batch, update_speeds, Coverage, Progress, TrainingError, TrainingPlan,
+    choose_root, split_batch, update_speeds, Coverage, Progress, RoundMachine, TrainingError,
+    TrainingPlan,
 };
 use crate::view::{NodeId, View, ViewHash};
 use serde::{Deserialize, Serialize};
@@ -536,6 +550,28 @@ impl OuterTraining {
                 round_samples: r.round_samples,
             },
         })
+    }
+}
+
+impl RoundMachine for OuterTraining {
+    fn progress(&self) -> Progress {
+        OuterTraining::progress(self)
+    }
+    fn handle_view(&mut self, view: &View) {
+        OuterTraining::handle_view(self, view)
+    }
+    fn handle_progress(
+        &mut self,
+        view: ViewHash,
+        all: &[(NodeId, Progress)],
+    ) -> Result<(), TrainingError> {
+        OuterTraining::handle_progress(self, view, all)
+    }
+    fn handle_synced(&mut self, view: ViewHash) {
+        OuterTraining::handle_synced(self, view)
+    }
+    fn handle_failure(&mut self) {
+        OuterTraining::handle_failure(self)
     }
 }
 

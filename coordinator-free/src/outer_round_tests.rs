@@ -349,3 +349,42 @@ fn the_sync_root_is_the_member_a_round_ahead() {
         Err(TrainingError::BadProgress { .. })
     ));
 }
+
+/// The shell's view, exchange and sync code can be written once over [`RoundMachine`]: the
+/// same generic walk brings both machines to their first step, and a failure to waiting.
+#[test]
+fn one_generic_sync_path_serves_both_machines() {
+    fn bring_up<M: RoundMachine>(m: &mut M, v: &View, at: Progress) {
+        m.handle_view(v);
+        let all: Vec<(NodeId, Progress)> = v.ids().map(|i| (i.clone(), at)).collect();
+        m.handle_progress(v.hash, &all).unwrap();
+        m.handle_synced(v.hash);
+        assert_eq!(m.progress(), at);
+    }
+    let v = view(1, &["a", "b"]);
+    let at = Progress {
+        step: 3,
+        cursor: DataCursor {
+            epoch: 0,
+            offset: 4,
+        },
+    };
+    let mut sync = crate::training::Training::new(id("a"), plan(), Progress::default());
+    bring_up(&mut sync, &v, at);
+    assert!(matches!(
+        sync.poll_action().unwrap(),
+        crate::training::Action::Step { step: 3, .. }
+    ));
+    let mut outer = OuterTraining::new(id("a"), plan(), 3, Progress::default()).unwrap();
+    bring_up(&mut outer, &v, at);
+    assert!(matches!(
+        outer.poll_action().unwrap(),
+        OuterAction::InnerStep {
+            round: 1,
+            step: 3,
+            ..
+        }
+    ));
+    RoundMachine::handle_failure(&mut outer);
+    assert_eq!(outer.poll_action().unwrap(), OuterAction::WaitForView);
+}

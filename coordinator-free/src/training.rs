@@ -357,6 +357,49 @@ impl Training {
     }
 }
 
+/// What the shell's view, exchange and sync handling needs of a round machine, shared by
+/// synchronous steps ([`Training`]) and DiLoCo's outer rounds
+/// ([`crate::outer_round::OuterTraining`]), so one piece of shell code serves both: the
+/// methods mean what the inherent methods of the same names mean.
+pub trait RoundMachine {
+    /// What this member has committed.
+    fn progress(&self) -> Progress;
+    /// A settled view.
+    fn handle_view(&mut self, view: &View);
+    /// The result of the progress exchange on `view`.
+    fn handle_progress(
+        &mut self,
+        view: ViewHash,
+        all: &[(NodeId, Progress)],
+    ) -> Result<(), TrainingError>;
+    /// The sync on `view` completed.
+    fn handle_synced(&mut self, view: ViewHash);
+    /// A collective of the exchange or the sync failed: wait for the next view.
+    fn handle_failure(&mut self);
+}
+
+impl RoundMachine for Training {
+    fn progress(&self) -> Progress {
+        Training::progress(self)
+    }
+    fn handle_view(&mut self, view: &View) {
+        Training::handle_view(self, view)
+    }
+    fn handle_progress(
+        &mut self,
+        view: ViewHash,
+        all: &[(NodeId, Progress)],
+    ) -> Result<(), TrainingError> {
+        Training::handle_progress(self, view, all)
+    }
+    fn handle_synced(&mut self, view: ViewHash) {
+        Training::handle_synced(self, view)
+    }
+    fn handle_failure(&mut self) {
+        Training::handle_failure(self)
+    }
+}
+
 /// The sync root of `view` from every member's progress (`all`, any order), after checking
 /// that it covers exactly the view's members and that nobody reports progress beyond the
 /// job: the member with the most committed steps; among those, the one rendezvous hashing
