@@ -342,7 +342,8 @@ impl OuterTraining {
         self.progress
     }
 
-    /// Outer rounds committed: `ceil(step / H)`.
+    /// Outer rounds committed: `ceil(step / H)` (a run resumed at an unaligned step counts
+    /// the round it resumed inside as one).
     pub fn rounds(&self) -> u64 {
         self.progress.step.div_ceil(self.inner_steps)
     }

@@ -388,3 +388,36 @@ fn one_generic_sync_path_serves_both_machines() {
     RoundMachine::handle_failure(&mut outer);
     assert_eq!(outer.poll_action().unwrap(), OuterAction::WaitForView);
 }
+
+/// A run resumed at a step that is not a multiple of H (a synchronous run's checkpoint)
+/// takes one short round to the next multiple, then whole rounds.
+#[test]
+fn an_unaligned_resume_takes_a_short_round_first() {
+    let at = Progress {
+        step: 4,
+        cursor: DataCursor {
+            epoch: 1,
+            offset: 6,
+        },
+    };
+    let mut t = OuterTraining::new(id("a"), plan(), 3, at).unwrap();
+    assert_eq!(
+        t.rounds(),
+        2,
+        "ceil(4 / 3) outer steps counted as committed"
+    );
+    let v = view(1, &["a", "b"]);
+    ready(&mut t, &v, at);
+    let batches = inner_phase(&mut t);
+    assert_eq!(batches.len(), 2, "steps 4 and 5");
+    assert_eq!(batches[0].cursor, at.cursor);
+    let OuterAction::OuterReduce { round, steps, .. } = t.poll_action().unwrap() else {
+        panic!()
+    };
+    assert_eq!((round, steps.clone()), (1, 4..6));
+    t.handle_outer(v.hash, round, true);
+    assert_eq!((t.progress().step, t.rounds()), (6, 2));
+    assert_eq!(inner_phase(&mut t).len(), 1, "the job's last step");
+    t.handle_outer(v.hash, 2, true);
+    assert_eq!(t.poll_action().unwrap(), OuterAction::Finished);
+}
