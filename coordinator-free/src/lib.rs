@@ -22,6 +22,8 @@
 //!   a streaming client may be sent yet (the hold-back).
 //! - [`training`]: the training-round state machine (wait, exchange progress, sync, step,
 //!   commit or redo).
+//! - [`outer_round`]: DiLoCo's outer rounds (H local steps, then one all-reduce of the
+//!   pseudo-gradient and a Nesterov outer step), the same protocol with a round for a step.
 //! - [`sharding`]: which samples each member trains on at each step (exactly once per
 //!   data epoch).
 
@@ -30,6 +32,7 @@ pub mod codec;
 pub mod collective;
 pub mod gossip;
 pub mod membership;
+pub mod outer_round;
 pub mod pipeline;
 pub mod serving;
 pub mod sharding;
