@@ -335,7 +335,7 @@ impl Trainer {
             }
         }
         let stats = self.ctx.dp.stats();
-        let (start, stats0) = work.start.unwrap_or((Instant::now(), stats.clone()));
+        let (start, stats0) = work.start.unwrap_or_else(|| (Instant::now(), stats.clone()));
         let secs = start.elapsed().as_secs_f64();
         let loss = loss_sum / round.samples.max(1) as f64;
         let rec = RoundRecord {

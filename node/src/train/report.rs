@@ -125,7 +125,7 @@ pub struct RoundRecord {
     /// Of the round: this member's inner steps (forward, backward, inner optimizer), ms.
     pub compute_ms: f64,
     /// Of the round: the outer all-reduce of the pseudo-gradient (including waiting for
-    /// the slowest member), ms.
+    /// the slowest member) and the outer step, ms.
     pub allreduce_ms: f64,
     /// Seconds since training started (after the members gathered), at the commit.
     pub elapsed_s: f64,

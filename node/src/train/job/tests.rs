@@ -175,3 +175,11 @@ fn sync_errors_name_the_key() {
     let wrong_type = err(&diloco("inner_steps = \"five\""));
     assert!(wrong_type.contains("inner_steps"), "{wrong_type}");
 }
+
+/// The DiLoCo example job parses, as DiLoCo with its stated settings.
+#[test]
+fn the_diloco_example_parses() {
+    let text = include_str!("../../../../examples/jobs/shakespeare-diloco.toml");
+    let c = JobSpec::parse(text).unwrap().sync.outer().expect("diloco");
+    assert_eq!((c.inner_steps, c.outer_lr, c.outer_momentum), (10, 0.7, 0.9));
+}
