@@ -559,7 +559,10 @@ fn diloco_survives_a_kill_9_and_uses_every_sample_once() {
         .filter_map(|v| v["step"].as_u64())
         .min()
         .expect("rounds committed by the 2 survivors");
-    assert!(after_kill > before && after_kill.is_multiple_of(10), "{after_kill}");
+    assert!(
+        after_kill > before && after_kill.is_multiple_of(10),
+        "{after_kill}"
+    );
     let (n, members) = sequences_used_once(&d.0.join("runs/elastic"));
     assert_eq!(members.len(), 3, "{members:?}");
     eprintln!(

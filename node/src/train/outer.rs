@@ -132,7 +132,12 @@ impl Trainer {
 
     /// Runs a DiLoCo job to its last round (or the first fatal error).
     pub(super) fn run_outer(&mut self) -> Result<(), TrainError> {
-        let h = self.outer.as_ref().expect("a diloco job").config.inner_steps;
+        let h = self
+            .outer
+            .as_ref()
+            .expect("a diloco job")
+            .config
+            .inner_steps;
         let mut machine = OuterTraining::new(self.ctx.me.clone(), self.plan(), h, self.progress())
             .map_err(|e| TrainError::Internal(e.to_string()))?;
         // The weights from the seed, or the checkpoint's: the committed state.
@@ -187,7 +192,8 @@ impl Trainer {
                         }
                         Err(StepError::Fatal(e)) => return Err(e),
                         Err(StepError::Failed(e)) => {
-                            let failed = self.round_failed(&mut machine, &view, round, &steps, e)?;
+                            let failed =
+                                self.round_failed(&mut machine, &view, round, &steps, e)?;
                             turn.failed_view = Some(failed);
                         }
                     }
@@ -335,7 +341,9 @@ impl Trainer {
             }
         }
         let stats = self.ctx.dp.stats();
-        let (start, stats0) = work.start.unwrap_or_else(|| (Instant::now(), stats.clone()));
+        let (start, stats0) = work
+            .start
+            .unwrap_or_else(|| (Instant::now(), stats.clone()));
         let secs = start.elapsed().as_secs_f64();
         let loss = loss_sum / round.samples.max(1) as f64;
         let rec = RoundRecord {

@@ -310,7 +310,10 @@ impl Trainer {
     /// vector; on another device (or in bf16) it is one flat f32 tensor there (returned
     /// beside a vector whose gradient part is zeros), for the all-reduce to copy bucket by
     /// bucket.
-    pub(super) fn local_gradients(&mut self, ids: &[u64]) -> Result<(Vec<f32>, Option<Tensor>), TrainError> {
+    pub(super) fn local_gradients(
+        &mut self,
+        ids: &[u64],
+    ) -> Result<(Vec<f32>, Option<Tensor>), TrainError> {
         for (_, p) in &self.params {
             let mut g = p.grad();
             if g.defined() {

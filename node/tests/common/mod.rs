@@ -539,4 +539,3 @@ pub fn sequences_used_once(run_dir: &Path) -> (u64, Vec<String>) {
     }
     (n, members)
 }
-

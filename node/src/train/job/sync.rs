@@ -94,10 +94,9 @@ impl JobSpec {
         // An f64 outside f32's range becomes infinite and is refused as not finite.
         config.validate().map_err(|e| match e {
             OuterError::NoInnerSteps => invalid("sync.inner_steps", "must be at least 1"),
-            OuterError::BadLr(x) => invalid(
-                "sync.outer_lr",
-                format!("must be finite and > 0 (got {x})"),
-            ),
+            OuterError::BadLr(x) => {
+                invalid("sync.outer_lr", format!("must be finite and > 0 (got {x})"))
+            }
             OuterError::BadMomentum(x) => invalid(
                 "sync.outer_momentum",
                 format!("must be in [0, 1) (got {x})"),

@@ -134,7 +134,10 @@ fn diloco_keys_parse_with_the_core_defaults() {
     assert_eq!(c.inner_steps, DEFAULT_INNER_STEPS);
     assert_eq!(c.outer_lr, DEFAULT_OUTER_LR);
     assert_eq!(c.outer_momentum, DEFAULT_OUTER_MOMENTUM);
-    assert_eq!((c.inner_steps, c.outer_lr, c.outer_momentum), (50, 0.7, 0.9));
+    assert_eq!(
+        (c.inner_steps, c.outer_lr, c.outer_momentum),
+        (50, 0.7, 0.9)
+    );
     assert_ne!(j.hash(), JobSpec::parse(MIN).unwrap().hash());
     let text = format!(
         "{MIN}[sync]\nkind = \"diloco\"\ninner_steps = 5\nouter_lr = 0.5\nouter_momentum = 0.0\n"
@@ -153,18 +156,26 @@ fn sync_errors_name_the_key() {
     assert!(e.contains("`sync.inner_steps` must be at least 1"), "{e}");
     for bad in ["0.0", "-1.0", "nan", "inf", "1e300"] {
         let e = err(&diloco(&format!("outer_lr = {bad}")));
-        assert!(e.contains("`sync.outer_lr` must be finite and > 0"), "{bad}: {e}");
+        assert!(
+            e.contains("`sync.outer_lr` must be finite and > 0"),
+            "{bad}: {e}"
+        );
     }
     for bad in ["1.0", "-0.1", "nan"] {
         let e = err(&diloco(&format!("outer_momentum = {bad}")));
-        assert!(e.contains("`sync.outer_momentum` must be in [0, 1)"), "{bad}: {e}");
+        assert!(
+            e.contains("`sync.outer_momentum` must be in [0, 1)"),
+            "{bad}: {e}"
+        );
     }
     // The DiLoCo keys do nothing in synchronous training: refused there.
     for key in ["inner_steps = 5", "outer_lr = 0.7", "outer_momentum = 0.9"] {
         let e = err(&format!("{MIN}[sync]\n{key}\n"));
         let name = key.split(' ').next().unwrap();
         assert!(
-            e.contains(&format!("`sync.{name}` applies only with `sync.kind = \"diloco\"`")),
+            e.contains(&format!(
+                "`sync.{name}` applies only with `sync.kind = \"diloco\"`"
+            )),
             "{e}"
         );
     }
@@ -181,5 +192,8 @@ fn sync_errors_name_the_key() {
 fn the_diloco_example_parses() {
     let text = include_str!("../../../../examples/jobs/shakespeare-diloco.toml");
     let c = JobSpec::parse(text).unwrap().sync.outer().expect("diloco");
-    assert_eq!((c.inner_steps, c.outer_lr, c.outer_momentum), (10, 0.7, 0.9));
+    assert_eq!(
+        (c.inner_steps, c.outer_lr, c.outer_momentum),
+        (10, 0.7, 0.9)
+    );
 }
