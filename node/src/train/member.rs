@@ -52,6 +52,9 @@ pub(super) struct Trainer {
     pub(super) device_key: u64,
     /// The backend of the current view's gradient all-reduce, and its NCCL communicator.
     pub(super) backends: super::backend::Backends,
+    /// The sample ids of this member's contribution to the all-reduce round in flight (the
+    /// samples log records them when the round fails here).
+    pub(super) attempted: Vec<u64>,
 }
 
 impl Trainer {
@@ -96,6 +99,7 @@ impl Trainer {
             tag_base,
             device_key: super::backend::device_key(device),
             backends: Default::default(),
+            attempted: Vec::new(),
         })
     }
 
@@ -185,6 +189,11 @@ impl Trainer {
                         }
                         Err(StepError::Fatal(e)) => return Err(e),
                         Err(StepError::Failed(e)) => {
+                            if let Some(f) = samples_log.as_mut() {
+                                // Lines name a step by its number once committed (1-based).
+                                let (n, epoch) = (step + 1, batch.cursor.epoch);
+                                f.append(n, epoch, &self.attempted, &view, false)?;
+                            }
                             failed_view = Some(self.redo(&mut machine, &view, step, e)?)
                         }
                     }
@@ -245,7 +254,7 @@ impl Trainer {
         machine.handle_step(view.hash, step, true);
         debug_assert_eq!(machine.progress().step, self.step);
         if let Some(f) = samples_log {
-            f.append(record.step, batch.cursor.epoch, &ids)?;
+            f.append(record.step, batch.cursor.epoch, &ids, view, true)?;
         }
         self.log_step(view, &record)?;
         let first = self.am_first(view);

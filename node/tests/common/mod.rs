@@ -418,6 +418,26 @@ pub fn check_cursor_walk(run_dir: &Path, steps: u64, batch: u64) -> u64 {
     total
 }
 
+/// The samples of every committed step of a run, from all its members' `samples.*.jsonl`
+/// (`shoal_node::train::report::used_samples`: the lines of the view that committed each
+/// step): step → (data epoch, member → ids).
+pub fn step_samples(
+    run_dir: &Path,
+) -> std::collections::BTreeMap<u64, (u64, std::collections::BTreeMap<String, Vec<u64>>)> {
+    let mut text = String::new();
+    for e in std::fs::read_dir(run_dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("samples.")
+        {
+            text += &std::fs::read_to_string(&p).unwrap();
+        }
+    }
+    shoal_node::train::report::used_samples(text.lines())
+}
+
 /// The newest training job in a node's status whose `key` (`run` or `job`) is `value`.
 pub fn job_where(node: &Node, key: &str, value: &str) -> Option<Value> {
     let s = node.status()?;
