@@ -10,12 +10,13 @@
 //! ring's; the header carries the compression's dtype, so peers that disagree refuse the
 //! operation before any payload moves.
 
-use super::transport::{BoxRead, Link};
+use super::ring::spawn_reader;
+use super::transport::Link;
 use super::{DataPlane, DataPlaneError};
 use coordinator_free::codec::data::OpHeader;
 use coordinator_free::collective::{segments, Kind, ReduceOp, Ring};
 use coordinator_free::compression::{self, Compression, INT8_BLOCK};
-use coordinator_free::{NodeId, View};
+use coordinator_free::View;
 
 impl DataPlane {
     /// Ring all-reduce of `buf` across `view` in place, its payload compressed as `c`
@@ -63,7 +64,7 @@ impl DataPlane {
         let seg = (self.inner.cfg.segment_bytes / 4 / INT8_BLOCK).max(1) * INT8_BLOCK;
         let bad = |e: compression::WireSizeError| DataPlaneError::Buffer(e.to_string());
         let steps = ring.all_reduce_steps();
-        // A reader task receives every segment ahead (up to READ_AHEAD), so the kernel's
+        // A reader task receives every segment ahead (`ring::READ_AHEAD`), so the kernel's
         // receive copies overlap this task's encoding, sending and decoding.
         let lens: Vec<usize> = steps
             .iter()
@@ -71,7 +72,7 @@ impl DataPlane {
             .map(|r| c.wire_bytes(r.len()))
             .collect();
         let Link { peer, r, w } = inn;
-        let (mut filled, free, reader) = spawn_byte_reader(self.clone(), peer.clone(), r, lens);
+        let (mut filled, free, reader) = spawn_reader::<u8>(self.clone(), peer.clone(), r, lens);
         let reader_failed = || DataPlaneError::Io {
             peer: peer.clone(),
             source: std::io::Error::other("inbound reader stopped"),
@@ -160,38 +161,4 @@ impl DataPlane {
         self.recycle_inbound(inn);
         Ok(())
     }
-}
-
-/// Segments the reader may receive ahead of their decoding.
-const READ_AHEAD: usize = 4;
-
-/// Reads segments of `lens` bytes from `r` in order into pooled buffers, ahead of their
-/// use. Returns the filled-buffer channel, the free-buffer channel and the task (which
-/// yields `r` back once every segment is read).
-#[allow(clippy::type_complexity)]
-fn spawn_byte_reader(
-    dp: DataPlane,
-    peer: NodeId,
-    mut r: BoxRead,
-    lens: Vec<usize>,
-) -> (
-    tokio::sync::mpsc::Receiver<Result<Vec<u8>, DataPlaneError>>,
-    tokio::sync::mpsc::Sender<Vec<u8>>,
-    tokio::task::JoinHandle<Option<BoxRead>>,
-) {
-    let (tx, rx) = tokio::sync::mpsc::channel(READ_AHEAD);
-    let (free_tx, mut free_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(READ_AHEAD + 2);
-    let handle = tokio::spawn(async move {
-        for len in lens {
-            let mut b = free_rx.try_recv().unwrap_or_default();
-            b.resize(len, 0);
-            let res = dp.read_segment(&mut r, &peer, &mut b).await.map(|()| b);
-            let failed = res.is_err();
-            if tx.send(res).await.is_err() || failed {
-                return None;
-            }
-        }
-        Some(r)
-    });
-    (rx, free_tx, handle)
 }
