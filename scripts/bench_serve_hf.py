@@ -41,6 +41,7 @@ import time
 
 import torch
 import transformers
+from bench_llama import make_llama
 from safetensors import safe_open
 
 P = argparse.ArgumentParser()
@@ -64,26 +65,7 @@ def log(*a):
 
 
 def make_model(dir):
-    cfg = transformers.LlamaConfig(
-        hidden_size=A.hidden,
-        intermediate_size=A.hidden * 8 // 3 // 64 * 64,
-        num_hidden_layers=A.layers,
-        num_attention_heads=12,
-        num_key_value_heads=4,
-        vocab_size=32000,
-        max_position_embeddings=1024,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=None,
-        pad_token_id=0,
-    )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).to(TORCH_DTYPE).eval()
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    model.save_pretrained(dir, max_shard_size="200MB")
-    return model, sum(p.numel() for p in model.parameters())
+    return make_llama(dir, A.hidden, A.layers, TORCH_DTYPE)
 
 
 def prompts():

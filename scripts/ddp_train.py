@@ -1,12 +1,14 @@
 """PyTorch DDP (gloo, 127.0.0.1) training benchmark: the reference shoal's own training is
 compared with. Spawns N ranks, trains a byte-level GPT (same shapes as shoal's built-in
-`gpt`) or an MLP on random data generated once per rank, AdamW(lr 1e-3, wd 0.01), and prints
-one JSON line to stdout:
-{"impl","nodes","threads","model","batch","steps","step_ms","samples_per_s"}.
-Everything else goes to stderr.
+`gpt`), an MLP, or a Hugging Face folder's model as transformers builds it (whole, or LoRA
+adapters with peft) on random data generated once per rank, AdamW(lr 1e-3, wd 0.01), and
+prints one JSON line to stdout:
+{"impl","nodes","threads","model","batch","context","steps","step_ms","samples_per_s",
+"tokens_per_s","peak_rss_bytes"} (peak_rss_bytes: rank 0's). Everything else goes to stderr.
 
     python ddp_train.py --nodes 2 --model gpt --batch 64 --steps 10 --warmup 2 [--threads 1]
     python ddp_train.py --nodes 2 --model mlp --features 64 --hidden 256,256 --classes 10
+    python ddp_train.py --nodes 2 --model hf --hf DIR --context 256 [--lora-rank 8]
 
 --batch is the global batch, split evenly across ranks (the remainder to the first ranks).
 
@@ -20,6 +22,7 @@ checks it against shoal's logits (run by shoal's unit tests); change both togeth
 import argparse
 import json
 import os
+import resource
 import socket
 import sys
 import time
@@ -104,6 +107,23 @@ def mlp(features, hidden, classes):
     return nn.Sequential(*mods)
 
 
+def hf_model(a):
+    """The folder's model as transformers builds it (f32, its default attention), with peft's
+    LoRA adapters on q_proj and v_proj (alpha twice the rank) when --lora-rank is given;
+    and its vocabulary size."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(a.hf, dtype=torch.float32)
+    model.config.use_cache = False
+    if a.lora_rank:
+        import peft
+
+        cfg = peft.LoraConfig(r=a.lora_rank, lora_alpha=2 * a.lora_rank, lora_dropout=0.0,
+                              target_modules=["q_proj", "v_proj"])
+        model = peft.get_peft_model(model, cfg)
+    return model.train(), model.config.vocab_size
+
+
 def local_batch(batch, nodes, rank):
     return batch // nodes + (1 if rank < batch % nodes else 0)
 
@@ -116,18 +136,21 @@ def worker(rank, a, port, queue):
     dist.init_process_group("gloo", rank=rank, world_size=a.nodes)
     try:
         torch.manual_seed(a.seed)  # same init everywhere (DDP also broadcasts rank 0's)
+        vocab = VOCAB
         if a.model == "gpt":
             model = GPT(a.layers, a.heads, a.width, a.context)
+        elif a.model == "hf":
+            model, vocab = hf_model(a)
         else:
             model = mlp(a.features, a.hidden, a.classes)
-        nparams = sum(p.numel() for p in model.parameters())
+        nparams = sum(p.numel() for p in model.parameters() if p.requires_grad)
         ddp = DDP(model)
-        opt = torch.optim.AdamW(ddp.parameters(), lr=1e-3, weight_decay=0.01)
+        opt = torch.optim.AdamW([p for p in ddp.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.01)
 
         b = local_batch(a.batch, a.nodes, rank)
         g = torch.Generator().manual_seed(a.seed * 1000003 + rank)
-        if a.model == "gpt":
-            data = torch.randint(0, VOCAB, (b, a.context + 1), dtype=torch.int64, generator=g)
+        if a.model in ("gpt", "hf"):
+            data = torch.randint(0, vocab, (b, a.context + 1), dtype=torch.int64, generator=g)
             x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()
         else:
             x = torch.randn(b, a.features, generator=g)
@@ -136,6 +159,8 @@ def worker(rank, a, port, queue):
         def step():
             opt.zero_grad(set_to_none=True)
             out = ddp(x)
+            if a.model == "hf":
+                out = out.logits
             loss = F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
             loss.backward()
             opt.step()
@@ -143,7 +168,7 @@ def worker(rank, a, port, queue):
 
         if rank == 0:
             log(f"ddp: {a.nodes} rank(s), {a.threads} thread(s) each, model {a.model} "
-                f"({nparams} params), global batch {a.batch}, local batch {b}")
+                f"({nparams} trained params), global batch {a.batch}, local batch {b}")
         for _ in range(a.warmup):
             step()
         dist.barrier()
@@ -154,7 +179,7 @@ def worker(rank, a, port, queue):
         elapsed = time.perf_counter() - t0
         if rank == 0:
             log(f"ddp: final loss {loss.item():.4f}")
-            queue.put(elapsed)
+            queue.put((elapsed, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
     finally:
         dist.destroy_process_group()
 
@@ -163,7 +188,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nodes", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--model", choices=["gpt", "mlp"], default="gpt")
+    p.add_argument("--model", choices=["gpt", "mlp", "hf"], default="gpt")
+    p.add_argument("--hf", help="the model folder of --model hf")
+    p.add_argument("--lora-rank", type=int, default=0, help="--model hf: LoRA of this rank")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--width", type=int, default=128)
@@ -176,6 +203,8 @@ def main():
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
+    if a.model == "hf" and not a.hf:
+        p.error("--model hf needs --hf DIR")
     if a.nodes < 1 or a.batch < a.nodes or a.steps < 1 or a.warmup < 0 or a.threads < 1:
         p.error("need --nodes >= 1, --batch >= --nodes, --steps >= 1, --warmup >= 0, --threads >= 1")
 
@@ -185,11 +214,11 @@ def main():
     procs = [ctx.Process(target=worker, args=(r, a, port, q)) for r in range(a.nodes)]
     for pr in procs:
         pr.start()
-    elapsed = None
+    got = None
     try:
-        while elapsed is None:
+        while got is None:
             try:
-                elapsed = q.get(timeout=1)
+                got = q.get(timeout=1)
             except Exception:  # queue.Empty: check that nobody died
                 if any(pr.exitcode not in (None, 0) for pr in procs):
                     break
@@ -200,12 +229,17 @@ def main():
             pr.join(timeout=60)
             if pr.is_alive():
                 pr.terminate()
-    if elapsed is None or any(pr.exitcode != 0 for pr in procs):
+    if got is None or any(pr.exitcode != 0 for pr in procs):
         log(f"ddp: a rank failed (exit codes {[pr.exitcode for pr in procs]})")
         sys.exit(1)
-    print(json.dumps({"impl": "ddp", "nodes": a.nodes, "threads": a.threads, "model": a.model,
-                      "batch": a.batch, "steps": a.steps, "step_ms": elapsed / a.steps * 1e3,
-                      "samples_per_s": a.batch * a.steps / elapsed}), flush=True)
+    elapsed, peak = got
+    model = "hf-lora" if a.model == "hf" and a.lora_rank else a.model
+    print(json.dumps({"impl": "ddp", "nodes": a.nodes, "threads": a.threads, "model": model,
+                      "batch": a.batch, "context": a.context, "steps": a.steps,
+                      "step_ms": elapsed / a.steps * 1e3,
+                      "samples_per_s": a.batch * a.steps / elapsed,
+                      "tokens_per_s": a.batch * a.steps * a.context / elapsed,
+                      "peak_rss_bytes": peak}), flush=True)
 
 
 if __name__ == "__main__":

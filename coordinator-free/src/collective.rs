@@ -18,6 +18,11 @@ pub enum DType {
     F16,
     /// bfloat16.
     BF16,
+    /// f32 values carried as bfloat16 and summed in f32 (compression `bf16`).
+    Bf16Sum,
+    /// f32 values carried as int8 with an f32 scale per block (compression `int8`; the
+    /// scales are not counted in [`DType::size`]).
+    Int8Block,
 }
 
 impl DType {
@@ -25,7 +30,8 @@ impl DType {
     pub fn size(self) -> usize {
         match self {
             DType::F32 => 4,
-            DType::F16 | DType::BF16 => 2,
+            DType::F16 | DType::BF16 | DType::Bf16Sum => 2,
+            DType::Int8Block => 1,
         }
     }
 
@@ -35,6 +41,8 @@ impl DType {
             DType::F32 => 1,
             DType::F16 => 2,
             DType::BF16 => 3,
+            DType::Bf16Sum => 4,
+            DType::Int8Block => 5,
         }
     }
 
@@ -44,6 +52,8 @@ impl DType {
             1 => Some(DType::F32),
             2 => Some(DType::F16),
             3 => Some(DType::BF16),
+            4 => Some(DType::Bf16Sum),
+            5 => Some(DType::Int8Block),
             _ => None,
         }
     }

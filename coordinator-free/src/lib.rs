@@ -15,6 +15,8 @@
 //! - [`view`]: what a view is (epoch, sorted members, hash) and how it is hashed.
 //! - [`codec`]: the one size-limited decoder every untrusted byte goes through.
 //! - [`collective`]: ring schedules for all-reduce, all-gather, broadcast and barrier.
+//! - [`compression`]: the wire forms of compressed all-reduces (bf16, int8 with a scale per
+//!   block), summed in f32.
 //! - [`pipeline`]: serving plans: layers cut into stages by memory and speed, replicas.
 //! - [`serving`]: serving decisions at the entry node: dynamic batching, replica choice, the
 //!   response cache and its key, and token sampling.
@@ -30,6 +32,7 @@
 pub mod address;
 pub mod codec;
 pub mod collective;
+pub mod compression;
 pub mod gossip;
 pub mod membership;
 pub mod outer_round;
@@ -43,6 +46,7 @@ pub mod view;
 pub use address::{AddrError, DataPlaneAddr, Transport};
 pub use codec::{CodecError, ControlMessage};
 pub use collective::{CollectiveError, DType, Kind, ReduceOp, Ring, RingStep};
+pub use compression::Compression;
 pub use membership::{
     Capabilities, GpuInfo, Heartbeat, HeartbeatError, MemberInfo, MemberState, Membership,
     MembershipConfig, MembershipEvent,

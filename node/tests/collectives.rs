@@ -142,6 +142,98 @@ async fn all_reduce_exact_quic_n2_to_5() {
     exact_matrix(DataTransport::Quic, &[2, 3, 4, 5]).await;
 }
 
+/// Compressed all-reduces (bf16, int8) of gradient-like values spanning six decades: every
+/// member ends with bit-identical values, each within the compression's bound of the exact
+/// sum, and the bytes sent are the compressed size (a member sends 2(n-1)/n of the buffer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compressed_all_reduce_is_bounded_and_identical_everywhere() {
+    use coordinator_free::Compression;
+    let grad = |rank: usize, i: usize| {
+        let z = (rank as u64 * 1_000_003 + i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let u = (z >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+        u * 10f32.powi((i % 7) as i32 - 4)
+    };
+    let mut tag = 500;
+    for (transport, n) in [
+        (DataTransport::Tcp, 2),
+        (DataTransport::Tcp, 3),
+        (DataTransport::Quic, 3),
+    ] {
+        let (dps, view) = members(n, transport, DataPlaneConfig::default()).await;
+        for len in [1, 5, 4099, 600_011] {
+            for (c, op) in [
+                (Compression::Bf16, ReduceOp::Sum),
+                (Compression::Int8, ReduceOp::Sum),
+                (Compression::Int8, ReduceOp::Avg),
+            ] {
+                tag += 1;
+                let sent0: Vec<u64> = dps.iter().map(|d| d.stats().bytes_sent).collect();
+                let futs = dps.iter().enumerate().map(|(r, d)| {
+                    let (view, d) = (view.clone(), d.clone());
+                    async move {
+                        let mut buf: Vec<f32> = (0..len).map(|i| grad(r, i)).collect();
+                        d.all_reduce_compressed(&view, tag, &mut buf, op, c)
+                            .await
+                            .map(|()| buf)
+                    }
+                });
+                let got: Vec<Vec<f32>> = futures::future::join_all(futs)
+                    .await
+                    .into_iter()
+                    .map(|r| r.unwrap_or_else(|e| panic!("{c:?} n={n} len={len}: {e}")))
+                    .collect();
+                let what = format!("{c:?} {op:?} {transport:?} n={n} len={len}");
+                for g in &got[1..] {
+                    assert!(
+                        g.iter()
+                            .zip(&got[0])
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{what}: members differ"
+                    );
+                }
+                let div = if op == ReduceOp::Avg { n as f64 } else { 1.0 };
+                // Bounds per element: bf16 rounds each of the n-1 partial sums and the
+                // result (relative 2^-8 of the magnitudes summed); int8 errs by at most
+                // half a step per encoding, a step being 1/127 of the largest magnitude in
+                // the value's block (1024 values from the start of its ring chunk).
+                let abs_sum = |i: usize| (0..n).map(|r| f64::from(grad(r, i).abs())).sum::<f64>();
+                for k in 0..n {
+                    let chunk = coordinator_free::Ring::chunk(len, n, k);
+                    for blk in chunk.clone().step_by(1024) {
+                        let block = blk..(blk + 1024).min(chunk.end);
+                        let block_max = block.clone().map(abs_sum).fold(0.0, f64::max);
+                        for i in block {
+                            let exact: f64 =
+                                (0..n).map(|r| f64::from(grad(r, i))).sum::<f64>() / div;
+                            let bound = match c {
+                                Compression::Bf16 => abs_sum(i) * n as f64 * 2f64.powi(-8) / div,
+                                _ => block_max * n as f64 / 127.0 / div,
+                            };
+                            let y = got[0][i];
+                            assert!(
+                                (f64::from(y) - exact).abs() <= bound + 1e-12,
+                                "{what}: element {i}: {y} vs {exact} (bound {bound})"
+                            );
+                        }
+                    }
+                }
+                // Bytes: what each member sent is the compressed form of 2(n-1)/n of it.
+                let sent: u64 = dps
+                    .iter()
+                    .zip(&sent0)
+                    .map(|(d, s)| d.stats().bytes_sent - s)
+                    .sum();
+                let wire = c.wire_bytes(len) as f64;
+                let expect = 2.0 * (n - 1) as f64 * wire;
+                assert!(
+                    (sent as f64 - expect).abs() <= 0.02 * expect + 16.0 * n as f64 * 4.0 + 64.0,
+                    "{what}: {sent} bytes sent in all, expected about {expect}"
+                );
+            }
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broadcast_all_gather_barrier_and_concurrent_tags() {
     for transport in [DataTransport::Tcp, DataTransport::Quic] {

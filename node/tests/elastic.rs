@@ -415,29 +415,9 @@ fn a_nan_gradient_is_left_out_and_the_step_redone_without_it() {
     // The step was redone by the other two over the whole batch: every sample exactly once.
     let mut ids: Vec<u64> = Vec::new();
     let mut by_member = std::collections::HashMap::new();
-    for entry in std::fs::read_dir(&run_dir).unwrap() {
-        let p = entry.unwrap().path();
-        if !p
-            .file_name()
-            .unwrap()
-            .to_string_lossy()
-            .starts_with("samples.")
-        {
-            continue;
-        }
-        for l in std::fs::read_to_string(&p).unwrap().lines() {
-            let v: Value = serde_json::from_str(l).unwrap();
-            if v["step"] == step {
-                let mine: Vec<u64> = v["ids"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|x| x.as_u64().unwrap())
-                    .collect();
-                by_member.insert(v["member"].as_str().unwrap().to_string(), mine.len());
-                ids.extend(mine);
-            }
-        }
+    for (member, mine) in &step_samples(&run_dir)[&step].1 {
+        by_member.insert(member.clone(), mine.len());
+        ids.extend(mine);
     }
     let n = ids.len();
     ids.sort();

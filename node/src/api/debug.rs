@@ -3,8 +3,9 @@
 //!
 //! - `POST /v1/debug/gossip` — publishes the raw body on the control topic; only with
 //!   `--debug-api` (tests use it to send malformed gossip). Body limit 128 KiB.
-//! - `POST /v1/debug/allreduce?bytes=B&iters=K&warmup=W&tag=T` — runs a barrier, W warm-up
-//!   and K timed f32 all-reduces (avg) of B bytes over the current view; only with
+//! - `POST /v1/debug/allreduce?bytes=B&iters=K&warmup=W&tag=T[&compression=C]` — runs a
+//!   barrier, W warm-up and K timed f32 all-reduces (avg) of B bytes over the current view,
+//!   their payload compressed as C (`none`, the default, `bf16` or `int8`); only with
 //!   `--debug-api` (`shoal bench allreduce` calls every node at once). B ≤ 4 GiB.
 //! - `POST /v1/debug/perturb?run=R[&kind=nan|abandon]` — nudges this node's weights in
 //!   training run R before its next step (tests of the weights consistency check), or
@@ -53,6 +54,9 @@ pub struct AllReduceParams {
     pub warmup: u32,
     /// First tag; iterations use consecutive tags. Every member must use the same.
     pub tag: u64,
+    /// The payload's form on the wire. Default: none (f32).
+    #[serde(default)]
+    pub compression: coordinator_free::Compression,
 }
 
 /// Largest buffer the debug all-reduce accepts.
@@ -75,17 +79,18 @@ async fn debug_allreduce(
     };
     let len = (p.bytes / 4) as usize;
     let mut buf = vec![1.0f32; len];
+    let (c, avg) = (p.compression, coordinator_free::ReduceOp::Avg);
     let run = async {
         dp.barrier(&view, p.tag).await?;
         let mut tag = p.tag + 1;
         for _ in 0..p.warmup {
-            dp.all_reduce(&view, tag, &mut buf, coordinator_free::ReduceOp::Avg)
+            dp.all_reduce_compressed(&view, tag, &mut buf, avg, c)
                 .await?;
             tag += 1;
         }
         let t = std::time::Instant::now();
         for _ in 0..p.iters {
-            dp.all_reduce(&view, tag, &mut buf, coordinator_free::ReduceOp::Avg)
+            dp.all_reduce_compressed(&view, tag, &mut buf, avg, c)
                 .await?;
             tag += 1;
         }
@@ -93,7 +98,13 @@ async fn debug_allreduce(
     };
     match run.await {
         Ok(elapsed) => {
-            let correct = buf.iter().all(|&x| x == 1.0);
+            // The mean of ones is one; compressed, within the form's rounding of it.
+            let tol = match c {
+                coordinator_free::Compression::None => 0.0,
+                coordinator_free::Compression::Bf16 => 1.0 / 256.0,
+                coordinator_free::Compression::Int8 => 1.0 / 127.0,
+            };
+            let correct = buf.iter().all(|&x| (x - 1.0).abs() <= tol);
             Json(serde_json::json!({
                 "n": view.len(),
                 "view_hash": view.hash.to_hex(),

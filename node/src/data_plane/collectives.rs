@@ -25,7 +25,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 impl DataPlane {
     /// Opens the two links of a ring collective: to the right (header sent, acknowledged)
     /// and from the left (header received, checked, acknowledged).
-    async fn open_ring(
+    pub(super) async fn open_ring(
         &self,
         view: &View,
         ring: Ring,
@@ -150,7 +150,7 @@ impl DataPlane {
     }
 
     /// Runs a collective, counting and logging its outcome.
-    async fn counted<R>(
+    pub(super) async fn counted<R>(
         &self,
         op: impl std::future::Future<Output = Result<R, DataPlaneError>>,
     ) -> Result<R, DataPlaneError> {

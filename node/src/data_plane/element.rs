@@ -4,8 +4,16 @@
 
 use coordinator_free::DType;
 
+/// What can travel as raw bytes: plain little-endian values without padding, every bit
+/// pattern valid (the elements, and the bytes of compressed payloads).
+pub trait Raw: Copy + Send + Sync + Default + 'static {}
+impl Raw for u8 {}
+impl Raw for f32 {}
+impl Raw for half::f16 {}
+impl Raw for half::bf16 {}
+
 /// Element types: f32, f16 and bf16.
-pub trait Element: Copy + Send + Sync + Default + PartialEq + std::fmt::Debug + 'static {
+pub trait Element: Raw + PartialEq + std::fmt::Debug {
     /// Wire dtype.
     const DTYPE: DType;
     /// `dst[i] += src[i]`.
@@ -51,13 +59,13 @@ half_element!(half::f16, DType::F16);
 half_element!(half::bf16, DType::BF16);
 
 /// The bytes of `s`, as they go on the wire.
-pub(super) fn bytes_of<T: Element>(s: &[T]) -> &[u8] {
-    // SAFETY: Element types are plain little-endian floats without padding.
+pub(super) fn bytes_of<T: Raw>(s: &[T]) -> &[u8] {
+    // SAFETY: Raw types are plain little-endian values without padding.
     unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<u8>(), std::mem::size_of_val(s)) }
 }
 
 /// The bytes of `s`, to receive into.
-pub(super) fn bytes_of_mut<T: Element>(s: &mut [T]) -> &mut [u8] {
-    // SAFETY: as above; every bit pattern is a valid f32/f16/bf16.
+pub(super) fn bytes_of_mut<T: Raw>(s: &mut [T]) -> &mut [u8] {
+    // SAFETY: as above; every bit pattern is a valid u8/f32/f16/bf16.
     unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(s)) }
 }

@@ -25,11 +25,13 @@
 //! - `streams.rs`: service streams other modules open (serving's stage RPC).
 //! - `element.rs`: the element types collectives move ([`Element`]).
 //! - `collectives.rs`: all-reduce, all-gather, broadcast and barrier: opening a ring and
-//!   counting outcomes; `ring.rs`: executing a ring schedule segment by segment.
+//!   counting outcomes; `ring.rs`: executing a ring schedule segment by segment;
+//!   `compressed.rs`: the all-reduce with its payload in bf16 or int8 on the wire.
 //!
 //! [`OpHeader`]: coordinator_free::codec::data::OpHeader
 
 mod collectives;
+mod compressed;
 mod element;
 mod handshake;
 mod links;

@@ -5,7 +5,7 @@
 //! is bounded by `max(timeout_floor, timeout_multiplier × its expected time)`, the expected
 //! time coming from the observed rate (a decaying maximum).
 
-use super::element::{bytes_of, bytes_of_mut, Element};
+use super::element::{bytes_of, bytes_of_mut, Element, Raw};
 use super::transport::{BoxRead, Link};
 use super::{DataPlane, DataPlaneError};
 use coordinator_free::collective::segments;
@@ -212,11 +212,12 @@ pub(super) struct Move {
 }
 
 /// Segments the reader has filled, in order (or the error that stopped it).
-type Filled<T> = tokio::sync::mpsc::Receiver<Result<Vec<T>, DataPlaneError>>;
+pub(super) type Filled<T> = tokio::sync::mpsc::Receiver<Result<Vec<T>, DataPlaneError>>;
 
-/// Reads the segments of `lens` from `r` into pooled buffers, ahead of their use. Returns
-/// the filled-buffer channel, the free-buffer channel and the task (which yields `r` back).
-fn spawn_reader<T: Element>(
+/// Reads the segments of `lens` (in values of `T`) from `r` into pooled buffers, ahead of
+/// their use. Returns the filled-buffer channel, the free-buffer channel and the task
+/// (which yields `r` back).
+pub(super) fn spawn_reader<T: Raw>(
     dp: DataPlane,
     peer: NodeId,
     mut r: BoxRead,

@@ -174,14 +174,15 @@ pub fn describe(path: &Path) -> Result<ModelConfig, StageError> {
 }
 
 /// [`describe`], a Hugging Face folder served as `hf` says (a directory with
-/// `config.json`: its config and weights' index are read and checked, shards present; the
-/// compute type and context chosen and the layers sized for them).
+/// `config.json`: its config, weights' index and every shard's header are read and
+/// checked; the compute type and context chosen and the layers sized for them).
 pub fn describe_with(path: &Path, hf: HfServe) -> Result<ModelConfig, StageError> {
     if path.is_dir() {
         if !path.join("config.json").is_file() {
             return Err(unrecognised(path, "a folder without config.json"));
         }
         let (cfg, weights) = super::hf::open(path)?;
+        weights.check_headers()?;
         let cfg = match hf.context {
             Some(c) => {
                 let label = path.join("config.json").display().to_string();

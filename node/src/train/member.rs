@@ -56,6 +56,9 @@ pub(super) struct Trainer {
     pub(super) device_key: u64,
     /// The backend of the current view's gradient all-reduce, and its NCCL communicator.
     pub(super) backends: super::backend::Backends,
+    /// The sample ids of this member's contribution to the all-reduce round in flight (the
+    /// samples log records them when the round fails here).
+    pub(super) attempted: Vec<u64>,
     /// DiLoCo's state beside the working weights (θ_global, the outer momentum, the
     /// committed inner optimizer state); `None` in synchronous training.
     pub(super) outer: Option<super::outer::Outer>,
@@ -116,6 +119,7 @@ impl Trainer {
             tag_base,
             device_key: super::backend::device_key(device),
             backends: Default::default(),
+            attempted: Vec::new(),
             outer,
         })
     }
@@ -186,6 +190,11 @@ impl Trainer {
                         }
                         Err(StepError::Fatal(e)) => return Err(e),
                         Err(StepError::Failed(e)) => {
+                            if let Some(f) = samples_log.as_mut() {
+                                // Lines name a step by its number once committed (1-based).
+                                let (n, epoch) = (step + 1, batch.cursor.epoch);
+                                f.append(n, epoch, &self.attempted, &view, false)?;
+                            }
                             turn.failed_view = Some(self.redo(&mut machine, &view, step, e)?)
                         }
                     }
@@ -310,7 +319,7 @@ impl Trainer {
         machine.handle_step(view.hash, step, true);
         debug_assert_eq!(machine.progress().step, self.step);
         if let Some(f) = samples_log {
-            f.append(record.step, batch.cursor.epoch, &ids)?;
+            f.append(record.step, batch.cursor.epoch, &ids, view, true)?;
         }
         self.log_step(view, &record)?;
         self.scheduled(view, step)

@@ -23,8 +23,9 @@
 //!
 //! Whatever follows a commit follows a round's: one `metrics.jsonl` line per round
 //! ([`RoundRecord`]; inner steps have none), the round's sample ids in
-//! `samples.<member>.jsonl` (written only when the round commits, so a dropped round's
-//! samples are never recorded), and evaluation, checkpoints and the weights comparison
+//! `samples.<member>.jsonl` (committed lines; where this member's end of the outer
+//! all-reduce failed, failed lines of that view, which count only if another member's end
+//! completed and committed the round: `report::used_samples`), and evaluation, checkpoints and the weights comparison
 //! when a multiple of their period passed during the round (at a commit θ_local is
 //! θ_global, so they all see θ_global; a checkpoint holds it and the momentum).
 
@@ -192,8 +193,8 @@ impl Trainer {
                         }
                         Err(StepError::Fatal(e)) => return Err(e),
                         Err(StepError::Failed(e)) => {
-                            let failed =
-                                self.round_failed(&mut machine, &view, round, &steps, e)?;
+                            let log = samples_log.as_mut();
+                            let failed = self.round_failed(&mut machine, &view, round, e, log)?;
                             turn.failed_view = Some(failed);
                         }
                     }
@@ -337,7 +338,7 @@ impl Trainer {
         let work = std::mem::take(&mut o.work);
         if let Some(f) = samples_log {
             for (step, epoch, ids) in &work.ids {
-                f.append(*step, *epoch, ids)?;
+                f.append(*step, *epoch, ids, view, true)?;
             }
         }
         let stats = self.ctx.dp.stats();
@@ -388,29 +389,37 @@ impl Trainer {
         self.scheduled(view, before)
     }
 
-    /// The outer all-reduce of `round` failed on `view` (`e`): tells the machine, drops
-    /// the round's inner work, and records the redo. Returns the failed view.
+    /// The outer all-reduce of `round` failed on `view` (`e`): tells the machine, records
+    /// this member's contribution as failed lines of `view` in the samples log (another
+    /// member's end of the all-reduce may have completed, with it), drops the round's inner
+    /// work, and records the redo. Returns the failed view.
     fn round_failed(
         &mut self,
         machine: &mut OuterTraining,
         view: &View,
         round: u64,
-        steps: &Range<u64>,
         e: StepFailure,
+        samples_log: Option<&mut SamplesLog>,
     ) -> Result<ViewHash, TrainError> {
+        let start = self.step;
         tracing::warn!(
             round,
-            step = steps.start,
+            step = start,
             epoch = view.epoch,
             "outer round failed ({e}); it is redone in the next view"
         );
         machine.handle_outer(view.hash, round, false);
+        if let (Some(f), Some(o)) = (samples_log, self.outer.as_ref()) {
+            for (step, epoch, ids) in &o.work.ids {
+                f.append(*step, *epoch, ids, view, false)?;
+            }
+        }
         self.restore_committed();
         let redone = machine.redone;
         self.set_report(|r| r.redone = redone);
         self.event(
             view,
-            serde_json::json!({"event": "redo", "outer_round": round, "step": steps.start,
+            serde_json::json!({"event": "redo", "outer_round": round, "step": start,
                 "view_epoch": view.epoch, "error": e.to_string()}),
         )?;
         Ok(view.hash)

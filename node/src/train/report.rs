@@ -45,6 +45,9 @@ pub struct StepRecord {
     pub data_epoch: u64,
     /// Samples of the data epoch consumed after the step.
     pub data_offset: u64,
+    /// The most this node's process has been resident so far (`VmHWM`), bytes; 0 where
+    /// the system does not say (no `/proc`).
+    pub peak_rss_bytes: u64,
 }
 
 /// What an evaluation's `accuracy` counts (serialized as `accuracy_of`).
@@ -227,8 +230,15 @@ fn open_log(dir: &Path, name: &str, resume: bool) -> std::io::Result<std::fs::Fi
     Ok(f)
 }
 
-/// One member's record of the sample ids it used: `samples.<member>.jsonl`, a line
-/// `{"step":..,"data_epoch":..,"member":..,"ids":[..]}` per committed step.
+/// One member's record of the sample ids it contributed: `samples.<member>.jsonl`, a line
+/// `{"step":..,"data_epoch":..,"member":..,"ids":[..],"view_epoch":..,"view":..,
+/// "committed":..}` per step it committed, and one with `"committed": false` per step whose
+/// all-reduce failed here. A step's samples are the ids of every line of the view that
+/// committed it last (the highest `view_epoch` among its committed lines), failed lines
+/// included: an all-reduce completes on one member only with every member's contribution,
+/// so a member whose own end of it failed while another's completed was part of that
+/// commit (its state arrives by the next sync); a commit with a lower epoch died with its
+/// member and was redone ([`used_samples`] reads them so).
 pub struct SamplesLog {
     file: std::fs::File,
     member: String,
@@ -243,14 +253,61 @@ impl SamplesLog {
         })
     }
 
-    /// Appends the ids used at `step` (from data epoch `epoch`).
-    pub fn append(&mut self, step: u64, epoch: u64, ids: &[u64]) -> std::io::Result<()> {
+    /// Appends the ids this member contributed to `step` (from data epoch `epoch`) on
+    /// `view`, where the step `committed` here or failed.
+    pub fn append(
+        &mut self,
+        step: u64,
+        epoch: u64,
+        ids: &[u64],
+        view: &coordinator_free::View,
+        committed: bool,
+    ) -> std::io::Result<()> {
         writeln!(
             self.file,
             "{}",
-            serde_json::json!({"step": step, "data_epoch": epoch, "member": self.member, "ids": ids})
+            serde_json::json!({"step": step, "data_epoch": epoch, "member": self.member, "ids": ids,
+                "view_epoch": view.epoch, "view": view.hash.short(), "committed": committed})
         )
     }
+}
+
+/// The samples of every committed step from a run's `samples.*.jsonl` lines (see
+/// [`SamplesLog`]): step → (data epoch, member → ids). Lines that do not parse are skipped.
+pub fn used_samples<'a>(
+    lines: impl IntoIterator<Item = &'a str>,
+) -> std::collections::BTreeMap<u64, (u64, std::collections::BTreeMap<String, Vec<u64>>)> {
+    use std::collections::BTreeMap;
+    #[derive(serde::Deserialize)]
+    struct Line {
+        step: u64,
+        data_epoch: u64,
+        member: String,
+        ids: Vec<u64>,
+        view_epoch: u64,
+        view: String,
+        committed: bool,
+    }
+    let lines: Vec<Line> = lines
+        .into_iter()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    // The view that committed each step last.
+    let mut decided: BTreeMap<u64, (u64, &str)> = BTreeMap::new();
+    for l in lines.iter().filter(|l| l.committed) {
+        let d = decided.entry(l.step).or_insert((l.view_epoch, &l.view));
+        if l.view_epoch > d.0 {
+            *d = (l.view_epoch, &l.view);
+        }
+    }
+    let mut out: BTreeMap<u64, (u64, BTreeMap<String, Vec<u64>>)> = BTreeMap::new();
+    for l in &lines {
+        if decided.get(&l.step) == Some(&(l.view_epoch, l.view.as_str())) {
+            let (_, members) = out.entry(l.step).or_insert((l.data_epoch, BTreeMap::new()));
+            members.insert(l.member.clone(), l.ids.clone());
+        }
+    }
+    out
 }
 
 /// A self-contained SVG line chart of training loss (and held-out loss as points).
@@ -342,6 +399,45 @@ fn escape(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A step's samples: the lines of the view that committed it last, failed ones too.
+    #[test]
+    fn used_samples_follow_the_committing_view() {
+        let line = |step: u64, member: &str, ids: &[u64], epoch: u64, committed: bool| {
+            serde_json::json!({"step": step, "data_epoch": 0, "member": member, "ids": ids,
+                "view_epoch": epoch, "view": format!("v{epoch}"), "committed": committed})
+            .to_string()
+        };
+        let lines = [
+            // Step 1: both committed in view 3.
+            line(1, "a", &[0, 1], 3, true),
+            line(1, "b", &[2, 3], 3, true),
+            // Step 2: a committed in view 3, b's end of the all-reduce failed there (b
+            // syncs from a); c joins in view 4, nobody redoes step 2.
+            line(2, "a", &[4, 5], 3, true),
+            line(2, "b", &[6, 7], 3, false),
+            // Step 3: a committed in view 4 and died with it; b and c redid it in view 5
+            // (c's failed line of view 4 does not count either).
+            line(3, "a", &[8], 4, true),
+            line(3, "c", &[9], 4, false),
+            line(3, "b", &[8, 9], 5, true),
+            line(3, "c", &[10, 11], 5, true),
+            // Step 4: failed everywhere: not used.
+            line(4, "b", &[12], 5, false),
+            "{\"torn\"".to_string(),
+        ];
+        let used = used_samples(lines.iter().map(String::as_str));
+        let ids = |step: u64| -> Vec<u64> {
+            let mut v: Vec<u64> = used[&step].1.values().flatten().copied().collect();
+            v.sort_unstable();
+            v
+        };
+        assert_eq!(used.len(), 3);
+        assert_eq!(ids(1), [0, 1, 2, 3]);
+        assert_eq!(ids(2), [4, 5, 6, 7]);
+        assert_eq!(ids(3), [8, 9, 10, 11]);
+        assert_eq!(used[&3].1.keys().collect::<Vec<_>>(), ["b", "c"]);
+    }
 
     /// A log whose last line a killed process tore is ended before new lines are appended.
     #[test]

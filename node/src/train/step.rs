@@ -92,6 +92,7 @@ impl Trainer {
     ) -> Result<StepDone, StepError> {
         let t0 = Instant::now();
         let stats0 = self.ctx.dp.stats();
+        self.attempted.clear();
         let mut ids = ids_at(self.order(batch.cursor.epoch), ranges);
         let tc = Instant::now();
         // On a device, the gradient stays there until the all-reduce copies it bucket by
@@ -138,6 +139,7 @@ impl Trainer {
             flat.resize(numel + 3 + 2 * n, 0.0);
             flat[norms_at + rank] = norm as f32;
             flat[speeds_at + rank] = if ids.is_empty() { 0.0 } else { speed as f32 };
+            self.attempted.clone_from(&ids);
             self.all_reduce_round(view, attempt, &mut flat, on_device.as_ref())
                 .map_err(StepError::Failed)?;
             if attempt == 0 {
@@ -409,6 +411,7 @@ impl Trainer {
             view_epoch: view.epoch,
             data_epoch: self.cursor.epoch,
             data_offset: self.cursor.offset,
+            peak_rss_bytes: crate::status::ProcessMemory::now().map_or(0, |m| m.peak_rss_bytes),
         };
         self.set_report(|r| {
             r.step = rec.step;

@@ -418,6 +418,26 @@ pub fn check_cursor_walk(run_dir: &Path, steps: u64, batch: u64) -> u64 {
     total
 }
 
+/// The samples of every committed step of a run, from all its members' `samples.*.jsonl`
+/// (`shoal_node::train::report::used_samples`: the lines of the view that committed each
+/// step): step → (data epoch, member → ids).
+pub fn step_samples(
+    run_dir: &Path,
+) -> std::collections::BTreeMap<u64, (u64, std::collections::BTreeMap<String, Vec<u64>>)> {
+    let mut text = String::new();
+    for e in std::fs::read_dir(run_dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("samples.")
+        {
+            text += &std::fs::read_to_string(&p).unwrap();
+        }
+    }
+    shoal_node::train::report::used_samples(text.lines())
+}
+
 /// The newest training job in a node's status whose `key` (`run` or `job`) is `value`.
 pub fn job_where(node: &Node, key: &str, value: &str) -> Option<Value> {
     let s = node.status()?;
@@ -504,27 +524,16 @@ pub fn wait_output(mut child: std::process::Child, bound: Duration) -> std::proc
 /// members that logged samples.
 pub fn sequences_used_once(run_dir: &Path) -> (u64, Vec<String>) {
     let mut epoch_ids: std::collections::HashMap<u64, Vec<u64>> = Default::default();
-    let mut members = Vec::new();
-    for e in std::fs::read_dir(run_dir).unwrap() {
-        let p = e.unwrap().path();
-        let name = p.file_name().unwrap().to_str().unwrap().to_string();
-        if !name.starts_with("samples.") {
-            continue;
-        }
-        let mut any = false;
-        for l in std::fs::read_to_string(&p).unwrap().lines() {
-            let v: Value = serde_json::from_str(l).unwrap();
-            let ids = v["ids"].as_array().unwrap();
-            any |= !ids.is_empty();
-            epoch_ids
-                .entry(v["data_epoch"].as_u64().unwrap())
-                .or_default()
-                .extend(ids.iter().map(|x| x.as_u64().unwrap()));
-        }
-        if any {
-            members.push(name);
+    let mut members = std::collections::BTreeSet::new();
+    for (_, (epoch, by_member)) in step_samples(run_dir) {
+        for (member, ids) in by_member {
+            if !ids.is_empty() {
+                members.insert(member);
+            }
+            epoch_ids.entry(epoch).or_default().extend(ids);
         }
     }
+    let members: Vec<String> = members.into_iter().collect();
     let n = epoch_ids[&0].iter().max().unwrap() + 1;
     let last = *epoch_ids.keys().max().unwrap();
     assert!(last >= 1, "the run covers a whole epoch");

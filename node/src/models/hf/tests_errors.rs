@@ -283,6 +283,9 @@ fn broken_weights_are_errors_naming_the_file_and_tensor() {
     let bytes = std::fs::read(dir.join(shard)).unwrap();
     std::fs::write(dir.join(shard), &bytes[..bytes.len() / 2]).unwrap();
     err_names(load_all(&dir), &[shard]);
+    // Refused when the folder is offered (described), before any stage loads.
+    let describe = crate::models::config::describe;
+    err_names(describe(&dir), &[shard]);
     // … also through a serving stage: an error, not a panic.
     let mc = crate::models::config::describe(&fixture("llama")).unwrap();
     let mut st = open_stage(&dir, Device::Cpu, &mc).unwrap();
@@ -303,8 +306,10 @@ fn broken_weights_are_errors_naming_the_file_and_tensor() {
     huge[..8].copy_from_slice(&u64::MAX.to_le_bytes());
     std::fs::write(dir.join(shard), &huge).unwrap();
     err_names(load_all(&dir), &[shard, "header length"]);
+    err_names(describe(&dir), &[shard, "header length"]);
     std::fs::write(dir.join(shard), &bytes[..4]).unwrap();
     err_names(load_all(&dir), &[shard]);
+    err_names(describe(&dir), &[shard]);
 
     // A tensor the index does not name.
     let dir = copy("llama", "missing");
@@ -324,6 +329,7 @@ fn broken_weights_are_errors_naming_the_file_and_tensor() {
     idx["weight_map"][llama::NORM] = json!(wrong);
     write_index(&dir, &idx);
     err_names(load_all(&dir), &[wrong, llama::NORM]);
+    err_names(describe(&dir), &[wrong, llama::NORM]);
 
     // An index naming an absent shard, or a path outside the folder.
     let dir = copy("llama", "absent");

@@ -150,6 +150,16 @@ impl HfWeights {
         set.into_iter().cloned().collect()
     }
 
+    /// Reads every file's header now (each is kept for later reads) and checks that every
+    /// tensor is in the file the index puts it in: a damaged shard is refused when the
+    /// folder is offered, not when a stage first loads its layers.
+    pub fn check_headers(&self) -> Result<(), HfError> {
+        for name in self.map.keys() {
+            self.with_header(name, |_, _| Ok(()))?;
+        }
+        Ok(())
+    }
+
     /// Every tensor's name.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.map.keys().map(String::as_str)

@@ -134,8 +134,9 @@ pub struct JobSpec {
     /// Gradient bucket size in bytes; buckets are all-reduced concurrently. Default: 4 MiB.
     #[serde(default = "default_bucket_bytes")]
     pub bucket_bytes: u64,
-    /// Record which sample ids every member used at every step in
-    /// `runs/<name>/samples.<member>.jsonl` (for audits and tests). Default: false.
+    /// Record which sample ids every member contributed at every step in
+    /// `runs/<name>/samples.<member>.jsonl` (for audits and tests; the format and how to
+    /// read it: `report::SamplesLog`, `report::used_samples`). Default: false.
     #[serde(default)]
     pub log_samples: bool,
     /// Where each member computes: `auto` (the member's node's device, `shoal up

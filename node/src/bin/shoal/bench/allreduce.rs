@@ -31,6 +31,10 @@ pub struct AllreduceArgs {
     /// Data-plane transport. Default: quic.
     #[arg(long, default_value = "quic")]
     data_plane: DataTransport,
+    /// The ring's payload on the wire: none (f32), bf16 or int8 (summed in f32 either
+    /// way). Default: none.
+    #[arg(long, default_value = "none")]
+    compression: coordinator_free::Compression,
     /// `ring` (shoal's ring over the data plane) or `nccl` (one member per GPU of this
     /// machine; `--data-plane` does not apply). Default: ring.
     #[arg(long, default_value = "ring")]
@@ -71,8 +75,9 @@ fn parse_size(s: &str) -> Result<u64, Failure> {
 
 /// Starts the nodes (QUIC initial MTU 8192), then per size has every node run `iters`
 /// all-reduces (after `warmup`) at once and prints one line
-/// `{"nodes","bytes","time_ms","algbw_gbps","busbw_gbps","transport","iters"}` from the
-/// slowest node's mean time.
+/// `{"nodes","bytes","time_ms","algbw_gbps","busbw_gbps","transport","compression","iters"}`
+/// from the slowest node's mean time (`bytes` and the bandwidths count the f32 buffer, not
+/// the compressed bytes that travel).
 pub async fn run(a: AllreduceArgs) -> Result<(), Failure> {
     let n = a.nodes;
     let sizes: Vec<u64> = a
@@ -99,12 +104,13 @@ pub async fn run(a: AllreduceArgs) -> Result<(), Failure> {
     let apis: Vec<SocketAddr> = (0..n).filter_map(|i| c.api(i)).collect();
     let mut tag = 1u64 << 40;
     for bytes in sizes {
-        let worst = time_size(&apis, bytes, a.iters, a.warmup, tag).await?;
+        let worst = time_size(&apis, bytes, a.iters, a.warmup, tag, a.compression).await?;
         tag += 2 + u64::from(a.iters + a.warmup);
         let algbw = bytes as f64 / (worst / 1000.0) / 1e9;
         let busbw = algbw * 2.0 * (n as f64 - 1.0) / n as f64;
         let line = serde_json::json!({"nodes": n, "bytes": bytes, "time_ms": worst,
-            "algbw_gbps": algbw, "busbw_gbps": busbw, "transport": t, "iters": a.iters});
+            "algbw_gbps": algbw, "busbw_gbps": busbw, "transport": t,
+            "compression": a.compression.name(), "iters": a.iters});
         println!("{line}");
         if !a.json {
             eprintln!("{n} nodes, {bytes} bytes over {t}: {worst:.2} ms, busbw {busbw:.3} GB/s");
@@ -115,7 +121,8 @@ pub async fn run(a: AllreduceArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Has every node behind `apis` all-reduce `bytes` at once (collective tags from `tag`);
+/// Has every node behind `apis` all-reduce `bytes` at once (collective tags from `tag`,
+/// payload as `compression`);
 /// the slowest node's mean time per all-reduce, in ms. Fails if any result is wrong.
 async fn time_size(
     apis: &[SocketAddr],
@@ -123,8 +130,9 @@ async fn time_size(
     iters: u32,
     warmup: u32,
     tag: u64,
+    compression: coordinator_free::Compression,
 ) -> Result<f64, Failure> {
-    let path = format!("/v1/debug/allreduce?bytes={bytes}&iters={iters}&warmup={warmup}&tag={tag}");
+    let path = format!("/v1/debug/allreduce?bytes={bytes}&iters={iters}&warmup={warmup}&tag={tag}&compression={compression}");
     let results =
         futures::future::join_all(
             apis.iter().map(|a| {

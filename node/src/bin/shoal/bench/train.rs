@@ -1,5 +1,6 @@
-//! `shoal bench train`: data-parallel training throughput of the built-in gpt on 2 MiB of
-//! synthetic bytes, on N local nodes, from the job's own per-step metrics.
+//! `shoal bench train`: data-parallel training throughput of the built-in gpt (or of a
+//! Hugging Face folder's model, whole or with LoRA) on 2 MiB of synthetic text, on N local
+//! nodes, from the job's own per-step metrics.
 
 use crate::failure::{usage, Failure};
 use crate::train::{run_job, TrainArgs as JobArgs};
@@ -38,9 +39,17 @@ pub struct TrainArgs {
     /// gpt width. Default: 128.
     #[arg(long, default_value_t = 128)]
     width: i64,
-    /// gpt context. Default: 64.
+    /// Sequence length (the gpt's context, or an hf model's training context). Default: 64.
     #[arg(long, default_value_t = 64)]
     context: i64,
+    /// Train this Hugging Face model folder (job key `[model] hf`: its weights, its
+    /// tokenizer) instead of the gpt. Default: none (the gpt).
+    #[arg(long)]
+    hf: Option<std::path::PathBuf>,
+    /// With --hf: train only LoRA adapters of this rank (alpha twice the rank, on
+    /// q_proj and v_proj). Default: none (the whole model).
+    #[arg(long)]
+    lora_rank: Option<u32>,
     /// Data-plane transport. Default: tcp.
     #[arg(long, default_value = "tcp")]
     data_plane: DataTransport,
@@ -62,8 +71,9 @@ pub struct TrainArgs {
 
 /// Writes the synthetic data and runs the job (`warmup + steps` steps) on `nodes` local
 /// nodes; prints one line `{"impl":"shoal","nodes","threads","model","balance","batch",
-/// "steps","step_ms","samples_per_s","compute_ms","guard_ms","allreduce_ms",
-/// "member_step_ms"}` over the timed steps.
+/// "context","steps","step_ms","samples_per_s","tokens_per_s","compute_ms","guard_ms",
+/// "allreduce_ms","member_step_ms","bytes_per_step","peak_rss_bytes"}` over the timed steps
+/// (`model`: `gpt`, `hf` or `hf-lora`; the byte and memory figures are the first member's).
 pub async fn run(a: TrainArgs) -> Result<(), Failure> {
     let (dir, _) = crate::cluster::local_dir(None);
     std::fs::create_dir_all(&dir).context("cannot create the bench dir")?;
@@ -112,6 +122,26 @@ fn write_job(a: &TrainArgs, dir: &Path) -> Result<JobSpec, Failure> {
         })
         .collect();
     std::fs::write(dir.join("data.txt"), text).context("cannot write the bench data")?;
+    if a.lora_rank.is_some() && a.hf.is_none() {
+        return Err(usage(anyhow!("--lora-rank needs --hf")));
+    }
+    let model = match &a.hf {
+        None => format!(
+            "kind = \"gpt\"\nlayers = {}\nheads = {}\nwidth = {}\ncontext = {}\n",
+            a.layers, a.heads, a.width, a.context
+        ),
+        Some(dir) => {
+            let dir = std::path::absolute(dir).context("the --hf folder")?;
+            let lora = a.lora_rank.map_or(String::new(), |r| {
+                format!("lora = {{ rank = {r}, alpha = {} }}\n", 2 * r)
+            });
+            format!(
+                "hf = {:?}\ncontext = {}\n{lora}",
+                dir.display().to_string(),
+                a.context
+            )
+        }
+    };
     let toml = format!(
         r#"
 name = "bench-train"
@@ -122,15 +152,10 @@ min_nodes = {n}
 balance = {balance}
 device = "{device}"
 precision = "{precision}"
-eval_fraction = 0.01
+eval_fraction = {eval_fraction}
 output_dir = "{out}"
 [model]
-kind = "gpt"
-layers = {layers}
-heads = {heads}
-width = {width}
-context = {context}
-[data]
+{model}[data]
 kind = "text"
 path = "{data}"
 [optimizer]
@@ -147,10 +172,8 @@ grad_clip = 0.0
         balance = !a.no_balance,
         device = a.device,
         precision = a.precision,
-        layers = a.layers,
-        heads = a.heads,
-        width = a.width,
-        context = a.context,
+        // An hf model's evaluation after the last step is slow and untimed: a few sequences.
+        eval_fraction = if a.hf.is_some() { 0.002 } else { 0.01 },
         out = dir.join("runs").display(),
         data = dir.join("data.txt").display(),
     );
@@ -188,12 +211,25 @@ fn summarize(a: &TrainArgs, spec: &JobSpec) -> Result<serde_json::Value, Failure
         let v: Vec<f64> = timed_rows.iter().filter_map(|r| r[key].as_f64()).collect();
         v.iter().sum::<f64>() / v.len().max(1) as f64
     };
+    let peak = rows
+        .iter()
+        .filter_map(|r| r["peak_rss_bytes"].as_u64())
+        .max()
+        .unwrap_or(0);
+    let model = match (&a.hf, a.lora_rank) {
+        (None, _) => "gpt",
+        (Some(_), None) => "hf",
+        (Some(_), Some(_)) => "hf-lora",
+    };
+    let samples_per_s = (a.batch * timed) as f64 / secs;
     Ok(
-        serde_json::json!({"impl": "shoal", "nodes": a.nodes, "threads": a.threads, "model": "gpt",
+        serde_json::json!({"impl": "shoal", "nodes": a.nodes, "threads": a.threads, "model": model,
         "width": a.width, "device": a.device.to_string(), "precision": a.precision,
-        "balance": !a.no_balance, "batch": a.batch, "steps": timed, "step_ms": secs * 1e3 / timed as f64,
-        "samples_per_s": (a.batch * timed) as f64 / secs,
+        "balance": !a.no_balance, "batch": a.batch, "context": a.context, "steps": timed,
+        "step_ms": secs * 1e3 / timed as f64, "samples_per_s": samples_per_s,
+        "tokens_per_s": samples_per_s * a.context as f64,
         "compute_ms": mean("compute_ms"), "guard_ms": mean("guard_ms"),
-        "allreduce_ms": mean("allreduce_ms"), "member_step_ms": mean("step_ms")}),
+        "allreduce_ms": mean("allreduce_ms"), "member_step_ms": mean("step_ms"),
+        "bytes_per_step": mean("bytes_sent"), "peak_rss_bytes": peak}),
     )
 }
