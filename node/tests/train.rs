@@ -22,57 +22,6 @@ fn python() -> String {
     std::env::var("SHOAL_PYTHON").expect("SHOAL_PYTHON (source scripts/env.sh)")
 }
 
-/// Runs `shoal train` in `dir` (its cwd, so `runs/` lands there) to completion, bounded.
-fn train(dir: &Path, job: &Path, args: &[&str]) -> (Option<i32>, Value, String) {
-    let nodes_dir = dir.join(format!("nodes-{}", rand_suffix()));
-    let mut cmd = Command::new(shoal_bin());
-    cmd.arg("train")
-        .arg(job)
-        .args(["--json", "--dir"])
-        .arg(&nodes_dir)
-        .args(args)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let child = cmd.spawn().expect("spawn shoal train");
-    let out = wait_output(child, Duration::from_secs(600));
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    let summary = stdout
-        .lines()
-        .last()
-        .and_then(|l| serde_json::from_str(l).ok())
-        .unwrap_or(Value::Null);
-    (out.status.code(), summary, stderr)
-}
-
-fn rand_suffix() -> u64 {
-    use std::time::{SystemTime, UNIX_EPOCH};
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
-}
-
-fn wait_output(mut child: std::process::Child, bound: Duration) -> std::process::Output {
-    let start = std::time::Instant::now();
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            return child.wait_with_output().unwrap();
-        }
-        if start.elapsed() > bound {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "shoal train did not finish within {bound:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// Step → loss from a run's metrics.jsonl (the last line for a step wins: a resumed run
 /// appends after the lines of the run it continues).
 fn losses(run_dir: &Path) -> HashMap<u64, f64> {
@@ -544,36 +493,6 @@ lr = 0.003
 "#,
         every = steps / 4
     )
-}
-
-/// Sequence ids used per data epoch, from every member's `samples.*.jsonl`: each complete
-/// epoch holds every id of `0..n` once, the last holds none twice. Returns `n` and the
-/// members that logged samples.
-fn sequences_used_once(run_dir: &Path) -> (u64, Vec<String>) {
-    let mut epoch_ids: HashMap<u64, Vec<u64>> = HashMap::new();
-    let mut members = std::collections::BTreeSet::new();
-    for (_, (epoch, by_member)) in step_samples(run_dir) {
-        for (member, ids) in by_member {
-            if !ids.is_empty() {
-                members.insert(member);
-            }
-            epoch_ids.entry(epoch).or_default().extend(ids);
-        }
-    }
-    let members: Vec<String> = members.into_iter().collect();
-    let n = epoch_ids[&0].iter().max().unwrap() + 1;
-    let last = *epoch_ids.keys().max().unwrap();
-    assert!(last >= 1, "the run covers a whole epoch");
-    for (epoch, mut ids) in epoch_ids {
-        ids.sort_unstable();
-        let before = ids.len();
-        ids.dedup();
-        assert_eq!(ids.len(), before, "epoch {epoch}: a sequence used twice");
-        if epoch < last {
-            assert_eq!(ids, (0..n).collect::<Vec<_>>(), "epoch {epoch}");
-        }
-    }
-    (n, members)
 }
 
 /// Held-out losses in step order from a run's metrics.jsonl.

@@ -72,7 +72,7 @@ pub(super) fn f32_as_words(v: &[f32]) -> Vec<u64> {
 
 /// A progress exchange or state sync failed: log it and wait for the next view.
 pub(super) fn collective_failed(
-    machine: &mut coordinator_free::training::Training,
+    machine: &mut impl coordinator_free::training::RoundMachine,
     view: &View,
     what: &str,
     e: StepFailure,

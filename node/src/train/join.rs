@@ -8,7 +8,7 @@ use super::collective::{TAG_EXCHANGE, TAG_SYNC};
 use super::member::Trainer;
 use super::TrainError;
 use coordinator_free::sharding::{self, DataCursor};
-use coordinator_free::training::{Progress, Training};
+use coordinator_free::training::{Progress, RoundMachine};
 use coordinator_free::{NodeId, View, ViewHash};
 use std::time::{Duration, Instant};
 use tch::Tensor;
@@ -105,7 +105,7 @@ impl Trainer {
     /// the sync failed (the machine then waits for the next one).
     pub(super) fn on_sync(
         &mut self,
-        machine: &mut Training,
+        machine: &mut impl RoundMachine,
         view: &View,
         root: &NodeId,
         root_rank: u32,
@@ -136,8 +136,19 @@ impl Trainer {
     }
 
     /// Makes every member's parameters and optimizer state those of rank `root` (one
-    /// broadcast). Returns the bytes moved.
+    /// broadcast). Returns the bytes moved. Under DiLoCo every member first drops its
+    /// uncommitted inner work, so the broadcast carries the root's committed state
+    /// (θ_global, the outer momentum, the inner optimizer's state at the commit), and the
+    /// result becomes every member's committed state.
     fn sync_state(&mut self, view: &View, root: u32) -> Result<u64, StepFailure> {
+        self.restore_committed();
+        let bytes = self.broadcast_state(view, root)?;
+        self.capture_committed();
+        Ok(bytes)
+    }
+
+    /// The broadcast of [`sync_state`](Self::sync_state).
+    fn broadcast_state(&mut self, view: &View, root: u32) -> Result<u64, StepFailure> {
         let tensors = self.state_tensors();
         let numel: usize = tensors.iter().map(|(_, t)| t.numel()).sum();
         if view.len() == 1 {
@@ -168,8 +179,8 @@ impl Trainer {
     }
 
     /// The state every member must share: parameters (the f32 master weights; after
-    /// writing into them, `opt.refresh()` updates a bf16 model), optimizer state, and
-    /// counters.
+    /// writing into them, `opt.refresh()` updates a bf16 model), optimizer state, under
+    /// DiLoCo the outer momentum (`outer.momentum`), and counters.
     pub(super) fn state_tensors(&self) -> Vec<(String, Tensor)> {
         let mut v: Vec<(String, Tensor)> = self
             .opt
@@ -183,6 +194,7 @@ impl Trainer {
                 .into_iter()
                 .map(|(n, t)| (format!("optim.{n}"), t)),
         );
+        v.extend(self.outer_state_tensors());
         v
     }
 

@@ -5,6 +5,10 @@
 //! first member writes the step's line, and every member evaluates, checkpoints and
 //! compares weights on the job's schedule (`eval_every`, `checkpoint_every`,
 //! `consistency_every`, and always after the last step).
+//!
+//! A DiLoCo job (`[sync] kind = "diloco"`) runs the loop of `outer` instead, which drives
+//! `coordinator_free::outer_round`; the actions both machines share (waiting for a view,
+//! the progress exchange, the sync) are handled here for both ([`Turn`]).
 
 use super::collective::{collective_failed, StepError, StepFailure};
 use super::data::Dataset;
@@ -16,7 +20,7 @@ use super::step::StepDone;
 use super::{JobReport, JobState, TrainContext, TrainError};
 use super::{CHECKPOINT_FILE, REJOIN_TIMEOUT, START_TIMEOUT};
 use coordinator_free::sharding::{self, DataCursor};
-use coordinator_free::training::{Action, Progress, Training, TrainingPlan};
+use coordinator_free::training::{Action, Progress, RoundMachine, Training, TrainingPlan};
 use coordinator_free::{View, ViewHash};
 use std::time::Instant;
 use tch::Tensor;
@@ -55,6 +59,18 @@ pub(super) struct Trainer {
     /// The sample ids of this member's contribution to the all-reduce round in flight (the
     /// samples log records them when the round fails here).
     pub(super) attempted: Vec<u64>,
+    /// DiLoCo's state beside the working weights (θ_global, the outer momentum, the
+    /// committed inner optimizer state); `None` in synchronous training.
+    pub(super) outer: Option<super::outer::Outer>,
+}
+
+/// What the loop carries from one turn to the next.
+#[derive(Default)]
+pub(super) struct Turn {
+    /// Whether the members have gathered once (training started).
+    started: bool,
+    /// The view whose collective failed, to wait past.
+    pub(super) failed_view: Option<ViewHash>,
 }
 
 impl Trainer {
@@ -70,6 +86,10 @@ impl Trainer {
         let model = Model::build(job, data.task, job.seed, device, job.precision)?;
         let params = model.params();
         let opt = Optimizer::new(&job.optimizer, &params)?;
+        let outer = job
+            .sync
+            .outer()
+            .map(|c| super::outer::Outer::new(c, opt.numel()));
         let total_steps = match (job.steps, job.epochs) {
             (Some(s), _) => s,
             (None, Some(e)) => e * sharding::steps_per_epoch(data.train_len(), job.batch_size),
@@ -100,6 +120,7 @@ impl Trainer {
             device_key: super::backend::device_key(device),
             backends: Default::default(),
             attempted: Vec::new(),
+            outer,
         })
     }
 
@@ -123,56 +144,36 @@ impl Trainer {
                 self.load_checkpoint()?;
             }
         }
+        if self.outer.is_some() {
+            self.run_outer()?;
+        } else {
+            self.run_steps()?;
+        }
+        if let Some(log) = self.log.as_mut() {
+            log.finish(&format!("{} — loss", self.ctx.job.name))?;
+        }
+        Ok(())
+    }
+
+    /// Synchronous training: drives the core's `Training` to the last step.
+    fn run_steps(&mut self) -> Result<(), TrainError> {
         let mut machine = self.machine();
         let mut samples_log = self.samples_log()?;
-        let mut first_view = true;
-        let mut failed_view: Option<ViewHash> = None;
+        let mut turn = Turn::default();
         loop {
-            // A settled view other than the one we hold restarts the exchange.
-            {
-                let s = self.ctx.views.borrow();
-                if s.settled {
-                    machine.handle_view(&s.view);
-                }
-            }
+            self.observe_view(&mut machine);
             match machine.poll_action()? {
-                Action::Finished => break,
-                Action::WaitForView => {
-                    let min = self.job().min_nodes;
-                    let bound = if first_view {
-                        START_TIMEOUT
-                    } else {
-                        REJOIN_TIMEOUT
-                    };
-                    let view = self.next_view(min, failed_view.take(), bound)?;
-                    machine.handle_view(&view);
-                }
+                Action::Finished => return Ok(()),
+                Action::WaitForView => self.wait_for_view(&mut machine, &mut turn)?,
                 Action::ExchangeProgress { view } => {
-                    if first_view {
-                        first_view = false;
-                        self.started = Instant::now();
-                        self.set_report(|r| r.state = JobState::Running);
-                    }
-                    match self.exchange_progress(&view, machine.progress()) {
-                        Ok(all) => machine.handle_progress(view.hash, &all)?,
-                        Err(e) => {
-                            failed_view =
-                                Some(collective_failed(&mut machine, &view, "exchange", e))
-                        }
-                    }
+                    self.exchange(&mut machine, &mut turn, &view)?
                 }
                 Action::Sync {
                     view,
                     root,
                     root_rank,
                     progress,
-                } => {
-                    if let Some(failed) =
-                        self.on_sync(&mut machine, &view, &root, root_rank, progress)?
-                    {
-                        failed_view = Some(failed);
-                    }
-                }
+                } => self.sync(&mut machine, &mut turn, &view, &root, root_rank, progress)?,
                 Action::Step {
                     view,
                     step,
@@ -194,41 +195,105 @@ impl Trainer {
                                 let (n, epoch) = (step + 1, batch.cursor.epoch);
                                 f.append(n, epoch, &self.attempted, &view, false)?;
                             }
-                            failed_view = Some(self.redo(&mut machine, &view, step, e)?)
+                            turn.failed_view = Some(self.redo(&mut machine, &view, step, e)?)
                         }
                     }
                 }
             }
         }
-        if let Some(log) = self.log.as_mut() {
-            log.finish(&format!("{} — loss", self.ctx.job.name))?;
+    }
+
+    /// Top of a turn: a settled view other than the one the machine holds restarts the
+    /// exchange (between steps or inner steps, so work in a dead view stops early).
+    pub(super) fn observe_view(&self, machine: &mut impl RoundMachine) {
+        let s = self.ctx.views.borrow();
+        if s.settled {
+            machine.handle_view(&s.view);
+        }
+    }
+
+    /// The machine waits for a usable view: the first bounded by [`START_TIMEOUT`], later
+    /// ones by [`REJOIN_TIMEOUT`], and one other than a view that just failed.
+    pub(super) fn wait_for_view(
+        &mut self,
+        machine: &mut impl RoundMachine,
+        turn: &mut Turn,
+    ) -> Result<(), TrainError> {
+        let min = self.job().min_nodes;
+        let bound = if turn.started {
+            REJOIN_TIMEOUT
+        } else {
+            START_TIMEOUT
+        };
+        let view = self.next_view(min, turn.failed_view.take(), bound)?;
+        machine.handle_view(&view);
+        Ok(())
+    }
+
+    /// The machine asks for the progress exchange on `view` (the first one starts the
+    /// job's clock).
+    pub(super) fn exchange(
+        &mut self,
+        machine: &mut impl RoundMachine,
+        turn: &mut Turn,
+        view: &View,
+    ) -> Result<(), TrainError> {
+        if !turn.started {
+            turn.started = true;
+            self.started = Instant::now();
+            self.set_report(|r| r.state = JobState::Running);
+        }
+        match self.exchange_progress(view, machine.progress()) {
+            Ok(all) => machine.handle_progress(view.hash, &all)?,
+            Err(e) => turn.failed_view = Some(collective_failed(machine, view, "exchange", e)),
         }
         Ok(())
     }
 
-    /// The core's training machine for this job, starting from this member's progress.
-    fn machine(&self) -> Training {
-        let plan = TrainingPlan {
+    /// The machine asks for a sync on `view` from `root`.
+    pub(super) fn sync(
+        &mut self,
+        machine: &mut impl RoundMachine,
+        turn: &mut Turn,
+        view: &View,
+        root: &coordinator_free::NodeId,
+        root_rank: u32,
+        progress: Progress,
+    ) -> Result<(), TrainError> {
+        if let Some(failed) = self.on_sync(machine, view, root, root_rank, progress)? {
+            turn.failed_view = Some(failed);
+        }
+        Ok(())
+    }
+
+    /// The job's plan as the core's machines take it.
+    pub(super) fn plan(&self) -> TrainingPlan {
+        TrainingPlan {
             min_nodes: self.job().min_nodes,
             total_steps: self.total_steps,
             batch_size: self.job().batch_size,
             n_samples: self.data.train_len(),
             shard_size: self.job().shard_size,
             balance: self.job().balance,
-        };
-        Training::new(
-            self.ctx.me.clone(),
-            plan,
-            Progress {
-                step: self.step,
-                cursor: self.cursor,
-            },
-        )
+        }
+    }
+
+    /// This member's committed progress.
+    pub(super) fn progress(&self) -> Progress {
+        Progress {
+            step: self.step,
+            cursor: self.cursor,
+        }
+    }
+
+    /// The core's training machine for this job, starting from this member's progress.
+    fn machine(&self) -> Training {
+        Training::new(self.ctx.me.clone(), self.plan(), self.progress())
     }
 
     /// This member's record of the sample ids it uses, when the job asks for one
     /// (`log_samples`).
-    fn samples_log(&self) -> Result<Option<SamplesLog>, TrainError> {
+    pub(super) fn samples_log(&self) -> Result<Option<SamplesLog>, TrainError> {
         if !self.job().log_samples {
             return Ok(None);
         }
@@ -257,9 +322,17 @@ impl Trainer {
             f.append(record.step, batch.cursor.epoch, &ids, view, true)?;
         }
         self.log_step(view, &record)?;
+        self.scheduled(view, step)
+    }
+
+    /// After a commit on `view` that moved this member from step `before` to `self.step`:
+    /// evaluates, checkpoints and compares weights where the job's schedule has one due
+    /// (a multiple of its period passed, or the last step).
+    pub(super) fn scheduled(&mut self, view: &View, before: u64) -> Result<(), TrainError> {
         let first = self.am_first(view);
         let last = self.step == self.total_steps;
-        let due = |every: u64| last || (every > 0 && self.step.is_multiple_of(every));
+        let now = self.step;
+        let due = |every: u64| last || (every > 0 && now / every > before / every);
         let (eval_due, ckpt_due) = (due(self.job().eval_every), due(self.job().checkpoint_every));
         let consistency_due = due(self.job().consistency_every);
         if eval_due {

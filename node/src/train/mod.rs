@@ -21,6 +21,9 @@
 //! - `member`: the member's state and the loop that drives the core's
 //!   `coordinator_free::training` machine (wait for a view, exchange progress, sync, step);
 //! - `step`: one step (local gradients, the guarded all-reduce, the update);
+//! - `outer`: DiLoCo (`[sync] kind = "diloco"`): the loop that drives the core's
+//!   `coordinator_free::outer_round` machine (local inner steps, the pseudo-gradient
+//!   all-reduce, the outer Nesterov step) and the state it keeps beside the weights;
 //! - `join`: view changes and the state transfer that brings members
 //!   (joiners, members that fell behind) to the same state;
 //! - `backend`: which backend carries a view's gradient all-reduce (the ring, or NCCL when
@@ -47,6 +50,7 @@ mod eval;
 pub mod fault_injection;
 mod join;
 mod member;
+mod outer;
 mod resume;
 mod step;
 
@@ -243,6 +247,20 @@ impl JobReport {
             error: None,
             device: String::new(),
             backend: String::new(),
+        }
+    }
+
+    /// A commit at `step` with mean loss `loss`, at `samples_per_s`: the latest figures,
+    /// and the recent ones the dashboard plots (at most 200).
+    pub fn committed(&mut self, step: u64, loss: f64, samples_per_s: f64) {
+        self.step = step;
+        self.loss = Some(loss);
+        self.samples_per_s = Some(samples_per_s);
+        self.recent.push((step, loss));
+        self.recent_samples_per_s.push((step, samples_per_s));
+        if self.recent.len() > 200 {
+            self.recent.remove(0);
+            self.recent_samples_per_s.remove(0);
         }
     }
 

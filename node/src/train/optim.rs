@@ -210,6 +210,41 @@ impl Optimizer {
             .collect()
     }
 
+    /// Elements of the master weights (every parameter's).
+    pub fn numel(&self) -> usize {
+        self.flat.numel()
+    }
+
+    /// Copies the f32 master weights, flat in parameter order, into `out` (one copy to
+    /// the host wherever they are; `out` holds [`numel`](Self::numel) elements).
+    pub fn read_master(&self, out: &mut [f32]) {
+        self.flat.copy_data(out, out.len());
+    }
+
+    /// Sets the f32 master weights from `src` (flat, in parameter order), then the
+    /// parameters ([`refresh`](Self::refresh)).
+    pub fn write_master(&mut self, src: &[f32]) {
+        let _guard = tch::no_grad_guard();
+        let t = Tensor::from_slice(src).to_device(self.flat.device());
+        self.flat.copy_(&t);
+        self.refresh();
+    }
+
+    /// A copy of the state buffers (moments, momentum) and the update count, for
+    /// [`restore_state`](Self::restore_state).
+    pub fn snapshot_state(&self) -> (Vec<Tensor>, u64) {
+        let _guard = tch::no_grad_guard();
+        (vec![self.m.copy(), self.v.copy()], self.t)
+    }
+
+    /// Puts back state taken by [`snapshot_state`](Self::snapshot_state).
+    pub fn restore_state(&mut self, (saved, t): &(Vec<Tensor>, u64)) {
+        let _guard = tch::no_grad_guard();
+        self.m.copy_(&saved[0]);
+        self.v.copy_(&saved[1]);
+        self.t = *t;
+    }
+
     /// The state tensors with names (`adam_m.<param>`, `adam_v.<param>` or
     /// `momentum.<param>`), for checkpoints and state transfer: views of the state, so
     /// copying into them sets it. `params` are the names, in the order given to `new`.
@@ -257,6 +292,20 @@ fn f32s(t: &mut Tensor) -> &mut [f32] {
     // the only one running libtorch operations on it, and the returned slice's lifetime is
     // tied to the `&mut` borrow of the tensor handle, so no other Rust slice aliases it.
     unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut f32, n) }
+}
+
+/// The factor that turns a gradient summed over `samples` samples into their mean,
+/// clipped to global norm `clip` (0: no clipping); `sum_squares` gives Σ g² of the sum (only
+/// called when clipping).
+pub fn mean_scale(samples: f64, clip: f64, sum_squares: impl FnOnce() -> f64) -> f64 {
+    let scale = 1.0 / samples;
+    if clip > 0.0 {
+        let norm = sum_squares().sqrt() * scale;
+        if norm > clip {
+            return scale * clip / norm;
+        }
+    }
+    scale
 }
 
 /// Σ x² in f64, in eight independent lanes (so it vectorises; the order of summation is

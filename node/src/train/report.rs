@@ -104,6 +104,48 @@ impl std::fmt::Display for EvalRecord {
     }
 }
 
+/// One committed DiLoCo outer round (`[sync] kind = "diloco"`): a line of its own in
+/// `metrics.jsonl` in place of its inner steps' lines.
+#[derive(Clone, Debug, Serialize)]
+pub struct RoundRecord {
+    /// Outer rounds committed so far (1-based).
+    pub outer_round: u64,
+    /// Steps (global batches) committed after the round.
+    pub step: u64,
+    /// Inner steps of the round.
+    pub inner_steps: u64,
+    /// Mean loss over the round's samples (every member's inner steps).
+    pub loss: f64,
+    /// Inner learning rate at the round's last step.
+    pub lr: f64,
+    /// Samples of the round (every member's).
+    pub samples: u64,
+    /// Global samples per second over the round.
+    pub samples_per_s: f64,
+    /// Wall time of the round on this member (its inner steps, the outer all-reduce and
+    /// the outer step), ms.
+    pub round_ms: f64,
+    /// Of the round: this member's inner steps (forward, backward, inner optimizer), ms.
+    pub compute_ms: f64,
+    /// Of the round: the outer all-reduce of the pseudo-gradient (including waiting for
+    /// the slowest member) and the outer step, ms.
+    pub allreduce_ms: f64,
+    /// Seconds since training started (after the members gathered), at the commit.
+    pub elapsed_s: f64,
+    /// Data-plane bytes this node sent during the round.
+    pub bytes_sent: u64,
+    /// Data-plane bytes this node received during the round.
+    pub bytes_received: u64,
+    /// Members in the view that ran the round.
+    pub members: usize,
+    /// That view's epoch.
+    pub view_epoch: u64,
+    /// Data epoch after the round.
+    pub data_epoch: u64,
+    /// Samples of the data epoch consumed after the round.
+    pub data_offset: u64,
+}
+
 /// Writes a run's files.
 pub struct RunLog {
     dir: PathBuf,
@@ -125,6 +167,12 @@ impl RunLog {
 
     /// Appends a step line.
     pub fn step(&mut self, r: &StepRecord) -> std::io::Result<()> {
+        self.losses.push((r.step, r.loss));
+        writeln!(self.metrics, "{}", serde_json::to_string(r).expect("json"))
+    }
+
+    /// Appends an outer round's line.
+    pub fn round(&mut self, r: &RoundRecord) -> std::io::Result<()> {
         self.losses.push((r.step, r.loss));
         writeln!(self.metrics, "{}", serde_json::to_string(r).expect("json"))
     }

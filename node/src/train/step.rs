@@ -22,7 +22,7 @@ use tch::Tensor;
 pub(super) type StepDone = (StepRecord, Vec<u64>, Vec<(NodeId, f64)>);
 
 /// The sample ids at `ranges` (positions) of a data epoch's `order`.
-fn ids_at(order: &[u64], ranges: &[Range<u64>]) -> Vec<u64> {
+pub(super) fn ids_at(order: &[u64], ranges: &[Range<u64>]) -> Vec<u64> {
     ranges
         .iter()
         .flat_map(|r| r.clone().map(|p| order[p as usize]))
@@ -55,7 +55,7 @@ fn take_over(
 
 impl Trainer {
     /// The epoch order for `epoch` (cached).
-    fn order(&mut self, epoch: u64) -> &[u64] {
+    pub(super) fn order(&mut self, epoch: u64) -> &[u64] {
         if self.order.as_ref().map(|o| o.0) != Some(epoch) {
             let o = sharding::epoch_order(self.job().seed, epoch, self.data.train_len());
             self.order = Some((epoch, o));
@@ -201,7 +201,7 @@ impl Trainer {
     /// bucket's all-reduce starts as soon as its copy is done, so the copy of the next
     /// bucket overlaps the ring's work on this one. On the host the buckets are handed over
     /// at once, without a thread.
-    fn all_reduce_round(
+    pub(super) fn all_reduce_round(
         &mut self,
         view: &View,
         attempt: u64,
@@ -312,7 +312,10 @@ impl Trainer {
     /// vector; on another device (or in bf16) it is one flat f32 tensor there (returned
     /// beside a vector whose gradient part is zeros), for the all-reduce to copy bucket by
     /// bucket.
-    fn local_gradients(&mut self, ids: &[u64]) -> Result<(Vec<f32>, Option<Tensor>), TrainError> {
+    pub(super) fn local_gradients(
+        &mut self,
+        ids: &[u64],
+    ) -> Result<(Vec<f32>, Option<Tensor>), TrainError> {
         for (_, p) in &self.params {
             let mut g = p.grad();
             if g.defined() {
@@ -383,14 +386,8 @@ impl Trainer {
         }
         // The mean gradient is `flat / total`, clipped to norm `grad_clip`: one scale the
         // fused update applies as it reads each element.
-        let mut scale = 1.0 / total;
         let clip = self.job().optimizer.grad_clip;
-        if clip > 0.0 {
-            let norm = optim::sum_squares(&flat[..numel]).sqrt() * scale;
-            if norm > clip {
-                scale *= clip / norm;
-            }
-        }
+        let scale = optim::mean_scale(total, clip, || optim::sum_squares(&flat[..numel]));
         let lr = self.job().lr_at(self.step, self.total_steps);
         self.opt.step(&flat[..numel], scale as f32, lr);
         self.step += 1;

@@ -19,6 +19,8 @@
 //! [optimizer]
 //! kind = "adamw"           # adamw | sgd
 //! lr = 0.003
+//! [sync]
+//! kind = "sync"            # sync | diloco (inner_steps, outer_lr, outer_momentum)
 //! ```
 
 use serde::{Deserialize, Serialize};
@@ -28,12 +30,14 @@ use std::path::{Path, PathBuf};
 mod data;
 mod model;
 mod optimizer;
+mod sync;
 #[cfg(test)]
 mod tests;
 
 pub use data::{DataKind, DataSpec};
 pub use model::{HfInit, LoraSpec, ModelKind, ModelSpec, LORA_TARGETS};
 pub use optimizer::{OptimizerKind, OptimizerSpec, Schedule};
+pub use sync::{SyncKind, SyncSpec};
 
 /// Largest job file accepted (it travels on the control plane).
 pub const MAX_JOB_BYTES: usize = 32 * 1024;
@@ -155,6 +159,10 @@ pub struct JobSpec {
     /// The optimizer and learning-rate schedule.
     #[serde(default)]
     pub optimizer: OptimizerSpec,
+    /// How members combine their work: synchronous steps, or DiLoCo outer rounds
+    /// (`[sync] kind = "diloco"`, see [`SyncSpec`]). Default: `kind = "sync"`.
+    #[serde(default, skip_serializing_if = "SyncSpec::is_default")]
+    pub sync: SyncSpec,
 }
 
 fn default_seed() -> u64 {
@@ -271,7 +279,8 @@ impl JobSpec {
         self.validate_run()?;
         self.validate_model()?;
         self.validate_data()?;
-        self.validate_optimizer()
+        self.validate_optimizer()?;
+        self.validate_sync()
     }
 
     /// The run's keys: name, length, batch and shard sizes, members, threads, guard, buckets.

@@ -111,3 +111,89 @@ fn relative_paths_resolve_against_the_job_dir() {
     assert_eq!(j.model.hf.as_deref(), Some(Path::new("/jobs/out/model")));
     assert_eq!(j.data.path.as_deref(), Some(Path::new("/d.txt")));
 }
+
+#[test]
+fn sync_defaults_to_synchronous_steps_and_keeps_the_job_hash() {
+    let j = JobSpec::parse(MIN).unwrap();
+    assert_eq!(j.sync.kind, SyncKind::Sync);
+    assert_eq!(j.sync.outer(), None);
+    // An explicit `kind = "sync"` is the same job (same TOML form, same hash).
+    let explicit = JobSpec::parse(&format!("{MIN}[sync]\nkind = \"sync\"\n")).unwrap();
+    assert_eq!(explicit, j);
+    assert_eq!(explicit.hash(), j.hash());
+    assert!(!j.to_toml().contains("sync"), "{}", j.to_toml());
+}
+
+#[test]
+fn diloco_keys_parse_with_the_core_defaults() {
+    use coordinator_free::outer_round::{
+        DEFAULT_INNER_STEPS, DEFAULT_OUTER_LR, DEFAULT_OUTER_MOMENTUM,
+    };
+    let j = JobSpec::parse(&format!("{MIN}[sync]\nkind = \"diloco\"\n")).unwrap();
+    let c = j.sync.outer().expect("diloco");
+    assert_eq!(c.inner_steps, DEFAULT_INNER_STEPS);
+    assert_eq!(c.outer_lr, DEFAULT_OUTER_LR);
+    assert_eq!(c.outer_momentum, DEFAULT_OUTER_MOMENTUM);
+    assert_eq!(
+        (c.inner_steps, c.outer_lr, c.outer_momentum),
+        (50, 0.7, 0.9)
+    );
+    assert_ne!(j.hash(), JobSpec::parse(MIN).unwrap().hash());
+    let text = format!(
+        "{MIN}[sync]\nkind = \"diloco\"\ninner_steps = 5\nouter_lr = 0.5\nouter_momentum = 0.0\n"
+    );
+    let j = JobSpec::parse(&text).unwrap();
+    let c = j.sync.outer().unwrap();
+    assert_eq!((c.inner_steps, c.outer_lr, c.outer_momentum), (5, 0.5, 0.0));
+    // Round trip through the announced form.
+    assert_eq!(JobSpec::parse(&j.to_toml()).unwrap(), j);
+}
+
+#[test]
+fn sync_errors_name_the_key() {
+    let diloco = |extra: &str| format!("{MIN}[sync]\nkind = \"diloco\"\n{extra}\n");
+    let e = err(&diloco("inner_steps = 0"));
+    assert!(e.contains("`sync.inner_steps` must be at least 1"), "{e}");
+    for bad in ["0.0", "-1.0", "nan", "inf", "1e300"] {
+        let e = err(&diloco(&format!("outer_lr = {bad}")));
+        assert!(
+            e.contains("`sync.outer_lr` must be finite and > 0"),
+            "{bad}: {e}"
+        );
+    }
+    for bad in ["1.0", "-0.1", "nan"] {
+        let e = err(&diloco(&format!("outer_momentum = {bad}")));
+        assert!(
+            e.contains("`sync.outer_momentum` must be in [0, 1)"),
+            "{bad}: {e}"
+        );
+    }
+    // The DiLoCo keys do nothing in synchronous training: refused there.
+    for key in ["inner_steps = 5", "outer_lr = 0.7", "outer_momentum = 0.9"] {
+        let e = err(&format!("{MIN}[sync]\n{key}\n"));
+        let name = key.split(' ').next().unwrap();
+        assert!(
+            e.contains(&format!(
+                "`sync.{name}` applies only with `sync.kind = \"diloco\"`"
+            )),
+            "{e}"
+        );
+    }
+    let unknown = err(&diloco("inner_stepz = 5"));
+    assert!(unknown.contains("inner_stepz"), "{unknown}");
+    let kind = err(&format!("{MIN}[sync]\nkind = \"gossip\"\n"));
+    assert!(kind.contains("gossip"), "{kind}");
+    let wrong_type = err(&diloco("inner_steps = \"five\""));
+    assert!(wrong_type.contains("inner_steps"), "{wrong_type}");
+}
+
+/// The DiLoCo example job parses, as DiLoCo with its stated settings.
+#[test]
+fn the_diloco_example_parses() {
+    let text = include_str!("../../../../examples/jobs/shakespeare-diloco.toml");
+    let c = JobSpec::parse(text).unwrap().sync.outer().expect("diloco");
+    assert_eq!(
+        (c.inner_steps, c.outer_lr, c.outer_momentum),
+        (10, 0.7, 0.9)
+    );
+}
