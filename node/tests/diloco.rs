@@ -204,7 +204,6 @@ fn round_losses(run_dir: &Path) -> std::collections::HashMap<u64, f64> {
 /// checkpoint (with several, a resume gives every member the first member's).
 #[test]
 fn resume_reproduces_the_uninterrupted_diloco_run() {
-    use std::process::{Command, Stdio};
     use std::time::Duration;
     let d = TempDir::new("diloco-resume");
     shakespeare(&d.0, 24_000);
@@ -230,17 +229,7 @@ fn resume_reproduces_the_uninterrupted_diloco_run() {
     // Interrupted: `shoal train` killed (its node dies with it) once the step-40
     // checkpoint exists and a later round was logged.
     let run_dir = cut.join("runs/res");
-    let mut child = Command::new(shoal_bin())
-        .arg("train")
-        .arg(&job)
-        .args(["--json", "--local", "1", "--dir"])
-        .arg(cut.join("nodes-a"))
-        .current_dir(&cut)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_train(&cut, &job, &cut.join("nodes-a"), &["--local", "1"], false);
     wait_until("the step-40 checkpoint", Duration::from_secs(300), || {
         let past = run_dir.join("metrics.jsonl").exists()
             && round_losses(&run_dir).keys().any(|&s| s > 40);

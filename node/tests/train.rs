@@ -10,7 +10,7 @@ use common::*;
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 /// A file of the repository's `data/` folder.
@@ -225,17 +225,7 @@ fn resume_reproduces_the_uninterrupted_run() {
     // The interrupted run: kill `shoal train` (its nodes die with it) once the step-30
     // checkpoint exists and a later step was logged.
     let run_dir = cut.join("runs/resume");
-    let mut child = Command::new(shoal_bin())
-        .arg("train")
-        .arg(&job)
-        .args(["--json", "--local", "2", "--dir"])
-        .arg(cut.join("nodes-a"))
-        .current_dir(&cut)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_train(&cut, &job, &cut.join("nodes-a"), &["--local", "2"], false);
     wait_until("step-30 checkpoint", Duration::from_secs(300), || {
         let has_ckpt = run_dir.join("checkpoint.safetensors").exists();
         let past = std::fs::read_to_string(run_dir.join("metrics.jsonl"))

@@ -469,17 +469,7 @@ pub fn wait_jobs_done(nodes: &[&Node], key: &str, value: &str, bound: Duration) 
 /// Runs `shoal train` in `dir` (its cwd, so `runs/` lands there) to completion, bounded.
 pub fn train(dir: &Path, job: &Path, args: &[&str]) -> (Option<i32>, Value, String) {
     let nodes_dir = dir.join(format!("nodes-{}", rand_suffix()));
-    let mut cmd = Command::new(shoal_bin());
-    cmd.arg("train")
-        .arg(job)
-        .args(["--json", "--dir"])
-        .arg(&nodes_dir)
-        .args(args)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let child = cmd.spawn().expect("spawn shoal train");
+    let child = spawn_train(dir, job, &nodes_dir, args, true);
     let out = wait_output(child, Duration::from_secs(600));
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
@@ -489,6 +479,30 @@ pub fn train(dir: &Path, job: &Path, args: &[&str]) -> (Option<i32>, Value, Stri
         .and_then(|l| serde_json::from_str(l).ok())
         .unwrap_or(Value::Null);
     (out.status.code(), summary, stderr)
+}
+
+/// Starts `shoal train JOB --json --dir NODES_DIR ARGS` in `dir` (its cwd, so `runs/` lands
+/// there); its stdout and stderr piped to read (`piped`) or dropped.
+pub fn spawn_train(
+    dir: &Path,
+    job: &Path,
+    nodes_dir: &Path,
+    args: &[&str],
+    piped: bool,
+) -> std::process::Child {
+    let out = || if piped { Stdio::piped() } else { Stdio::null() };
+    Command::new(shoal_bin())
+        .arg("train")
+        .arg(job)
+        .args(["--json", "--dir"])
+        .arg(nodes_dir)
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(out())
+        .stderr(out())
+        .spawn()
+        .expect("spawn shoal train")
 }
 
 /// A number that differs from call to call (nanoseconds since the epoch), for fresh names.
