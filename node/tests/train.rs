@@ -36,15 +36,6 @@ fn losses(run_dir: &Path) -> HashMap<u64, f64> {
     m
 }
 
-/// Fresh sub-folders of `dir`.
-fn subdirs<const N: usize>(dir: &Path, names: [&str; N]) -> [PathBuf; N] {
-    names.map(|n| {
-        let p = dir.join(n);
-        std::fs::create_dir_all(&p).unwrap();
-        p
-    })
-}
-
 fn mlp_job(dir: &Path, name: &str, extra: &str) -> PathBuf {
     synthetic_csv(&dir.join("data.csv"));
     let job = dir.join(format!("{name}.toml"));
@@ -459,32 +450,6 @@ fn write_text_parquet(path: &Path, texts: &[String]) {
     w.close().unwrap();
 }
 
-/// A byte-level gpt job on tokenized data `[data]` (`data` holds its keys).
-fn gpt_lm_job(name: &str, steps: u64, data: &str, extra: &str) -> String {
-    format!(
-        r#"
-name = "{name}"
-seed = 4
-steps = {steps}
-batch_size = 32
-log_samples = true
-eval_every = {every}
-{extra}
-[model]
-kind = "gpt"
-layers = 1
-heads = 2
-width = 32
-context = 32
-[data]
-{data}
-[optimizer]
-lr = 0.003
-"#,
-        every = steps / 4
-    )
-}
-
 /// Held-out losses in step order from a run's metrics.jsonl.
 fn eval_losses(run_dir: &Path) -> Vec<f64> {
     let text = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();
@@ -507,7 +472,7 @@ fn gpt_trains_on_parquet_and_jsonl_sequences_used_once() {
     write_text_parquet(&d.0.join("shards/part-1.parquet"), &docs[half..]);
     let job = d.0.join("pq.toml");
     let data = "kind = \"parquet\"\nfiles = \"shards/part-*.parquet\"";
-    std::fs::write(&job, gpt_lm_job("pq", 120, data, "")).unwrap();
+    std::fs::write(&job, gpt_lm_job("pq", 120, 30, data, "")).unwrap();
     let (code, s, err) = train(&d.0, &job, &["--local", "3"]);
     assert_eq!(code, Some(0), "{err}");
     assert_eq!(s["steps"], 120);
@@ -530,7 +495,7 @@ fn gpt_trains_on_parquet_and_jsonl_sequences_used_once() {
     write_docs_jsonl(&d.0, &docs);
     let job = d.0.join("js2.toml");
     let data = "kind = \"jsonl\"\nfiles = \"docs.jsonl\"\ntext_field = \"body\"";
-    std::fs::write(&job, gpt_lm_job("js2", 120, data, "")).unwrap();
+    std::fs::write(&job, gpt_lm_job("js2", 120, 30, data, "")).unwrap();
     let (code, _, err) = train(&d.0, &job, &["--local", "2"]);
     assert_eq!(code, Some(0), "{err}");
     let (n_js, members) = sequences_used_once(&d.0.join("runs/js2"));
@@ -562,7 +527,7 @@ fn jsonl_sequences_used_once_when_a_node_joins() {
         write_docs_jsonl(&d2, &docs);
         let job = d2.join("c.toml");
         let data = "kind = \"jsonl\"\nfiles = \"docs.jsonl\"\ntext_field = \"body\"";
-        std::fs::write(&job, gpt_lm_job("c", 40, data, "")).unwrap();
+        std::fs::write(&job, gpt_lm_job("c", 40, 10, data, "")).unwrap();
         let (code, _, err) = train(&d2, &job, &["--local", "1"]);
         assert_eq!(code, Some(0), "{err}");
         sequences_used_once(&d2.join("runs/c")).0
@@ -589,7 +554,7 @@ fn jsonl_sequences_used_once_when_a_node_joins() {
         "min_nodes = 2\noutput_dir = \"{}\"",
         d.0.join("runs").display()
     );
-    let spec = gpt_lm_job("js", 800, &data, &extra);
+    let spec = gpt_lm_job("js", 800, 200, &data, &extra);
     let body = serde_json::json!({"spec": spec, "resume": false}).to_string();
     let r = http(nodes[0].api().unwrap(), "POST", "/v1/jobs", body.as_bytes()).expect("submit");
     let run_id = serde_json::from_slice::<Value>(&r).unwrap()["run"]

@@ -562,3 +562,39 @@ pub fn sequences_used_once(run_dir: &Path) -> (u64, Vec<String>) {
     }
     (n, members)
 }
+
+/// A small byte-level gpt job (1 block, width 32, context 32, batch 32, samples logged) of
+/// `steps` steps evaluated every `every`, on `[data]` (`data` holds its keys); `extra` goes
+/// before `[model]` (top-level keys, then any tables such as `[sync]`).
+pub fn gpt_lm_job(name: &str, steps: u64, every: u64, data: &str, extra: &str) -> String {
+    format!(
+        r#"
+name = "{name}"
+seed = 4
+steps = {steps}
+batch_size = 32
+log_samples = true
+eval_every = {every}
+{extra}
+[model]
+kind = "gpt"
+layers = 1
+heads = 2
+width = 32
+context = 32
+[data]
+{data}
+[optimizer]
+lr = 0.003
+"#
+    )
+}
+
+/// Fresh sub-folders of `dir`.
+pub fn subdirs<const N: usize>(dir: &Path, names: [&str; N]) -> [PathBuf; N] {
+    names.map(|n| {
+        let p = dir.join(n);
+        std::fs::create_dir_all(&p).unwrap();
+        p
+    })
+}
