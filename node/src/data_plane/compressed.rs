@@ -159,8 +159,13 @@ impl DataPlane {
                             sent.clear();
                             compression::encode(c, &buf[s.clone()], &mut sent);
                             if let Some(r) = residual.as_deref_mut() {
-                                compression::encode_error(c, &sent, &buf[s.clone()], &mut r[s.clone()])
-                                    .map_err(bad)?;
+                                compression::encode_error(
+                                    c,
+                                    &sent,
+                                    &buf[s.clone()],
+                                    &mut r[s.clone()],
+                                )
+                                .map_err(bad)?;
                             }
                             &sent
                         }

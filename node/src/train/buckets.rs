@@ -305,10 +305,16 @@ mod tests {
         assert_eq!(drain(&mut rx), vec![(2, vec![8. + 4., 9. + 4.5])]);
         b.write(3, &Tensor::from_slice(&[3f32, 4., 5.]));
         b.complete(3..6);
-        assert_eq!(drain(&mut rx), vec![(1, vec![4. + 2., 5. + 2.5, 6. + 3., 7. + 3.5])]);
+        assert_eq!(
+            drain(&mut rx),
+            vec![(1, vec![4. + 2., 5. + 2.5, 6. + 3., 7. + 3.5])]
+        );
         b.write(0, &Tensor::from_slice(&[0f32, 1., 2.]));
         b.complete(0..3);
-        assert_eq!(drain(&mut rx), vec![(0, vec![0., 1. + 0.5, 2. + 1., 3. + 1.5])]);
+        assert_eq!(
+            drain(&mut rx),
+            vec![(0, vec![0., 1. + 0.5, 2. + 1., 3. + 1.5])]
+        );
         b.tail().copy_from_slice(&[20., 1., 2.]);
         let squares = b.squares;
         b.finish();

@@ -377,9 +377,12 @@ impl Trainer {
                 buckets.finish();
             });
             let reduced = reducer.join().unwrap_or(Err(StepFailure::ViewChanged));
-            (took, result.map_err(StepError::Fatal).and_then(|()| {
-                reduced.map_err(StepError::Failed)
-            }))
+            (
+                took,
+                result
+                    .map_err(StepError::Fatal)
+                    .and_then(|()| reduced.map_err(StepError::Failed)),
+            )
         });
         if feedback {
             self.residual = committed;
@@ -393,7 +396,11 @@ impl Trainer {
     }
 
     /// Puts the round's gradient into `buckets` from `source` (see [`Source`]).
-    fn produce(&mut self, source: &Source<'_>, buckets: &mut Buckets<'_>) -> Result<(), TrainError> {
+    fn produce(
+        &mut self,
+        source: &Source<'_>,
+        buckets: &mut Buckets<'_>,
+    ) -> Result<(), TrainError> {
         match *source {
             Source::Ready => Ok(()),
             Source::Device(g) => {
@@ -431,7 +438,9 @@ impl Trainer {
                     let batch = self.data.train_batch(ids)?;
                     self.model
                         .backward_staged(&batch, &mut done)?
-                        .ok_or_else(|| TrainError::Internal("the model cannot stage its backward".into()))?
+                        .ok_or_else(|| {
+                            TrainError::Internal("the model cannot stage its backward".into())
+                        })?
                 };
                 let tail = buckets.tail();
                 tail[0] = loss as f32;

@@ -183,7 +183,10 @@ fn staged_backward_equals_pytorch() {
         let what = format!("{arch} (lora: {})", lora.is_some());
         let (vs, r, got) = step_as(arch, file, lora, true);
         let want = r["loss"].double_value(&[0]);
-        assert!((got - want).abs() / want <= 1e-5, "{what}: loss {got} vs {want}");
+        assert!(
+            (got - want).abs() / want <= 1e-5,
+            "{what}: loss {got} vs {want}"
+        );
         let mut checked = 0;
         for (n, v) in vs.variables() {
             match r.get(&format!("grad.{n}")) {
