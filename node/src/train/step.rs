@@ -315,12 +315,15 @@ impl Trainer {
         flat: &mut [f32],
         fill_tail: &mut dyn FnMut(&mut [f32], f64, Duration),
     ) -> Result<Duration, StepError> {
-        let failed = |e| StepError::Failed(StepFailure::Collective(e));
         if self.abandon_collective() {
-            return Err(failed(DataPlaneError::Io {
-                peer: self.ctx.me.clone(),
-                source: std::io::Error::other("abandoned (debug)"),
-            }));
+            // As a broken link would: the node moves every member to the next epoch.
+            let _ = self.ctx.view_failed.send(view.hash);
+            return Err(StepError::Failed(StepFailure::Collective(
+                DataPlaneError::Io {
+                    peer: self.ctx.me.clone(),
+                    source: std::io::Error::other("abandoned (debug)"),
+                },
+            )));
         }
         let compression = self.job().sync.compression;
         let feedback = round.feedback && compression != Compression::None && view.len() >= 2;
