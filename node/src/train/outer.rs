@@ -31,6 +31,7 @@
 
 use super::collective::{StepError, StepFailure};
 use super::member::{Trainer, Turn};
+use super::phases::Phase;
 use super::report::{RoundRecord, SamplesLog};
 use super::step::ids_at;
 use super::{optim, TrainError};
@@ -215,17 +216,21 @@ impl Trainer {
         let stats = self.ctx.dp.stats();
         let o = self.outer.as_mut().expect("a diloco job");
         if inner == 0 {
+            let now = Instant::now();
             o.work = RoundWork {
-                start: Some((Instant::now(), stats)),
+                start: Some((now, stats)),
                 ..Default::default()
             };
+            self.phases.start(now);
         }
         let t = Instant::now();
         let ids = ids_at(self.order(batch.cursor.epoch), ranges);
+        self.phases.mark(Phase::Data);
         let lr = self.job().lr_at(step, self.total_steps);
         let mut loss_sum = 0.0;
         if !ids.is_empty() {
             let (flat, on_device) = self.local_gradients(&ids)?;
+            self.phases.mark(Phase::Compute);
             let numel = flat.len() - 3;
             loss_sum = f64::from(flat[numel]);
             if !loss_sum.is_finite() {
@@ -246,7 +251,9 @@ impl Trainer {
                     self.opt.step(&flat[..numel], scale as f32, lr);
                 }
             }
+            self.phases.mark(Phase::Optimizer);
         }
+        self.phases.inner_step(step + 1);
         let o = self.outer.as_mut().expect("a diloco job");
         o.work.compute += t.elapsed();
         o.work.loss_sum += loss_sum;
@@ -288,8 +295,12 @@ impl Trainer {
         } else {
             (samples as f64 / secs) as f32
         };
-        self.all_reduce_round(view, 0, &mut flat, None)
-            .map_err(StepError::Failed)?;
+        self.phases.mark(Phase::Optimizer);
+        let waited = self.ctx.dp.wait_time();
+        let reduced = self.all_reduce_round(view, 0, &mut flat, None);
+        self.phases
+            .all_reduce(self.ctx.dp.wait_time().saturating_sub(waited));
+        reduced.map_err(StepError::Failed)?;
         let total = flat[samples_at] as f64;
         if total as u64 != round_samples {
             return Err(StepError::Fatal(TrainError::Collective {
@@ -315,6 +326,7 @@ impl Trainer {
         outer_step(&mut o.global, &mut m, &flat[..numel], lr, mu).map_err(internal)?;
         o.momentum.copy_(&Tensor::from_slice(&m));
         self.opt.write_master(&o.global);
+        self.phases.mark(Phase::Optimizer);
         Ok((loss_sum, speeds))
     }
 
@@ -358,6 +370,7 @@ impl Trainer {
             round_ms: secs * 1e3,
             compute_ms: work.compute.as_secs_f64() * 1e3,
             allreduce_ms: round.allreduce.as_secs_f64() * 1e3,
+            phases: self.phases.totals(),
             elapsed_s: self.started.elapsed().as_secs_f64(),
             bytes_sent: stats.bytes_sent - stats0.bytes_sent,
             bytes_received: stats.bytes_received - stats0.bytes_received,
@@ -375,6 +388,7 @@ impl Trainer {
             round_ms = rec.round_ms,
             "outer round"
         );
+        self.trace_round(view, rec.outer_round, true, Some(&rec))?;
         if self.am_first(view) {
             self.run_log()?.round(&rec)?;
         }
@@ -409,6 +423,7 @@ impl Trainer {
             "outer round failed ({e}); it is redone in the next view"
         );
         machine.handle_outer(view.hash, round, false);
+        self.trace_round(view, round + 1, false, None)?;
         if let (Some(f), Some(o)) = (samples_log, self.outer.as_ref()) {
             for (step, epoch, ids) in &o.work.ids {
                 f.append(*step, *epoch, ids, view, false)?;

@@ -6,6 +6,7 @@
 use super::collective::{tag, StepError, StepFailure, TAG_GRAD};
 use super::member::Trainer;
 use super::optim;
+use super::phases::Phase;
 use super::report::StepRecord;
 use super::TrainError;
 use crate::data_plane::{DataPlaneError, DataPlaneStats};
@@ -91,14 +92,17 @@ impl Trainer {
         coverage: &Coverage,
     ) -> Result<StepDone, StepError> {
         let t0 = Instant::now();
+        self.phases.start(t0);
         let stats0 = self.ctx.dp.stats();
         self.attempted.clear();
         let mut ids = ids_at(self.order(batch.cursor.epoch), ranges);
+        self.phases.mark(Phase::Data);
         let tc = Instant::now();
         // On a device, the gradient stays there until the all-reduce copies it bucket by
         // bucket (`on_device`); `flat` then holds only the loss, samples and correct.
         let (mut flat, mut on_device) = self.local_gradients(&ids).map_err(StepError::Fatal)?;
         let compute = tc.elapsed();
+        self.phases.mark(Phase::Compute);
         let speed = ids.len() as f64 / compute.as_secs_f64().max(1e-9);
         self.maybe_nan_gradient(&mut flat, on_device.as_ref());
         let numel = flat.len() - 3;
@@ -136,12 +140,16 @@ impl Trainer {
                 };
                 squares.sqrt() / ids.len().max(1) as f64
             };
+            self.phases.mark(Phase::Compute);
             flat.resize(numel + 3 + 2 * n, 0.0);
             flat[norms_at + rank] = norm as f32;
             flat[speeds_at + rank] = if ids.is_empty() { 0.0 } else { speed as f32 };
             self.attempted.clone_from(&ids);
-            self.all_reduce_round(view, attempt, &mut flat, on_device.as_ref())
-                .map_err(StepError::Failed)?;
+            let waited = self.ctx.dp.wait_time();
+            let reduced = self.all_reduce_round(view, attempt, &mut flat, on_device.as_ref());
+            self.phases
+                .all_reduce(self.ctx.dp.wait_time().saturating_sub(waited));
+            reduced.map_err(StepError::Failed)?;
             if attempt == 0 {
                 first_round = ta.elapsed();
             }
@@ -166,6 +174,7 @@ impl Trainer {
                 ids.extend(more);
                 mine.iter().zip(&g).map(|(a, b)| a + b).collect()
             };
+            self.phases.mark(Phase::Compute);
         }
         let speeds: Vec<(NodeId, f64)> = view
             .ids()
@@ -180,6 +189,7 @@ impl Trainer {
         rec.compute_ms = compute.as_secs_f64() * 1e3;
         rec.guard_ms = redo.as_secs_f64() * 1e3;
         rec.allreduce_ms = first_round.as_secs_f64() * 1e3;
+        rec.phases = self.phases.totals();
         tracing::debug!(
             step = rec.step,
             samples = ids.len(),
@@ -329,7 +339,9 @@ impl Trainer {
         }
         self.model.set_train(true);
         let device = self.model.device();
+        let td = Instant::now();
         let batch = self.data.train_batch(ids)?.to_device(device);
+        self.phases.region(Phase::Data, td);
         let (loss, correct) = self.model.loss_sum(&batch)?;
         loss.backward();
         flat[numel] = loss.double_value(&[]) as f32;
@@ -392,6 +404,7 @@ impl Trainer {
         self.opt.step(&flat[..numel], scale as f32, lr);
         self.step += 1;
         self.cursor = sharding::advance(batch, self.data.train_len());
+        self.phases.mark(Phase::Optimizer);
         let stats = self.ctx.dp.stats();
         let secs = t0.elapsed().as_secs_f64();
         let rec = StepRecord {
@@ -405,6 +418,7 @@ impl Trainer {
             compute_ms: 0.0,
             guard_ms: 0.0,
             allreduce_ms: 0.0,
+            phases: Default::default(),
             bytes_sent: stats.bytes_sent - stats0.bytes_sent,
             bytes_received: stats.bytes_received - stats0.bytes_received,
             members: view.len(),
