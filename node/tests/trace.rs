@@ -182,3 +182,59 @@ fn diloco_rounds_split_into_phases_and_trace_every_member() {
         assert_eq!(got, [1, 2, 3, 4], "{member}");
     }
 }
+
+/// A run killed mid-way leaves every member's `trace.<member>.jsonl` in whole lines (at
+/// most a torn last one), and `shoal trace` assembles them: both tracks hold every step
+/// from 1 on.
+#[test]
+fn a_killed_run_leaves_per_member_traces_that_assemble() {
+    let d = TempDir::new("trace-killed");
+    let path = job(&d.0, "trk", 100_000, "");
+    let run = d.0.join("runs/trk");
+    let mut child = spawn_train(&d.0, &path, &d.0.join("nodes"), &["--local", "2"], false);
+    let bound = std::time::Duration::from_secs(300);
+    wait_until("50 steps logged", bound, || {
+        let text = std::fs::read_to_string(run.join("metrics.jsonl")).ok()?;
+        (text.lines().count() > 50).then_some(())
+    });
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let mut members = 0;
+    for e in std::fs::read_dir(&run).unwrap() {
+        let p = e.unwrap().path();
+        let name = p.file_name().unwrap().to_string_lossy().to_string();
+        if !(name.starts_with("trace.") && name.ends_with(".jsonl")) {
+            continue;
+        }
+        members += 1;
+        let text = std::fs::read_to_string(&p).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        let whole = if text.ends_with('\n') {
+            &lines[..]
+        } else {
+            &lines[..lines.len() - 1]
+        };
+        assert!(whole.len() > 50, "{name}: {} lines", whole.len());
+        for l in whole {
+            serde_json::from_str::<Value>(l).unwrap_or_else(|e| panic!("{name}: {l}: {e}"));
+        }
+    }
+    assert_eq!(members, 2);
+    assert!(
+        !run.join("trace.json").exists(),
+        "assembled only at the end"
+    );
+    let out = run_shoal(&["trace", run.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let units = trace_units(&run, "step", "step");
+    assert_eq!(units.len(), 2);
+    for (member, by_step) in &units {
+        let last = *by_step.keys().last().unwrap();
+        assert!(last >= 50, "{member}: {last} steps");
+        assert_eq!(by_step.len() as u64, last, "{member}: every step from 1 on");
+    }
+}
