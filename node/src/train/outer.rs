@@ -357,6 +357,7 @@ impl Trainer {
         let (start, stats0) = work
             .start
             .unwrap_or_else(|| (Instant::now(), stats.clone()));
+        self.phases.mark(Phase::Optimizer);
         let secs = start.elapsed().as_secs_f64();
         let loss = loss_sum / round.samples.max(1) as f64;
         let rec = RoundRecord {

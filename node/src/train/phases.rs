@@ -24,7 +24,8 @@
 //!   Nesterov step.
 //!
 //! In a DiLoCo round the time between inner steps (the round machine choosing the next
-//! batch) is data, and the samples log's lines after the outer step are outside every phase.
+//! batch) is data, and the commit after the outer step (the inner optimizer's state kept
+//! for a redo, the samples log's lines) is optimizer.
 
 use serde::{Deserialize, Serialize};
 use std::time::{Duration, Instant};
