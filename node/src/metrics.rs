@@ -234,6 +234,13 @@ fn render_planes(o: &mut String, r: &StatusReport) {
         "Data-plane connections refused (non-members, failed authentication).",
         &[("", s.refused as f64)],
     );
+    metric(
+        o,
+        "shoal_collective_wait_seconds_total",
+        "counter",
+        "Time every collective in flight was still waiting for its ring neighbours to start it.",
+        &[("", s.wait_s)],
+    );
     family(
         o,
         "shoal_collective_duration_seconds",

@@ -678,3 +678,57 @@ async fn service_streams_reach_members_that_accept_them() {
         );
     }
 }
+
+/// The wait counter: a member that starts an all-reduce 300 ms before its peer counts
+/// about 300 ms of waiting, the late one next to none; four concurrent all-reduces (a
+/// step's buckets) that wait together count once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_for_a_late_peer_is_counted_once() {
+    let (dps, view) = members(2, DataTransport::Tcp, DataPlaneConfig::default()).await;
+    // Links pooled first, so dialing is not part of what is measured.
+    check_all_reduce::<f32>(&dps, &view, 1000, ReduceOp::Sum, 900).await;
+    let late = Duration::from_millis(300);
+    for buckets in [1u64, 4] {
+        let before: Vec<Duration> = dps.iter().map(|d| d.wait_time()).collect();
+        let futs = dps.iter().enumerate().map(|(r, d)| {
+            let (d, view) = (d.clone(), view.clone());
+            async move {
+                if r == 1 {
+                    tokio::time::sleep(late).await;
+                }
+                let started = Instant::now();
+                let all = (0..buckets).map(|b| {
+                    let (d, view) = (d.clone(), view.clone());
+                    async move {
+                        let mut buf = vec![1f32; 4096];
+                        d.all_reduce(&view, 1000 + 10 * buckets + b, &mut buf, ReduceOp::Sum)
+                            .await
+                    }
+                });
+                for r in futures::future::join_all(all).await {
+                    r.unwrap();
+                }
+                started.elapsed()
+            }
+        });
+        let took = futures::future::join_all(futs).await;
+        let waited: Vec<Duration> = dps
+            .iter()
+            .zip(&before)
+            .map(|(d, b)| d.wait_time() - *b)
+            .collect();
+        assert!(
+            waited[0] >= late.mul_f64(0.8) && waited[0] <= took[0],
+            "{buckets} buckets: the early member waited {:?} of {:?}",
+            waited[0],
+            took[0]
+        );
+        assert!(
+            waited[1] < Duration::from_millis(100),
+            "{buckets} buckets: the late member waited {:?}",
+            waited[1]
+        );
+        let s = dps[0].stats();
+        assert!((s.wait_s - dps[0].wait_time().as_secs_f64()).abs() < 0.05);
+    }
+}

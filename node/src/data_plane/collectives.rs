@@ -6,7 +6,8 @@
 //! whose header must match ours exactly (view hash, tag, kind, dtype, length, ranks) before
 //! we acknowledge it. Only then does payload move (see `ring.rs`). A mismatch is an error,
 //! never a wrong sum; every error is retryable once views converge. Outcomes and the
-//! durations of successful collectives are counted in [`DataPlaneStats`].
+//! durations of successful collectives are counted in [`DataPlaneStats`], and the time
+//! spent opening rings feeds its wait counter (`wait.rs`).
 //!
 //! [`DataPlaneStats`]: super::DataPlaneStats
 
@@ -14,6 +15,7 @@ use super::element::{bytes_of, bytes_of_mut, Element};
 use super::links::{ACK_OK, ACK_OP_MISMATCH, ACK_VIEW_MISMATCH};
 use super::ring::Move;
 use super::transport::Link;
+use super::wait::Count;
 use super::{DataPlane, DataPlaneError};
 use crate::metrics::COLLECTIVE_LATENCY;
 use coordinator_free::codec::data::OpHeader;
@@ -31,6 +33,7 @@ impl DataPlane {
         ring: Ring,
         header: OpHeader,
     ) -> Result<(Link, Link), DataPlaneError> {
+        let _opening = self.count(Count::Opening);
         let right = view.members[ring.right()].id.clone();
         let left = view.members[ring.left()].id.clone();
         tokio::try_join!(
@@ -155,7 +158,9 @@ impl DataPlane {
         op: impl std::future::Future<Output = Result<R, DataPlaneError>>,
     ) -> Result<R, DataPlaneError> {
         let started = Instant::now();
+        let in_flight = self.count(Count::InFlight);
         let r = op.await;
+        drop(in_flight);
         let took = started.elapsed().as_secs_f64();
         let mut s = self.inner.stats.lock().unwrap();
         match &r {

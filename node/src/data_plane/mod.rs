@@ -26,7 +26,8 @@
 //! - `element.rs`: the element types collectives move ([`Element`]).
 //! - `collectives.rs`: all-reduce, all-gather, broadcast and barrier: opening a ring and
 //!   counting outcomes; `ring.rs`: executing a ring schedule segment by segment;
-//!   `compressed.rs`: the all-reduce with its payload in bf16 or int8 on the wire.
+//!   `compressed.rs`: the all-reduce with its payload in bf16 or int8 on the wire;
+//!   `wait.rs`: the counter of time spent waiting for peers to reach a collective.
 //!
 //! [`OpHeader`]: coordinator_free::codec::data::OpHeader
 
@@ -38,6 +39,7 @@ mod links;
 mod ring;
 mod streams;
 mod transport;
+mod wait;
 
 pub use element::Element;
 pub use handshake::{read_hello, read_sig};
@@ -206,6 +208,12 @@ pub struct DataPlaneStats {
     pub latency_counts: Vec<u64>,
     /// Sum of those durations in seconds.
     pub latency_sum_s: f64,
+    /// Seconds during which every collective this node had in flight was still waiting
+    /// for its ring neighbours to start it (the header exchange before any payload): time
+    /// spent waiting for slower peers. Concurrent collectives count once; see
+    /// [`DataPlane::wait_time`].
+    #[serde(default)]
+    pub wait_s: f64,
 }
 
 /// The state every clone of a [`DataPlane`] shares.
@@ -222,6 +230,8 @@ struct Inner {
     /// Inbound QUIC connections by peer, so they can be closed when the peer leaves.
     quic_inbound: Mutex<HashMap<NodeId, quinn::Connection>>,
     stats: Mutex<DataPlaneStats>,
+    /// Collectives in flight and opening: the waiting time in `wait_s`.
+    wait: Mutex<wait::WaitClock>,
     /// Where inbound service streams go (see [`DataPlane::accept_streams`]).
     streams: Mutex<Option<tokio::sync::mpsc::Sender<Stream>>>,
 }
@@ -275,6 +285,7 @@ impl DataPlane {
                 quic_conns: tokio::sync::Mutex::new(HashMap::new()),
                 quic_inbound: Mutex::new(HashMap::new()),
                 stats: Mutex::new(DataPlaneStats::default()),
+                wait: Mutex::new(wait::WaitClock::default()),
                 streams: Mutex::new(None),
             }),
         };
@@ -306,6 +317,8 @@ impl DataPlane {
 
     /// Counters.
     pub fn stats(&self) -> DataPlaneStats {
-        self.inner.stats.lock().unwrap().clone()
+        let mut s = self.inner.stats.lock().unwrap().clone();
+        s.wait_s = self.wait_time().as_secs_f64();
+        s
     }
 }

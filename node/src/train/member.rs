@@ -15,8 +15,10 @@ use super::data::Dataset;
 use super::job::JobSpec;
 use super::model::Model;
 use super::optim::Optimizer;
+use super::phases::PhaseClock;
 use super::report::{RunLog, SamplesLog, StepRecord};
 use super::step::StepDone;
+use super::trace::TraceLog;
 use super::{JobReport, JobState, TrainContext, TrainError};
 use super::{CHECKPOINT_FILE, REJOIN_TIMEOUT, START_TIMEOUT};
 use coordinator_free::sharding::{self, DataCursor};
@@ -72,6 +74,10 @@ pub(super) struct Trainer {
     pub(super) residual: Vec<f32>,
     /// See `residual`.
     pub(super) residual_next: Vec<f32>,
+    /// The phases of the step (or outer round) under way.
+    pub(super) phases: PhaseClock,
+    /// This member's `trace.<member>.jsonl`, opened when training starts.
+    pub(super) trace: Option<TraceLog>,
 }
 
 /// What the loop carries from one turn to the next.
@@ -143,6 +149,8 @@ impl Trainer {
             stage_parts,
             residual: Vec::new(),
             residual_next: Vec::new(),
+            phases: PhaseClock::default(),
+            trace: None,
         })
     }
 
@@ -166,6 +174,8 @@ impl Trainer {
                 self.load_checkpoint()?;
             }
         }
+        let (dir, me) = (self.job().run_dir(), self.ctx.me.clone());
+        self.trace = Some(TraceLog::open(&dir, me.as_str(), self.ctx.resume)?);
         if self.outer.is_some() {
             self.run_outer()?;
         } else {
@@ -173,6 +183,11 @@ impl Trainer {
         }
         if let Some(log) = self.log.as_mut() {
             log.finish(&format!("{} — loss", self.ctx.job.name))?;
+            // Every member wrote its last step before the final weights comparison (a
+            // collective), so their files are complete here.
+            if let Err(e) = super::trace::assemble(&dir) {
+                tracing::warn!("cannot write {}: {e}", dir.join("trace.json").display());
+            }
         }
         Ok(())
     }
@@ -212,6 +227,7 @@ impl Trainer {
                         }
                         Err(StepError::Fatal(e)) => return Err(e),
                         Err(StepError::Failed(e)) => {
+                            self.trace_unit(&view, step + 1, false, None)?;
                             if let Some(f) = samples_log.as_mut() {
                                 // Lines name a step by its number once committed (1-based).
                                 let (n, epoch) = (step + 1, batch.cursor.epoch);
@@ -343,6 +359,7 @@ impl Trainer {
         if let Some(f) = samples_log {
             f.append(record.step, batch.cursor.epoch, &ids, view, true)?;
         }
+        self.trace_unit(view, record.step, true, Some(&record))?;
         self.log_step(view, &record)?;
         self.scheduled(view, step)
     }
@@ -357,14 +374,21 @@ impl Trainer {
         let due = |every: u64| last || (every > 0 && now / every > before / every);
         let (eval_due, ckpt_due) = (due(self.job().eval_every), due(self.job().checkpoint_every));
         let consistency_due = due(self.job().consistency_every);
+        let args = serde_json::json!({"step": now});
         if eval_due {
+            let t = Instant::now();
             self.evaluate_logged(view, first, last)?;
+            self.trace_span("eval", t, &args)?;
         }
         if first && ckpt_due {
+            let t = Instant::now();
             self.save_checkpoint()?;
+            self.trace_span("checkpoint", t, &args)?;
         }
         if consistency_due {
+            let t = Instant::now();
             self.check_consistency(view)?;
+            self.trace_span("consistency", t, &args)?;
         }
         Ok(())
     }
@@ -406,6 +430,81 @@ impl Trainer {
     fn log_step(&mut self, view: &View, record: &StepRecord) -> Result<(), TrainError> {
         if self.am_first(view) {
             self.run_log()?.step(record)?;
+        }
+        Ok(())
+    }
+
+    /// Appends step `step` (1-based) on `view` to this member's trace, with its phases:
+    /// committed (with its `record`) or failed here (lasting until now).
+    fn trace_unit(
+        &mut self,
+        view: &View,
+        step: u64,
+        committed: bool,
+        record: Option<&StepRecord>,
+    ) -> Result<(), TrainError> {
+        let Some(t) = self.trace.as_mut() else {
+            return Ok(());
+        };
+        let dur = match record {
+            Some(r) => std::time::Duration::from_secs_f64(r.step_ms / 1e3),
+            None => self.phases.started().elapsed(),
+        };
+        let mut args = serde_json::json!({"step": step, "committed": committed,
+            "step_ms": dur.as_secs_f64() * 1e3, "members": view.len(), "view_epoch": view.epoch});
+        if let Some(r) = record {
+            args["loss"] = serde_json::json!(r.loss);
+            args["phases"] = serde_json::json!(r.phases);
+        }
+        let name = format!("step {step}");
+        t.unit((&name, "step"), dur, args, ("step", step), &self.phases)?;
+        Ok(())
+    }
+
+    /// DiLoCo: appends outer round `round` (1-based) on `view` to this member's trace, with
+    /// its inner steps and phases: committed (with its `record`) or failed here.
+    pub(super) fn trace_round(
+        &mut self,
+        view: &View,
+        round: u64,
+        committed: bool,
+        record: Option<&super::report::RoundRecord>,
+    ) -> Result<(), TrainError> {
+        let Some(t) = self.trace.as_mut() else {
+            return Ok(());
+        };
+        let dur = match record {
+            Some(r) => std::time::Duration::from_secs_f64(r.round_ms / 1e3),
+            None => self.phases.started().elapsed(),
+        };
+        let mut args = serde_json::json!({"outer_round": round, "committed": committed,
+            "round_ms": dur.as_secs_f64() * 1e3, "members": view.len(), "view_epoch": view.epoch});
+        if let Some(r) = record {
+            args["step"] = serde_json::json!(r.step);
+            args["loss"] = serde_json::json!(r.loss);
+            args["phases"] = serde_json::json!(r.phases);
+        }
+        let name = format!("round {round}");
+        t.unit(
+            (&name, "round"),
+            dur,
+            args,
+            ("outer_round", round),
+            &self.phases,
+        )?;
+        Ok(())
+    }
+
+    /// Appends a span of work between steps (`eval`, `checkpoint`, ...) from `start` to
+    /// now to this member's trace.
+    pub(super) fn trace_span(
+        &mut self,
+        name: &str,
+        start: Instant,
+        args: &serde_json::Value,
+    ) -> Result<(), TrainError> {
+        if let Some(t) = self.trace.as_mut() {
+            t.span((name, "schedule"), start, args.clone())?;
         }
         Ok(())
     }

@@ -33,6 +33,8 @@
 //! - `consistency`: the periodic comparison of weights across members;
 //! - `eval`: held-out evaluation and what its accuracy counts;
 //! - `resume`: writing the run's checkpoint and resuming from it;
+//! - [`phases`], [`trace`]: where each step's time goes (data, compute, wait, comm,
+//!   optimizer) and the run's Chrome trace (`trace.<member>.jsonl`, `trace.json`);
 //! - [`fault_injection`]: debug faults (`POST /v1/debug/perturb`) the tests use;
 //! - [`job`], [`data`], [`model`], [`optim`], [`report`] (and [`crate::models::checkpoint`]): the job file, the
 //!   datasets, the models, the optimizers, the run's files, the checkpoint format.
@@ -52,8 +54,10 @@ pub mod fault_injection;
 mod join;
 mod member;
 mod outer;
+pub mod phases;
 mod resume;
 mod step;
+pub mod trace;
 
 pub use fault_injection::{PERTURB_ABANDON_COLLECTIVE, PERTURB_NAN_GRADIENT, PERTURB_WEIGHTS};
 

@@ -31,6 +31,7 @@
 
 use super::collective::{StepError, StepFailure};
 use super::member::{Trainer, Turn};
+use super::phases::Phase;
 use super::report::{RoundRecord, SamplesLog};
 use super::step::{ids_at, ReduceRound, Source};
 use super::{optim, TrainError};
@@ -215,17 +216,21 @@ impl Trainer {
         let stats = self.ctx.dp.stats();
         let o = self.outer.as_mut().expect("a diloco job");
         if inner == 0 {
+            let now = Instant::now();
             o.work = RoundWork {
-                start: Some((Instant::now(), stats)),
+                start: Some((now, stats)),
                 ..Default::default()
             };
+            self.phases.start(now);
         }
         let t = Instant::now();
         let ids = ids_at(self.order(batch.cursor.epoch), ranges);
+        self.phases.mark(Phase::Data);
         let lr = self.job().lr_at(step, self.total_steps);
         let mut loss_sum = 0.0;
         if !ids.is_empty() {
             let (flat, on_device) = self.local_gradients(&ids)?;
+            self.phases.mark(Phase::Compute);
             let numel = flat.len() - 3;
             loss_sum = f64::from(flat[numel]);
             if !loss_sum.is_finite() {
@@ -246,7 +251,9 @@ impl Trainer {
                     self.opt.step(&flat[..numel], scale as f32, lr);
                 }
             }
+            self.phases.mark(Phase::Optimizer);
         }
+        self.phases.inner_step(step + 1);
         let o = self.outer.as_mut().expect("a diloco job");
         o.work.compute += t.elapsed();
         o.work.loss_sum += loss_sum;
@@ -288,6 +295,7 @@ impl Trainer {
         } else {
             (samples as f64 / secs) as f32
         };
+        self.phases.mark(Phase::Optimizer);
         let round = ReduceRound {
             attempt: 0,
             grad_end: numel,
@@ -322,6 +330,7 @@ impl Trainer {
         outer_step(&mut o.global, &mut m, &flat[..numel], lr, mu).map_err(internal)?;
         o.momentum.copy_(&Tensor::from_slice(&m));
         self.opt.write_master(&o.global);
+        self.phases.mark(Phase::Optimizer);
         Ok((loss_sum, speeds))
     }
 
@@ -352,6 +361,7 @@ impl Trainer {
         let (start, stats0) = work
             .start
             .unwrap_or_else(|| (Instant::now(), stats.clone()));
+        self.phases.mark(Phase::Optimizer);
         let secs = start.elapsed().as_secs_f64();
         let loss = loss_sum / round.samples.max(1) as f64;
         let rec = RoundRecord {
@@ -365,6 +375,7 @@ impl Trainer {
             round_ms: secs * 1e3,
             compute_ms: work.compute.as_secs_f64() * 1e3,
             allreduce_ms: round.allreduce.as_secs_f64() * 1e3,
+            phases: self.phases.totals(),
             elapsed_s: self.started.elapsed().as_secs_f64(),
             bytes_sent: stats.bytes_sent - stats0.bytes_sent,
             bytes_received: stats.bytes_received - stats0.bytes_received,
@@ -382,6 +393,7 @@ impl Trainer {
             round_ms = rec.round_ms,
             "outer round"
         );
+        self.trace_round(view, rec.outer_round, true, Some(&rec))?;
         if self.am_first(view) {
             self.run_log()?.round(&rec)?;
         }
@@ -416,6 +428,7 @@ impl Trainer {
             "outer round failed ({e}); it is redone in the next view"
         );
         machine.handle_outer(view.hash, round, false);
+        self.trace_round(view, round + 1, false, None)?;
         if let (Some(f), Some(o)) = (samples_log, self.outer.as_ref()) {
             for (step, epoch, ids) in &o.work.ids {
                 f.append(*step, *epoch, ids, view, false)?;

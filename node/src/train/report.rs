@@ -1,7 +1,9 @@
 //! What a run leaves in `runs/<job>/`: `metrics.jsonl` (one line per step and per
 //! evaluation), `samples.<member>.jsonl` when the job asks for it, and `loss.svg` at the
-//! end.
+//! end (and, from `trace`, every member's `trace.<member>.jsonl` and the assembled
+//! `trace.json`).
 
+use super::phases::Phases;
 use serde::Serialize;
 use std::fmt::Write as _;
 use std::io::Write;
@@ -31,6 +33,10 @@ pub struct StepRecord {
     /// Of the step: the gradient all-reduce, which carries the guard's norms (including
     /// waiting for the slowest member), ms.
     pub allreduce_ms: f64,
+    /// The step's wall time (`step_ms`) by phase on this member: data loading, compute,
+    /// communication, waiting for peers, optimizer (see `phases`). They never overlap, so
+    /// they add up to at most `step_ms`; the rest is bookkeeping between them.
+    pub phases: Phases,
     /// Seconds since training started (after the members gathered), at the commit.
     pub elapsed_s: f64,
     /// Data-plane bytes this node sent during the step.
@@ -130,6 +136,10 @@ pub struct RoundRecord {
     /// Of the round: the outer all-reduce of the pseudo-gradient (including waiting for
     /// the slowest member) and the outer step, ms.
     pub allreduce_ms: f64,
+    /// The round's wall time (`round_ms`) by phase on this member, over its inner steps
+    /// (data, compute, inner updates as optimizer), the outer all-reduce (comm, wait) and
+    /// the pseudo-gradient and outer step (optimizer); they add up to at most `round_ms`.
+    pub phases: Phases,
     /// Seconds since training started (after the members gathered), at the commit.
     pub elapsed_s: f64,
     /// Data-plane bytes this node sent during the round.
@@ -205,7 +215,7 @@ impl RunLog {
 /// Opens a log for appending (emptied first unless `resume`). Always `O_APPEND`: the
 /// view's first member writes `metrics.jsonl`, and when that role moves to another process
 /// and back, each write must land at the end, never at a stale offset over the other's lines.
-fn open_log(dir: &Path, name: &str, resume: bool) -> std::io::Result<std::fs::File> {
+pub(super) fn open_log(dir: &Path, name: &str, resume: bool) -> std::io::Result<std::fs::File> {
     std::fs::create_dir_all(dir)?;
     let path = dir.join(name);
     if !resume {

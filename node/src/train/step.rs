@@ -8,6 +8,7 @@ use super::collective::{StepError, StepFailure};
 use super::member::Trainer;
 use super::model::Stage;
 use super::optim;
+use super::phases::Phase;
 use super::report::StepRecord;
 use super::TrainError;
 use crate::data_plane::{DataPlaneError, DataPlaneStats};
@@ -127,9 +128,11 @@ impl Trainer {
         coverage: &Coverage,
     ) -> Result<StepDone, StepError> {
         let t0 = Instant::now();
+        self.phases.start(t0);
         let stats0 = self.ctx.dp.stats();
         self.attempted.clear();
         let mut ids = ids_at(self.order(batch.cursor.epoch), ranges);
+        self.phases.mark(Phase::Data);
         let n = view.len();
         let me = self.ctx.me.clone();
         // The machine steps only in views holding this member.
@@ -147,6 +150,7 @@ impl Trainer {
             (vec![0f32; numel + 3], None, None)
         } else {
             let (flat, on_device) = self.local_gradients(&ids).map_err(StepError::Fatal)?;
+            self.phases.mark(Phase::Compute);
             (flat, on_device, Some(tc.elapsed()))
         };
         let mut nan = self.take_nan_fault();
@@ -188,8 +192,10 @@ impl Trainer {
                     mine.copy_from_slice(&flat[..numel + 3]);
                 }
                 fill_tail(&mut flat[numel..], squares, compute.unwrap_or_default());
-                self.nccl_all_reduce(view, &mut flat, on_device.as_ref())
-                    .map_err(StepError::Failed)?;
+                self.phases.mark(Phase::Compute);
+                let reduced = self.nccl_all_reduce(view, &mut flat, on_device.as_ref());
+                self.phases.all_reduce(Duration::ZERO);
+                reduced.map_err(StepError::Failed)?;
             } else {
                 let source = match (&on_device, attempt) {
                     (_, 1..) => Source::Ready,
@@ -248,6 +254,7 @@ impl Trainer {
                 ids.extend(more);
                 mine.iter().zip(&g).map(|(a, b)| a + b).collect()
             };
+            self.phases.mark(Phase::Compute);
         }
         let compute = compute.unwrap_or_default();
         let speeds: Vec<(NodeId, f64)> = view
@@ -263,6 +270,7 @@ impl Trainer {
         rec.compute_ms = compute.as_secs_f64() * 1e3;
         rec.guard_ms = redo.as_secs_f64() * 1e3;
         rec.allreduce_ms = first_round.as_secs_f64() * 1e3;
+        rec.phases = self.phases.totals();
         tracing::debug!(
             step = rec.step,
             samples = ids.len(),
@@ -359,6 +367,9 @@ impl Trainer {
             pending: feedback.then_some(&mut pending[..]),
             nan: round.nan,
         };
+        // The data plane's waiting counts from when this member's gradient is all in (a
+        // staged backward's buckets may wait for peers while it runs: that is compute).
+        let mut waited = self.ctx.dp.wait_time();
         let (took, result) = std::thread::scope(|s| {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
             let hash = ring.view.hash;
@@ -374,6 +385,8 @@ impl Trainer {
             let t = Instant::now();
             let produced = self.produce(&round.source, &mut buckets);
             let took = t.elapsed();
+            self.phases.mark(Phase::Compute);
+            waited = self.ctx.dp.wait_time();
             let squares = buckets.squares;
             let result = produced.map(|()| {
                 fill_tail(buckets.tail(), squares, took);
@@ -387,6 +400,8 @@ impl Trainer {
                     .and_then(|()| reduced.map_err(StepError::Failed)),
             )
         });
+        self.phases
+            .all_reduce(self.ctx.dp.wait_time().saturating_sub(waited));
         if feedback {
             self.residual = committed;
             self.residual_next = pending;
@@ -438,7 +453,9 @@ impl Trainer {
                     (0.0, 0)
                 } else {
                     self.model.set_train(true);
+                    let td = Instant::now();
                     let batch = self.data.train_batch(ids)?;
+                    self.phases.region(Phase::Data, td);
                     self.model
                         .backward_staged(&batch, &mut done)?
                         .ok_or_else(|| {
@@ -517,7 +534,9 @@ impl Trainer {
         }
         self.model.set_train(true);
         let device = self.model.device();
+        let td = Instant::now();
         let batch = self.data.train_batch(ids)?.to_device(device);
+        self.phases.region(Phase::Data, td);
         let (loss, correct) = self.model.loss_sum(&batch)?;
         loss.backward();
         flat[numel] = loss.double_value(&[]) as f32;
@@ -590,6 +609,7 @@ impl Trainer {
         self.opt.step(&flat[..numel], scale as f32, lr);
         self.step += 1;
         self.cursor = sharding::advance(batch, self.data.train_len());
+        self.phases.mark(Phase::Optimizer);
         let stats = self.ctx.dp.stats();
         let secs = t0.elapsed().as_secs_f64();
         let rec = StepRecord {
@@ -603,6 +623,7 @@ impl Trainer {
             compute_ms: 0.0,
             guard_ms: 0.0,
             allreduce_ms: 0.0,
+            phases: Default::default(),
             bytes_sent: stats.bytes_sent - stats0.bytes_sent,
             bytes_received: stats.bytes_received - stats0.bytes_received,
             members: view.len(),

@@ -3,8 +3,8 @@
 //! Exit codes: 0 success; 1 a failure at run time (one line on stderr); 2 bad usage or bad
 //! input (a malformed address, key file or flag).
 //!
-//! One module per subcommand (`up`, `status`, `local`, `keygen`, `train`, `serve`,
-//! `devices`), each
+//! One module per subcommand (`up`, `status`, `local`, `keygen`, `train`, `trace`,
+//! `serve`, `devices`), each
 //! with its clap arguments; the benchmarks live in [`bench`], one file each. What several
 //! subcommands share (the exit-code error type, local clusters) is in `failure` and
 //! `cluster`.
@@ -17,6 +17,7 @@ mod keygen;
 mod local;
 mod serve;
 mod status;
+mod trace;
 mod train;
 mod up;
 
@@ -57,6 +58,9 @@ enum Cmd {
     Keygen(keygen::KeygenArgs),
     /// Train a job file on the swarm (or on N local nodes with --local N).
     Train(train::TrainArgs),
+    /// Assemble a run's trace.json (Perfetto, chrome://tracing) from its members'
+    /// trace.<member>.jsonl files.
+    Trace(trace::TraceArgs),
     /// Serve a model (a shoal checkpoint or a TorchScript file) on the swarm (or on N local
     /// nodes with --local N) behind the OpenAI-compatible API of every node.
     Serve(serve::ServeArgs),
@@ -142,6 +146,7 @@ async fn dispatch(cmd: Cmd) -> Result<(), Failure> {
         Cmd::Keygen(a) => keygen::keygen(a),
         Cmd::Devices => devices::devices(),
         Cmd::Train(a) => train::train(a).await,
+        Cmd::Trace(a) => trace::trace(a),
         Cmd::Serve(a) => serve::serve(a).await,
         Cmd::Bench { what } => bench::run(what).await,
     }
