@@ -650,6 +650,37 @@ fn hf_one_and_three_nodes_follow_the_same_loss_curve() {
         }
         let mean = |r: std::ops::RangeInclusive<u64>| r.map(|s| l1[&s]).sum::<f64>() / 4.0;
         assert!(mean(13..=16) < mean(1..=4), "{name}: the loss fell: {l1:?}");
+        // The staged backward runs inside the all-reduce round: its data and compute still
+        // count as such, and the phases still add up to the step.
+        let text = std::fs::read_to_string(three.join("runs").join(name).join("metrics.jsonl"));
+        let mut checked = 0;
+        for v in text
+            .unwrap()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        {
+            let Some(step_ms) = v["step_ms"].as_f64() else {
+                continue;
+            };
+            let p = &v["phases"];
+            let sum: f64 = [
+                "data_ms",
+                "compute_ms",
+                "wait_ms",
+                "comm_ms",
+                "optimizer_ms",
+            ]
+            .iter()
+            .map(|k| p[*k].as_f64().unwrap_or(f64::NAN))
+            .sum();
+            assert!(
+                (sum - step_ms).abs() <= 0.05 * step_ms,
+                "{name}: phases {p} vs {step_ms}"
+            );
+            assert!(p["compute_ms"].as_f64().unwrap() > 0.0, "{name}: {p}");
+            checked += 1;
+        }
+        assert_eq!(checked, 16, "{name}");
     }
 }
 
