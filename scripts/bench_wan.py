@@ -109,7 +109,7 @@ def main():
     failures, results = [], []
     for r in rows:
         if "not_run" in r:
-            say(f"{r['workload']}: not run: {r['not_run']}")
+            say(f"{r['workload']} {r.get('config', '')}: not run: {r['not_run']}")
             continue
         s = r["summary"]
         why = not_supported(r["stderr"]) if s.get("state") != "done" else None
