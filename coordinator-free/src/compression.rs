@@ -204,6 +204,18 @@ pub fn decode_into(c: Compression, bytes: &[u8], dst: &mut [f32]) -> Result<(), 
     decode_with(c, bytes, dst, |d, v| *d = v)
 }
 
+/// `err[i] = src[i] - decode(bytes)[i]`: what encoding `src` as `bytes` lost (the error
+/// that error feedback carries to the next round). `err` and `src` have the same length.
+pub fn encode_error(
+    c: Compression,
+    bytes: &[u8],
+    src: &[f32],
+    err: &mut [f32],
+) -> Result<(), WireSizeError> {
+    err.copy_from_slice(src);
+    decode_with(c, bytes, err, |d, v| *d -= v)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

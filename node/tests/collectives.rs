@@ -144,7 +144,8 @@ async fn all_reduce_exact_quic_n2_to_5() {
 
 /// Compressed all-reduces (bf16, int8) of gradient-like values spanning six decades: every
 /// member ends with bit-identical values, each within the compression's bound of the exact
-/// sum, and the bytes sent are the compressed size (a member sends 2(n-1)/n of the buffer).
+/// sum, the members' error-feedback residuals add up to what was lost, and the bytes sent
+/// are the compressed size (a member sends 2(n-1)/n of the buffer).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compressed_all_reduce_is_bounded_and_identical_everywhere() {
     use coordinator_free::Compression;
@@ -172,16 +173,18 @@ async fn compressed_all_reduce_is_bounded_and_identical_everywhere() {
                     let (view, d) = (view.clone(), d.clone());
                     async move {
                         let mut buf: Vec<f32> = (0..len).map(|i| grad(r, i)).collect();
-                        d.all_reduce_compressed(&view, tag, &mut buf, op, c)
+                        let mut residual = vec![f32::NAN; len];
+                        d.all_reduce_with_feedback(&view, tag, &mut buf, op, c, Some(&mut residual))
                             .await
-                            .map(|()| buf)
+                            .map(|()| (buf, residual))
                     }
                 });
-                let got: Vec<Vec<f32>> = futures::future::join_all(futs)
-                    .await
-                    .into_iter()
-                    .map(|r| r.unwrap_or_else(|e| panic!("{c:?} n={n} len={len}: {e}")))
-                    .collect();
+                let (got, residuals): (Vec<Vec<f32>>, Vec<Vec<f32>>) =
+                    futures::future::join_all(futs)
+                        .await
+                        .into_iter()
+                        .map(|r| r.unwrap_or_else(|e| panic!("{c:?} n={n} len={len}: {e}")))
+                        .unzip();
                 let what = format!("{c:?} {op:?} {transport:?} n={n} len={len}");
                 for g in &got[1..] {
                     assert!(
@@ -216,6 +219,19 @@ async fn compressed_all_reduce_is_bounded_and_identical_everywhere() {
                             );
                         }
                     }
+                }
+                // Error feedback: the members' residuals add up to what the compression
+                // lost, the exact sum minus the result (in units of the sum), up to the f32
+                // rounding of the partial sums.
+                for i in 0..len {
+                    let exact: f64 = (0..n).map(|r| f64::from(grad(r, i))).sum();
+                    let lost = exact - f64::from(got[0][i]) * div;
+                    let fed: f64 = residuals.iter().map(|r| f64::from(r[i])).sum();
+                    let tol = abs_sum(i) * n as f64 * 2f64.powi(-21) + 1e-30;
+                    assert!(
+                        (fed - lost).abs() <= tol,
+                        "{what}: element {i}: residuals add to {fed}, the loss was {lost}"
+                    );
                 }
                 // Bytes: what each member sent is the compressed form of 2(n-1)/n of it.
                 let sent: u64 = dps

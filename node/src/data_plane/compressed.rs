@@ -9,6 +9,13 @@
 //! time (`segment_bytes` of f32, a multiple of the int8 block), each bounded like the plain
 //! ring's; the header carries the compression's dtype, so peers that disagree refuse the
 //! operation before any payload moves.
+//!
+//! Error feedback: a caller may pass a `residual` buffer. Each member writes there what
+//! its own encodings lost (for every range it encoded: the value it sent minus what the
+//! receiver decodes; zero elsewhere). Every loss of the operation happens in exactly one
+//! member's encoding, so the members' residuals add up to the exact sum minus the result
+//! (up to f32 rounding): adding its residual to its next contribution, each member hands
+//! the error on instead of dropping it.
 
 use super::ring::spawn_reader;
 use super::transport::Link;
@@ -30,10 +37,37 @@ impl DataPlane {
         op: ReduceOp,
         c: Compression,
     ) -> Result<(), DataPlaneError> {
+        self.all_reduce_with_feedback(view, tag, buf, op, c, None)
+            .await
+    }
+
+    /// [`all_reduce_compressed`](Self::all_reduce_compressed) that also writes this
+    /// member's share of the compression error into `residual` (as long as `buf`; see the
+    /// module's doc; in units of the sum, also for `ReduceOp::Avg`). Without compression,
+    /// or alone in the view, the residual is zeros.
+    pub async fn all_reduce_with_feedback(
+        &self,
+        view: &View,
+        tag: u64,
+        buf: &mut [f32],
+        op: ReduceOp,
+        c: Compression,
+        mut residual: Option<&mut [f32]>,
+    ) -> Result<(), DataPlaneError> {
+        if let Some(r) = residual.as_deref_mut() {
+            if r.len() != buf.len() {
+                return Err(DataPlaneError::Buffer(format!(
+                    "a residual of {} values for a buffer of {}",
+                    r.len(),
+                    buf.len()
+                )));
+            }
+            r.fill(0.0);
+        }
         if c == Compression::None {
             return self.all_reduce(view, tag, buf, op).await;
         }
-        self.counted(self.compressed_inner(view, tag, buf, op, c))
+        self.counted(self.compressed_inner(view, tag, buf, op, c, residual))
             .await
     }
 
@@ -44,6 +78,7 @@ impl DataPlane {
         buf: &mut [f32],
         op: ReduceOp,
         c: Compression,
+        mut residual: Option<&mut [f32]>,
     ) -> Result<(), DataPlaneError> {
         let ring = Ring::for_view(view, &self.inner.me)?;
         if ring.n == 1 {
@@ -91,14 +126,22 @@ impl DataPlane {
                     // by what its encoding decodes to, and those bytes are what it sends.
                     gathering = true;
                     let own = &mut buf[send.clone()];
+                    let n = ring.n as f32;
                     if op == ReduceOp::Avg {
-                        let n = ring.n as f32;
                         own.iter_mut().for_each(|x| *x /= n);
                     }
                     carried.clear();
                     for s in segments(0..own.len(), seg) {
                         let mut bytes = Vec::new();
                         compression::encode(c, &own[s.clone()], &mut bytes);
+                        if let Some(r) = residual.as_deref_mut() {
+                            let r = &mut r[send.start + s.start..send.start + s.end];
+                            compression::encode_error(c, &bytes, &own[s.clone()], r)
+                                .map_err(bad)?;
+                            if op == ReduceOp::Avg {
+                                r.iter_mut().for_each(|x| *x *= n);
+                            }
+                        }
                         compression::decode_into(c, &bytes, &mut own[s]).map_err(bad)?;
                         carried.push(bytes);
                     }
@@ -115,6 +158,10 @@ impl DataPlane {
                         Some(s) => {
                             sent.clear();
                             compression::encode(c, &buf[s.clone()], &mut sent);
+                            if let Some(r) = residual.as_deref_mut() {
+                                compression::encode_error(c, &sent, &buf[s.clone()], &mut r[s.clone()])
+                                    .map_err(bad)?;
+                            }
                             &sent
                         }
                     };

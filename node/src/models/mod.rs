@@ -55,6 +55,14 @@ pub enum ModelError {
     Hf(#[from] hf::HfError),
 }
 
+impl From<StageError> for ModelError {
+    /// A decoder's refusal of a training batch (its tokens or shapes): the model does not
+    /// fit the data.
+    fn from(e: StageError) -> ModelError {
+        ModelError::Shape(e.to_string())
+    }
+}
+
 /// Why a model could not be described, loaded or run by a serving stage.
 #[derive(Debug, thiserror::Error)]
 pub enum StageError {

@@ -40,18 +40,14 @@ impl Trainer {
         }
     }
 
-    /// Debug: makes this member's local gradient (`flat`, as `local_gradients` returns it)
-    /// NaN once when asked for.
-    pub(super) fn maybe_nan_gradient(&self, flat: &mut [f32], on_device: Option<&tch::Tensor>) {
-        if self.take_fault(PERTURB_NAN_GRADIENT) {
+    /// Debug: whether this member's next gradient is to be NaN (once, when asked for; tests
+    /// of the gradient guard).
+    pub(super) fn take_nan_fault(&self) -> bool {
+        let nan = self.take_fault(PERTURB_NAN_GRADIENT);
+        if nan {
             tracing::warn!(step = self.step, "debug: this member's gradient is NaN");
-            match on_device {
-                Some(g) => {
-                    let _ = g.narrow(0, 0, 1).fill_(f64::NAN);
-                }
-                None => flat[0] = f32::NAN,
-            }
         }
+        nan
     }
 
     /// Debug: whether this member abandons the collective it is about to run (once, when

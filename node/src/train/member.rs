@@ -62,6 +62,16 @@ pub(super) struct Trainer {
     /// DiLoCo's state beside the working weights (θ_global, the outer momentum, the
     /// committed inner optimizer state); `None` in synchronous training.
     pub(super) outer: Option<super::outer::Outer>,
+    /// Each trainable parameter's place in the flat gradient, and the backward stage that
+    /// completes it (`Model::backward_staged`), in `params` order.
+    pub(super) stage_parts: Vec<(super::model::Stage, std::ops::Range<usize>)>,
+    /// Error feedback of compressed synchronous gradients: what this member's encodings
+    /// lost in the last committed step (added to the next step's gradient), and what the
+    /// round in flight loses (committed with its step). Empty until a compressed round
+    /// runs; not checkpointed (a resumed member starts from zeros).
+    pub(super) residual: Vec<f32>,
+    /// See `residual`.
+    pub(super) residual_next: Vec<f32>,
 }
 
 /// What the loop carries from one turn to the next.
@@ -99,6 +109,15 @@ impl Trainer {
             device = %crate::device::name(device), precision = ?job.precision,
             held_out = data.eval_len(), total_steps, "job loaded");
         let tag_base = job.tag_base() ^ ctx.run;
+        let mut at = 0;
+        let stage_parts = params
+            .iter()
+            .map(|(name, t)| {
+                let r = at..at + t.numel();
+                at = r.end;
+                (super::model::Stage::of(name), r)
+            })
+            .collect();
         {
             let mut r = ctx.report.lock().expect("report lock");
             r.total_steps = total_steps;
@@ -121,6 +140,9 @@ impl Trainer {
             backends: Default::default(),
             attempted: Vec::new(),
             outer,
+            stage_parts,
+            residual: Vec::new(),
+            residual_next: Vec::new(),
         })
     }
 

@@ -44,6 +44,7 @@ pub mod optim;
 pub mod report;
 
 mod backend;
+mod buckets;
 mod collective;
 mod consistency;
 mod eval;

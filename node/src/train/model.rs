@@ -9,6 +9,7 @@ use super::data::{Batch, Task};
 use super::job::{JobSpec, ModelKind};
 use crate::device::Precision;
 use crate::models::gpt::GptConfig;
+pub use crate::models::hf::staged::Stage;
 use crate::models::{Architecture, Network};
 use tch::{nn, Kind, Tensor};
 
@@ -165,17 +166,56 @@ impl Model {
                     .int64_value(&[]);
                 Ok((loss, correct))
             }
-            Task::Lm { .. } => {
-                let (loss, hit) = lm_loss(&logits, batch, self.task)?;
-                let correct = match &batch.mask {
-                    Some(mask) => (hit.logical_not().to_kind(Kind::Float) * mask)
-                        .sum_dim_intlist(1, false, Kind::Float)
-                        .eq(0.0),
-                    None => hit.all_dim(1, false),
-                };
-                Ok((loss, correct.sum(Kind::Int64).int64_value(&[])))
-            }
+            Task::Lm { .. } => self.lm_loss_sum(&logits, batch),
         }
+    }
+
+    /// [`Model::lm_loss`]'s loss with the samples whose every counted target is right.
+    fn lm_loss_sum(&self, logits: &Tensor, batch: &Batch) -> Result<(Tensor, i64), ModelError> {
+        let (loss, hit) = lm_loss(logits, batch, self.task)?;
+        let correct = match &batch.mask {
+            Some(mask) => (hit.logical_not().to_kind(Kind::Float) * mask)
+                .sum_dim_intlist(1, false, Kind::Float)
+                .eq(0.0),
+            None => hit.all_dim(1, false),
+        };
+        Ok((loss, correct.sum(Kind::Int64).int64_value(&[])))
+    }
+
+    /// Whether [`Model::backward_staged`] stages this model's backward: a Hugging Face
+    /// decoder computing in f32 on language-model data.
+    pub fn stages_backward(&self) -> bool {
+        matches!(self.net, Network::Hf(_))
+            && self.kind == Kind::Float
+            && matches!(self.task, Task::Lm { .. })
+    }
+
+    /// [`Model::loss_sum`] and its backward in stages, `done` told after each stage
+    /// ([`Stage`]: the head, the blocks from the last down, the embeddings) that the
+    /// gradients of its parameters are complete, so they can be sent while the backward
+    /// goes on (`crate::models::hf::staged`). Only Hugging Face decoders computing in f32
+    /// stage their backward; for any other model this returns `Ok(None)` having done
+    /// nothing (the caller runs `loss_sum` and one backward). Returns the loss (detached)
+    /// and the correct count.
+    pub fn backward_staged(
+        &self,
+        batch: &Batch,
+        done: &mut dyn FnMut(Stage),
+    ) -> Result<Option<(f64, i64)>, ModelError> {
+        let Network::Hf(d) = &self.net else {
+            return Ok(None);
+        };
+        if !self.stages_backward() {
+            return Ok(None);
+        }
+        let mut correct = 0;
+        let mut loss_of = |logits: &Tensor| -> Result<Tensor, ModelError> {
+            let (loss, c) = self.lm_loss_sum(&logits.to_kind(Kind::Float), batch)?;
+            correct = c;
+            Ok(loss)
+        };
+        let loss = d.backward_staged(&batch.x, &mut loss_of, done)?;
+        Ok(Some((loss.double_value(&[]), correct)))
     }
 
     /// Greedy continuation of `prompts` (`[B, P]` tokens) by `n` tokens (gpt and

@@ -32,7 +32,7 @@
 use super::collective::{StepError, StepFailure};
 use super::member::{Trainer, Turn};
 use super::report::{RoundRecord, SamplesLog};
-use super::step::ids_at;
+use super::step::{ids_at, ReduceRound, Source};
 use super::{optim, TrainError};
 use crate::data_plane::{DataPlaneError, DataPlaneStats};
 use coordinator_free::outer_round::{
@@ -288,8 +288,15 @@ impl Trainer {
         } else {
             (samples as f64 / secs) as f32
         };
-        self.all_reduce_round(view, 0, &mut flat, None)
-            .map_err(StepError::Failed)?;
+        let round = ReduceRound {
+            attempt: 0,
+            grad_end: numel,
+            source: Source::Ready,
+            keep: None,
+            nan: false,
+            feedback: false,
+        };
+        self.all_reduce_round(view, round, &mut flat, &mut |_, _, _| {})?;
         let total = flat[samples_at] as f64;
         if total as u64 != round_samples {
             return Err(StepError::Fatal(TrainError::Collective {

@@ -3,8 +3,10 @@
 //! guard riding on it and the redo without rejected members), and the optimizer update that
 //! commits the step.
 
-use super::collective::{tag, StepError, StepFailure, TAG_GRAD};
+use super::buckets::{Buckets, Prepare, RingRound};
+use super::collective::{StepError, StepFailure};
 use super::member::Trainer;
+use super::model::Stage;
 use super::optim;
 use super::report::StepRecord;
 use super::TrainError;
@@ -12,7 +14,7 @@ use crate::data_plane::{DataPlaneError, DataPlaneStats};
 use coordinator_free::collective::Backend;
 use coordinator_free::sharding::{self, StepBatch};
 use coordinator_free::training::{redistribute, screen_gradients, Coverage};
-use coordinator_free::{NodeId, ReduceOp, View};
+use coordinator_free::{Compression, NodeId, View};
 use std::ops::Range;
 use std::time::{Duration, Instant};
 use tch::Tensor;
@@ -20,6 +22,36 @@ use tch::Tensor;
 /// A committed step: its record, the sample ids this member used, and every member's
 /// measured speed (samples/s).
 pub(super) type StepDone = (StepRecord, Vec<u64>, Vec<(NodeId, f64)>);
+
+/// Where a round's gradient comes from.
+pub(super) enum Source<'s> {
+    /// Already in the buffer (the host's gradient, a redo's, DiLoCo's pseudo-gradient).
+    Ready,
+    /// One flat f32 tensor on a device (or in bf16), copied over bucket by bucket: each
+    /// bucket's all-reduce starts as soon as its copy is done.
+    Device(&'s Tensor),
+    /// To compute: the staged backward of these samples (`Model::backward_staged`), each
+    /// bucket leaving once the stages covering it are done; it writes the loss, the
+    /// samples and the correct count at the tail's start.
+    Backward(&'s [u64]),
+}
+
+/// One round of a step's all-reduce.
+pub(super) struct ReduceRound<'r> {
+    /// The guard's round (0 first), part of the collective's tags.
+    pub attempt: u64,
+    /// Where the gradient ends and the tail (summed exactly) starts.
+    pub grad_end: usize,
+    /// Where the gradient comes from.
+    pub source: Source<'r>,
+    /// Where the contribution is kept as it leaves (for a redo); `None`: not kept.
+    pub keep: Option<&'r mut [f32]>,
+    /// Debug: this member's gradient is NaN (tests of the guard).
+    pub nan: bool,
+    /// Error feedback under compression (synchronous gradients; DiLoCo's pseudo-gradients
+    /// go without).
+    pub feedback: bool,
+}
 
 /// The sample ids at `ranges` (positions) of a data epoch's `order`.
 pub(super) fn ids_at(order: &[u64], ranges: &[Range<u64>]) -> Vec<u64> {
@@ -68,6 +100,10 @@ impl Trainer {
     /// used, and every member's measured speed (samples/s of gradient computation; 0 for a
     /// member without samples), as the all-reduce delivered them to every member.
     ///
+    /// A Hugging Face decoder in f32 on the CPU runs its backward in stages, and each
+    /// gradient bucket goes to the ring as soon as the stages covering it are done
+    /// (`ReduceRound`, `buckets`): the all-reduce overlaps the backward, as DDP's does.
+    ///
     /// The gradient guard rides on the all-reduce: besides its gradient (and loss, samples,
     /// correct), each member contributes its gradient norm and speed in slots of its own,
     /// zero elsewhere, so the sum hands every member every member's norm and speed (an
@@ -94,21 +130,27 @@ impl Trainer {
         let stats0 = self.ctx.dp.stats();
         self.attempted.clear();
         let mut ids = ids_at(self.order(batch.cursor.epoch), ranges);
-        let tc = Instant::now();
-        // On a device, the gradient stays there until the all-reduce copies it bucket by
-        // bucket (`on_device`); `flat` then holds only the loss, samples and correct.
-        let (mut flat, mut on_device) = self.local_gradients(&ids).map_err(StepError::Fatal)?;
-        let compute = tc.elapsed();
-        let speed = ids.len() as f64 / compute.as_secs_f64().max(1e-9);
-        self.maybe_nan_gradient(&mut flat, on_device.as_ref());
-        let numel = flat.len() - 3;
         let n = view.len();
         let me = self.ctx.me.clone();
         // The machine steps only in views holding this member.
         let rank = view
             .position(&me)
             .ok_or(StepError::Failed(StepFailure::ViewChanged))?;
-        let (norms_at, speeds_at) = (numel + 3, numel + 3 + n);
+        let nccl = self.backend(view) == Backend::Nccl;
+        let staged =
+            !nccl && self.model.stages_backward() && self.model.device() == tch::Device::Cpu;
+        let numel: usize = self.stage_parts.last().map_or(0, |(_, r)| r.end);
+        let tc = Instant::now();
+        // The first round's gradient: computed during the round (staged), or before it (on
+        // a device, it stays there until the round copies it bucket by bucket).
+        let (mut flat, mut on_device, mut compute) = if staged {
+            (vec![0f32; numel + 3], None, None)
+        } else {
+            let (flat, on_device) = self.local_gradients(&ids).map_err(StepError::Fatal)?;
+            (flat, on_device, Some(tc.elapsed()))
+        };
+        let mut nan = self.take_nan_fault();
+        let (norms_at, speeds_at) = (3, 3 + n);
         let mut rejected: Vec<NodeId> = Vec::new();
         let mut first_round = Duration::ZERO;
         // This member's own contribution of the round (gradient, loss, samples, correct over
@@ -120,32 +162,72 @@ impl Trainer {
         for attempt in 0..n as u64 {
             let ta = Instant::now();
             if n >= 2 {
-                mine.clear();
-                mine.extend_from_slice(&flat[..numel + 3]);
+                mine.resize(numel + 3, 0.0);
             }
+            flat.resize(numel + 3 + 2 * n, 0.0);
             // A view of one member has no guard: no norm to compute. The norm is that of
             // the member's mean gradient (its sum over its samples, divided by their count):
             // shares differ, and a sum's norm grows with the samples in it, so comparing
             // sums would single out whoever got the larger share.
-            let norm = if n < 2 || rejected.contains(&me) {
-                0.0
-            } else {
-                let squares = match &on_device {
-                    Some(g) => g.square().sum(tch::Kind::Double).double_value(&[]),
-                    None => optim::sum_squares(&flat[..numel]),
+            let guarded = n >= 2 && !rejected.contains(&me);
+            let samples = ids.len();
+            let fill_tail = |tail: &mut [f32], squares: f64, compute: Duration| {
+                let norm = if guarded {
+                    squares.sqrt() / samples.max(1) as f64
+                } else {
+                    0.0
                 };
-                squares.sqrt() / ids.len().max(1) as f64
+                let speed = samples as f64 / compute.as_secs_f64().max(1e-9);
+                tail[norms_at + rank] = norm as f32;
+                tail[speeds_at + rank] = if samples == 0 { 0.0 } else { speed as f32 };
             };
-            flat.resize(numel + 3 + 2 * n, 0.0);
-            flat[norms_at + rank] = norm as f32;
-            flat[speeds_at + rank] = if ids.is_empty() { 0.0 } else { speed as f32 };
             self.attempted.clone_from(&ids);
-            self.all_reduce_round(view, attempt, &mut flat, on_device.as_ref())
-                .map_err(StepError::Failed)?;
-            if attempt == 0 {
-                first_round = ta.elapsed();
+            if nccl {
+                let squares = self.prepare_nccl(&mut flat, numel, on_device.as_ref(), nan);
+                if n >= 2 {
+                    mine.copy_from_slice(&flat[..numel + 3]);
+                }
+                fill_tail(&mut flat[numel..], squares, compute.unwrap_or_default());
+                self.nccl_all_reduce(view, &mut flat, on_device.as_ref())
+                    .map_err(StepError::Failed)?;
+            } else {
+                let source = match (&on_device, attempt) {
+                    (_, 1..) => Source::Ready,
+                    (Some(g), 0) => Source::Device(g),
+                    (None, 0) if staged => Source::Backward(&ids),
+                    (None, 0) => Source::Ready,
+                };
+                let round = ReduceRound {
+                    attempt,
+                    grad_end: numel,
+                    source,
+                    keep: (n >= 2).then_some(&mut mine[..]),
+                    nan,
+                    feedback: true,
+                };
+                let took = self.all_reduce_round(view, round, &mut flat, &mut |tail, sq, c| {
+                    fill_tail(tail, sq, compute.unwrap_or(c))
+                })?;
+                if staged && attempt == 0 {
+                    compute = Some(took);
+                }
+                // The ring's copy of a device gradient is in `mine` now.
+                on_device = None;
             }
-            if n < 2 || !self.screen(view, attempt, &flat[norms_at..speeds_at], &mut rejected)? {
+            nan = false;
+            if attempt == 0 {
+                first_round = ta
+                    .elapsed()
+                    .saturating_sub(compute.filter(|_| staged).unwrap_or_default());
+            }
+            if n < 2
+                || !self.screen(
+                    view,
+                    attempt,
+                    &flat[numel + norms_at..numel + speeds_at],
+                    &mut rejected,
+                )?
+            {
                 break;
             }
             // A redo adds to this member's own contribution on the host: the part of it
@@ -167,13 +249,14 @@ impl Trainer {
                 mine.iter().zip(&g).map(|(a, b)| a + b).collect()
             };
         }
+        let compute = compute.unwrap_or_default();
         let speeds: Vec<(NodeId, f64)> = view
             .ids()
             .cloned()
-            .zip(flat[speeds_at..].iter().map(|&x| f64::from(x)))
+            .zip(flat[numel + speeds_at..].iter().map(|&x| f64::from(x)))
             .collect();
         flat.truncate(numel + 3);
-        let redo = tc.elapsed() - compute - first_round;
+        let redo = tc.elapsed().saturating_sub(compute + first_round);
         let mut rec = self
             .apply(flat, batch, view, t0, stats0)
             .map_err(StepError::Fatal)?;
@@ -192,73 +275,171 @@ impl Trainer {
         Ok((rec, ids, speeds))
     }
 
-    /// One round of the step's all-reduce: sums `flat` over `view`'s members, in NCCL when
-    /// the view's backend is NCCL (see `backend`), else over the ring in buckets of
-    /// `bucket_bytes` that run concurrently (`attempt` keeps the guard's rounds apart).
-    ///
-    /// `on_device` is the gradient (the first `numel` elements of `flat`) when it is still
-    /// on a device: a copier thread brings it to `flat` one bucket at a time, and each
-    /// bucket's all-reduce starts as soon as its copy is done, so the copy of the next
-    /// bucket overlaps the ring's work on this one. On the host the buckets are handed over
-    /// at once, without a thread.
+    /// Before an NCCL round: the debug NaN (when `nan`) and the gradient's sum of
+    /// squares, on the device when the gradient is there (`on_device`), else in `flat`.
+    fn prepare_nccl(
+        &self,
+        flat: &mut [f32],
+        numel: usize,
+        on_device: Option<&Tensor>,
+        nan: bool,
+    ) -> f64 {
+        match on_device {
+            Some(g) => {
+                if nan {
+                    let _ = g.narrow(0, 0, 1).fill_(f64::NAN);
+                }
+                g.square().sum(tch::Kind::Double).double_value(&[])
+            }
+            None => {
+                if nan && numel > 0 {
+                    flat[0] = f32::NAN;
+                }
+                optim::sum_squares(&flat[..numel])
+            }
+        }
+    }
+
+    /// One round of an all-reduce over the ring: sums `flat` (`round.grad_end` gradient
+    /// values, then a tail of loss, counts and guard slots) over `view`'s members, the
+    /// gradient in buckets of `bucket_bytes` that run concurrently, compressed as the
+    /// job's `[sync] compression` says, the tail exactly and last (see `buckets`).
+    /// `fill_tail(tail, squares, compute)` writes this member's slots once its gradient is
+    /// in (`squares`: the gradient's sum of squares; `compute`: the time the source took).
+    /// Returns the time the source took (the staged backward's forward and backward;
+    /// the copy from a device; nothing for a ready buffer).
     pub(super) fn all_reduce_round(
         &mut self,
         view: &View,
-        attempt: u64,
+        round: ReduceRound<'_>,
         flat: &mut [f32],
-        on_device: Option<&tch::Tensor>,
-    ) -> Result<(), StepFailure> {
-        if self.backend(view) == Backend::Nccl {
-            return self.nccl_all_reduce(view, flat, on_device);
+        fill_tail: &mut dyn FnMut(&mut [f32], f64, Duration),
+    ) -> Result<Duration, StepError> {
+        let failed = |e| StepError::Failed(StepFailure::Collective(e));
+        if self.abandon_collective() {
+            return Err(failed(DataPlaneError::Io {
+                peer: self.ctx.me.clone(),
+                source: std::io::Error::other("abandoned (debug)"),
+            }));
         }
-        let dp = self.ctx.dp.clone();
+        let compression = self.job().sync.compression;
+        let feedback = round.feedback && compression != Compression::None && view.len() >= 2;
+        let grad_end = round.grad_end;
+        let (mut committed, mut pending) = (Vec::new(), Vec::new());
+        if feedback {
+            committed = std::mem::take(&mut self.residual);
+            pending = std::mem::take(&mut self.residual_next);
+            committed.resize(grad_end, 0.0);
+            pending.resize(grad_end, 0.0);
+        }
         let bucket = (self.job().bucket_bytes as usize / 4).max(1);
-        let (base, step, v) = (self.tag_base, self.step, view.clone());
-        let source = on_device.map(|g| g.shallow_clone());
-        std::thread::scope(|s| {
-            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-            let on_host = source.is_none();
-            let hand_over = move || {
-                for (i, chunk) in { flat }.chunks_mut(bucket).enumerate() {
-                    if let Some(g) = &source {
-                        let start = (i * bucket) as i64;
-                        let len = (chunk.len() as i64).min(g.numel() as i64 - start);
-                        if len > 0 {
-                            g.narrow(0, start, len)
-                                .copy_data(&mut chunk[..len as usize], len as usize);
-                        }
-                    }
-                    if tx.send((i, chunk)).is_err() {
-                        return; // the round was abandoned
-                    }
-                }
-            };
-            // Host buckets need no copy: all are handed over at once, on this thread.
-            if on_host {
-                hand_over();
-            } else {
-                s.spawn(hand_over);
-            }
-            let fut = async {
-                let mut running = futures::stream::FuturesUnordered::new();
-                let mut copied = true;
-                while copied || !running.is_empty() {
+        let parts: Vec<Range<usize>> = match round.source {
+            Source::Ready => Vec::new(),
+            Source::Device(_) => (0..grad_end)
+                .step_by(bucket)
+                .map(|s| s..(s + bucket).min(grad_end))
+                .collect(),
+            Source::Backward(_) => self.stage_parts.iter().map(|(_, r)| r.clone()).collect(),
+        };
+        let ring = RingRound {
+            dp: self.ctx.dp.clone(),
+            view: view.clone(),
+            base: self.tag_base,
+            step: self.step,
+            attempt: round.attempt,
+            compression,
+        };
+        let (rt, mut views) = (self.ctx.rt.clone(), self.ctx.views.clone());
+        let prepare = Prepare {
+            keep: round.keep,
+            committed: feedback.then_some(&committed[..]),
+            pending: feedback.then_some(&mut pending[..]),
+            nan: round.nan,
+        };
+        let (took, result) = std::thread::scope(|s| {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            let hash = ring.view.hash;
+            let reducer = s.spawn(move || {
+                rt.block_on(async {
                     tokio::select! {
-                        next = rx.recv(), if copied => match next {
-                            Some((i, chunk)) => {
-                                let index = (attempt << 32) | i as u64;
-                                let t = tag(base, &v, TAG_GRAD, step, index);
-                                running.push(dp.all_reduce(&v, t, chunk, ReduceOp::Sum));
-                            }
-                            None => copied = false,
-                        },
-                        Some(done) = futures::StreamExt::next(&mut running) => done?,
+                        r = ring.run(rx) => r.map_err(StepFailure::Collective),
+                        _ = views.wait_for(|s| s.view.hash != hash) => Err(StepFailure::ViewChanged),
                     }
+                })
+            });
+            let mut buckets = Buckets::new(flat, grad_end, bucket, &parts, prepare, tx);
+            let t = Instant::now();
+            let produced = self.produce(&round.source, &mut buckets);
+            let took = t.elapsed();
+            let squares = buckets.squares;
+            let result = produced.map(|()| {
+                fill_tail(buckets.tail(), squares, took);
+                buckets.finish();
+            });
+            let reduced = reducer.join().unwrap_or(Err(StepFailure::ViewChanged));
+            (took, result.map_err(StepError::Fatal).and_then(|()| {
+                reduced.map_err(StepError::Failed)
+            }))
+        });
+        if feedback {
+            self.residual = committed;
+            self.residual_next = pending;
+        }
+        if let Err(StepError::Failed(StepFailure::Collective(_))) = &result {
+            // The node is gone only when it is shutting down; then nothing restarts anyway.
+            let _ = self.ctx.view_failed.send(view.hash);
+        }
+        result.map(|()| took)
+    }
+
+    /// Puts the round's gradient into `buckets` from `source` (see [`Source`]).
+    fn produce(&mut self, source: &Source<'_>, buckets: &mut Buckets<'_>) -> Result<(), TrainError> {
+        match *source {
+            Source::Ready => Ok(()),
+            Source::Device(g) => {
+                let n = g.numel();
+                let bucket = self.job().bucket_bytes as usize / 4;
+                for s in (0..n).step_by(bucket.max(1)) {
+                    let len = bucket.max(1).min(n - s);
+                    buckets.write(s, &g.narrow(0, s as i64, len as i64));
+                    buckets.complete(s..s + len);
                 }
                 Ok(())
-            };
-            self.collective(view, fut)
-        })
+            }
+            Source::Backward(ids) => {
+                self.zero_grads();
+                let parts = &self.stage_parts;
+                let params = &self.params;
+                let mut done = |stage: Stage| {
+                    for ((st, r), (_, p)) in parts.iter().zip(params) {
+                        if *st == stage {
+                            let g = p.grad();
+                            if g.defined() {
+                                buckets.write(r.start, &g.reshape([-1]));
+                            }
+                            buckets.complete(r.clone());
+                        }
+                    }
+                };
+                let (loss, correct) = if ids.is_empty() {
+                    for stage in parts.iter().map(|(s, _)| *s).collect::<Vec<_>>() {
+                        done(stage);
+                    }
+                    (0.0, 0)
+                } else {
+                    self.model.set_train(true);
+                    let batch = self.data.train_batch(ids)?;
+                    self.model
+                        .backward_staged(&batch, &mut done)?
+                        .ok_or_else(|| TrainError::Internal("the model cannot stage its backward".into()))?
+                };
+                let tail = buckets.tail();
+                tail[0] = loss as f32;
+                tail[1] = ids.len() as f32;
+                tail[2] = correct as f32;
+                Ok(())
+            }
+        }
     }
 
     /// The guard's verdict on a round: `norms` holds every member's norm (in `view`
@@ -316,12 +497,7 @@ impl Trainer {
         &mut self,
         ids: &[u64],
     ) -> Result<(Vec<f32>, Option<Tensor>), TrainError> {
-        for (_, p) in &self.params {
-            let mut g = p.grad();
-            if g.defined() {
-                let _ = g.zero_();
-            }
-        }
+        self.zero_grads();
         let numel: usize = self.params.iter().map(|(_, t)| t.numel()).sum();
         let mut flat = vec![0f32; numel + 3];
         if ids.is_empty() {
@@ -358,6 +534,16 @@ impl Trainer {
             off += n;
         }
         Ok((flat, None))
+    }
+
+    /// Zeroes every trainable parameter's gradient.
+    fn zero_grads(&mut self) {
+        for (_, p) in &self.params {
+            let mut g = p.grad();
+            if g.defined() {
+                let _ = g.zero_();
+            }
+        }
     }
 
     /// Applies the summed gradients and commits the step.

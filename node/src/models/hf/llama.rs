@@ -226,6 +226,17 @@ impl HfDecoder {
     /// Logits `[B, T, vocab]` of tokens (`[B, T]`, each below the vocabulary): every layer
     /// (all must be loaded), causal attention within the sequence, positions from 0.
     pub fn forward(&self, tokens: &Tensor) -> Result<Tensor, StageError> {
+        let pos = self.whole_model_positions(tokens)?;
+        let mut x = self.embed(tokens, &pos);
+        for i in 0..self.cfg.layers {
+            x = self.layer(i, &x, &pos, &mut Causal)?;
+        }
+        Ok(self.logits(&x))
+    }
+
+    /// The positions `0..T` of `tokens` (`[B, T]`) for a pass through every layer, after
+    /// checking that every layer is loaded and every token is in the vocabulary.
+    pub(super) fn whole_model_positions(&self, tokens: &Tensor) -> Result<Tensor, StageError> {
         let (_, t) = tokens
             .size2()
             .map_err(|_| StageError::Request("tokens must be [batch, len]".into()))?;
@@ -241,12 +252,7 @@ impl HfDecoder {
                 )));
             }
         }
-        let pos = Tensor::arange(t, (Kind::Int64, tokens.device()));
-        let mut x = self.embed(tokens, &pos);
-        for i in 0..self.cfg.layers {
-            x = self.layer(i, &x, &pos, &mut Causal)?;
-        }
-        Ok(self.logits(&x))
+        Ok(Tensor::arange(t, (Kind::Int64, tokens.device())))
     }
 
     /// Whether everything `layers` needs is loaded.

@@ -19,6 +19,7 @@
 pub mod config;
 pub mod export;
 pub mod llama;
+pub mod staged;
 pub mod train;
 pub mod weights;
 

@@ -1,6 +1,7 @@
 //! Training parity: one step's loss and gradients of the trainable decoder equal
 //! PyTorch's (`scripts/fixtures/train_step.py`), with and without LoRA.
 
+use super::staged::Stage;
 use super::train::{build, HfTrain, LoraConfig};
 use crate::models::checkpoint;
 use std::collections::BTreeMap;
@@ -64,6 +65,17 @@ fn step(
     file: &str,
     lora: Option<LoraConfig>,
 ) -> (nn::VarStore, BTreeMap<String, Tensor>, f64) {
+    step_as(arch, file, lora, false)
+}
+
+/// [`step`], its backward in stages when `staged` (checking that the stages come in order
+/// and that no parameter's gradient changes after its stage said it was complete).
+fn step_as(
+    arch: &str,
+    file: &str,
+    lora: Option<LoraConfig>,
+    staged: bool,
+) -> (nn::VarStore, BTreeMap<String, Tensor>, f64) {
     let dir = fixture(arch);
     let r = reference(&dir.join(file));
     let vs = nn::VarStore::new(tch::Device::Cpu);
@@ -84,10 +96,40 @@ fn step(
     let n = tokens.size()[1];
     let x = tokens.narrow(1, 0, n - 1);
     let y = tokens.narrow(1, 1, n - 1);
-    let l = loss(&dec.forward(&x).unwrap(), &y);
-    l.backward();
-    let got = l.double_value(&[]);
-    (vs, r, got)
+    if !staged {
+        let l = loss(&dec.forward(&x).unwrap(), &y);
+        l.backward();
+        return (vs, r, l.double_value(&[]));
+    }
+    let mut stages = Vec::new();
+    // Each trained parameter's gradient when its stage said it was complete.
+    let mut at_done: BTreeMap<String, Tensor> = BTreeMap::new();
+    let mut done = |stage: Stage| {
+        stages.push(stage);
+        for (n, v) in vars.iter().filter(|(n, _)| Stage::of(n) == stage) {
+            let g = v.grad();
+            if g.defined() {
+                at_done.insert(n.clone(), g.copy());
+            }
+        }
+    };
+    let mut loss_of = |logits: &Tensor| Ok::<_, crate::models::StageError>(loss(logits, &y));
+    let l = dec.backward_staged(&x, &mut loss_of, &mut done).unwrap();
+    let layers = dec.config().layers;
+    let mut order = vec![Stage::Head];
+    order.extend((0..layers).rev().map(Stage::Block));
+    order.push(Stage::Embed);
+    assert_eq!(stages, order, "{arch}: stages in order");
+    for (n, v) in vars.iter().filter(|(_, v)| v.requires_grad()) {
+        let early = at_done
+            .get(n)
+            .unwrap_or_else(|| panic!("{arch}: {n} had no gradient when its stage was done"));
+        assert!(
+            early.equal(&v.grad()),
+            "{arch}: the gradient of {n} changed after its stage was done"
+        );
+    }
+    (vs, r, l.double_value(&[]))
 }
 
 #[test]
@@ -120,6 +162,40 @@ fn one_step_loss_and_gradients_equal_pytorch() {
             );
         }
         eprintln!("{arch}: loss {got:.6} (PyTorch {want:.6}), worst gradient relative difference {worst:e}");
+    }
+}
+
+/// The backward in stages (what lets gradients travel while it runs) gives PyTorch's
+/// gradients too, on every family, with tied embeddings (qwen2's fixture) and with LoRA.
+#[test]
+fn staged_backward_equals_pytorch() {
+    let lora = LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+        targets: vec!["q_proj".into(), "v_proj".into()],
+    };
+    for (arch, file, lora) in [
+        ("llama", "train_step.safetensors", None),
+        ("qwen2", "train_step.safetensors", None),
+        ("qwen3", "train_step.safetensors", None),
+        ("llama", "train_step_lora.safetensors", Some(lora)),
+    ] {
+        let what = format!("{arch} (lora: {})", lora.is_some());
+        let (vs, r, got) = step_as(arch, file, lora, true);
+        let want = r["loss"].double_value(&[0]);
+        assert!((got - want).abs() / want <= 1e-5, "{what}: loss {got} vs {want}");
+        let mut checked = 0;
+        for (n, v) in vs.variables() {
+            match r.get(&format!("grad.{n}")) {
+                Some(g) => {
+                    let d = rel(&v.grad(), g);
+                    assert!(d <= 1e-5, "{what}: gradient of {n} differs by {d:e}");
+                    checked += 1;
+                }
+                None => assert!(!v.requires_grad(), "{what}: {n} has no reference"),
+            }
+        }
+        assert!(checked > 0, "{what}: no gradient compared");
     }
 }
 

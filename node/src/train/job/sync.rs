@@ -6,6 +6,7 @@
 //! inner_steps = 50     # diloco: local steps per outer round (H)
 //! outer_lr = 0.7       # diloco: the outer Nesterov SGD's learning rate
 //! outer_momentum = 0.9 # diloco: its momentum
+//! compression = "bf16" # none (default) | bf16 | int8: the all-reduce's payload
 //! ```
 //!
 //! The DiLoCo keys are refused with `kind = "sync"` (they would do nothing there). A job
@@ -16,6 +17,7 @@ use super::{invalid, JobError, JobSpec};
 use coordinator_free::outer_round::{
     OuterConfig, OuterError, DEFAULT_INNER_STEPS, DEFAULT_OUTER_LR, DEFAULT_OUTER_MOMENTUM,
 };
+use coordinator_free::Compression;
 use serde::{Deserialize, Serialize};
 
 /// The `[sync]` table.
@@ -43,6 +45,20 @@ pub struct SyncSpec {
     /// (`coordinator_free::outer_round::DEFAULT_OUTER_MOMENTUM`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outer_momentum: Option<f64>,
+    /// How the ring all-reduce carries the gradients (sync) or the pseudo-gradients
+    /// (diloco): `none` (f32), `bf16` or `int8` (per-block scale), always summed in f32
+    /// (`coordinator_free::compression`); the loss, sample counts and the guard's slots
+    /// travel exactly. Synchronous gradients get error feedback: what a member's
+    /// encodings lost is added to its next step's gradient. NCCL views (GPUs) sum in f32
+    /// whatever this says. Default: `none`.
+    #[serde(default, skip_serializing_if = "is_none")]
+    pub compression: Compression,
+}
+
+/// Whether `c` is the default (left out of the job's TOML form, so the hash of a job that
+/// does not set it is the one it had before the key existed).
+fn is_none(c: &Compression) -> bool {
+    *c == Compression::None
 }
 
 /// How members combine their work.

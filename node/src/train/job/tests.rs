@@ -150,6 +150,26 @@ fn diloco_keys_parse_with_the_core_defaults() {
 }
 
 #[test]
+fn sync_compression_parses_for_both_kinds_and_keeps_the_default_hash() {
+    use coordinator_free::Compression;
+    let none = JobSpec::parse(&format!("{MIN}[sync]\ncompression = \"none\"\n")).unwrap();
+    assert_eq!(none.hash(), JobSpec::parse(MIN).unwrap().hash());
+    for (text, c) in [("bf16", Compression::Bf16), ("int8", Compression::Int8)] {
+        for kind in ["sync", "diloco"] {
+            let j = JobSpec::parse(&format!(
+                "{MIN}[sync]\nkind = \"{kind}\"\ncompression = \"{text}\"\n"
+            ))
+            .unwrap();
+            assert_eq!(j.sync.compression, c);
+            assert_ne!(j.hash(), JobSpec::parse(MIN).unwrap().hash());
+            assert_eq!(JobSpec::parse(&j.to_toml()).unwrap(), j);
+        }
+    }
+    let e = err(&format!("{MIN}[sync]\ncompression = \"fp8\"\n"));
+    assert!(e.contains("compression") || e.contains("fp8"), "{e}");
+}
+
+#[test]
 fn sync_errors_name_the_key() {
     let diloco = |extra: &str| format!("{MIN}[sync]\nkind = \"diloco\"\n{extra}\n");
     let e = err(&diloco("inner_steps = 0"));
