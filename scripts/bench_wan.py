@@ -1,11 +1,13 @@
 """The report of scripts/bench-wan: reads its summaries (one line per configuration: the
 `shoal train --json` summary and where the run's metrics.jsonl lies) and prints a table per
 workload, the ratios against synchronous f32 training and, with --json, one JSON line per
-configuration. Exit status 1 when a configuration that ran did not train (the job failed,
+configuration (the rows' paths are relative to the summaries' folder, so a run kept with
+`bench-wan --keep DIR` can be reported again: `bench_wan.py DIR/summaries.jsonl ...`). Exit status 1 when a configuration that ran did not train (the job failed,
 or, for the gpt workload, its held-out loss did not fall below 0.8 x ln 256 and below its
 first evaluation), or when sync-none is missing where ratios are asked of it.
 
-    python scripts/bench_wan.py SUMMARIES --rate MBIT --members N --target LOSS --cores C [--json]
+    python scripts/bench_wan.py SUMMARIES --rate MBIT --members N --target LOSS --cores C
+        [--load TEXT] [--json]
 """
 import argparse
 import json
@@ -101,11 +103,17 @@ def main():
     p.add_argument("--members", type=int, required=True)
     p.add_argument("--target", type=float, required=True)
     p.add_argument("--cores", type=int, required=True)
+    p.add_argument("--load", default="?", help="the load average at the start and the end")
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
     out = sys.stderr if a.json else sys.stdout
     say = lambda s="": print(s, file=out)
     rows = read_jsonl(a.summaries)
+    here = os.path.dirname(os.path.abspath(a.summaries))  # paths in the rows are relative to it
+    for r in rows:
+        for k in ("run_dir", "stderr"):
+            if k in r:
+                r[k] = os.path.join(here, r[k])
     failures, results = [], []
     for r in rows:
         if "not_run" in r:
@@ -119,7 +127,8 @@ def main():
         m = measure(r, a.target)
         bad = None
         if s.get("state") != "done":
-            err = s.get("error") or open(r["stderr"]).read().strip().splitlines()[-1:] or "no summary"
+            tail = open(r["stderr"]).read().strip().splitlines() if os.path.exists(r["stderr"]) else []
+            err = s.get("error") or (tail[-1] if tail else "no summary")
             bad = f"job did not finish: {err}"
         elif r["workload"] == "gpt":
             bad = trained(m, a.members)
@@ -127,7 +136,8 @@ def main():
             failures.append(f"{r['workload']} {r['config']}: {bad} (stderr: {r['stderr']})")
         results.append((r, m, bad))
     say(f"{a.members} members, {a.rate} Mbit/s each way per link (tbf), {a.cores} cores shared by "
-        f"the members{' (fewer cores than members: they compete for CPU)' if a.cores < a.members else ''}")
+        f"the members{' (fewer cores than members: they compete for CPU)' if a.cores < a.members else ''}"
+        f" and with whatever else runs (load average {a.load})")
     for workload in ("gpt", "llama"):
         rs = [(r, m, bad) for r, m, bad in results if r["workload"] == workload]
         if rs:
@@ -159,15 +169,19 @@ def table(workload, rs, a, say):
         say(f"gpt on tinyshakespeare, target held-out loss {a.target} (wall time from the members "
             f"gathering; utilisation = compute / training wall time)")
     else:
-        say("~150 M Llama (f32), fixed short run: step time (sync) or round time (DiLoCo)")
+        say("~150 M Llama (f32), fixed short run: ms per step (sync) or per round (DiLoCo); "
+            "f32/this = sync-none's bytes per sample over this one's")
     say(f"{'config':<15} {'steps':>5} {'samples':>7} {'s->target':>9} {'wall s':>7} {'ms/unit':>8} "
-        f"{'MB/member':>9} {'B/sample':>9} {'eval loss':>9} {'util':>5}  evals (step:loss)")
+        f"{'MB/member':>9} {'B/sample':>9} {'f32/this':>8} {'eval loss':>9} {'util':>5}  evals (step:loss)")
+    base = next((m for r, m, bad in rs if r["config"] == "sync-none"), None)
     for r, m, bad in rs:
+        less = (base["bytes_per_sample"] / m["bytes_per_sample"]
+                if base and base["bytes_per_sample"] and m["bytes_per_sample"] else None)
         evals = " ".join(f"{s}:{l:.3f}" for s, l in m["evals"])
         mb = m["bytes_per_member"] / 1e6
         say(f"{r['config']:<15} {m['steps']:>5} {m['samples']:>7} {fmt(m['wall_s_to_target'], '9.1f')} "
             f"{fmt(m['wall_s'], '7.1f')} {fmt(m['unit_ms'], '8.0f')} {mb:>9.1f} "
-            f"{fmt(m['bytes_per_sample'], '9.0f')} {fmt(m['eval_loss'], '9.4f')} "
+            f"{fmt(m['bytes_per_sample'], '9.0f')} {fmt(less, '7.1f', 'x')} {fmt(m['eval_loss'], '9.4f')} "
             f"{fmt(m['utilisation'], '5.2f')}  {evals}{'  FAILED: ' + bad if bad else ''}")
 
 
