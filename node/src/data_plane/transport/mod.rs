@@ -9,6 +9,7 @@
 
 pub(super) mod quic;
 pub(super) mod tcp;
+mod tls;
 
 use super::{DataPlane, DataPlaneError};
 use coordinator_free::NodeId;
