@@ -21,6 +21,7 @@ use rustls::crypto::aws_lc_rs::cipher_suite::{
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::sign::{CertifiedKey, SingleCertAndKey};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use std::sync::Arc;
 
@@ -55,14 +56,15 @@ pub(in crate::data_plane) fn client_config(
     key: &Keypair,
     expected: PeerId,
 ) -> Result<rustls::ClientConfig, TlsError> {
-    let (cert, private) = libp2p_tls::certificate::generate(key)?;
-    let mut c = rustls::ClientConfig::builder_with_provider(provider())
+    let p = provider();
+    let mine = certified(key, &p)?;
+    let mut c = rustls::ClientConfig::builder_with_provider(p)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(Libp2pVerifier {
             expected: Some(expected),
         }))
-        .with_client_auth_cert(vec![cert], private)?;
+        .with_client_cert_resolver(mine);
     c.alpn_protocols = vec![ALPN.to_vec()];
     Ok(c)
 }
@@ -72,13 +74,26 @@ pub(in crate::data_plane) fn client_config(
 pub(in crate::data_plane) fn server_config(
     key: &Keypair,
 ) -> Result<rustls::ServerConfig, TlsError> {
-    let (cert, private) = libp2p_tls::certificate::generate(key)?;
-    let mut c = rustls::ServerConfig::builder_with_provider(provider())
+    let p = provider();
+    let mine = certified(key, &p)?;
+    let mut c = rustls::ServerConfig::builder_with_provider(p)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(Arc::new(Libp2pVerifier { expected: None }))
-        .with_single_cert(vec![cert], private)?;
+        .with_cert_resolver(mine);
     c.alpn_protocols = vec![ALPN.to_vec()];
     Ok(c)
+}
+
+/// This node's libp2p certificate (a fresh one) with its key. Not through rustls's
+/// `with_single_cert`, whose consistency check parses the certificate with webpki, which
+/// refuses libp2p's critical extension.
+fn certified(key: &Keypair, p: &CryptoProvider) -> Result<Arc<SingleCertAndKey>, TlsError> {
+    let (cert, private) = libp2p_tls::certificate::generate(key)?;
+    let signing = p.key_provider.load_private_key(private)?;
+    Ok(Arc::new(SingleCertAndKey::from(CertifiedKey::new(
+        vec![cert],
+        signing,
+    ))))
 }
 
 /// The peer id a presented certificate chain proves: exactly one certificate, self-signed,
