@@ -3,7 +3,7 @@
 //!
 //! Two transports, one protocol:
 //! - **QUIC** (quinn; default): TLS 1.3 with libp2p-tls certificates, so the peer id is
-//!   proven by the handshake itself; every byte encrypted. For untrusted and wide-area links.
+//!   proven by the handshake itself; every byte encrypted (AES-GCM preferred). For untrusted and wide-area links.
 //! - **TCP** (`--data-plane tcp`): plain TCP, mutually authenticated at connect time by
 //!   signatures of the libp2p identity keys over fresh nonces; payloads unencrypted. For
 //!   trusted LANs, where it is several times faster (see the README's measurements).

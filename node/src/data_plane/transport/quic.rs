@@ -1,8 +1,10 @@
-//! The QUIC transport (quinn): endpoint and transport settings (initial MTU, flow-control
-//! windows, UDP buffers, 10-minute idle timeout, 10 s keep-alive), libp2p-tls certificates
-//! on both sides so the TLS handshake itself proves each peer's libp2p identity, the accept
-//! loop that refuses non-members, and the cache of outbound connections (one per member;
-//! every link is a new bidirectional stream on it).
+//! The QUIC transport (quinn): endpoint and transport settings (initial MTU, also the floor
+//! after a suspected black hole; UDP payloads of at most 6500 bytes so GSO batches fit a
+//! UDP send; flow-control windows, 4 MiB UDP buffers, 10-minute idle timeout, 10 s
+//! keep-alive), libp2p-tls certificates on both sides so the TLS handshake itself proves
+//! each peer's libp2p identity (the TLS configs, AES-GCM first, are in `tls.rs`), the
+//! accept loop that refuses non-members, and the cache of outbound connections (one per
+//! member; every link is a new bidirectional stream on it).
 
 use super::Link;
 use crate::data_plane::{DataPlane, DataPlaneConfig, DataPlaneError};
@@ -103,7 +105,7 @@ impl DataPlane {
 /// batch is refused by the kernel (EMSGSIZE), which quinn counts as sent, so every such
 /// batch is lost (measured: 40% of 8192-byte packets lost on loopback, the congestion
 /// window pinned near 70 kB).
-pub(in crate::data_plane) const MAX_UDP_PAYLOAD: u16 = 6_500;
+const MAX_UDP_PAYLOAD: u16 = 6_500;
 
 /// The MTU the data plane starts with: the configured one within 1200..=[`MAX_UDP_PAYLOAD`].
 fn initial_mtu(cfg: &DataPlaneConfig) -> u16 {

@@ -311,7 +311,7 @@ mod tests {
         // The client dials b, but c answers.
         let client = client_config(&a, b.public().to_peer_id()).unwrap();
         let server = server_config(&c).unwrap();
-        let err = handshake(client, server).err().expect("refused");
+        let err = handshake(client, server).expect_err("refused");
         assert!(
             matches!(
                 err,
