@@ -3,7 +3,7 @@
 //!
 //! Two transports, one protocol:
 //! - **QUIC** (quinn; default): TLS 1.3 with libp2p-tls certificates, so the peer id is
-//!   proven by the handshake itself; every byte encrypted. For untrusted and wide-area links.
+//!   proven by the handshake itself; every byte encrypted (AES-GCM preferred). For untrusted and wide-area links.
 //! - **TCP** (`--data-plane tcp`): plain TCP, mutually authenticated at connect time by
 //!   signatures of the libp2p identity keys over fresh nonces; payloads unencrypted. For
 //!   trusted LANs, where it is several times faster (see the README's measurements).
@@ -72,7 +72,10 @@ pub struct DataPlaneConfig {
     /// A segment may take this many times its expected time at the observed rate.
     /// Default: 8.
     pub timeout_multiplier: u32,
-    /// QUIC initial MTU. Default: 1200 (safe on any path; loopback benchmarks use 8192).
+    /// QUIC initial MTU (UDP payload bytes), also the floor after a suspected black hole;
+    /// clamped to 1200..=6500 (larger datagrams would overflow quinn's GSO batches). MTU
+    /// discovery searches up to 6500. Default: 1200 (safe on any path; loopback benchmarks
+    /// ask for 8192, i.e. 6500).
     pub quic_initial_mtu: u16,
     /// QUIC flow-control windows, in bytes. Default: 64 MiB.
     pub quic_window: u32,

@@ -5,10 +5,11 @@
 //! `2 × timeout_floor`. After a collective its links are recycled (TCP: the outbound link
 //! back to the pool, the inbound one back to reading headers; QUIC: streams are dropped,
 //! connections stay cached). The sockets, endpoints and accept loops are in `tcp.rs` and
-//! `quic.rs`.
+//! `quic.rs`; QUIC's TLS settings (libp2p-tls identity checks, AES-GCM first) in `tls.rs`.
 
 pub(super) mod quic;
 pub(super) mod tcp;
+mod tls;
 
 use super::{DataPlane, DataPlaneError};
 use coordinator_free::NodeId;
