@@ -344,7 +344,7 @@ mod tests {
             &mut flat,
             6,
             4,
-            &[4..6],
+            std::slice::from_ref(&(4..6)),
             Prepare {
                 keep: None,
                 committed: None,

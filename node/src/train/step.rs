@@ -187,15 +187,9 @@ impl Trainer {
             };
             self.attempted.clone_from(&ids);
             if nccl {
-                let squares = self.prepare_nccl(&mut flat, numel, on_device.as_ref(), nan);
-                if n >= 2 {
-                    mine.copy_from_slice(&flat[..numel + 3]);
-                }
-                fill_tail(&mut flat[numel..], squares, compute.unwrap_or_default());
-                self.phases.mark(Phase::Compute);
-                let reduced = self.nccl_all_reduce(view, &mut flat, on_device.as_ref());
-                self.phases.all_reduce(Duration::ZERO);
-                reduced.map_err(StepError::Failed)?;
+                let keep = (n >= 2).then_some(&mut mine[..]);
+                let fill = |tail: &mut [f32], sq| fill_tail(tail, sq, compute.unwrap_or_default());
+                self.nccl_round(view, &mut flat, numel, on_device.as_ref(), nan, keep, fill)?;
             } else {
                 let source = match (&on_device, attempt) {
                     (_, 1..) => Source::Ready,
@@ -242,18 +236,7 @@ impl Trainer {
                 g.copy_data(&mut mine[..numel], numel);
             }
             let covered = covered.get_or_insert_with(|| coverage.clone());
-            let more = take_over(weights, covered, &rejected, &me)?;
-            flat = if rejected.contains(&me) {
-                ids.clear();
-                vec![0f32; numel + 3]
-            } else {
-                let more = ids_at(self.order(batch.cursor.epoch), &more);
-                let g = self
-                    .local_gradients_on_host(&more)
-                    .map_err(StepError::Fatal)?;
-                ids.extend(more);
-                mine.iter().zip(&g).map(|(a, b)| a + b).collect()
-            };
+            flat = self.redo_contribution(batch, weights, covered, &rejected, &mine, &mut ids)?;
             self.phases.mark(Phase::Compute);
         }
         let compute = compute.unwrap_or_default();
@@ -283,15 +266,61 @@ impl Trainer {
         Ok((rec, ids, speeds))
     }
 
-    /// Before an NCCL round: the debug NaN (when `nan`) and the gradient's sum of
-    /// squares, on the device when the gradient is there (`on_device`), else in `flat`.
-    fn prepare_nccl(
-        &self,
+    /// After the guard left out `rejected`: this member's contribution to the redo (its
+    /// kept contribution `mine` plus the gradient of the samples it takes over, which join
+    /// `ids`; zeros when it was left out itself, and `ids` emptied).
+    fn redo_contribution(
+        &mut self,
+        batch: &StepBatch,
+        weights: &[(NodeId, u32)],
+        covered: &mut Coverage,
+        rejected: &[NodeId],
+        mine: &[f32],
+        ids: &mut Vec<u64>,
+    ) -> Result<Vec<f32>, StepError> {
+        let me = self.ctx.me.clone();
+        let more = take_over(weights, covered, rejected, &me)?;
+        if rejected.contains(&me) {
+            ids.clear();
+            return Ok(vec![0f32; mine.len()]);
+        }
+        let more = ids_at(self.order(batch.cursor.epoch), &more);
+        let g = self
+            .local_gradients_on_host(&more)
+            .map_err(StepError::Fatal)?;
+        ids.extend(more);
+        Ok(mine.iter().zip(&g).map(|(a, b)| a + b).collect())
+    }
+
+    /// A round in NCCL: the debug NaN (when `nan`), the contribution kept in `keep`, the
+    /// tail filled by `fill(tail, squares)` (the gradient's sum of squares, on the device
+    /// when it is there), then the all-reduce (all of it comm: NCCL has no data-plane wait).
+    #[allow(clippy::too_many_arguments)]
+    fn nccl_round(
+        &mut self,
+        view: &View,
         flat: &mut [f32],
         numel: usize,
         on_device: Option<&Tensor>,
         nan: bool,
-    ) -> f64 {
+        keep: Option<&mut [f32]>,
+        fill: impl FnOnce(&mut [f32], f64),
+    ) -> Result<(), StepError> {
+        let squares = Self::prepare_nccl(flat, numel, on_device, nan);
+        if let Some(keep) = keep {
+            let k = keep.len();
+            keep.copy_from_slice(&flat[..k]);
+        }
+        fill(&mut flat[numel..], squares);
+        self.phases.mark(Phase::Compute);
+        let reduced = self.nccl_all_reduce(view, flat, on_device);
+        self.phases.all_reduce(Duration::ZERO);
+        reduced.map_err(StepError::Failed)
+    }
+
+    /// Before an NCCL round: the debug NaN (when `nan`) and the gradient's sum of
+    /// squares, on the device when the gradient is there (`on_device`), else in `flat`.
+    fn prepare_nccl(flat: &mut [f32], numel: usize, on_device: Option<&Tensor>, nan: bool) -> f64 {
         match on_device {
             Some(g) => {
                 if nan {

@@ -73,7 +73,7 @@ fn parse_size(s: &str) -> Result<u64, Failure> {
         })
 }
 
-/// Starts the nodes (QUIC initial MTU 8192), then per size has every node run `iters`
+/// Starts the nodes (QUIC initial MTU 6500, the largest UDP payload the QUIC plane sends), then per size has every node run `iters`
 /// all-reduces (after `warmup`) at once and prints one line
 /// `{"nodes","bytes","time_ms","algbw_gbps","busbw_gbps","transport","compression","iters"}`
 /// from the slowest node's mean time (`bytes` and the bandwidths count the f32 buffer, not
@@ -95,7 +95,7 @@ pub async fn run(a: AllreduceArgs) -> Result<(), Failure> {
         "--data-plane",
         t,
         "--quic-initial-mtu",
-        "8192",
+        "6500",
     ]
     .iter()
     .map(|s| s.to_string())
