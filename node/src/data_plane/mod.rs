@@ -75,7 +75,7 @@ pub struct DataPlaneConfig {
     /// QUIC initial MTU (UDP payload bytes), also the floor after a suspected black hole;
     /// clamped to 1200..=6500 (larger datagrams would overflow quinn's GSO batches). MTU
     /// discovery searches up to 6500. Default: 1200 (safe on any path; loopback benchmarks
-    /// ask for 8192, i.e. 6500).
+    /// ask for 6500).
     pub quic_initial_mtu: u16,
     /// QUIC flow-control windows, in bytes. Default: 64 MiB.
     pub quic_window: u32,
