@@ -107,7 +107,8 @@ impl DataPlane {
             .map(|r| c.wire_bytes(r.len()))
             .collect();
         let Link { peer, r, w } = inn;
-        let (mut filled, free, reader) = spawn_reader::<u8>(self.clone(), peer.clone(), r, lens);
+        let (mut filled, free, reader) =
+            spawn_reader::<u8>(self.clone(), peer.clone(), r, lens, false);
         let reader_failed = || DataPlaneError::Io {
             peer: peer.clone(),
             source: std::io::Error::other("inbound reader stopped"),
@@ -181,7 +182,7 @@ impl DataPlane {
                             return Ok(None);
                         }
                         match filled.recv().await {
-                            Some(got) => got.map(Some),
+                            Some(got) => got.map(|s| Some(s.into_vec())),
                             None => Err(reader_failed()),
                         }
                     };

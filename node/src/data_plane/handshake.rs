@@ -67,7 +67,7 @@ impl DataPlane {
         let (r, w) = sock.into_split();
         Ok(Link {
             peer: peer.clone(),
-            r: Box::new(r),
+            r: super::transport::BoxRead::Stream(Box::new(r)),
             w: Box::new(w),
         })
     }
@@ -116,7 +116,7 @@ impl DataPlane {
         let (r, w) = sock.into_split();
         Ok(Link {
             peer: id,
-            r: Box::new(r),
+            r: super::transport::BoxRead::Stream(Box::new(r)),
             w: Box::new(w),
         })
     }

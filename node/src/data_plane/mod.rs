@@ -73,9 +73,10 @@ pub struct DataPlaneConfig {
     /// Default: 8.
     pub timeout_multiplier: u32,
     /// QUIC initial MTU (UDP payload bytes), also the floor after a suspected black hole;
-    /// clamped to 1200..=6500 (larger datagrams would overflow quinn's GSO batches). MTU
-    /// discovery searches up to 6500. Default: 1200 (safe on any path; loopback benchmarks
-    /// ask for 6500).
+    /// clamped to 1200..=16000 (quinn cannot encode larger handshake packets). MTU
+    /// discovery searches up to it, or up to 1452 if that is larger; GSO batches hold as
+    /// many datagrams as one UDP send carries. Default: 1200 (safe on any path; loopback
+    /// benchmarks ask for 16000).
     pub quic_initial_mtu: u16,
     /// QUIC flow-control windows, in bytes. Default: 64 MiB.
     pub quic_window: u32,

@@ -3,9 +3,11 @@
 //! segment (`segment_bytes`, default 1 MiB), with a reader task running up to
 //! [`READ_AHEAD`] segments ahead so receiving overlaps sending and reducing. Every segment
 //! is bounded by `max(timeout_floor, timeout_multiplier × its expected time)`, the expected
-//! time coming from the observed rate (a decaying maximum).
+//! time coming from the observed rate (a decaying maximum). Over QUIC, segments that are
+//! added into the buffer are taken as the chunks quinn received them in and added from
+//! there, without a copy into a buffer of their own first.
 
-use super::element::{bytes_of, bytes_of_mut, Element, Raw};
+use super::element::{add_chunks, bytes_of, bytes_of_mut, Element, Raw};
 use super::transport::{BoxRead, Link};
 use super::{DataPlane, DataPlaneError};
 use coordinator_free::collective::segments;
@@ -57,7 +59,9 @@ impl DataPlane {
             .flat_map(|m| segments(m.recv.clone(), seg).map(|r| r.len()))
             .collect();
         let Link { peer, r, w } = inn;
-        let (mut filled, free, reader) = spawn_reader::<T>(self.clone(), peer.clone(), r, lens);
+        // QUIC segments arrive as quinn's chunks, added where they landed (one copy less).
+        let (mut filled, free, reader) =
+            spawn_reader::<T>(self.clone(), peer.clone(), r, lens, true);
         let mut reader = Some(reader);
         let mut direct: Option<BoxRead> = None;
         let reader_failed = |peer: &NodeId| DataPlaneError::Io {
@@ -104,9 +108,15 @@ impl DataPlane {
                             }
                         };
                         let ((), got) = tokio::try_join!(write, read)?;
-                        if let (Some(data), Some(r)) = (got, rseg) {
-                            T::add_into(&mut target[r.start..r.start + data.len()], &data);
-                            let _ = free.try_send(data);
+                        match (got, rseg) {
+                            (Some(Segment::Owned(data)), Some(r)) => {
+                                T::add_into(&mut target[r.start..r.start + data.len()], &data);
+                                let _ = free.try_send(data);
+                            }
+                            (Some(Segment::Chunks(chunks)), Some(r)) => {
+                                add_chunks(&mut target[r], &chunks)
+                            }
+                            _ => {}
                         }
                     } else {
                         let rd = direct.as_mut().expect("direct link");
@@ -152,9 +162,46 @@ impl DataPlane {
     ) -> Result<(), DataPlaneError> {
         let bound = self.segment_bound(dst.len());
         let started = Instant::now();
-        match tokio::time::timeout(bound, r.read_exact(dst)).await {
-            Ok(Ok(_)) => {
-                self.observe(dst.len(), started.elapsed());
+        let res = tokio::time::timeout(bound, r.read_exact(dst)).await;
+        self.segment_read(res.map(|r| r.map(|_| ())), peer, dst.len(), started, bound)
+    }
+
+    /// Reads one segment of `len` bytes from a QUIC `peer` as quinn's received chunks
+    /// (no copy), within the segment bound; records the rate. `None` (nothing read) when
+    /// the link is not QUIC.
+    async fn read_segment_chunks(
+        &self,
+        r: &mut BoxRead,
+        peer: &NodeId,
+        len: usize,
+    ) -> Result<Option<Vec<bytes::Bytes>>, DataPlaneError> {
+        let bound = self.segment_bound(len);
+        let started = Instant::now();
+        let mut chunks = None;
+        let res = tokio::time::timeout(bound, async {
+            chunks = r.read_chunks_exact(len).await?;
+            Ok::<(), std::io::Error>(())
+        })
+        .await;
+        if chunks.is_none() && matches!(res, Ok(Ok(()))) {
+            return Ok(None);
+        }
+        self.segment_read(res, peer, len, started, bound)?;
+        Ok(chunks)
+    }
+
+    /// The outcome of a segment read that started at `started` under `bound`.
+    fn segment_read(
+        &self,
+        res: Result<std::io::Result<()>, tokio::time::error::Elapsed>,
+        peer: &NodeId,
+        len: usize,
+        started: Instant,
+        bound: Duration,
+    ) -> Result<(), DataPlaneError> {
+        match res {
+            Ok(Ok(())) => {
+                self.observe(len, started.elapsed());
                 Ok(())
             }
             Ok(Err(source)) => Err(DataPlaneError::Io {
@@ -211,17 +258,49 @@ pub(super) struct Move {
     pub(super) reduce: bool,
 }
 
-/// Segments the reader has filled, in order (or the error that stopped it).
-pub(super) type Filled<T> = tokio::sync::mpsc::Receiver<Result<Vec<T>, DataPlaneError>>;
+/// A segment the reader received: in a pooled buffer, or (QUIC, when asked for) as the
+/// chunks quinn received it in, so reducing reads it where it landed instead of after a
+/// copy into a buffer.
+pub(super) enum Segment<T> {
+    /// Read into a buffer (given back through the free channel after use).
+    Owned(Vec<T>),
+    /// quinn's received chunks, `len × size_of::<T>()` bytes in all.
+    Chunks(Vec<bytes::Bytes>),
+}
 
-/// Reads the segments of `lens` (in values of `T`) from `r` into pooled buffers, ahead of
-/// their use. Returns the filled-buffer channel, the free-buffer channel and the task
-/// (which yields `r` back).
+impl<T: Raw> Segment<T> {
+    /// The segment in a buffer of its own (chunks are copied into one).
+    pub(super) fn into_vec(self) -> Vec<T> {
+        match self {
+            Segment::Owned(v) => v,
+            Segment::Chunks(chunks) => {
+                let len: usize = chunks.iter().map(|c| c.len()).sum();
+                let mut v = vec![T::default(); len / std::mem::size_of::<T>()];
+                let mut at = 0;
+                let dst = bytes_of_mut(&mut v);
+                for c in &chunks {
+                    let n = c.len().min(dst.len() - at);
+                    dst[at..at + n].copy_from_slice(&c[..n]);
+                    at += n;
+                }
+                v
+            }
+        }
+    }
+}
+
+/// Segments the reader has filled, in order (or the error that stopped it).
+pub(super) type Filled<T> = tokio::sync::mpsc::Receiver<Result<Segment<T>, DataPlaneError>>;
+
+/// Reads the segments of `lens` (in values of `T`) from `r` ahead of their use: as quinn's
+/// chunks when `zero_copy` and the link is QUIC, else into pooled buffers. Returns the
+/// filled-segment channel, the free-buffer channel and the task (which yields `r` back).
 pub(super) fn spawn_reader<T: Raw>(
     dp: DataPlane,
     peer: NodeId,
     mut r: BoxRead,
     lens: Vec<usize>,
+    zero_copy: bool,
 ) -> (
     Filled<T>,
     tokio::sync::mpsc::Sender<Vec<T>>,
@@ -230,13 +309,25 @@ pub(super) fn spawn_reader<T: Raw>(
     let (tx, rx) = tokio::sync::mpsc::channel(READ_AHEAD);
     let (free_tx, mut free_rx) = tokio::sync::mpsc::channel::<Vec<T>>(READ_AHEAD + 2);
     let handle = tokio::spawn(async move {
+        let zero_copy = zero_copy && matches!(r, BoxRead::Quic(_));
         for len in lens {
-            let mut b = free_rx.try_recv().unwrap_or_default();
-            b.resize(len, T::default());
-            let res = dp
-                .read_segment(&mut r, &peer, bytes_of_mut(&mut b))
-                .await
-                .map(|()| b);
+            let res = if zero_copy {
+                let bytes = len * std::mem::size_of::<T>();
+                match dp.read_segment_chunks(&mut r, &peer, bytes).await {
+                    Ok(Some(chunks)) => Ok(Segment::Chunks(chunks)),
+                    Ok(None) => Err(DataPlaneError::Io {
+                        peer: peer.clone(),
+                        source: std::io::Error::other("not a QUIC link"),
+                    }),
+                    Err(e) => Err(e),
+                }
+            } else {
+                let mut b = free_rx.try_recv().unwrap_or_default();
+                b.resize(len, T::default());
+                dp.read_segment(&mut r, &peer, bytes_of_mut(&mut b))
+                    .await
+                    .map(|()| Segment::Owned(b))
+            };
             let failed = res.is_err();
             if tx.send(res).await.is_err() || failed {
                 return None;

@@ -49,7 +49,7 @@ impl DataPlane {
             let stream = Stream {
                 peer: link.peer,
                 service,
-                r: link.r,
+                r: Box::new(link.r),
                 w: link.w,
             };
             let _ = tx.send(stream).await;
@@ -99,7 +99,7 @@ impl DataPlane {
             Ok(Stream {
                 peer: link.peer,
                 service,
-                r: link.r,
+                r: Box::new(link.r),
                 w: link.w,
             })
         };

@@ -14,14 +14,63 @@ mod tls;
 use super::{DataPlane, DataPlaneError};
 use coordinator_free::NodeId;
 use libp2p::PeerId;
-use tokio::io::{AsyncRead, AsyncWrite};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Which transport carries the data plane: the core's [`coordinator_free::Transport`]
 /// (`quic`, the default, or `tcp`), the same type members announce in their addresses.
 pub use coordinator_free::Transport as DataTransport;
 
-/// The reading half of a link.
-pub(super) type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
+/// The reading half of a link: any byte stream (TCP), or a QUIC stream kept as itself so
+/// the ring can take quinn's received chunks without copying them
+/// ([`BoxRead::read_chunks_exact`]).
+pub(super) enum BoxRead {
+    /// A byte stream read through `AsyncRead` (TCP).
+    Stream(Box<dyn AsyncRead + Send + Unpin>),
+    /// A QUIC stream.
+    Quic(quinn::RecvStream),
+}
+
+impl AsyncRead for BoxRead {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            BoxRead::Stream(r) => Pin::new(r).poll_read(cx, buf),
+            BoxRead::Quic(r) => Pin::new(r).poll_read(cx, buf),
+        }
+    }
+}
+
+impl BoxRead {
+    /// Reads exactly `len` bytes as the chunks quinn received them in (no copy: each
+    /// chunk is a slice of a received datagram), or `None` without reading when this is
+    /// not a QUIC stream. At most `len` bytes are taken from the stream; a stream that ends
+    /// first is an `UnexpectedEof` error. The caller bounds the wait.
+    pub(super) async fn read_chunks_exact(
+        &mut self,
+        len: usize,
+    ) -> std::io::Result<Option<Vec<bytes::Bytes>>> {
+        let BoxRead::Quic(r) = self else {
+            return Ok(None);
+        };
+        let mut chunks = Vec::new();
+        let mut got = 0;
+        while got < len {
+            match r.read_chunk(len - got, true).await? {
+                Some(c) => {
+                    got += c.bytes.len();
+                    chunks.push(c.bytes);
+                }
+                None => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            }
+        }
+        Ok(Some(chunks))
+    }
+}
 /// The writing half of a link.
 pub(super) type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
 
@@ -78,7 +127,7 @@ impl DataPlane {
                     })?;
                     Ok(Link {
                         peer: peer.clone(),
-                        r: Box::new(r),
+                        r: BoxRead::Quic(r),
                         w: Box::new(w),
                     })
                 }
