@@ -8,7 +8,7 @@
 //! there, without a copy into a buffer of their own first.
 
 use super::element::{add_chunks, bytes_of, bytes_of_mut, Element, Raw};
-use super::transport::{BoxRead, Link};
+use super::transport::{read_chunks_exact, BoxRead, Link};
 use super::{DataPlane, DataPlaneError};
 use coordinator_free::collective::segments;
 use coordinator_free::NodeId;
@@ -167,25 +167,21 @@ impl DataPlane {
     }
 
     /// Reads one segment of `len` bytes from a QUIC `peer` as quinn's received chunks
-    /// (no copy), within the segment bound; records the rate. `None` (nothing read) when
-    /// the link is not QUIC.
+    /// (no copy), within the segment bound; records the rate.
     async fn read_segment_chunks(
         &self,
-        r: &mut BoxRead,
+        r: &mut quinn::RecvStream,
         peer: &NodeId,
         len: usize,
-    ) -> Result<Option<Vec<bytes::Bytes>>, DataPlaneError> {
+    ) -> Result<Vec<bytes::Bytes>, DataPlaneError> {
         let bound = self.segment_bound(len);
         let started = Instant::now();
-        let mut chunks = None;
+        let mut chunks = Vec::new();
         let res = tokio::time::timeout(bound, async {
-            chunks = r.read_chunks_exact(len).await?;
-            Ok::<(), std::io::Error>(())
+            chunks = read_chunks_exact(r, len).await?;
+            Ok(())
         })
         .await;
-        if chunks.is_none() && matches!(res, Ok(Ok(()))) {
-            return Ok(None);
-        }
         self.segment_read(res, peer, len, started, bound)?;
         Ok(chunks)
     }
@@ -309,24 +305,19 @@ pub(super) fn spawn_reader<T: Raw>(
     let (tx, rx) = tokio::sync::mpsc::channel(READ_AHEAD);
     let (free_tx, mut free_rx) = tokio::sync::mpsc::channel::<Vec<T>>(READ_AHEAD + 2);
     let handle = tokio::spawn(async move {
-        let zero_copy = zero_copy && matches!(r, BoxRead::Quic(_));
         for len in lens {
-            let res = if zero_copy {
-                let bytes = len * std::mem::size_of::<T>();
-                match dp.read_segment_chunks(&mut r, &peer, bytes).await {
-                    Ok(Some(chunks)) => Ok(Segment::Chunks(chunks)),
-                    Ok(None) => Err(DataPlaneError::Io {
-                        peer: peer.clone(),
-                        source: std::io::Error::other("not a QUIC link"),
-                    }),
-                    Err(e) => Err(e),
-                }
-            } else {
-                let mut b = free_rx.try_recv().unwrap_or_default();
-                b.resize(len, T::default());
-                dp.read_segment(&mut r, &peer, bytes_of_mut(&mut b))
+            let res = match &mut r {
+                BoxRead::Quic(q) if zero_copy => dp
+                    .read_segment_chunks(q, &peer, len * std::mem::size_of::<T>())
                     .await
-                    .map(|()| Segment::Owned(b))
+                    .map(Segment::Chunks),
+                r => {
+                    let mut b = free_rx.try_recv().unwrap_or_default();
+                    b.resize(len, T::default());
+                    dp.read_segment(r, &peer, bytes_of_mut(&mut b))
+                        .await
+                        .map(|()| Segment::Owned(b))
+                }
             };
             let failed = res.is_err();
             if tx.send(res).await.is_err() || failed {

@@ -24,7 +24,7 @@ pub use coordinator_free::Transport as DataTransport;
 
 /// The reading half of a link: any byte stream (TCP), or a QUIC stream kept as itself so
 /// the ring can take quinn's received chunks without copying them
-/// ([`BoxRead::read_chunks_exact`]).
+/// ([`read_chunks_exact`]).
 pub(super) enum BoxRead {
     /// A byte stream read through `AsyncRead` (TCP).
     Stream(Box<dyn AsyncRead + Send + Unpin>),
@@ -45,32 +45,28 @@ impl AsyncRead for BoxRead {
     }
 }
 
-impl BoxRead {
-    /// Reads exactly `len` bytes as the chunks quinn received them in (no copy: each
-    /// chunk is a slice of a received datagram), or `None` without reading when this is
-    /// not a QUIC stream. At most `len` bytes are taken from the stream; a stream that ends
-    /// first is an `UnexpectedEof` error. The caller bounds the wait.
-    pub(super) async fn read_chunks_exact(
-        &mut self,
-        len: usize,
-    ) -> std::io::Result<Option<Vec<bytes::Bytes>>> {
-        let BoxRead::Quic(r) = self else {
-            return Ok(None);
-        };
-        let mut chunks = Vec::new();
-        let mut got = 0;
-        while got < len {
-            match r.read_chunk(len - got, true).await? {
-                Some(c) => {
-                    got += c.bytes.len();
-                    chunks.push(c.bytes);
-                }
-                None => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+/// Reads exactly `len` bytes from a QUIC stream as the chunks quinn received them in (no
+/// copy: each chunk is a slice of a received datagram). At most `len` bytes are taken from
+/// the stream; a stream that ends first is an `UnexpectedEof` error. The caller bounds the
+/// wait.
+pub(super) async fn read_chunks_exact(
+    r: &mut quinn::RecvStream,
+    len: usize,
+) -> std::io::Result<Vec<bytes::Bytes>> {
+    let mut chunks = Vec::new();
+    let mut got = 0;
+    while got < len {
+        match r.read_chunk(len - got, true).await? {
+            Some(c) => {
+                got += c.bytes.len();
+                chunks.push(c.bytes);
             }
+            None => return Err(std::io::ErrorKind::UnexpectedEof.into()),
         }
-        Ok(Some(chunks))
     }
+    Ok(chunks)
 }
+
 /// The writing half of a link.
 pub(super) type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
 
