@@ -1,27 +1,57 @@
-//! The layers every model is made of: a linear map and a LayerNorm, in either of two weight
+//! The layers every model is made of: a linear map and a LayerNorm, in one of three weight
 //! layouts.
 //!
 //! - **Training layout**: the weights are the `VarStore`'s variables as `tch::nn` creates
 //!   them (`W` is `[out, in]`), and [`Linear::forward`] is `tch::nn::Linear`'s (`x·Wᵀ + b`
 //!   through `Tensor::linear`), so autograd sees the variables themselves.
-//! - **Packed layout** (serving): `Wᵀ` is stored pre-transposed (`[in, out]`, contiguous)
-//!   and the forward is one `addmm` that reads the weights in the order they are laid out
-//!   (measured 10–40% faster than multiplying by a transposed view at serving batch sizes).
+//! - **Rows layout** (serving f32 on a CPU with AVX-512F): `W` stays `[out, in]` as the
+//!   checkpoint has it; up to [`cpu_matmul::MAX_ROWS`] rows on one torch thread (a decode
+//!   step) go through [`cpu_matmul`], more rows (a prefill) through `Tensor::linear`, which
+//!   is MKL's blocked GEMM at the same speed as the transposed layout's from 32 rows up.
+//! - **Transposed layout** (serving anywhere else, or with `SHOAL_CPU_MATMUL=off`): `Wᵀ` is
+//!   stored pre-transposed (`[in, out]`, contiguous) and the forward is one `addmm` that reads
+//!   the weights in the order they are laid out (measured 10–40% faster than multiplying by a
+//!   transposed view at serving batch sizes).
 //!
-//! Both compute the same function of the same checkpoint tensors; they differ only in the
+//! All compute the same function of the same checkpoint tensors; they differ only in the
 //! order floating-point sums are taken (about 1e-7 relative).
 
-use tch::{nn, Tensor};
+use std::sync::OnceLock;
+
+use super::cpu_matmul;
+use tch::{nn, Device, Kind, Tensor};
 
 /// LayerNorm's epsilon (`tch::nn::LayerNormConfig`'s and PyTorch's default). 1e-5.
 pub const NORM_EPS: f64 = 1e-5;
 
+/// How a [`Linear`] holds its weights (see the module's documentation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Layout {
+    /// `W` `[out, in]`: `tch::nn::Linear`'s variables.
+    Training,
+    /// `W` `[out, in]` contiguous, f32 on the CPU, with [`cpu_matmul`] for few rows.
+    Rows,
+    /// `Wᵀ` `[in, out]` contiguous.
+    Transposed,
+}
+
 /// A linear map `x·Wᵀ + b`.
 pub struct Linear {
-    /// `W` (`[out, in]`) in the training layout, `Wᵀ` (`[in, out]`, contiguous) packed.
+    /// `W` (`[out, in]`) in the training and rows layouts, `Wᵀ` (`[in, out]`) transposed.
     w: Tensor,
     b: Option<Tensor>,
-    packed: bool,
+    layout: Layout,
+}
+
+/// Whether serving weights of `kind` on `device` keep the rows layout: f32 on a CPU whose
+/// cores have AVX-512F, unless the environment sets `SHOAL_CPU_MATMUL=off` (read once; for
+/// measuring the two layouts against each other). Default: on where the CPU allows it.
+pub fn rows_layout(kind: Kind, device: Device) -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    let on = *ON.get_or_init(|| {
+        cpu_matmul::available() && std::env::var("SHOAL_CPU_MATMUL").as_deref() != Ok("off")
+    });
+    on && kind == Kind::Float && device == Device::Cpu
 }
 
 impl Linear {
@@ -30,47 +60,100 @@ impl Linear {
         Linear {
             w: l.ws,
             b: l.bs,
-            packed: false,
+            layout: Layout::Training,
         }
     }
 
-    /// The packed layout from a checkpoint's `W` (`[out, in]`) and optional bias.
+    /// A serving layout from a checkpoint's `W` (`[out, in]`) and optional bias: the rows
+    /// layout where [`rows_layout`] says so (sharing `w`'s storage when it is contiguous),
+    /// else the transposed one.
     pub fn packed(w: &Tensor, b: Option<&Tensor>) -> Linear {
+        let b = b.map(Tensor::shallow_clone);
+        if rows_layout(w.kind(), w.device()) {
+            return Linear {
+                w: w.contiguous(),
+                b,
+                layout: Layout::Rows,
+            };
+        }
         Linear {
             w: w.tr().contiguous(),
-            b: b.map(Tensor::shallow_clone),
-            packed: true,
+            b,
+            layout: Layout::Transposed,
         }
     }
 
-    /// The packed layout from `Wᵀ` already laid out `[in, out]` (contiguous), and an
+    /// The transposed layout from `Wᵀ` already laid out `[in, out]` (contiguous), and an
     /// optional bias.
     pub fn from_transposed(wt: Tensor, b: Option<Tensor>) -> Linear {
         Linear {
             w: wt.contiguous(),
             b,
-            packed: true,
+            layout: Layout::Transposed,
         }
     }
 
     /// Input features.
     pub fn in_features(&self) -> i64 {
-        self.w.size()[if self.packed { 0 } else { 1 }]
+        self.w.size()[if self.layout == Layout::Transposed {
+            0
+        } else {
+            1
+        }]
     }
 
     /// `x·Wᵀ + b` over the last dimension of `x`.
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        if !self.packed {
+        match self.layout {
+            Layout::Training => x.linear(&self.w, self.b.as_ref()),
+            Layout::Rows => self.forward_rows(x),
+            Layout::Transposed => {
+                let Some(b) = &self.b else {
+                    return x.matmul(&self.w);
+                };
+                let mut size = x.size();
+                let k = *size.last().expect("a matrix");
+                let y = Tensor::addmm(b, &x.reshape([-1, k]), &self.w);
+                *size.last_mut().expect("a matrix") = self.w.size()[1];
+                y.view(size.as_slice())
+            }
+        }
+    }
+
+    /// The rows layout's forward: [`cpu_matmul`] for 1..=[`cpu_matmul::MAX_ROWS`] rows of
+    /// f32 on one torch thread without autograd, `Tensor::linear` otherwise.
+    fn forward_rows(&self, x: &Tensor) -> Tensor {
+        let (n, k) = (self.w.size()[0], self.w.size()[1]);
+        let rows = x.numel() / k.max(1) as usize;
+        if rows == 0
+            || rows > cpu_matmul::MAX_ROWS
+            || x.kind() != Kind::Float
+            || x.device() != Device::Cpu
+            || x.size().last() != Some(&k)
+            || x.requires_grad()
+            || tch::get_num_threads() != 1
+        {
             return x.linear(&self.w, self.b.as_ref());
         }
-        let Some(b) = &self.b else {
-            return x.matmul(&self.w);
-        };
+        let (ku, nu) = (k as usize, n as usize);
+        let x = x.contiguous();
         let mut size = x.size();
-        let k = *size.last().expect("a matrix");
-        let y = Tensor::addmm(b, &x.reshape([-1, k]), &self.w);
-        *size.last_mut().expect("a matrix") = self.w.size()[1];
-        y.view(size.as_slice())
+        *size.last_mut().expect("a matrix") = n;
+        let mut y = Tensor::empty(size.as_slice(), (Kind::Float, Device::Cpu));
+        // SAFETY: `x` and `y` are contiguous f32 CPU tensors of `rows·k` and `rows·n`
+        // elements (`y` fresh, so nothing else aliases it) and `w` is a contiguous f32 CPU
+        // tensor of `n·k` (the rows layout's invariant); all three live until the end of
+        // this function, past the slices' last use.
+        unsafe {
+            let xs = std::slice::from_raw_parts(x.data_ptr() as *const f32, rows * ku);
+            let ws = std::slice::from_raw_parts(self.w.data_ptr() as *const f32, nu * ku);
+            let ys = std::slice::from_raw_parts_mut(y.data_ptr() as *mut f32, rows * nu);
+            cpu_matmul::matmul_nt(xs, rows, ku, ws, nu, ys);
+        }
+        if let Some(b) = &self.b {
+            y += b;
+        }
+        y
     }
 }
 

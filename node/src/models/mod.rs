@@ -15,6 +15,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod cpu_matmul;
 pub mod decoder;
 pub mod gpt;
 pub mod hf;

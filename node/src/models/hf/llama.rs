@@ -18,7 +18,7 @@
 use super::config::{HfConfig, RopeScaling};
 use super::HfWeights;
 use crate::models::decoder::{Attention, Causal, Decoder, DecoderShape};
-use crate::models::layers::Linear;
+use crate::models::layers::{rows_layout, Linear};
 use crate::models::StageError;
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -366,17 +366,29 @@ impl HfDecoder {
                 b.as_ref(),
             )));
         };
-        // `Wᵀ` of the concatenated maps, filled a chunk of rows at a time.
+        // The concatenated maps in the serving layout (`W` in the rows layout, else `Wᵀ`),
+        // filled a chunk of rows at a time.
         let total = names.iter().map(|(_, o)| o).sum::<i64>();
-        let dst = Tensor::empty([input, total], (self.kind, *device));
+        let rows = rows_layout(self.kind, *device);
+        let shape = if rows { [total, input] } else { [input, total] };
+        let dst = Tensor::empty(shape, (self.kind, *device));
         let mut off = 0;
         for (n, out) in names {
             self.read_matrix(w, &format!("{n}.weight"), *out, input, |r0, t| {
-                dst.narrow(1, off + r0, t.size()[0]).copy_(&t.tr());
+                let len = t.size()[0];
+                if rows {
+                    dst.narrow(0, off + r0, len).copy_(t);
+                } else {
+                    dst.narrow(1, off + r0, len).copy_(&t.tr());
+                }
             })?;
             off += out;
         }
-        Ok(Proj::Packed(Linear::from_transposed(dst, b)))
+        Ok(Proj::Packed(if rows {
+            Linear::packed(&dst, b.as_ref())
+        } else {
+            Linear::from_transposed(dst, b)
+        }))
     }
 
     fn load_block(
@@ -485,13 +497,17 @@ impl Decoder for HfDecoder {
         }
         if layers.end == self.cfg.layers && self.head.is_none() {
             self.norm = Some(self.norm(get, NORM, d)?);
-            let head = if self.cfg.tie_word_embeddings {
-                EMBED
-            } else {
-                HEAD
-            };
-            self.head =
-                Some(self.linear(get, &[(head.trim_end_matches(".weight"), v)], d, false)?);
+            self.head = Some(match (&self.embed, self.cfg.tie_word_embeddings) {
+                // Tied, in the rows layout, on a stage that holds the embeddings: the head
+                // is the embedding matrix itself (one copy of `[vocab, hidden]`, not two).
+                (Some(e), true) if rows_layout(e.kind(), e.device()) => {
+                    Proj::Packed(Linear::packed(e, None))
+                }
+                (_, tied) => {
+                    let head = if tied { EMBED } else { HEAD };
+                    self.linear(get, &[(head.trim_end_matches(".weight"), v)], d, false)?
+                }
+            });
         }
         Ok(())
     }

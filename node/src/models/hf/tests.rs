@@ -53,6 +53,19 @@ fn reference(dir: &Path) -> Reference {
     }
 }
 
+/// Runs `f` on the calling thread's torch settings and again on a thread computing with one
+/// torch thread: on a CPU with AVX-512F the second takes the rows layout's kernel
+/// ([`crate::models::cpu_matmul`]) for every map of up to `MAX_ROWS` rows, the first MKL's.
+fn on_both_paths(f: fn()) {
+    f();
+    std::thread::spawn(move || {
+        tch::set_num_threads(1);
+        f();
+    })
+    .join()
+    .expect("the one-thread run passes");
+}
+
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "lengths");
     a.iter()
@@ -161,6 +174,10 @@ fn splits(layers: usize) -> Vec<Vec<usize>> {
 /// transformers' logits.
 #[test]
 fn a_whole_forward_matches_transformers() {
+    on_both_paths(a_whole_forward_matches_transformers_once);
+}
+
+fn a_whole_forward_matches_transformers_once() {
     for arch in ARCHS {
         let dir = fixture(arch);
         let r = reference(&dir);
@@ -214,6 +231,10 @@ fn cfg_vocab(d: &HfDecoder) -> i64 {
 /// against transformers' logits at that position.
 #[test]
 fn kv_cached_stages_match_transformers() {
+    on_both_paths(kv_cached_stages_match_transformers_once);
+}
+
+fn kv_cached_stages_match_transformers_once() {
     for arch in ARCHS {
         let dir = fixture(arch);
         let r = reference(&dir);
@@ -345,6 +366,10 @@ fn stages_load_only_their_layers() {
 /// two, equal transformers' `generate(do_sample=False)`.
 #[test]
 fn greedy_generation_matches_transformers() {
+    on_both_paths(greedy_generation_matches_transformers_once);
+}
+
+fn greedy_generation_matches_transformers_once() {
     for arch in ARCHS {
         let dir = fixture(arch);
         let r = reference(&dir);
