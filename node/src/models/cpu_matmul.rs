@@ -37,38 +37,89 @@ pub fn available() -> bool {
     }
 }
 
-/// `y = x·Wᵀ`: `x` is `rows × k`, `w` is `n × k` and `y` is `rows × n`, all row-major.
+/// Fewest outputs a thread is given when [`matmul_nt`] splits the work (below it, starting
+/// a thread costs more than it saves): 64.
+const MIN_OUTPUTS_PER_THREAD: usize = 64;
+
+/// `y = x·Wᵀ` on up to `threads` threads: `x` is `rows × k`, `w` is `n × k` and `y` is
+/// `rows × n`, all row-major. The outputs are split into `threads` ranges (multiples of 8,
+/// at least [`MIN_OUTPUTS_PER_THREAD`] each), the first computed on the calling thread and
+/// the others on rayon's pool (whose threads sleep between calls; a scoped thread per call
+/// cost 20-30 µs each, about 8% of a one-row decode step on two threads).
 ///
 /// # Panics
 /// If a slice's length does not match its shape or the CPU lacks AVX-512F (check
 /// [`available`] first): both are the caller's bugs, never data-dependent.
-pub fn matmul_nt(x: &[f32], rows: usize, k: usize, w: &[f32], n: usize, y: &mut [f32]) {
+pub fn matmul_nt(
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    w: &[f32],
+    n: usize,
+    y: &mut [f32],
+    threads: usize,
+) {
     assert_eq!(x.len(), rows * k, "x is rows × k");
     assert_eq!(w.len(), n * k, "w is n × k");
     assert_eq!(y.len(), rows * n, "y is rows × n");
     assert!(available(), "the kernel needs AVX-512F");
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: AVX-512F is present (checked above) and every pointer the kernel forms stays
-    // within the slices, whose shapes were checked above (prefetches use wrapping
-    // arithmetic and never dereference).
-    unsafe {
-        let (x, w, y) = (x.as_ptr(), w.as_ptr(), y.as_mut_ptr());
-        // Outputs NT at a time, NT chosen so a tile has at most 16 accumulators; beyond 8
-        // rows, each pair of outputs against every block of 8 rows while its weights
-        // (2 × k floats) are still in L1.
-        match rows {
-            0 => {}
-            1 | 2 => columns::<8>(rows, x, k, w, y, n),
-            3 | 4 => columns::<4>(rows, x, k, w, y, n),
-            _ => columns::<2>(rows, x, k, w, y, n),
+    let parts = threads.clamp(1, (n / MIN_OUTPUTS_PER_THREAD).max(1));
+    let per = n.div_ceil(parts).next_multiple_of(8);
+    let out = Out(y.as_mut_ptr());
+    let run = move |part: usize| {
+        let (j0, j1) = ((part * per).min(n), ((part + 1) * per).min(n));
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX-512F is present (checked above); every pointer the kernel forms stays
+        // within the slices, whose shapes were checked above (prefetches use wrapping
+        // arithmetic and never dereference); parts write disjoint output columns
+        // `j0..j1` of `y`, which outlives the scope below.
+        unsafe {
+            let (x, w, y) = (x.as_ptr(), w.as_ptr(), out.get());
+            // Outputs NT at a time, NT chosen so a tile has at most 16 accumulators; beyond
+            // 8 rows, each pair of outputs against every block of 8 rows while its weights
+            // (2 × k floats) are still in L1.
+            match rows {
+                0 => {}
+                1 | 2 => columns::<8>(rows, x, k, w, y, n, j0..j1),
+                3 | 4 => columns::<4>(rows, x, k, w, y, n, j0..j1),
+                _ => columns::<2>(rows, x, k, w, y, n, j0..j1),
+            }
         }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (j0, j1, out);
+    };
+    if parts == 1 {
+        return run(0);
     }
+    rayon::in_place_scope(|s| {
+        for part in 1..parts {
+            s.spawn(move |_| run(part));
+        }
+        run(0);
+    });
 }
 
-/// Every output, `NT` at a time (the last few one at a time), against each block of up to 8
-/// rows.
+/// The output matrix's pointer, shared by the threads of one [`matmul_nt`] call, each of
+/// which writes its own columns.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+
+impl Out {
+    /// The pointer (a method, so closures capture the whole `Out`, which is `Send`).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+// SAFETY: the threads write disjoint elements and the scope joins them before `y`'s borrow
+// ends.
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+/// Outputs `cols`, `NT` at a time (the last few one at a time), against each block of up to
+/// 8 rows.
 ///
-/// Safety: AVX-512F; `x` is `rows × k`, `w` is `n × k`, `y` is `rows × n`.
+/// Safety: AVX-512F; `x` is `rows × k`, `w` is `n × k`, `y` is `rows × n`, `cols` within
+/// `0..n`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn columns<const NT: usize>(
@@ -78,10 +129,11 @@ unsafe fn columns<const NT: usize>(
     w: *const f32,
     y: *mut f32,
     n: usize,
+    cols: std::ops::Range<usize>,
 ) {
-    let mut j = 0;
-    while j < n {
-        let whole = n - j >= NT;
+    let mut j = cols.start;
+    while j < cols.end {
+        let whole = cols.end - j >= NT;
         let mut r = 0;
         while r < rows {
             let m = (rows - r).min(8);
@@ -190,8 +242,9 @@ mod tests {
             .collect()
     }
 
-    /// Every row count up to past a block of 8, odd output counts (the single-output tile)
-    /// and input widths off the 16-lane grid (the masked tail) equal an f64 reference.
+    /// Every row count up to past a block of 8, odd output counts (the single-output tile),
+    /// input widths off the 16-lane grid (the masked tail) and outputs split over 1-3
+    /// threads equal an f64 reference.
     #[test]
     fn matches_reference_on_every_shape_edge() {
         if !available() {
@@ -206,22 +259,31 @@ mod tests {
             (9, 100, 3),
             (17, 768, 31),
             (24, 2048, 6),
+            (5, 40, 200),
+            (1, 768, 1000),
         ] {
             let x = fill(rows * k, 1 + rows as u64);
             let w = fill(n * k, 2 + k as u64);
-            let mut y = vec![f32::NAN; rows * n];
-            matmul_nt(&x, rows, k, &w, n, &mut y);
-            for r in 0..rows {
-                for c in 0..n {
-                    let want: f64 = (0..k)
-                        .map(|i| x[r * k + i] as f64 * w[c * k + i] as f64)
-                        .sum();
-                    let got = y[r * n + c] as f64;
-                    assert!(
-                        (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                        "rows {rows} k {k} n {n} at ({r}, {c}): {got} vs {want}"
-                    );
+            let check = |y: &[f32], threads: usize| {
+                for r in 0..rows {
+                    for c in 0..n {
+                        let want: f64 = (0..k)
+                            .map(|i| x[r * k + i] as f64 * w[c * k + i] as f64)
+                            .sum();
+                        let got = y[r * n + c] as f64;
+                        assert!(
+                            (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                            "rows {rows} k {k} n {n} on {threads} threads at ({r}, {c}): \
+                             {got} vs {want}"
+                        );
+                    }
                 }
+            };
+            let mut y = vec![f32::NAN; rows * n];
+            for threads in [1, 2, 3] {
+                y.fill(f32::NAN);
+                matmul_nt(&x, rows, k, &w, n, &mut y, threads);
+                check(&y, threads);
             }
         }
     }

@@ -5,9 +5,10 @@
 //!   them (`W` is `[out, in]`), and [`Linear::forward`] is `tch::nn::Linear`'s (`x·Wᵀ + b`
 //!   through `Tensor::linear`), so autograd sees the variables themselves.
 //! - **Rows layout** (serving f32 on a CPU with AVX-512F): `W` stays `[out, in]` as the
-//!   checkpoint has it; up to [`cpu_matmul::MAX_ROWS`] rows on one torch thread (a decode
-//!   step) go through [`cpu_matmul`], more rows (a prefill) through `Tensor::linear`, which
-//!   is MKL's blocked GEMM at the same speed as the transposed layout's from 32 rows up.
+//!   checkpoint has it; up to [`cpu_matmul::MAX_ROWS`] rows (a decode step) go through
+//!   [`cpu_matmul`] on torch's thread count, more rows (a prefill) through `Tensor::linear`,
+//!   which is MKL's blocked GEMM at the same speed as the transposed layout's from 32 rows
+//!   up.
 //! - **Transposed layout** (serving anywhere else, or with `SHOAL_CPU_MATMUL=off`): `Wᵀ` is
 //!   stored pre-transposed (`[in, out]`, contiguous) and the forward is one `addmm` that reads
 //!   the weights in the order they are laid out (measured 10–40% faster than multiplying by a
@@ -51,7 +52,20 @@ pub fn rows_layout(kind: Kind, device: Device) -> bool {
     let on = *ON.get_or_init(|| {
         cpu_matmul::available() && std::env::var("SHOAL_CPU_MATMUL").as_deref() != Ok("off")
     });
-    on && kind == Kind::Float && device == Device::Cpu
+    on && kind == Kind::Float && device == Device::Cpu && !transposed_forced()
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Tests set this to build the transposed layout on a CPU that would get the rows one.
+    pub(crate) static FORCE_TRANSPOSED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+fn transposed_forced() -> bool {
+    #[cfg(test)]
+    return FORCE_TRANSPOSED.with(|f| f.get());
+    #[cfg(not(test))]
+    false
 }
 
 impl Linear {
@@ -120,8 +134,9 @@ impl Linear {
         }
     }
 
-    /// The rows layout's forward: [`cpu_matmul`] for 1..=[`cpu_matmul::MAX_ROWS`] rows of
-    /// f32 on one torch thread without autograd, `Tensor::linear` otherwise.
+    /// The rows layout's forward: [`cpu_matmul`] (on as many threads as torch computes with
+    /// on this thread) for 1..=[`cpu_matmul::MAX_ROWS`] rows of f32 without autograd,
+    /// `Tensor::linear` otherwise.
     fn forward_rows(&self, x: &Tensor) -> Tensor {
         let (n, k) = (self.w.size()[0], self.w.size()[1]);
         let rows = x.numel() / k.max(1) as usize;
@@ -131,11 +146,11 @@ impl Linear {
             || x.device() != Device::Cpu
             || x.size().last() != Some(&k)
             || x.requires_grad()
-            || tch::get_num_threads() != 1
         {
             return x.linear(&self.w, self.b.as_ref());
         }
         let (ku, nu) = (k as usize, n as usize);
+        let threads = tch::get_num_threads().max(1) as usize;
         let x = x.contiguous();
         let mut size = x.size();
         *size.last_mut().expect("a matrix") = n;
@@ -148,7 +163,7 @@ impl Linear {
             let xs = std::slice::from_raw_parts(x.data_ptr() as *const f32, rows * ku);
             let ws = std::slice::from_raw_parts(self.w.data_ptr() as *const f32, nu * ku);
             let ys = std::slice::from_raw_parts_mut(y.data_ptr() as *mut f32, rows * nu);
-            cpu_matmul::matmul_nt(xs, rows, ku, ws, nu, ys);
+            cpu_matmul::matmul_nt(xs, rows, ku, ws, nu, ys, threads);
         }
         if let Some(b) = &self.b {
             y += b;

@@ -517,31 +517,40 @@ fn python_baseline_is_the_same_gpt() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A serving linear map (either layout this CPU gives it) equals `Tensor::linear` for row
-/// counts on both sides of the kernel's limit, with and without a bias, on one torch thread
-/// (where few rows take [`super::cpu_matmul`]) and on the default count.
+/// A serving linear map (the rows layout where this CPU allows it, and the transposed one)
+/// equals `Tensor::linear` for row counts on both sides of the kernel's limit, with and
+/// without a bias, on torch's default thread count and on one thread.
 #[test]
 fn serving_linear_maps_equal_the_training_forward() {
     use super::cpu_matmul::MAX_ROWS;
-    use super::layers::Linear;
+    use super::layers::{Linear, FORCE_TRANSPOSED};
     let check = || {
         tch::manual_seed(7);
-        let w = Tensor::randn([37, 50], (tch::Kind::Float, tch::Device::Cpu));
-        let b = Tensor::randn([37], (tch::Kind::Float, tch::Device::Cpu));
-        for bias in [None, Some(&b)] {
-            let l = Linear::packed(&w, bias);
-            assert_eq!(l.in_features(), 50);
-            for rows in [1, 3, 8, 9, MAX_ROWS as i64, MAX_ROWS as i64 + 1, 70] {
-                let x = Tensor::randn([rows, 1, 50], (tch::Kind::Float, tch::Device::Cpu));
-                let want = x.linear(&w, bias);
-                let got = tch::no_grad(|| l.forward(&x));
-                assert_eq!(got.size(), want.size());
-                let d = (got - want).abs().max().double_value(&[]);
-                assert!(d <= 1e-5, "{rows} rows, bias {}: |Δ| {d}", bias.is_some());
+        let w = Tensor::randn([300, 50], (tch::Kind::Float, tch::Device::Cpu));
+        let b = Tensor::randn([300], (tch::Kind::Float, tch::Device::Cpu));
+        for transposed in [false, true] {
+            FORCE_TRANSPOSED.with(|f| f.set(transposed));
+            for bias in [None, Some(&b)] {
+                let l = Linear::packed(&w, bias);
+                assert_eq!(l.in_features(), 50);
+                for rows in [1, 3, 8, 9, MAX_ROWS as i64, MAX_ROWS as i64 + 1, 70] {
+                    let x = Tensor::randn([rows, 1, 50], (tch::Kind::Float, tch::Device::Cpu));
+                    let want = x.linear(&w, bias);
+                    let got = tch::no_grad(|| l.forward(&x));
+                    assert_eq!(got.size(), want.size());
+                    let d = (got - want).abs().max().double_value(&[]);
+                    assert!(
+                        d <= 1e-5,
+                        "{rows} rows, bias {}, transposed {transposed}: |Δ| {d}",
+                        bias.is_some()
+                    );
+                }
             }
         }
     };
-    check();
+    std::thread::spawn(check)
+        .join()
+        .expect("the default-thread run passes");
     std::thread::spawn(move || {
         tch::set_num_threads(1);
         check();

@@ -53,10 +53,11 @@ fn reference(dir: &Path) -> Reference {
     }
 }
 
-/// Runs `f` on the calling thread's torch settings and again on a thread computing with one
-/// torch thread: on a CPU with AVX-512F the second takes the rows layout's kernel
-/// ([`crate::models::cpu_matmul`]) for every map of up to `MAX_ROWS` rows, the first MKL's.
-fn on_both_paths(f: fn()) {
+/// Runs `f` three ways: on the calling thread's torch settings, on a thread computing with
+/// one torch thread, and on a thread whose serving maps take the transposed layout. On a CPU
+/// with AVX-512F the first two run few-row maps through [`crate::models::cpu_matmul`]
+/// (split over torch's threads, then on one) and the third through MKL's `addmm`.
+fn on_every_path(f: fn()) {
     f();
     std::thread::spawn(move || {
         tch::set_num_threads(1);
@@ -64,6 +65,12 @@ fn on_both_paths(f: fn()) {
     })
     .join()
     .expect("the one-thread run passes");
+    std::thread::spawn(move || {
+        crate::models::layers::FORCE_TRANSPOSED.with(|t| t.set(true));
+        f();
+    })
+    .join()
+    .expect("the transposed-layout run passes");
 }
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
@@ -174,7 +181,7 @@ fn splits(layers: usize) -> Vec<Vec<usize>> {
 /// transformers' logits.
 #[test]
 fn a_whole_forward_matches_transformers() {
-    on_both_paths(a_whole_forward_matches_transformers_once);
+    on_every_path(a_whole_forward_matches_transformers_once);
 }
 
 fn a_whole_forward_matches_transformers_once() {
@@ -231,7 +238,7 @@ fn cfg_vocab(d: &HfDecoder) -> i64 {
 /// against transformers' logits at that position.
 #[test]
 fn kv_cached_stages_match_transformers() {
-    on_both_paths(kv_cached_stages_match_transformers_once);
+    on_every_path(kv_cached_stages_match_transformers_once);
 }
 
 fn kv_cached_stages_match_transformers_once() {
@@ -366,7 +373,7 @@ fn stages_load_only_their_layers() {
 /// two, equal transformers' `generate(do_sample=False)`.
 #[test]
 fn greedy_generation_matches_transformers() {
-    on_both_paths(greedy_generation_matches_transformers_once);
+    on_every_path(greedy_generation_matches_transformers_once);
 }
 
 fn greedy_generation_matches_transformers_once() {
