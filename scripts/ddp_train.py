@@ -145,6 +145,10 @@ def worker(rank, a, port, queue):
             model = mlp(a.features, a.hidden, a.classes)
         nparams = sum(p.numel() for p in model.parameters() if p.requires_grad)
         ddp = DDP(model)
+        if a.compress == "bf16":
+            # Gradients travel in bf16 and are summed back in f32 (PyTorch's own hook).
+            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+            ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
         opt = torch.optim.AdamW([p for p in ddp.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.01)
 
         b = local_batch(a.batch, a.nodes, rank)
@@ -191,6 +195,8 @@ def main():
     p.add_argument("--model", choices=["gpt", "mlp", "hf"], default="gpt")
     p.add_argument("--hf", help="the model folder of --model hf")
     p.add_argument("--lora-rank", type=int, default=0, help="--model hf: LoRA of this rank")
+    p.add_argument("--compress", choices=["none", "bf16"], default="none",
+                   help="gradients on the wire: none (f32) or bf16 (DDP's bf16_compress_hook)")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--width", type=int, default=128)

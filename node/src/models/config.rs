@@ -41,6 +41,12 @@ pub struct ModelConfig {
     /// model is offered, [`super::hf::ServeDtype`]). Default (absent): f32.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dtype: Option<String>,
+    /// `gpt`, `hf`: each layer's weights in bytes, the head's added to the last layer (not
+    /// the embeddings: a lookup): what a decode step streams through it, the pipeline
+    /// planner's work per layer ([`Self::layer_work`]). Default (absent, as announced by
+    /// older nodes): empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layer_weights: Vec<u64>,
 }
 
 impl ModelConfig {
@@ -57,6 +63,17 @@ impl ModelConfig {
     /// Whether it generates tokens (`/v1/completions`): a `gpt` or an `hf` decoder.
     pub fn is_lm(&self) -> bool {
         self.kind == "gpt" || self.kind == "hf"
+    }
+
+    /// Each layer's work per token for the pipeline planner: [`Self::layer_weights`] (a
+    /// decode step streams every weight once; on the ~150 M Llama the head is 3.5 blocks'
+    /// worth, which a planner counting layers alone left on the last stage), or 1 per layer
+    /// where they are absent or do not match the layers.
+    pub fn layer_work(&self) -> Vec<u64> {
+        if self.layer_weights.len() == self.layer_bytes.len() {
+            return self.layer_weights.iter().map(|&w| w.max(1)).collect();
+        }
+        vec![1; self.layer_bytes.len()]
     }
 
     /// Whether its tokens are bytes, so that generated tokens are text (a `gpt`).
@@ -208,6 +225,7 @@ pub fn describe_with(path: &Path, hf: HfServe) -> Result<ModelConfig, StageError
             params,
             layer_bytes: vec![bytes.max(params * 4)],
             dtype: None,
+            layer_weights: Vec::new(),
         });
     }
     let c = checkpoint::read(path).map_err(|e| unrecognised(path, e))?;
@@ -246,6 +264,7 @@ pub fn describe_with(path: &Path, hf: HfServe) -> Result<ModelConfig, StageError
             params,
             layer_bytes: vec![params * 4],
             dtype: None,
+            layer_weights: Vec::new(),
         }),
         other => Err(bad(&format!("cannot serve a `{other}` checkpoint"))),
     }
@@ -272,6 +291,10 @@ fn gpt_config(
         .collect();
     layer_bytes[0] += (numel("tok.") + numel("pos.")) * 4;
     layer_bytes[l as usize - 1] += (numel("ln_f.") + numel("head.")) * 4;
+    let mut layer_weights: Vec<u64> = (0..l)
+        .map(|i| numel(&gpt::block_prefix(i as usize)) * 4)
+        .collect();
+    layer_weights[l as usize - 1] += numel("head.") * 4;
     Ok(ModelConfig {
         kind: "gpt".into(),
         layers: l as u32,
@@ -282,5 +305,6 @@ fn gpt_config(
         params,
         layer_bytes,
         dtype: None,
+        layer_weights,
     })
 }

@@ -558,3 +558,28 @@ fn serving_linear_maps_equal_the_training_forward() {
     .join()
     .expect("the one-thread run passes");
 }
+
+/// The planner's work per layer: the announced layer weights (the head on the last layer),
+/// or one per layer when a config has none (an older node's announcement, other kinds).
+#[test]
+fn layer_work_is_the_layer_weights_with_the_head() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/qwen2");
+    let (cfg, _) = super::hf::open(&dir).unwrap();
+    let mut mc = super::hf::model_config(&cfg, tch::Kind::Float);
+    let (l, block) = (cfg.layers, cfg.block_params() * 4);
+    let head = (cfg.vocab * cfg.hidden) as u64 * 4;
+    let mut want = vec![block; l];
+    want[l - 1] += head;
+    assert_eq!(mc.layer_work(), want, "tied: the embeddings are the head");
+    let json = serde_json::to_string(&mc).unwrap();
+    let mut older: serde_json::Value = serde_json::from_str(&json).unwrap();
+    older.as_object_mut().unwrap().remove("layer_weights");
+    let older: ModelConfig = serde_json::from_value(older).unwrap();
+    assert_eq!(older.layer_work(), vec![1; l]);
+    mc.layer_weights.pop();
+    assert_eq!(
+        mc.layer_work(),
+        vec![1; l],
+        "a mismatched length is ignored"
+    );
+}

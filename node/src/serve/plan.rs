@@ -90,7 +90,8 @@ impl Server {
         let layers: Vec<LayerCost> = cfg
             .layer_bytes
             .iter()
-            .map(|&bytes| LayerCost { bytes, work: 1 })
+            .zip(cfg.layer_work())
+            .map(|(&bytes, work)| LayerCost { bytes, work })
             .collect();
         let pcfg = PlanConfig {
             min_stages: stages as usize,

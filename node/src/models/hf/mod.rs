@@ -192,6 +192,9 @@ pub fn model_config(cfg: &HfConfig, kind: tch::Kind) -> ModelConfig {
     let mut layer_bytes = vec![(block + kv) * elem; cfg.layers];
     layer_bytes[0] += v * d * elem;
     layer_bytes[cfg.layers - 1] += (d + v * d) * elem;
+    // The head is a product with every row whether or not it is tied.
+    let mut layer_weights = vec![block * elem; cfg.layers];
+    layer_weights[cfg.layers - 1] += v * d * elem;
     ModelConfig {
         kind: "hf".into(),
         layers: cfg.layers as u32,
@@ -202,6 +205,7 @@ pub fn model_config(cfg: &HfConfig, kind: tch::Kind) -> ModelConfig {
         params: l * block + v * d + head + d,
         layer_bytes,
         dtype: Some(kind_name(kind).into()),
+        layer_weights,
     }
 }
 

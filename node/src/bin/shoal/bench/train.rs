@@ -61,6 +61,10 @@ pub struct TrainArgs {
     /// auto (the first CUDA device when there is one, else the CPU).
     #[arg(long, default_value = "auto")]
     device: DeviceSpec,
+    /// Job key `[sync] compression`: the gradients' payload on the wire, none (f32), bf16
+    /// or int8 (with error feedback). Default: none.
+    #[arg(long, default_value = "none")]
+    compression: String,
     /// Job key `precision`: f32 or bf16. Default: f32.
     #[arg(long, default_value = "f32")]
     precision: Precision,
@@ -164,6 +168,8 @@ lr = 0.001
 weight_decay = 0.01
 schedule = "constant"
 grad_clip = 0.0
+[sync]
+compression = "{compression}"
 "#,
         total = a.warmup + a.steps,
         batch = a.batch,
@@ -172,6 +178,7 @@ grad_clip = 0.0
         balance = !a.no_balance,
         device = a.device,
         precision = a.precision,
+        compression = a.compression,
         // An hf model's evaluation after the last step is slow and untimed: a few sequences.
         eval_fraction = if a.hf.is_some() { 0.002 } else { 0.01 },
         out = dir.join("runs").display(),
@@ -225,6 +232,7 @@ fn summarize(a: &TrainArgs, spec: &JobSpec) -> Result<serde_json::Value, Failure
     Ok(
         serde_json::json!({"impl": "shoal", "nodes": a.nodes, "threads": a.threads, "model": model,
         "width": a.width, "device": a.device.to_string(), "precision": a.precision,
+        "compression": a.compression,
         "balance": !a.no_balance, "batch": a.batch, "context": a.context, "steps": timed,
         "step_ms": secs * 1e3 / timed as f64, "samples_per_s": samples_per_s,
         "tokens_per_s": samples_per_s * a.context as f64,
