@@ -1,15 +1,17 @@
-//! `x·Wᵀ` for the few rows of a decode step on one CPU core: an AVX-512 kernel that reads
-//! `W` in its checkpoint layout (`[out, in]`, each output's weights contiguous).
+//! `x·Wᵀ` for the few rows of a decode step on the CPU: an AVX-512 kernel that reads `W` in
+//! its checkpoint layout (`[out, in]`, each output's weights contiguous), its outputs split
+//! over the caller's thread count.
 //!
 //! A decode step multiplies 1–16 rows (one per request in the batch) by every weight
 //! matrix, so it is a stream over the weights with little arithmetic per byte. MKL's sgemm
 //! (libtorch's CPU matmul) costs 2.2–3× its one-row time at 8 rows on this work; this kernel
 //! lets up to 8 rows share each weight load: a tile is 2 outputs × 8 rows, 16 AVX-512
-//! accumulators over the input dimension (2 rows: 8 outputs each), with the weights
-//! prefetched ahead. Measured on the ~150 M Llama's maps (16 blocks and the head, one core,
-//! this machine drifting ±20%): 8 rows 47–65 ms against MKL's 75–93 ms, 1 row 29–39 ms
-//! against MKL's 28–33 ms. Above [`MAX_ROWS`] MKL's blocked GEMM wins and the caller uses
-//! it.
+//! accumulators over the input dimension (1–2 rows: 8 outputs a tile, 3–4 rows: 4), with the
+//! weights prefetched ahead. Measured on the ~150 M Llama's maps (16 blocks and the head,
+//! one core, this machine drifting ±20%): 8 rows 41–56 ms against MKL's 75–93 ms, 1 row 32–40 ms
+//! against MKL's 28–33 ms (served end to end, one request decodes at MKL's speed: 40.7–45.1
+//! against 36.2–45.2 ms per token). Above [`MAX_ROWS`] MKL's blocked GEMM wins and the
+//! caller uses it.
 //!
 //! Sums are taken in another order than MKL's (≈1e-7 relative in f32).
 
@@ -17,8 +19,8 @@
 use std::arch::x86_64::*;
 
 /// Most rows the kernel is used for: 16. Above it MKL's blocked GEMM is faster (the ~150 M
-/// Llama's maps on one core: at 16 rows both take 90-115 ms, at 32 rows MKL 113-135 ms
-/// against the kernel's 170-195 ms).
+/// Llama's maps on one core: at 16 rows both take 88-116 ms, at 32 rows MKL 113-145 ms
+/// against the kernel's 169-196 ms).
 pub const MAX_ROWS: usize = 16;
 
 /// Weights prefetched this many floats ahead of the loads (4 KiB; at 8 rows 1024 beat 512,
