@@ -67,28 +67,33 @@ pub fn matmul_nt(
     assert!(available(), "the kernel needs AVX-512F");
     let parts = threads.clamp(1, (n / MIN_OUTPUTS_PER_THREAD).max(1));
     let per = n.div_ceil(parts).next_multiple_of(8);
-    let out = Out(y.as_mut_ptr());
+    let op = Operands {
+        x: x.as_ptr(),
+        k,
+        w: w.as_ptr(),
+        y: y.as_mut_ptr(),
+        n,
+    };
     let run = move |part: usize| {
-        let (j0, j1) = ((part * per).min(n), ((part + 1) * per).min(n));
+        let cols = (part * per).min(n)..((part + 1) * per).min(n);
         #[cfg(target_arch = "x86_64")]
         // SAFETY: AVX-512F is present (checked above); every pointer the kernel forms stays
         // within the slices, whose shapes were checked above (prefetches use wrapping
-        // arithmetic and never dereference); parts write disjoint output columns
-        // `j0..j1` of `y`, which outlives the scope below.
+        // arithmetic and never dereference); parts write disjoint output columns `cols`
+        // of `y`, which outlives the scope below.
         unsafe {
-            let (x, w, y) = (x.as_ptr(), w.as_ptr(), out.get());
             // Outputs NT at a time, NT chosen so a tile has at most 16 accumulators; beyond
             // 8 rows, each pair of outputs against every block of 8 rows while its weights
             // (2 × k floats) are still in L1.
             match rows {
                 0 => {}
-                1 | 2 => columns::<8>(rows, x, k, w, y, n, j0..j1),
-                3 | 4 => columns::<4>(rows, x, k, w, y, n, j0..j1),
-                _ => columns::<2>(rows, x, k, w, y, n, j0..j1),
+                1 | 2 => columns::<8>(rows, op, cols),
+                3 | 4 => columns::<4>(rows, op, cols),
+                _ => columns::<2>(rows, op, cols),
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
-        let _ = (j0, j1, out);
+        let _ = (cols, op);
     };
     if parts == 1 {
         return run(0);
@@ -101,49 +106,54 @@ pub fn matmul_nt(
     });
 }
 
-/// The output matrix's pointer, shared by the threads of one [`matmul_nt`] call, each of
-/// which writes its own columns.
+/// One product's operands as [`matmul_nt`] checked them: `x` (`· × k`), `w` (`n × k`) and
+/// `y` (`· × n`), row-major, shared by the threads of one call, each of which writes its
+/// own output columns.
 #[derive(Clone, Copy)]
-struct Out(*mut f32);
-
-impl Out {
-    /// The pointer (a method, so closures capture the whole `Out`, which is `Send`).
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-// SAFETY: the threads write disjoint elements and the scope joins them before `y`'s borrow
-// ends.
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
-
-/// Outputs `cols`, `NT` at a time (the last few one at a time), against each block of up to
-/// 8 rows.
-///
-/// Safety: AVX-512F; `x` is `rows × k`, `w` is `n × k`, `y` is `rows × n`, `cols` within
-/// `0..n`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn columns<const NT: usize>(
-    rows: usize,
+struct Operands {
     x: *const f32,
     k: usize,
     w: *const f32,
     y: *mut f32,
     n: usize,
-    cols: std::ops::Range<usize>,
-) {
+}
+
+// SAFETY: the threads of one call read `x` and `w` and write disjoint elements of `y`, and
+// the call joins them before its borrows of the slices end.
+unsafe impl Send for Operands {}
+unsafe impl Sync for Operands {}
+
+impl Operands {
+    /// The same product from row `r` of `x` and `y` on.
+    ///
+    /// Safety: `r` is within the rows.
+    unsafe fn rows_from(self, r: usize) -> Operands {
+        Operands {
+            x: self.x.add(r * self.k),
+            y: self.y.add(r * self.n),
+            ..self
+        }
+    }
+}
+
+/// Outputs `cols`, `NT` at a time (the last few one at a time), against each block of up to
+/// 8 rows.
+///
+/// Safety: AVX-512F; `op` holds `rows` rows; `cols` is within `0..n`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn columns<const NT: usize>(rows: usize, op: Operands, cols: std::ops::Range<usize>) {
     let mut j = cols.start;
     while j < cols.end {
         let whole = cols.end - j >= NT;
         let mut r = 0;
         while r < rows {
             let m = (rows - r).min(8);
-            let (xr, yr) = (x.add(r * k), y.add(r * n));
+            let at = op.rows_from(r);
             if whole {
-                tile_dispatch::<NT>(m, xr, k, w, yr, n, j);
+                tile_dispatch::<NT>(m, at, j);
             } else {
-                tile_dispatch::<1>(m, xr, k, w, yr, n, j);
+                tile_dispatch::<1>(m, at, j);
             }
             r += m;
         }
@@ -153,45 +163,31 @@ unsafe fn columns<const NT: usize>(
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn tile_dispatch<const NT: usize>(
-    m: usize,
-    x: *const f32,
-    k: usize,
-    w: *const f32,
-    y: *mut f32,
-    n: usize,
-    j: usize,
-) {
+unsafe fn tile_dispatch<const NT: usize>(m: usize, op: Operands, j: usize) {
     match m {
-        1 => tile::<1, NT>(x, k, w, y, n, j),
-        2 => tile::<2, NT>(x, k, w, y, n, j),
-        3 => tile::<3, NT>(x, k, w, y, n, j),
-        4 => tile::<4, NT>(x, k, w, y, n, j),
-        5 => tile::<5, NT>(x, k, w, y, n, j),
-        6 => tile::<6, NT>(x, k, w, y, n, j),
-        7 => tile::<7, NT>(x, k, w, y, n, j),
-        _ => tile::<8, NT>(x, k, w, y, n, j),
+        1 => tile::<1, NT>(op, j),
+        2 => tile::<2, NT>(op, j),
+        3 => tile::<3, NT>(op, j),
+        4 => tile::<4, NT>(op, j),
+        5 => tile::<5, NT>(op, j),
+        6 => tile::<6, NT>(op, j),
+        7 => tile::<7, NT>(op, j),
+        _ => tile::<8, NT>(op, j),
     }
 }
 
 /// `y[r, j + t] = Σ_i x[r, i]·w[j + t, i]` for `r < M`, `t < NT`: `M × NT` accumulators of
 /// 16 lanes over `k`, the last partial chunk of `k` read with a mask.
 ///
-/// Safety: AVX-512F; `x` holds `M × k`, `w` rows `j..j + NT` of `k`, `y` `M` rows of `n`.
+/// Safety: AVX-512F; `op` holds `M` rows and outputs `j..j + NT`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[inline]
 // Index loops, not iterators over `acc`: with iterators LLVM kept the accumulators in memory
 // (the kernel ran 1.3-1.5x slower).
 #[allow(clippy::needless_range_loop)]
-unsafe fn tile<const M: usize, const NT: usize>(
-    x: *const f32,
-    k: usize,
-    w: *const f32,
-    y: *mut f32,
-    n: usize,
-    j: usize,
-) {
+unsafe fn tile<const M: usize, const NT: usize>(op: Operands, j: usize) {
+    let Operands { x, k, w, y, n } = op;
     let mut acc = [[_mm512_setzero_ps(); NT]; M];
     let wp: [*const f32; NT] = std::array::from_fn(|t| w.add((j + t) * k));
     let whole = k - k % 16;
