@@ -64,7 +64,7 @@ pub struct TrainArgs {
     /// Job key `[sync] compression`: the gradients' payload on the wire, none (f32), bf16
     /// or int8 (with error feedback). Default: none.
     #[arg(long, default_value = "none")]
-    compression: String,
+    compression: coordinator_free::Compression,
     /// Job key `precision`: f32 or bf16. Default: f32.
     #[arg(long, default_value = "f32")]
     precision: Precision,
@@ -232,7 +232,7 @@ fn summarize(a: &TrainArgs, spec: &JobSpec) -> Result<serde_json::Value, Failure
     Ok(
         serde_json::json!({"impl": "shoal", "nodes": a.nodes, "threads": a.threads, "model": model,
         "width": a.width, "device": a.device.to_string(), "precision": a.precision,
-        "compression": a.compression,
+        "compression": a.compression.name(),
         "balance": !a.no_balance, "batch": a.batch, "context": a.context, "steps": timed,
         "step_ms": secs * 1e3 / timed as f64, "samples_per_s": samples_per_s,
         "tokens_per_s": samples_per_s * a.context as f64,
