@@ -419,6 +419,7 @@ mod tests {
             origin: id("b"),
             config: "{}".into(),
             stages: 1,
+            speed: 0,
         });
         let taken = admit_msg(&announce, Some("b"), &mut m, 0);
         assert_eq!(verdict(&taken), (Acceptance::Accept, Tally::Accepted));

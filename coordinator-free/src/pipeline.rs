@@ -11,6 +11,15 @@
 //!   members'), never placing more bytes on a member than it has free; every stage gets at
 //!   least one layer.
 //!
+//! - Stages are cut by what members measured serving the model itself where known (work
+//!   per second over their own stage calls, [`speeds`]): a start-up benchmark misjudges
+//!   a memory-bound decode, layers whose work is not their weights (a vocabulary head runs
+//!   faster per weight than a block), and what else shares the member's cores.
+//! - A plan that serves is replaced only when the view changed its members, or when the new
+//!   cut is faster by [`PlanConfig::recut_margin`] under the current speeds
+//!   ([`worth_replanning`]): measured speeds move from minute to minute, and every re-cut
+//!   moves layers and restarts the rows in flight.
+//!
 //! The plan is a pure function of its inputs, so every member computes the same one.
 
 use crate::view::NodeId;
@@ -33,8 +42,13 @@ pub struct Worker {
     pub id: NodeId,
     /// Memory it can give to layers, in bytes.
     pub free_bytes: u64,
-    /// Measured speed (work per second, any unit; > 0).
+    /// Speed from a start-up benchmark (any unit; > 0). It orders members (fastest
+    /// first), and cuts stages until members measure the model itself.
     pub speed: f64,
+    /// Work per second (in [`LayerCost::work`]'s unit) it measured computing its own
+    /// stages of this model; 0 while it has none. Cuts stages ([`speeds`]).
+    #[serde(default)]
+    pub measured: f64,
 }
 
 /// Contiguous layers on one member.
@@ -65,6 +79,12 @@ pub struct PlanConfig {
     /// Fewest stages per replica (pipeline depth), even when fewer members would hold
     /// the model; capped at the number of layers. Default: 1.
     pub min_stages: usize,
+    /// How much more throughput ([`throughput`]) a new cut of the same members must
+    /// promise before it replaces the one serving ([`worth_replanning`]). Default: 0.05
+    /// (one layer of 16 moved changes a 2-stage pipeline's pace by 5-12%; below the
+    /// margin, noise in measured speeds would move layers back and forth: the simulation
+    /// test holds with ±5% noise on each member's measurement).
+    pub recut_margin: f64,
 }
 
 impl Default for PlanConfig {
@@ -73,6 +93,7 @@ impl Default for PlanConfig {
             headroom: 0.1,
             max_replicas: 8,
             min_stages: 1,
+            recut_margin: 0.05,
         }
     }
 }
@@ -108,11 +129,16 @@ pub fn plan(layers: &[LayerCost], workers: &[Worker], cfg: PlanConfig) -> Result
     if pool.is_empty() {
         return Err(PlanError::NoWorkers);
     }
+    // Ordered by start-up speed, not measured speed: a member's measured speed moves with
+    // the layers it holds, and the order must not move with it.
     pool.sort_by(|a, b| b.speed.total_cmp(&a.speed).then_with(|| a.id.cmp(&b.id)));
+    let owned: Vec<Worker> = pool.iter().map(|w| (*w).clone()).collect();
+    let pace = speeds(&owned);
+    let pool: Vec<(&Worker, f64)> = pool.into_iter().zip(pace).collect();
     let model: u64 = layers.iter().map(|l| l.bytes).sum();
     let need = (model as f64 * (1.0 + cfg.headroom.max(0.0))).ceil() as u64;
     let mut replicas = Vec::new();
-    let mut rest: &[&Worker] = &pool;
+    let mut rest: &[(&Worker, f64)] = &pool;
     while replicas.len() < cfg.max_replicas.max(1) && !rest.is_empty() {
         // The shortest run of the fastest remaining members that holds the model, and can
         // be cut into stages that fit.
@@ -120,7 +146,7 @@ pub fn plan(layers: &[LayerCost], workers: &[Worker], cfg: PlanConfig) -> Result
         let mut have = 0u64;
         let depth = cfg.min_stages.clamp(1, layers.len());
         for k in 1..=rest.len() {
-            have = have.saturating_add(rest[k - 1].free_bytes);
+            have = have.saturating_add(rest[k - 1].0.free_bytes);
             if have >= need && k >= depth {
                 if let Some(stages) = cut(layers, &rest[..k]) {
                     found = Some((k, stages));
@@ -137,29 +163,30 @@ pub fn plan(layers: &[LayerCost], workers: &[Worker], cfg: PlanConfig) -> Result
     if replicas.is_empty() {
         return Err(PlanError::TooLarge {
             need,
-            have: pool.iter().map(|w| w.free_bytes).sum(),
+            have: pool.iter().map(|w| w.0.free_bytes).sum(),
         });
     }
-    let mut spare: Vec<NodeId> = rest.iter().map(|w| w.id.clone()).collect();
+    let mut spare: Vec<NodeId> = rest.iter().map(|w| w.0.id.clone()).collect();
     spare.sort();
     Ok(Plan { replicas, spare })
 }
 
-/// Cuts `layers` into one contiguous stage per member of `group` (in order), each stage's
-/// work proportional to its member's speed and its bytes within the member's memory.
-fn cut(layers: &[LayerCost], group: &[&Worker]) -> Option<Vec<Stage>> {
+/// Cuts `layers` into one contiguous stage per member of `group` (in order, each with its
+/// speed), each stage's work proportional to its member's speed and its bytes within the
+/// member's memory.
+fn cut(layers: &[LayerCost], group: &[(&Worker, f64)]) -> Option<Vec<Stage>> {
     if layers.len() < group.len() {
         return None;
     }
     let total_work: f64 = layers.iter().map(|l| l.work as f64).sum::<f64>().max(1.0);
-    let total_speed: f64 = group.iter().map(|w| w.speed).sum();
+    let total_speed: f64 = group.iter().map(|w| w.1).sum();
     let mut stages = Vec::with_capacity(group.len());
     let mut start = 0usize;
     let mut target = 0.0f64;
     let mut done_work = 0.0f64;
-    for (i, w) in group.iter().enumerate() {
+    for (i, &(w, speed)) in group.iter().enumerate() {
         let left_members = group.len() - i - 1;
-        target += total_work * w.speed / total_speed;
+        target += total_work * speed / total_speed;
         let mut end = start;
         let mut bytes = 0u64;
         // At least one layer; stop at the work target or the memory; leave one layer for
@@ -189,6 +216,82 @@ fn cut(layers: &[LayerCost], group: &[&Worker]) -> Option<Vec<Stage>> {
     (start == layers.len()).then_some(stages)
 }
 
+/// Each worker's speed in one unit, as [`plan`] cuts stages: its measured speed where it
+/// has one; for a worker without one, its start-up speed times the measured workers' total
+/// measured over their total start-up speed, so both kinds compare. With no measurement
+/// at all, the start-up speeds as they are.
+pub fn speeds(workers: &[Worker]) -> Vec<f64> {
+    let (mut m, mut s) = (0.0, 0.0);
+    for w in workers.iter().filter(|w| w.measured > 0.0 && w.speed > 0.0) {
+        m += w.measured;
+        s += w.speed;
+    }
+    let scale = if m > 0.0 { m / s } else { 1.0 };
+    workers
+        .iter()
+        .map(|w| {
+            if w.measured > 0.0 {
+                w.measured
+            } else {
+                w.speed * scale
+            }
+        })
+        .collect()
+}
+
+/// Tokens per second (in the unit of [`speeds`]) the replicas of `p` sustain together:
+/// each runs at its slowest stage's pace (the stage's work over its member's speed) and
+/// replicas add. A replica with a stage on a member not in `workers`, or of zero speed,
+/// counts as stopped (0).
+pub fn throughput(p: &Plan, layers: &[LayerCost], workers: &[Worker]) -> f64 {
+    let pace = speeds(workers);
+    p.replicas
+        .iter()
+        .map(|r| {
+            let slowest = r
+                .iter()
+                .map(|s| {
+                    let work: f64 = layers
+                        .get(s.layers.clone())
+                        .map_or(f64::INFINITY, |l| l.iter().map(|l| l.work as f64).sum());
+                    match workers.iter().position(|w| w.id == s.member) {
+                        Some(i) if pace[i] > 0.0 => work / pace[i],
+                        _ => f64::INFINITY,
+                    }
+                })
+                .fold(0.0, f64::max);
+            if slowest > 0.0 {
+                1.0 / slowest
+            } else {
+                0.0
+            }
+        })
+        .sum()
+}
+
+/// Whether `proposed` (planned from `workers`) should replace `current`, the plan serving:
+/// always when they are made of different members (a member joined, left or is
+/// suspected), else only when `proposed` sustains `margin` more [`throughput`] under
+/// `workers`' speeds.
+pub fn worth_replanning(
+    current: &Plan,
+    proposed: &Plan,
+    layers: &[LayerCost],
+    workers: &[Worker],
+    margin: f64,
+) -> bool {
+    fn members(p: &Plan) -> Vec<&NodeId> {
+        let mut m: Vec<&NodeId> = p.replicas.iter().flatten().map(|s| &s.member).collect();
+        m.sort();
+        m
+    }
+    if members(current) != members(proposed) || current.spare != proposed.spare {
+        return true;
+    }
+    throughput(proposed, layers, workers)
+        > throughput(current, layers, workers) * (1.0 + margin.max(0.0))
+}
+
 /// How many micro-batches (lanes) an entry keeps in flight through a replica of `stages`
 /// stages: one for a single stage (a second would only halve each request's speed: a
 /// larger batch costs about the same call), `stages + 1` for a pipeline. With one
@@ -216,6 +319,7 @@ mod tests {
             id: NodeId::new(id).unwrap(),
             free_bytes: gib << 30,
             speed,
+            measured: 0.0,
         }
     }
 
@@ -357,5 +461,133 @@ mod tests {
             plan(&ls, &ws, PlanConfig::default()),
             plan(&ls, &rev, PlanConfig::default())
         );
+    }
+
+    #[test]
+    fn measured_speeds_count_and_the_others_are_scaled_to_them() {
+        let mut ws = vec![w("a", 1, 10.0), w("b", 1, 20.0), w("c", 1, 30.0)];
+        // None measured: the start-up speeds.
+        assert_eq!(speeds(&ws), vec![10.0, 20.0, 30.0]);
+        // a and b measured 800 for a start-up 30: c (start-up 30, unmeasured) counts 800.
+        ws[0].measured = 300.0;
+        ws[1].measured = 500.0;
+        assert_eq!(speeds(&ws), vec![300.0, 500.0, 800.0]);
+    }
+
+    /// A model whose last layer holds the vocabulary head: 16 blocks of work 100 (their
+    /// weights) and a head of work 390 on the last.
+    fn headed() -> Vec<LayerCost> {
+        let mut ls = layers(16, 1);
+        ls[15].work += 390;
+        ls
+    }
+
+    fn two_stages(a: usize) -> Plan {
+        let (m, n) = (NodeId::new("a").unwrap(), NodeId::new("b").unwrap());
+        Plan {
+            replicas: vec![vec![
+                Stage {
+                    member: m,
+                    layers: 0..a,
+                },
+                Stage {
+                    member: n,
+                    layers: a..16,
+                },
+            ]],
+            spare: vec![],
+        }
+    }
+
+    #[test]
+    fn a_recut_must_beat_the_margin_and_a_view_change_always_counts() {
+        let ls = headed();
+        let ws = [w("a", 64, 100.0), w("b", 64, 100.0)];
+        // 10 + 6: 1000 against 990 of work, so 1 / 10 tokens per second.
+        assert!((throughput(&two_stages(10), &ls, &ws) - 0.1).abs() < 1e-12);
+        // 11 + 5 → 10 + 6 is 10% faster: worth it at 8%, not at 12%.
+        assert!(worth_replanning(
+            &two_stages(11),
+            &two_stages(10),
+            &ls,
+            &ws,
+            0.08
+        ));
+        assert!(!worth_replanning(
+            &two_stages(11),
+            &two_stages(10),
+            &ls,
+            &ws,
+            0.12
+        ));
+        assert!(!worth_replanning(
+            &two_stages(10),
+            &two_stages(11),
+            &ls,
+            &ws,
+            0.0
+        ));
+        // Another member: re-planned whatever the throughput.
+        let mut other = two_stages(11);
+        other.replicas[0][1].member = NodeId::new("c").unwrap();
+        assert!(worth_replanning(&two_stages(10), &other, &ls, &ws, 0.5));
+        let mut spare = two_stages(10);
+        spare.spare.push(NodeId::new("c").unwrap());
+        assert!(worth_replanning(&two_stages(10), &spare, &ls, &ws, 0.5));
+        // A stage on a member that is gone stops its replica.
+        assert_eq!(throughput(&other, &ls, &ws), 0.0);
+    }
+
+    /// Two equal members serve a model whose head computes faster per unit of work than
+    /// its blocks (the head's 390 take the time of 230: one large product instead of a
+    /// block's several smaller ones and its attention). They start from start-up speeds
+    /// that differ by up to ±12%, then re-plan every window from speeds measured over
+    /// their own stages with ±5% noise each. Over many seeds the cut settles on the
+    /// fastest one after one re-cut. (With ±7% each, the ratio moves by up to 14%, well
+    /// beyond the margin: then it re-cuts up to 7 times in 30 windows.)
+    #[test]
+    fn measured_speeds_steer_the_cut_to_balanced_stages_without_flapping() {
+        use crate::serving::SplitMix64;
+        let ls = headed();
+        // True seconds per layer on either member.
+        let secs = |r: Range<usize>| r.map(|i| if i == 15 { 3.3 } else { 1.0 }).sum::<f64>();
+        let pace = |p: &Plan| {
+            let r = &p.replicas[0];
+            secs(r[0].layers.clone()).max(secs(r[1].layers.clone()))
+        };
+        let best = (1..16)
+            .map(|a| pace(&two_stages(a)))
+            .fold(f64::MAX, f64::min);
+        let cfg = PlanConfig {
+            min_stages: 2,
+            ..PlanConfig::default()
+        };
+        let (mut worst_recuts, mut worst_pace) = (0, 0.0f64);
+        for seed in 0..500 {
+            let mut rng = SplitMix64::new(seed);
+            let mut noise = |spread: f64| 1.0 + spread * (2.0 * rng.next_f64() - 1.0);
+            let mut ws = [
+                w("a", 64, 100.0 * noise(0.12)),
+                w("b", 64, 100.0 * noise(0.12)),
+            ];
+            let mut current = plan(&ls, &ws, cfg).unwrap();
+            let mut recuts = 0;
+            for _ in 0..30 {
+                for s in &current.replicas[0] {
+                    let work: f64 = ls[s.layers.clone()].iter().map(|l| l.work as f64).sum();
+                    let i = usize::from(s.member.as_str() == "b");
+                    ws[i].measured = work / secs(s.layers.clone()) * noise(0.05);
+                }
+                let proposed = plan(&ls, &ws, cfg).unwrap();
+                if worth_replanning(&current, &proposed, &ls, &ws, cfg.recut_margin) {
+                    current = proposed;
+                    recuts += 1;
+                }
+            }
+            worst_recuts = worst_recuts.max(recuts);
+            worst_pace = worst_pace.max(pace(&current) / best);
+        }
+        assert_eq!(worst_pace, 1.0, "a cut {worst_pace}x slower than the best");
+        assert!(worst_recuts <= 1, "{worst_recuts} re-cuts in 30 windows");
     }
 }

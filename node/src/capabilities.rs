@@ -101,7 +101,7 @@ fn round2(x: f64) -> u32 {
 
 /// `x` rounded down to two significant digits (free memory moves a little all the time;
 /// the planner should not re-cut stages for it).
-fn round_down2(x: u64) -> u64 {
+pub(crate) fn round_down2(x: u64) -> u64 {
     let digits = x.checked_ilog10().unwrap_or(0);
     let scale = 10u64.pow(digits.saturating_sub(1));
     x / scale * scale

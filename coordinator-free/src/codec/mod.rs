@@ -57,6 +57,9 @@ pub struct ServeAnnounce {
     pub config: String,
     /// Fewest stages per replica pipeline (1..=[`MAX_STAGES`]).
     pub stages: u32,
+    /// Work per second the origin measured computing its own stages of this model
+    /// ([`crate::pipeline::Worker::measured`]); 0 while it has computed none.
+    pub speed: u64,
 }
 
 /// Deepest pipeline a [`ServeAnnounce`] may ask for.
@@ -525,6 +528,7 @@ mod tests {
             origin: NodeId::new("12D3KooWnode").unwrap(),
             config: "{}".into(),
             stages: 2,
+            speed: 0,
         };
         let m = ControlMessage::Serve(ok.clone());
         assert_eq!(ControlMessage::decode(&m.encode().unwrap()).unwrap(), m);

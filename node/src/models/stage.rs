@@ -4,8 +4,11 @@
 //!
 //! A model file is a shoal checkpoint (`gpt` or `mlp`) or a TorchScript module
 //! ([`super::config::describe`] says which); weights are loaded per layer on first use and
-//! dropped when a re-plan moves layers elsewhere. An `mlp` or TorchScript module is one
-//! stage.
+//! dropped when a re-plan moves layers elsewhere: when the re-plan moved the cut by at
+//! most [`KEEP_MOVED_LAYERS`], once no call asked for them for [`KEEP_MOVED`] (the rows
+//! that started under the old cut finish on it meanwhile, without each of their calls
+//! loading the layers again), else at once (the memory is not there for both cuts). An
+//! `mlp` or TorchScript module is one stage.
 //!
 //! Rows are batched per call, whatever their lengths (continuous batching):
 //! - a **prefill** call starts new rows; prompts of different lengths share one
@@ -39,6 +42,11 @@ use tch::{Kind, Tensor};
 
 /// A row's KV caches are dropped after this long unused. 120 s.
 pub const ROW_TTL: Duration = Duration::from_secs(120);
+/// Layers that no call asked for in this long are dropped. 10 s.
+pub const KEEP_MOVED: Duration = Duration::from_secs(10);
+/// Most layers a stage keeps beyond the range a call asks for (those of a recent cut).
+/// 2.
+pub const KEEP_MOVED_LAYERS: usize = 2;
 /// Most rows a stage keeps caches for (the least recently used beyond it are dropped).
 /// 1024.
 pub const MAX_ROWS: usize = 1024;
@@ -86,6 +94,8 @@ pub struct StageExecutor {
     /// A decoder's tensors, when not read from the checkpoint at `path`.
     source: Option<TensorSource>,
     rows: HashMap<u64, RowCache>,
+    /// The layer ranges calls asked for, with when last (those of the last [`KEEP_MOVED`]).
+    recent: Vec<(Range<usize>, Instant)>,
 }
 
 fn req(msg: impl ToString) -> StageError {
@@ -119,6 +129,7 @@ impl StageExecutor {
             weights,
             source: None,
             rows: HashMap::new(),
+            recent: Vec::new(),
         })
     }
 
@@ -139,6 +150,7 @@ impl StageExecutor {
             weights: Weights::Decoder(decoder),
             source: Some(source),
             rows: HashMap::new(),
+            recent: Vec::new(),
         }
     }
 
@@ -161,9 +173,23 @@ impl StageExecutor {
         }
     }
 
-    /// Loads what layers `start..end` need and drops the layers outside it (a re-plan
-    /// moved them elsewhere).
-    fn ensure(&mut self, start: usize, end: usize) -> Result<(), StageError> {
+    /// Loads what layers `start..end` need (asked for at `now`) and drops the layers
+    /// outside every range asked for in the last [`KEEP_MOVED`] (a re-plan moved them
+    /// elsewhere), or outside `start..end` when those ranges span more than
+    /// [`KEEP_MOVED_LAYERS`] beyond it.
+    fn ensure(&mut self, start: usize, end: usize, now: Instant) -> Result<(), StageError> {
+        self.recent
+            .retain(|(r, t)| *r != (start..end) && now.saturating_duration_since(*t) < KEEP_MOVED);
+        self.recent.push((start..end, now));
+        // The ranges asked for lately, as one (the cuts of one model overlap or touch).
+        let hull = self.recent.iter().fold(start..end, |k, (r, _)| {
+            k.start.min(r.start)..k.end.max(r.end)
+        });
+        let keep = if hull.len() - (end - start) <= KEEP_MOVED_LAYERS {
+            hull
+        } else {
+            start..end
+        };
         let path = self.path.clone();
         let device = self.device;
         let bad = |p: String| StageError::Checkpoint {
@@ -178,7 +204,7 @@ impl StageExecutor {
         };
         match &mut self.weights {
             Weights::Decoder(d) => {
-                if d.retain(start..end) {
+                if d.retain(keep) {
                     return Ok(());
                 }
                 if let Some(source) = &self.source {
@@ -259,7 +285,7 @@ impl StageExecutor {
                 bytes.len()
             )));
         }
-        self.ensure(layers.start, layers.end)?;
+        self.ensure(layers.start, layers.end, Instant::now())?;
         let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
         // The payload's length was checked against its shape above; the wire is
         // little-endian, like every host the data plane compiles for. Decoded on the CPU,

@@ -11,11 +11,16 @@ fn gpt_checkpoint(name: &str) -> PathBuf {
 
 /// [`gpt_checkpoint`] with a context of `context` tokens.
 fn gpt_checkpoint_with(name: &str, context: i64) -> PathBuf {
+    gpt_checkpoint_of(name, 2, context)
+}
+
+/// A `gpt` of `layers` layers and a context of `context` tokens.
+fn gpt_checkpoint_of(name: &str, layers: i64, context: i64) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("shoal-stage-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let vs = tch::nn::VarStore::new(tch::Device::Cpu);
     let cfg = GptConfig {
-        layers: 2,
+        layers,
         heads: 2,
         width: 16,
         context,
@@ -28,7 +33,7 @@ fn gpt_checkpoint_with(name: &str, context: i64) -> PathBuf {
         .collect();
     let meta = std::collections::BTreeMap::from([(
         "model".to_string(),
-        format!(r#"{{"kind":"gpt","layers":2,"heads":2,"width":16,"context":{context}}}"#),
+        format!(r#"{{"kind":"gpt","layers":{layers},"heads":2,"width":16,"context":{context}}}"#),
     )]);
     let path = dir.join("ck.safetensors");
     checkpoint::write(&path, &tensors, &meta).unwrap();
@@ -106,6 +111,34 @@ fn a_stage_on_any_device_answers_what_the_cpu_stage_answers() {
         }
     }
     let _ = std::fs::remove_dir_all(path.parent().unwrap());
+}
+
+/// After a re-cut moves a boundary by a layer, the stage keeps the layer for the rows
+/// still running on the old cut until no call asked for it for `KEEP_MOVED`; a cut moved
+/// by more than `KEEP_MOVED_LAYERS` drops the old layers at once.
+#[test]
+fn a_recut_keeps_the_moved_layers_a_while_when_few() {
+    let path = gpt_checkpoint_of("recut", 6, 16);
+    let cfg = describe(&path).unwrap();
+    let mut st = StageExecutor::open_on(&path, cfg, tch::Device::Cpu).unwrap();
+    let t0 = Instant::now();
+    let at = |s: u64| t0 + Duration::from_secs(s);
+    st.ensure(0, 3, at(0)).unwrap();
+    assert_eq!(st.loaded_layers(), [0, 1, 2]);
+    // Re-cut to 0..2: layer 2 stays while the old cut is still asked for.
+    st.ensure(0, 2, at(1)).unwrap();
+    assert_eq!(st.loaded_layers(), [0, 1, 2]);
+    st.ensure(0, 3, at(5)).unwrap();
+    st.ensure(0, 2, at(8)).unwrap();
+    assert_eq!(st.loaded_layers(), [0, 1, 2]);
+    // 0..3 last asked for at 5 s: gone at 16 s.
+    st.ensure(0, 2, at(16)).unwrap();
+    assert_eq!(st.loaded_layers(), [0, 1]);
+    // A cut moved by 3 layers: the old ones go at once.
+    st.ensure(0, 5, at(17)).unwrap();
+    assert_eq!(st.loaded_layers(), [0, 1, 2, 3, 4]);
+    st.ensure(0, 2, at(18)).unwrap();
+    assert_eq!(st.loaded_layers(), [0, 1]);
 }
 
 fn le(tokens: &[i64]) -> Vec<u8> {

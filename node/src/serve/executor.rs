@@ -151,12 +151,13 @@ impl Server {
                     Err(e) => return (StageReply::Err(e), vec![]),
                 };
                 let stats = self.clone();
+                let layers = start as usize..end as usize;
                 let run = stage
                     .run(move |st| {
                         let t = Instant::now();
                         let r = st.forward(
                             &rows,
-                            start as usize..end as usize,
+                            layers.clone(),
                             prefill,
                             &pad,
                             input,
@@ -164,7 +165,17 @@ impl Server {
                             &payload,
                             output,
                         );
-                        stats.inner.stats.lock().unwrap().forward_s += t.elapsed().as_secs_f64();
+                        let secs = t.elapsed().as_secs_f64();
+                        stats.inner.stats.lock().unwrap().forward_s += secs;
+                        // Calls measure this node's speed for the planner.
+                        if r.is_ok() {
+                            let work = st
+                                .config()
+                                .layer_work()
+                                .get(layers)
+                                .map_or(0, |w| w.iter().sum::<u64>());
+                            stats.measured_call(&model, work as f64, secs);
+                        }
                         r
                     })
                     .await;

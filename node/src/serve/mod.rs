@@ -277,6 +277,10 @@ pub struct ModelReport {
     pub held: bool,
     /// Members that announced holding it.
     pub holders: Vec<String>,
+    /// Work per second each holder measured computing its stages of it (the planner's
+    /// unit); a holder that has computed none yet is absent.
+    #[serde(default)]
+    pub measured: std::collections::BTreeMap<String, u64>,
     /// Replica pipelines: each stage as `member[start..end]`.
     pub replicas: Vec<Vec<String>>,
     /// Planning problem, if no plan exists now.

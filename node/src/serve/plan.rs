@@ -1,8 +1,12 @@
-//! The plan the entry derives for a model, and which members it leaves out.
+//! The plan the entry derives for a model, which members it leaves out, and how fast this
+//! node computes its stages.
 //!
 //! Any node plans on its own from the view, the members that hold the model (announced in
-//! the last 10 s) and their announced memory and speed (`coordinator_free::pipeline`), so
-//! every node derives the same plan from the same view. A member a stage call just failed
+//! the last 10 s), their announced memory and start-up speed, and the speed each announced
+//! measuring over its own stages of the model ([`SpeedMeter`]; `coordinator_free::pipeline`),
+//! so every node derives the same plan from the same view. A plan is re-cut from measured
+//! speeds only when the new cut promises `recut_margin` more throughput (the pipeline
+//! module's `worth_replanning`). A member a stage call just failed
 //! on is suspected and left out for [`SUSPECT_FOR`] or until the view changes; the next
 //! request re-plans without it. A plan is kept with the inputs it was made from and reused
 //! while they hold, with the replica balance of its requests.
@@ -11,6 +15,7 @@ use super::{ServeError, Server, SUSPECT_FOR};
 use coordinator_free::pipeline::{self, LayerCost, Plan, PlanConfig, Worker};
 use coordinator_free::serving::Balancer;
 use coordinator_free::{Capabilities, NodeId, View, ViewHash};
+use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -68,11 +73,19 @@ impl Server {
             let e = models
                 .get(name)
                 .ok_or_else(|| ServeError::UnknownModel(name.to_string()))?;
-            let holders: Vec<NodeId> = e
+            // Each holder with the speed it measured (0: none yet).
+            let holders: BTreeMap<NodeId, u64> = e
                 .holders
                 .iter()
                 .filter(|(id, t)| **id == self.inner.me || t.elapsed() < Duration::from_secs(10))
-                .map(|(id, _)| id.clone())
+                .map(|(id, _)| {
+                    let measured = if *id == self.inner.me {
+                        e.meter.speed()
+                    } else {
+                        e.measured.get(id).copied().unwrap_or(0)
+                    };
+                    (id.clone(), measured)
+                })
                 .collect();
             (e.cfg.clone(), holders, e.announce.stages)
         };
@@ -104,23 +117,28 @@ impl Server {
             plan: plan.clone(),
             balancer: Balancer::new(plan.replicas.len()),
         });
-        st.inputs = workers;
-        // Keep the balancer while the plan is unchanged.
-        if st.plan != plan {
-            st.plan = plan.clone();
-            st.balancer.reset(plan.replicas.len());
+        // Keep the plan serving unless the view changed its members or the new cut is
+        // enough faster; keep the balancer while the plan is unchanged.
+        if st.plan != plan
+            && pipeline::worth_replanning(&st.plan, &plan, &layers, &workers, pcfg.recut_margin)
+        {
+            tracing::info!(model = name, from = ?st.plan.replicas, to = ?plan.replicas, "re-planned");
+            st.plan = plan;
+            st.balancer.reset(st.plan.replicas.len());
         }
-        Ok(plan)
+        st.inputs = workers;
+        Ok(st.plan.clone())
     }
 
     /// The members of the view among `holders` that are not suspected, as workers (their
-    /// serving budget, [`budget`], and their speed), sorted by id.
-    fn workers(&self, holders: &[NodeId]) -> Vec<Worker> {
+    /// serving budget, [`budget`], their start-up speed and the speed they measured
+    /// serving the model), sorted by id.
+    fn workers(&self, holders: &BTreeMap<NodeId, u64>) -> Vec<Worker> {
         let v = self.inner.view.lock().unwrap();
         let mut workers: Vec<Worker> = v
             .view
             .ids()
-            .filter(|id| holders.contains(id))
+            .filter(|id| holders.contains_key(id))
             .filter(|id| {
                 v.suspects
                     .get(*id)
@@ -132,6 +150,7 @@ impl Server {
                     id: id.clone(),
                     free_bytes: c.map_or(0, budget),
                     speed: f64::from(c.map_or(0, |c| c.speed_mflops).max(1)),
+                    measured: holders[id] as f64,
                 }
             })
             .collect();
@@ -160,6 +179,48 @@ impl Server {
     }
 }
 
+/// How fast this node computes its stages of one model: the planner's work units (the
+/// layers' decode work) per second over its stage calls, as sums of work and seconds that
+/// are both halved whenever the seconds pass [`SpeedMeter::WINDOW_S`], so the last half
+/// minute or so counts most. Prefill calls count too, at the same work per call as a
+/// decode: every stage of a pipeline sees the same calls, so equal speeds × work means
+/// equal busy time over the real mix of prompts and tokens (a prefill costs blocks far
+/// more than the vocabulary head, which computes only the last position).
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub(super) struct SpeedMeter {
+    work: f64,
+    secs: f64,
+}
+
+impl SpeedMeter {
+    /// Seconds of calls after which older calls count half. Default: 30.
+    const WINDOW_S: f64 = 30.0;
+    /// Seconds of calls before a speed is announced. Default: 1.
+    const MIN_S: f64 = 1.0;
+
+    /// Counts a call that computed `work` in `secs`.
+    pub(super) fn record(&mut self, work: f64, secs: f64) {
+        if !(work.is_finite() && secs.is_finite() && work >= 0.0 && secs > 0.0) {
+            return;
+        }
+        self.work += work;
+        self.secs += secs;
+        if self.secs > Self::WINDOW_S {
+            self.work /= 2.0;
+            self.secs /= 2.0;
+        }
+    }
+
+    /// Work per second, rounded to two significant digits (so that jitter below 1-10%
+    /// does not change the planner's inputs); 0 before [`Self::MIN_S`] of calls.
+    pub(super) fn speed(&self) -> u64 {
+        if self.secs < Self::MIN_S {
+            return 0;
+        }
+        crate::capabilities::round_down2((self.work / self.secs) as u64)
+    }
+}
+
 /// The memory a member offers serving: the free memory of its compute device when it
 /// announced it (a CUDA device's free memory, the CPU's available memory), else half its
 /// RAM (the rest for everything else).
@@ -173,7 +234,29 @@ fn budget(c: &coordinator_free::Capabilities) -> u64 {
 
 #[cfg(test)]
 mod tests {
+    use super::SpeedMeter;
     use coordinator_free::Capabilities;
+
+    #[test]
+    fn the_meter_weighs_recent_calls_most_and_waits_for_a_second_of_them() {
+        let mut m = SpeedMeter::default();
+        m.record(4_000.0, 0.5);
+        assert_eq!(m.speed(), 0, "half a second is not enough");
+        m.record(4_000.0, 0.5);
+        assert_eq!(m.speed(), 8_000);
+        m.record(f64::NAN, 1.0);
+        m.record(1.0, 0.0);
+        assert_eq!(m.speed(), 8_000, "nonsense is not counted");
+        // The member slows to half: after a few windows the speed is close to the new one.
+        for _ in 0..120 {
+            m.record(2_000.0, 0.5);
+        }
+        assert_eq!(m.speed(), 4_000);
+        // Rounded to two digits.
+        let mut m = SpeedMeter::default();
+        m.record(123_456.0, 1.0);
+        assert_eq!(m.speed(), 120_000);
+    }
 
     #[test]
     fn the_budget_is_the_device_free_memory_when_known() {

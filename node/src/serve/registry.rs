@@ -7,6 +7,7 @@
 //! it too. Holders that stopped announcing for 10 s are not planned on (`plan`).
 
 use super::manifest::{self, sha256_file, Manifest, MAX_MANIFEST_BYTES};
+use super::plan::SpeedMeter;
 use super::row::Row;
 use super::{ModelReport, ServeError, Server, FETCH_CHUNK};
 use crate::models::config::{self, ModelConfig};
@@ -35,6 +36,10 @@ pub(super) struct ModelEntry {
     pub(super) tokenizer: Option<Tokenizer>,
     /// Members that announced holding it, when last heard.
     pub(super) holders: HashMap<NodeId, Instant>,
+    /// What members last announced measuring its stages at (work per second), when not 0.
+    pub(super) measured: HashMap<NodeId, u64>,
+    /// This node's own measurement of its stages of it.
+    pub(super) meter: SpeedMeter,
     /// Whether a fetch of the file is under way.
     fetching: bool,
     /// The queue of its completions dispatcher, once started (`lanes`).
@@ -51,6 +56,8 @@ impl ModelEntry {
             folder: None,
             tokenizer: None,
             holders: HashMap::new(),
+            measured: HashMap::new(),
+            meter: SpeedMeter::default(),
             fetching: false,
             dispatcher: None,
         }
@@ -154,6 +161,7 @@ impl Server {
             origin: self.inner.me.clone(),
             config,
             stages,
+            speed: 0,
         };
         // The codec's checks (name, sizes) before anything is kept.
         coordinator_free::ControlMessage::Serve(a.clone())
@@ -207,7 +215,10 @@ impl Server {
                 tracing::warn!(peer = %from, model = %a.name, "ignored announcement of another model under a served name");
                 return;
             }
-            entry.holders.insert(from, Instant::now());
+            entry.holders.insert(from.clone(), Instant::now());
+            if a.speed > 0 {
+                entry.measured.insert(from, a.speed);
+            }
             let start = entry.path.is_none() && !entry.fetching;
             if start {
                 entry.fetching = true;
@@ -220,7 +231,8 @@ impl Server {
         }
     }
 
-    /// Announcements of the models this node holds (re-published every 2 s).
+    /// Announcements of the models this node holds (re-published every 2 s), each with
+    /// the speed this node measured computing its stages of it.
     pub fn announcements(&self) -> Vec<ServeAnnounce> {
         self.inner
             .models
@@ -230,9 +242,19 @@ impl Server {
             .filter(|e| e.path.is_some())
             .map(|e| ServeAnnounce {
                 origin: self.inner.me.clone(),
+                speed: e.meter.speed(),
                 ..e.announce.clone()
             })
             .collect()
+    }
+
+    /// Counts a decode call of the model with hash `model` that computed `work` (the
+    /// planner's unit) in `secs` here.
+    pub(super) fn measured_call(&self, model: &[u8; 32], work: f64, secs: f64) {
+        let mut models = self.inner.models.lock().unwrap();
+        if let Some(e) = models.values_mut().find(|e| &e.announce.sha256 == model) {
+            e.meter.record(work, secs);
+        }
     }
 
     /// Fetches a model (a file, or an `hf` folder through its manifest) from its holders,
@@ -455,6 +477,14 @@ impl Server {
                 let e = models.get(&name)?;
                 let mut holders: Vec<String> = e.holders.keys().map(|h| h.to_string()).collect();
                 holders.sort();
+                let mut measured: std::collections::BTreeMap<String, u64> = e
+                    .measured
+                    .iter()
+                    .map(|(h, v)| (h.to_string(), *v))
+                    .collect();
+                if e.meter.speed() > 0 {
+                    measured.insert(self.inner.me.to_string(), e.meter.speed());
+                }
                 let (replicas, plan_error) = match plan {
                     Ok(p) => (
                         p.replicas
@@ -480,6 +510,7 @@ impl Server {
                     sha256: hex32(&e.announce.sha256),
                     held: e.path.is_some(),
                     holders,
+                    measured,
                     replicas,
                     plan_error,
                 })
