@@ -96,6 +96,8 @@ pub struct StageExecutor {
     rows: HashMap<u64, RowCache>,
     /// The layer ranges calls asked for, with when last (those of the last [`KEEP_MOVED`]).
     recent: Vec<(Range<usize>, Instant)>,
+    /// Time the last forward spent loading weights.
+    last_load: Duration,
 }
 
 fn req(msg: impl ToString) -> StageError {
@@ -130,6 +132,7 @@ impl StageExecutor {
             source: None,
             rows: HashMap::new(),
             recent: Vec::new(),
+            last_load: Duration::ZERO,
         })
     }
 
@@ -151,6 +154,7 @@ impl StageExecutor {
             source: Some(source),
             rows: HashMap::new(),
             recent: Vec::new(),
+            last_load: Duration::ZERO,
         }
     }
 
@@ -227,6 +231,12 @@ impl StageExecutor {
         }
     }
 
+    /// Time the last successful [`Self::forward`] spent making sure its layers were
+    /// loaded (reading weights when they were not): not compute.
+    pub fn last_load(&self) -> Duration {
+        self.last_load
+    }
+
     /// Forgets rows' caches.
     pub fn drop_rows(&mut self, rows: &[u64]) {
         for r in rows {
@@ -285,7 +295,9 @@ impl StageExecutor {
                 bytes.len()
             )));
         }
-        self.ensure(layers.start, layers.end, Instant::now())?;
+        let t = Instant::now();
+        self.ensure(layers.start, layers.end, t)?;
+        self.last_load = t.elapsed();
         let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
         // The payload's length was checked against its shape above; the wire is
         // little-endian, like every host the data plane compiles for. Decoded on the CPU,

@@ -167,7 +167,9 @@ impl Server {
                         );
                         let secs = t.elapsed().as_secs_f64();
                         stats.inner.stats.lock().unwrap().forward_s += secs;
-                        // Calls measure this node's speed for the planner.
+                        // Calls measure this node's speed for the planner (compute only:
+                        // a call that loads layers would count their reading as slowness).
+                        let secs = secs - st.last_load().as_secs_f64();
                         if r.is_ok() {
                             let work = st
                                 .config()
