@@ -211,8 +211,8 @@ impl SpeedMeter {
         }
     }
 
-    /// Work per second, rounded to two significant digits (so that jitter below 1-10%
-    /// does not change the planner's inputs); 0 before [`Self::MIN_S`] of calls.
+    /// Work per second, rounded down to two significant digits (so that jitter below
+    /// 1-10% does not change the planner's inputs); 0 before [`Self::MIN_S`] of calls.
     pub(super) fn speed(&self) -> u64 {
         if self.secs < Self::MIN_S {
             return 0;
