@@ -24,6 +24,7 @@
 
 use crate::view::NodeId;
 use serde::{Deserialize, Serialize};
+use std::borrow::Borrow;
 use std::ops::Range;
 
 /// What one layer costs.
@@ -132,8 +133,7 @@ pub fn plan(layers: &[LayerCost], workers: &[Worker], cfg: PlanConfig) -> Result
     // Ordered by start-up speed, not measured speed: a member's measured speed moves with
     // the layers it holds, and the order must not move with it.
     pool.sort_by(|a, b| b.speed.total_cmp(&a.speed).then_with(|| a.id.cmp(&b.id)));
-    let owned: Vec<Worker> = pool.iter().map(|w| (*w).clone()).collect();
-    let pace = speeds(&owned);
+    let pace = speeds(&pool);
     let pool: Vec<(&Worker, f64)> = pool.into_iter().zip(pace).collect();
     let model: u64 = layers.iter().map(|l| l.bytes).sum();
     let need = (model as f64 * (1.0 + cfg.headroom.max(0.0))).ceil() as u64;
@@ -220,16 +220,19 @@ fn cut(layers: &[LayerCost], group: &[(&Worker, f64)]) -> Option<Vec<Stage>> {
 /// has one; for a worker without one, its start-up speed times the measured workers' total
 /// measured over their total start-up speed, so both kinds compare. With no measurement
 /// at all, the start-up speeds as they are.
-pub fn speeds(workers: &[Worker]) -> Vec<f64> {
+pub fn speeds<W: Borrow<Worker>>(workers: &[W]) -> Vec<f64> {
     let (mut m, mut s) = (0.0, 0.0);
-    for w in workers.iter().filter(|w| w.measured > 0.0 && w.speed > 0.0) {
-        m += w.measured;
-        s += w.speed;
+    for w in workers.iter().map(Borrow::borrow) {
+        if w.measured > 0.0 && w.speed > 0.0 {
+            m += w.measured;
+            s += w.speed;
+        }
     }
     let scale = if m > 0.0 { m / s } else { 1.0 };
     workers
         .iter()
         .map(|w| {
+            let w: &Worker = w.borrow();
             if w.measured > 0.0 {
                 w.measured
             } else {
