@@ -3,6 +3,8 @@
 //!
 //! - [`Batcher`] holds requests in arrival order and releases them as a batch once enough
 //!   are waiting or the oldest has waited long enough.
+//! - [`prefill_groups`] splits the prompts a lane starts into prefill calls of bounded
+//!   size, so that no call holds a stage much longer than a decode call does.
 //! - [`Balancer`] sends each request to the replica pipeline with the fewest outstanding
 //!   requests, rotating among equals.
 //! - [`LruCache`] keeps recent responses, evicting the least recently used;
@@ -92,6 +94,33 @@ impl<T> Batcher<T> {
     pub fn is_empty(&self) -> bool {
         self.queue.is_empty()
     }
+}
+
+/// The prefill calls a lane starts its new rows with: consecutive groups of the rows (by
+/// prompt length `lens`, in arrival order) whose padded size (rows × the group's longest
+/// prompt) is at most `budget` tokens; a row longer than `budget` goes alone. A stage
+/// runs one call at a time, so a long prefill holds it while the other lanes' calls wait
+/// behind it, and on a pipeline the next stage idles for as long. Smaller calls
+/// interleave with the other lanes' but each streams the stage's weights again: on a
+/// 2-stage CPU pipeline with 8 prompts of ~30 tokens per lane, calls of 64 tokens raised
+/// the stages' busy time from 0.85-0.91 to 0.89-0.95 and left tokens/s where it was.
+/// `budget` 0 is one row per call.
+pub fn prefill_groups(lens: &[usize], budget: usize) -> Vec<std::ops::Range<usize>> {
+    let mut groups = Vec::new();
+    let (mut start, mut longest) = (0, 0);
+    for (i, &l) in lens.iter().enumerate() {
+        let wider = longest.max(l);
+        if i > start && wider * (i + 1 - start) > budget {
+            groups.push(start..i);
+            (start, longest) = (i, l);
+        } else {
+            longest = wider;
+        }
+    }
+    if start < lens.len() {
+        groups.push(start..lens.len());
+    }
+    groups
 }
 
 /// Replica choice: outstanding requests per replica pipeline, least loaded first.
@@ -412,6 +441,51 @@ mod tests {
             seed: 7,
             seeded: false,
             stop: vec!["\n".into()],
+        }
+    }
+
+    #[test]
+    fn prefill_groups_cover_every_row_once_within_the_budget() {
+        assert_eq!(
+            prefill_groups(&[], 64),
+            Vec::<std::ops::Range<usize>>::new()
+        );
+        assert_eq!(
+            prefill_groups(&[30, 32, 34, 20], 64),
+            vec![0..2, 2..3, 3..4]
+        );
+        assert_eq!(prefill_groups(&[30, 32, 34, 20], 70), vec![0..2, 2..4]);
+        assert_eq!(
+            prefill_groups(&[10, 200, 10, 10], 64),
+            vec![0..1, 1..2, 2..4]
+        );
+        assert_eq!(prefill_groups(&[5, 5, 5], 0), vec![0..1, 1..2, 2..3]);
+        assert_eq!(prefill_groups(&[5, 5, 5], usize::MAX), vec![0..3]);
+        let mut g = SplitMix64::new(3);
+        for _ in 0..500 {
+            let lens: Vec<usize> = (0..1 + g.next_u64() % 12)
+                .map(|_| 1 + (g.next_u64() % 100) as usize)
+                .collect();
+            let budget = (g.next_u64() % 300) as usize;
+            let groups = prefill_groups(&lens, budget);
+            // In order, no gaps, no overlaps, every group within the budget or alone.
+            assert_eq!(groups.first().unwrap().start, 0);
+            assert_eq!(groups.last().unwrap().end, lens.len());
+            for w in groups.windows(2) {
+                assert_eq!(w[0].end, w[1].start);
+            }
+            for r in &groups {
+                let longest = lens[r.clone()].iter().max().unwrap();
+                assert!(
+                    r.len() == 1 || longest * r.len() <= budget,
+                    "{lens:?} {budget} {r:?}"
+                );
+            }
+            // Greedy: the next row would not have fit in the group before it.
+            for w in groups.windows(2) {
+                let longest = lens[w[0].start..=w[1].start].iter().max().unwrap();
+                assert!(longest * (w[0].len() + 1) > budget);
+            }
         }
     }
 

@@ -22,7 +22,7 @@ use std::time::Duration;
 /// The gossip topic carrying control messages (heartbeats).
 pub const CONTROL_TOPIC: &str = "shoal/control/1";
 /// Identify protocol version; peers announcing another are not shoal nodes.
-pub const PROTOCOL_VERSION: &str = "/shoal/1.1.0";
+pub const PROTOCOL_VERSION: &str = "/shoal/1.2.0";
 /// Kademlia protocol name (a private DHT, separate from IPFS's).
 pub const KAD_PROTOCOL: &str = "/shoal/kad/1.0.0";
 

@@ -118,7 +118,9 @@ const PROMPTS: [&str; 8] = [
 fn a_pipeline_answers_like_one_node_and_speaks_openai() {
     let dir = TempDir::new("serve-pipeline");
     let ck = tiny_checkpoint(&dir.0);
-    let pipeline = cluster(&dir.0.join("pipe"), 2);
+    // The pipeline starts a batch in prefill calls of at most 12 prompt tokens: the
+    // concurrent prompts below (4 to 6 bytes) go 2 to a call, and must answer the same.
+    let pipeline = serving_cluster(&dir.0.join("pipe"), 2, &["--serve-prefill-tokens", "12"]);
     let single = cluster(&dir.0.join("single"), 1);
     let plan = offer(&pipeline[0], &ck, 2, 2, 1);
     println!("plan: {}", plan[0]["replicas"]);
@@ -162,8 +164,12 @@ fn a_pipeline_answers_like_one_node_and_speaks_openai() {
     }
     let after = get(&pipeline[0], "/v1/status")["serve_stats"].clone();
     let batches = after["batches"].as_u64().unwrap() - before["batches"].as_u64().unwrap();
-    println!("8 concurrent requests ran in {batches} batches");
+    println!("8 concurrent requests ran in {batches} prefill calls");
     assert!(batches < 8, "concurrent requests were never batched");
+    assert!(
+        batches >= 4,
+        "prefill calls of at most 12 tokens hold 2 rows at most"
+    );
 
     // The cache answers a repeated deterministic request.
     let hits = |n: &Node| {

@@ -443,6 +443,7 @@ mod tests {
             pad: vec![0, 1],
             input: Payload::Tokens,
             output: Payload::Hidden,
+            sampling: vec![],
         };
         let bytes = fwd.encode().unwrap();
         assert_eq!(StageRequest::decode(&bytes).unwrap(), fwd);
@@ -489,6 +490,39 @@ mod tests {
             *pad = vec![0; MAX_BATCH as usize + 1];
             *rows = (0..u64::from(MAX_BATCH) + 1).collect();
         })));
+        // Row samplings: one per row exactly when the answer is sampled, each in range.
+        let draw = RowSampling {
+            temperature: 0.7,
+            top_p: 0.9,
+            u: 0.5,
+            logprobs: Some(MAX_TOP_LOGPROBS),
+        };
+        let sampled = |f: &dyn Fn(&mut Vec<RowSampling>)| {
+            with(&|r| {
+                if let StageRequest::Forward {
+                    output, sampling, ..
+                } = r
+                {
+                    *output = Payload::Sampled;
+                    *sampling = vec![draw; 2];
+                    f(sampling);
+                }
+            })
+        };
+        assert!(!bad(sampled(&|_| {})));
+        assert!(bad(sampled(&|s| s.truncate(1))));
+        assert!(bad(with(
+            &|r| if let StageRequest::Forward { sampling, .. } = r {
+                *sampling = vec![draw; 2]
+            }
+        )));
+        assert!(bad(sampled(&|s| s[1].u = 1.0)));
+        assert!(bad(sampled(&|s| s[0].u = f64::NAN)));
+        assert!(bad(sampled(&|s| s[0].temperature = f32::INFINITY)));
+        assert!(bad(sampled(&|s| s[0].top_p = f32::NAN)));
+        assert!(bad(
+            sampled(&|s| s[1].logprobs = Some(MAX_TOP_LOGPROBS + 1))
+        ));
         assert!(bad(StageRequest::Fetch {
             model: [0; 32],
             offset: 0,

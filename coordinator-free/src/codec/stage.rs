@@ -28,6 +28,33 @@ pub enum Payload {
     LastLogits,
     /// Raw bytes (a model file chunk).
     Bytes,
+    /// Each row's next token, sampled by the last stage from its last position's logits
+    /// ([`RowSampling`]): `[rows, 1 + top, 2]` pairs of (token id u32, logprob f32),
+    /// little-endian. The first pair is the sampled token and its logprob (0 when the row
+    /// asked for none), then the row's `top` most likely tokens, most likely first, where
+    /// `top` is the largest any row of the call asked for (a row that asked for fewer, or
+    /// none, ignores the rest of its pairs).
+    Sampled,
+}
+
+/// Largest `top` a row may ask logprobs for (OpenAI's `top_logprobs` limit).
+pub const MAX_TOP_LOGPROBS: u8 = 20;
+
+/// How the last stage picks one row's next token for a [`Payload::Sampled`] answer:
+/// `coordinator_free::serving::sample_token` over the row's last-position logits. The
+/// entry draws `u` from the request's seeded generator, so a retry on other members
+/// samples the same tokens.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RowSampling {
+    /// Softmax temperature; 0 (or less) is greedy.
+    pub temperature: f32,
+    /// Nucleus mass (1 keeps every token).
+    pub top_p: f32,
+    /// The uniform draw in `[0, 1)` the sample is taken with (unused when greedy).
+    pub u: f64,
+    /// `None`: no logprobs; `Some(k)`: the sampled token's logprob and the `k` (at most
+    /// [`MAX_TOP_LOGPROBS`]) most likely tokens with theirs.
+    pub logprobs: Option<u8>,
 }
 
 /// An entry node's request to a stage.
@@ -55,6 +82,9 @@ pub enum StageRequest {
         input: Payload,
         /// What to answer with (`Hidden` unless `end` is the last layer).
         output: Payload,
+        /// How to sample each row (one per row) when `output` is [`Payload::Sampled`];
+        /// empty otherwise.
+        sampling: Vec<RowSampling>,
     },
     /// Forget rows' KV caches.
     Drop {
@@ -108,6 +138,8 @@ impl StageRequest {
             shape,
             pad,
             rows,
+            output,
+            sampling,
             ..
         } = &r
         {
@@ -127,6 +159,20 @@ impl StageRequest {
                     pad.len()
                 )));
             }
+            let want = if *output == Payload::Sampled {
+                rows.len()
+            } else {
+                0
+            };
+            if sampling.len() != want {
+                return Err(CodecError::Invalid(format!(
+                    "{} row samplings for {want} rows answered with {output:?}",
+                    sampling.len()
+                )));
+            }
+            if let Some(s) = sampling.iter().find(|s| !s.valid()) {
+                return Err(CodecError::Invalid(format!("row sampling {s:?}")));
+            }
         }
         if let StageRequest::Fetch { len, .. } = &r {
             if *len > MAX_STAGE_PAYLOAD {
@@ -134,6 +180,17 @@ impl StageRequest {
             }
         }
         Ok(r)
+    }
+}
+
+impl RowSampling {
+    /// A draw in `[0, 1)`, a temperature and mass that are numbers, and a `top` within
+    /// [`MAX_TOP_LOGPROBS`].
+    fn valid(&self) -> bool {
+        (0.0..1.0).contains(&self.u)
+            && self.temperature.is_finite()
+            && self.top_p.is_finite()
+            && self.logprobs.unwrap_or(0) <= MAX_TOP_LOGPROBS
     }
 }
 
@@ -229,4 +286,63 @@ pub fn f32s(bytes: &[u8]) -> Vec<f32> {
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect()
+}
+
+/// One row of a [`Payload::Sampled`] answer: the sampled token, its logprob, and the `top`
+/// most likely (id, logprob) pairs (the width the answer was packed with).
+pub type SampledRow = (u32, f32, Vec<(u32, f32)>);
+
+/// Packs a [`Payload::Sampled`] answer: every row gets `1 + top` pairs (a row with fewer
+/// top entries is padded with `(0, -inf)`). Returns its shape and bytes.
+pub fn pack_sampled(rows: &[SampledRow], top: usize) -> (Vec<u32>, Vec<u8>) {
+    let mut bytes = Vec::with_capacity(rows.len() * (1 + top) * 8);
+    for (token, logprob, best) in rows {
+        let pad = std::iter::repeat((0, f32::NEG_INFINITY));
+        let pairs = std::iter::once((*token, *logprob)).chain(best.iter().copied().chain(pad));
+        for (id, lp) in pairs.take(1 + top) {
+            bytes.extend_from_slice(&id.to_le_bytes());
+            bytes.extend_from_slice(&lp.to_le_bytes());
+        }
+    }
+    (vec![rows.len() as u32, 1 + top as u32, 2], bytes)
+}
+
+/// Reads a [`Payload::Sampled`] answer for `rows` rows (shape and size checked, every
+/// token id, the padding's too, below `vocab`): each row's token, logprob and top pairs.
+pub fn unpack_sampled(
+    shape: &[u32],
+    bytes: &[u8],
+    rows: usize,
+    vocab: u32,
+) -> Result<Vec<SampledRow>, CodecError> {
+    let width = match shape {
+        [r, w, 2] if *r as usize == rows && *w >= 1 => *w as usize,
+        _ => {
+            return Err(CodecError::Invalid(format!(
+                "sampled answer of shape {shape:?}"
+            )))
+        }
+    };
+    if expected_bytes(Payload::Sampled, shape) != Some(bytes.len() as u64) {
+        return Err(CodecError::Invalid(format!(
+            "sampled answer of {} bytes for shape {shape:?}",
+            bytes.len()
+        )));
+    }
+    let mut out = Vec::with_capacity(rows);
+    for row in bytes.chunks_exact(width * 8) {
+        let mut pairs = Vec::with_capacity(width);
+        for p in row.chunks_exact(8) {
+            let id = u32::from_le_bytes([p[0], p[1], p[2], p[3]]);
+            if id >= vocab {
+                return Err(CodecError::Invalid(format!(
+                    "sampled token {id} of a vocabulary of {vocab}"
+                )));
+            }
+            pairs.push((id, f32::from_le_bytes([p[4], p[5], p[6], p[7]])));
+        }
+        let (token, logprob) = pairs.remove(0);
+        out.push((token, logprob, pairs));
+    }
+    Ok(out)
 }

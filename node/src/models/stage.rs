@@ -308,6 +308,7 @@ impl StageExecutor {
                 Tensor::from_data_size(bytes, &dims, Kind::Float)
             }
             Payload::Bytes => return Err(req("a forward of raw bytes")),
+            Payload::Sampled => return Err(req("a forward of sampled tokens")),
         }
         .to_device(self.device);
         let call = Call {

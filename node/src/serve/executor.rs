@@ -12,10 +12,11 @@
 //! the payloads that arrive as bytes are moved there and the results come back as bytes.
 
 use super::registry::Blob;
+use super::sample::sample_rows;
 use super::Server;
 use crate::models::stage::StageExecutor;
 use crate::models::StageError;
-use coordinator_free::codec::stage::{Payload, StageReply, StageRequest};
+use coordinator_free::codec::stage::{pack_sampled, Payload, StageReply, StageRequest};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -145,6 +146,7 @@ impl Server {
                 pad,
                 input,
                 output,
+                sampling,
             } => {
                 let stage = match self.stage_for(&model) {
                     Ok(s) => s,
@@ -155,6 +157,11 @@ impl Server {
                 let run = stage
                     .run(move |st| {
                         let t = Instant::now();
+                        // A sampled answer is the last position's logits, sampled here.
+                        let computed = match output {
+                            Payload::Sampled => Payload::LastLogits,
+                            o => o,
+                        };
                         let r = st.forward(
                             &rows,
                             layers.clone(),
@@ -163,8 +170,18 @@ impl Server {
                             input,
                             &shape,
                             &payload,
-                            output,
+                            computed,
                         );
+                        let r = match r {
+                            Ok((_, shape, bytes)) if output == Payload::Sampled => {
+                                let vocab = shape.get(1).copied().unwrap_or(0) as usize;
+                                let logits = coordinator_free::codec::stage::f32s(&bytes);
+                                let (rows, top) = sample_rows(&logits, vocab, &sampling);
+                                let (shape, bytes) = pack_sampled(&rows, top);
+                                Ok((Payload::Sampled, shape, bytes))
+                            }
+                            r => r,
+                        };
                         let secs = t.elapsed().as_secs_f64();
                         stats.inner.stats.lock().unwrap().forward_s += secs;
                         // Calls measure this node's speed for the planner (compute only:

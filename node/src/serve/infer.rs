@@ -82,6 +82,7 @@ impl Server {
                     input.clone(),
                     shape.clone(),
                     Payload::Logits,
+                    Vec::new(),
                 )
                 .await;
             if cfg.is_lm() {

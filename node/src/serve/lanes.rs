@@ -5,9 +5,9 @@
 //! (`coordinator_free::serving::Balancer`), into the lane of that replica with the fewest
 //! rows. A replica has one lane more than it has stages (`pipeline::lanes`), so its stages
 //! work on different lanes' rows at once. Each lane iteration starts the rows that arrived
-//! (one prefill call, prompts left-padded; an idle lane waits up to `max_wait_ms` for up
-//! to `max_batch`, `coordinator_free::serving::Batcher`) and adds one token to every
-//! running row (one decode call). When a stage call fails, the lane's rows go back to the
+//! (prefill calls of at most `prefill_tokens`, prompts left-padded; an idle lane waits up
+//! to `max_wait_ms` for up to `max_batch`, `coordinator_free::serving::Batcher`) and adds
+//! one token to every running row (one decode call). When a stage call fails, the lane's rows go back to the
 //! dispatcher, which re-plans without the member, and are regenerated from their seeds.
 
 use super::row::Row;
@@ -16,7 +16,7 @@ use crate::models::config::ModelConfig;
 use coordinator_free::codec::stage::{self, Payload};
 use coordinator_free::codec::ServeAnnounce;
 use coordinator_free::pipeline;
-use coordinator_free::serving::{BatchConfig, Batcher};
+use coordinator_free::serving::{prefill_groups, BatchConfig, Batcher};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -309,8 +309,9 @@ impl Server {
         self.decode(a, cfg, replica, active).await
     }
 
-    /// Starts `fresh` (not empty): one call with their prompts left-padded to the longest,
-    /// each taking its first token.
+    /// Starts `fresh` (not empty): calls of at most `prefill_tokens` prompt tokens
+    /// (`coordinator_free::serving::prefill_groups`), each with its rows' prompts
+    /// left-padded to its longest, each row taking its first token.
     async fn prefill(
         &self,
         a: &ServeAnnounce,
@@ -318,32 +319,35 @@ impl Server {
         replica: &[pipeline::Stage],
         fresh: &mut [Row],
     ) -> Result<(), ServeError> {
-        {
-            let mut st = self.inner.stats.lock().unwrap();
-            st.batches += 1;
-            st.batched_requests += fresh.len() as u64;
-        }
-        let (l, pad, tokens) = stage::pack_prompts(fresh.iter().map(|r| &r.p.prompt[..]));
-        let ids: Vec<u64> = fresh.iter().map(|r| r.id).collect();
-        let (shape, bytes) = self
-            .through(
-                a.sha256,
-                replica,
-                &ids,
-                true,
-                &pad,
-                (Payload::Tokens, tokens),
-                vec![ids.len() as u32, l],
-                Payload::LastLogits,
-            )
-            .await?;
-        let logits = logits_of(replica, &shape, &bytes, fresh.len(), cfg.vocab)?;
-        for (r, logits) in fresh
-            .iter_mut()
-            .zip(logits.chunks_exact(cfg.vocab as usize))
-        {
-            let full = r.p.prompt.len() as u32 + 1 >= cfg.context;
-            r.next = r.step(logits, full, self);
+        let lens: Vec<usize> = fresh.iter().map(|r| r.p.prompt.len()).collect();
+        for group in prefill_groups(&lens, self.inner.cfg.prefill_tokens) {
+            let rows = &mut fresh[group];
+            {
+                let mut st = self.inner.stats.lock().unwrap();
+                st.batches += 1;
+                st.batched_requests += rows.len() as u64;
+            }
+            let (l, pad, tokens) = stage::pack_prompts(rows.iter().map(|r| &r.p.prompt[..]));
+            let ids: Vec<u64> = rows.iter().map(|r| r.id).collect();
+            let sampling = rows.iter_mut().map(|r| r.sampling()).collect();
+            let (shape, bytes) = self
+                .through(
+                    a.sha256,
+                    replica,
+                    &ids,
+                    true,
+                    &pad,
+                    (Payload::Tokens, tokens),
+                    vec![ids.len() as u32, l],
+                    Payload::Sampled,
+                    sampling,
+                )
+                .await?;
+            let sampled = sampled_of(replica, &shape, &bytes, rows.len(), cfg.vocab)?;
+            for (r, s) in rows.iter_mut().zip(sampled) {
+                let full = r.p.prompt.len() as u32 + 1 >= cfg.context;
+                r.next = r.step(s, full, self);
+            }
         }
         Ok(())
     }
@@ -364,6 +368,7 @@ impl Server {
         }
         let ids: Vec<u64> = live.iter().map(|&i| active[i].id).collect();
         let tokens = stage::pack_tokens(live.iter().map(|&i| active[i].next));
+        let sampling = live.iter().map(|&i| active[i].sampling()).collect();
         let pad = vec![0u32; live.len()];
         let (shape, bytes) = self
             .through(
@@ -374,34 +379,33 @@ impl Server {
                 &pad,
                 (Payload::Tokens, tokens),
                 vec![ids.len() as u32, 1],
-                Payload::LastLogits,
+                Payload::Sampled,
+                sampling,
             )
             .await?;
-        let logits = logits_of(replica, &shape, &bytes, live.len(), cfg.vocab)?;
-        for (&i, logits) in live.iter().zip(logits.chunks_exact(cfg.vocab as usize)) {
+        let sampled = sampled_of(replica, &shape, &bytes, live.len(), cfg.vocab)?;
+        for (&i, s) in live.iter().zip(sampled) {
             let r = &mut active[i];
             // The row now holds prompt + generated tokens; the next one must still fit.
             let full = (r.p.prompt.len() + r.out_len() + 1) as u32 >= cfg.context;
-            r.next = r.step(logits, full, self);
+            r.next = r.step(s, full, self);
         }
         Ok(())
     }
 }
 
-/// The `[rows, vocab]` f32 logits the last stage of `replica` answered, checked for shape.
-fn logits_of(
+/// Each row's sampled token (and logprobs) the last stage of `replica` answered, checked
+/// for shape and vocabulary.
+fn sampled_of(
     replica: &[pipeline::Stage],
     shape: &[u32],
     bytes: &[u8],
     rows: usize,
     vocab: u32,
-) -> Result<Vec<f32>, ServeError> {
-    if vocab == 0 || shape != [rows as u32, vocab] {
-        return Err(ServeError::Stage {
-            member: replica.last().expect("stages").member.clone(),
-            reason: format!("logits of shape {shape:?}"),
-            rejected: false,
-        });
-    }
-    Ok(stage::f32s(bytes))
+) -> Result<Vec<stage::SampledRow>, ServeError> {
+    stage::unpack_sampled(shape, bytes, rows, vocab).map_err(|e| ServeError::Stage {
+        member: replica.last().expect("stages").member.clone(),
+        reason: e.to_string(),
+        rejected: false,
+    })
 }

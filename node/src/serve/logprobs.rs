@@ -229,17 +229,17 @@ impl Namer {
         n
     }
 
-    /// The entry of token `chosen`, picked from `logits`, with the `top` most likely
-    /// tokens; its text starts at character `text_offset` of the completion.
+    /// The entry of token `chosen`, of `logprob`, with `best`, the most likely tokens and
+    /// theirs (from [`rank`], on the stage that sampled it); its text starts at character
+    /// `text_offset` of the completion.
     pub(super) fn entry(
         &mut self,
         vocab: Vocab,
-        logits: &[f32],
         chosen: u32,
-        top: usize,
+        logprob: f32,
+        best: Vec<(u32, f32)>,
         text_offset: u32,
     ) -> TokenLogprob {
-        let (logprob, best) = rank(logits, chosen as usize, top);
         let (token, bytes) = self.name(vocab, chosen);
         let top = best
             .into_iter()
@@ -489,7 +489,8 @@ mod tests {
         assert_eq!(n.name(Vocab::Ids, 7), ("token_id:7".into(), None));
         assert_eq!(text_of("a€".as_bytes()), "a€");
         assert_eq!(text_of(&[b'a', 0xE2, 0x82]), "a\\xe2\\x82");
-        let e = n.entry(Vocab::Bytes, &[0.0, 1.0, 2.0], 1, 2, 4);
+        let (logprob, best) = rank(&[0.0, 1.0, 2.0], 1, 2);
+        let e = n.entry(Vocab::Bytes, 1, logprob, best, 4);
         assert_eq!(e.token, "\u{1}");
         assert_eq!(e.text_offset, 4);
         let tops: Vec<&str> = e.top.iter().map(|t| t.token.as_str()).collect();

@@ -18,10 +18,13 @@
 //!   each request to the replica with the fewest outstanding requests, into one of its
 //!   lanes (micro-batches: one more than its stages, `pipeline::lanes`, so stages work on
 //!   different lanes' rows at once and the next is waiting when one moves on). A lane batches
-//!   continuously: every iteration starts the requests that arrived (one prefill call,
-//!   prompts left-padded; an idle lane waits up to `max_wait_ms` for up to `max_batch`)
-//!   and adds one token to every running request (one decode call), over data-plane
-//!   streams, stage after stage; requests join and leave between iterations. Each stage
+//!   continuously: every iteration starts the requests that arrived (prefill calls of at
+//!   most `prefill_tokens`, prompts left-padded; an idle lane waits up to `max_wait_ms`
+//!   for up to `max_batch`) and adds one token to every running request (one decode
+//!   call), over data-plane streams, stage after stage; requests join and leave between
+//!   iterations. The last stage samples each row's next token (with the request's
+//!   parameters and the next draw of its seeded generator) and answers only the tokens
+//!   and the logprobs asked for, not the logits. Each stage
 //!   keeps the KV cache of its layers per request row. Stages compute on the node's
 //!   device ([`ServeConfig::device`], from `shoal up --device`); the bytes exchanged are
 //!   decoded and encoded on the CPU.
@@ -64,6 +67,7 @@ pub mod manifest;
 mod plan;
 mod registry;
 mod row;
+mod sample;
 mod stage_rpc;
 
 pub use coordinator_free::serving::Sampling;
@@ -99,6 +103,11 @@ pub struct ServeConfig {
     pub max_batch: usize,
     /// Longest a request waits for others to batch with, in ms. Default: 5.
     pub max_wait_ms: u64,
+    /// Most prompt tokens (rows × the longest prompt) in one prefill call
+    /// (`coordinator_free::serving::prefill_groups`): a batch of long prompts is started
+    /// in several calls, so that the other lanes' calls do not wait behind one that holds
+    /// the stage for seconds. Default: 1024 (8 prompts of up to 128 tokens in one call).
+    pub prefill_tokens: usize,
     /// Complete responses kept for repeated deterministic requests. Default: 1024.
     pub cache_entries: usize,
     /// A request's deadline (a request carrying a smaller `timeout` uses that). Default: 60 s.
@@ -127,6 +136,7 @@ impl ServeConfig {
         ServeConfig {
             max_batch: 8,
             max_wait_ms: 5,
+            prefill_tokens: 1024,
             cache_entries: 1024,
             request_timeout: Duration::from_secs(60),
             api_token: None,

@@ -1,19 +1,22 @@
 //! One request inside a lane: its tokens, its sampling state, and what its client has
 //! been sent.
 //!
-//! After every prefill or decode call the lane hands each row its logits ([`Row::step`]):
-//! the row samples its next token (`coordinator_free::serving::sample_token`, from the
-//! request's seed, so a retry regenerates the same tokens), asks the core whether it is
-//! finished (`coordinator_free::stop::finish`) and what of its text may be streamed yet
-//! (`coordinator_free::stop::StreamRelease`), and sends that and, at the end, the
-//! completion to its client. A row whose request asked for logprobs also ranks the logits
-//! it sampled from (`super::logprobs`) and keeps an entry beside each token it keeps.
+//! Before every prefill or decode call the row says how its next token is to be sampled
+//! ([`Row::sampling`]: its temperature, top_p, logprobs, and the next draw of the
+//! request's seeded generator, so a retry regenerates the same tokens). The last stage
+//! samples it (`super::sample`) and the lane hands it to the row ([`Row::step`]), which
+//! asks the core whether it is finished (`coordinator_free::stop::finish`) and what of
+//! its text may be streamed yet (`coordinator_free::stop::StreamRelease`), and sends
+//! that and, at the end, the completion to its client. A row whose request asked for
+//! logprobs gets them from the stage too (`super::logprobs` names their tokens) and
+//! keeps an entry beside each token it keeps.
 
 use super::completions::{Pending, Sink};
 use super::lanes::LaneSlot;
 use super::logprobs::{CharCount, Namer, Vocab};
 use super::{Completion, ServeError, Server, StreamEvent, TokenLogprob};
 use crate::text::Detokenizer;
+use coordinator_free::codec::stage::{RowSampling, SampledRow, MAX_TOP_LOGPROBS};
 use coordinator_free::serving::SplitMix64;
 use coordinator_free::stop::{self, Finish, StreamRelease};
 
@@ -87,19 +90,35 @@ impl Row {
         self.rng = SplitMix64::new(self.p.sampling.seed);
     }
 
-    /// Takes the next token from `logits` (a finished row takes a filler token and
-    /// stays finished). `full`: the batch has filled the context.
-    pub(super) fn step(&mut self, logits: &[f32], full: bool, srv: &Server) -> u32 {
-        if self.done {
-            return 0;
-        }
+    /// How the last stage is to sample this row's next token: the request's temperature,
+    /// top_p and logprobs, and the next draw of its seeded generator (one per token, so
+    /// a retry draws the same).
+    pub(super) fn sampling(&mut self) -> RowSampling {
         let s = &self.p.sampling;
         let u = if s.temperature > 0.0 {
             self.rng.next_f64()
         } else {
             0.0
         };
-        let t = coordinator_free::serving::sample_token(logits, s.temperature, s.top_p, u) as u32;
+        RowSampling {
+            temperature: s.temperature,
+            top_p: s.top_p,
+            u,
+            logprobs: self
+                .p
+                .logprobs
+                .map(|k| k.min(MAX_TOP_LOGPROBS as usize) as u8),
+        }
+    }
+
+    /// Takes the next token the last stage sampled (with what [`Row::sampling`] asked;
+    /// a finished row takes a filler token and stays finished). `full`: the batch has
+    /// filled the context.
+    pub(super) fn step(&mut self, sampled: SampledRow, full: bool, srv: &Server) -> u32 {
+        if self.done {
+            return 0;
+        }
+        let (t, logprob, mut best) = sampled;
         self.generated += 1;
         // The logprobs of the model's distribution (before temperature and top_p).
         let entry = self.p.logprobs.map(|top| {
@@ -109,7 +128,8 @@ impl Row {
                 (None, false) => Vocab::Ids,
             };
             let offset = self.chars.of(&self.out);
-            self.namer.entry(vocab, logits, t, top, offset)
+            best.truncate(top);
+            self.namer.entry(vocab, t, logprob, best, offset)
         });
         let s = &self.p.sampling;
         let finish = if self.p.byte_level {

@@ -177,8 +177,9 @@ impl Server {
     }
 
     /// Runs `input` (of `shape`, `[rows, ...]`) through every stage of `replica`: each
-    /// stage takes the previous one's answer. For a `gpt`, a prefill of left-padded
-    /// prompts or one decode token per row.
+    /// stage takes the previous one's answer, and the last answers `last` (sampling each
+    /// row by `sampling` when that is [`Payload::Sampled`]). For a `gpt`, a prefill of
+    /// left-padded prompts or one decode token per row.
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn through(
         &self,
@@ -190,10 +191,15 @@ impl Server {
         mut input: (Payload, Vec<u8>),
         mut shape: Vec<u32>,
         last: Payload,
+        mut sampling: Vec<wire::RowSampling>,
     ) -> Result<(Vec<u32>, Vec<u8>), ServeError> {
         let n = replica.len();
         for (i, s) in replica.iter().enumerate() {
-            let output = if i + 1 == n { last } else { Payload::Hidden };
+            let (output, sampling) = if i + 1 == n {
+                (last, std::mem::take(&mut sampling))
+            } else {
+                (Payload::Hidden, Vec::new())
+            };
             let req = StageRequest::Forward {
                 model,
                 rows: rows.to_vec(),
@@ -204,6 +210,7 @@ impl Server {
                 pad: pad.to_vec(),
                 input: input.0,
                 output,
+                sampling,
             };
             let (sh, out) = self
                 .call_stage(&s.member, req, std::mem::take(&mut input.1))

@@ -66,6 +66,11 @@ pub struct UpArgs {
     /// Serving: longest a request waits to be batched, in ms. Default: 5.
     #[arg(long, env = "SHOAL_SERVE_MAX_WAIT_MS", default_value_t = 5)]
     serve_max_wait_ms: u64,
+    /// Serving: most prompt tokens (rows × the longest prompt, padding included) in one
+    /// prefill call; a lane starts more rows in several calls, so that no call holds a
+    /// stage for long (a longer prompt goes alone). Default: 1024.
+    #[arg(long, env = "SHOAL_SERVE_PREFILL_TOKENS", default_value_t = 1024)]
+    serve_prefill_tokens: usize,
     /// Serving: torch threads for stage compute (0: libtorch's default). Default: 0.
     #[arg(long, env = "SHOAL_SERVE_THREADS", default_value_t = 0)]
     serve_threads: usize,
@@ -151,6 +156,7 @@ pub async fn up(a: UpArgs) -> Result<(), Failure> {
     serve.api_token = api_token;
     serve.max_batch = a.serve_max_batch.max(1);
     serve.max_wait_ms = a.serve_max_wait_ms;
+    serve.prefill_tokens = a.serve_prefill_tokens;
     serve.cache_entries = a.serve_cache;
     serve.threads = a.serve_threads;
     let cfg = NodeConfig {
