@@ -7,8 +7,9 @@
 //! work on different lanes' rows at once. Each lane iteration starts the rows that arrived
 //! (prefill calls of at most `prefill_tokens`, prompts left-padded; an idle lane waits up
 //! to `max_wait_ms` for up to `max_batch`, `coordinator_free::serving::Batcher`) and adds
-//! one token to every running row (one decode call). When a stage call fails, the lane's rows go back to the
-//! dispatcher, which re-plans without the member, and are regenerated from their seeds.
+//! one token to every running row (one decode call); the last stage samples the tokens.
+//! When a stage call fails, the lane's rows go back to the dispatcher, which re-plans
+//! without the member, and are regenerated from their seeds.
 
 use super::row::Row;
 use super::{ServeError, Server};
