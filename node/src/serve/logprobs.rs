@@ -34,8 +34,8 @@ pub const FLOOR: f32 = -9999.0;
 /// Most alternatives `/v1/completions` returns per token (`logprobs`, OpenAI's bound).
 pub const MAX_COMPLETION_TOP: usize = 5;
 /// Most alternatives `/v1/chat/completions` returns per token (`top_logprobs`, OpenAI's
-/// bound).
-pub const MAX_CHAT_TOP: usize = 20;
+/// bound, 20): the most a stage call may ask the last stage to rank.
+pub const MAX_CHAT_TOP: usize = coordinator_free::codec::stage::MAX_TOP_LOGPROBS as usize;
 
 /// One of the most likely tokens at a position.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
