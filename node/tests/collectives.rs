@@ -142,6 +142,32 @@ async fn all_reduce_exact_quic_n2_to_5() {
     exact_matrix(DataTransport::Quic, &[2, 3, 4, 5]).await;
 }
 
+/// With MTU discovery allowed up to loopback's 65,507 bytes, the QUIC paths grow past the
+/// 16,000-byte handshake limit (quinn then batches more bytes than one UDP send carries,
+/// and the socket splits the batch), and every all-reduce is still exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_paths_grow_past_the_handshake_limit_and_stay_exact() {
+    let cfg = DataPlaneConfig {
+        quic_max_mtu: 65_507,
+        ..DataPlaneConfig::default()
+    };
+    let (dps, view) = members(3, DataTransport::Quic, cfg).await;
+    let mut largest = 0;
+    for round in 0..40u64 {
+        check_all_reduce::<f32>(&dps, &view, 1 << 20, ReduceOp::Sum, 100 + round).await;
+        for d in &dps {
+            largest = largest.max(d.quic_path_mtus().await.into_iter().min().unwrap_or(0));
+        }
+        if largest > 16_000 && round >= 4 {
+            break;
+        }
+    }
+    assert!(
+        largest > 16_000,
+        "no QUIC path went past 16,000 bytes: {largest}"
+    );
+}
+
 /// Compressed all-reduces (bf16, int8) of gradient-like values spanning six decades: every
 /// member ends with bit-identical values, each within the compression's bound of the exact
 /// sum, the members' error-feedback residuals add up to what was lost, and the bytes sent

@@ -73,11 +73,14 @@ pub struct DataPlaneConfig {
     /// Default: 8.
     pub timeout_multiplier: u32,
     /// QUIC initial MTU (UDP payload bytes), also the floor after a suspected black hole;
-    /// clamped to 1200..=16000 (quinn cannot encode larger handshake packets). MTU
-    /// discovery searches up to it, or up to 1452 if that is larger; GSO batches hold as
-    /// many datagrams as one UDP send carries. Default: 1200 (safe on any path; loopback
-    /// benchmarks ask for 16000).
+    /// clamped to 1200..=16000 (quinn cannot encode larger handshake packets). Default:
+    /// 1200 (safe on any path; loopback benchmarks ask for 16000).
     pub quic_initial_mtu: u16,
+    /// The largest QUIC datagram (UDP payload bytes) MTU discovery searches up to, after
+    /// the handshake; clamped to the initial MTU..=65507, and at least 1452. Probes a path
+    /// cannot carry are lost without slowing anything. Default: 1452 (an Ethernet path;
+    /// 8972 suits jumbo frames, 65507 loopback).
+    pub quic_max_mtu: u16,
     /// QUIC flow-control windows, in bytes. Default: 64 MiB.
     pub quic_window: u32,
     /// Most links that arrived for collectives not yet started here. Default: 256.
@@ -96,6 +99,7 @@ impl Default for DataPlaneConfig {
             start_timeout: Duration::from_secs(30),
             timeout_multiplier: 8,
             quic_initial_mtu: 1200,
+            quic_max_mtu: 1452,
             quic_window: 64 << 20,
             max_pending_links: 256,
             tcp_buffer: 0,

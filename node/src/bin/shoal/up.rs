@@ -93,6 +93,10 @@ pub struct UpArgs {
     /// QUIC initial MTU in bytes. Default: 1200 (safe on any path).
     #[arg(long, env = "SHOAL_QUIC_INITIAL_MTU", default_value_t = 1200)]
     quic_initial_mtu: u16,
+    /// The largest QUIC datagram MTU discovery searches up to (UDP payload bytes, up to
+    /// 65507; 8972 for jumbo frames). Default: 1452 (an Ethernet path).
+    #[arg(long, env = "SHOAL_QUIC_MAX_MTU", default_value_t = 1452)]
+    quic_max_mtu: u16,
     /// Data-plane TCP socket buffers in bytes (0: kernel autotuning). Default: 0.
     #[arg(long, env = "SHOAL_TCP_BUFFER", default_value_t = 0)]
     tcp_buffer: u32,
@@ -183,6 +187,7 @@ pub async fn up(a: UpArgs) -> Result<(), Failure> {
         data_plane: shoal_node::data_plane::DataPlaneConfig {
             transport: a.data_plane,
             quic_initial_mtu: a.quic_initial_mtu,
+            quic_max_mtu: a.quic_max_mtu,
             segment_bytes: a.segment_bytes.max(4096),
             tcp_buffer: a.tcp_buffer,
             ..Default::default()

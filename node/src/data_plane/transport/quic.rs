@@ -1,6 +1,6 @@
 //! The QUIC transport (quinn): endpoint and transport settings (initial MTU, also the floor
-//! after a suspected black hole; UDP payloads of at most 16,000 bytes, GSO batches capped
-//! so each fits one UDP send; an initial congestion window of at least two datagrams; ACKs
+//! after a suspected black hole; MTU discovery up to a configured bound, GSO batches split
+//! so each send fits one UDP send; an initial congestion window of at least two datagrams; ACKs
 //! every 8 packets; flow-control windows, 4 MiB UDP buffers, 10-minute idle timeout, 10 s
 //! keep-alive), libp2p-tls certificates on both sides so the TLS handshake itself proves
 //! each peer's libp2p identity (the TLS configs, AES-GCM first, are in `tls.rs`), the
@@ -74,6 +74,13 @@ impl DataPlane {
         }
     }
 
+    /// The current path MTU (UDP payload bytes, as MTU discovery left it) of each cached
+    /// outbound QUIC connection; empty on TCP.
+    pub async fn quic_path_mtus(&self) -> Vec<u16> {
+        let conns = self.inner.quic_conns.lock().await;
+        conns.values().map(|c| c.stats().path.current_mtu).collect()
+    }
+
     /// The cached connection to `peer`, or a new one to `addr` that must prove to be
     /// `expected`. The cache's lock is held across the dial, so concurrent links to one
     /// peer share one connection.
@@ -104,10 +111,17 @@ impl DataPlane {
     }
 }
 
-/// The largest UDP payload the data plane sends or accepts. quinn encodes the length of a
-/// long-header (handshake) packet in two bytes and panics on 16,384 or more, and the
-/// initial MTU pads handshake datagrams, so datagrams stay below that.
-const MAX_UDP_PAYLOAD: u16 = 16_000;
+/// The largest initial MTU: quinn encodes the length of a long-header (handshake) packet in
+/// two bytes and panics on 16,384 or more, and the initial MTU pads handshake datagrams.
+/// Short-header (1-RTT) packets carry no length, so MTU discovery may go higher.
+const MAX_INITIAL_MTU: u16 = 16_000;
+
+/// The most payload bytes one UDP send carries over IPv4, also the largest MTU discovery
+/// may search up to (a 65,536-byte loopback MTU less the IPv4 and UDP headers). A GSO batch
+/// larger than this is refused by the kernel (EMSGSIZE), which quinn counts as sent, so the
+/// whole batch would be lost (measured: 10 × 8192-byte datagrams, 40% of packets lost on
+/// loopback); [`GsoSplit`] sends such a batch as several sends.
+const MAX_UDP_SEND: usize = 65_507;
 
 /// Ack-eliciting packets the peer may receive before it must acknowledge (quinn's ACK
 /// frequency extension; quinn's default is 1, an ACK for every other packet). Every ACK is
@@ -118,34 +132,26 @@ const MAX_UDP_PAYLOAD: u16 = 16_000;
 /// reordering.
 const ACK_ELICITING_THRESHOLD: u32 = 8;
 
-/// The most payload bytes one UDP send carries over IPv4; a GSO batch larger than this is
-/// refused by the kernel (EMSGSIZE), which quinn counts as sent, so the whole batch is lost
-/// (measured: 10 × 8192-byte datagrams, 40% of packets lost on loopback).
-const MAX_UDP_SEND: usize = 65_507;
-
-/// The MTU the data plane starts with: the configured one within 1200..=[`MAX_UDP_PAYLOAD`].
+/// The MTU the data plane starts with: the configured one within 1200..=[`MAX_INITIAL_MTU`].
 fn initial_mtu(cfg: &DataPlaneConfig) -> u16 {
-    cfg.quic_initial_mtu.clamp(1200, MAX_UDP_PAYLOAD)
+    cfg.quic_initial_mtu.clamp(1200, MAX_INITIAL_MTU)
 }
 
 /// The largest datagram this side sends or accepts, also MTU discovery's upper bound: the
-/// initial MTU, or 1452 (quinn's default bound, an Ethernet path) if that is larger.
+/// configured one within [`initial_mtu`]..=[`MAX_UDP_SEND`], or 1452 (quinn's default
+/// bound, an Ethernet path) if that is larger.
 fn max_mtu(cfg: &DataPlaneConfig) -> u16 {
-    initial_mtu(cfg).max(1452)
-}
-
-/// Datagrams per GSO send: as many of [`max_mtu`] as one UDP send carries (quinn sends at
-/// most 10): 10 up to 6550-byte datagrams, 4 of 16,000.
-fn gso_segments(cfg: &DataPlaneConfig) -> usize {
-    (MAX_UDP_SEND / usize::from(max_mtu(cfg))).max(1)
+    let most = MAX_UDP_SEND as u16;
+    cfg.quic_max_mtu.clamp(initial_mtu(cfg), most).max(1452)
 }
 
 /// Transport settings shared by both sides. The initial MTU is also the floor quinn falls
 /// back to when it suspects a black hole: losses under congestion look like one to it, and
 /// falling back to 1200 bytes on loopback cost 7x the packets (measured: one spurious
 /// detection per run, MTU 8192 -> 1200 for the rest of it). MTU discovery searches up to
-/// [`max_mtu`] (probes that a path cannot carry are merely lost). The initial congestion
-/// window holds at least two of the largest datagrams.
+/// [`max_mtu`] (probes that a path cannot carry are merely lost, and they are not subject
+/// to congestion control). The initial congestion window holds at least two datagrams of
+/// the initial MTU; quinn raises it to two of the discovered one.
 fn transport_config(cfg: &DataPlaneConfig) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     let mtu = initial_mtu(cfg);
@@ -164,7 +170,7 @@ fn transport_config(cfg: &DataPlaneConfig) -> Arc<quinn::TransportConfig> {
     // quinn's initial congestion window (14,720 bytes) is smaller than one datagram of more
     // than that, and nothing would ever be sent; RFC 9002's rule instead:
     // min(10 × size, max(2 × size, 14720)).
-    let size = u64::from(max_mtu(cfg));
+    let size = u64::from(mtu);
     let mut cubic = quinn::congestion::CubicConfig::default();
     cubic.initial_window((2 * size).max(14_720).min(10 * size));
     t.congestion_controller_factory(Arc::new(cubic));
@@ -174,20 +180,44 @@ fn transport_config(cfg: &DataPlaneConfig) -> Arc<quinn::TransportConfig> {
     Arc::new(t)
 }
 
-/// quinn's UDP socket with GSO batches capped at `segments` datagrams (see
-/// [`gso_segments`]); everything else is the socket's own.
+/// quinn's UDP socket, except that a GSO batch larger than one UDP send carries
+/// ([`MAX_UDP_SEND`]) goes out as several sends of whole datagrams. quinn batches up to 10
+/// datagrams of the current MTU, which MTU discovery may raise past what one send holds.
 #[derive(Debug)]
-struct GsoCapped {
+struct GsoSplit {
     inner: Arc<dyn quinn::AsyncUdpSocket>,
-    segments: usize,
 }
 
-impl quinn::AsyncUdpSocket for GsoCapped {
+impl quinn::AsyncUdpSocket for GsoSplit {
     fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn quinn::UdpPoller>> {
         self.inner.clone().create_io_poller()
     }
+    /// An error on the first send is the batch's (quinn retries the whole batch after
+    /// `WouldBlock`); after that, the rest of the batch counts as sent and, if it was not,
+    /// as lost, which QUIC's loss recovery resends (retrying would resend the part that
+    /// went out, and might never get past it).
     fn try_send(&self, transmit: &quinn::udp::Transmit) -> std::io::Result<()> {
-        self.inner.try_send(transmit)
+        let per_send = match transmit.segment_size {
+            Some(size) if transmit.contents.len() > MAX_UDP_SEND => {
+                (MAX_UDP_SEND / size).max(1) * size
+            }
+            _ => return self.inner.try_send(transmit),
+        };
+        for (i, part) in transmit.contents.chunks(per_send).enumerate() {
+            let one = quinn::udp::Transmit {
+                destination: transmit.destination,
+                ecn: transmit.ecn,
+                contents: part,
+                segment_size: transmit.segment_size.filter(|&s| part.len() > s),
+                src_ip: transmit.src_ip,
+            };
+            match self.inner.try_send(&one) {
+                Ok(()) => {}
+                Err(e) if i == 0 => return Err(e),
+                Err(_) => break,
+            }
+        }
+        Ok(())
     }
     fn poll_recv(
         &self,
@@ -201,7 +231,7 @@ impl quinn::AsyncUdpSocket for GsoCapped {
         self.inner.local_addr()
     }
     fn max_transmit_segments(&self) -> usize {
-        self.inner.max_transmit_segments().min(self.segments)
+        self.inner.max_transmit_segments()
     }
     fn max_receive_segments(&self) -> usize {
         self.inner.max_receive_segments()
@@ -234,10 +264,7 @@ pub(in crate::data_plane) fn endpoint(
     let runtime = Arc::new(quinn::TokioRuntime);
     let socket = quinn::Runtime::wrap_udp_socket(&*runtime, socket)
         .map_err(|e| err(&format!("bind {addr}: {e}")))?;
-    let socket = Arc::new(GsoCapped {
-        inner: socket,
-        segments: gso_segments(cfg),
-    });
+    let socket = Arc::new(GsoSplit { inner: socket });
     quinn::Endpoint::new_with_abstract_socket(endpoint, Some(server), socket, runtime)
         .map_err(|e| err(&format!("bind {addr}: {e}")))
 }

@@ -44,6 +44,10 @@ pub struct AllreduceArgs {
     /// byte; measured cheaper than 6500).
     #[arg(long, default_value_t = 16000)]
     quic_mtu: u16,
+    /// The nodes' MTU discovery bound (`shoal up --quic-max-mtu`; UDP payload bytes, up to
+    /// 65507). Default: 65507 (loopback's largest: fewest packets per byte).
+    #[arg(long, default_value_t = 65507)]
+    quic_max_mtu: u16,
     /// Print JSON lines only.
     #[arg(long)]
     json: bool,
@@ -99,6 +103,7 @@ pub async fn run(a: AllreduceArgs) -> Result<(), Failure> {
         .iter()
         .map(|s| s.to_string())
         .chain(["--quic-initial-mtu".to_string(), a.quic_mtu.to_string()])
+        .chain(["--quic-max-mtu".to_string(), a.quic_max_mtu.to_string()])
         .collect();
     let (mut c, _) = start_agreed(&dir, n, &extra, Duration::from_secs(60)).await?;
     let apis: Vec<SocketAddr> = (0..n).filter_map(|i| c.api(i)).collect();
