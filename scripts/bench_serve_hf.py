@@ -14,7 +14,8 @@ round and their median reported):
   * shoal, 2 nodes, 2 stages: 3 x 8 concurrent requests (three micro-batches of 8 in
     flight), for the pipeline efficiency throughput(2 stages) / (2 x throughput(1 node at
     8 concurrent)), after one warm-up run of the same load (in which the planner re-cuts
-    the stages from the speeds the members measured);
+    the stages from the speeds the members measured); the 1-node run at 8 concurrent is
+    repeated after the pipeline's and the efficiency divides by the two runs' mean;
   * each node's peak resident memory (VmHWM) against its stage's share of the weights and
     its KV caches.
 
@@ -262,12 +263,10 @@ def run(work):
         r = {}
         r["hf_one"] = hf_one(model, ps)
         r["hf_batch"] = hf_batch(model, ps)
-        c = Cluster(folder, 1, 1, os.path.join(work, f"one{rnd}"))
-        shoal_run(c.apis[0], ps[:1], 1)  # warm-up: layers load on first use
-        r["shoal_one"] = shoal_run(c.apis[0], ps, 1)
-        r["shoal_conc"] = shoal_run(c.apis[0], ps, BATCH)
-        c.close()
-        mems = [("1 node", BATCH, *c.stages[0])]
+        one = Cluster(folder, 1, 1, os.path.join(work, f"one{rnd}"))
+        shoal_run(one.apis[0], ps[:1], 1)  # warm-up: layers load on first use
+        r["shoal_one"] = shoal_run(one.apis[0], ps, 1)
+        r["shoal_conc"] = shoal_run(one.apis[0], ps, BATCH)
         # Greedy answers: shoal's against transformers' (leading tokens equal).
         ref = r["hf_one"][3]
         got = {tuple(x[2]) for x in r["shoal_one"][3]}
@@ -280,6 +279,13 @@ def run(work):
             shoal_run(c.apis[0], ps * 3, 3 * BATCH)
             r["shoal_pipe"] = shoal_run(c.apis[0], ps * 3, 3 * BATCH)
             c.close()
+            # The 1-node baseline again (its node idled meanwhile): the efficiency divides
+            # by the mean of the runs before and after the pipeline's, so that the
+            # machine's drift within the round falls on both sides of the ratio.
+            r["shoal_conc_after"] = shoal_run(one.apis[0], ps, BATCH)
+        one.close()
+        mems = [("1 node", BATCH, *one.stages[0])]
+        if not A.skip_pipeline:
             mems += [(f"stage {i + 1} of 2", 3 * BATCH, *st) for i, st in enumerate(c.stages)]
         rows.append(r)
         log(f"round {rnd}: " + ", ".join(f"{k} {v[0]:.1f} tok/s" for k, v in r.items()))
@@ -289,7 +295,8 @@ def run(work):
 def report(rows, agree, mems, folder, params):
     names = {"hf_one": "transformers, 1 at a time", "hf_batch": "transformers, batch of 8 (left-padded)",
              "shoal_one": "shoal 1 node, 1 at a time", "shoal_conc": "shoal 1 node, 8 concurrent",
-             "shoal_pipe": "shoal 2 nodes x 2 stages, 24 concurrent"}
+             "shoal_pipe": "shoal 2 nodes x 2 stages, 24 concurrent",
+             "shoal_conc_after": "shoal 1 node, 8 concurrent, after the pipeline"}
     print(f"| run | tok/s (median) | TTFT p50 ms | ITL p50 ms | ITL p99 ms |")
     print("| --- | --- | --- | --- | --- |")
     out = {}
@@ -311,8 +318,9 @@ def report(rows, agree, mems, folder, params):
     print(f"shoal 8 concurrent / transformers batch of 8: {fmt(eight)}")
     out["ratio_one"], out["ratio_eight"] = med(one), med(eight)
     if "shoal_pipe" in rows[0]:
-        eff = lambda r: r["shoal_pipe"][0] / (2 * r["shoal_conc"][0])
-        print(f"pipeline efficiency (2 stages, 24 in flight / 2 x 1 node, 8 in flight): {fmt(eff)}")
+        eff = lambda r: r["shoal_pipe"][0] / (r["shoal_conc"][0] + r["shoal_conc_after"][0])
+        print(f"pipeline efficiency (2 stages, 24 in flight / 2 x 1 node, 8 in flight, "
+              f"the mean of a run before and one after): {fmt(eff)}")
         out["pipeline_efficiency"] = med(eff)
     print(f"greedy answers equal to transformers': {min(agree) * 100:.0f} % of prompts (worst round)")
     # KV caches: 2 (K, V) x 4 kv heads x head dim 64 x 128 positions (the buffers' capacity
