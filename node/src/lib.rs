@@ -2,6 +2,8 @@
 //! the whole code (tree, modules, a training step and a completion request walked through):
 //! `docs/architecture.md`.
 //!
+//! - [`allocator`]: glibc's allocator set for tensor work, and freed memory given back when
+//!   a piece of work ends.
 //! - [`identity`]: the node's persistent key, incarnation counter and swarm key on disk.
 //! - [`capabilities`]: what this machine offers (cores, RAM, GPUs).
 //! - [`device`]: which device a member computes on (`auto`, `cpu`, `cuda:N`) and its
@@ -21,6 +23,7 @@
 //! - [`local`]: local clusters of `shoal up` processes and the bounded wait for one agreed
 //!   view (the CLI, the benchmarks, the end-to-end tests).
 
+pub mod allocator;
 pub mod api;
 pub mod capabilities;
 pub mod control_plane;

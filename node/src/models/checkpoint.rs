@@ -59,56 +59,66 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> CheckpointError + '_ {
 
 /// Encodes `tensors` (as f32) and `metadata` in the safetensors format.
 pub fn encode(tensors: &[(String, Tensor)], metadata: &BTreeMap<String, String>) -> Vec<u8> {
+    let mut out = Vec::new();
+    encode_to(&mut out, tensors, metadata).expect("a Vec takes every write");
+    out
+}
+
+/// Writes `tensors` (as f32) and `metadata` in the safetensors format to `w`, one tensor at
+/// a time: beyond what `w` buffers, it holds one tensor's bytes, never the whole file.
+fn encode_to(
+    w: &mut impl Write,
+    tensors: &[(String, Tensor)],
+    metadata: &BTreeMap<String, String>,
+) -> std::io::Result<()> {
     let mut header = serde_json::Map::new();
     header.insert(
         "__metadata__".into(),
         serde_json::to_value(metadata).expect("strings serialize"),
     );
     let mut offset = 0usize;
-    let mut datas = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
-        let t = t.to_kind(tch::Kind::Float).contiguous();
-        let n = t.numel();
-        let mut v = vec![0f32; n];
-        t.copy_data(&mut v, n);
-        let bytes = n * 4;
+        let bytes = t.numel() * 4;
         header.insert(
             name.clone(),
             serde_json::json!({"dtype": "F32", "shape": t.size(), "data_offsets": [offset, offset + bytes]}),
         );
         offset += bytes;
-        datas.push(v);
     }
     let mut h = serde_json::to_vec(&serde_json::Value::Object(header)).expect("json");
     // Pad the header with spaces to an 8-byte boundary (what the reference writer does).
     while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
-    let mut out = Vec::with_capacity(8 + h.len() + offset);
-    out.extend_from_slice(&(h.len() as u64).to_le_bytes());
-    out.extend_from_slice(&h);
-    for v in &datas {
-        for x in v {
-            out.extend_from_slice(&x.to_le_bytes());
-        }
+    w.write_all(&(h.len() as u64).to_le_bytes())?;
+    w.write_all(&h)?;
+    let mut buf = Vec::new();
+    for (_, t) in tensors {
+        let t = t.to_kind(tch::Kind::Float).contiguous();
+        let n = t.numel();
+        buf.resize(n * 4, 0u8);
+        // The tensor's bytes as they lie: little-endian f32 (the data plane refuses to
+        // compile for other hosts).
+        t.copy_data_u8(&mut buf, n);
+        w.write_all(&buf)?;
     }
-    out
+    Ok(())
 }
 
-/// Writes `tensors` (f32) and `metadata` to `path` atomically.
+/// Writes `tensors` (f32) and `metadata` to `path` atomically, streaming: it holds one
+/// tensor's bytes at a time, not the file's.
 pub fn write(
     path: &Path,
     tensors: &[(String, Tensor)],
     metadata: &BTreeMap<String, String>,
 ) -> Result<(), CheckpointError> {
-    let bytes = encode(tensors, metadata);
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let tmp = path.with_extension("safetensors.tmp");
     {
         let f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
         let mut w = std::io::BufWriter::new(f);
-        w.write_all(&bytes).map_err(io(&tmp))?;
+        encode_to(&mut w, tensors, metadata).map_err(io(&tmp))?;
         let f = w.into_inner().map_err(|e| io(&tmp)(e.into_error()))?;
         f.sync_all().map_err(io(&tmp))?;
     }

@@ -208,19 +208,27 @@ impl StageExecutor {
         };
         match &mut self.weights {
             Weights::Decoder(d) => {
+                let held = d.loaded_layers();
                 if d.retain(keep) {
+                    if d.loaded_layers() != held {
+                        // Layers dropped: their memory goes back to the kernel.
+                        crate::allocator::give_back();
+                    }
                     return Ok(());
                 }
-                if let Some(source) = &self.source {
-                    return d
-                        .load(start..end, &|n| source(n).map(|t| t.to_device(device)))
-                        .map_err(bad);
-                }
-                let c = read()?;
-                d.load(start..end, &|n| {
-                    getter(&c, n).ok_or_else(|| format!("tensor `{PARAM_PREFIX}{n}` is missing"))
-                })
-                .map_err(bad)
+                let loaded = match &self.source {
+                    Some(source) => d.load(start..end, &|n| source(n).map(|t| t.to_device(device))),
+                    None => {
+                        let c = read()?;
+                        d.load(start..end, &|n| {
+                            getter(&c, n)
+                                .ok_or_else(|| format!("tensor `{PARAM_PREFIX}{n}` is missing"))
+                        })
+                    }
+                };
+                // The read buffers of the load (and any layers dropped) go back.
+                crate::allocator::give_back();
+                loaded.map_err(bad)
             }
             Weights::Mlp(Some(_)) | Weights::Script(_) => Ok(()),
             Weights::Mlp(m) => {

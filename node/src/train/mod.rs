@@ -342,6 +342,8 @@ pub fn run(ctx: TrainContext) {
         let msg: String = msg.lines().next().unwrap_or("").chars().take(400).collect();
         Err(TrainError::Internal(msg))
     });
+    // The trainer is gone: the memory of its steps goes back to the kernel.
+    crate::allocator::give_back();
     let mut rep = report.lock().unwrap_or_else(|e| e.into_inner());
     match r {
         Ok(()) => rep.state = JobState::Done,

@@ -229,7 +229,7 @@ impl Trainer {
         let lr = self.job().lr_at(step, self.total_steps);
         let mut loss_sum = 0.0;
         if !ids.is_empty() {
-            let (flat, on_device) = self.local_gradients(&ids)?;
+            let (flat, on_device) = self.local_gradients(&ids, 0)?;
             self.phases.mark(Phase::Compute);
             let numel = flat.len() - 3;
             loss_sum = f64::from(flat[numel]);

@@ -146,10 +146,16 @@ impl Trainer {
         let tc = Instant::now();
         // The first round's gradient: computed during the round (staged), or before it (on
         // a device, it stays there until the round copies it bucket by bucket).
+        // The round appends 2 n floats (norms, speeds) to the gradient and its tail: that
+        // room is reserved now, so that the resize below never moves (and copies) the whole
+        // gradient. With every block on the heap (`crate::allocator`), glibc copies a moved
+        // block under its one lock, and the node's event loop waited behind 600 MB of copy
+        // until members suspected each other.
+        let room = 2 * n;
         let (mut flat, mut on_device, mut compute) = if staged {
-            (vec![0f32; numel + 3], None, None)
+            (zeros_with_room(numel + 3, room), None, None)
         } else {
-            let (flat, on_device) = self.local_gradients(&ids).map_err(StepError::Fatal)?;
+            let (flat, on_device) = self.local_gradients(&ids, room).map_err(StepError::Fatal)?;
             self.phases.mark(Phase::Compute);
             (flat, on_device, Some(tc.elapsed()))
         };
@@ -286,7 +292,7 @@ impl Trainer {
         }
         let more = ids_at(self.order(batch.cursor.epoch), &more);
         let g = self
-            .local_gradients_on_host(&more)
+            .local_gradients_on_host(&more, 0)
             .map_err(StepError::Fatal)?;
         ids.extend(more);
         Ok(mine.iter().zip(&g).map(|(a, b)| a + b).collect())
@@ -538,8 +544,12 @@ impl Trainer {
 
     /// [`local_gradients`](Self::local_gradients) with the gradient in `flat` wherever
     /// the model is.
-    fn local_gradients_on_host(&mut self, ids: &[u64]) -> Result<Vec<f32>, TrainError> {
-        let (mut flat, on_device) = self.local_gradients(ids)?;
+    fn local_gradients_on_host(
+        &mut self,
+        ids: &[u64],
+        room: usize,
+    ) -> Result<Vec<f32>, TrainError> {
+        let (mut flat, on_device) = self.local_gradients(ids, room)?;
         if let Some(g) = on_device {
             g.copy_data(&mut flat[..g.numel()], g.numel());
         }
@@ -550,14 +560,15 @@ impl Trainer {
     /// by `[loss_sum, samples, correct]`. On the CPU in f32 the gradient is in the returned
     /// vector; on another device (or in bf16) it is one flat f32 tensor there (returned
     /// beside a vector whose gradient part is zeros), for the all-reduce to copy bucket by
-    /// bucket.
+    /// bucket. The vector has capacity for `room` more floats.
     pub(super) fn local_gradients(
         &mut self,
         ids: &[u64],
+        room: usize,
     ) -> Result<(Vec<f32>, Option<Tensor>), TrainError> {
         self.zero_grads();
         let numel: usize = self.params.iter().map(|(_, t)| t.numel()).sum();
-        let mut flat = vec![0f32; numel + 3];
+        let mut flat = zeros_with_room(numel + 3, room);
         if ids.is_empty() {
             return Ok((flat, None));
         }
@@ -677,4 +688,11 @@ impl Trainer {
         });
         Ok(rec)
     }
+}
+
+/// `len` zeros in a vector with capacity for `room` more.
+fn zeros_with_room(len: usize, room: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(len + room);
+    v.resize(len, 0.0);
+    v
 }

@@ -73,27 +73,8 @@ enum Cmd {
     },
 }
 
-/// glibc's allocator, set for tensor work before any thread starts: one arena (the
-/// main, `brk` one), blocks up to 32 MiB (the most glibc allows) from it instead of fresh
-/// `mmap`s, and freed memory kept up to 1 GiB instead of handed back to the kernel at once.
-/// A training step or a serving call allocates and frees the same tens of MiB of
-/// activations every time. By default each round trip through the kernel faulted and
-/// zeroed those pages again: a 1-node training job of the 2-layer gpt took 65-135 k page
-/// faults per 4 s (libtorch's log-softmax, fills and GEMM outputs touching fresh pages);
-/// the thresholds alone still left 65 k in two of three runs (a thread's own arena gives
-/// whole 64 MiB heaps back when they empty), and with one arena it took 0-512. The price:
-/// a node keeps the memory of its largest step mapped, and its threads share one arena.
-fn tune_allocator() {
-    // SAFETY: mallopt only sets allocator parameters; called before other threads exist.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 1);
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
-    }
-}
-
 fn main() -> ExitCode {
-    tune_allocator();
+    shoal_node::allocator::tune();
     let cli = Cli::parse();
     init_logging(cli.log_format);
     // Worker threads of the node's runtime. Default: 2 (SHOAL_RUNTIME_THREADS overrides).
