@@ -144,14 +144,14 @@ impl Trainer {
             !nccl && self.model.stages_backward() && self.model.device() == tch::Device::Cpu;
         let numel: usize = self.stage_parts.last().map_or(0, |(_, r)| r.end);
         let tc = Instant::now();
+        // Each round appends 2 n floats (norms, speeds) to the gradient and its tail: every
+        // vector that becomes `flat` has that room, so that the resize below never moves
+        // (and copies) the whole gradient. With every block on the heap (`crate::allocator`),
+        // glibc copies a moved block under its one lock, and the node's event loop waited
+        // behind 600 MB of copy until members suspected each other.
+        let room = 2 * n;
         // The first round's gradient: computed during the round (staged), or before it (on
         // a device, it stays there until the round copies it bucket by bucket).
-        // The round appends 2 n floats (norms, speeds) to the gradient and its tail: that
-        // room is reserved now, so that the resize below never moves (and copies) the whole
-        // gradient. With every block on the heap (`crate::allocator`), glibc copies a moved
-        // block under its one lock, and the node's event loop waited behind 600 MB of copy
-        // until members suspected each other.
-        let room = 2 * n;
         let (mut flat, mut on_device, mut compute) = if staged {
             (zeros_with_room(numel + 3, room), None, None)
         } else {
@@ -242,7 +242,14 @@ impl Trainer {
                 g.copy_data(&mut mine[..numel], numel);
             }
             let covered = covered.get_or_insert_with(|| coverage.clone());
-            flat = self.redo_contribution(batch, weights, covered, &rejected, &mine, &mut ids)?;
+            // The redo's contribution, written over `flat` in place (its room kept): `mine`
+            // plus the gradient of the samples taken over, or zeros when left out.
+            let more = self.taken_over(batch, weights, covered, &rejected, &mut ids)?;
+            flat.clear();
+            match more {
+                Some(g) => flat.extend(mine.iter().zip(&g).map(|(a, b)| a + b)),
+                None => flat.resize(mine.len(), 0.0),
+            }
             self.phases.mark(Phase::Compute);
         }
         let compute = compute.unwrap_or_default();
@@ -272,30 +279,29 @@ impl Trainer {
         Ok((rec, ids, speeds))
     }
 
-    /// After the guard left out `rejected`: this member's contribution to the redo (its
-    /// kept contribution `mine` plus the gradient of the samples it takes over, which join
-    /// `ids`; zeros when it was left out itself, and `ids` emptied).
-    fn redo_contribution(
+    /// After the guard left out `rejected`: the gradient (and tail) of the samples this
+    /// member takes over for the redo, which join `ids`; `None` when it was left out
+    /// itself, and `ids` emptied.
+    fn taken_over(
         &mut self,
         batch: &StepBatch,
         weights: &[(NodeId, u32)],
         covered: &mut Coverage,
         rejected: &[NodeId],
-        mine: &[f32],
         ids: &mut Vec<u64>,
-    ) -> Result<Vec<f32>, StepError> {
+    ) -> Result<Option<Vec<f32>>, StepError> {
         let me = self.ctx.me.clone();
         let more = take_over(weights, covered, rejected, &me)?;
         if rejected.contains(&me) {
             ids.clear();
-            return Ok(vec![0f32; mine.len()]);
+            return Ok(None);
         }
         let more = ids_at(self.order(batch.cursor.epoch), &more);
         let g = self
-            .local_gradients_on_host(&more, 0)
+            .local_gradients_on_host(&more)
             .map_err(StepError::Fatal)?;
         ids.extend(more);
-        Ok(mine.iter().zip(&g).map(|(a, b)| a + b).collect())
+        Ok(Some(g))
     }
 
     /// A round in NCCL: the debug NaN (when `nan`), the contribution kept in `keep`, the
@@ -544,12 +550,8 @@ impl Trainer {
 
     /// [`local_gradients`](Self::local_gradients) with the gradient in `flat` wherever
     /// the model is.
-    fn local_gradients_on_host(
-        &mut self,
-        ids: &[u64],
-        room: usize,
-    ) -> Result<Vec<f32>, TrainError> {
-        let (mut flat, on_device) = self.local_gradients(ids, room)?;
+    fn local_gradients_on_host(&mut self, ids: &[u64]) -> Result<Vec<f32>, TrainError> {
+        let (mut flat, on_device) = self.local_gradients(ids, 0)?;
         if let Some(g) = on_device {
             g.copy_data(&mut flat[..g.numel()], g.numel());
         }
