@@ -14,7 +14,7 @@
 //!
 //! The price is that a node keeps the memory of its largest step. So the work that ends
 //! gives it back ([`give_back`]): a training job when it ends, a stage when it loaded or
-//! dropped layers (the read buffers of the load), a checkpoint when it is written.
+//! dropped layers (the read buffers of the load).
 
 /// Sets glibc's allocator for tensor work; call first thing in `main`, before any thread
 /// exists (libtorch's and the runtime's threads share its one arena):
