@@ -2,7 +2,8 @@
 //! the same weights; `kill -9` of a member at a random step (5 trials) never stops the
 //! job and loses or repeats no batch; a member paused mid-run (SIGSTOP) falls out of the view
 //! and must re-sync before it steps again; a whole cluster killed and restarted resumes from
-//! its checkpoint. Prints the recovery times (the < 5 s goal is a benchmark figure, not an
+//! its checkpoint; a member that dies the moment its all-reduce completes still has its
+//! samples of the commit the others made on record. Prints the recovery times (the < 5 s goal is a benchmark figure, not an
 //! assertion: this machine is shared).
 
 mod common;
@@ -551,4 +552,63 @@ fn diloco_survives_a_kill_9_and_uses_every_sample_once() {
         done[0]["redone"],
         killed.elapsed()
     );
+}
+
+/// A member ends (`_exit`, as `kill -9` would end it) the moment its all-reduce has
+/// completed, before it records the commit, in synchronous training and in DiLoCo: the
+/// others commit the step (or round) with its contribution, its line written ahead says
+/// with which samples, and every sample is still used exactly once per data epoch.
+#[test]
+fn a_member_dying_right_after_its_all_reduce_still_has_its_samples_counted() {
+    for (mode, sync) in [
+        ("sync", ""),
+        ("diloco", "[sync]\nkind = \"diloco\"\ninner_steps = 10"),
+    ] {
+        let d = TempDir::new(&format!("elastic-die-{mode}"));
+        let (nodes, _) = cluster_with(&d.0, 3, &["--debug-api"]);
+        let all: Vec<&Node> = nodes.iter().collect();
+        wait_until("3 nodes in one view", Duration::from_secs(30), || {
+            agreed(&all, 3)
+        });
+        let steps = 600;
+        let extra = format!("log_samples = true\n{sync}");
+        let run = submit(&nodes[0], &job_toml(&d.0, steps, &extra), false);
+        wait_until("step 20 with 3 members", Duration::from_secs(120), || {
+            let j = job(&nodes[0], &run)?;
+            (j["step"].as_u64()? >= 20 && j["members"] == 3).then_some(())
+        });
+        let dying = nodes[2].id();
+        http(
+            nodes[2].api().unwrap(),
+            "POST",
+            &format!("/v1/debug/perturb?run={run}&kind=die"),
+            &[],
+        )
+        .unwrap();
+        let done = wait_done(&all[..2], &run, Duration::from_secs(300));
+        for j in &done {
+            assert_eq!(j["step"], steps, "{mode}");
+            assert_eq!(
+                j["members"], 2,
+                "{mode}: the job went on without the dead member"
+            );
+        }
+        assert_eq!(done[0]["weights_hash"], done[1]["weights_hash"], "{mode}");
+        let dir = d.0.join("runs/elastic");
+        // The dead member's last line was written ahead, of a step the others committed
+        // in the same view: the case a log written after the commit would lose.
+        let text = std::fs::read_to_string(dir.join(format!("samples.{dying}.jsonl"))).unwrap();
+        let last: Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+        assert_eq!(last["committed"], false, "{mode}: {last}");
+        let used = step_samples(&dir);
+        let step = last["step"].as_u64().unwrap();
+        assert_eq!(
+            used[&step].1.get(&dying),
+            Some(&serde_json::from_value::<Vec<u64>>(last["ids"].clone()).unwrap()),
+            "{mode}: step {step} committed without the dead member's samples"
+        );
+        let (n, members) = sequences_used_once(&dir);
+        assert_eq!(members.len(), 3, "{mode}: {members:?}");
+        eprintln!("{mode}: the member died after step {step}'s all-reduce; {n} samples");
+    }
 }

@@ -7,11 +7,13 @@
 //!   barrier, W warm-up and K timed f32 all-reduces (avg) of B bytes over the current view,
 //!   their payload compressed as C (`none`, the default, `bf16` or `int8`); only with
 //!   `--debug-api` (`shoal bench allreduce` calls every node at once). B ≤ 4 GiB.
-//! - `POST /v1/debug/perturb?run=R[&kind=nan|abandon]` — nudges this node's weights in
+//! - `POST /v1/debug/perturb?run=R[&kind=nan|abandon|die]` — nudges this node's weights in
 //!   training run R before its next step (tests of the weights consistency check), or
 //!   (`kind=nan`) makes its next gradient NaN (tests of the gradient guard), or
 //!   (`kind=abandon`) makes it abandon its next collective as if a link broke (tests of the
-//!   restart-together rule); only with `--debug-api`.
+//!   restart-together rule), or (`kind=die`) ends the node's process, as `kill -9` would,
+//!   the moment its next step's or round's all-reduce completes (tests of the samples
+//!   log); only with `--debug-api`.
 
 use super::{bad_request, unavailable};
 use crate::node::handle::NodeHandle;
@@ -134,8 +136,11 @@ async fn debug_perturb(State(h): State<NodeHandle>, Query(p): Query<PerturbParam
         None | Some("weights") => crate::train::PERTURB_WEIGHTS,
         Some("nan") => crate::train::PERTURB_NAN_GRADIENT,
         Some("abandon") => crate::train::PERTURB_ABANDON_COLLECTIVE,
+        Some("die") => crate::train::PERTURB_DIE_AFTER_COLLECTIVE,
         Some(other) => {
-            return bad_request(format!("unknown kind `{other}` (weights, nan or abandon)"))
+            return bad_request(format!(
+                "unknown kind `{other}` (weights, nan, abandon or die)"
+            ))
         }
     };
     match h.debug_perturb_job(p.run, kind).await {

@@ -1,7 +1,8 @@
 //! Debug faults for the tests: `POST /v1/debug/perturb` sets [`TrainContext::perturb`] to one
 //! of the `PERTURB_*` codes, and the loop takes it (once) at the matching point: before a
-//! step ([`PERTURB_WEIGHTS`]), after the local gradient ([`PERTURB_NAN_GRADIENT`]) or as a
-//! collective starts ([`PERTURB_ABANDON_COLLECTIVE`]). Each hook is one atomic
+//! step ([`PERTURB_WEIGHTS`]), after the local gradient ([`PERTURB_NAN_GRADIENT`]), as a
+//! collective starts ([`PERTURB_ABANDON_COLLECTIVE`]) or as one ends
+//! ([`PERTURB_DIE_AFTER_COLLECTIVE`]). Each hook is one atomic
 //! compare-and-swap when no fault is asked for; nothing else of the loop knows about them.
 //!
 //! [`TrainContext::perturb`]: super::TrainContext::perturb
@@ -19,6 +20,12 @@ pub const PERTURB_NAN_GRADIENT: u8 = 2;
 /// collective as if its link had broken, leaving the others waiting in it (tests of the
 /// restart-together rule).
 pub const PERTURB_ABANDON_COLLECTIVE: u8 = 3;
+/// [`TrainContext::perturb`](super::TrainContext::perturb): the node's process ends, as
+/// `kill -9` would end it (no destructor, no flush), as soon as its next step's gradient
+/// all-reduce or DiLoCo outer all-reduce has completed here, before it records the commit:
+/// the others may commit with its contribution (tests of the samples log's lines written
+/// ahead).
+pub const PERTURB_DIE_AFTER_COLLECTIVE: u8 = 4;
 
 impl Trainer {
     /// Takes the pending fault when it is `code` (clearing it); false otherwise.
@@ -58,5 +65,15 @@ impl Trainer {
             tracing::warn!(step = self.step, "debug: abandoning this collective");
         }
         abandon
+    }
+
+    /// Debug: ends the process at once when asked to die after this collective (once).
+    pub(super) fn maybe_die_after_collective(&self) {
+        if self.take_fault(PERTURB_DIE_AFTER_COLLECTIVE) {
+            tracing::warn!(step = self.step, "debug: dying after this collective");
+            // SAFETY: `_exit` ends the process without running anything of it, which is
+            // the point: nothing of this member's after the collective may reach a file.
+            unsafe { libc::_exit(137) }
+        }
     }
 }

@@ -58,9 +58,9 @@ pub(super) struct Trainer {
     pub(super) device_key: u64,
     /// The backend of the current view's gradient all-reduce, and its NCCL communicator.
     pub(super) backends: super::backend::Backends,
-    /// The sample ids of this member's contribution to the all-reduce round in flight (the
-    /// samples log records them when the round fails here).
-    pub(super) attempted: Vec<u64>,
+    /// This member's `samples.<member>.jsonl` when the job asks for it (`log_samples`),
+    /// opened when training starts.
+    pub(super) samples: Option<SamplesLog>,
     /// DiLoCo's state beside the working weights (θ_global, the outer momentum, the
     /// committed inner optimizer state); `None` in synchronous training.
     pub(super) outer: Option<super::outer::Outer>,
@@ -144,7 +144,7 @@ impl Trainer {
             tag_base,
             device_key: super::backend::device_key(device),
             backends: Default::default(),
-            attempted: Vec::new(),
+            samples: None,
             outer,
             stage_parts,
             residual: Vec::new(),
@@ -195,7 +195,7 @@ impl Trainer {
     /// Synchronous training: drives the core's `Training` to the last step.
     fn run_steps(&mut self) -> Result<(), TrainError> {
         let mut machine = self.machine();
-        let mut samples_log = self.samples_log()?;
+        self.samples = self.samples_log()?;
         let mut turn = Turn::default();
         loop {
             self.observe_view(&mut machine);
@@ -220,19 +220,13 @@ impl Trainer {
                     coverage,
                 } => {
                     self.maybe_perturb(step);
+                    debug_assert_eq!(step, self.step, "the step in flight follows the last");
                     match self.train_step(&view, &batch, &ranges, &weights, &coverage) {
-                        Ok(done) => {
-                            let log = samples_log.as_mut();
-                            self.committed(&mut machine, &view, step, &batch, done, log)?
-                        }
+                        Ok(done) => self.committed(&mut machine, &view, step, &batch, done)?,
                         Err(StepError::Fatal(e)) => return Err(e),
                         Err(StepError::Failed(e)) => {
+                            // The samples log has this member's line written ahead.
                             self.trace_unit(&view, step + 1, false, None)?;
-                            if let Some(f) = samples_log.as_mut() {
-                                // Lines name a step by its number once committed (1-based).
-                                let (n, epoch) = (step + 1, batch.cursor.epoch);
-                                f.append(n, epoch, &self.attempted, &view, false)?;
-                            }
                             turn.failed_view = Some(self.redo(&mut machine, &view, step, e)?)
                         }
                     }
@@ -351,12 +345,11 @@ impl Trainer {
         step: u64,
         batch: &sharding::StepBatch,
         (record, ids, speeds): StepDone,
-        samples_log: Option<&mut SamplesLog>,
     ) -> Result<(), TrainError> {
         machine.handle_speeds(view.hash, step, &speeds);
         machine.handle_step(view.hash, step, true);
         debug_assert_eq!(machine.progress().step, self.step);
-        if let Some(f) = samples_log {
+        if let Some(f) = self.samples.as_mut() {
             f.append(record.step, batch.cursor.epoch, &ids, view, true)?;
         }
         self.trace_unit(view, record.step, true, Some(&record))?;

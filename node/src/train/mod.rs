@@ -59,7 +59,9 @@ mod resume;
 mod step;
 pub mod trace;
 
-pub use fault_injection::{PERTURB_ABANDON_COLLECTIVE, PERTURB_NAN_GRADIENT, PERTURB_WEIGHTS};
+pub use fault_injection::{
+    PERTURB_ABANDON_COLLECTIVE, PERTURB_DIE_AFTER_COLLECTIVE, PERTURB_NAN_GRADIENT, PERTURB_WEIGHTS,
+};
 
 use crate::data_plane::{DataPlane, DataPlaneError};
 use coordinator_free::{NodeId, View, ViewHash};
@@ -318,7 +320,9 @@ pub struct TrainContext {
     /// Debug: when set to [`PERTURB_WEIGHTS`], the next step first nudges this member's
     /// weights (tests of the consistency check); to [`PERTURB_NAN_GRADIENT`], this member's
     /// next gradient is NaN (tests of the gradient guard); to
-    /// [`PERTURB_ABANDON_COLLECTIVE`], its next collective is abandoned. Set through
+    /// [`PERTURB_ABANDON_COLLECTIVE`], its next collective is abandoned; to
+    /// [`PERTURB_DIE_AFTER_COLLECTIVE`], the process ends as its next step's or round's
+    /// all-reduce completes. Set through
     /// `POST /v1/debug/perturb`.
     pub perturb: Arc<std::sync::atomic::AtomicU8>,
 }

@@ -21,18 +21,18 @@
 //!   the momentum, and θ_local = θ_global. A failed all-reduce reports the view failed (as a
 //!   step's does), drops the round, and the round is redone from θ_global in the next view.
 //!
-//! Whatever follows a commit follows a round's: one `metrics.jsonl` line per round
-//! ([`RoundRecord`]; inner steps have none), the round's sample ids in
-//! `samples.<member>.jsonl` (committed lines; where this member's end of the outer
-//! all-reduce failed, failed lines of that view, which count only if another member's end
-//! completed and committed the round: `report::used_samples`), and evaluation, checkpoints and the weights comparison
+//! Before the outer all-reduce, the round's sample ids go to `samples.<member>.jsonl` as
+//! lines not yet committed (they count only if the view commits the round on some member:
+//! `report::used_samples`). Whatever follows a commit follows a round's: one
+//! `metrics.jsonl` line per round ([`RoundRecord`]; inner steps have none), the round's
+//! committed sample lines, and evaluation, checkpoints and the weights comparison
 //! when a multiple of their period passed during the round (at a commit θ_local is
 //! θ_global, so they all see θ_global; a checkpoint holds it and the momentum).
 
 use super::collective::{StepError, StepFailure};
 use super::member::{Trainer, Turn};
 use super::phases::Phase;
-use super::report::{RoundRecord, SamplesLog};
+use super::report::RoundRecord;
 use super::step::{ids_at, ReduceRound, Source};
 use super::{optim, TrainError};
 use crate::data_plane::{DataPlaneError, DataPlaneStats};
@@ -144,7 +144,7 @@ impl Trainer {
             .map_err(|e| TrainError::Internal(e.to_string()))?;
         // The weights from the seed, or the checkpoint's: the committed state.
         self.capture_committed();
-        let mut samples_log = self.samples_log()?;
+        self.samples = self.samples_log()?;
         let mut turn = Turn::default();
         loop {
             self.observe_view(&mut machine);
@@ -179,9 +179,11 @@ impl Trainer {
                     samples,
                     round_samples,
                 } => {
+                    self.write_ahead(&view)?;
                     let t = Instant::now();
                     match self.outer_reduce(&view, samples, round_samples) {
                         Ok(reduced) => {
+                            self.maybe_die_after_collective();
                             let round = Round {
                                 view: &view,
                                 index: round,
@@ -189,13 +191,11 @@ impl Trainer {
                                 samples: round_samples,
                                 allreduce: t.elapsed(),
                             };
-                            let log = samples_log.as_mut();
-                            self.round_committed(&mut machine, round, reduced, log)?
+                            self.round_committed(&mut machine, round, reduced)?
                         }
                         Err(StepError::Fatal(e)) => return Err(e),
                         Err(StepError::Failed(e)) => {
-                            let log = samples_log.as_mut();
-                            let failed = self.round_failed(&mut machine, &view, round, e, log)?;
+                            let failed = self.round_failed(&mut machine, &view, round, e)?;
                             turn.failed_view = Some(failed);
                         }
                     }
@@ -341,7 +341,6 @@ impl Trainer {
         machine: &mut OuterTraining,
         round: Round<'_>,
         (loss_sum, speeds): Reduced,
-        samples_log: Option<&mut SamplesLog>,
     ) -> Result<(), TrainError> {
         let view = round.view;
         machine.handle_speeds(view.hash, round.index, &speeds);
@@ -352,7 +351,7 @@ impl Trainer {
         let o = self.outer.as_mut().expect("a diloco job");
         o.inner = Some(self.opt.snapshot_state());
         let work = std::mem::take(&mut o.work);
-        if let Some(f) = samples_log {
+        if let Some(f) = self.samples.as_mut() {
             for (step, epoch, ids) in &work.ids {
                 f.append(*step, *epoch, ids, view, true)?;
             }
@@ -408,17 +407,29 @@ impl Trainer {
         self.scheduled(view, before)
     }
 
-    /// The outer all-reduce of `round` failed on `view` (`e`): tells the machine, records
-    /// this member's contribution as failed lines of `view` in the samples log (another
-    /// member's end of the all-reduce may have completed, with it), drops the round's inner
-    /// work, and records the redo. Returns the failed view.
+    /// Before the outer all-reduce on `view`: the round's samples as this member's lines of
+    /// `view` in the samples log, not yet committed (see `report::SamplesLog`). Should this
+    /// member die once its pseudo-gradient has left, the round may still commit on the
+    /// others, with these samples in it; should its own end of the all-reduce fail, another
+    /// member's may have completed, with them.
+    fn write_ahead(&mut self, view: &View) -> Result<(), TrainError> {
+        if let (Some(f), Some(o)) = (self.samples.as_mut(), self.outer.as_ref()) {
+            for (step, epoch, ids) in &o.work.ids {
+                f.append(*step, *epoch, ids, view, false)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The outer all-reduce of `round` failed on `view` (`e`): tells the machine, drops the
+    /// round's inner work (its samples stay in the log as lines written ahead, not
+    /// committed), and records the redo. Returns the failed view.
     fn round_failed(
         &mut self,
         machine: &mut OuterTraining,
         view: &View,
         round: u64,
         e: StepFailure,
-        samples_log: Option<&mut SamplesLog>,
     ) -> Result<ViewHash, TrainError> {
         let start = self.step;
         tracing::warn!(
@@ -429,11 +440,6 @@ impl Trainer {
         );
         machine.handle_outer(view.hash, round, false);
         self.trace_round(view, round + 1, false, None)?;
-        if let (Some(f), Some(o)) = (samples_log, self.outer.as_ref()) {
-            for (step, epoch, ids) in &o.work.ids {
-                f.append(*step, *epoch, ids, view, false)?;
-            }
-        }
         self.restore_committed();
         let redone = machine.redone;
         self.set_report(|r| r.redone = redone);

@@ -240,15 +240,19 @@ pub(super) fn open_log(dir: &Path, name: &str, resume: bool) -> std::io::Result<
     Ok(f)
 }
 
-/// One member's record of the sample ids it contributed: `samples.<member>.jsonl`, a line
+/// One member's record of the sample ids it contributed: `samples.<member>.jsonl`, lines
 /// `{"step":..,"data_epoch":..,"member":..,"ids":[..],"view_epoch":..,"view":..,
-/// "committed":..}` per step it committed, and one with `"committed": false` per step whose
-/// all-reduce failed here. A step's samples are the ids of every line of the view that
-/// committed it last (the highest `view_epoch` among its committed lines), failed lines
-/// included: an all-reduce completes on one member only with every member's contribution,
-/// so a member whose own end of it failed while another's completed was part of that
-/// commit (its state arrives by the next sync); a commit with a lower epoch died with its
-/// member and was redone ([`used_samples`] reads them so).
+/// "committed":..}`. Each time this member's contribution to a step (a guard's redo
+/// included) or to a DiLoCo round (a line per inner step) is about to leave, its ids are
+/// written ahead with `"committed": false`; when the step or round commits here, they are
+/// written again with `"committed": true`. A step's samples are, for each member, its last
+/// line of the view that committed the step last (the highest `view_epoch` among the
+/// step's committed lines): an all-reduce completes on one member only with every member's
+/// contribution, so a member whose own end failed, or that died, after its contribution
+/// left, while another's end completed, was part of that commit, and its line written
+/// ahead says with what; a commit with a lower epoch died with its member and was redone
+/// ([`used_samples`] reads them so). Each line is one `write`: a member killed mid-run
+/// leaves whole lines.
 pub struct SamplesLog {
     file: std::fs::File,
     member: String,
@@ -263,8 +267,8 @@ impl SamplesLog {
         })
     }
 
-    /// Appends the ids this member contributed to `step` (from data epoch `epoch`) on
-    /// `view`, where the step `committed` here or failed.
+    /// Appends the ids this member contributes to `step` (from data epoch `epoch`) on
+    /// `view`: written ahead (`committed` false) or committed here.
     pub fn append(
         &mut self,
         step: u64,
@@ -273,17 +277,17 @@ impl SamplesLog {
         view: &coordinator_free::View,
         committed: bool,
     ) -> std::io::Result<()> {
-        writeln!(
-            self.file,
-            "{}",
-            serde_json::json!({"step": step, "data_epoch": epoch, "member": self.member, "ids": ids,
-                "view_epoch": view.epoch, "view": view.hash.short(), "committed": committed})
-        )
+        let mut line = serde_json::json!({"step": step, "data_epoch": epoch, "member": self.member,
+            "ids": ids, "view_epoch": view.epoch, "view": view.hash.short(), "committed": committed})
+        .to_string();
+        line.push('\n');
+        self.file.write_all(line.as_bytes())
     }
 }
 
 /// The samples of every committed step from a run's `samples.*.jsonl` lines (see
-/// [`SamplesLog`]): step → (data epoch, member → ids). Lines that do not parse are skipped.
+/// [`SamplesLog`]; each member's lines in its file's order): step → (data epoch, member →
+/// ids). Lines that do not parse are skipped.
 pub fn used_samples<'a>(
     lines: impl IntoIterator<Item = &'a str>,
 ) -> std::collections::BTreeMap<u64, (u64, std::collections::BTreeMap<String, Vec<u64>>)> {
@@ -410,7 +414,8 @@ fn escape(s: &str) -> String {
 mod tests {
     use super::*;
 
-    /// A step's samples: the lines of the view that committed it last, failed ones too.
+    /// A step's samples: each member's last line of the view that committed it last,
+    /// committed or not.
     #[test]
     fn used_samples_follow_the_committing_view() {
         let line = |step: u64, member: &str, ids: &[u64], epoch: u64, committed: bool| {
@@ -434,6 +439,19 @@ mod tests {
             line(3, "c", &[10, 11], 5, true),
             // Step 4: failed everywhere: not used.
             line(4, "b", &[12], 5, false),
+            // Step 5: both wrote ahead in view 5; b died once its contribution had left,
+            // a committed: b's line written ahead counts.
+            line(5, "a", &[13], 5, false),
+            line(5, "b", &[14], 5, false),
+            line(5, "a", &[13], 5, true),
+            // Step 6: the guard left b out in view 5 and a took its sample over: each
+            // member's last line of the view counts, not the first attempt's.
+            line(6, "a", &[15], 5, false),
+            line(6, "b", &[16], 5, false),
+            line(6, "a", &[15, 16], 5, false),
+            line(6, "b", &[], 5, false),
+            line(6, "a", &[15, 16], 5, true),
+            line(6, "b", &[], 5, true),
             "{\"torn\"".to_string(),
         ];
         let used = used_samples(lines.iter().map(String::as_str));
@@ -442,10 +460,12 @@ mod tests {
             v.sort_unstable();
             v
         };
-        assert_eq!(used.len(), 3);
+        assert_eq!(used.len(), 5);
         assert_eq!(ids(1), [0, 1, 2, 3]);
         assert_eq!(ids(2), [4, 5, 6, 7]);
         assert_eq!(ids(3), [8, 9, 10, 11]);
+        assert_eq!(ids(5), [13, 14]);
+        assert_eq!(ids(6), [15, 16]);
         assert_eq!(used[&3].1.keys().collect::<Vec<_>>(), ["b", "c"]);
     }
 

@@ -130,7 +130,6 @@ impl Trainer {
         let t0 = Instant::now();
         self.phases.start(t0);
         let stats0 = self.ctx.dp.stats();
-        self.attempted.clear();
         let mut ids = ids_at(self.order(batch.cursor.epoch), ranges);
         self.phases.mark(Phase::Data);
         let n = view.len();
@@ -191,7 +190,13 @@ impl Trainer {
                 tail[norms_at + rank] = norm as f32;
                 tail[speeds_at + rank] = if samples == 0 { 0.0 } else { speed as f32 };
             };
-            self.attempted.clone_from(&ids);
+            // Written ahead: should this member die once its contribution has left, the
+            // step may still commit on the others, with these samples in it.
+            if let Some(f) = self.samples.as_mut() {
+                let (n, epoch) = (self.step + 1, batch.cursor.epoch);
+                f.append(n, epoch, &ids, view, false)
+                    .map_err(|e| StepError::Fatal(e.into()))?;
+            }
             if nccl {
                 let keep = (n >= 2).then_some(&mut mine[..]);
                 let fill = |tail: &mut [f32], sq| fill_tail(tail, sq, compute.unwrap_or_default());
@@ -252,6 +257,7 @@ impl Trainer {
             }
             self.phases.mark(Phase::Compute);
         }
+        self.maybe_die_after_collective();
         let compute = compute.unwrap_or_default();
         let speeds: Vec<(NodeId, f64)> = view
             .ids()
