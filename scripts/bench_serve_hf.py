@@ -16,8 +16,8 @@ round and their median reported):
     8 concurrent)), after one warm-up run of the same load (in which the planner re-cuts
     the stages from the speeds the members measured); the 1-node run at 8 concurrent is
     repeated after the pipeline's and the efficiency divides by the two runs' mean;
-  * each node's peak resident memory (VmHWM) against its stage's share of the weights and
-    its KV caches.
+  * each node's peak resident memory (VmHWM, reset after the pipeline's warm-up run)
+    against its stage's share of the weights and its KV caches.
 
 Tokens/s counts generated tokens over the wall time of the run; time to first token (TTFT)
 is from sending the request to its first token; inter-token latency (ITL) the gaps
@@ -25,7 +25,8 @@ between a request's later tokens (p50 and p99 over every gap of the run). Same t
 threads everywhere (`--threads`, default 1; each shoal node gets that many).
 
     python scripts/bench_serve_hf.py SHOAL_BIN [--tokens 64] [--repeat 3] [--threads 1]
-        [--dtype f32|bf16] [--layers 16] [--json]
+        [--dtype f32|bf16] [--layers 16] [--hidden 768] [--skip-pipeline] [--memory-only]
+        [--json]
 """
 
 import argparse
@@ -56,6 +57,9 @@ P.add_argument("--layers", type=int, default=16)
 P.add_argument("--hidden", type=int, default=768)
 P.add_argument("--json", action="store_true")
 P.add_argument("--skip-pipeline", action="store_true")
+# Only the 2-stage pipeline's memory: a warm-up and a measured run of 24 concurrent requests,
+# no transformers and no throughput (for models too large for the timed rounds on this machine).
+P.add_argument("--memory-only", action="store_true")
 A = P.parse_args()
 torch.set_num_threads(A.threads)
 TORCH_DTYPE = {"f32": torch.float32, "bf16": torch.bfloat16}[A.dtype]
@@ -210,6 +214,10 @@ class Cluster:
         # Each node's resident memory before any layer is loaded (they load on first use).
         self.base = {n["node"]["id"]: n["node"]["memory"]["rss_bytes"] for n in map(status, self.apis)}
 
+    def cut(self):
+        """The members and layer ranges serving now."""
+        return status(self.apis[0])["serving"][0]["replicas"][0]
+
     def close(self):
         """Each stage's (layers, idle RSS, peak RSS) in the plan serving now (the planner
         may have re-cut the one `serve` started with), then stops the nodes."""
@@ -222,6 +230,19 @@ class Cluster:
                                 nodes[m.group(1)]["peak_rss_bytes"]))
         self.p.send_signal(2)
         self.p.wait(60)
+
+
+def reset_peaks(work):
+    """Resets the peak resident size (VmHWM) of every node process running under `work`
+    to its resident size now (Linux: `5` into /proc/PID/clear_refs)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+            if b"up" in cmd and any(work.encode() in a for a in cmd):
+                with open(f"/proc/{pid}/clear_refs", "w") as f:
+                    f.write("5")
+        except OSError:
+            pass
 
 
 def stage_share(dir, layers):
@@ -251,7 +272,33 @@ def main():
         shutil.rmtree(work, ignore_errors=True)
 
 
+def memory_only(work):
+    folder = os.path.join(work, "llama")
+    model, params = make_model(folder)
+    del model
+    log(f"model: llama {params / 1e6:.0f} M parameters ({A.layers} blocks, hidden {A.hidden}), "
+        f"{A.dtype}; memory only: 2 stages, 24 concurrent requests of {A.tokens} tokens")
+    c = Cluster(folder, 2, 2, os.path.join(work, "two"))
+    # As in the timed rounds: a warm-up run in which the planner may re-cut the stages,
+    # then the measured one. Each node's peak is reset between them (to its resident size
+    # then), so that the peaks are those of the stages as cut for the measured run.
+    shoal_run(c.apis[0], prompts() * 3, 3 * BATCH)
+    cut = c.cut()
+    reset_peaks(os.path.join(work, "two"))
+    tps = shoal_run(c.apis[0], prompts() * 3, 3 * BATCH)[0]
+    if c.cut() != cut:
+        log(f"the planner re-cut the stages during the measured run: {cut} -> {c.cut()}")
+    c.close()
+    log(f"pipeline: {tps:.2f} tok/s")
+    out = {"memory": memory_table([(f"stage {i + 1} of 2", 3 * BATCH, *st) for i, st in enumerate(c.stages)],
+                                  folder)}
+    if A.json:
+        print(json.dumps(out))
+
+
 def run(work):
+    if A.memory_only:
+        return memory_only(work)
     folder = os.path.join(work, "llama")
     model, params = make_model(folder)
     ps = prompts()
@@ -277,6 +324,8 @@ def run(work):
             # over it and the planner re-cuts from those speeds (it does when the new cut
             # promises 5% more), so the measured run is the pipeline's steady state.
             shoal_run(c.apis[0], ps * 3, 3 * BATCH)
+            # The peaks of the stages as cut for the measured run (see memory_only).
+            reset_peaks(os.path.join(work, f"two{rnd}"))
             r["shoal_pipe"] = shoal_run(c.apis[0], ps * 3, 3 * BATCH)
             c.close()
             # The 1-node baseline again (its node idled meanwhile): the efficiency divides
@@ -323,9 +372,20 @@ def report(rows, agree, mems, folder, params):
               f"the mean of a run before and one after): {fmt(eff)}")
         out["pipeline_efficiency"] = med(eff)
     print(f"greedy answers equal to transformers': {min(agree) * 100:.0f} % of prompts (worst round)")
-    # KV caches: 2 (K, V) x 4 kv heads x head dim 64 x 128 positions (the buffers' capacity
-    # for prompt + answer, a power of two) per layer and request in flight.
-    kv_row = lambda layers: 2 * 4 * (A.hidden // 12) * 128 * (2 if A.dtype == "bf16" else 4) * len(layers)
+    out["memory"] = memory_table(mems, folder)
+    if A.json:
+        print(json.dumps(out))
+
+
+def memory_table(mems, folder):
+    """Prints each node's peak memory against its stage's share of the weights and KV
+    caches (`mems`: (label, requests in flight, layers, idle RSS, peak RSS)); returns the
+    rows."""
+    # KV caches: 2 (K, V) x 4 kv heads x head dim (hidden / 12) x the buffers' capacity for
+    # the longest prompt and its answer (the next power of two, at least 64: kv_capacity in
+    # node/src/models/stage.rs) per layer and request in flight.
+    cap = max(64, 1 << (max(map(len, prompts())) + A.tokens - 1).bit_length())
+    kv_row = lambda layers: 2 * 4 * (A.hidden // 12) * cap * (2 if A.dtype == "bf16" else 4) * len(layers)
     print("\n| node | layers | weights share MB | KV caches MB | idle RSS MB | peak RSS MB | peak / (share + KV) | (peak - idle) / (share + KV) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     mem_rows = []
@@ -336,9 +396,7 @@ def report(rows, agree, mems, folder, params):
         print(f"| {label} | {layers.start}..{layers.stop} | {share / 2**20:.0f} | {kv / 2**20:.0f} | "
               f"{base / 2**20:.0f} | {peak / 2**20:.0f} | {peak / (share + kv):.2f} | "
               f"{(peak - base) / (share + kv):.2f} |")
-    out["memory"] = mem_rows
-    if A.json:
-        print(json.dumps(out))
+    return mem_rows
 
 
 main()

@@ -92,15 +92,17 @@ fn encode_to(
     }
     w.write_all(&(h.len() as u64).to_le_bytes())?;
     w.write_all(&h)?;
-    let mut buf = Vec::new();
+    // One buffer of the largest tensor's size, allocated once: growing it tensor by tensor
+    // would move (and copy) it under glibc's lock (`crate::allocator`).
+    let most = tensors.iter().map(|(_, t)| t.numel()).max().unwrap_or(0);
+    let mut buf = vec![0u8; most * 4];
     for (_, t) in tensors {
         let t = t.to_kind(tch::Kind::Float).contiguous();
         let n = t.numel();
-        buf.resize(n * 4, 0u8);
         // The tensor's bytes as they lie: little-endian f32 (the data plane refuses to
         // compile for other hosts).
-        t.copy_data_u8(&mut buf, n);
-        w.write_all(&buf)?;
+        t.copy_data_u8(&mut buf[..n * 4], n);
+        w.write_all(&buf[..n * 4])?;
     }
     Ok(())
 }
