@@ -272,24 +272,32 @@ def main():
         shutil.rmtree(work, ignore_errors=True)
 
 
+def pipeline(folder, ps, work):
+    """The 2-stage pipeline (`shoal serve --local 2 --stages 2`) on 3 x `ps` at once: a
+    warm-up run, in which the members measure their stages and the planner re-cuts them
+    from those speeds (it does when the new cut promises 5% more), then the measured run,
+    the pipeline's steady state. Each node's peak is reset between them (to its resident
+    size then), so that the peaks are those of the stages as cut for the measured run.
+    Returns the measured run and the closed cluster (its `stages`)."""
+    c = Cluster(folder, 2, 2, work)
+    shoal_run(c.apis[0], ps * 3, 3 * BATCH)
+    cut = c.cut()
+    reset_peaks(work)
+    measured = shoal_run(c.apis[0], ps * 3, 3 * BATCH)
+    if c.cut() != cut:
+        log(f"the planner re-cut the stages during the measured run: {cut} -> {c.cut()}")
+    c.close()
+    return measured, c
+
+
 def memory_only(work):
     folder = os.path.join(work, "llama")
     model, params = make_model(folder)
     del model
     log(f"model: llama {params / 1e6:.0f} M parameters ({A.layers} blocks, hidden {A.hidden}), "
         f"{A.dtype}; memory only: 2 stages, 24 concurrent requests of {A.tokens} tokens")
-    c = Cluster(folder, 2, 2, os.path.join(work, "two"))
-    # As in the timed rounds: a warm-up run in which the planner may re-cut the stages,
-    # then the measured one. Each node's peak is reset between them (to its resident size
-    # then), so that the peaks are those of the stages as cut for the measured run.
-    shoal_run(c.apis[0], prompts() * 3, 3 * BATCH)
-    cut = c.cut()
-    reset_peaks(os.path.join(work, "two"))
-    tps = shoal_run(c.apis[0], prompts() * 3, 3 * BATCH)[0]
-    if c.cut() != cut:
-        log(f"the planner re-cut the stages during the measured run: {cut} -> {c.cut()}")
-    c.close()
-    log(f"pipeline: {tps:.2f} tok/s")
+    measured, c = pipeline(folder, prompts(), os.path.join(work, "two"))
+    log(f"pipeline: {measured[0]:.2f} tok/s")
     out = {"memory": memory_table([(f"stage {i + 1} of 2", 3 * BATCH, *st) for i, st in enumerate(c.stages)],
                                   folder)}
     if A.json:
@@ -319,15 +327,7 @@ def run(work):
         got = {tuple(x[2]) for x in r["shoal_one"][3]}
         agree.append(sum(1 for o in ref if tuple(o) in got) / len(ref))
         if not A.skip_pipeline:
-            c = Cluster(folder, 2, 2, os.path.join(work, f"two{rnd}"))
-            # Warm-up: one run of the measured load. The members measure their stages
-            # over it and the planner re-cuts from those speeds (it does when the new cut
-            # promises 5% more), so the measured run is the pipeline's steady state.
-            shoal_run(c.apis[0], ps * 3, 3 * BATCH)
-            # The peaks of the stages as cut for the measured run (see memory_only).
-            reset_peaks(os.path.join(work, f"two{rnd}"))
-            r["shoal_pipe"] = shoal_run(c.apis[0], ps * 3, 3 * BATCH)
-            c.close()
+            r["shoal_pipe"], c = pipeline(folder, ps, os.path.join(work, f"two{rnd}"))
             # The 1-node baseline again (its node idled meanwhile): the efficiency divides
             # by the mean of the runs before and after the pipeline's, so that the
             # machine's drift within the round falls on both sides of the ratio.

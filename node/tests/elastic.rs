@@ -3,8 +3,8 @@
 //! job and loses or repeats no batch; a member paused mid-run (SIGSTOP) falls out of the view
 //! and must re-sync before it steps again; a whole cluster killed and restarted resumes from
 //! its checkpoint; a member that dies the moment its all-reduce completes still has its
-//! samples of the commit the others made on record. Prints the recovery times (the < 5 s goal is a benchmark figure, not an
-//! assertion: this machine is shared).
+//! samples of the commit the others made on record. Prints the recovery times (the < 5 s
+//! goal is a benchmark figure, not an assertion: this machine is shared).
 
 mod common;
 use common::*;
