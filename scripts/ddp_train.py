@@ -3,14 +3,16 @@ compared with. Spawns N ranks, trains a byte-level GPT (same shapes as shoal's b
 `gpt`), an MLP, or a Hugging Face folder's model as transformers builds it (whole, or LoRA
 adapters with peft) on random data generated once per rank, AdamW(lr 1e-3, wd 0.01), and
 prints one JSON line to stdout:
-{"impl","nodes","threads","model","batch","context","steps","step_ms","samples_per_s",
+{"impl","nodes","threads","model","batch","micro_batch","context","steps","step_ms","samples_per_s",
 "tokens_per_s","peak_rss_bytes"} (peak_rss_bytes: rank 0's). Everything else goes to stderr.
 
     python ddp_train.py --nodes 2 --model gpt --batch 64 --steps 10 --warmup 2 [--threads 1]
     python ddp_train.py --nodes 2 --model mlp --features 64 --hidden 256,256 --classes 10
     python ddp_train.py --nodes 2 --model hf --hf DIR --context 256 [--lora-rank 8]
 
---batch is the global batch, split evenly across ranks (the remainder to the first ranks).
+--batch is the global batch, split evenly across ranks (the remainder to the first ranks);
+--micro-batch M computes a rank's share in passes of at most M (gradient accumulation, the
+all-reduce in the last pass's backward: DDP's no_sync).
 
 The GPT below is shoal's built-in `gpt` (node/src/models/gpt.rs) in pure PyTorch, op for op:
 the same parameter names and shapes (`tok.weight`, `pos.weight`, `blocks.{i}.ln1|qkv|proj|ln2|
@@ -20,6 +22,7 @@ load into it with `strict=True`), pre-norm blocks, causal scaled-dot-product att
 checks it against shoal's logits (run by shoal's unit tests); change both together.
 """
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -128,6 +131,19 @@ def local_batch(batch, nodes, rank):
     return batch // nodes + (1 if rank < batch % nodes else 0)
 
 
+def micro_batches(n, limit):
+    """[lo, hi) passes over a local batch of n: the fewest of at most `limit` (0: one),
+    sizes differing by at most one, the larger first (shoal's `sharding::micro_batches`)."""
+    passes = 1 if limit == 0 else -(-n // limit)
+    base, extra = divmod(n, passes)
+    out, lo = [], 0
+    for i in range(passes):
+        hi = lo + base + (1 if i < extra else 0)
+        out.append((lo, hi))
+        lo = hi
+    return out
+
+
 def worker(rank, a, port, queue):
     torch.set_num_threads(a.threads)
     os.environ["MASTER_ADDR"] = "127.0.0.1"
@@ -160,15 +176,23 @@ def worker(rank, a, port, queue):
             x = torch.randn(b, a.features, generator=g)
             y = torch.randint(0, a.classes, (b,), dtype=torch.int64, generator=g)
 
+        parts = micro_batches(b, a.micro_batch)
+
         def step():
             opt.zero_grad(set_to_none=True)
-            out = ddp(x)
-            if a.model == "hf":
-                out = out.logits
-            loss = F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
-            loss.backward()
+            total = 0.0
+            for i, (lo, hi) in enumerate(parts):
+                # Gradients accumulate locally; DDP all-reduces in the last backward only.
+                last = i == len(parts) - 1
+                with contextlib.nullcontext() if last else ddp.no_sync():
+                    out = ddp(x[lo:hi])
+                    if a.model == "hf":
+                        out = out.logits
+                    loss = F.cross_entropy(out.reshape(-1, out.shape[-1]), y[lo:hi].reshape(-1))
+                    (loss * ((hi - lo) / b)).backward()
+                total += loss.item() * (hi - lo) / b
             opt.step()
-            return loss
+            return torch.tensor(total)
 
         if rank == 0:
             log(f"ddp: {a.nodes} rank(s), {a.threads} thread(s) each, model {a.model} "
@@ -205,6 +229,9 @@ def main():
     p.add_argument("--hidden", type=lambda s: [int(v) for v in s.split(",") if v], default=[256, 256])
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--micro-batch", type=int, default=0,
+                   help="at most this many samples per forward/backward (gradient accumulation "
+                        "with DDP's no_sync); 0: a rank's whole batch in one pass")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
@@ -241,7 +268,8 @@ def main():
     elapsed, peak = got
     model = "hf-lora" if a.model == "hf" and a.lora_rank else a.model
     print(json.dumps({"impl": "ddp", "nodes": a.nodes, "threads": a.threads, "model": model,
-                      "batch": a.batch, "context": a.context, "steps": a.steps,
+                      "batch": a.batch, "micro_batch": a.micro_batch, "context": a.context,
+                      "steps": a.steps,
                       "step_ms": elapsed / a.steps * 1e3,
                       "samples_per_s": a.batch * a.steps / elapsed,
                       "tokens_per_s": a.batch * a.steps * a.context / elapsed,

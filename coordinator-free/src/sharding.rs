@@ -223,6 +223,29 @@ pub fn steps_per_epoch(n_samples: u64, batch_size: u64) -> u64 {
     }
 }
 
+/// A member's share of a step (`len` samples) cut into micro-batches of at most `max`
+/// samples each, computed one after another with their gradients summed (gradient
+/// accumulation): the fewest passes that respect `max`, as equal as they can be (sizes
+/// differ by at most one, the larger first), so no pass is a small remainder that
+/// libtorch's kernels run less efficiently. `max` of 0 means no limit (one pass). Empty
+/// when `len` is 0.
+pub fn micro_batches(len: usize, max: usize) -> Vec<Range<usize>> {
+    if len == 0 {
+        return Vec::new();
+    }
+    let passes = if max == 0 { 1 } else { len.div_ceil(max) };
+    let (base, extra) = (len / passes, len % passes);
+    let mut start = 0;
+    (0..passes)
+        .map(|i| {
+            let size = base + usize::from(i < extra);
+            let r = start..start + size;
+            start += size;
+            r
+        })
+        .collect()
+}
+
 /// A member's 64-bit digest for rendezvous scores: the first 8 bytes (little-endian) of
 /// SHA-256 over a domain tag, the id's length (u32, little-endian) and the id's bytes.
 pub fn member_digest(id: &NodeId) -> u64 {
@@ -523,6 +546,34 @@ mod tests {
 
     fn id(s: &str) -> NodeId {
         NodeId::new(s).unwrap()
+    }
+
+    #[test]
+    fn micro_batches_cover_the_share_in_the_fewest_even_passes() {
+        assert_eq!(micro_batches(0, 4), Vec::<Range<usize>>::new());
+        assert_eq!(micro_batches(7, 0), vec![0..7]);
+        assert_eq!(micro_batches(8, 4), vec![0..4, 4..8]);
+        assert_eq!(micro_batches(5, 4), vec![0..3, 3..5]);
+        assert_eq!(micro_batches(3, 8), vec![0..3]);
+        for len in 0..60 {
+            for max in 0..12 {
+                let parts = micro_batches(len, max);
+                // Contiguous, in order, covering 0..len exactly.
+                let mut next = 0;
+                for r in &parts {
+                    assert_eq!(r.start, next, "{len} {max}: {parts:?}");
+                    assert!(!r.is_empty() && (max == 0 || r.len() <= max));
+                    next = r.end;
+                }
+                assert_eq!(next, len);
+                // The fewest passes, differing by at most one sample.
+                let want = if len == 0 { 0 } else if max == 0 { 1 } else { len.div_ceil(max) };
+                assert_eq!(parts.len(), want, "{len} {max}");
+                let sizes: Vec<usize> = parts.iter().map(|r| r.len()).collect();
+                let (lo, hi) = (sizes.iter().min(), sizes.iter().max());
+                assert!(hi.zip(lo).is_none_or(|(h, l)| h - l <= 1), "{sizes:?}");
+            }
+        }
     }
 
     fn batch(epoch: u64, offset: u64, len: u64) -> StepBatch {

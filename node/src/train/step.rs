@@ -493,22 +493,32 @@ impl Trainer {
                         }
                     }
                 };
-                let (loss, correct) = if ids.is_empty() {
+                if ids.is_empty() {
                     for stage in parts.iter().map(|(s, _)| *s).collect::<Vec<_>>() {
                         done(stage);
                     }
-                    (0.0, 0)
-                } else {
+                }
+                // Micro-batches accumulate into `.grad`; only the last one's stages are
+                // complete gradients, so only its backward sends buckets.
+                let micro = sharding::micro_batches(ids.len(), self.job().micro_batch as usize);
+                let last = micro.len().saturating_sub(1);
+                let (mut loss, mut correct) = (0.0, 0);
+                for (i, r) in micro.into_iter().enumerate() {
                     self.model.set_train(true);
                     let td = Instant::now();
-                    let batch = self.data.train_batch(ids)?;
+                    let batch = self.data.train_batch(&ids[r])?;
                     self.phases.region(Phase::Data, td);
-                    self.model
-                        .backward_staged(&batch, &mut done)?
-                        .ok_or_else(|| {
-                            TrainError::Internal("the model cannot stage its backward".into())
-                        })?
-                };
+                    let (l, c) = if i == last {
+                        self.model.backward_staged(&batch, &mut done)?
+                    } else {
+                        self.model.backward_staged(&batch, &mut |_| {})?
+                    }
+                    .ok_or_else(|| {
+                        TrainError::Internal("the model cannot stage its backward".into())
+                    })?;
+                    loss += l;
+                    correct += c;
+                }
                 let tail = buckets.tail();
                 tail[0] = loss as f32;
                 tail[1] = ids.len() as f32;
@@ -582,14 +592,20 @@ impl Trainer {
         }
         self.model.set_train(true);
         let device = self.model.device();
-        let td = Instant::now();
-        let batch = self.data.train_batch(ids)?.to_device(device);
-        self.phases.region(Phase::Data, td);
-        let (loss, correct) = self.model.loss_sum(&batch)?;
-        loss.backward();
-        flat[numel] = loss.double_value(&[]) as f32;
+        // Micro-batches (the job's `micro_batch`) accumulate into `.grad`.
+        let (mut loss_sum, mut correct_sum) = (0.0, 0);
+        for r in sharding::micro_batches(ids.len(), self.job().micro_batch as usize) {
+            let td = Instant::now();
+            let batch = self.data.train_batch(&ids[r])?.to_device(device);
+            self.phases.region(Phase::Data, td);
+            let (loss, correct) = self.model.loss_sum(&batch)?;
+            loss.backward();
+            loss_sum += loss.double_value(&[]);
+            correct_sum += correct;
+        }
+        flat[numel] = loss_sum as f32;
         flat[numel + 1] = ids.len() as f32;
-        flat[numel + 2] = correct as f32;
+        flat[numel + 2] = correct_sum as f32;
         // Each parameter's gradient as f32 (a no-op under f32), flat.
         let grads = self.params.iter().map(|(_, p)| {
             let g = p.grad();

@@ -10,6 +10,7 @@
 //! name = "digits"
 //! steps = 300              # or: epochs = 5
 //! batch_size = 128         # global, split across members
+//! micro_batch = 32         # optional: at most this many samples per forward/backward
 //! [model]
 //! kind = "mlp"             # mlp | gpt | torchscript (or: torchscript = "model.pt")
 //! hidden = [128]
@@ -93,6 +94,13 @@ pub struct JobSpec {
     pub epochs: Option<u64>,
     /// Global batch size in samples, split across the members by share.
     pub batch_size: u64,
+    /// Largest number of samples a member computes in one forward and backward pass: a
+    /// larger share of a step is cut into micro-batches of at most this many (as equal as
+    /// they can be), whose gradients are summed before the step's all-reduce (gradient
+    /// accumulation: the same step in less memory). 0: a member's whole share in one pass.
+    /// Default: 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub micro_batch: u64,
     /// Samples per data shard (the unit handed to members, and so the resolution at which
     /// `balance` can move samples between them). Default: 1.
     #[serde(default = "default_shard_size")]
@@ -195,6 +203,10 @@ fn default_bucket_bytes() -> u64 {
 
 fn default_true() -> bool {
     true
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 impl JobSpec {
@@ -309,6 +321,9 @@ impl JobSpec {
         }
         if self.batch_size == 0 || self.batch_size > 1 << 20 {
             return Err(invalid("batch_size", "must be between 1 and 1048576"));
+        }
+        if self.micro_batch > 1 << 20 {
+            return Err(invalid("micro_batch", "must be between 0 (off) and 1048576"));
         }
         if self.shard_size == 0 {
             return Err(invalid("shard_size", "must be at least 1"));

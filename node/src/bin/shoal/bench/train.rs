@@ -24,6 +24,11 @@ pub struct TrainArgs {
     /// Timed steps. Default: 20.
     #[arg(long, default_value_t = 20)]
     steps: u64,
+    /// Job key `micro_batch`: at most this many samples per forward and backward pass, a
+    /// member's larger share cut into micro-batches whose gradients are summed. Default: 0
+    /// (a member's share in one pass).
+    #[arg(long, default_value_t = 0)]
+    micro_batch: u64,
     /// Untimed warm-up steps. Default: 3.
     #[arg(long, default_value_t = 3)]
     warmup: u64,
@@ -74,7 +79,7 @@ pub struct TrainArgs {
 }
 
 /// Writes the synthetic data and runs the job (`warmup + steps` steps) on `nodes` local
-/// nodes; prints one line `{"impl":"shoal","nodes","threads","model","balance","batch",
+/// nodes; prints one line `{"impl":"shoal","nodes","threads","model","balance","batch","micro_batch",
 /// "context","steps","step_ms","samples_per_s","tokens_per_s","compute_ms","guard_ms",
 /// "allreduce_ms","member_step_ms","bytes_per_step","peak_rss_bytes"}` over the timed steps
 /// (`model`: `gpt`, `hf` or `hf-lora`; the byte and memory figures are the first member's).
@@ -151,6 +156,7 @@ fn write_job(a: &TrainArgs, dir: &Path) -> Result<JobSpec, Failure> {
 name = "bench-train"
 steps = {total}
 batch_size = {batch}
+micro_batch = {micro_batch}
 threads = {threads}
 min_nodes = {n}
 balance = {balance}
@@ -173,6 +179,7 @@ compression = "{compression}"
 "#,
         total = a.warmup + a.steps,
         batch = a.batch,
+        micro_batch = a.micro_batch,
         threads = a.threads,
         n = a.nodes,
         balance = !a.no_balance,
@@ -233,7 +240,7 @@ fn summarize(a: &TrainArgs, spec: &JobSpec) -> Result<serde_json::Value, Failure
         serde_json::json!({"impl": "shoal", "nodes": a.nodes, "threads": a.threads, "model": model,
         "width": a.width, "device": a.device.to_string(), "precision": a.precision,
         "compression": a.compression.name(),
-        "balance": !a.no_balance, "batch": a.batch, "context": a.context, "steps": timed,
+        "balance": !a.no_balance, "batch": a.batch, "micro_batch": a.micro_batch, "context": a.context, "steps": timed,
         "step_ms": secs * 1e3 / timed as f64, "samples_per_s": samples_per_s,
         "tokens_per_s": samples_per_s * a.context as f64,
         "compute_ms": mean("compute_ms"), "guard_ms": mean("guard_ms"),
