@@ -567,7 +567,13 @@ mod tests {
                 }
                 assert_eq!(next, len);
                 // The fewest passes, differing by at most one sample.
-                let want = if len == 0 { 0 } else if max == 0 { 1 } else { len.div_ceil(max) };
+                let want = if len == 0 {
+                    0
+                } else if max == 0 {
+                    1
+                } else {
+                    len.div_ceil(max)
+                };
                 assert_eq!(parts.len(), want, "{len} {max}");
                 let sizes: Vec<usize> = parts.iter().map(|r| r.len()).collect();
                 let (lo, hi) = (sizes.iter().min(), sizes.iter().max());

@@ -323,7 +323,10 @@ impl JobSpec {
             return Err(invalid("batch_size", "must be between 1 and 1048576"));
         }
         if self.micro_batch > 1 << 20 {
-            return Err(invalid("micro_batch", "must be between 0 (off) and 1048576"));
+            return Err(invalid(
+                "micro_batch",
+                "must be between 0 (off) and 1048576",
+            ));
         }
         if self.shard_size == 0 {
             return Err(invalid("shard_size", "must be at least 1"));

@@ -33,6 +33,12 @@ fn errors_name_the_key() {
     assert!(err(&MIN.replace("steps = 10", "steps = 0")).contains("`steps`"));
     assert!(err(&MIN.replace("steps = 10", "")).contains("`steps` is missing"));
     assert!(err(&MIN.replace("batch_size = 8", "batch_size = 0")).contains("`batch_size`"));
+    let micro = MIN.replace("batch_size = 8", "batch_size = 8\nmicro_batch = 2000000");
+    assert!(err(&micro).contains("`micro_batch`"));
+    // Unset, `micro_batch` stays out of the job's TOML: earlier jobs keep their identity.
+    let spec = JobSpec::parse(MIN).unwrap();
+    assert_eq!(spec.micro_batch, 0);
+    assert!(!spec.to_toml().contains("micro_batch"));
     assert!(err(&MIN.replace("path = \"d.csv\"", "")).contains("`data.path`"));
     assert!(err(&MIN.replace("kind = \"mlp\"", "kind = \"gpt\"")).contains("`model.kind`"));
     assert!(err(&format!("{MIN}[optimizer]\nlr = -1\n")).contains("`optimizer.lr`"));
