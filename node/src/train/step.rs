@@ -503,8 +503,8 @@ impl Trainer {
                 let micro = sharding::micro_batches(ids.len(), self.job().micro_batch as usize);
                 let last = micro.len().saturating_sub(1);
                 let (mut loss, mut correct) = (0.0, 0);
+                self.model.set_train(true);
                 for (i, r) in micro.into_iter().enumerate() {
-                    self.model.set_train(true);
                     let td = Instant::now();
                     let batch = self.data.train_batch(&ids[r])?;
                     self.phases.region(Phase::Data, td);
