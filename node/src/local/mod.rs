@@ -10,7 +10,7 @@
 pub mod cluster;
 pub mod process;
 
-pub use cluster::{LocalCluster, LOOPBACK_FLAGS};
+pub use cluster::{runtime_threads, LocalCluster, LOOPBACK_FLAGS};
 pub use process::LocalNode;
 
 use crate::status::StatusReport;

@@ -36,6 +36,13 @@ struct Cli {
     /// Log format on stderr; the level comes from RUST_LOG (default: info).
     #[arg(long, global = true, env = "SHOAL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Worker threads of the process's async runtime: networking, the data plane's
+    /// transports, the API. Compute (training, serving) runs on threads of its own.
+    /// Default: 2. A local cluster of N nodes on C cores gives each C / N within 1..=2 when
+    /// N <= C (`shoal_node::local::runtime_threads`).
+    #[arg(long, global = true, env = "SHOAL_RUNTIME_THREADS", default_value_t = 2,
+          value_parser = clap::value_parser!(u16).range(1..=1024))]
+    runtime_threads: u16,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -77,14 +84,8 @@ fn main() -> ExitCode {
     shoal_node::allocator::tune();
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    // Worker threads of the node's runtime. Default: 2 (SHOAL_RUNTIME_THREADS overrides).
-    let threads = std::env::var("SHOAL_RUNTIME_THREADS")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .filter(|&t| t >= 1)
-        .unwrap_or(2);
     let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads)
+        .worker_threads(usize::from(cli.runtime_threads))
         .enable_all()
         .build()
     {
