@@ -105,6 +105,25 @@ fn a_device_that_is_not_one_is_refused_by_argument_parsing() {
 }
 
 #[test]
+fn runtime_threads_and_quic_window_out_of_range_are_refused_by_argument_parsing() {
+    for (flag, value, range) in [
+        ("--runtime-threads", "0", "0 is not in 1..=1024"),
+        ("--quic-window", "4096", "4096 is not in 65536.."),
+    ] {
+        let d = TempDir::new("badflag");
+        let out = up(&d, &[flag, value]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "stderr: {err}");
+        assert!(
+            err.starts_with(&format!("error: invalid value '{value}' for '{flag}")),
+            "{err}"
+        );
+        assert!(err.contains(range), "{err}");
+        assert!(!d.0.join("identity.key").exists());
+    }
+}
+
+#[test]
 fn status_of_absent_node() {
     let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = free.local_addr().unwrap().to_string();

@@ -97,6 +97,12 @@ pub struct UpArgs {
     /// 65507; 8972 for jumbo frames). Default: 1452 (an Ethernet path).
     #[arg(long, env = "SHOAL_QUIC_MAX_MTU", default_value_t = 1452)]
     quic_max_mtu: u16,
+    /// QUIC flow-control windows in bytes (per stream and per connection; at least 64 KiB):
+    /// the most unacknowledged data in flight on a link, so at least the link's rate times
+    /// its round trip. Default: 67108864 (64 MiB).
+    #[arg(long, env = "SHOAL_QUIC_WINDOW", default_value_t = 64 << 20,
+          value_parser = clap::value_parser!(u32).range(65536..))]
+    quic_window: u32,
     /// Data-plane TCP socket buffers in bytes (0: kernel autotuning). Default: 0.
     #[arg(long, env = "SHOAL_TCP_BUFFER", default_value_t = 0)]
     tcp_buffer: u32,
@@ -188,6 +194,7 @@ pub async fn up(a: UpArgs) -> Result<(), Failure> {
             transport: a.data_plane,
             quic_initial_mtu: a.quic_initial_mtu,
             quic_max_mtu: a.quic_max_mtu,
+            quic_window: a.quic_window,
             segment_bytes: a.segment_bytes.max(4096),
             tcp_buffer: a.tcp_buffer,
             ..Default::default()
