@@ -22,8 +22,8 @@ pub const LOOPBACK_FLAGS: [&str; 7] = [
 /// Worker threads of each node's async runtime when `n` nodes share a machine of `cores`
 /// cores (1 if unknown): cores / n within 1..=2 when every node has a core of its own,
 /// else the default of `shoal up` (2). Measured on two cores (`docs/benchmarks.md`, QUIC
-/// plane, fourth pass): two nodes all-reduced over QUIC ~20% faster with one worker each
-/// than with two, three nodes ~6% slower; TCP and training did not change.
+/// plane, fourth pass): two nodes all-reduced over QUIC 21–28% faster with one worker each
+/// than with two, three nodes 6–12% slower; two nodes' TCP plane and training did not change.
 pub fn runtime_threads(n: usize, cores: Option<std::num::NonZeroUsize>) -> usize {
     let cores = cores.map_or(1, usize::from);
     if n <= cores {
