@@ -80,9 +80,10 @@ pub struct TrainArgs {
 
 /// Writes the synthetic data and runs the job (`warmup + steps` steps) on `nodes` local
 /// nodes; prints one line `{"impl":"shoal","nodes","threads","model","balance","batch",
-/// "micro_batch","context","steps","step_ms","samples_per_s","tokens_per_s","compute_ms","guard_ms",
-/// "allreduce_ms","member_step_ms","bytes_per_step","peak_rss_bytes"}` over the timed steps
-/// (`model`: `gpt`, `hf` or `hf-lora`; the byte and memory figures are the first member's).
+/// "micro_batch","context","steps","step_ms","samples_per_s","tokens_per_s","compute_ms",
+/// "guard_ms","allreduce_ms","member_step_ms","bytes_per_step","peak_rss_bytes"}` over the
+/// timed steps (`model`: `gpt`, `hf` or `hf-lora`; the byte and memory figures are the
+/// first member's).
 pub async fn run(a: TrainArgs) -> Result<(), Failure> {
     let (dir, _) = crate::cluster::local_dir(None);
     std::fs::create_dir_all(&dir).context("cannot create the bench dir")?;
